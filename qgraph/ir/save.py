@@ -1,0 +1,94 @@
+"""Writing a model atomically, with external data when it is large, never over its own input.
+
+The model (and its external data file, if any) is first written into a temporary folder beside the destination and
+then moved into place with ``os.replace``: a failure half-way leaves the destination as it was, never half-written.
+Protobuf cannot hold more than 2 GB, so a model whose tensors exceed :data:`EXTERNAL_DATA_THRESHOLD` is saved with
+its tensors in ``<name>.data`` unless the caller forbids external data, which is then refused with the size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx_ir as ir
+
+from qgraph.errors import OutputPathError
+
+logger = logging.getLogger(__name__)
+
+#: Tensor bytes above which the model is saved with external data (protobuf's limit is 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    """Total bytes of every initializer in the model, subgraphs included."""
+    total = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return first.resolve() == second.resolve() or (second.exists() and first.exists() and first.samefile(second))
+    except OSError:
+        return False
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    input_path: str | os.PathLike | None = None,
+    external_data: bool | None = None,
+    allow_overwrite_input: bool = False,
+) -> Path:
+    """Save ``model`` to ``path`` atomically and return the path.
+
+    ``external_data``: ``None`` decides by size, ``True`` always writes ``<name>.data``, ``False`` refuses a model
+    larger than protobuf's 2 GB limit. ``input_path`` (defaults to the path the model was loaded from) is never
+    overwritten unless ``allow_overwrite_input`` is set.
+    """
+    destination = Path(path)
+    source = input_path if input_path is not None else model.meta.get("qgraph.source_path")
+    if source is not None and not allow_overwrite_input and _same_file(Path(source), destination):
+        raise OutputPathError(f"{destination}: the output path is the input model; choose another output path")
+    if destination.is_dir():
+        raise OutputPathError(f"{destination}: is a folder; give a file name for the output model")
+    if not destination.parent.exists():
+        raise OutputPathError(f"{destination.parent}: output folder does not exist")
+
+    size = tensor_bytes(model)
+    use_external = external_data if external_data is not None else size > EXTERNAL_DATA_THRESHOLD
+    if not use_external and size > PROTOBUF_LIMIT:
+        raise OutputPathError(
+            f"{destination}: the model holds {size / 2**30:.2f} GiB of tensors, over protobuf's 2 GiB limit; "
+            "save it with external data"
+        )
+    data_name = destination.name + ".data"
+    if use_external and source is not None:
+        source_data = Path(source).parent / data_name
+        if not allow_overwrite_input and _same_file(source_data, destination.parent / data_name):
+            raise OutputPathError(f"{destination}: its external data would overwrite the input's {data_name}")
+
+    temporary = Path(tempfile.mkdtemp(prefix=".qgraph-", dir=destination.parent))
+    try:
+        staged = temporary / destination.name
+        if use_external:
+            ir.save(model, staged, external_data=data_name, size_threshold_bytes=1024)
+        else:
+            ir.save(model, staged)
+        if (temporary / data_name).exists():
+            os.replace(temporary / data_name, destination.parent / data_name)
+        os.replace(staged, destination)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    logger.info("saved %s (%.1f MB of tensors%s)", destination, size / 1e6, ", external data" if use_external else "")
+    return destination

@@ -1,0 +1,78 @@
+"""What the bundled runtime can execute, and conversion of a model towards it.
+
+onnxruntime-training 1.19.2 loads IR versions up to 10 and the default-domain opset up to 21. A model written for a
+newer opset is converted down with onnx's version converter when every operator has an adapter; otherwise it is
+refused with the converter's reason. Only the operator domains below exist in that runtime; a domain that a model
+defines as local functions is fine too, since onnxruntime inlines them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+import onnx.version_converter
+
+from qgraph.errors import UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+MAX_IR_VERSION = 10
+MAX_OPSET = 21
+SUPPORTED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.training", "ai.onnx.preview.training"})
+
+
+def default_opset(proto: onnx.ModelProto) -> int:
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 0
+
+
+def convert_opset(proto: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """The model converted to default-domain opset ``target``; a refusal names the operator that blocks it."""
+    current = default_opset(proto)
+    if current == target:
+        return proto
+    logger.info("converting opset %d -> %d", current, target)
+    try:
+        converted = onnx.version_converter.convert_version(proto, target)
+    except Exception as error:  # the converter raises bare RuntimeError/ValueError with its reason
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UnsupportedModelError(
+            f"cannot convert the model from opset {current} to opset {target}: {reason}"
+        ) from error
+    return converted
+
+
+def check_runtime_support(proto: onnx.ModelProto) -> None:
+    """Refuse operators whose domain or version the bundled runtime cannot execute."""
+    local_domains = {function.domain for function in proto.functions}
+    opsets = {entry.domain or "": entry.version for entry in proto.opset_import}
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            domain = node.domain or ""
+            if domain in local_domains:
+                pass
+            elif domain not in SUPPORTED_DOMAINS:
+                raise UnsupportedModelError(
+                    f"node {node.name or node.op_type!r} uses operator {node.op_type} from domain {domain!r}, "
+                    "which onnxruntime cannot run (supported domains: ai.onnx, ai.onnx.ml, com.microsoft)"
+                )
+            elif domain in ("", "ai.onnx"):
+                version = opsets.get(domain, opsets.get("ai.onnx" if domain == "" else "", 0))
+                try:
+                    onnx.defs.get_schema(node.op_type, version, "")
+                except onnx.defs.SchemaError:
+                    raise UnsupportedModelError(
+                        f"node {node.name or node.op_type!r}: operator {node.op_type} does not exist in "
+                        f"ONNX opset {version}"
+                    ) from None
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    visit(attribute.g)
+                for subgraph in attribute.graphs:
+                    visit(subgraph)
+
+    visit(proto.graph)
