@@ -1,0 +1,1 @@
+"""Reference models built in code (installed as ``qgraph.models``) and their training recipes."""
