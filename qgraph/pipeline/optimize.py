@@ -1,0 +1,101 @@
+"""``optimize``: the one entry point that the command line and the Python API share.
+
+It loads (or takes) a model, runs the pipeline of phases that the options ask for and saves the result
+atomically. Today the pipeline is canonicalisation; quantization phases plug in through the same options object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import onnx_ir as ir
+
+from qgraph.ir import load_model, save_model
+from qgraph.pipeline.manager import PassManager, PassRecord
+from qgraph.pipeline.registry import get_pass
+
+logger = logging.getLogger(__name__)
+
+#: The canonicalisation pipeline, run to a fixed point: constants become initializers, trivial nodes go away,
+#: constant subgraphs fold, BatchNorm folds into its producer (or becomes Mul+Add), bias Adds merge, and the
+#: nodes and initializers nobody reads any more are dropped.
+CANONICAL_PASSES: tuple[str, ...] = (
+    "LiftConstants",
+    "EliminateIdentity",
+    "FoldConstants",
+    "MergeBiasAdd",
+    "FoldBatchNorm",
+    "DecomposeBatchNorm",
+    "EliminateDeadCode",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeOptions:
+    """What ``optimize`` does; every field has the default a user would expect."""
+
+    #: Pass names to run instead of the canonical pipeline (``qgraph passes`` lists them).
+    passes: tuple[str, ...] | None = None
+    #: Check the model after every pass with onnx.checker and onnxruntime (slow; for debugging).
+    verify: bool = False
+    #: ``None``: external data only for models over ~1.8 GB; ``True``/``False`` force it.
+    external_data: bool | None = None
+    #: Allow the output path to be the input file.
+    allow_overwrite_input: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeResult:
+    model: ir.Model
+    records: tuple[PassRecord, ...]
+    output_path: Path | None
+
+
+def build_pipeline(options: OptimizeOptions) -> PassManager:
+    names = options.passes if options.passes is not None else CANONICAL_PASSES
+    passes = [get_pass(name)() for name in names]
+    return PassManager(passes, fixed_point=True, verify=options.verify)
+
+
+def optimize(
+    model: ir.Model | str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    options: OptimizeOptions | None = None,
+) -> OptimizeResult:
+    """Run qgraph's pipeline on ``model`` (a path or an onnx-ir model) and save it to ``output`` if given."""
+    options = options or OptimizeOptions()
+    input_path = None
+    if not isinstance(model, ir.Model):
+        input_path = Path(model)
+        model = load_model(input_path)
+    if output is not None:
+        # Refuse a bad output path before doing any work.
+        _check_output_before_work(Path(output), input_path, options)
+    result = build_pipeline(options).run(model)
+    saved = None
+    if output is not None:
+        saved = save_model(
+            result.model,
+            output,
+            input_path=input_path,
+            external_data=options.external_data,
+            allow_overwrite_input=options.allow_overwrite_input,
+        )
+    return OptimizeResult(result.model, result.records, saved)
+
+
+def _check_output_before_work(output: Path, input_path: Path | None, options: OptimizeOptions) -> None:
+    from qgraph.errors import OutputPathError
+
+    if input_path is not None and not options.allow_overwrite_input:
+        try:
+            same = output.resolve() == input_path.resolve()
+        except OSError:
+            same = False
+        if same:
+            raise OutputPathError(f"{output}: the output path is the input model; choose another output path")
+    if not output.parent.exists():
+        raise OutputPathError(f"{output.parent}: output folder does not exist")
