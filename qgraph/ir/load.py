@@ -121,8 +121,10 @@ def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
         return proto
 
 
-def load_model(path: str | os.PathLike, *, infer_shapes: bool = True) -> ir.Model:
+def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, normalize: bool = True) -> ir.Model:
     """Load, check and normalise an ONNX model for the bundled runtime.
+
+    ``normalize=False`` keeps the versions as written (for inspection); external data is checked either way.
 
     Raises :class:`~qgraph.errors.ModelLoadError` for unreadable files and unsafe external data, and
     :class:`~qgraph.errors.UnsupportedModelError` for operators or versions the runtime cannot execute.
@@ -130,7 +132,8 @@ def load_model(path: str | os.PathLike, *, infer_shapes: bool = True) -> ir.Mode
     path = Path(path)
     proto = _read_proto(path)
     _check_external_data(proto, path)
-    proto = _normalize_versions(proto, path)
+    if normalize:
+        proto = _normalize_versions(proto, path)
     if infer_shapes:
         proto = _infer_shapes(proto)
     model = ir.serde.deserialize_model(proto)

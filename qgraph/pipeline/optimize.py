@@ -64,10 +64,17 @@ def optimize(
     model: ir.Model | str | os.PathLike,
     output: str | os.PathLike | None = None,
     options: OptimizeOptions | None = None,
+    *,
+    input_path: str | os.PathLike | None = None,
 ) -> OptimizeResult:
-    """Run qgraph's pipeline on ``model`` (a path or an onnx-ir model) and save it to ``output`` if given."""
+    """Run qgraph's pipeline on ``model`` (a path or an onnx-ir model) and save it to ``output`` if given.
+
+    ``input_path`` names the file an already-loaded model came from, so that it is never overwritten.
+    """
     options = options or OptimizeOptions()
-    input_path = None
+    if input_path is None and isinstance(model, ir.Model) and "qgraph.source_path" in model.meta:
+        input_path = model.meta["qgraph.source_path"]
+    input_path = Path(input_path) if input_path is not None else None
     if not isinstance(model, ir.Model):
         input_path = Path(model)
         model = load_model(input_path)

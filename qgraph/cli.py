@@ -1,0 +1,214 @@
+"""The ``qgraph`` command line.
+
+Exit status: 0 on success, 2 on a user error (one line naming the problem, no traceback), 1 on an internal failure
+(the traceback is printed for the bug report).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from qgraph import __version__
+from qgraph.errors import QGraphError
+
+logger = logging.getLogger("qgraph.cli")
+
+
+class _Commands(click.Group):
+    """A click group that turns qgraph's user errors into exit status 2 and bugs into exit status 1."""
+
+    def invoke(self, context: click.Context):
+        try:
+            return super().invoke(context)
+        except QGraphError as error:
+            click.echo(f"qgraph: error: {error}", err=True)
+            context.exit(2)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("qgraph: interrupted", err=True)
+            context.exit(130)
+        except Exception as error:  # a bug in qgraph: keep the traceback for the report
+            traceback.print_exc(file=sys.stderr)
+            click.echo(f"qgraph: internal error: {type(error).__name__}: {error}", err=True)
+            context.exit(1)
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="qgraph")
+@click.option("-v", "--verbose", count=True, help="More log output (-v: info, -vv: debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+def cli(verbose: int, quiet: bool) -> None:
+    """qgraph makes ONNX models integer: fast, small and still accurate.
+
+    \b
+    Typical use:
+      qgraph inspect model.onnx                 what is in the model
+      qgraph optimize model.onnx -o out.onnx    canonicalize (fold BatchNorm, constants, dead code)
+      qgraph passes                             the passes qgraph can run
+    """
+    _configure_logging(verbose, quiet)
+
+
+def _split_names(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise click.BadParameter("give at least one pass name", param_hint="--passes")
+    return names
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write the result.")
+@click.option("--passes", "pass_names", metavar="A,B,...", help="Run these passes instead of the canonical pipeline.")
+@click.option("--verify", is_flag=True, help="Check the model after every pass (checker + onnxruntime); slow.")
+@click.option(
+    "--external-data/--no-external-data",
+    default=None,
+    help="Force tensors into OUTPUT.data or inline (default: external only above ~1.8 GB).",
+)
+@click.option("--overwrite-input", is_flag=True, help="Allow OUTPUT to be the input file.")
+@click.option("--stats", is_flag=True, help="Print time and node counts per pass.")
+def optimize(
+    model: Path,
+    output: Path,
+    pass_names: str | None,
+    verify: bool,
+    external_data: bool | None,
+    overwrite_input: bool,
+    stats: bool,
+) -> None:
+    """Canonicalize MODEL and write the result to OUTPUT.
+
+    Folds constants and BatchNorm, removes Identity and dead nodes, merges bias Adds; outputs stay equal to the
+    input model's. The input file is never overwritten unless --overwrite-input is given.
+    """
+    from qgraph.ir import load_model
+    from qgraph.pipeline.optimize import OptimizeOptions
+    from qgraph.pipeline.optimize import optimize as run_optimize
+    from qgraph.summary import summarize
+
+    options = OptimizeOptions(
+        passes=_split_names(pass_names),
+        verify=verify,
+        external_data=external_data,
+        allow_overwrite_input=overwrite_input,
+    )
+    loaded = load_model(model)
+    before = summarize(loaded)
+    result = run_optimize(loaded, output, options, input_path=model)
+    after = summarize(result.model)
+    click.echo(_change_line(before, after, result))
+    if stats:
+        click.echo(_stats_table(result.records))
+
+
+def _change_line(before, after, result) -> str:
+    delta = collections.Counter(after.operator_counts)
+    delta.subtract(before.operator_counts)
+    changes = ", ".join(f"{name} {count:+d}" for name, count in sorted(delta.items()) if count)
+    seconds = sum(record.seconds for record in result.records)
+    return (
+        f"wrote {result.output_path}: {before.node_count} -> {after.node_count} nodes"
+        + (f" ({changes})" if changes else "")
+        + f", {seconds:.2f} s in passes"
+    )
+
+
+def _stats_table(records) -> str:
+    rows = collections.OrderedDict()
+    for record in records:
+        seconds, runs, modified, removed = rows.get(record.name, (0.0, 0, 0, 0))
+        rows[record.name] = (
+            seconds + record.seconds,
+            runs + 1,
+            modified + int(record.modified),
+            removed + record.nodes_before - record.nodes_after,
+        )
+    lines = [f"{'pass':<24} {'runs':>4} {'changed':>7} {'nodes -':>8} {'time':>9}"]
+    for name, (seconds, runs, modified, removed) in rows.items():
+        lines.append(f"{name:<24} {runs:>4} {modified:>7} {removed:>8} {seconds * 1000:>7.1f}ms")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(model: Path, as_json: bool) -> None:
+    """Describe MODEL: versions, inputs and outputs, operators, parameters and size.
+
+    The model is shown as written (no opset conversion); external data is located but never read.
+    """
+    import dataclasses
+
+    from qgraph.ir import load_model
+    from qgraph.summary import human_bytes, human_count, summarize
+
+    summary = summarize(load_model(model, normalize=False, infer_shapes=True))
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(summary), indent=2))
+        return
+    opsets = ", ".join(f"{domain} {version}" for domain, version in summary.opsets.items())
+    click.echo(f"model      {model}")
+    click.echo(f"IR         {summary.ir_version}    opsets: {opsets}")
+    if summary.producer:
+        click.echo(f"producer   {summary.producer}")
+    for title, signatures in (("inputs", summary.inputs), ("outputs", summary.outputs)):
+        click.echo(f"{title}")
+        for signature in signatures:
+            click.echo(f"  {signature.describe()}")
+    external = (
+        f" ({human_bytes(summary.external_parameter_bytes)} external)" if summary.external_parameter_bytes else ""
+    )
+    click.echo(
+        f"parameters {human_count(summary.parameter_count)} ({human_bytes(summary.parameter_bytes)}){external}"
+    )
+    extra = []
+    if summary.subgraph_count:
+        extra.append(f"{summary.subgraph_count} subgraphs")
+    if summary.function_count:
+        extra.append(f"{summary.function_count} functions")
+    click.echo(f"nodes      {summary.node_count}" + (f" ({', '.join(extra)})" if extra else ""))
+    width = max((len(name) for name in summary.operator_counts), default=0)
+    for name, count in summary.operator_counts.items():
+        click.echo(f"  {name:<{width}}  {count}")
+
+
+@cli.command("passes")
+def list_passes() -> None:
+    """List the passes qgraph can run, by phase, with one line each."""
+    from qgraph.pipeline.optimize import CANONICAL_PASSES
+    from qgraph.pipeline.registry import available_passes
+
+    passes = available_passes()
+    width = max((len(name) for name in passes), default=0)
+    current_phase = None
+    for name, pass_class in passes.items():
+        if pass_class.phase != current_phase:
+            current_phase = pass_class.phase
+            click.echo(f"{current_phase.label}:")
+        marker = "*" if name in CANONICAL_PASSES else " "
+        click.echo(f" {marker}{name:<{width}}  {pass_class.describe()}")
+    click.echo("(* = in the default canonical pipeline)")
+
+
+def main() -> None:
+    cli(prog_name="qgraph")
+
+
+if __name__ == "__main__":
+    main()
