@@ -1,0 +1,185 @@
+"""The command line as a user meets it: exit codes, messages, and the files it writes (or refuses to write)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from qgraph import runtime
+from qgraph.cli import cli
+
+
+def _constant(name: str, array: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name))
+
+
+def constant_weight_model() -> onnx.ModelProto:
+    """Conv + BatchNorm + Relu whose weights all sit in Constant nodes, the way some exporters write them."""
+    generator = np.random.default_rng(3)
+    nodes = [
+        _constant("weight", generator.standard_normal((4, 3, 3, 3)).astype(np.float32)),
+        _constant("gamma", generator.uniform(0.5, 1.5, 4).astype(np.float32)),
+        _constant("beta", generator.standard_normal(4).astype(np.float32)),
+        _constant("mean", generator.standard_normal(4).astype(np.float32)),
+        _constant("variance", generator.uniform(0.5, 2.0, 4).astype(np.float32)),
+        helper.make_node("Conv", ["input", "weight"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["conv", "gamma", "beta", "mean", "variance"], ["normalized"]),
+        helper.make_node("Identity", ["normalized"], ["copy"]),
+        helper.make_node("Relu", ["copy"], ["output"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "constant_weights",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.fixture()
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture()
+def model_path(tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(constant_weight_model(), path)
+    return path
+
+
+def test_help_teaches_the_commands(runner):
+    result = runner.invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for command in ("optimize", "inspect", "passes"):
+        assert command in result.output
+
+
+def test_passes_lists_every_canonical_pass(runner):
+    from qgraph.pipeline.optimize import CANONICAL_PASSES
+
+    result = runner.invoke(cli, ["passes"])
+    assert result.exit_code == 0, result.output
+    for name in CANONICAL_PASSES:
+        assert f"*{name}" in result.output
+
+
+def test_optimize_turns_constant_nodes_into_initializers_and_keeps_outputs(runner, model_path, tmp_path):
+    output = tmp_path / "out.onnx"
+    result = runner.invoke(cli, ["optimize", str(model_path), "-o", str(output), "--stats"])
+    assert result.exit_code == 0, result.output
+    assert "BatchNormalization -1" in result.output
+    optimized = onnx.load(output)
+    onnx.checker.check_model(optimized, full_check=True)
+    op_types = [node.op_type for node in optimized.graph.node]
+    assert op_types == ["Conv", "Relu"]
+    assert {initializer.name for initializer in optimized.graph.initializer} >= {"weight"}
+
+    feeds = {"input": np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    expected = runtime.run(runtime.create_session(constant_weight_model()), feeds)["output"]
+    actual = runtime.run(runtime.create_session(optimized), feeds)["output"]
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_inspect_reports_signature_operators_and_parameters(runner, model_path):
+    result = runner.invoke(cli, ["inspect", str(model_path)])
+    assert result.exit_code == 0, result.output
+    assert "input: float [batch, 3, 8, 8]" in result.output
+    assert "BatchNormalization  1" in result.output or "BatchNormalization 1" in result.output
+
+    as_json = runner.invoke(cli, ["inspect", str(model_path), "--json"])
+    summary = json.loads(as_json.output)
+    assert summary["operator_counts"]["Constant"] == 5
+    assert summary["opsets"] == {"ai.onnx": 17}
+
+
+def test_inspect_counts_parameters_of_initializers(runner, tmp_path):
+    weight = numpy_helper.from_array(np.ones((8, 4), np.float32), "weight")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "weight"], ["output"])],
+        "matmul",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4])],
+        [weight],
+    )
+    path = tmp_path / "matmul.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    summary = json.loads(runner.invoke(cli, ["inspect", str(path), "--json"]).output)
+    assert summary["parameter_count"] == 32
+    assert summary["parameter_bytes"] == 128
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        (b"this is not a model", "not an ONNX model"),
+        (b"", "not an ONNX model"),
+    ],
+)
+def test_bad_model_files_exit_2_with_one_line(runner, tmp_path, content, message):
+    path = tmp_path / "broken.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    result = runner.invoke(cli, ["optimize", str(path), "-o", str(tmp_path / "out.onnx")])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_truncated_model_exits_2(runner, model_path, tmp_path):
+    data = model_path.read_bytes()
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(data[: len(data) // 2])
+    result = runner.invoke(cli, ["inspect", str(truncated)])
+    assert result.exit_code == 2
+    assert "truncated" in result.output or "not an ONNX model" in result.output
+
+
+def test_output_equal_to_input_is_refused_and_input_untouched(runner, model_path):
+    original = model_path.read_bytes()
+    result = runner.invoke(cli, ["optimize", str(model_path), "-o", str(model_path)])
+    assert result.exit_code == 2
+    assert "output path is the input" in result.output
+    assert model_path.read_bytes() == original
+
+
+def test_unknown_pass_is_a_user_error(runner, model_path, tmp_path):
+    result = runner.invoke(cli, ["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--passes", "Nope"])
+    assert result.exit_code == 2
+    assert "unknown pass 'Nope'" in result.output
+
+
+def test_unsupported_domain_is_refused(runner, tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Mystery", ["input"], ["output"], domain="com.example")],
+        "custom",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)], ir_version=8
+    )
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, path)
+    result = runner.invoke(cli, ["optimize", str(path), "-o", str(tmp_path / "out.onnx")])
+    assert result.exit_code == 2
+    assert "com.example" in result.output and "Mystery" in result.output
+
+
+def test_internal_failure_exits_1(runner, model_path, tmp_path, monkeypatch):
+    import qgraph.pipeline.optimize as optimize_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(optimize_module, "optimize", broken)
+    result = runner.invoke(cli, ["optimize", str(model_path), "-o", str(tmp_path / "out.onnx")])
+    assert result.exit_code == 1
+    assert "internal error" in result.output
