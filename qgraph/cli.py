@@ -83,6 +83,33 @@ def _split_names(text: str | None) -> tuple[str, ...] | None:
 )
 @click.option("--overwrite-input", is_flag=True, help="Allow OUTPUT to be the input file.")
 @click.option("--stats", is_flag=True, help="Print time and node counts per pass.")
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path),
+    help="Calibration data: .npz (keys = input names), a folder of .npy/.npz, or ONNX test_data_set_* folders. "
+    "Giving it turns quantization on.",
+)
+@click.option("--target", type=click.Choice(["ort-cpu", "tensorrt"]), default="ort-cpu", show_default=True,
+              help="Backend to quantize for.")
+@click.option("--format", "output_format", type=click.Choice(["qoperator", "qdq"]),
+              help="Integer operators, or explicit QuantizeLinear/DequantizeLinear (default: qoperator for ort-cpu, "
+              "qdq for tensorrt).")
+@click.option("--method", type=click.Choice(["minmax", "ema", "entropy", "percentile", "mse"]), default="minmax",
+              show_default=True, help="How activation ranges are chosen from the calibration data.")
+@click.option("--weight-method", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True,
+              help="How weight ranges are chosen (per channel).")
+@click.option("--percentile", type=float, default=99.999, show_default=True, help="For --method percentile.")
+@click.option("--calib-samples", type=click.IntRange(min=1), help="Use at most N calibration samples.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Calibration batch size.")
+@click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="7-bit weights for x86 CPUs without VNNI, whose u8s8 kernels can saturate (auto detects).")
+@click.option("--per-tensor", is_flag=True, help="One scale per weight tensor instead of one per output channel.")
+@click.option("--weight-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
+              help="Bit width of weights.")
+@click.option("--exclude", metavar="NAMES", help="Comma-separated node names or operator types to keep in FP32.")
+@click.option("--keep-fp32", metavar="first,last", help="Keep the first and/or last compute layer in FP32.")
+@click.option("--requantize", is_flag=True, help="Allow quantizing a model that is already quantized.")
 def optimize(
     model: Path,
     output: Path,
@@ -91,30 +118,120 @@ def optimize(
     external_data: bool | None,
     overwrite_input: bool,
     stats: bool,
+    calib: Path | None,
+    target: str,
+    output_format: str | None,
+    method: str,
+    weight_method: str,
+    percentile: float,
+    calib_samples: int | None,
+    batch_size: int,
+    reduce_range: str,
+    per_tensor: bool,
+    weight_bits: str,
+    exclude: str | None,
+    keep_fp32: str | None,
+    requantize: bool,
 ) -> None:
-    """Canonicalize MODEL and write the result to OUTPUT.
+    """Optimize MODEL and write the result to OUTPUT.
 
-    Folds constants and BatchNorm, removes Identity and dead nodes, merges bias Adds; outputs stay equal to the
-    input model's. The input file is never overwritten unless --overwrite-input is given.
+    Without --calib: canonicalize (fold constants and BatchNorm, remove Identity and dead nodes, merge bias Adds);
+    outputs stay equal to the input model's. With --calib: quantize to INT8 for --target after canonicalizing.
+
+    \b
+    Examples:
+      qgraph optimize model.onnx -o model.opt.onnx
+      qgraph optimize model.onnx -o model.int8.onnx --calib calib.npz
+      qgraph optimize model.onnx -o model.trt.onnx --calib calib.npz --target tensorrt --method entropy
+
+    The input file is never overwritten unless --overwrite-input is given.
     """
     from qgraph.ir import load_model
     from qgraph.pipeline.optimize import OptimizeOptions
     from qgraph.pipeline.optimize import optimize as run_optimize
     from qgraph.summary import summarize
 
+    quantization = None
+    if calib is not None:
+        quantization = _quantize_options(
+            target, output_format, method, weight_method, percentile, calib_samples, batch_size, reduce_range,
+            per_tensor, int(weight_bits), exclude, keep_fp32, requantize,
+        )
+    elif output_format or exclude or keep_fp32 or calib_samples:
+        raise click.UsageError("quantization options need calibration data: add --calib DATA")
     options = OptimizeOptions(
         passes=_split_names(pass_names),
         verify=verify,
         external_data=external_data,
         allow_overwrite_input=overwrite_input,
+        quantization=quantization,
     )
     loaded = load_model(model)
     before = summarize(loaded)
-    result = run_optimize(loaded, output, options, input_path=model)
+    if quantization is None:
+        result = run_optimize(loaded, output, options, input_path=model)
+    else:
+        total = _calibration_length(calib, calib_samples)
+        with click.progressbar(length=total, label="calibrating", file=sys.stderr, show_pos=True) as bar:
+            result = run_optimize(
+                loaded, output, options, input_path=model, calibration_data=calib, progress=bar.update
+            )
     after = summarize(result.model)
     click.echo(_change_line(before, after, result))
+    if result.quantization is not None:
+        plan = result.quantization.plan
+        click.echo(
+            f"quantized {len(plan.quantized_nodes)} nodes for {plan.target} "
+            f"({plan.coverage:.0%} coverage), {len(plan.fp32_nodes)} kept FP32; "
+            f"calibrated on {result.quantization.calibration.samples} samples "
+            f"in {result.quantization.calibration.seconds:.1f} s"
+        )
     if stats:
         click.echo(_stats_table(result.records))
+
+
+def _quantize_options(
+    target, output_format, method, weight_method, percentile, calib_samples, batch_size, reduce_range, per_tensor,
+    weight_bits, exclude, keep_fp32, requantize,
+):
+    from qgraph.calibrate import CalibrationConfig
+    from qgraph.quant.annotate import AnnotationOverrides
+    from qgraph.quantize import QuantizeOptions
+    from qgraph.targets import TargetOptions
+
+    keep = set(_split_list(keep_fp32))
+    unknown = keep - {"first", "last"}
+    if unknown:
+        raise click.BadParameter(f"expected first and/or last, got {', '.join(sorted(unknown))}",
+                                 param_hint="--keep-fp32")
+    return QuantizeOptions(
+        target=target,
+        target_options=TargetOptions(
+            format=output_format, reduce_range=reduce_range, per_channel=not per_tensor, weight_bits=weight_bits
+        ),
+        calibration=CalibrationConfig(
+            method=method, samples=calib_samples, batch_size=batch_size, percentile=percentile
+        ),
+        weight_method=weight_method,
+        overrides=AnnotationOverrides(
+            exclude=frozenset(_split_list(exclude)), keep_first_fp32="first" in keep, keep_last_fp32="last" in keep
+        ),
+        requantize=requantize,
+    )
+
+
+def _split_list(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def _calibration_length(calib: Path, limit: int | None) -> int | None:
+    from qgraph.data import open_dataset
+
+    try:
+        count = open_dataset(calib).num_samples
+    except QGraphError:
+        return limit  # the real error is raised, with its message, when optimize opens the data
+    return min(count, limit) if limit else count
 
 
 def _change_line(before, after, result) -> str:

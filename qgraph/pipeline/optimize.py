@@ -9,13 +9,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx_ir as ir
 
+from qgraph.calibrate import CalibrationConfig
+from qgraph.errors import QGraphError
+from qgraph.quantize import quantize
+
 from qgraph.ir import load_model, save_model
 from qgraph.pipeline.manager import PassManager, PassRecord
 from qgraph.pipeline.registry import get_pass
+from qgraph.quantize import QuantizeOptions, QuantizeResult
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,8 @@ class OptimizeOptions:
     external_data: bool | None = None
     #: Allow the output path to be the input file.
     allow_overwrite_input: bool = False
+    #: Quantize after canonicalisation (needs calibration data); None keeps the model in float.
+    quantization: QuantizeOptions | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +60,7 @@ class OptimizeResult:
     model: ir.Model
     records: tuple[PassRecord, ...]
     output_path: Path | None
+    quantization: QuantizeResult | None = None
 
 
 def build_pipeline(options: OptimizeOptions) -> PassManager:
@@ -66,10 +75,15 @@ def optimize(
     options: OptimizeOptions | None = None,
     *,
     input_path: str | os.PathLike | None = None,
+    calibration_data=None,
+    progress: Callable[[int], None] | None = None,
 ) -> OptimizeResult:
     """Run qgraph's pipeline on ``model`` (a path or an onnx-ir model) and save it to ``output`` if given.
 
-    ``input_path`` names the file an already-loaded model came from, so that it is never overwritten.
+    ``input_path`` names the file an already-loaded model came from, so that it is never overwritten. With
+    ``options.quantization`` set, ``calibration_data`` (a path readable by :func:`qgraph.data.open_dataset`, a
+    dataset, or an iterable of ``{input name: array}`` batches) calibrates the quantized model; ``progress`` is
+    called with the number of samples of each calibration batch.
     """
     options = options or OptimizeOptions()
     if input_path is None and isinstance(model, ir.Model) and "qgraph.source_path" in model.meta:
@@ -81,7 +95,18 @@ def optimize(
     if output is not None:
         # Refuse a bad output path before doing any work.
         _check_output_before_work(Path(output), input_path, options)
+    if options.quantization is not None and calibration_data is None:
+        raise QGraphError("quantization needs calibration data (--calib)")
+    batches = None
+    if options.quantization is not None:
+        batches = calibration_batches(model, calibration_data, options.quantization.calibration)
     result = build_pipeline(options).run(model)
+    records = result.records
+    quantized = None
+    if options.quantization is not None:
+        quantized = quantize(result.model, batches, options.quantization, progress=progress)
+        result = dataclasses.replace(result, model=quantized.model)
+        records = records + quantized.records
     saved = None
     if output is not None:
         saved = save_model(
@@ -91,7 +116,21 @@ def optimize(
             external_data=options.external_data,
             allow_overwrite_input=options.allow_overwrite_input,
         )
-    return OptimizeResult(result.model, result.records, saved)
+    return OptimizeResult(result.model, records, saved, quantized)
+
+
+def calibration_batches(model: ir.Model, data, config: CalibrationConfig):
+    """Batches of ``data`` checked against ``model``'s inputs (names, ranks, fixed dimensions, dtypes)."""
+    from qgraph.data import open_dataset
+    from qgraph.data.validate import input_signature, validate_dataset
+
+    if isinstance(data, (str, os.PathLike)):
+        data = open_dataset(data)
+    if hasattr(data, "iter_batches"):
+        signature = input_signature(ir.serde.serialize_model(model))
+        dataset = validate_dataset(data, signature, check_values=False, cast_float64=True)
+        return dataset.iter_batches(config.batch_size, limit=config.samples)
+    return data
 
 
 def _check_output_before_work(output: Path, input_path: Path | None, options: OptimizeOptions) -> None:

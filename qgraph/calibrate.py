@@ -1,0 +1,153 @@
+"""CALIBRATE: stream the user's batches through onnxruntime once and observe every annotated activation.
+
+A *probe* model is the model with each annotated tensor added as a graph output, so one session run yields them all.
+Each batch's activations go to one observer per tensor and are dropped: memory is one batch of activations plus the
+observers' fixed-size state, whatever the number of samples (onnxruntime's ``quantize_static`` keeps every batch's
+activations until the end, which grows linearly). Tensors that must share parameters (a scale group) are observed
+separately and their ranges merged afterwards as the union of the ranges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qgraph import runtime
+from qgraph.errors import DataError
+from qgraph.quant.plan import QuantPlan
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("minmax", "ema", "entropy", "percentile", "mse")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    method: str = "minmax"
+    #: Stop after this many samples (None: the whole set).
+    samples: int | None = None
+    batch_size: int = 16
+    percentile: float = 99.999
+    bins: int = 2048
+    ema_momentum: float = 0.9
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise DataError(f"unknown calibration method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.samples is not None and self.samples <= 0:
+            raise DataError(f"--calib-samples must be positive, got {self.samples}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationResult:
+    ranges: Mapping[str, tuple[float, float]]
+    samples: int
+    batches: int
+    seconds: float
+
+
+def build_probe(model: ir.Model, tensors: Iterable[str]) -> onnx.ModelProto:
+    """The model as a proto with each of ``tensors`` added as a graph output (type taken from shape inference)."""
+    proto = ir.serde.serialize_model(model)
+    existing = {output.name for output in proto.graph.output}
+    known = {info.name: info for info in proto.graph.value_info}
+    known.update({info.name: info for info in proto.graph.input})
+    for name in tensors:
+        if name in existing:
+            continue
+        if name in known:
+            proto.graph.output.append(known[name])
+        else:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return proto
+
+
+def _observer_factory(config: CalibrationConfig, plan: QuantPlan) -> Callable[[str], object]:
+    from qgraph.quant.observers import create_observer
+
+    def make(tensor: str):
+        spec = plan.activation_spec_of(tensor)
+        options: dict = {}
+        if config.method in ("entropy", "percentile", "mse"):
+            options["bins"] = config.bins
+        if config.method == "percentile":
+            options["percentile"] = config.percentile
+        if config.method == "ema":
+            options["momentum"] = config.ema_momentum
+        return create_observer(config.method, spec, **options)
+
+    return make
+
+
+def calibrate(
+    model: ir.Model,
+    plan: QuantPlan,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    config: CalibrationConfig | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> CalibrationResult:
+    """Observe every activation of ``plan`` over ``batches``; ``progress`` receives the samples of each batch."""
+    config = config or CalibrationConfig()
+    tensors = list(plan.activations)
+    probe = build_probe(model, tensors)
+    session = runtime.create_session(probe, optimize=True, threads=config.threads)
+    input_names = [model_input.name for model_input in session.get_inputs()]
+    make_observer = _observer_factory(config, plan)
+    observers = {tensor: make_observer(tensor) for tensor in tensors}
+    start = time.perf_counter()
+    samples = batches_seen = 0
+    for batch in batches:
+        feeds = {name: batch[name] for name in input_names}
+        count = len(next(iter(feeds.values()))) if feeds else 0
+        if config.samples is not None and samples + count > config.samples:
+            keep = config.samples - samples
+            feeds = {name: array[:keep] for name, array in feeds.items()}
+            count = keep
+        if count <= 0:
+            break
+        _check_finite(feeds, batches_seen)
+        outputs = session.run(tensors, feeds)
+        for tensor, array in zip(tensors, outputs):
+            observers[tensor].update(array)
+        samples += count
+        batches_seen += 1
+        if progress is not None:
+            progress(count)
+        if config.samples is not None and samples >= config.samples:
+            break
+    if samples == 0:
+        raise DataError("the calibration set is empty: no sample reached the model")
+    ranges = {tensor: tuple(float(bound) for bound in observers[tensor].compute_range()) for tensor in tensors}
+    ranges = merge_group_ranges(ranges, plan)
+    seconds = time.perf_counter() - start
+    logger.info("calibrated %d tensors on %d samples in %.1fs (%s)", len(tensors), samples, seconds, config.method)
+    return CalibrationResult(ranges, samples, batches_seen, seconds)
+
+
+def _check_finite(feeds: Mapping[str, np.ndarray], batch_index: int) -> None:
+    for name, array in feeds.items():
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            count = int(array.size - np.count_nonzero(np.isfinite(array)))
+            raise DataError(f"calibration input {name!r} holds {count} NaN/Inf values in batch {batch_index}")
+
+
+def merge_group_ranges(ranges: Mapping[str, tuple[float, float]], plan: QuantPlan) -> dict[str, tuple[float, float]]:
+    """Each tensor of a scale group gets the union of the group's ranges."""
+    merged = dict(ranges)
+    for group in plan.groups:
+        members = [name for name in group if name in ranges]
+        if not members:
+            continue
+        low = min(ranges[name][0] for name in members)
+        high = max(ranges[name][1] for name in members)
+        for name in members:
+            merged[name] = (low, high)
+    return merged

@@ -1,0 +1,302 @@
+"""ANNOTATE: decide, for a target, which tensors are quantized and how — and why the rest stays in float.
+
+One walk over the main graph in topological order classifies every node:
+
+- *compute* ops (Conv, ConvTranspose, Gemm, MatMul) with a constant float weight quantize their activation input,
+  their weight (per channel on the output axis) and, where the target stores integer biases, their bias; a MatMul of
+  two activations quantizes both. Their output is quantized when the target quantizes outputs (ort-cpu, whose
+  integer kernels produce integers); a Relu/Clip that alone consumes the output is *fused*: only its output is
+  quantized, which is how onnxruntime's QLinearConv absorbs it (zero point 0 saturates negatives).
+- *binary* ops (Add, Mul) of two activations quantize both inputs and the output (TensorRT: only the residual input
+  of an Add that follows a convolution, the input TensorRT cannot fuse).
+- *pass-through* ops (MaxPool, Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Split, Slice, …) quantize their
+  output with the input's parameters when the input is already quantized: input and output join one scale group.
+  Concat joins all its inputs and its output in one group.
+- *own-range* ops (AveragePool, GlobalAveragePool, Sigmoid, HardSigmoid, LeakyRelu, Resize) quantize input and output.
+- LayerNormalization and Softmax stay float by default, as do operators without an integer kernel on the target;
+  each such node is recorded with the reason.
+
+Graph outputs stay float: a graph output is never itself annotated; its producer is lowered with a float output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Collection
+
+import onnx_ir as ir
+
+from qgraph.quant.plan import BiasPlan, QuantPlan, WeightPlan, merge_groups
+
+logger = logging.getLogger(__name__)
+
+COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+BINARY_OPS = frozenset({"Add", "Mul"})
+PASS_THROUGH_OPS = frozenset(
+    {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather", "Identity"}
+)
+OWN_RANGE_OPS = frozenset({"AveragePool", "GlobalAveragePool", "Sigmoid", "HardSigmoid", "LeakyRelu", "Resize"})
+FUSABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
+FLOAT_BY_DEFAULT = {
+    "LayerNormalization": "normalisation stays FP32 by default (quantizing it costs accuracy)",
+    "Softmax": "Softmax stays FP32 by default (its input holds masks and large logits)",
+}
+_FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE})
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotationRules:
+    """How a target wants tensors placed; the specs travel with the plan unchanged."""
+
+    target: str
+    activation_spec: object
+    weight_spec: object
+    quantize_outputs: bool
+    fuse_activations: bool
+    quantize_biases: bool
+    residual_add_only: bool
+    supported_ops: frozenset[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotationOverrides:
+    """User choices: node names or op types to keep in float, and whether to spare the first/last layer."""
+
+    exclude: frozenset[str] = frozenset()
+    keep_first_fp32: bool = False
+    keep_last_fp32: bool = False
+    activation_overrides: dict = dataclasses.field(default_factory=dict)
+    weight_overrides: dict = dataclasses.field(default_factory=dict)
+
+
+def _is_constant(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and not value.is_graph_input()
+
+
+def _is_float_activation(value: ir.Value | None) -> bool:
+    if value is None or _is_constant(value):
+        return False
+    return value.dtype in _FLOAT_TYPES or value.dtype is None
+
+
+def weight_axis(node: ir.Node) -> int:
+    """The output-channel axis of a compute node's weight (input 1)."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        trans_b = node.attributes.get("transB")
+        return 0 if trans_b is not None and trans_b.as_int() == 1 else 1
+    weight = node.inputs[1]
+    rank = len(weight.shape) if weight is not None and weight.shape is not None else 2
+    return rank - 1
+
+
+def _fusable_activation(node: ir.Node, value: ir.Value) -> ir.Node | None:
+    """The Relu/Clip that alone consumes ``value`` (and can be absorbed by an integer kernel), if any."""
+    if value.is_graph_output():
+        return None
+    consumers = list(value.consumers())
+    if len(consumers) != 1 or consumers[0].op_type not in FUSABLE_ACTIVATIONS:
+        return None
+    activation = consumers[0]
+    if activation.op_type == "Clip":
+        bounds = [activation.inputs[index] if len(activation.inputs) > index else None for index in (1, 2)]
+        if any(bound is not None and not _is_constant(bound) for bound in bounds):
+            return None
+        lower = bounds[0]
+        if lower is None or float(lower.const_value.numpy()) != 0.0:
+            return None
+    return activation
+
+
+def _compute_node_indices(graph: ir.Graph) -> list[int]:
+    return [index for index, node in enumerate(graph) if node.op_type in COMPUTE_OPS]
+
+
+class _Annotator:
+    def __init__(self, graph: ir.Graph, rules: AnnotationRules, overrides: AnnotationOverrides) -> None:
+        self.graph = graph
+        self.rules = rules
+        self.overrides = overrides
+        self.activations: dict[str, None] = {}
+        self.weights: list[WeightPlan] = []
+        self.biases: list[BiasPlan] = []
+        self.pairs: list[tuple[str, str]] = []
+        self.quantized: list[str] = []
+        self.fp32: dict[str, str] = {}
+        self.fused: set[int] = set()
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    def annotate(self, value: ir.Value | None) -> None:
+        if value is not None and _is_float_activation(value) and not value.is_graph_output():
+            self.activations[value.name] = None
+        elif value is not None and value.is_graph_output() and not _is_constant(value):
+            # A graph output consumed inside the graph: its consumers read a quantized copy (see docs).
+            if list(value.consumers()):
+                self.activations[value.name] = None
+
+    def is_annotated(self, value: ir.Value | None) -> bool:
+        return value is not None and value.name in self.activations
+
+    def annotate_output(self, node: ir.Node) -> None:
+        if not self.rules.quantize_outputs:
+            return
+        output = node.outputs[0]
+        if self.rules.fuse_activations:
+            activation = _fusable_activation(node, output)
+            if activation is not None:
+                self.fused.add(id(activation))
+                self.quantized.append(activation.name)
+                self.annotate(activation.outputs[0])
+                return
+        self.annotate(output)
+
+    def keep_float(self, node: ir.Node, reason: str) -> None:
+        self.fp32[node.name] = reason
+
+    # -- classification ------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        compute_indices = _compute_node_indices(self.graph)
+        first = compute_indices[0] if compute_indices and self.overrides.keep_first_fp32 else None
+        last = compute_indices[-1] if compute_indices and self.overrides.keep_last_fp32 else None
+        for index, node in enumerate(self.graph):
+            if id(node) in self.fused:
+                continue
+            if node.name in self.overrides.exclude or node.op_type in self.overrides.exclude:
+                self.keep_float(node, "excluded by the user")
+            elif index in (first, last):
+                self.keep_float(node, "first/last compute layer kept FP32 by the user")
+            elif node.domain not in ("", "ai.onnx"):
+                self.keep_float(node, f"operator {node.domain}::{node.op_type} has no integer kernel here")
+            elif node.op_type in FLOAT_BY_DEFAULT:
+                self.keep_float(node, FLOAT_BY_DEFAULT[node.op_type])
+            elif node.op_type not in self.rules.supported_ops:
+                self.keep_float(node, f"{node.op_type} has no integer kernel on target {self.rules.target}")
+            elif node.op_type in COMPUTE_OPS:
+                self.compute(node)
+            elif node.op_type in BINARY_OPS:
+                self.binary(node)
+            elif node.op_type == "Concat":
+                self.concat(node)
+            elif node.op_type in PASS_THROUGH_OPS:
+                self.pass_through(node)
+            elif node.op_type in OWN_RANGE_OPS:
+                self.own_range(node)
+            else:
+                self.keep_float(node, f"{node.op_type} is only quantized when fused into its producer")
+
+    def compute(self, node: ir.Node) -> None:
+        data, weight = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
+        if not _is_float_activation(data):
+            self.keep_float(node, "its data input is not a float activation")
+            return
+        if node.op_type == "MatMul" and _is_float_activation(weight):
+            self.annotate(data)
+            self.annotate(weight)
+            self.quantized.append(node.name)
+            self.annotate_output(node)
+            return
+        if not _is_constant(weight) or weight.dtype not in _FLOAT_TYPES:
+            self.keep_float(node, "its weight is not a float constant")
+            return
+        if node.op_type == "Gemm":
+            trans_a = node.attributes.get("transA")
+            if trans_a is not None and trans_a.as_int() == 1:
+                self.keep_float(node, "Gemm with transA=1 has no integer kernel")
+                return
+        self.annotate(data)
+        self.weights.append(WeightPlan(weight.name, node.name, weight_axis(node)))
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is not None and self.rules.quantize_biases and _is_constant(bias):
+            if bias.shape is not None and len(bias.shape) == 1:
+                self.biases.append(BiasPlan(bias.name, node.name, data.name, weight.name))
+        self.quantized.append(node.name)
+        self.annotate_output(node)
+
+    def binary(self, node: ir.Node) -> None:
+        left, right = node.inputs[0], node.inputs[1]
+        if not (_is_float_activation(left) and _is_float_activation(right)):
+            self.keep_float(node, f"{node.op_type} with a constant operand stays FP32")
+            return
+        if self.rules.residual_add_only:
+            if node.op_type != "Add":
+                self.keep_float(node, "the target quantizes only residual Adds")
+                return
+            from_compute = [
+                value.producer() is not None and value.producer().op_type in COMPUTE_OPS for value in (left, right)
+            ]
+            if all(from_compute) or not any(from_compute):
+                self.annotate(left)
+                self.annotate(right)
+            else:
+                self.annotate(right if from_compute[0] else left)
+            self.quantized.append(node.name)
+            return
+        self.annotate(left)
+        self.annotate(right)
+        self.quantized.append(node.name)
+        self.annotate_output(node)
+
+    def concat(self, node: ir.Node) -> None:
+        inputs = [value for value in node.inputs if value is not None]
+        if not all(_is_float_activation(value) for value in inputs):
+            self.keep_float(node, "Concat of constants stays FP32")
+            return
+        if not self.rules.quantize_outputs:
+            self.keep_float(node, "the target does not quantize Concat")
+            return
+        for value in inputs:
+            self.annotate(value)
+            self.pairs.append((value.name, node.outputs[0].name))
+        self.annotate(node.outputs[0])
+        self.quantized.append(node.name)
+
+    def pass_through(self, node: ir.Node) -> None:
+        data = node.inputs[0]
+        if not self.rules.quantize_outputs or not self.is_annotated(data):
+            self.keep_float(node, "its input is not quantized, so it runs in float")
+            return
+        for output in node.outputs:
+            if _is_float_activation(output) and not output.is_graph_output():
+                self.annotate(output)
+                self.pairs.append((data.name, output.name))
+        self.quantized.append(node.name)
+
+    def own_range(self, node: ir.Node) -> None:
+        data = node.inputs[0]
+        if not _is_float_activation(data):
+            self.keep_float(node, "its input is not a float activation")
+            return
+        self.annotate(data)
+        if self.rules.quantize_outputs:
+            self.annotate(node.outputs[0])
+        self.quantized.append(node.name)
+
+
+def annotate(model: ir.Model, rules: AnnotationRules, overrides: AnnotationOverrides | None = None) -> QuantPlan:
+    """The quantization plan for ``model``'s main graph under ``rules``."""
+    overrides = overrides or AnnotationOverrides()
+    annotator = _Annotator(model.graph, rules, overrides)
+    annotator.run()
+    activations = tuple(annotator.activations)
+    plan = QuantPlan(
+        target=rules.target,
+        activation_spec=rules.activation_spec,
+        weight_spec=rules.weight_spec,
+        activations=activations,
+        weights=tuple(annotator.weights),
+        biases=tuple(annotator.biases),
+        groups=merge_groups(annotator.pairs, activations),
+        quantized_nodes=tuple(annotator.quantized),
+        fp32_nodes=dict(annotator.fp32),
+        activation_overrides=dict(overrides.activation_overrides),
+        weight_overrides=dict(overrides.weight_overrides),
+    )
+    logger.info(
+        "annotated %d activations, %d weights, %d biases; %d nodes quantized, %d kept FP32",
+        len(plan.activations), len(plan.weights), len(plan.biases), len(plan.quantized_nodes), len(plan.fp32_nodes),
+    )
+    return plan

@@ -1,0 +1,78 @@
+"""The quantization plan: what the ANNOTATE phase decides and the later phases carry out.
+
+A plan names tensors, not edges (see docs/qdq-format.md): each activation tensor in ``activations`` gets one
+QuantizeLinear/DequantizeLinear pair after its producer; each weight in ``weights`` is stored quantized on the given
+axis; each bias in ``biases`` is stored as int32 with scale ``s_input · s_weight``. ``groups`` lists activation
+tensors that must share one (scale, zero point) — Concat inputs and output, pass-through ops — so their calibrated
+ranges are merged (the union of the ranges) before parameters are computed. ``fp32_nodes`` says, for each node left
+in floating point, why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightPlan:
+    """A constant weight read by ``consumer`` and quantized per channel along ``axis`` (None: per tensor)."""
+
+    name: str
+    consumer: str
+    axis: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class BiasPlan:
+    """A constant bias whose scale is the product of the scales of ``activation`` and ``weight``."""
+
+    name: str
+    consumer: str
+    activation: str
+    weight: str
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantPlan:
+    target: str
+    activation_spec: object
+    weight_spec: object
+    activations: tuple[str, ...]
+    weights: tuple[WeightPlan, ...]
+    biases: tuple[BiasPlan, ...]
+    groups: tuple[frozenset[str], ...]
+    quantized_nodes: tuple[str, ...]
+    fp32_nodes: Mapping[str, str]
+    #: Per-tensor spec overrides (from a config file); tensors not listed use ``activation_spec``.
+    activation_overrides: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    #: Per-weight spec overrides; weights not listed use ``weight_spec``.
+    weight_overrides: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+    def activation_spec_of(self, tensor: str):
+        return self.activation_overrides.get(tensor, self.activation_spec)
+
+    def weight_spec_of(self, weight: str):
+        return self.weight_overrides.get(weight, self.weight_spec)
+
+    def group_of(self, tensor: str) -> frozenset[str]:
+        for group in self.groups:
+            if tensor in group:
+                return group
+        return frozenset({tensor})
+
+    @property
+    def coverage(self) -> float:
+        total = len(self.quantized_nodes) + len(self.fp32_nodes)
+        return len(self.quantized_nodes) / total if total else 0.0
+
+
+def merge_groups(pairs: Iterable[tuple[str, str]], tensors: Iterable[str]) -> tuple[frozenset[str], ...]:
+    """Connected components of the 'must share a scale' relation, restricted to groups of two or more."""
+    import networkx
+
+    relation = networkx.Graph()
+    relation.add_nodes_from(tensors)
+    relation.add_edges_from(pairs)
+    components = (frozenset(component) for component in networkx.connected_components(relation))
+    return tuple(sorted((group for group in components if len(group) > 1), key=lambda group: sorted(group)[0]))

@@ -1,0 +1,156 @@
+"""Post-training quantization of a canonical model: annotate ─▶ calibrate ─▶ parameters ─▶ QDQ ─▶ lower.
+
+This driver is what ``optimize`` runs when calibration data is given. Each phase is its own step so that QAT can
+reuse the plan and the QDQ graph: QAT starts from the QDQ model this module builds, before lowering.
+
+Parameters come from ranges: activations per tensor from the calibration observers (scale groups share the union of
+their ranges), weights per output channel from the weight itself (min-max, or the MSE-optimal clipping per channel),
+biases from ``s_input · s_weight`` (see :mod:`qgraph.passes.insert_quantize_dequantize`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.calibrate import CalibrationConfig, CalibrationResult, calibrate
+from qgraph.errors import QGraphError, UnsupportedModelError
+from qgraph.ir.versions import convert_opset
+from qgraph.passes.base import iterate_graphs
+from qgraph.pipeline.manager import PassManager, PassRecord
+from qgraph.pipeline.registry import get_pass
+from qgraph.quant.annotate import AnnotationOverrides, annotate
+from qgraph.quant.plan import QuantPlan
+from qgraph.quant.spec import QuantParams, compute_quant_params
+from qgraph.targets import TargetOptions, get_target
+
+logger = logging.getLogger(__name__)
+
+#: Operators whose presence means the model is quantized already.
+QUANTIZED_OPERATORS = frozenset(
+    {
+        "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+        "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat",
+        "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "FakeQuant",
+        "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+    }
+)
+WEIGHT_METHODS = ("minmax", "mse")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeOptions:
+    target: str = "ort-cpu"
+    target_options: TargetOptions = dataclasses.field(default_factory=TargetOptions)
+    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+    weight_method: str = "minmax"
+    overrides: AnnotationOverrides = dataclasses.field(default_factory=AnnotationOverrides)
+    #: Quantize a model that already holds quantized operators (normally refused).
+    requantize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.weight_method not in WEIGHT_METHODS:
+            raise QGraphError(f"unknown weight method {self.weight_method!r}; choose one of {', '.join(WEIGHT_METHODS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeResult:
+    model: ir.Model
+    plan: QuantPlan
+    calibration: CalibrationResult
+    parameters: Mapping[str, QuantParams]
+    records: tuple[PassRecord, ...]
+
+
+def quantized_operators(model: ir.Model) -> list[str]:
+    return sorted({node.op_type for graph in iterate_graphs(model) for node in graph} & QUANTIZED_OPERATORS)
+
+
+def ensure_opset(model: ir.Model, minimum: int) -> ir.Model:
+    """``model`` at default-domain opset ``minimum`` or later (converted with onnx's version converter)."""
+    current = model.opset_imports.get("", 0)
+    if current >= minimum:
+        return model
+    converted = ir.serde.deserialize_model(convert_opset(ir.serde.serialize_model(model), minimum))
+    converted.meta.update(model.meta)
+    return converted
+
+
+def weight_range(array: np.ndarray, axis: int | None, method: str, spec) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (or per-tensor) range of a weight: plain min/max, or the MSE-optimal clipping."""
+    if method == "mse":
+        from qgraph.quant.observers import weight_mse_range
+
+        return weight_mse_range(array, spec, axis)
+    if axis is None:
+        finite = array[np.isfinite(array)]
+        return np.asarray(finite.min() if finite.size else 0.0), np.asarray(finite.max() if finite.size else 0.0)
+    moved = np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)
+    return moved.min(axis=1), moved.max(axis=1)
+
+
+def compute_parameters(
+    model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], *, per_channel: bool, weight_method: str
+) -> dict[str, QuantParams]:
+    parameters: dict[str, QuantParams] = {}
+    for tensor in plan.activations:
+        if tensor not in ranges:
+            continue
+        low, high = ranges[tensor]
+        parameters[tensor] = compute_quant_params(plan.activation_spec_of(tensor), low, high)
+    initializers = model.graph.initializers
+    for weight in plan.weights:
+        if weight.name in parameters or weight.name not in initializers:
+            continue
+        array = initializers[weight.name].const_value.numpy().astype(np.float32)
+        if not np.all(np.isfinite(array)):
+            raise UnsupportedModelError(f"weight {weight.name!r} holds NaN or Inf; it cannot be quantized")
+        axis = weight.axis if per_channel else None
+        spec = plan.weight_spec_of(weight.name).with_axis(axis)
+        low, high = weight_range(array, axis, weight_method, spec)
+        parameters[weight.name] = compute_quant_params(spec, low, high)
+    return parameters
+
+
+def quantize(
+    model: ir.Model,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    options: QuantizeOptions | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+    lower: bool = True,
+) -> QuantizeResult:
+    """Quantize a canonical FP32 model with calibration ``batches``; ``lower=False`` stops at the QDQ graph."""
+    options = options or QuantizeOptions()
+    found = quantized_operators(model)
+    if found and not options.requantize:
+        raise UnsupportedModelError(
+            f"the model is already quantized (it contains {', '.join(found)}); pass --requantize to quantize it again"
+        )
+    target = get_target(options.target, options.target_options)
+    model = ensure_opset(model, target.minimum_opset)
+    plan = annotate(model, target.rules(), options.overrides)
+    if not plan.activations and not plan.weights:
+        raise UnsupportedModelError(
+            "nothing in the model can be quantized for target "
+            f"{target.name} ({len(plan.fp32_nodes)} nodes stay FP32)"
+        )
+    calibration = calibrate(model, plan, batches, options.calibration, progress=progress)
+    parameters = compute_parameters(
+        model,
+        plan,
+        calibration.ranges,
+        per_channel=target.options.per_channel,
+        weight_method=options.weight_method,
+    )
+    insert = get_pass("InsertQuantizeDequantize")(plan=plan, parameters=parameters)
+    records = list(PassManager([insert]).run(model).records)
+    if lower and target.lowering_passes():
+        lowering = PassManager([get_pass(name)() for name in target.lowering_passes()], fixed_point=True)
+        records.extend(lowering.run(model).records)
+        records.extend(PassManager([get_pass("EliminateDeadCode")()]).run(model).records)
+    return QuantizeResult(model, plan, calibration, parameters, tuple(records))

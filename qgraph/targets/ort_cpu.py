@@ -1,0 +1,66 @@
+"""Target ``ort-cpu``: onnxruntime on CPU.
+
+Activations uint8 asymmetric per tensor (a ReLU output uses all 256 codes), weights int8 symmetric per output channel,
+biases int32. With ``--format qoperator`` (default) the QDQ graph is lowered to onnxruntime's integer operators
+(QLinearConv, QLinearMatMul, QGemm, QLinearAdd, …); ``--format qdq`` keeps explicit pairs, which onnxruntime fuses at
+session creation. ``reduce_range`` (7-bit weights) is on by default for x86 CPUs without VNNI, whose u8s8 kernels
+can saturate (see :mod:`qgraph.targets.cpu_features`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from qgraph.errors import QGraphError
+from qgraph.quant.annotate import BINARY_OPS, COMPUTE_OPS, FUSABLE_ACTIVATIONS, OWN_RANGE_OPS, PASS_THROUGH_OPS
+from qgraph.quant.annotate import AnnotationRules
+from qgraph.quant.spec import QuantSpec
+from qgraph.targets.base import Target
+from qgraph.targets.cpu_features import needs_reduce_range
+
+logger = logging.getLogger(__name__)
+
+LOWERING_PASSES = (
+    "LowerQLinearConv",
+    "LowerQLinearMatMul",
+    "LowerQGemm",
+    "LowerIntegerMatMul",
+    "LowerConvInteger",
+    "LowerQLinearBinary",
+    "LowerQLinearConcat",
+    "LowerQLinearPool",
+    "LowerQLinearUnary",
+    "LowerIntegerPassThrough",
+    "RemoveRedundantQuantization",
+)
+
+
+class OrtCpuTarget(Target):
+    name = "ort-cpu"
+    formats = ("qoperator", "qdq")
+
+    def reduce_range(self) -> bool:
+        choice = self.options.reduce_range
+        if choice == "auto":
+            return needs_reduce_range()
+        if choice in ("on", "off"):
+            return choice == "on"
+        raise QGraphError(f"--reduce-range must be auto, on or off, got {choice!r}")
+
+    def rules(self) -> AnnotationRules:
+        bits = self.options.weight_bits
+        weight = QuantSpec(bits=bits, signed=True, symmetric=True, reduce_range=self.reduce_range() and bits == 8)
+        return AnnotationRules(
+            target=self.name,
+            activation_spec=QuantSpec.uint8(),
+            weight_spec=weight,
+            quantize_outputs=True,
+            fuse_activations=True,
+            quantize_biases=True,
+            residual_add_only=False,
+            supported_ops=COMPUTE_OPS | BINARY_OPS | PASS_THROUGH_OPS | OWN_RANGE_OPS | FUSABLE_ACTIVATIONS
+            | {"Concat"},
+        )
+
+    def lowering_passes(self) -> tuple[str, ...]:
+        return LOWERING_PASSES if self.options.format == "qoperator" else ()
