@@ -1,0 +1,37 @@
+"""Readers and validation for calibration, training and evaluation data, and the Fashion-MNIST loader.
+
+- :mod:`qgraph.data.storage`: shards (one ``.npz``, a directory of ``.npy``, an ONNX ``test_data_set_*``, arrays in
+  memory) that know shapes from file headers and open arrays lazily, memory-mapped where the format allows;
+- :mod:`qgraph.data.readers`: the :class:`Dataset` protocol, :class:`ShardedDataset` and :func:`open_dataset`;
+- :mod:`qgraph.data.validate`: checks against a model's input signature, raising :class:`~qgraph.errors.DataError`;
+- :mod:`qgraph.data.fashion_mnist`: the IDX parser and loader for Debian's ``dataset-fashion-mnist``.
+"""
+
+from qgraph.data.fashion_mnist import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    load_fashion_mnist,
+    write_fashion_mnist_npz,
+)
+from qgraph.data.readers import Dataset, ShardedDataset, dataset_from_arrays, open_dataset
+from qgraph.data.storage import ArrayInfo
+from qgraph.data.validate import CastingDataset, InputSpec, input_signature, validate_batch, validate_dataset
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "ArrayInfo",
+    "CastingDataset",
+    "Dataset",
+    "InputSpec",
+    "ShardedDataset",
+    "dataset_from_arrays",
+    "input_signature",
+    "load_fashion_mnist",
+    "open_dataset",
+    "validate_batch",
+    "validate_dataset",
+    "write_fashion_mnist_npz",
+]
