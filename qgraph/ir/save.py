@@ -35,6 +35,16 @@ def tensor_bytes(model: ir.Model) -> int:
     return total
 
 
+def _external_files(model: ir.Model) -> set[Path]:
+    """The files that the model's external (memory-mapped) initializers are read from."""
+    files = set()
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                files.add(Path(value.const_value.path).resolve())
+    return files
+
+
 def _same_file(first: Path, second: Path) -> bool:
     try:
         return first.resolve() == second.resolve() or (second.exists() and first.exists() and first.samefile(second))
@@ -73,9 +83,9 @@ def save_model(
             "save it with external data"
         )
     data_name = destination.name + ".data"
-    if use_external and source is not None:
-        source_data = Path(source).parent / data_name
-        if not allow_overwrite_input and _same_file(source_data, destination.parent / data_name):
+    if use_external and not allow_overwrite_input:
+        target_data = destination.parent / data_name
+        if any(_same_file(read_from, target_data) for read_from in _external_files(model)):
             raise OutputPathError(f"{destination}: its external data would overwrite the input's {data_name}")
 
     temporary = Path(tempfile.mkdtemp(prefix=".qgraph-", dir=destination.parent))
@@ -84,6 +94,9 @@ def save_model(
         if use_external:
             ir.save(model, staged, external_data=data_name, size_threshold_bytes=1024)
         else:
+            # Tensors still memory-mapped from the input's external data go inline: their locations are relative
+            # to the input's folder and would dangle beside the output.
+            ir.external_data.load_to_model(model)
             ir.save(model, staged)
         if (temporary / data_name).exists():
             os.replace(temporary / data_name, destination.parent / data_name)
