@@ -83,7 +83,8 @@ class GraphBuilder:
         return f"{stem}_{count}"
 
     def add_initializer(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        # np.array, not np.ascontiguousarray, which would turn a 0-d scalar (Clip bounds) into shape (1,)
+        self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))
         return name
 
     def constant(self, value: float | Sequence[int] | np.ndarray, dtype: type = np.float32) -> str:
