@@ -1,0 +1,241 @@
+"""Ranges derived from a histogram: entropy (KL divergence), percentile and MSE.
+
+All three work on a :class:`HistogramView` (counts of equal-width bins, the first edge, the width and the exact
+observed extremes) and return ``(low, high)``; the observer clamps the result to the observed [minimum, maximum].
+"Magnitude histogram" below means bins of |x|: the negative side folded onto the positive one (bin k holds
+k·w ≤ |x| < (k+1)·w). Data that are all ≥ 0 (or all ≤ 0) use only their side, so a ReLU output gets every bin.
+
+Entropy (KL), after the classic TensorRT calibration
+----------------------------------------------------
+On the magnitude histogram h (one side for one-signed data) with ``L`` quantization levels — ``levels // 2`` (128 for
+int8) for symmetric specs and signed data, all ``levels`` (256 for uint8) for an asymmetric spec on one-signed data —
+every threshold of i bins, L ≤ i ≤ (last occupied bin + 1), is scored:
+
+    P = h[0:i] with the clipped mass Σ_{j≥i} h_j added to P[i-1]                (reference: what clipping produces)
+    Q = h[0:i] merged into L groups (group g = bins [⌊g·i/L⌋, ⌊(g+1)·i/L⌋)), each group's mass spread evenly over
+        its non-empty bins                                                        (candidate: what L levels keep)
+    KL(P‖Q) = Σ_j p_j log(p_j / q_j),   p = P / ΣP,  q = Q / ΣQ
+
+Bin 0 (|x| < w) is left out first: its values quantize to zero whatever the threshold, and the exact zeros of
+a ReLU output (often half the tensor) would otherwise dominate the divergence through the first group, pulling the
+threshold down until that group is a single bin. The threshold ``i·w`` with the smallest KL wins (the largest i among exact ties). A threshold whose last bin is
+empty while mass is clipped has q = 0 < p there (KL = ∞) and is skipped: clipping just above an empty bin is never
+better than clipping at the occupied bin below it. Everything is vectorised over all thresholds with cumulative sums:
+per group, Σ_j h_j log Q_j = S_g log(S_g / n_g) with S_g the group mass and n_g its non-empty bins.
+
+Percentile
+----------
+The p-th percentile (default 99.999) with linear interpolation inside the bin: of |x| for symmetric specs, range
+(-T, T); of x at both tails for asymmetric specs, range (percentile(100 - p), percentile(p)).
+
+MSE
+---
+Expected squared error of fake quantization, assuming values are uniform inside each bin (end bins are cut to the
+observed extremes). With scale s, zero point z and representable interval [c_lo, c_hi] = [(qmin - z)·s, (qmax - z)·s],
+the error of x is the rounding error inside and (x - c)² beyond the clip point c. Its antiderivative is closed form:
+
+    G(x) = m·s³/12 + r³/3,  m = round(x / s), r = x - m·s            (∫₀ˣ (t - s·round(t/s))² dt)
+    A(x) = G(clamp(x, c_lo, c_hi)) + [x > c_hi]·(x - c_hi)³/3 + [x < c_lo]·(x - c_lo)³/3
+
+so a bin [a, b) with count n contributes n·(A(b) - A(a)) / (b - a): rounding noise inside, clipping error outside.
+Candidates: symmetric specs try T = amax·k/K, k = 1..K (K = mse_candidates); asymmetric specs first shrink both ends
+together, (α·min, α·max), then refine the upper and the lower end alone on the same grid. The full range is always a
+candidate, so the result is never worse than min-max under this model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from qgraph.quant.spec import QuantSpec, compute_quant_params
+
+logger = logging.getLogger(__name__)
+
+_TIE_TOLERANCE = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class HistogramView:
+    """Equal-width bins [first_edge + k·width, first_edge + (k+1)·width) and the exact observed extremes."""
+
+    counts: np.ndarray
+    first_edge: float
+    width: float
+    minimum: float
+    maximum: float
+
+    @property
+    def zero_index(self) -> int:
+        """Index of the bin [0, width) (first_edge is a non-positive multiple of width)."""
+        return int(round(-self.first_edge / self.width))
+
+    def positive_side(self) -> np.ndarray:
+        return self.counts[self.zero_index :]
+
+    def negative_side(self) -> np.ndarray:
+        """Negative bins mirrored: entry k holds -(k+1)·w ≤ x < -k·w."""
+        return self.counts[: self.zero_index][::-1]
+
+    def magnitudes(self) -> np.ndarray:
+        positive, negative = self.positive_side(), self.negative_side()
+        folded = positive.copy()
+        folded[: negative.size] += negative
+        return folded
+
+
+# ------------------------------------------------------------------------------------------------------ entropy
+def kl_threshold_bins(histogram: np.ndarray, levels: int) -> int:
+    """Number of bins i (threshold i·w) minimising KL(P‖Q) for ``levels`` quantization levels."""
+    histogram = np.array(histogram, dtype=np.float64)
+    # Values in [0, w) quantize to zero at every candidate; dropping them keeps the exact zeros of ReLU outputs
+    # (often half the tensor) from dominating the divergence through the first group.
+    histogram[0] = 0.0
+    occupied = np.flatnonzero(histogram)
+    if occupied.size == 0:
+        return 0
+    top = int(occupied[-1]) + 1
+    if top <= levels:
+        return top
+    total = histogram.sum()
+    cumulative = np.concatenate(([0.0], np.cumsum(histogram)))
+    cumulative_nonempty = np.concatenate(([0], np.cumsum(histogram > 0)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h_log_h = np.where(histogram > 0, histogram * np.log(np.where(histogram > 0, histogram, 1.0)), 0.0)
+    cumulative_h_log_h = np.concatenate(([0.0], np.cumsum(h_log_h)))
+
+    thresholds = np.arange(levels, top + 1, dtype=np.int64)
+    groups = np.arange(levels, dtype=np.int64)
+    starts = (groups[None, :] * thresholds[:, None]) // levels
+    ends = ((groups[None, :] + 1) * thresholds[:, None]) // levels
+    group_mass = cumulative[ends] - cumulative[starts]
+    group_nonempty = cumulative_nonempty[ends] - cumulative_nonempty[starts]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        group_terms = np.where(
+            group_mass > 0, group_mass * np.log(group_mass / np.maximum(group_nonempty, 1)), 0.0
+        )
+        kept = cumulative[thresholds]
+        clipped = total - kept
+        last = histogram[thresholds - 1]
+        last_with_clipped = last + clipped
+        sum_p_log_p = cumulative_h_log_h[thresholds - 1] + np.where(
+            last_with_clipped > 0, last_with_clipped * np.log(np.maximum(last_with_clipped, 1.0)), 0.0
+        )
+        last_q = group_mass[:, -1] / np.maximum(group_nonempty[:, -1], 1)
+        sum_p_log_q = group_terms.sum(axis=1) + np.where(
+            (clipped > 0) & (last > 0), clipped * np.log(np.maximum(last_q, 1e-300)), 0.0
+        )
+        divergence = (sum_p_log_p - sum_p_log_q) / total + np.log(np.maximum(kept, 1.0) / total)
+    invalid = ((clipped > 0) & (last == 0)) | (kept == 0)
+    divergence = np.where(invalid, np.inf, divergence)
+    best = float(divergence.min())
+    if not np.isfinite(best):
+        return top
+    chosen = int(thresholds[np.flatnonzero(divergence <= best + _TIE_TOLERANCE)[-1]])
+    logger.debug("entropy calibration: %d of %d bins, KL %.3g", chosen, top, best)
+    return chosen
+
+
+def entropy_range(view: HistogramView, spec: QuantSpec) -> tuple[float, float]:
+    one_sided_levels = spec.levels if not spec.symmetric else spec.levels // 2
+    if view.minimum >= 0.0:
+        threshold = kl_threshold_bins(view.positive_side(), one_sided_levels) * view.width
+        return 0.0, threshold
+    if view.maximum <= 0.0:
+        threshold = kl_threshold_bins(view.negative_side(), one_sided_levels) * view.width
+        return -threshold, 0.0
+    threshold = kl_threshold_bins(view.magnitudes(), spec.levels // 2) * view.width
+    return -threshold, threshold
+
+
+# --------------------------------------------------------------------------------------------------- percentile
+def histogram_quantile(counts: np.ndarray, first_edge: float, width: float, fraction: float) -> float:
+    """Value below which ``fraction`` of the mass lies, interpolating linearly inside the bin."""
+    cumulative = np.cumsum(counts, dtype=np.float64)
+    target = fraction * cumulative[-1]
+    index = min(int(np.searchsorted(cumulative, target, side="left")), counts.size - 1)
+    before = cumulative[index - 1] if index > 0 else 0.0
+    inside = (target - before) / counts[index] if counts[index] > 0 else 0.0
+    return first_edge + (index + min(max(inside, 0.0), 1.0)) * width
+
+
+def percentile_range(view: HistogramView, spec: QuantSpec, percentile: float) -> tuple[float, float]:
+    fraction = percentile / 100.0
+    if spec.symmetric:
+        threshold = histogram_quantile(view.magnitudes(), 0.0, view.width, fraction)
+        return -threshold, threshold
+    low = histogram_quantile(view.counts, view.first_edge, view.width, 1.0 - fraction)
+    high = histogram_quantile(view.counts, view.first_edge, view.width, fraction)
+    return low, high
+
+
+# ---------------------------------------------------------------------------------------------------------- mse
+def _error_antiderivative(x: np.ndarray, scale: np.ndarray, clip_low: np.ndarray, clip_high: np.ndarray) -> np.ndarray:
+    inside = np.clip(x, clip_low, clip_high)
+    steps = np.rint(inside / scale)
+    remainder = inside - steps * scale
+    result = steps * scale**3 / 12.0 + remainder**3 / 3.0
+    result += np.where(x > clip_high, (x - clip_high) ** 3 / 3.0, 0.0)
+    result += np.where(x < clip_low, (x - clip_low) ** 3 / 3.0, 0.0)
+    return result
+
+
+def expected_squared_error(
+    view: HistogramView, spec: QuantSpec, lows: np.ndarray, highs: np.ndarray
+) -> np.ndarray:
+    """Σ over bins of count · mean squared fake-quantization error, for each candidate range (lows[k], highs[k])."""
+    params = compute_quant_params(spec.with_axis(0), np.asarray(lows, dtype=np.float64), np.asarray(highs, dtype=np.float64))
+    scale = params.scale.astype(np.float64)[:, None]
+    zero_point = params.zero_point.astype(np.float64)[:, None]
+    clip_low = (spec.qmin - zero_point) * scale
+    clip_high = (spec.qmax - zero_point) * scale
+
+    occupied = np.flatnonzero(view.counts)
+    weights = view.counts[occupied].astype(np.float64)
+    starts = np.maximum(view.first_edge + occupied * view.width, view.minimum)
+    ends = np.minimum(view.first_edge + (occupied + 1) * view.width, view.maximum)
+    widths = ends - starts
+    spread = widths > 0
+    errors = np.zeros((scale.shape[0], occupied.size))
+    if spread.any():
+        a, b, w = starts[spread], ends[spread], widths[spread]
+        errors[:, spread] = (
+            _error_antiderivative(b[None, :], scale, clip_low, clip_high)
+            - _error_antiderivative(a[None, :], scale, clip_low, clip_high)
+        ) / w[None, :]
+    if not spread.all():
+        points = starts[~spread][None, :]
+        codes = np.clip(np.rint(points / scale) + zero_point, spec.qmin, spec.qmax)
+        errors[:, ~spread] = (points - (codes - zero_point) * scale) ** 2
+    return np.maximum(errors, 0.0) @ weights
+
+
+def _best(errors: np.ndarray) -> int:
+    """Index of the smallest error, preferring later (wider) candidates among ties."""
+    best = errors.min()
+    return int(np.flatnonzero(errors <= best * (1.0 + 1e-9) + 1e-300)[-1])
+
+
+def mse_range(view: HistogramView, spec: QuantSpec, candidates: int) -> tuple[float, float]:
+    low, high = min(view.minimum, 0.0), max(view.maximum, 0.0)
+    fractions = np.arange(1, candidates + 1, dtype=np.float64) / candidates
+    if spec.symmetric:
+        magnitude = max(-low, high)
+        thresholds = magnitude * fractions
+        lows, highs = np.maximum(low, -thresholds), np.minimum(high, thresholds)
+        chosen = _best(expected_squared_error(view, spec, lows, highs))
+        return float(lows[chosen]), float(highs[chosen])
+    lows, highs = low * fractions, high * fractions
+    chosen = _best(expected_squared_error(view, spec, lows, highs))
+    best_low, best_high = float(lows[chosen]), float(highs[chosen])
+    if high > 0:
+        highs = high * fractions
+        errors = expected_squared_error(view, spec, np.full_like(highs, best_low), highs)
+        best_high = float(highs[_best(errors)])
+    if low < 0:
+        lows = low * fractions
+        errors = expected_squared_error(view, spec, lows, np.full_like(lows, best_high))
+        best_low = float(lows[_best(errors)])
+    return best_low, best_high
