@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import onnx
+import onnx.shape_inference
 import onnx.version_converter
 
 from qgraph.errors import UnsupportedModelError
@@ -19,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 MAX_IR_VERSION = 10
 MAX_OPSET = 21
+#: Above this many bytes the converted model is not re-checked by strict shape inference (protobuf's 2 GB limit).
+_STRICT_INFERENCE_LIMIT = 1_500_000_000
 SUPPORTED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.training", "ai.onnx.preview.training"})
 
 
@@ -42,7 +45,37 @@ def convert_opset(proto: onnx.ModelProto, target: int) -> onnx.ModelProto:
         raise UnsupportedModelError(
             f"cannot convert the model from opset {current} to opset {target}: {reason}"
         ) from error
+    conflict = _conversion_shape_conflict(proto, converted)
+    if conflict is not None:
+        raise UnsupportedModelError(
+            f"cannot convert the model from opset {current} to opset {target} without changing it: {conflict}"
+        )
     return converted
+
+
+def _strict_inference_error(proto: onnx.ModelProto) -> str | None:
+    try:
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except onnx.shape_inference.InferenceError as error:
+        return str(error).strip().splitlines()[0] if str(error).strip() else "shape inference failed"
+    except Exception:  # other failures (size, unsupported constructs) say nothing about the conversion
+        return None
+    return None
+
+
+def _conversion_shape_conflict(original: onnx.ModelProto, converted: onnx.ModelProto) -> str | None:
+    """Why the converted model contradicts shapes the original declares, if it does and the original did not.
+
+    The converter keeps an operator whose semantics changed between the opsets (MaxPool's ceil_mode output size
+    changed in opset 22, for one) as it is; shape inference at the lower opset then disagrees with the shapes the
+    model declares, which would be a different model, silently.
+    """
+    if original.ByteSize() > _STRICT_INFERENCE_LIMIT:
+        return None
+    after = _strict_inference_error(converted)
+    if after is None:
+        return None
+    return after if _strict_inference_error(original) is None else None
 
 
 def check_runtime_support(proto: onnx.ModelProto) -> None:
