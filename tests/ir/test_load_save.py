@@ -157,6 +157,23 @@ def test_opset_22_without_a_down_converter_is_refused(tmp_path):
         load_model(path)
 
 
+def test_opset_22_conversion_that_would_change_the_model_is_refused(tmp_path):
+    """MaxPool's ceil_mode output size changed in opset 22: at opset 21 this model would compute 2x2, not 1x1."""
+    graph = helper.make_graph(
+        [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[1, 1], strides=[2, 2], ceil_mode=1)],
+        "ceil",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1, 1])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 22)], ir_version=10)
+    path = write(proto, tmp_path / "m.onnx")
+    with pytest.raises(UnsupportedModelError, match="without changing it"):
+        load_model(path)
+    # The same pooling where both rules agree converts.
+    next(attribute for attribute in proto.graph.node[0].attribute if attribute.name == "ceil_mode").i = 0
+    load_model(write(proto, tmp_path / "floor.onnx"))
+
+
 def test_ir_version_11_lowered_to_10(tmp_path):
     path = write(add_relu_model(opset=21, ir_version=11), tmp_path / "m.onnx")
     model = load_model(path)
