@@ -138,7 +138,7 @@ class InsertQuantizeDequantize(QGraphPass):
 
         scale, zero_point = _parameter_arrays(params)
         weights = value.const_value.numpy()
-        quantized = quantize(weights, params)
+        quantized = quantize(weights, params, clip_to_spec=True)
         quantized_value = _constant(graph, f"{value.name}_quantized", quantized)
         per_channel = scale.ndim == 1 and scale.size > 1
         scale_value = _constant(graph, f"{value.name}_scale", scale if per_channel else scale.reshape(()))

@@ -110,6 +110,8 @@ def _split_names(text: str | None) -> tuple[str, ...] | None:
 @click.option("--exclude", metavar="NAMES", help="Comma-separated node names or operator types to keep in FP32.")
 @click.option("--keep-fp32", metavar="first,last", help="Keep the first and/or last compute layer in FP32.")
 @click.option("--requantize", is_flag=True, help="Allow quantizing a model that is already quantized.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              help="Write a quantization report (.md or .json): per-layer SQNR, coverage, size, latency.")
 def optimize(
     model: Path,
     output: Path,
@@ -132,6 +134,7 @@ def optimize(
     exclude: str | None,
     keep_fp32: str | None,
     requantize: bool,
+    report_path: Path | None,
 ) -> None:
     """Optimize MODEL and write the result to OUTPUT.
 
@@ -157,7 +160,7 @@ def optimize(
             target, output_format, method, weight_method, percentile, calib_samples, batch_size, reduce_range,
             per_tensor, int(weight_bits), exclude, keep_fp32, requantize,
         )
-    elif output_format or exclude or keep_fp32 or calib_samples:
+    elif output_format or exclude or keep_fp32 or calib_samples or report_path:
         raise click.UsageError("quantization options need calibration data: add --calib DATA")
     options = OptimizeOptions(
         passes=_split_names(pass_names),
@@ -186,8 +189,32 @@ def optimize(
             f"calibrated on {result.quantization.calibration.samples} samples "
             f"in {result.quantization.calibration.seconds:.1f} s"
         )
+        if report_path is not None:
+            _write_report(report_path, result, calib, batch_size)
     if stats:
         click.echo(_stats_table(result.records))
+
+
+def _write_report(path: Path, result, calib: Path, batch_size: int) -> None:
+    import itertools
+
+    import onnx_ir as ir
+
+    from qgraph.calibrate import CalibrationConfig
+    from qgraph.pipeline.optimize import calibration_batches
+    from qgraph.report import build_report
+
+    float_model = result.float_model
+    batches = calibration_batches(
+        ir.serde.deserialize_model(float_model), calib, CalibrationConfig(batch_size=batch_size)
+    )
+    report = build_report(
+        float_model, ir.serde.serialize_model(result.model), result.quantization, list(itertools.islice(batches, 2))
+    )
+    report.write(path)
+    speed = f", {report.speedup:.2f}x faster at batch 1" if report.speedup else ""
+    worst = min(report.outputs.values()) if report.outputs else float("nan")
+    click.echo(f"report {path}: output SQNR {worst:.1f} dB, {report.size_before / report.size_after:.2f}x smaller{speed}")
 
 
 def _quantize_options(

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from qgraph.calibrate import CalibrationConfig, CalibrationResult, calibrate
@@ -64,6 +65,8 @@ class QuantizeResult:
     calibration: CalibrationResult
     parameters: Mapping[str, QuantParams]
     records: tuple[PassRecord, ...]
+    #: The QDQ graph before lowering (per-layer error analysis and QAT start from it).
+    qdq_model: onnx.ModelProto | None = None
 
 
 def quantized_operators(model: ir.Model) -> list[str]:
@@ -149,8 +152,9 @@ def quantize(
     )
     insert = get_pass("InsertQuantizeDequantize")(plan=plan, parameters=parameters)
     records = list(PassManager([insert]).run(model).records)
+    qdq_model = ir.serde.serialize_model(model)
     if lower and target.lowering_passes():
         lowering = PassManager([get_pass(name)() for name in target.lowering_passes()], fixed_point=True)
         records.extend(lowering.run(model).records)
         records.extend(PassManager([get_pass("EliminateDeadCode")()]).run(model).records)
-    return QuantizeResult(model, plan, calibration, parameters, tuple(records))
+    return QuantizeResult(model, plan, calibration, parameters, tuple(records), qdq_model)

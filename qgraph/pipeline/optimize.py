@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
 from qgraph.calibrate import CalibrationConfig
@@ -61,6 +62,8 @@ class OptimizeResult:
     records: tuple[PassRecord, ...]
     output_path: Path | None
     quantization: QuantizeResult | None = None
+    #: The canonical FP32 model that quantization started from (only when quantizing).
+    float_model: onnx.ModelProto | None = None
 
 
 def build_pipeline(options: OptimizeOptions) -> PassManager:
@@ -103,7 +106,9 @@ def optimize(
     result = build_pipeline(options).run(model)
     records = result.records
     quantized = None
+    float_model = None
     if options.quantization is not None:
+        float_model = ir.serde.serialize_model(result.model)
         quantized = quantize(result.model, batches, options.quantization, progress=progress)
         result = dataclasses.replace(result, model=quantized.model)
         records = records + quantized.records
@@ -116,32 +121,28 @@ def optimize(
             external_data=options.external_data,
             allow_overwrite_input=options.allow_overwrite_input,
         )
-    return OptimizeResult(result.model, records, saved, quantized)
+    return OptimizeResult(result.model, records, saved, quantized, float_model)
+
+
+#: Keys that hold labels in a calibration/training file when they are not model inputs.
+LABEL_KEYS = ("label", "labels")
 
 
 def calibration_batches(model: ir.Model, data, config: CalibrationConfig):
-    """Batches of ``data`` checked against ``model``'s inputs (names, ranks, fixed dimensions, dtypes)."""
+    """Batches of ``data`` checked against ``model``'s inputs (names, ranks, fixed dimensions, dtypes).
+
+    A ``label``/``labels`` key that is not a model input is treated as labels and never fed to the model.
+    """
     from qgraph.data import open_dataset
     from qgraph.data.validate import input_signature, validate_dataset
 
+    signature = input_signature(ir.serde.serialize_model(model))
     if isinstance(data, (str, os.PathLike)):
-        data = open_dataset(data)
+        input_names = {spec.name for spec in signature}
+        probe = open_dataset(data)
+        label_key = next((key for key in LABEL_KEYS if key in probe.keys and key not in input_names), None)
+        data = open_dataset(data, label_key=label_key) if label_key else probe
     if hasattr(data, "iter_batches"):
-        signature = input_signature(ir.serde.serialize_model(model))
         dataset = validate_dataset(data, signature, check_values=False, cast_float64=True)
-        return dataset.iter_batches(config.batch_size, limit=config.samples)
+        return dataset.iter_batches(config.batch_size, limit=config.samples, include_labels=False)
     return data
-
-
-def _check_output_before_work(output: Path, input_path: Path | None, options: OptimizeOptions) -> None:
-    from qgraph.errors import OutputPathError
-
-    if input_path is not None and not options.allow_overwrite_input:
-        try:
-            same = output.resolve() == input_path.resolve()
-        except OSError:
-            same = False
-        if same:
-            raise OutputPathError(f"{output}: the output path is the input model; choose another output path")
-    if not output.parent.exists():
-        raise OutputPathError(f"{output.parent}: output folder does not exist")

@@ -49,7 +49,11 @@ class OrtCpuTarget(Target):
 
     def rules(self) -> AnnotationRules:
         bits = self.options.weight_bits
-        weight = QuantSpec(bits=bits, signed=True, symmetric=True, reduce_range=self.reduce_range() and bits == 8)
+        # Narrow range keeps the grid symmetric (-127..127, or -63..63 with reduce_range): the largest weight
+        # lands exactly on the end code instead of half a step past it.
+        weight = QuantSpec(
+            bits=bits, signed=True, symmetric=True, narrow_range=True, reduce_range=self.reduce_range() and bits == 8
+        )
         return AnnotationRules(
             target=self.name,
             activation_spec=QuantSpec.uint8(),

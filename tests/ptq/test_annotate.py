@@ -55,4 +55,5 @@ def test_exclusions_and_first_last_layers_stay_fp32_with_reasons():
 
 def test_reduce_range_follows_the_option():
     assert _plan(reduce_range="on").weight_spec.qmax == 63
+    assert _plan(reduce_range="on").weight_spec.qmin == -63
     assert _plan(reduce_range="off").weight_spec.qmax == 127
