@@ -63,7 +63,7 @@ def quantize(x: np.ndarray, params: QuantParams, *, clip_to_spec: bool = False) 
     spec = params.spec
     low, high = (spec.qmin, spec.qmax) if clip_to_spec else (spec.dtype_min, spec.dtype_max)
     with np.errstate(over="ignore", invalid="ignore"):
-        scaled = np.divide(x, scale, dtype=np.float32)
+        scaled = np.asarray(np.divide(x, scale, dtype=np.float32))
         np.rint(scaled, out=scaled)
         scaled += zero_point.astype(np.float32)
         np.clip(scaled, low, high, out=scaled)

@@ -175,6 +175,9 @@ class QuantParams:
     def __post_init__(self) -> None:
         scale = np.asarray(self.scale, dtype=np.float32)
         zero_point = np.asarray(self.zero_point)
+        low, high = self.spec.dtype_min, self.spec.dtype_max
+        if np.any(zero_point < low) or np.any(zero_point > high):
+            raise ValueError(f"zero_point outside the storage range [{low}, {high}]: {zero_point!r}")
         if zero_point.dtype != self.spec.storage_dtype:
             if not np.array_equal(zero_point, np.round(zero_point)):
                 raise ValueError(f"zero_point must hold integers, got {zero_point!r}")
@@ -187,9 +190,6 @@ class QuantParams:
             raise ValueError(f"per-channel parameters need a 1-D scale, got shape {scale.shape}")
         if not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
             raise ValueError(f"scale must be finite and positive, got {scale!r}")
-        low, high = self.spec.dtype_min, self.spec.dtype_max
-        if np.any(zero_point < low) or np.any(zero_point > high):
-            raise ValueError(f"zero_point outside the storage range [{low}, {high}]: {zero_point!r}")
         scale.setflags(write=False)
         zero_point.setflags(write=False)
         object.__setattr__(self, "scale", scale)

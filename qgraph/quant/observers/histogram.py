@@ -209,8 +209,9 @@ class HistogramObserver(Observer):
             low, high = histogram_ranges.percentile_range(view, self.spec, self.percentile)
         else:
             low, high = histogram_ranges.mse_range(view, self.spec, self.mse_candidates)
-        low = min(max(low, self.minimum), self.maximum)
-        high = max(min(high, self.maximum), low)
+        # Clamp to the observed extremes; keep 0 inside when the data reach it (quantization includes 0 anyway).
+        low = min(max(low, self.minimum), self.maximum, 0.0 if self.minimum <= 0.0 else math.inf)
+        high = max(min(high, self.maximum), low, 0.0 if self.maximum >= 0.0 else -math.inf)
         return float(low), float(high)
 
     # ----------------------------------------------------------------------------------------- merge and state

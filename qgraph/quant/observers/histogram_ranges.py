@@ -18,10 +18,11 @@ every threshold of i bins, L ≤ i ≤ (last occupied bin + 1), is scored:
 
 Bin 0 (|x| < w) is left out first: its values quantize to zero whatever the threshold, and the exact zeros of
 a ReLU output (often half the tensor) would otherwise dominate the divergence through the first group, pulling the
-threshold down until that group is a single bin. The threshold ``i·w`` with the smallest KL wins (the largest i among exact ties). A threshold whose last bin is
-empty while mass is clipped has q = 0 < p there (KL = ∞) and is skipped: clipping just above an empty bin is never
-better than clipping at the occupied bin below it. Everything is vectorised over all thresholds with cumulative sums:
-per group, Σ_j h_j log Q_j = S_g log(S_g / n_g) with S_g the group mass and n_g its non-empty bins.
+threshold down until that group is a single bin. The threshold ``i·w`` with the smallest KL wins (the largest i among exact
+ties). Q spreads each group's mass over the bins where P is non-zero, so the clipped mass in P[i-1] gets its group's
+share; when that whole group of h is empty, q[i-1] is smoothed to 1e-4 instead of 0 (an infinite divergence would
+forbid every threshold between the bulk and a few far outliers). Everything is vectorised over all thresholds with cumulative sums:
+per group, Σ_j P_j log Q_j = (Σ_g P) · log(S_g / n_g) with S_g the group mass of h and n_g its non-empty bins of P.
 
 Percentile
 ----------
@@ -55,6 +56,9 @@ from qgraph.quant.spec import QuantSpec, compute_quant_params
 logger = logging.getLogger(__name__)
 
 _TIE_TOLERANCE = 1e-12
+
+#: Probability given to a bin where P holds only clipped mass and Q holds none (as in the classic implementation).
+_SMOOTHING = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +105,7 @@ def kl_threshold_bins(histogram: np.ndarray, levels: int) -> int:
         return top
     total = histogram.sum()
     cumulative = np.concatenate(([0.0], np.cumsum(histogram)))
-    cumulative_nonempty = np.concatenate(([0], np.cumsum(histogram > 0)))
+    cumulative_nonempty = np.concatenate(([0], np.cumsum(histogram > 0, dtype=np.int64)))
     with np.errstate(divide="ignore", invalid="ignore"):
         h_log_h = np.where(histogram > 0, histogram * np.log(np.where(histogram > 0, histogram, 1.0)), 0.0)
     cumulative_h_log_h = np.concatenate(([0.0], np.cumsum(h_log_h)))
@@ -110,26 +114,27 @@ def kl_threshold_bins(histogram: np.ndarray, levels: int) -> int:
     groups = np.arange(levels, dtype=np.int64)
     starts = (groups[None, :] * thresholds[:, None]) // levels
     ends = ((groups[None, :] + 1) * thresholds[:, None]) // levels
-    group_mass = cumulative[ends] - cumulative[starts]
-    group_nonempty = cumulative_nonempty[ends] - cumulative_nonempty[starts]
+    group_mass = cumulative[ends] - cumulative[starts]  # S_g: mass of h in the group (Q's mass)
+    group_support = cumulative_nonempty[ends] - cumulative_nonempty[starts]  # n_g: non-empty bins of P
+    kept = cumulative[thresholds]
+    clipped = total - kept
+    last = histogram[thresholds - 1]
+    spike = (clipped > 0) & (last == 0)  # P[i-1] holds only clipped mass: one more bin in P's support
+    group_support[:, -1] += spike
+    reference_mass = group_mass.copy()  # Σ_{j in g} P_j
+    reference_mass[:, -1] += clipped
+    last_with_clipped = last + clipped
     with np.errstate(divide="ignore", invalid="ignore"):
-        group_terms = np.where(
-            group_mass > 0, group_mass * np.log(group_mass / np.maximum(group_nonempty, 1)), 0.0
-        )
-        kept = cumulative[thresholds]
-        clipped = total - kept
-        last = histogram[thresholds - 1]
-        last_with_clipped = last + clipped
-        sum_p_log_p = cumulative_h_log_h[thresholds - 1] + np.where(
-            last_with_clipped > 0, last_with_clipped * np.log(np.maximum(last_with_clipped, 1.0)), 0.0
-        )
-        last_q = group_mass[:, -1] / np.maximum(group_nonempty[:, -1], 1)
-        sum_p_log_q = group_terms.sum(axis=1) + np.where(
-            (clipped > 0) & (last > 0), clipped * np.log(np.maximum(last_q, 1e-300)), 0.0
-        )
-        divergence = (sum_p_log_p - sum_p_log_q) / total + np.log(np.maximum(kept, 1.0) / total)
-    invalid = ((clipped > 0) & (last == 0)) | (kept == 0)
-    divergence = np.where(invalid, np.inf, divergence)
+        sum_p_log_p = (
+            cumulative_h_log_h[thresholds - 1]
+            + np.where(last_with_clipped > 0, last_with_clipped * np.log(np.maximum(last_with_clipped, 1.0)), 0.0)
+        ) / total - np.log(total)
+        log_q = np.log(group_mass / np.maximum(group_support, 1)) - np.log(np.maximum(kept, 1.0))[:, None]
+        sum_p_log_q = np.where(group_mass > 0, reference_mass * log_q, 0.0).sum(axis=1) / total
+        # Q has no mass where only clipped values landed: smooth it to _SMOOTHING instead of an infinite divergence.
+        sum_p_log_q += np.where(spike & (group_mass[:, -1] == 0), clipped / total * np.log(_SMOOTHING), 0.0)
+        divergence = sum_p_log_p - sum_p_log_q
+    divergence = np.where(kept == 0, np.inf, divergence)
     best = float(divergence.min())
     if not np.isfinite(best):
         return top
