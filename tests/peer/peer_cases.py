@@ -3,8 +3,8 @@
 A case is the ``model.onnx`` plus ``test_data_set_*`` folders that the onnx wheel ships under
 ``onnx/backend/test/data/node``. For each case:
 
-1. onnxruntime (graph optimisation disabled) runs the *original* model on every data set, twice, to learn whether the
-   runtime can execute it at all and whether it is deterministic;
+1. onnxruntime (graph optimisation disabled, one thread) runs the *original* model on every data set, twice, to learn
+   whether the runtime can execute it at all and whether it is deterministic;
 2. qgraph loads it (``load_model``: checks, opset/IR normalisation, shape inference), runs the canonical pipeline to
    a fixed point (:func:`qgraph.pipeline.optimize.optimize`) and saves it;
 3. the saved file is checked with ``onnx.checker`` (full check; required only where the original passes it) and run
@@ -14,8 +14,9 @@ Outcomes:
 
 ``passed``
     every output reproduces the case's expected output or the original model's onnxruntime output, with the
-    tolerance of onnx's own backend tests (rtol 1e-3, atol 1e-7); for a nondeterministic original (random
-    operators) only the output types and shapes must agree.
+    tolerance of onnx's own backend tests (rtol 1e-3, atol 1e-7); for a model with random operators (Bernoulli,
+    Random*, training-mode Dropout: their seeds are runtime-specific) or whose outputs differ between two runs,
+    only the output types and shapes must agree.
 ``passed_converted``
     onnxruntime cannot run the original (typically opset 22, newer than the runtime), but qgraph converted it to a
     model the runtime runs and that reproduces the expected outputs.
