@@ -119,6 +119,8 @@ class InsertQuantizeDequantize(QGraphPass):
         uses = [(node, index) for node, index in value.uses()]
         quantize = ir.node("QuantizeLinear", [value, scale_value, zero_value], name=f"{value.name}_QuantizeLinear")
         quantize.outputs[0].name = f"{value.name}_quantized"
+        quantize.outputs[0].shape = value.shape
+        quantize.outputs[0].type = ir.TensorType(zero_value.const_value.dtype)
         dequantize = ir.node(
             "DequantizeLinear", [quantize.outputs[0], scale_value, zero_value], name=f"{value.name}_DequantizeLinear"
         )

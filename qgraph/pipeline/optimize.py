@@ -146,3 +146,17 @@ def calibration_batches(model: ir.Model, data, config: CalibrationConfig):
         dataset = validate_dataset(data, signature, check_values=False, cast_float64=True)
         return dataset.iter_batches(config.batch_size, limit=config.samples, include_labels=False)
     return data
+
+
+def _check_output_before_work(output: Path, input_path: Path | None, options: OptimizeOptions) -> None:
+    from qgraph.errors import OutputPathError
+
+    if input_path is not None and not options.allow_overwrite_input:
+        try:
+            same = output.resolve() == input_path.resolve()
+        except OSError:
+            same = False
+        if same:
+            raise OutputPathError(f"{output}: the output path is the input model; choose another output path")
+    if not output.parent.exists():
+        raise OutputPathError(f"{output.parent}: output folder does not exist")
