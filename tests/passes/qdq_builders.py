@@ -48,6 +48,7 @@ class QDQBuilder:
         self.calibration_batches = calibration_batches
         self._names = itertools.count()
         self.scales: dict[str, tuple[float, int]] = {}
+        self.opset = OPSET
 
     # -- naming and constants --
     def fresh(self, base: str) -> str:
@@ -134,7 +135,7 @@ class QDQBuilder:
             [helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None) for name in outputs],
             list(self.initializers),
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=10)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)], ir_version=10)
         model = onnx.shape_inference.infer_shapes(model)
         inferred = {info.name: info for info in model.graph.value_info}
         for output in model.graph.output:

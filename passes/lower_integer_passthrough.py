@@ -1,0 +1,76 @@
+"""LowerIntegerPassThrough: ``DQ(x) → MaxPool | Reshape | Transpose | Flatten | Squeeze | Unsqueeze → Q(y)``
+with identical (scale, zero point, integer type) on x and y runs the op on the integer tensor directly.
+
+These ops only move, select or take the maximum of elements. Dequantization ``d(q) = (q - z)·s`` with ``s > 0`` is
+strictly increasing, so for any such op ``f`` (data movement, or a max over a window) ``f(d(q)) = d(f(q))``, and
+with the same parameters on both sides ``Q(d(v)) = v`` for every integer ``v`` in range, hence
+
+    Q(f(DQ(xq))) = Q(DQ(f(xq))) = f(xq)        exactly.
+
+MaxPool pads with the type's lowest value, which never wins a window that contains a real element, as ``-inf``
+never does in float. Type constraints checked against the model's default opset: MaxPool takes int8/uint8 from
+opset 12, Flatten all types from opset 9, Reshape/Transpose/Squeeze/Unsqueeze all types in every opset.
+
+Refused (logged): different parameters on x and y (a requantization, not an identity), per-channel params,
+non-constant params, an opset whose op does not take the integer type, a used MaxPool ``Indices`` output, another
+input of the op produced by a DQ, the float result read by anything but the one Q.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_ir as ir
+
+from qgraph.passes import _qdq_patterns as qdq
+from qgraph.passes.base import RewritePass
+from qgraph.pipeline.phases import Phase
+from qgraph.pipeline.registry import register
+
+logger = logging.getLogger(__name__)
+
+#: Op → first default-domain opset in which it accepts uint8/int8 tensors.
+MINIMUM_OPSET = {"MaxPool": 12, "Reshape": 1, "Transpose": 1, "Flatten": 9, "Squeeze": 1, "Unsqueeze": 1}
+
+
+@register
+class LowerIntegerPassThrough(RewritePass):
+    """Run data-movement ops and MaxPool on the integer tensor when input and output share their quantization."""
+
+    phase = Phase.LOWER
+    summary = "DQ → MaxPool|Reshape|Transpose|Flatten|Squeeze|Unsqueeze → Q (same params) runs on the integers"
+
+    def match(self, node: ir.Node) -> ir.Node | None:
+        if not qdq.is_op(node, *MINIMUM_OPSET) or not node.inputs or qdq.dequantize_of(node.inputs[0]) is None:
+            return None
+        return node
+
+    def check(self, node: ir.Node) -> str | None:
+        opset = qdq.default_opset(self.model)
+        if opset < MINIMUM_OPSET[node.op_type]:
+            return f"{node.op_type} takes integer tensors from opset {MINIMUM_OPSET[node.op_type]}, model has {opset}"
+        if any(qdq.dequantize_of(value) is not None for value in node.inputs[1:]):
+            return "another input of the op is dequantized"
+        if any(output.uses() or output.is_graph_output() for output in node.outputs[1:]):
+            return "a secondary output (MaxPool Indices) is used"
+        params = qdq.read_params(qdq.dequantize_of(node.inputs[0]))
+        if isinstance(params, str):
+            return params
+        if not params.per_tensor:
+            return "the input is quantized per channel"
+        output = qdq.output_quantize(node.outputs[0], allow_activation=False, dtype=params.integer_type)
+        if output is None or isinstance(output, str):
+            return output or f"the {node.op_type} output is read as float (not only by one Q)"
+        if not params.same_as(output.params):
+            return "input and output quantization differ (that is a requantization, not a pass-through)"
+        return None
+
+    def rewrite(self, node: ir.Node) -> None:
+        params = qdq.read_params(qdq.dequantize_of(node.inputs[0]))
+        output = qdq.output_quantize(node.outputs[0], allow_activation=False, dtype=params.integer_type)
+        lowered = ir.Node(
+            node.domain, node.op_type, [params.integer_value, *node.inputs[1:]], qdq.copy_attributes(node),
+            name=qdq.derived_name(node, "integer"),
+        )
+        lowered.outputs[0].type = ir.TensorType(params.integer_type)
+        qdq.replace_island(self.model, node, output, lowered)
