@@ -172,6 +172,11 @@ def _matmul_under_bias_add(add: ir.Node) -> tuple[ir.Node | None, str | None]:
     return (None, reason) if reason is not None else (matmul, None)
 
 
+def _constant_shape(value: ir.Value) -> tuple[int, ...]:
+    """The shape of a constant, read without loading its data."""
+    return tuple(value.const_value.shape)
+
+
 def _weight_refusal(producer: ir.Node, index: int, role: str) -> str | None:
     if len(producer.inputs) <= index or producer.inputs[index] is None:
         return f"{producer.op_type} has no {role}"
@@ -185,9 +190,9 @@ def _optional_bias_refusal(producer: ir.Node, index: int, shape: tuple[int, ...]
     reason = _weight_refusal(producer, index, "bias")
     if reason is not None:
         return reason
-    bias = constant_array(producer.inputs[index])
-    if bias.shape != shape:
-        return f"{producer.op_type} bias has shape {bias.shape}, expected {shape}"
+    bias_shape = _constant_shape(producer.inputs[index])
+    if bias_shape != shape:
+        return f"{producer.op_type} bias has shape {bias_shape}, expected {shape}"
     return None
 
 
@@ -195,11 +200,11 @@ def _conv_refusal(conv: ir.Node, channels: int, bias_add: ir.Node | None) -> str
     reason = _weight_refusal(conv, 1, "weight")
     if reason is not None:
         return reason
-    weight = constant_array(conv.inputs[1])
-    if weight.ndim < 3:
-        return f"Conv weight has rank {weight.ndim}, expected at least 3"
-    if weight.shape[0] != channels:
-        return f"Conv has {weight.shape[0]} output channels but the BatchNorm has {channels}"
+    weight_shape = _constant_shape(conv.inputs[1])
+    if len(weight_shape) < 3:
+        return f"Conv weight has rank {len(weight_shape)}, expected at least 3"
+    if weight_shape[0] != channels:
+        return f"Conv has {weight_shape[0]} output channels but the BatchNorm has {channels}"
     return _optional_bias_refusal(conv, 2, (channels,))
 
 
@@ -207,14 +212,14 @@ def _conv_transpose_refusal(conv: ir.Node, channels: int, bias_add: ir.Node | No
     reason = _weight_refusal(conv, 1, "weight")
     if reason is not None:
         return reason
-    weight = constant_array(conv.inputs[1])
+    weight_shape = _constant_shape(conv.inputs[1])
     group = conv.attributes.get_int("group", 1)
-    if weight.ndim < 3:
-        return f"ConvTranspose weight has rank {weight.ndim}, expected at least 3"
-    if group < 1 or weight.shape[0] % group != 0:
-        return f"ConvTranspose weight has {weight.shape[0]} input channels, not a multiple of group={group}"
-    if weight.shape[1] * group != channels:
-        return f"ConvTranspose has {weight.shape[1] * group} output channels but the BatchNorm has {channels}"
+    if len(weight_shape) < 3:
+        return f"ConvTranspose weight has rank {len(weight_shape)}, expected at least 3"
+    if group < 1 or weight_shape[0] % group != 0:
+        return f"ConvTranspose weight has {weight_shape[0]} input channels, not a multiple of group={group}"
+    if weight_shape[1] * group != channels:
+        return f"ConvTranspose has {weight_shape[1] * group} output channels but the BatchNorm has {channels}"
     return _optional_bias_refusal(conv, 2, (channels,))
 
 
@@ -222,19 +227,19 @@ def _gemm_refusal(gemm: ir.Node, channels: int, bias_add: ir.Node | None) -> str
     reason = _weight_refusal(gemm, 1, "B")
     if reason is not None:
         return reason
-    weight = constant_array(gemm.inputs[1])
-    if weight.ndim != 2:
-        return f"Gemm B has rank {weight.ndim}, expected 2"
-    columns = weight.shape[0] if gemm.attributes.get_int("transB", 0) else weight.shape[1]
+    weight_shape = _constant_shape(gemm.inputs[1])
+    if len(weight_shape) != 2:
+        return f"Gemm B has rank {len(weight_shape)}, expected 2"
+    columns = weight_shape[0] if gemm.attributes.get_int("transB", 0) else weight_shape[1]
     if columns != channels:
         return f"Gemm has {columns} output features but the BatchNorm has {channels}"
     if len(gemm.inputs) > 2 and gemm.inputs[2] is not None:
         reason = _weight_refusal(gemm, 2, "C")
         if reason is not None:
             return reason
-        bias = constant_array(gemm.inputs[2])
-        if bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, channels)):
-            return f"Gemm C has shape {bias.shape}, which does not broadcast to (M, {channels})"
+        bias_shape = _constant_shape(gemm.inputs[2])
+        if len(bias_shape) > 2 or (bias_shape and bias_shape[-1] not in (1, channels)):
+            return f"Gemm C has shape {bias_shape}, which does not broadcast to (M, {channels})"
     return None
 
 
@@ -242,9 +247,9 @@ def _matmul_refusal(matmul: ir.Node, channels: int, bias_add: ir.Node | None) ->
     reason = _weight_refusal(matmul, 1, "weight")
     if reason is not None:
         return reason
-    weight = constant_array(matmul.inputs[1])
-    if weight.ndim != 2:
-        return f"MatMul weight has rank {weight.ndim}; only a 2-D constant weight folds"
+    weight_shape = _constant_shape(matmul.inputs[1])
+    if len(weight_shape) != 2:
+        return f"MatMul weight has rank {len(weight_shape)}; only a 2-D constant weight folds"
     rank, _ = known_rank_and_dtype(matmul.inputs[0])
     if rank != 2:
         shown = "unknown" if rank is None else str(rank)
@@ -252,13 +257,13 @@ def _matmul_refusal(matmul: ir.Node, channels: int, bias_add: ir.Node | None) ->
             f"MatMul input has rank {shown}: only on a 2-D input is BatchNormalization's channel axis (1) the "
             "MatMul's last (output-feature) axis"
         )
-    if weight.shape[1] != channels:
-        return f"MatMul has {weight.shape[1]} output features but the BatchNorm has {channels}"
+    if weight_shape[1] != channels:
+        return f"MatMul has {weight_shape[1]} output features but the BatchNorm has {channels}"
     if bias_add is not None:
         _, bias_value = matmul_bias_operand(bias_add)
-        bias = constant_array(bias_value)
-        if not is_row_bias(bias.shape, channels):
-            return f"the Add after MatMul has a constant of shape {bias.shape}, not a ({channels},) bias"
+        bias_shape = _constant_shape(bias_value)
+        if not is_row_bias(bias_shape, channels):
+            return f"the Add after MatMul has a constant of shape {bias_shape}, not a ({channels},) bias"
     return None
 
 

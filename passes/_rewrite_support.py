@@ -41,10 +41,12 @@ _SHAPE_AND_TYPE_PRESERVING = frozenset(
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
     """The data of ``value`` when it is a constant no caller can override; ``None`` otherwise.
 
-    An initializer that is also a graph input is a default the caller may replace at run time, so it is not a
-    constant.
+    A constant here is an initializer: an initializer that is also a graph input is a default the caller may
+    replace at run time, so it is not one. A ``Constant`` node's output is not one either (LiftConstants, earlier
+    in the canonical pipeline, turns it into an initializer); this also keeps every rewrite out of function
+    bodies, which cannot hold the new initializers a rewrite writes.
     """
-    if value is None or value.const_value is None or value.is_graph_input():
+    if constant_refusal(value, "value") is not None:
         return None
     return value.const_value.numpy()
 
@@ -55,8 +57,8 @@ def constant_refusal(value: ir.Value | None, role: str) -> str | None:
         return f"{role} is missing"
     if value.is_graph_input():
         return f"{role} {value.name!r} is a graph input (a caller can override it)"
-    if value.const_value is None:
-        return f"{role} {value.name!r} is not a constant"
+    if value.const_value is None or not value.is_initializer():
+        return f"{role} {value.name!r} is not a constant initializer"
     return None
 
 

@@ -120,7 +120,7 @@ class MergeBiasAdd(RewritePass):
         if not candidates:
             return None
         # Conv + Conv (a residual Add): prefer the side whose other operand is a constant, if any.
-        constant = [candidate for candidate in candidates if constant_array(candidate.bias) is not None]
+        constant = [candidate for candidate in candidates if constant_refusal(candidate.bias, "bias") is None]
         return (constant or candidates)[0]
 
     def check(self, match: _BiasAdd) -> str | None:

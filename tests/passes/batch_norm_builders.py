@@ -54,3 +54,15 @@ def batch_norm_node(prefix: str, source: str, output: str, **attributes) -> onnx
 
 def weights(shape, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape) * 0.5
+
+
+def with_element_type(model: onnx.ModelProto, numpy_type: type, onnx_type: int) -> onnx.ModelProto:
+    """The same model with every floating initializer, input and output in another floating element type."""
+    for initializer in model.graph.initializer:
+        array = numpy_helper.to_array(initializer)
+        if array.dtype.kind == "f":
+            initializer.CopyFrom(numpy_helper.from_array(array.astype(numpy_type), initializer.name))
+    for value in list(model.graph.input) + list(model.graph.output):
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = onnx_type
+    return model

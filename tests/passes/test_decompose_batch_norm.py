@@ -8,13 +8,19 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper
 
 from qgraph.passes.decompose_batch_norm import DecomposeBatchNorm
 from qgraph.passes.fold_batch_norm import FoldBatchNorm
 from qgraph.pipeline.manager import PassManager
 from qgraph.testing import check_pass, op_types, run_model
-from tests.passes.batch_norm_builders import batch_norm_node, batch_norm_parameters, make_model, weights
+from tests.passes.batch_norm_builders import (
+    batch_norm_node,
+    batch_norm_parameters,
+    make_model,
+    weights,
+    with_element_type,
+)
 
 
 @pytest.mark.parametrize("shape", [[2, 3], [2, 3, 7], [2, 3, 4, 5], [1, 3, 2, 3, 4]], ids=["2d", "3d", "4d", "5d"])
@@ -46,6 +52,15 @@ def test_batch_norm_with_dynamic_batch_and_spatial_dimensions():
         batch_norm_parameters("bn", 5, 3),
     )
     check_pass(model, DecomposeBatchNorm())
+
+
+def test_float16_batch_norm_decomposes_in_its_own_dtype():
+    model = make_model(
+        [batch_norm_node("bn", "x", "y")], [("x", [2, 3, 4])], [("y", [2, 3, 4])], batch_norm_parameters("bn", 3, 11)
+    )
+    model = with_element_type(model, np.float16, TensorProto.FLOAT16)
+    result = check_pass(model, DecomposeBatchNorm(), rtol=1e-2, atol=2e-2)
+    assert {value.dtype for value in result.model.graph.initializers.values()} == {ir.DataType.FLOAT16}
 
 
 def test_foldable_batch_norm_is_left_to_fold_batch_norm(caplog):

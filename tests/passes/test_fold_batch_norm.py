@@ -10,7 +10,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qgraph.passes.fold_batch_norm import FoldBatchNorm
 from qgraph.testing import check_pass, op_types
-from tests.passes.batch_norm_builders import batch_norm_node, batch_norm_parameters, make_model, weights
+from tests.passes.batch_norm_builders import (
+    batch_norm_node,
+    batch_norm_parameters,
+    make_model,
+    weights,
+    with_element_type,
+)
 
 def conv_bn_model(*, channels_in=4, channels_out=6, group=1, spatial=(5, 5), bias=True) -> onnx.ModelProto:
     kernel = (3,) * len(spatial)
@@ -110,14 +116,19 @@ def test_float64_gemm_batch_norm_folds_in_its_own_dtype():
     initializers = {"B": weights((5, 6), 23), "C": weights((6,), 24)}
     initializers.update(batch_norm_parameters("bn", 6, 25))
     nodes = [helper.make_node("Gemm", ["a", "B", "C"], ["gemm"], name="gemm"), batch_norm_node("bn", "gemm", "y")]
-    model = make_model(nodes, [("a", [3, 5])], [("y", [3, 6])], initializers)
-    for initializer in model.graph.initializer:
-        array = numpy_helper.to_array(initializer).astype(np.float64)
-        initializer.CopyFrom(numpy_helper.from_array(array, initializer.name))
-    for value in list(model.graph.input) + list(model.graph.output):
-        value.type.tensor_type.elem_type = TensorProto.DOUBLE
+    model = with_element_type(
+        make_model(nodes, [("a", [3, 5])], [("y", [3, 6])], initializers), np.float64, TensorProto.DOUBLE
+    )
     result = check_pass(model, FoldBatchNorm(), rtol=1e-12, atol=1e-12)
     assert {value.dtype for value in result.model.graph.initializers.values()} == {ir.DataType.DOUBLE}
+
+
+def test_float16_conv_batch_norm_folds_in_its_own_dtype():
+    model = with_element_type(conv_bn_model(), np.float16, TensorProto.FLOAT16)
+    # float16 keeps ~3 significant digits: folded weights round once, the unfolded graph rounds after each op.
+    result = check_pass(model, FoldBatchNorm(), rtol=1e-2, atol=2e-2)
+    assert op_types(result.model) == ["Conv"]
+    assert {value.dtype for value in result.model.graph.initializers.values()} == {ir.DataType.FLOAT16}
 
 
 # Refusals: the pass must leave the graph exactly as it was and say modified=False.
