@@ -111,8 +111,26 @@ def test_pass_through_runs_on_integers_exactly(op_type, attributes):
     builder, out = pass_through_model(op_type, **attributes)
     _, lowered, before, after = lower_and_check(builder.model(), LowerIntegerPassThrough(),
                                                 output_scales={out: builder.scales[out]}, steps=0)
-    assert count_ops(lowered) == {"QuantizeLinear": 1, op_type: 1, "DequantizeLinear": 1}
+    expected = {"QuantizeLinear": 1, op_type: 1, "DequantizeLinear": 1}
+    if op_type == "MaxPool":  # the fast uint8 MaxPool of onnxruntime is NhwcMaxPool
+        expected = {"QuantizeLinear": 1, "Transpose": 2, "NhwcMaxPool": 1, "DequantizeLinear": 1}
+    assert count_ops(lowered) == expected
     np.testing.assert_array_equal(before[out], after[out])
+
+
+@pytest.mark.parametrize("attributes", [
+    {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "strides": [2, 2], "ceil_mode": 1},
+    {"kernel_shape": [2, 2], "dilations": [2, 2]},
+])
+def test_max_pool_channels_first_and_channels_last_agree_exactly(attributes):
+    builder, out = pass_through_model("MaxPool", **attributes)
+    for channels_last in (True, False):
+        _, lowered, before, after = lower_and_check(
+            builder.model(), LowerIntegerPassThrough(channels_last_max_pool=channels_last),
+            output_scales={out: builder.scales[out]}, steps=0,
+        )
+        assert ("NhwcMaxPool" in count_ops(lowered)) == channels_last
+        np.testing.assert_array_equal(before[out], after[out])
 
 
 def test_pass_through_with_different_params_is_refused():
