@@ -50,7 +50,8 @@ _INTEGER_RANGES = {
 
 
 def is_op(node: ir.Node | None, *op_types: str, domain: str = "") -> bool:
-    return node is not None and node.domain in (domain, "ai.onnx" if domain == "" else domain) and node.op_type in op_types
+    """``node`` is one of ``op_types`` in ``domain`` (onnx-ir normalises "ai.onnx" to "")."""
+    return node is not None and node.domain == domain and node.op_type in op_types
 
 
 def attribute(node: ir.Node, name: str, default=None):
@@ -67,10 +68,6 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
 
 def default_opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-
-
-def uses_count(value: ir.Value) -> int:
-    return len(value.uses()) + (1 if value.is_graph_output() else 0)
 
 
 def sole_consumer(value: ir.Value) -> ir.Node | None:
