@@ -1,0 +1,107 @@
+"""Torch-free access to onnxruntime-training's offline tooling and training API.
+
+``import onnxruntime.training`` runs the package ``__init__``, which imports the ``optim``/``amp`` subpackages and,
+through them, torch. qgraph never needs torch: the pieces it uses — ``onnxruntime.training.artifacts`` (artifact
+generation), ``onnxruntime.training.onnxblock`` (loss and optimizer blocks) and ``onnxruntime.training.api``
+(``CheckpointState``, ``Module``, ``Optimizer``) — are plain Python over the compiled ``onnxruntime`` extension.
+
+So :func:`training_api` registers a bare module object as ``onnxruntime.training`` in :data:`sys.modules`, with the
+package directory as its ``__path__``; Python then imports the submodules from that directory without executing the
+package ``__init__``. If the real package was already imported by someone else (torch present), it is used as is.
+
+Artifact generation builds the gradient graph in onnxruntime's C++ code, which logs every graph transformer it runs
+at INFO level straight to the process's standard error, ignoring ``onnxruntime.set_default_logger_severity``.
+:func:`captured_native_stderr` redirects file descriptor 2 around such calls and forwards what was written to this
+module's logger at DEBUG level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import tempfile
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from qgraph.errors import QGraphError
+
+logger = logging.getLogger(__name__)
+
+_TRAINING_PACKAGE = "onnxruntime.training"
+
+
+class TrainingUnavailableError(QGraphError):
+    """The installed onnxruntime has no training support (install ``onnxruntime-training-cpu``)."""
+
+
+@dataclass(frozen=True)
+class TrainingApi:
+    """The three modules of onnxruntime-training that qgraph uses."""
+
+    artifacts: types.ModuleType
+    api: types.ModuleType
+    onnxblock: types.ModuleType
+
+
+def _register_training_package() -> None:
+    if _TRAINING_PACKAGE in sys.modules:
+        return
+    onnxruntime_spec = importlib.util.find_spec("onnxruntime")
+    if onnxruntime_spec is None or onnxruntime_spec.origin is None:
+        raise TrainingUnavailableError("onnxruntime is not installed; install onnxruntime-training-cpu==1.19.2")
+    training_directory = os.path.join(os.path.dirname(onnxruntime_spec.origin), "training")
+    if not os.path.isfile(os.path.join(training_directory, "artifacts.py")):
+        raise TrainingUnavailableError(
+            "the installed onnxruntime has no training API (onnxruntime/training/artifacts.py is missing); "
+            "install onnxruntime-training-cpu==1.19.2 instead of onnxruntime"
+        )
+    package = types.ModuleType(_TRAINING_PACKAGE)
+    package.__path__ = [training_directory]
+    package.__package__ = _TRAINING_PACKAGE
+    package.__file__ = os.path.join(training_directory, "__init__.py")
+    sys.modules[_TRAINING_PACKAGE] = package
+    import onnxruntime
+
+    onnxruntime.training = package  # type: ignore[attr-defined]
+
+
+@functools.cache
+def training_api() -> TrainingApi:
+    """The ``artifacts``, ``api`` and ``onnxblock`` modules of onnxruntime-training, imported without torch."""
+    _register_training_package()
+    try:
+        artifacts = importlib.import_module("onnxruntime.training.artifacts")
+        api = importlib.import_module("onnxruntime.training.api")
+        onnxblock = importlib.import_module("onnxruntime.training.onnxblock")
+    except ImportError as error:
+        raise TrainingUnavailableError(
+            f"onnxruntime-training could not be imported ({error}); install onnxruntime-training-cpu==1.19.2"
+        ) from error
+    logger.debug("onnxruntime training API imported from %s", sys.modules[_TRAINING_PACKAGE].__path__)
+    return TrainingApi(artifacts=artifacts, api=api, onnxblock=onnxblock)
+
+
+@contextlib.contextmanager
+def captured_native_stderr() -> Iterator[None]:
+    """Redirect file descriptor 2 (native code's stderr) to a temporary file; log its content at DEBUG."""
+    stderr_descriptor = 2  # native code writes to the process's fd 2 whatever sys.stderr is (pytest swaps it)
+    sys.stderr.flush()
+    saved_descriptor = os.dup(stderr_descriptor)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), stderr_descriptor)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved_descriptor, stderr_descriptor)
+            os.close(saved_descriptor)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", errors="replace")
+            if text.strip():
+                logger.debug("onnxruntime native log:\n%s", text.rstrip())
