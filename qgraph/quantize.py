@@ -84,16 +84,16 @@ def ensure_opset(model: ir.Model, minimum: int) -> ir.Model:
 
 
 def weight_range(array: np.ndarray, axis: int | None, method: str, spec) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (or per-tensor) range of a weight: plain min/max, or the MSE-optimal clipping."""
-    if method == "mse":
-        from qgraph.quant.observers import weight_mse_range
+    """Per-channel (or per-tensor) range of a weight: plain min/max, or the MSE-optimal clipping per channel."""
+    from qgraph.quant.observers import mse_weight_range
+    from qgraph.quant.observers.base import channel_matrix
 
-        return weight_mse_range(array, spec, axis)
-    if axis is None:
-        finite = array[np.isfinite(array)]
-        return np.asarray(finite.min() if finite.size else 0.0), np.asarray(finite.max() if finite.size else 0.0)
-    moved = np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)
-    return moved.min(axis=1), moved.max(axis=1)
+    matrix = channel_matrix(array, axis) if axis is not None else array.reshape(1, -1)
+    if method == "mse":
+        low, high = mse_weight_range(matrix, spec)
+    else:
+        low, high = matrix.min(axis=1), matrix.max(axis=1)
+    return (low, high) if axis is not None else (low[0], high[0])
 
 
 def compute_parameters(
