@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Collection
 
 import onnx_ir as ir
 
