@@ -7,7 +7,9 @@ Accepted sources, re-iterated once per epoch:
 - a zero-argument callable returning an iterator of ``(inputs, targets)`` pairs (a fresh iterator per epoch);
 - a re-iterable collection (list, tuple) of ``(inputs, targets)`` pairs.
 
-A one-shot iterator (a generator) can feed one epoch only, so it is refused for longer runs.
+A one-shot iterator (a generator) can feed one epoch only, so it is refused for longer runs. The schedules need the
+number of batches per epoch: a Dataset and a sized collection tell it, a callable is read once more to count them
+(unless ``TrainingConfig.steps_per_epoch`` says), a one-shot iterator cannot be counted.
 
 Every batch is checked before it reaches onnxruntime, so bad data fails with a one-line :class:`DataError` instead of
 a runtime status: model inputs present, targets present, equal batch sizes; for cross-entropy, integer labels of
@@ -132,6 +134,11 @@ def checked_batches(
         yield checker(item, count - 1)
     if count == 0:
         raise DataError(f"the {role} data yielded no batches (empty dataset)")
+
+
+def is_one_shot(data: Any) -> bool:
+    """Whether ``data`` is an iterator that a second pass would find exhausted."""
+    return not _is_dataset(data) and not callable(data) and iter(data) is data
 
 
 def count_batches(data: Any, *, batch_size: int) -> int:

@@ -83,6 +83,8 @@ class TrainingConfig:
     output's shape. ``trainable``: initializer names that receive gradients (default: every float initializer except
     BatchNormalization running statistics). ``output_name``: the model output the loss reads (default: the first).
     ``threads``: intra-op threads of the training sessions (``None``: onnxruntime's default).
+    ``steps_per_epoch``: batches per epoch, for sources that cannot tell (a callable is otherwise read once more to
+    count them; a one-shot iterator needs it unless the schedule is constant).
     """
 
     epochs: int = 1
@@ -102,6 +104,7 @@ class TrainingConfig:
     shuffle: bool = True
     threads: int | None = None
     log_every_steps: int = 50
+    steps_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -118,6 +121,8 @@ class TrainingConfig:
             raise QGraphError("weight_decay must be >= 0 and momentum in [0, 1)")
         if self.max_grad_norm is not None and self.max_grad_norm < 0.0:
             raise QGraphError(f"max_grad_norm must be >= 0 or None, got {self.max_grad_norm}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise QGraphError(f"steps_per_epoch must be >= 1 or None, got {self.steps_per_epoch}")
         if self.trainable is not None and not isinstance(self.trainable, tuple):
             object.__setattr__(self, "trainable", tuple(self.trainable))
 

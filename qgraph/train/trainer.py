@@ -34,8 +34,15 @@ import onnx
 
 from qgraph.errors import DataError, QGraphError
 from qgraph.train.artifacts import TrainingArtifacts, build_training_artifacts
-from qgraph.train.batches import BatchChecker, check_source, checked_batches, count_batches, steps_per_epoch
-from qgraph.train.config import TrainingConfig
+from qgraph.train.batches import (
+    BatchChecker,
+    check_source,
+    checked_batches,
+    count_batches,
+    is_one_shot,
+    steps_per_epoch,
+)
+from qgraph.train.config import ConstantSchedule, TrainingConfig
 from qgraph.train.session import TrainingSession
 
 logger = logging.getLogger(__name__)
@@ -222,10 +229,7 @@ class Trainer:
         step = int(session.get_property("step", 0))
         best_epoch = int(session.get_property("best_epoch", -1))
         best_metric = float(session.get_property("best_metric", math.nan)) if best_epoch >= 0 else None
-        per_epoch = steps_per_epoch(train_data, config.batch_size) or count_batches(train_data,
-                                                                                   batch_size=config.batch_size)
-        if per_epoch == 0:
-            raise DataError("the training data yielded no batches (empty dataset)")
+        per_epoch = self._steps_per_epoch(train_data)
         total_steps = per_epoch * config.epochs
         higher_is_better = config.loss == "cross_entropy" and validation_data is not None
         metric_name = ("validation_" + self.metric_name) if validation_data is not None else "train_loss"
@@ -289,7 +293,8 @@ class Trainer:
         if status is TrainingStatus.DIVERGED:
             logger.error("%s", message)
         else:
-            message = f"trained {config.epochs} epochs ({step} steps); best {metric_name} {best_metric:.4f}"
+            best = "none" if best_metric is None else f"{best_metric:.4f}"
+            message = f"trained {config.epochs} epochs ({step} steps); best {metric_name} {best}"
         return TrainingResult(
             status=status, message=message, epochs_completed=int(session.get_property("epoch", 0)), steps=step,
             history=tuple(history), metric_name=metric_name, best_metric=best_metric,
@@ -297,6 +302,22 @@ class Trainer:
             best_checkpoint=self.best_checkpoint if self.best_checkpoint.exists() else None,
             last_checkpoint=last_saved,
         )
+
+    def _steps_per_epoch(self, data: Any) -> int:
+        config = self.config
+        per_epoch = config.steps_per_epoch or steps_per_epoch(data, config.batch_size)
+        if per_epoch is None and is_one_shot(data):
+            if not isinstance(config.schedule, ConstantSchedule):
+                raise QGraphError(
+                    "a one-shot iterator cannot tell the learning-rate schedule how many steps an epoch has; "
+                    "set TrainingConfig.steps_per_epoch or pass a list or a callable"
+                )
+            return 1  # unused by a constant schedule
+        if per_epoch is None:
+            per_epoch = count_batches(data, batch_size=config.batch_size)
+        if per_epoch == 0:
+            raise DataError("the training data yielded no batches (empty dataset)")
+        return per_epoch
 
     def _divergence_message(self, epoch: int, step: int, loss: float, best_epoch: int, best_metric: float | None,
                             metric_name: str) -> str:

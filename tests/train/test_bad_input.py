@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qgraph.data import dataset_from_arrays
 from qgraph.errors import DataError, QGraphError
-from qgraph.train import Trainer, TrainingConfig
+from qgraph.train import CosineSchedule, Trainer, TrainingConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import tiny_cnn, tiny_regressor  # noqa: E402
@@ -127,3 +127,12 @@ def test_resume_without_checkpoint(tmp_path):
     with pytest.raises(QGraphError, match="cannot resume: no checkpoint"):
         trainer.fit([({"input": images(2)}, np.array([0, 1]))], resume_from=True)
     assert isinstance(onnx.load(str(trainer.artifacts.eval_model)), onnx.ModelProto)
+
+
+def test_one_shot_iterator_for_one_epoch(tmp_path):
+    trainer = Trainer(tiny_cnn(), CONFIG, tmp_path)
+    result = trainer.fit(iter([({"input": images(2)}, np.array([0, 1]))] * 3))
+    assert result.steps == 3
+    cosine = Trainer(tiny_cnn(), TrainingConfig(epochs=1, schedule=CosineSchedule()), tmp_path / "cosine")
+    with pytest.raises(QGraphError, match="set TrainingConfig.steps_per_epoch"):
+        cosine.fit(iter([({"input": images(2)}, np.array([0, 1]))]))

@@ -179,3 +179,19 @@ def test_only_listed_parameters_train(tmp_path, train_batches):
     before, after = initializers(model), initializers(trainer.export(tmp_path / "out.onnx", checkpoint="last"))
     assert np.array_equal(before["conv1_w"], after["conv1_w"]) and np.array_equal(before["conv2_w"], after["conv2_w"])
     assert not np.array_equal(before["fc_w"], after["fc_w"])
+
+
+def test_reference_resnet_trains_and_exports(tmp_path):
+    resnet = pytest.importorskip("qgraph.models.resnet")
+    model = resnet.build_resnet(layout="small", input_shape=(1, 28, 28), num_classes=10, seed=0)
+    batches = fashion_batches(128, 64)
+    trainer = Trainer(model, TrainingConfig(epochs=1, batch_size=64, learning_rate=1e-3, threads=2), tmp_path)
+    statistics = {name for name in trainer.artifacts.frozen}
+    assert statistics and all(name in statistics for node in model.graph.node
+                              if node.op_type == "BatchNormalization" for name in node.input[3:5])
+    result = trainer.fit(batches[:1], batches[1:])
+    assert result.status is TrainingStatus.COMPLETED
+    path = trainer.export(tmp_path / "resnet.onnx")
+    onnx.checker.check_model(str(path), full_check=True)
+    actual = plain_session(path).run(["logits"], batches[1][0])[0]
+    np.testing.assert_allclose(actual, trainer.predict(batches[1][0]), rtol=1e-5, atol=1e-4)

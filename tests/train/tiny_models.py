@@ -39,7 +39,8 @@ def tiny_cnn(*, num_classes: int = 10, seed: int = 0, channels: int = 4) -> onnx
         _initializer("conv2_w", (generator.standard_normal((hidden, channels, 3, 3))
                                  * np.sqrt(2 / (9 * channels))).astype(np.float32)),
         _initializer("conv2_b", np.zeros(hidden, np.float32)),
-        _initializer("fc_w", (generator.standard_normal((num_classes, hidden)) * np.sqrt(1 / hidden)).astype(np.float32)),
+        _initializer("fc_w", (generator.standard_normal((num_classes, hidden))
+                              * np.sqrt(1 / hidden)).astype(np.float32)),
         _initializer("fc_b", np.zeros(num_classes, np.float32)),
     ]
     graph = helper.make_graph(
