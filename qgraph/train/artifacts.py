@@ -13,7 +13,8 @@ graph trains:
   output the loss reads is also kept as a second graph output of the training and eval graphs, so every step
   returns ``(loss, output)`` and accuracy needs no extra run.
 - **BatchNormalization.** onnxruntime's pre-training graph transformer replaces every ``BatchNormalization`` in the
-  training graph by ``BatchNormInternal`` in training mode, whatever its ``training_mode`` attribute says: batch
+  training graph by ``BatchNormInternal`` in training mode — also nodes in inference form (no ``training_mode``
+  attribute, i.e. 0, as the reference models write them; measured with onnxruntime-training 1.19.2): batch
   statistics normalise, and the running mean/variance inputs are updated *in place* (aliased outputs,
   ``running = momentum · running + (1 - momentum) · batch``). That is why the running statistics must be frozen
   parameters (graph inputs backed by the checkpoint): as constants they could not be updated. The eval graph keeps
