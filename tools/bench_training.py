@@ -5,7 +5,9 @@ Builds ``qgraph.models.resnet.build_resnet(layout="small")`` (1×28×28, 10 clas
 
 - ``train step``: training-mode forward + backward + optimizer step (what one ``Trainer`` step costs);
 - ``eval forward``: the training module's eval mode (forward + loss, BatchNorm on running statistics);
-- ``inference``: a plain ``onnxruntime.InferenceSession`` on the inference model (all graph optimisations on).
+- ``inference``: a plain ``onnxruntime.InferenceSession`` on the inference model (all graph optimisations on, so
+  BatchNormalization folds into the convolutions, which a training graph cannot do), and the same session with
+  graph optimisation off, to show how much of the gap is fusion.
 
 All three use the same batch size and intra-op thread count. Prints a table with samples/s, the throughput ratio of
 each row to inference (train/inference) and its inverse, the time ratio.
@@ -65,13 +67,18 @@ def main() -> None:
             session.evaluate(feeds, labels)
 
         inference = create_session(model, optimize=True, threads=arguments.threads)
+        unoptimized = create_session(model, optimize=False, threads=arguments.threads)
 
         def inference_forward() -> None:
             inference.run(["logits"], feeds)
 
+        def unoptimized_forward() -> None:
+            unoptimized.run(["logits"], feeds)
+
         seconds = {
             "train step (fwd+bwd+AdamW)": timed(train_step, arguments.steps, arguments.warmup),
             "eval forward (training module)": timed(eval_forward, arguments.steps, arguments.warmup),
+            "inference, no graph optimisation": timed(unoptimized_forward, arguments.steps, arguments.warmup),
             "inference (InferenceSession)": timed(inference_forward, arguments.steps, arguments.warmup),
         }
 
