@@ -59,7 +59,8 @@ class TrainingDivergedError(QGraphError):
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """What the progress callback receives: ``kind`` is ``"step"`` or ``"epoch"``."""
+    """What the progress callback receives: ``kind`` is ``"step"`` or ``"epoch"``; ``epoch`` counts from 1, ``step`` is
+    the global number of optimizer steps done; ``samples_per_second`` covers the epoch's training steps so far."""
 
     kind: str
     epoch: int
@@ -255,7 +256,7 @@ class Trainer:
                 samples += count
                 loss_sum += loss * count
                 rate = samples / max(time.perf_counter() - started, 1e-9)
-                self._emit(ProgressEvent("step", epoch, step, total_steps, loss, learning_rate, rate))
+                self._emit(ProgressEvent("step", epoch + 1, step, total_steps, loss, learning_rate, rate))
                 if config.log_every_steps and step % config.log_every_steps == 0:
                     logger.info("epoch %d step %d/%d loss %.4f lr %.3g %.1f samples/s", epoch + 1, step,
                                 total_steps, loss, learning_rate, rate)
@@ -287,7 +288,7 @@ class Trainer:
             history.append(record)
             logger.info("epoch %d/%d: train loss %.4f, %s %.4f%s, %.1f samples/s", epoch + 1, config.epochs,
                         train_loss, metric_name, metric, " (best)" if improved else "", rate)
-            self._emit(ProgressEvent("epoch", epoch, step, total_steps, train_loss,
+            self._emit(ProgressEvent("epoch", epoch + 1, step, total_steps, train_loss,
                                      session.optimizer.get_learning_rate(), rate, metric_name, metric))
 
         if status is TrainingStatus.DIVERGED:

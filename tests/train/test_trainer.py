@@ -102,7 +102,7 @@ def test_resume_continues_from_saved_step_and_matches_uninterrupted_run(tmp_path
     reference.fit(train_batches)
 
     def interrupt_in_third_epoch(event):
-        if event.kind == "step" and event.epoch == 2:
+        if event.kind == "step" and event.epoch == 3:
             raise _Interrupt
 
     interrupted = Trainer(tiny_cnn(), config, tmp_path / "resumed", progress=interrupt_in_third_epoch)
@@ -149,7 +149,7 @@ def test_nan_loss_stops_training_and_keeps_best_checkpoint(tmp_path, train_batch
 
     def batches():  # a callable source: a fresh iterator per pass (the first pass only counts batches)
         for index, batch in enumerate(poisoned):
-            yield ({"input": broken}, labels) if current["epoch"] == 1 and index == 3 else batch
+            yield ({"input": broken}, labels) if current["epoch"] == 2 and index == 3 else batch
 
     trainer = Trainer(tiny_cnn(), TrainingConfig(epochs=3, **BASE), tmp_path, progress=remember_epoch)
     result = trainer.fit(batches, validation_batches)
