@@ -154,6 +154,12 @@ def _has_random_operator(model) -> bool:
     )
 
 
+def _feed_names(model) -> list[str]:
+    """The graph inputs a caller feeds (initializers listed as inputs are optional, not part of the interface)."""
+    initializer_names = {tensor.name for tensor in model.graph.initializer}
+    return [value.name for value in model.graph.input if value.name not in initializer_names]
+
+
 def _file_index(path: str) -> int:
     return int(Path(path).stem.rsplit("_", 1)[1])
 
@@ -305,6 +311,9 @@ def _run_case(name: str, work_folder: Path, passes: Sequence[str] | None) -> Cas
     saved_output_names = [value.name for value in saved.graph.output]
     if saved_output_names != output_names:
         return CaseResult(name, "failed", f"graph outputs changed: {output_names} -> {saved_output_names}")
+    input_names, saved_input_names = _feed_names(original), _feed_names(saved)
+    if saved_input_names != input_names:
+        return CaseResult(name, "failed", f"graph inputs changed: {input_names} -> {saved_input_names}")
     try:
         qgraph_outputs = [_run_in_runtime(os.fspath(saved_path), feeds, output_names) for feeds, _ in data_sets]
     except Exception as error:
