@@ -208,6 +208,28 @@ def test_constant_only_model_loads_saves_and_runs(tmp_path):
     np.testing.assert_array_equal(runtime.run(runtime.create_session(saved), {})["y"], -value)
 
 
+def test_constant_only_model_through_the_canonical_pipeline(tmp_path):
+    from qgraph.pipeline.optimize import optimize
+
+    value = np.arange(6, dtype=np.float32).reshape(2, 3)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(value, "c")),
+            helper.make_node("Neg", ["c"], ["n"]),
+            helper.make_node("Identity", ["n"], ["y"]),
+        ],
+        "constant_only",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    path = write(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "c.onnx")
+    result = optimize(path, tmp_path / "out.onnx")
+    saved = onnx.load(result.output_path)
+    onnx.checker.check_model(saved, full_check=True)
+    assert "Constant" not in [node.op_type for node in saved.graph.node]
+    np.testing.assert_array_equal(runtime.run(runtime.create_session(result.output_path), {})["y"], -value)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # External data: read only from inside the model's folder, complete, present.
 
