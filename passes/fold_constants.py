@@ -103,10 +103,10 @@ class FoldConstants(QGraphPass):
         self.max_output_elements = max_output_elements
 
     def call(self, model: ir.Model) -> PassResult:
-        opset = next((model.opset_imports[domain] for domain in _DEFAULT_DOMAINS if domain in model.opset_imports), None)
-        folded = 0
+        opset = next((model.opset_imports[name] for name in _DEFAULT_DOMAINS if name in model.opset_imports), None)
         if opset is None:
             return PassResult(model, False)
+        folded = 0
         for graph in list(model.graphs()):
             for node in list(graph):
                 if node.graph is None:
@@ -139,7 +139,8 @@ class FoldConstants(QGraphPass):
             raise _Refusal("the operator is non-deterministic")
         if node.op_type in QUANTIZATION_OPERATORS:
             raise _Refusal("quantization operators belong to the quantization and lowering phases")
-        if any(attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attribute in node.attributes.values()):
+        graph_types = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+        if any(attribute.type in graph_types for attribute in node.attributes.values()):
             raise _Refusal("the operator has subgraphs")
         for value in present:
             if value.is_graph_input():
@@ -231,7 +232,7 @@ class FoldConstants(QGraphPass):
             try:
                 result_dtype = ir.DataType.from_numpy(array.dtype)
             except Exception:
-                raise _Refusal(f"{output.name!r} has numpy type {array.dtype}, which has no ONNX element type") from None
+                raise _Refusal(f"{output.name!r} has numpy type {array.dtype}, without an ONNX element type") from None
             if result_dtype not in FOLDABLE_DTYPES:
                 raise _Refusal(f"{output.name!r} has element type {result_dtype.name}")
             if dtype is not None and result_dtype != dtype:

@@ -27,7 +27,8 @@ def test_dead_chain_and_its_initializers_are_removed_in_one_run():
 
 def test_graph_outputs_keep_their_producers_and_initializers():
     text = HEADER + """
-    g (float[3] x) => (float[3] y, float[3] w, float[3] z) <float[3] w = {1.0, 2.0, 3.0}, float[3] unread = {0.0, 0.0, 0.0}> {
+    g (float[3] x) => (float[3] y, float[3] w, float[3] z)
+      <float[3] w = {1.0, 2.0, 3.0}, float[3] unread = {0.0, 0.0, 0.0}> {
       y = Relu(x)
       z = Mul(x, w)
     }
@@ -102,7 +103,8 @@ def test_dead_loop_and_everything_only_it_captured_are_removed():
     g (float[2] x) => (float[2] y) <int64 trips = {3}, bool keep_going = {1}> {
       step = Exp(x)
       unused = Loop(trips, keep_going, x) <
-        body = loop_body (int64 iteration, bool condition_in, float[2] total_in) => (bool condition_out, float[2] total_out) {
+        body = loop_body (int64 iteration, bool condition_in, float[2] total_in)
+            => (bool condition_out, float[2] total_out) {
           condition_out = Identity(condition_in)
           total_out = Add(total_in, step)
         }

@@ -111,7 +111,8 @@ def test_identity_captured_by_a_loop_body_is_rewired_inside_the_body():
       keep_going = Constant<value = bool {1}>()
       start = Constant<value_floats = [0.0, 0.0]>()
       y = Loop(trips, keep_going, start) <
-        body = loop_body (int64 iteration, bool condition_in, float[2] total_in) => (bool condition_out, float[2] total_out) {
+        body = loop_body (int64 iteration, bool condition_in, float[2] total_in)
+            => (bool condition_out, float[2] total_out) {
           condition_out = Identity(condition_in)
           total_out = Add(total_in, step)
         }

@@ -5,10 +5,16 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 import pytest
 
+from qgraph.passes.eliminate_dead_code import EliminateDeadCode
+from qgraph.passes.eliminate_identity import EliminateIdentity
 from qgraph.passes.fold_constants import FoldConstants
-from qgraph.testing import check_pass, op_types
+from qgraph.passes.lift_constants import LiftConstants
+from qgraph.pipeline.manager import PassManager
+from qgraph.testing import check_pass, op_types, to_ir
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 
@@ -225,3 +231,34 @@ def test_integer_and_boolean_expressions_fold_with_their_types():
     initializers = result.model.graph.initializers
     assert initializers["mask"].const_value.numpy().dtype == np.bool_
     assert initializers["smallest"].const_value.numpy().dtype == np.int64
+
+
+def test_exported_model_collapses_through_the_cleanup_passes():
+    # What a Paddle-style export looks like: weights in Constant nodes, flatten through Shape arithmetic,
+    # an Identity on the way out and a dead branch. Shape inference (done by qgraph's loader) supplies the
+    # static shape of the Conv output that Shape folds from.
+    weight = ", ".join(f"{value:.2f}" for value in np.linspace(-1, 1, 2 * 3 * 3 * 3))
+    text = HEADER + f"""
+    g (float[1,3,4,4] x) => (float[1,32] y) {{
+      weight = Constant<value = float[2,3,3,3] {{{weight}}}>()
+      bias = Constant<value_floats = [0.1, -0.2]>()
+      zero = Constant<value = int64 {{0}}>()
+      axes = Constant<value_ints = [0]>()
+      rest = Constant<value_ints = [-1]>()
+      conv = Conv<pads = [1, 1, 1, 1]>(x, weight, bias)
+      shape = Shape(conv)
+      batch = Gather(shape, zero)
+      batch_1d = Unsqueeze(batch, axes)
+      target = Concat<axis = 0>(batch_1d, rest)
+      flat = Reshape(conv, target)
+      unused = Exp(flat)
+      y = Identity(flat)
+    }}
+    """
+    model = onnx.shape_inference.infer_shapes(onnx.parser.parse_model(text))
+    passes = [LiftConstants(), EliminateIdentity(), FoldConstants(), EliminateDeadCode()]
+    result = PassManager(passes, fixed_point=True, verify=True, verify_rtol=1e-5, verify_atol=1e-6).run(to_ir(model))
+    assert op_types(result.model) == ["Conv", "Reshape"]
+    assert set(result.model.graph.initializers) == {"weight", "bias", "target"}
+    assert result.model.graph.outputs[0].name == "y"
+    check_pass(ir.serde.serialize_model(result.model), FoldConstants(), expect_modified=False)

@@ -154,7 +154,7 @@ def test_sparse_constant_is_refused_with_a_reason(caplog):
 
 
 def test_thousands_of_constants_lift_in_linear_time():
-    count = 3000
+    count = 2000
     nodes, previous = [], "x"
     for index in range(count):
         nodes.append(helper.make_node("Constant", [], [f"c{index}"], value=numpy_helper.from_array(
