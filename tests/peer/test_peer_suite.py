@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-import peer_cases
+# peer_cases is shared with tools/run_peer_suite.py; import it by folder whatever pytest's import mode.
+sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
+import peer_cases  # noqa: E402
 
 BASELINE = Path(__file__).with_name("baseline.json")
 #: Run every N-th case only (deterministic sample) when the suite gets too slow for a unit-test run.
