@@ -112,7 +112,7 @@ class FoldConstants(QGraphPass):
                 if node.graph is None:
                     continue
                 try:
-                    results = self._fold(node, model, opset)
+                    results = self._fold(node, opset)
                 except _Refusal as refusal:
                     logger.info("%s: leaving %s (%s): %s", self.pass_name(), node.name, node.op_type, refusal)
                     continue
@@ -126,7 +126,7 @@ class FoldConstants(QGraphPass):
 
     # Deciding and computing.
 
-    def _fold(self, node: ir.Node, model: ir.Model, opset: int) -> list[np.ndarray] | None:
+    def _fold(self, node: ir.Node, opset: int) -> list[np.ndarray] | None:
         """The values of the node's outputs, ``None`` when the node is not a candidate; raises ``_Refusal``."""
         if node.op_type in ("Shape", "Size") and node.domain in _DEFAULT_DOMAINS:
             return self._fold_shape(node)
