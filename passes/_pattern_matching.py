@@ -62,6 +62,16 @@ def private_value_refusal(value: ir.Value, readers: list[ir.Node], role: str) ->
     return None
 
 
+def fan_out_reason(value: ir.Value, role: str) -> str:
+    """Why ``value``, which should have exactly one reader, has not (graph output, several readers or none)."""
+    if value.is_graph_output():
+        return f"the {role} {value.name!r} is a graph output"
+    readers = sorted({f"{use.node.op_type} {use.node.name!r}" for use in value.uses()})
+    if not readers:
+        return f"the {role} {value.name!r} is never read"
+    return f"the {role} {value.name!r} is read by {', '.join(readers)} (fan-out)"
+
+
 def scalar_constant(value: ir.Value | None) -> float | None:
     """The single number held by a constant initializer ``value`` (any shape with one element), else ``None``."""
     array = constant_array(value)
