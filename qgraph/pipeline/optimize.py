@@ -27,12 +27,18 @@ from qgraph.quantize import QuantizeOptions, QuantizeResult
 logger = logging.getLogger(__name__)
 
 #: The canonicalisation pipeline, run to a fixed point: constants become initializers, trivial nodes go away,
-#: constant subgraphs fold, BatchNorm folds into its producer (or becomes Mul+Add), bias Adds merge, and the
-#: nodes and initializers nobody reads any more are dropped.
+#: constant subgraphs fold, decomposed LayerNorm and GELU fuse, BatchNorm folds into its producer (or becomes
+#: Mul+Add), bias Adds merge, and the nodes and initializers nobody reads any more are dropped. The fusions come
+#: after LiftConstants and FoldConstants because they read eps, gamma, beta, axes and the GELU constants only as
+#: initializers (an exporter's Constant nodes or Sqrt(2.0) subgraphs become initializers there; folding never
+#: touches a node with an activation input, so it cannot break a pattern), and before MergeBiasAdd and the
+#: BatchNorm passes, which write Mul/Add nodes of their own.
 CANONICAL_PASSES: tuple[str, ...] = (
     "LiftConstants",
     "EliminateIdentity",
     "FoldConstants",
+    "FuseLayerNormalization",
+    "FuseGelu",
     "MergeBiasAdd",
     "FoldBatchNorm",
     "DecomposeBatchNorm",

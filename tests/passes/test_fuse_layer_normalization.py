@@ -163,3 +163,12 @@ def test_each_norm_of_a_two_layer_model_fuses():
     first.graph.output[0].name = "second_y"
     check = check_pass(first, FuseLayerNormalization())
     assert op_types(check.model) == ["LayerNormalization", "LayerNormalization"]
+
+
+def test_the_fusions_run_after_constant_folding_and_before_the_bias_and_batch_norm_passes():
+    from qgraph.pipeline.optimize import CANONICAL_PASSES
+
+    order = {name: index for index, name in enumerate(CANONICAL_PASSES)}
+    for fusion in ("FuseLayerNormalization", "FuseGelu"):
+        assert order["LiftConstants"] < order["FoldConstants"] < order[fusion]
+        assert order[fusion] < order["MergeBiasAdd"] < order["FoldBatchNorm"]
