@@ -155,7 +155,8 @@ class NameScope:
 def new_initializer(graph: ir.Graph, names: NameScope, base_name: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as a new initializer of ``graph`` under a fresh name derived from ``base_name``."""
     name = names.fresh(base_name)
-    array = np.ascontiguousarray(array)
+    # np.ascontiguousarray would turn a 0-d array into shape (1,); asarray keeps scalars scalar.
+    array = np.asarray(array, order="C")
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     value.shape = ir.Shape(array.shape)
     value.type = ir.TensorType(value.const_value.dtype)

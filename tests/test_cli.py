@@ -183,3 +183,22 @@ def test_internal_failure_exits_1(runner, model_path, tmp_path, monkeypatch):
     result = runner.invoke(cli, ["optimize", str(model_path), "-o", str(tmp_path / "out.onnx")])
     assert result.exit_code == 1
     assert "internal error" in result.output
+
+
+def test_sparse_constant_is_refused_with_a_clear_message(runner, tmp_path):
+    values = numpy_helper.from_array(np.array([1.0], np.float32), "values")
+    indices = numpy_helper.from_array(np.array([2], np.int64), "indices")
+    sparse = helper.make_sparse_tensor(values, indices, [4])
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["constant"], sparse_value=sparse),
+         helper.make_node("Add", ["input", "constant"], ["output"])],
+        "sparse",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [4])],
+    )
+    path = tmp_path / "sparse.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    result = runner.invoke(cli, ["optimize", str(path), "-o", str(tmp_path / "out.onnx")])
+    assert result.exit_code == 2, result.output
+    assert "cannot represent" in result.output and "Sparse" in result.output
+    assert "_deserialize" not in result.output

@@ -136,7 +136,14 @@ def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, normalize:
         proto = _normalize_versions(proto, path)
     if infer_shapes:
         proto = _infer_shapes(proto)
-    model = ir.serde.deserialize_model(proto)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except ir.serde.SerdeError as error:
+        root: BaseException = error
+        while root.__cause__ is not None:  # onnx-ir wraps the real reason once per nesting level
+            root = root.__cause__
+        reason = (str(root).strip().splitlines() or [type(root).__name__])[0]
+        raise UnsupportedModelError(f"{path}: qgraph cannot represent this model: {reason}") from None
     ir.external_data.set_base_dir(model.graph, os.fspath(path.parent.resolve()))
     model.meta["qgraph.source_path"] = os.fspath(path.resolve())
     logger.info("loaded %s: opset %s, %d nodes", path, model.opset_imports.get("", "?"), model.graph.num_nodes())
