@@ -15,6 +15,8 @@ One walk over the main graph in topological order classifies every node:
 - *own-range* ops (AveragePool, GlobalAveragePool, Sigmoid, HardSigmoid, LeakyRelu, Resize) quantize input and output.
 - LayerNormalization and Softmax stay float by default, as do operators without an integer kernel on the target;
   each such node is recorded with the reason.
+- An additive attention mask stays float: an Add with a constant operand holding non-finite or huge (|x| >= 1e4)
+  values, or an Add whose output only Softmax reads (scores + mask), so -inf/-3.4e38 never enter a range.
 
 Graph outputs stay float: a graph output is never itself annotated; its producer is lowered with a float output.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import numpy as np
 import onnx_ir as ir
 
 from qgraph.quant.plan import BiasPlan, QuantPlan, WeightPlan, merge_groups
@@ -42,6 +45,8 @@ FLOAT_BY_DEFAULT = {
     "Softmax": "Softmax stays FP32 by default (its input holds masks and large logits)",
 }
 _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE})
+#: A constant Add operand holding a value this large (or a non-finite one) is an additive mask, not a bias.
+MASK_MAGNITUDE = 1e4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +114,31 @@ def _fusable_activation(node: ir.Node, value: ir.Value) -> ir.Node | None:
         if lower is None or float(lower.const_value.numpy()) != 0.0:
             return None
     return activation
+
+
+def _additive_mask_reason(node: ir.Node) -> str | None:
+    """Why an Add is an additive attention mask that must stay FP32 (``None`` when it is not one).
+
+    A mask holds -inf, -1e4 or -3.4e38 where attention is cut: as an activation range it would spend every code on
+    the sentinel (or, for -inf, be ignored by the observers and then saturate). Two signs identify one: a constant
+    operand with a non-finite value or a magnitude of at least MASK_MAGNITUDE, or an output read only by Softmax
+    (the scores + mask of attention, whatever computed the mask).
+    """
+    if node.op_type != "Add":
+        return None
+    for operand in node.inputs:
+        if _is_constant(operand) and operand.dtype in _FLOAT_TYPES:
+            values = operand.const_value.numpy()
+            if values.size and (not np.all(np.isfinite(values)) or np.max(np.abs(values)) >= MASK_MAGNITUDE):
+                return (
+                    f"additive mask: constant {operand.name!r} holds non-finite or |x| >= {MASK_MAGNITUDE:g} "
+                    "values, which must not enter an activation range"
+                )
+    output = node.outputs[0]
+    consumers = list(output.consumers())
+    if consumers and not output.is_graph_output() and all(consumer.op_type == "Softmax" for consumer in consumers):
+        return "Add feeding only Softmax stays FP32 (scores + attention mask: its output holds the mask's sentinels)"
+    return None
 
 
 def _compute_node_indices(graph: ir.Graph) -> list[int]:
@@ -216,6 +246,10 @@ class _Annotator:
         self.annotate_output(node)
 
     def binary(self, node: ir.Node) -> None:
+        mask_reason = _additive_mask_reason(node)
+        if mask_reason is not None:
+            self.keep_float(node, mask_reason)
+            return
         left, right = node.inputs[0], node.inputs[1]
         if not (_is_float_activation(left) and _is_float_activation(right)):
             self.keep_float(node, f"{node.op_type} with a constant operand stays FP32")
