@@ -172,3 +172,37 @@ def test_the_fusions_run_after_constant_folding_and_before_the_bias_and_batch_no
     for fusion in ("FuseLayerNormalization", "FuseGelu"):
         assert order["LiftConstants"] < order["FoldConstants"] < order[fusion]
         assert order[fusion] < order["MergeBiasAdd"] < order["FoldBatchNorm"]
+
+
+def test_a_layer_norm_inside_an_if_branch_fuses_there():
+    body_model = layer_norm()
+    body = onnx.helper.make_graph(
+        list(body_model.graph.node), "then_branch", [], list(body_model.graph.output),
+        list(body_model.graph.initializer),
+    )
+    other = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["x_copy"])], "else_branch", [],
+        [onnx.helper.make_tensor_value_info("x_copy", onnx.TensorProto.FLOAT, [2, 5, 16])],
+    )
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("If", ["flag"], ["result"], then_branch=body, else_branch=other)],
+        "branches",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 5, 16]),
+         onnx.helper.make_tensor_value_info("flag", onnx.TensorProto.BOOL, [])],
+        [onnx.helper.make_tensor_value_info("result", onnx.TensorProto.FLOAT, [2, 5, 16])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    feeds = {"x": np.random.default_rng(3).standard_normal((2, 5, 16)).astype(np.float32), "flag": np.array(True)}
+    check = check_pass(model, FuseLayerNormalization(), feeds=feeds)
+    branch = check.model.graph.node(0).attributes["then_branch"].as_graph()
+    assert [node.op_type for node in branch] == ["LayerNormalization"]
+
+
+def test_the_fused_layer_norm_stays_fp32_in_the_quantization_plan():
+    from qgraph.quant.annotate import annotate
+    from qgraph.targets import TargetOptions, get_target
+
+    check = check_pass(layer_norm(), FuseLayerNormalization())
+    plan = annotate(check.model, get_target("ort-cpu", TargetOptions()).rules())
+    (name,) = [node.name for node in check.model.graph]
+    assert "normalisation stays FP32" in plan.fp32_nodes[name]
