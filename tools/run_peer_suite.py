@@ -38,10 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--passes", help="comma-separated pass names instead of the canonical pipeline ('' for load and save only)"
     )
+    parser.add_argument(
+        "--constant-inputs", action="store_true",
+        help="also run each case with its inputs as initializers (constant folding evaluates every operator)",
+    )
     arguments = parser.parse_args(argv)
     passes = None if arguments.passes is None else tuple(name for name in arguments.passes.split(",") if name)
 
     names = arguments.cases or peer_cases.sample_case_names(peer_cases.all_case_names(), arguments.every)
+    if arguments.constant_inputs:
+        names = [name for name in names if not name.endswith(peer_cases.CONSTANT_VARIANT)]
+        names += peer_cases.constant_variant_names(names)
     start = time.perf_counter()
     results = peer_cases.run_suite(names, workers=arguments.workers, timeout=arguments.timeout, passes=passes)
     seconds = time.perf_counter() - start

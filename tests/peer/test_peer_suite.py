@@ -1,7 +1,9 @@
 """The peer suite: every ONNX node test case through qgraph's load → canonicalize → save, checked in onnxruntime.
 
 The classification is in ``peer_cases.py`` (shared with ``tools/run_peer_suite.py``, which prints the same table
-for a full run). This test runs every case in two worker processes (a few seconds on two cores), writes the counts
+for a full run). Every case runs twice: as shipped (inputs fed at run time) and as its ``@constant`` variant (inputs
+turned into initializers, so that FoldConstants evaluates every operator ahead of time). This test runs them in two
+worker processes (about 45 s on two shared cores; ``QGRAPH_PEER_EVERY=N`` samples every N-th case), writes the counts
 and every case's outcome to ``peer_suite.json`` under pytest's temporary folder, prints the table even without
 ``-s``, and fails on a failing case that ``baseline.json`` does not list, or on a listed case that now passes.
 """
@@ -28,6 +30,7 @@ SAMPLE_EVERY = int(os.environ.get("QGRAPH_PEER_EVERY", "1"))
 @pytest.fixture(scope="module")
 def suite_results():
     names = peer_cases.sample_case_names(peer_cases.all_case_names(), SAMPLE_EVERY)
+    names += peer_cases.constant_variant_names(names)
     start = time.perf_counter()
     results = peer_cases.run_suite(names, workers=2)
     return results, time.perf_counter() - start
@@ -64,5 +67,5 @@ def test_baseline_lists_only_existing_cases_with_reasons():
     existing = set(peer_cases.all_case_names())
     assert len(existing) > 1000
     for name, reason in baseline.items():
-        assert name in existing, f"{name} is not a node test case"
+        assert name.removesuffix(peer_cases.CONSTANT_VARIANT) in existing, f"{name} is not a node test case"
         assert reason.strip(), f"{name} needs a one-line reason"
