@@ -4,7 +4,9 @@
 graph trains:
 
 - **Parameters.** ``trainable`` names the initializers that get gradients (default: every float initializer except
-  BatchNormalization running mean/variance). Every other *float* initializer becomes a frozen parameter: it moves
+  BatchNormalization running mean/variance and scalars — rank-0 constants such as ``Clip`` bounds, GELU's ``0.5``
+  or attention's ``1/sqrt(d)``, which are not weights and, for ``Clip``'s bounds, have no gradient at all, so
+  onnxruntime refuses to build the graph). Every other *float* initializer becomes a frozen parameter: it moves
   to a graph input, lives in the checkpoint and is written back on export. Integer initializers (Reshape shapes,
   axes, zero points) stay constants inside the graph. So a QAT graph may carry extra non-trainable initializers.
 - **Loss.** ``cross_entropy``: ``SoftmaxCrossEntropyLoss(logits, labels)`` with mean reduction over a 2-D
@@ -98,8 +100,9 @@ def split_parameters(model: onnx.ModelProto, trainable: tuple[str, ...] | None) 
     """(trainable, frozen) float initializer names; see the module docstring for the default split."""
     float_initializers = [tensor.name for tensor in model.graph.initializer if tensor.data_type in _FLOAT_TYPES]
     if trainable is None:
-        statistics = batchnorm_statistics(model)
-        chosen = [name for name in float_initializers if name not in statistics]
+        excluded = batchnorm_statistics(model)
+        excluded.update(tensor.name for tensor in model.graph.initializer if not tensor.dims)  # scalar constants
+        chosen = [name for name in float_initializers if name not in excluded]
     else:
         available = set(float_initializers)
         unknown = [name for name in trainable if name not in available]
@@ -113,8 +116,28 @@ def split_parameters(model: onnx.ModelProto, trainable: tuple[str, ...] | None) 
     return chosen, frozen
 
 
+def _expose_layer_norm_statistics(model: onnx.ModelProto) -> None:
+    """Give every LayerNormalization its optional ``Mean`` and ``InvStdDev`` outputs, in place.
+
+    onnxruntime's LayerNormalization gradient reads both (``GradientBuilderBase::O(1)`` and ``O(2)``); a node written
+    with ``Y`` only, as exporters and the reference ViT write it, makes artifact generation fail with
+    ``i < node_->OutputDefs().size() was false``. :func:`qgraph.train.session.tidy_exported_model` drops them again.
+    """
+    taken = {name for node in model.graph.node for name in node.output}
+    for node in model.graph.node:
+        if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        for suffix in ("mean", "inv_std_dev")[len(node.output) - 1:]:
+            name = f"{node.output[0]}_{suffix}"
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            node.output.append(name)
+
+
 def _prepared_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy without initializers listed as graph inputs (IR < 4 style), with shapes inferred."""
+    """A copy without initializers listed as graph inputs (IR < 4 style), LayerNormalization statistics exposed,
+    shapes inferred."""
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
     initializer_names = {tensor.name for tensor in prepared.graph.initializer}
@@ -122,6 +145,7 @@ def _prepared_model(model: onnx.ModelProto) -> onnx.ModelProto:
     if len(real_inputs) != len(prepared.graph.input):
         del prepared.graph.input[:]
         prepared.graph.input.extend(real_inputs)
+    _expose_layer_norm_statistics(prepared)
     try:
         prepared = onnx.shape_inference.infer_shapes(prepared)
     except Exception as error:  # noqa: BLE001 - shapes only refine the checks below

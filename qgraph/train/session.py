@@ -12,7 +12,8 @@ properties named ``qgraph.*``.
 
 Export: ``Module.export_model_for_inferencing`` keeps the eval graph up to the model output, with every parameter
 (BatchNormalization running statistics included) stored as an initializer. The exported model lists every opset
-domain onnxruntime's training graph knew; :func:`tidy_exported_model` keeps only the domains its nodes use, then
+domain onnxruntime's training graph knew; :func:`tidy_exported_model` keeps only the domains its nodes use, drops
+the LayerNormalization ``Mean``/``InvStdDev`` outputs that only the gradient needed (when nothing reads them), and
 the model is checked with ``onnx.checker`` so plain onnxruntime (and other tools) can load it.
 """
 
@@ -43,8 +44,14 @@ def host_state_path(checkpoint: str | os.PathLike) -> Path:
 
 
 def tidy_exported_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Drop opset imports no node uses, save back, and run the full ONNX checker."""
+    """Drop unread LayerNormalization statistics outputs and opset imports no node uses, save back, and run the
+    full ONNX checker."""
     model = onnx.load(os.fspath(path))
+    read = {name for node in model.graph.node for name in node.input} | {value.name for value in model.graph.output}
+    for node in model.graph.node:  # the statistics outputs artifacts.py exposed for the gradient
+        if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx"):
+            while len(node.output) > 1 and node.output[-1] not in read:
+                node.output.pop()
     used = {node.domain or "" for node in model.graph.node}
     kept = [opset for opset in model.opset_import if (opset.domain or "") in used or opset.domain in ("", "ai.onnx")]
     del model.opset_import[:]
