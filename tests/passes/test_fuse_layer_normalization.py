@@ -206,3 +206,26 @@ def test_the_fused_layer_norm_stays_fp32_in_the_quantization_plan():
     plan = annotate(check.model, get_target("ort-cpu", TargetOptions()).rules())
     (name,) = [node.name for node in check.model.graph]
     assert "normalisation stays FP32" in plan.fp32_nodes[name]
+
+
+@pytest.mark.parametrize("spelling", ["torch", "tf2onnx"])
+def test_the_canonical_pipeline_fuses_exports_whose_constants_are_constant_nodes(spelling):
+    from qgraph.pipeline.optimize import optimize
+    from qgraph.testing import run_model
+    from tests.passes.exporter_spellings import gelu_erf
+
+    for model in (layer_norm(spelling=spelling, opset=18), gelu_erf()):
+        # torch.onnx writes eps, gamma, 1.4142135… as Constant nodes; LiftConstants makes them initializers first.
+        constants = [onnx.helper.make_node("Constant", [], [tensor.name], value=tensor) for tensor in
+                     model.graph.initializer]
+        nodes = constants + list(model.graph.node)
+        del model.graph.initializer[:], model.graph.node[:]
+        model.graph.node.extend(nodes)
+        shape = [dim.dim_value for dim in model.graph.input[0].type.tensor_type.shape.dim]
+        feeds = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+        expected = run_model(model, feeds)
+        result = optimize(to_ir(model))
+        assert op_types(result.model) in (["LayerNormalization"], ["Gelu"])
+        actual = run_model(result.model, feeds)
+        for name, values in expected.items():
+            np.testing.assert_allclose(actual[name], values, rtol=1e-5, atol=1e-6)
