@@ -1,14 +1,17 @@
 """CALIBRATE: stream the user's batches through onnxruntime once and observe every annotated activation.
 
 A *probe* model is the model with each annotated tensor added as a graph output, so one session run yields them all.
-Each batch's activations go to one observer per tensor and are dropped: memory is one batch of activations plus the
-observers' fixed-size state, whatever the number of samples (onnxruntime's ``quantize_static`` keeps every batch's
-activations until the end, which grows linearly). Tensors that must share parameters (a scale group) are observed
+Each batch's activations go to one observer per tensor and are dropped. The observers of batch *i* run on a worker
+thread while onnxruntime computes batch *i + 1* (onnxruntime and numpy's heavy loops release the GIL), so calibration
+costs little more than inference; memory is two batches of activations plus the observers' fixed-size state, whatever
+the number of samples (onnxruntime's ``quantize_static`` keeps every batch's activations until the end, which grows
+linearly). Graph inputs are observed straight from the feeds. Tensors that must share parameters (a scale group) are observed
 separately and their ranges merged afterwards as the union of the ranges.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -104,25 +107,37 @@ def calibrate(
     observers = {tensor: make_observer(tensor) for tensor in tensors}
     start = time.perf_counter()
     samples = batches_seen = 0
-    for batch in batches:
-        feeds = {name: batch[name] for name in input_names}
-        count = len(next(iter(feeds.values()))) if feeds else 0
-        if config.samples is not None and samples + count > config.samples:
-            keep = config.samples - samples
-            feeds = {name: array[:keep] for name, array in feeds.items()}
-            count = keep
-        if count <= 0:
-            break
-        _check_finite(feeds, batches_seen)
-        outputs = session.run(tensors, feeds)
-        for tensor, array in zip(tensors, outputs):
-            observers[tensor].update(array)
-        samples += count
-        batches_seen += 1
-        if progress is not None:
-            progress(count)
-        if config.samples is not None and samples >= config.samples:
-            break
+    # Graph inputs are observed from the feeds (asking onnxruntime for them would only return a copy).
+    fetched = [tensor for tensor in tensors if tensor not in input_names]
+    fed = [tensor for tensor in tensors if tensor in input_names]
+    # Observers run on a worker thread while onnxruntime (which releases the GIL) computes the next batch: one
+    # batch of activations is being observed while the next is produced, never more.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgraph-observe") as executor:
+        pending: concurrent.futures.Future | None = None
+        for batch in batches:
+            feeds = {name: batch[name] for name in input_names}
+            count = len(next(iter(feeds.values()))) if feeds else 0
+            if config.samples is not None and samples + count > config.samples:
+                keep = config.samples - samples
+                feeds = {name: array[:keep] for name, array in feeds.items()}
+                count = keep
+            if count <= 0:
+                break
+            _check_finite(feeds, batches_seen)
+            outputs = session.run(fetched, feeds) if fetched else []
+            activations = [*zip(fetched, outputs), *((tensor, feeds[tensor]) for tensor in fed)]
+            if pending is not None:
+                pending.result()  # re-raises an observer's error
+            pending = executor.submit(_observe, observers, activations)
+            del outputs, activations
+            samples += count
+            batches_seen += 1
+            if progress is not None:
+                progress(count)
+            if config.samples is not None and samples >= config.samples:
+                break
+        if pending is not None:
+            pending.result()
     if samples == 0:
         raise DataError("the calibration set is empty: no sample reached the model")
     ranges = {tensor: tuple(float(bound) for bound in observers[tensor].compute_range()) for tensor in tensors}
@@ -130,6 +145,11 @@ def calibrate(
     seconds = time.perf_counter() - start
     logger.info("calibrated %d tensors on %d samples in %.1fs (%s)", len(tensors), samples, seconds, config.method)
     return CalibrationResult(ranges, samples, batches_seen, seconds)
+
+
+def _observe(observers: Mapping[str, object], activations: Iterable[tuple[str, np.ndarray]]) -> None:
+    for tensor, array in activations:
+        observers[tensor].update(array)
 
 
 def _check_finite(feeds: Mapping[str, np.ndarray], batch_index: int) -> None:
