@@ -29,7 +29,10 @@ or interpolated. Consequences:
   the larger side of a signed histogram, at least B/2 for a non-negative one).
 
 Batches are binned in blocks of 2^16 values through a reused float32 buffer (multiply by 1/w, floor, convert to int32,
-``np.bincount``), so an update makes no full-size temporary copy of the batch. The state is the counts (int64), the
+``np.bincount``), so an update makes no full-size temporary copy of the batch. In the non-negative layout the floor is
+a plain truncation, and the block is counted into 4 interleaved sub-histograms (index + lane·B, summed at the end):
+a ReLU output is often half exact zeros, and one counter incremented back to back stalls on its own store, which made
+``np.bincount`` ~1.5× slower on such data than on spread values. The state is the counts (int64), the
 exponent, the layout flag, the exact finite minimum and maximum, and the count: O(B) whatever the number of batches.
 
 Ranges (:mod:`qgraph.quant.observers.histogram_ranges`) are derived by the entropy (KL), percentile or MSE method and
@@ -38,6 +41,7 @@ always clamped to the exact observed [minimum, maximum].
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any
@@ -65,6 +69,8 @@ METHODS = ("entropy", "percentile", "mse")
 ZERO_ONLY_EXPONENT = -160
 
 _BLOCK = 1 << 16
+#: Interleaved sub-histograms used in the non-negative layout (see the module docstring).
+_LANES = 4
 _FLOAT32_NORMAL_EXPONENTS = range(-125, 127)
 
 
@@ -172,21 +178,28 @@ class HistogramObserver(Observer):
         work_dtype = np.float32 if (flat.dtype == np.float32 and -width_exponent in _FLOAT32_NORMAL_EXPONENTS) else np.float64
         inverse_width = work_dtype(math.ldexp(1.0, -width_exponent))
         offset = work_dtype(self.offset)
+        # Non-negative layout: every value is >= 0 (or -0.0), so truncation is the floor and lanes are cheap.
+        lanes = 1 if self.signed_layout else _LANES
+        lane_offsets = _lane_offsets(self.bins, lanes) if lanes > 1 else None
         scaled = np.empty(min(_BLOCK, flat.size), dtype=work_dtype)
         indices = np.empty(scaled.size, dtype=np.int32)
-        counts = self.counts
+        counts = np.zeros(self.bins * lanes, dtype=np.int64)
         for start in range(0, flat.size, _BLOCK):
             block = flat[start : start + _BLOCK]
             block_scaled = scaled[: block.size]
             block_indices = indices[: block.size]
             np.multiply(block, inverse_width, out=block_scaled, casting="unsafe")
-            np.floor(block_scaled, out=block_scaled)
-            block_scaled += offset
+            if self.signed_layout:
+                np.floor(block_scaled, out=block_scaled)
+                block_scaled += offset
             block_indices[...] = block_scaled
-            block_counts = np.bincount(block_indices, minlength=self.bins)
-            if block_counts.size != self.bins:  # pragma: no cover - a value outside [-R, R) would be a bug
+            if lane_offsets is not None:
+                block_indices += lane_offsets[: block.size]
+            block_counts = np.bincount(block_indices, minlength=counts.size)
+            if block_counts.size != counts.size:  # pragma: no cover - a value outside [-R, R) would be a bug
                 raise AssertionError("histogram bin index out of range")
             counts += block_counts
+        self.counts += counts.reshape(lanes, self.bins).sum(axis=0)
 
     # -------------------------------------------------------------------------------------------------- ranges
     def compute_range(self, method: str | None = None) -> tuple[float, float]:
@@ -273,6 +286,14 @@ class HistogramObserver(Observer):
         observer.maximum = float(state["maximum"])
         observer.count = int(state["count"])
         return observer
+
+
+@functools.lru_cache(maxsize=8)
+def _lane_offsets(bins: int, lanes: int) -> np.ndarray:
+    """``(i mod lanes) · bins`` for i < _BLOCK (int32, read-only): element i of a block counts in sub-histogram i mod lanes."""
+    offsets = (np.arange(_BLOCK, dtype=np.int32) % lanes) * np.int32(bins)
+    offsets.flags.writeable = False
+    return offsets
 
 
 def rebinned_counts(
