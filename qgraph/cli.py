@@ -112,6 +112,36 @@ def _split_names(text: str | None) -> tuple[str, ...] | None:
 @click.option("--requantize", is_flag=True, help="Allow quantizing a model that is already quantized.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
               help="Write a quantization report (.md or .json): per-layer SQNR, coverage, size, latency.")
+@click.option("--qat", is_flag=True,
+              help="Quantization-aware training: fine-tune the quantized model (fake quantization with learnable "
+              "scales) on --train-data before lowering. Needs --calib and --labels KEY or --distill.")
+@click.option("--train-data", type=click.Path(path_type=Path),
+              help="QAT training data (.npz or folder, keys = input names, plus labels for --labels).")
+@click.option("--labels", "label_key", metavar="KEY",
+              help="QAT with cross-entropy against the integer class labels stored under KEY in --train-data "
+              "(the model output must be logits).")
+@click.option("--distill", is_flag=True,
+              help="Label-free QAT: minimise the mean squared error between the quantized model's outputs and the "
+              "FP32 model's outputs on the same inputs.")
+@click.option("--val-data", type=click.Path(path_type=Path),
+              help="QAT validation data: picks the best epoch (top-1 with --labels, MSE with --distill) and stops "
+              "early when it stops improving.")
+@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="QAT epochs.")
+@click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="QAT learning rate (AdamW, cosine decay); about a tenth of FP32 training's.")
+@click.option("--train-batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="QAT batch size.")
+@click.option("--train-samples", type=click.IntRange(min=1), help="Use at most N training samples per QAT epoch.")
+@click.option("--fixed-scales", is_flag=True, help="QAT keeps the calibrated scales (only weights and biases train).")
+@click.option("--freeze-act-after", type=click.IntRange(min=0), metavar="K",
+              help="Stop updating activation scales after K QAT steps.")
+@click.option("--patience", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Stop QAT after N epochs without validation improvement.")
+@click.option("--max-grad-norm", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="Clip the global gradient norm during QAT (0: off).")
+@click.option("--qat-dir", type=click.Path(path_type=Path),
+              help="Keep QAT artifacts and checkpoints here (default: a temporary folder).")
+@click.option("--resume", is_flag=True, help="Resume QAT from the last checkpoint in --qat-dir.")
 def optimize(
     model: Path,
     output: Path,
@@ -135,6 +165,21 @@ def optimize(
     keep_fp32: str | None,
     requantize: bool,
     report_path: Path | None,
+    qat: bool = False,
+    train_data: Path | None = None,
+    label_key: str | None = None,
+    distill: bool = False,
+    val_data: Path | None = None,
+    epochs: int = 3,
+    learning_rate: float = 1e-4,
+    train_batch_size: int = 64,
+    train_samples: int | None = None,
+    fixed_scales: bool = False,
+    freeze_act_after: int | None = None,
+    patience: int = 2,
+    max_grad_norm: float = 5.0,
+    qat_dir: Path | None = None,
+    resume: bool = False,
 ) -> None:
     """Optimize MODEL and write the result to OUTPUT.
 
@@ -146,6 +191,9 @@ def optimize(
       qgraph optimize model.onnx -o model.opt.onnx
       qgraph optimize model.onnx -o model.int8.onnx --calib calib.npz
       qgraph optimize model.onnx -o model.trt.onnx --calib calib.npz --target tensorrt --method entropy
+      qgraph optimize model.onnx -o model.qat.onnx --calib calib.npz --qat --train-data train.npz --labels y \
+          --val-data val.npz --epochs 3 --lr 1e-4
+      qgraph optimize model.onnx -o model.qat.onnx --calib calib.npz --qat --train-data unlabelled.npz --distill
 
     The input file is never overwritten unless --overwrite-input is given.
     """
@@ -162,12 +210,17 @@ def optimize(
         )
     elif output_format or exclude or keep_fp32 or calib_samples or report_path:
         raise click.UsageError("quantization options need calibration data: add --calib DATA")
+    qat_options = _qat_options(
+        qat, calib, train_data, label_key, distill, val_data, epochs, learning_rate, train_batch_size, train_samples,
+        fixed_scales, freeze_act_after, patience, max_grad_norm, qat_dir, resume,
+    )
     options = OptimizeOptions(
         passes=_split_names(pass_names),
         verify=verify,
         external_data=external_data,
         allow_overwrite_input=overwrite_input,
         quantization=quantization,
+        qat=qat_options,
     )
     loaded = load_model(model)
     before = summarize(loaded)
@@ -177,7 +230,8 @@ def optimize(
         total = _calibration_length(calib, calib_samples)
         with click.progressbar(length=total, label="calibrating", file=sys.stderr, show_pos=True) as bar:
             result = run_optimize(
-                loaded, output, options, input_path=model, calibration_data=calib, progress=bar.update
+                loaded, output, options, input_path=model, calibration_data=calib, progress=bar.update,
+                train_data=train_data, validation_data=val_data, training_progress=_echo_epoch,
             )
     after = summarize(result.model)
     click.echo(_change_line(before, after, result))
@@ -189,10 +243,60 @@ def optimize(
             f"calibrated on {result.quantization.calibration.samples} samples "
             f"in {result.quantization.calibration.seconds:.1f} s"
         )
+        if result.qat is not None:
+            trained = result.qat
+            best = "none" if trained.best_metric is None else f"{trained.best_metric:.4f}"
+            click.echo(
+                f"QAT: {trained.epochs_completed} epochs ({trained.steps} steps) in {trained.seconds:.1f} s"
+                + (" (stopped early)" if trained.stopped_early else "")
+                + f"; best {trained.metric_name} {best} at epoch {trained.best_epoch}"
+            )
         if report_path is not None:
             _write_report(report_path, result, calib, batch_size)
     if stats:
         click.echo(_stats_table(result.records))
+
+
+def _qat_options(
+    qat, calib, train_data, label_key, distill, val_data, epochs, learning_rate, train_batch_size, train_samples,
+    fixed_scales, freeze_act_after, patience, max_grad_norm, qat_dir, resume,
+):
+    from qgraph.train.qat.options import QATOptions
+
+    if not qat:
+        given = [name for name, value in (("--train-data", train_data), ("--labels", label_key),
+                                          ("--distill", distill), ("--val-data", val_data), ("--qat-dir", qat_dir),
+                                          ("--resume", resume), ("--fixed-scales", fixed_scales),
+                                          ("--freeze-act-after", freeze_act_after),
+                                          ("--train-samples", train_samples)) if value]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only apply to quantization-aware training: add --qat")
+        return None
+    if calib is None:
+        raise click.UsageError("--qat fine-tunes a quantized model: add --calib DATA for its starting point")
+    if label_key is None and not distill:
+        raise click.UsageError("--qat needs a loss: --labels KEY (cross-entropy against the labels stored under KEY "
+                               "in --train-data) or --distill (match the FP32 model's outputs, no labels)")
+    if label_key is not None and distill:
+        raise click.UsageError("choose one QAT loss: --labels KEY or --distill, not both")
+    if train_data is None:
+        raise click.UsageError("--qat needs --train-data DATA")
+    if resume and qat_dir is None:
+        raise click.UsageError("--resume needs --qat-dir, the folder of the run to resume")
+    return QATOptions(
+        loss="distill" if distill else "labels", label_key=label_key or "label", epochs=epochs,
+        batch_size=train_batch_size, learning_rate=learning_rate, max_grad_norm=max_grad_norm or None,
+        learn_scales=not fixed_scales, freeze_activation_scales_after=freeze_act_after, patience=patience,
+        work_directory=qat_dir, resume=resume, train_samples=train_samples,
+    )
+
+
+def _echo_epoch(event) -> None:
+    if event.kind != "epoch":
+        return
+    metric = f", {event.metric_name} {event.metric:.4f}" if event.metric is not None else ""
+    click.echo(f"QAT epoch {event.epoch}: loss {event.loss:.4f}{metric}, {event.samples_per_second:.0f} samples/s",
+               err=True)
 
 
 def _write_report(path: Path, result, calib: Path, batch_size: int) -> None:

@@ -2,6 +2,8 @@
 
 It loads (or takes) a model, runs the pipeline of phases that the options ask for and saves the result
 atomically. Today the pipeline is canonicalisation; quantization phases plug in through the same options object.
+With ``options.qat`` the QDQ graph that quantization writes is fine-tuned (quantization-aware training, see
+:mod:`qgraph.train.qat`) before the target lowers it: canonicalize ─▶ quantize (QDQ) ─▶ QAT ─▶ lower ─▶ save.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import onnx_ir as ir
@@ -23,6 +26,10 @@ from qgraph.ir import load_model, save_model
 from qgraph.pipeline.manager import PassManager, PassRecord
 from qgraph.pipeline.registry import get_pass
 from qgraph.quantize import QuantizeOptions, QuantizeResult
+from qgraph.train.qat.options import QATOptions
+
+if TYPE_CHECKING:
+    from qgraph.train.qat.driver import QATResult
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +67,9 @@ class OptimizeOptions:
     allow_overwrite_input: bool = False
     #: Quantize after canonicalisation (needs calibration data); None keeps the model in float.
     quantization: QuantizeOptions | None = None
+    #: Fine-tune the quantized model with quantization-aware training before lowering (needs ``quantization``
+    #: and training data); None skips it.
+    qat: QATOptions | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +80,8 @@ class OptimizeResult:
     quantization: QuantizeResult | None = None
     #: The canonical FP32 model that quantization started from (only when quantizing).
     float_model: onnx.ModelProto | None = None
+    #: How quantization-aware training went (only with ``options.qat``).
+    qat: QATResult | None = None
 
 
 def build_pipeline(options: OptimizeOptions) -> PassManager:
@@ -86,13 +98,18 @@ def optimize(
     input_path: str | os.PathLike | None = None,
     calibration_data=None,
     progress: Callable[[int], None] | None = None,
+    train_data=None,
+    validation_data=None,
+    training_progress: Callable | None = None,
 ) -> OptimizeResult:
     """Run qgraph's pipeline on ``model`` (a path or an onnx-ir model) and save it to ``output`` if given.
 
     ``input_path`` names the file an already-loaded model came from, so that it is never overwritten. With
     ``options.quantization`` set, ``calibration_data`` (a path readable by :func:`qgraph.data.open_dataset`, a
     dataset, or an iterable of ``{input name: array}`` batches) calibrates the quantized model; ``progress`` is
-    called with the number of samples of each calibration batch.
+    called with the number of samples of each calibration batch. With ``options.qat`` set, ``train_data`` (a path
+    or a dataset; labels under ``options.qat.label_key`` unless distilling) fine-tunes the QDQ graph and
+    ``validation_data`` picks the best epoch; ``training_progress`` receives the trainer's progress events.
     """
     options = options or OptimizeOptions()
     if input_path is None and isinstance(model, ir.Model) and "qgraph.source_path" in model.meta:
@@ -106,6 +123,10 @@ def optimize(
         _check_output_before_work(Path(output), input_path, options)
     if options.quantization is not None and calibration_data is None:
         raise QGraphError("quantization needs calibration data (--calib)")
+    if options.qat is not None and options.quantization is None:
+        raise QGraphError("quantization-aware training starts from a quantized model: add calibration data (--calib)")
+    if options.qat is not None and train_data is None:
+        raise QGraphError("quantization-aware training needs training data (--train-data)")
     batches = None
     if options.quantization is not None:
         batches = calibration_batches(model, calibration_data, options.quantization.calibration)
@@ -113,9 +134,14 @@ def optimize(
     records = result.records
     quantized = None
     float_model = None
+    qat_result = None
     if options.quantization is not None:
         float_model = ir.serde.serialize_model(result.model)
-        quantized = quantize(result.model, batches, options.quantization, progress=progress)
+        quantized = quantize(result.model, batches, options.quantization, progress=progress,
+                             lower=options.qat is None)
+        if options.qat is not None:
+            qat_result, quantized = _fine_tune(quantized, float_model, options, train_data, validation_data,
+                                               training_progress)
         result = dataclasses.replace(result, model=quantized.model)
         records = records + quantized.records
     saved = None
@@ -127,7 +153,21 @@ def optimize(
             external_data=options.external_data,
             allow_overwrite_input=options.allow_overwrite_input,
         )
-    return OptimizeResult(result.model, records, saved, quantized, float_model)
+    return OptimizeResult(result.model, records, saved, quantized, float_model, qat_result)
+
+
+def _fine_tune(quantized: QuantizeResult, float_model: onnx.ModelProto, options: OptimizeOptions, train_data,
+               validation_data, training_progress) -> tuple[QATResult, QuantizeResult]:
+    """QAT on the QDQ graph, then the target's lowering of the learned QDQ graph (as quantize would lower it)."""
+    from qgraph.train.qat import lower_qdq, run_qat
+
+    qat_result = run_qat(
+        quantized.qdq_model, quantized.plan, quantized.parameters, float_model=float_model, train_data=train_data,
+        validation_data=validation_data, options=options.qat, progress=training_progress,
+    )
+    lowered, lowering_records = lower_qdq(qat_result.qdq_model, options.quantization)
+    return qat_result, dataclasses.replace(quantized, model=lowered, records=quantized.records + lowering_records,
+                                           qdq_model=qat_result.qdq_model)
 
 
 #: Keys that hold labels in a calibration/training file when they are not model inputs.

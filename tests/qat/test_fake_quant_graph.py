@@ -1,0 +1,102 @@
+"""The fake-quant training graph: same forward values as the QDQ graph, STE gradients, 4-bit bounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+
+from qgraph.train import TrainingConfig
+from qgraph.train.artifacts import build_training_artifacts
+from qgraph.train.qat import build_fake_quant_graph
+from qgraph.train.session import TrainingSession
+from tests.ptq.small_models import calibration_batches
+from tests.qat.helpers import quantized, two_layer_mlp
+
+
+def _run(model: onnx.ModelProto, feeds) -> np.ndarray:
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("learn_scales", [True, False])
+def test_forward_matches_the_qdq_graph(learn_scales):
+    float_model, result = quantized()
+    graph = build_fake_quant_graph(result.qdq_model, result.plan, result.parameters, float_model=float_model,
+                                   learn_scales=learn_scales)
+    onnx.checker.check_model(graph.model)
+    ops = [node.op_type for node in graph.model.graph.node]
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
+    assert ops.count("FakeQuant") == 8 + 4  # eight activation pairs, four weights
+    # One learnable scale per scale group (MaxPool and Flatten share their input's scale).
+    assert len(graph.activations) == 6
+    assert len(graph.activation_scale_parameters) == (6 if learn_scales else 0)
+    feeds = calibration_batches(1, 16, seed=7)[0]
+    expected = _run(result.qdq_model, feeds)
+    actual = _run(graph.model, feeds)
+    # Only the float bias differs from its int32 form (half an accumulator step); one activation code may flip.
+    coarsest = max(quantizer.scale for quantizer in graph.activations)
+    assert np.max(np.abs(actual - expected)) <= coarsest
+
+
+def test_four_bit_weights_use_the_spec_bounds():
+    float_model, result = quantized(weight_bits=4)
+    graph = build_fake_quant_graph(result.qdq_model, result.plan, result.parameters, float_model=float_model)
+    assert {(weight.qmin, weight.qmax) for weight in graph.weights} == {(-7, 7)}
+    bounds = {(attribute.name, attribute.i) for node in graph.model.graph.node if node.op_type == "FakeQuant"
+              for attribute in node.attribute}
+    assert ("quant_min", -7) in bounds and ("quant_max", 7) in bounds
+    feeds = calibration_batches(1, 8, seed=3)[0]
+    coarsest = max(quantizer.scale for quantizer in graph.activations)
+    assert np.max(np.abs(_run(graph.model, feeds) - _run(result.qdq_model, feeds))) <= coarsest
+
+
+def _gradients(model, graph, feeds, tmp_path):
+    config = TrainingConfig(loss="mse", trainable=graph.trainable, learning_rate=1e-3, threads=1)
+    artifacts = build_training_artifacts(graph.model, tmp_path, config)
+    session = TrainingSession(artifacts, config, artifacts.checkpoint)
+    target = np.zeros((feeds["input"].shape[0], 3), np.float32)
+    session.forward_backward(feeds, target)
+    return {name: session.state.parameters[name].grad for name in graph.trainable}
+
+
+def test_straight_through_gradient_is_zero_where_clipped(tmp_path):
+    generator = np.random.default_rng(0)
+    first = generator.uniform(0.5, 1.0, (4, 5))
+    second = generator.standard_normal((5, 3))
+    model = two_layer_mlp(first, second)
+    calibration = [{"input": generator.uniform(-1, 1, (16, 4)).astype(np.float32)}]
+    float_model, result = quantized(model, batches=calibration)
+    # Shrink the grid of the hidden activation to [0, 0.255] (scale 1e-3, zero point 0).
+    qdq = result.qdq_model
+    scale_name = next(node.input[1] for node in qdq.graph.node
+                      if node.op_type == "QuantizeLinear" and node.input[0] == "activated")
+    for tensor in qdq.graph.initializer:
+        if tensor.name == scale_name:
+            tensor.CopyFrom(onnx.numpy_helper.from_array(np.array(1e-3, np.float32), scale_name))
+    # The latent first weight holds one entry far outside its channel's grid: the weight quantizer clips it.
+    latent = onnx.ModelProto()
+    latent.CopyFrom(float_model)
+    clipped_first = first.copy()
+    clipped_first[0, 0] = 50.0
+    latent.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(clipped_first.astype(np.float32), "w1"))
+    graph = build_fake_quant_graph(qdq, result.plan, result.parameters, float_model=latent)
+
+    small = {"input": np.full((1, 4), 0.01, np.float32)}  # hidden ≈ 0.03: inside the activation grid
+    gradients = _gradients(model, graph, small, tmp_path / "in")
+    assert gradients["w1"][0, 0] == 0.0  # clipped weight: no gradient
+    assert np.count_nonzero(gradients["w1"]) == gradients["w1"].size - 1
+    assert np.count_nonzero(gradients["w2"]) > 0
+
+    # hidden ≈ 1.5 for every unit: the activation quantizer clips every element, so nothing flows back to the
+    # first weight, while the second still learns from the saturated activation.
+    large = {"input": np.full((1, 4), 0.5, np.float32)}
+    gradients = _gradients(model, graph, large, tmp_path / "out")
+    assert np.all(gradients["w1"] == 0.0)
+    assert np.count_nonzero(gradients["w2"]) > 0
+    # LSQ: the scale gradient of a clipped element is (qmax - z) · dL/dy, non-zero.
+    activation = graph.activation_of("activated").log_scale
+    assert gradients[activation] != 0.0
