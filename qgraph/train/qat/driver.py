@@ -203,8 +203,12 @@ def run_qat(
         result = trainer.fit(train_source, validation_source, resume_from=True if options.resume else None)
     except _EarlyStop:
         stopped_early = True
+    except BaseException:
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     if result is not None and result.diverged:
-        raise TrainingDivergedError(result.message)
+        raise TrainingDivergedError(result.message)  # the work directory stays: it holds the best checkpoint
     if not trainer.best_checkpoint.exists():
         raise QGraphError(f"QAT wrote no best checkpoint in {work}")
     values = read_checkpoint_parameters(trainer.best_checkpoint, trainable)

@@ -218,14 +218,18 @@ def build_fake_quant_graph(
     *,
     float_model: onnx.ModelProto | None = None,
     learn_scales: bool = True,
+    learn_activation_scales: bool | None = None,
     scale_rate_multiplier: float = 10.0,
 ) -> FakeQuantGraph:
     """The trainable graph for ``qdq_model`` (the QDQ graph ``quantize(lower=False)`` wrote for ``plan``).
 
     ``parameters`` are the calibrated :class:`~qgraph.quant.spec.QuantParams` by tensor name (they give the weight
     specs, whose ``[qmin, qmax]`` the int8 storage of a 4-bit weight cannot tell); ``float_model`` (the canonical FP32
-    model) supplies the starting values of weights and biases.
+    model) supplies the starting values of weights and biases. ``learn_activation_scales`` (default:
+    ``learn_scales``) can keep the activation scales fixed while the weight scales learn.
     """
+    if learn_activation_scales is None:
+        learn_activation_scales = learn_scales
     graph = qdq_model.graph
     initializers = _initializers(qdq_model)
     float_initializers = _initializers(float_model) if float_model is not None else {}
@@ -279,7 +283,7 @@ def build_fake_quant_graph(
     for key, members in group_members.items():
         scale, zero_point, qmin, qmax = group_parameters[key]
         log_scale = None
-        if learn_scales:
+        if learn_activation_scales:
             log_scale, activation_scale_tensor[key] = builder.learnable_scale(key, np.asarray(scale, np.float32))
         activations.append(ActivationQuantizer(
             key=key, tensors=tuple(tensor for tensor, _ in members),
