@@ -104,7 +104,7 @@ def run_setting(path: Path, setting: str, data: dict, arguments) -> list[dict]:
 
 
 def step_cost(path: Path, arguments) -> dict:
-    """Seconds per training step: QAT graph (w4, learnable scales) vs FP32 canonical and FP32 with BatchNorm."""
+    """Seconds per training step: QAT graph (w4; learnable or fixed scales) vs FP32 canonical and FP32 with BatchNorm."""
     from qgraph.quantize import quantize
     from qgraph.train import TrainingConfig
     from qgraph.train.artifacts import build_training_artifacts
@@ -120,34 +120,36 @@ def step_cost(path: Path, arguments) -> dict:
                          quantize_options("w4"), lower=False)
     graph = build_fake_quant_graph(quantized.qdq_model, quantized.plan, quantized.parameters,
                                    float_model=canonical_proto)
+    fixed = build_fake_quant_graph(quantized.qdq_model, quantized.plan, quantized.parameters,
+                                   float_model=canonical_proto, learn_scales=False)
     generator = np.random.default_rng(0)
     feeds = {"input": generator.standard_normal((arguments.batch_size, 1, 28, 28)).astype(np.float32)}
     labels = generator.integers(0, 10, arguments.batch_size).astype(np.int64)
-    timings = {}
-    for name, model, trainable in (("fp32_batchnorm", original, None), ("fp32_canonical", canonical_proto, None),
-                                   ("qat", graph.model, graph.trainable)):
-        config = TrainingConfig(batch_size=arguments.batch_size, learning_rate=1e-4, max_grad_norm=5.0,
-                                threads=arguments.threads, trainable=trainable)
-        with tempfile.TemporaryDirectory(prefix="qgraph-bench-qat-") as directory:
-            artifacts = build_training_artifacts(model, directory, config)
-            session = TrainingSession(artifacts, config, artifacts.checkpoint)
-
-            def step():
-                session.forward_backward(feeds, labels)
-                session.update(1e-4)
-
-            for _ in range(3):
-                step()
-            samples = []
-            for _ in range(arguments.cost_rounds):  # interleaving-free repeats; the median resists a shared CPU
+    sessions = {}
+    with tempfile.TemporaryDirectory(prefix="qgraph-bench-qat-") as directory:
+        for name, model, trainable in (("fp32_batchnorm", original, None), ("fp32_canonical", canonical_proto, None),
+                                       ("qat", graph.model, graph.trainable),
+                                       ("qat_fixed_scales", fixed.model, fixed.trainable)):
+            config = TrainingConfig(batch_size=arguments.batch_size, learning_rate=1e-4, max_grad_norm=5.0,
+                                    threads=arguments.threads, trainable=trainable)
+            artifacts = build_training_artifacts(model, Path(directory) / name, config)
+            sessions[name] = TrainingSession(artifacts, config, artifacts.checkpoint)
+        samples: dict[str, list[float]] = {name: [] for name in sessions}
+        # Rounds interleave the three sessions, so that load from other processes on the shared CPU hits them
+        # alike; the median over rounds is reported.
+        for round_index in range(arguments.cost_rounds + 1):
+            for name, session in sessions.items():
                 started = time.perf_counter()
                 for _ in range(arguments.cost_steps):
-                    step()
-                samples.append((time.perf_counter() - started) / arguments.cost_steps)
-            timings[name] = float(np.median(samples))
+                    session.forward_backward(feeds, labels)
+                    session.update(1e-4)
+                if round_index:  # the first round warms up
+                    samples[name].append((time.perf_counter() - started) / arguments.cost_steps)
+        timings = {name: float(np.median(values)) for name, values in samples.items()}
     result = dict(model=path.stem, batch=arguments.batch_size, **{f"{k}_ms": v * 1000 for k, v in timings.items()})
     result["qat_vs_fp32_canonical"] = timings["qat"] / timings["fp32_canonical"]
     result["qat_vs_fp32_batchnorm"] = timings["qat"] / timings["fp32_batchnorm"]
+    result["qat_fixed_vs_fp32_canonical"] = timings["qat_fixed_scales"] / timings["fp32_canonical"]
     print(f"{path.stem} cost: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in result.items() if k != "model"), flush=True)
     return result
@@ -172,11 +174,12 @@ def markdown(rows: list[dict], costs: list[dict]) -> str:
                      f"{row['epochs']} | {row['seconds']:.0f} |")
     if costs:
         lines += ["", "| model | batch | FP32+BN step ms | FP32 folded step ms | QAT step ms | QAT / FP32 folded | "
-                  "QAT / FP32+BN |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "QAT / FP32+BN | QAT fixed scales / FP32 folded |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for cost in costs:
             lines.append(f"| {cost['model']} | {cost['batch']} | {cost['fp32_batchnorm_ms']:.1f} | "
                          f"{cost['fp32_canonical_ms']:.1f} | {cost['qat_ms']:.1f} | "
-                         f"{cost['qat_vs_fp32_canonical']:.2f}× | {cost['qat_vs_fp32_batchnorm']:.2f}× |")
+                         f"{cost['qat_vs_fp32_canonical']:.2f}× | {cost['qat_vs_fp32_batchnorm']:.2f}× | "
+                         f"{cost['qat_fixed_vs_fp32_canonical']:.2f}× |")
     return "\n".join(lines)
 
 
@@ -194,7 +197,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cost", action="store_true", help="also time one QAT step against one FP32 step")
     parser.add_argument("--cost-only", action="store_true")
-    parser.add_argument("--cost-steps", type=int, default=10)
+    parser.add_argument("--cost-steps", type=int, default=3)
     parser.add_argument("--cost-rounds", type=int, default=5)
     parser.add_argument("--output", type=Path, help="write the rows as JSON here")
     parser.add_argument("--trained-dir", type=Path, default=TRAINED, help="folder of the trained .onnx models")
