@@ -185,6 +185,9 @@ def optimize(
 
     Without --calib: canonicalize (fold constants and BatchNorm, remove Identity and dead nodes, merge bias Adds);
     outputs stay equal to the input model's. With --calib: quantize to INT8 for --target after canonicalizing.
+    With --qat as well: fine-tune the quantized model on --train-data (quantization-aware training with
+    straight-through fake quantization and learnable scales), against --labels KEY or, without labels, against the
+    FP32 model's outputs (--distill); the learned weights and scales are written back before lowering.
 
     \b
     Examples:
