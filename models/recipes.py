@@ -18,8 +18,9 @@ Augmentation (training batches only, per sample, seeded by epoch): with ``horizo
 with probability 1/2; with ``crop_padding = p > 0`` the image is padded by ``p`` pixels of background (the
 normalised value of a black pixel) and a random 28×28 window is cut out, i.e. a shift of up to ``p`` pixels.
 
-The epochs of the bundled recipes are chosen so that each run takes at most about 25 minutes on two shared CPU
-cores (onnxruntime-training 1.19.2); see ``models/trained/README.md`` for what they reached.
+The epochs of the bundled recipes were chosen for a CPU shared with other work (onnxruntime-training 1.19.2, one
+intra-op thread per run: on a busy machine one thread trained the ResNet twice as fast as two spinning threads);
+see ``models/trained/README.md`` for the time they took and the accuracy they reached.
 
 :func:`bundled_data_path` finds the small Fashion-MNIST subsets committed in ``models/data/`` (installed as
 ``qgraph.models/data``), so the bundled example and the tests run without Debian's ``dataset-fashion-mnist``.
@@ -123,23 +124,23 @@ def _architecture() -> tuple[tuple[str, Any], ...]:
 
 
 def resnet_recipe() -> Recipe:
-    """ResNet-style CNN (0.68M parameters): AdamW, three epochs (about 20 minutes on two shared cores)."""
+    """ResNet-style CNN (0.68M parameters): AdamW, three epochs (about 40 minutes on one thread of a shared CPU)."""
     return Recipe(name="resnet", builder=build_resnet, builder_arguments=_architecture(),
                   epochs=3, batch_size=64, learning_rate=2e-3, weight_decay=1e-2, warmup_epochs=0.1,
                   horizontal_flip=True, goal_accuracy=91.0)
 
 
 def mobilenet_v2_recipe() -> Recipe:
-    """MobileNetV2-style CNN (0.15M parameters): AdamW, three epochs (about 15 minutes on two shared cores)."""
+    """MobileNetV2-style CNN (0.15M parameters): AdamW, two epochs (about 20 minutes on one thread of a shared CPU)."""
     return Recipe(name="mobilenet_v2", builder=build_mobilenet_v2, builder_arguments=_architecture(),
-                  epochs=3, batch_size=64, learning_rate=3e-3, weight_decay=1e-2, warmup_epochs=0.1,
+                  epochs=2, batch_size=64, learning_rate=3e-3, weight_decay=1e-2, warmup_epochs=0.1,
                   horizontal_flip=True, goal_accuracy=90.0)
 
 
 def vit_recipe() -> Recipe:
-    """ViT-style transformer (0.14M parameters): AdamW, four epochs (about 20 minutes on two shared cores)."""
+    """ViT-style transformer (0.14M parameters): AdamW, three epochs (about 20 minutes on one thread of a shared CPU)."""
     return Recipe(name="vit", builder=build_vit, builder_arguments=_architecture(),
-                  epochs=4, batch_size=128, learning_rate=1e-3, weight_decay=5e-2, warmup_epochs=0.3,
+                  epochs=3, batch_size=128, learning_rate=1e-3, weight_decay=5e-2, warmup_epochs=0.3,
                   horizontal_flip=True, goal_accuracy=87.0)
 
 

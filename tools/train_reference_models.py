@@ -48,14 +48,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
     parser.add_argument("--output-dir", default=str(REPOSITORY / "models" / "trained"))
     parser.add_argument("--train-limit", type=int, help="train on the first N training images only")
-    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="onnxruntime intra-op threads (on a shared CPU one thread beats two spinning ones)")
     parser.add_argument("--root", help="folder of the Fashion-MNIST IDX files (default: Debian's)")
     parser.add_argument("--write-data", action="store_true",
                         help=f"write the Fashion-MNIST subsets to {DATA_DIRECTORY} and exit (trains nothing)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every 50 steps")
     arguments = parser.parse_args()
+    # force: importing onnxruntime(-training) already put a WARNING handler on the root logger
     logging.basicConfig(level=logging.INFO if arguments.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
 
     if arguments.write_data:
         for path in write_bundled_data(root=arguments.root):
