@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qgraph.calibrate import CalibrationConfig, CalibrationResult, calibrate
+from qgraph.calibrate import CalibrationConfig, CalibrationResult, calibrate, merge_group_ranges
 from qgraph.errors import QGraphError, UnsupportedModelError
 from qgraph.ir.versions import convert_opset
 from qgraph.passes.base import iterate_graphs
@@ -26,6 +26,14 @@ from qgraph.pipeline.manager import PassManager, PassRecord
 from qgraph.pipeline.registry import get_pass
 from qgraph.quant.annotate import AnnotationOverrides, annotate
 from qgraph.quant.plan import QuantPlan
+from qgraph.quant.sensitivity import (
+    DEFAULT_MIN_SQNR_DB,
+    DEFAULT_SENSITIVITY_BATCHES,
+    SensitivityResult,
+    fall_back,
+    retain_batches,
+    validate_min_sqnr,
+)
 from qgraph.quant.spec import QuantParams, compute_quant_params
 from qgraph.targets import TargetOptions, get_target
 
@@ -52,8 +60,18 @@ class QuantizeOptions:
     overrides: AnnotationOverrides = dataclasses.field(default_factory=AnnotationOverrides)
     #: Quantize a model that already holds quantized operators (normally refused).
     requantize: bool = False
+    #: Automatic fallback: layers go back to FP32, most damaging first, until the output SQNR (dB) on the first
+    #: calibration batches reaches this bound; None turns it off (see :mod:`qgraph.quant.sensitivity`).
+    min_sqnr: float | None = DEFAULT_MIN_SQNR_DB
+    #: Calibration batches the sensitivity analysis runs on.
+    sensitivity_batches: int = DEFAULT_SENSITIVITY_BATCHES
+    #: Measure the per-layer sensitivity table even when the bound is met (for a report).
+    sensitivity_table: bool = False
 
     def __post_init__(self) -> None:
+        validate_min_sqnr(self.min_sqnr)
+        if self.sensitivity_batches < 1:
+            raise QGraphError(f"sensitivity_batches must be at least 1, got {self.sensitivity_batches}")
         if self.weight_method not in WEIGHT_METHODS:
             raise QGraphError(f"unknown weight method {self.weight_method!r}; choose one of {', '.join(WEIGHT_METHODS)}")
 
@@ -67,6 +85,8 @@ class QuantizeResult:
     records: tuple[PassRecord, ...]
     #: The QDQ graph before lowering (per-layer error analysis and QAT start from it).
     qdq_model: onnx.ModelProto | None = None
+    #: Output SQNR, per-layer sensitivity and the layers that fell back (None with ``min_sqnr=None``).
+    sensitivity: SensitivityResult | None = None
 
 
 def quantized_operators(model: ir.Model) -> list[str]:
@@ -142,6 +162,9 @@ def quantize(
             "nothing in the model can be quantized for target "
             f"{target.name} ({len(plan.fp32_nodes)} nodes stay FP32)"
         )
+    kept: list[Mapping[str, np.ndarray]] = []
+    if options.min_sqnr is not None:
+        batches = retain_batches(batches, options.sensitivity_batches, kept)
     calibration = calibrate(model, plan, batches, options.calibration, progress=progress)
     parameters = compute_parameters(
         model,
@@ -150,6 +173,10 @@ def quantize(
         per_channel=target.options.per_channel,
         weight_method=options.weight_method,
     )
+    sensitivity = None
+    if options.min_sqnr is not None:
+        plan, parameters, calibration, sensitivity = _fall_back(model, plan, parameters, calibration, kept, options,
+                                                                target)
     insert = get_pass("InsertQuantizeDequantize")(plan=plan, parameters=parameters)
     records = list(PassManager([insert]).run(model).records)
     qdq_model = ir.serde.serialize_model(model)
@@ -157,4 +184,29 @@ def quantize(
         lowering = PassManager([get_pass(name)() for name in target.lowering_passes()], fixed_point=True)
         records.extend(lowering.run(model).records)
         records.extend(PassManager([get_pass("EliminateDeadCode")()]).run(model).records)
-    return QuantizeResult(model, plan, calibration, parameters, tuple(records), qdq_model)
+    return QuantizeResult(model, plan, calibration, parameters, tuple(records), qdq_model, sensitivity)
+
+
+def _fall_back(model, plan, parameters, calibration, batches, options: QuantizeOptions, target):
+    """Automatic fallback by sensitivity; re-planning reuses the calibrated ranges (see qgraph.quant.sensitivity)."""
+    ranges = dict(calibration.ranges)
+    merged: list[dict[str, tuple[float, float]]] = []
+
+    def replan(excluded: frozenset[str]):
+        overrides = dataclasses.replace(options.overrides, exclude=options.overrides.exclude | excluded)
+        new_plan = annotate(model, target.rules(), overrides)
+        missing = [tensor for tensor in new_plan.activations if tensor not in ranges]
+        if missing:
+            logger.info("calibrating %d tensors that the fallback plan quantizes anew", len(missing))
+            restricted = dataclasses.replace(new_plan, activations=tuple(missing), groups=())
+            ranges.update(calibrate(model, restricted, batches, options.calibration).ranges)
+        # A scale group takes the union of its members' ranges (each already a group union: still a valid range).
+        merged[:] = [merge_group_ranges(ranges, new_plan)]
+        return new_plan, compute_parameters(model, new_plan, merged[0], per_channel=target.options.per_channel,
+                                            weight_method=options.weight_method)
+
+    outcome = fall_back(model, plan, parameters, batches, min_sqnr=options.min_sqnr, replan=replan,
+                        full_table=options.sensitivity_table, threads=options.calibration.threads)
+    if outcome.sensitivity.fell_back:
+        calibration = dataclasses.replace(calibration, ranges=merged[0])
+    return outcome.plan, outcome.parameters, calibration, outcome.sensitivity

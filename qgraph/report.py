@@ -6,6 +6,9 @@
   hurts; 30 dB is about 3% relative error.
 - **Output SQNR** of every graph output, FP32 vs the final (lowered) model.
 - **Coverage**: which nodes stayed FP32 and why.
+- **Sensitivity** (automatic fallback, :mod:`qgraph.quant.sensitivity`): each layer's single-layer output SQNR (the
+  model with only that layer quantized), the output SQNR before and after fallback against the bound, and the layers
+  that went back to FP32, most damaging first.
 - **Size** of the serialized model before and after; **latency**: median batch-1 run time in onnxruntime with full
   graph optimisation, both models measured in the same process, alternating, to keep machine noise out of the ratio.
 """
@@ -27,6 +30,7 @@ from qgraph import runtime
 from qgraph.calibrate import build_probe
 from qgraph.errors import QGraphError
 from qgraph.quant.numerics import sqnr_db
+from qgraph.quant.sensitivity import SensitivityResult
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,8 @@ class QuantizationReport:
     size_after: int
     latency_before_ms: float | None
     latency_after_ms: float | None
+    #: Sensitivity analysis and automatic fallback (None when --min-sqnr is off).
+    sensitivity: SensitivityResult | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -79,6 +85,8 @@ class QuantizationReport:
         if self.fp32_nodes:
             lines += ["| node | why it stays FP32 |", "| --- | --- |"]
             lines += [f"| {name} | {reason} |" for name, reason in self.fp32_nodes.items()]
+        if self.sensitivity is not None:
+            lines += ["", *sensitivity_markdown(self.sensitivity)]
         lines += ["", "## Per-layer SQNR (quantized activation vs FP32)", "", "| tensor | producer | SQNR (dB) |",
                   "| --- | --- | ---: |"]
         lines += [f"| {layer.tensor} | {layer.producer} | {layer.sqnr_db:.1f} |" for layer in self.layers]
@@ -90,6 +98,29 @@ class QuantizationReport:
             raise QGraphError(f"{path}: the report must be a .md or .json file")
         path.write_text(self.to_json() if path.suffix == ".json" else self.to_markdown())
         return path
+
+
+def sensitivity_markdown(sensitivity: SensitivityResult) -> list[str]:
+    """The automatic-fallback section: bound, output SQNR before and after, what fell back and the per-layer table."""
+    lines = [
+        f"## Sensitivity and automatic fallback (bound {sensitivity.min_sqnr_db:g} dB)",
+        "",
+        f"Output SQNR on {sensitivity.batches} calibration batches: fully quantized {sensitivity.output_sqnr_db:.1f} dB, "
+        f"as written {sensitivity.final_output_sqnr_db:.1f} dB"
+        + ("" if sensitivity.bound_met else " (still below the bound)") + ".",
+        "",
+    ]
+    if sensitivity.fell_back:
+        lines += [f"{len(sensitivity.fell_back)} layers fell back to FP32, most damaging first: "
+                  + ", ".join(sensitivity.fell_back) + ".", ""]
+    else:
+        lines += ["No layer fell back to FP32.", ""]
+    if sensitivity.layers:
+        lines += ["| layer | op | output SQNR with only this layer quantized (dB) | fell back |",
+                  "| --- | --- | ---: | :---: |"]
+        lines += [f"| {layer.node} | {layer.op_type} | {layer.output_sqnr_db:.1f} | {'yes' if layer.fell_back else 'no'} |"
+                  for layer in sensitivity.layers]
+    return lines
 
 
 def _producers(proto: onnx.ModelProto) -> dict[str, str]:
@@ -204,4 +235,5 @@ def build_report(
         size_after=quantized_model.ByteSize(),
         latency_before_ms=before,
         latency_after_ms=after,
+        sensitivity=getattr(result, "sensitivity", None),
     )

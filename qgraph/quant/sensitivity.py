@@ -1,0 +1,435 @@
+"""Sensitivity analysis and automatic fallback: find the quantized layers that break the outputs, put them back to FP32.
+
+**Layers.** A *layer* is a node of ``plan.quantized_nodes`` (a Conv/ConvTranspose/Gemm/MatMul, an Add/Mul, a Concat,
+a pass-through or an own-range op) with the quantization it is responsible for; a Relu/Clip fused into its producer
+belongs to its producer's layer. A layer ``N`` owns
+
+- its weight and its bias (the ``WeightPlan``/``BiasPlan`` whose consumer is ``N``),
+- every *edge* ``t → N`` from an annotated activation ``t`` into ``N`` (its quantized inputs),
+- every edge ``o → M`` out of its annotated output ``o`` (the fused activation's output for a fused Conv+Relu): its
+  output as its consumers see it.
+
+An edge ``t → M`` is owned by the layer that produces ``t`` and by ``M`` when ``M`` is a layer, and is quantized when
+either owner is. "Only layer ``N`` quantized" then means: its inputs, weight, bias and output as the plan says, every
+other tensor in FP32, scale groups with their shared (scale, zero point). That is what ``N`` changes: excluding ``N``
+(``AnnotationOverrides.exclude``) leaves an input or output of ``N`` quantized only where another layer still wants it.
+
+**One switchable graph.** ONNX has no switch, so the enable flags become a graph input ``e ∈ {0,1}^L`` (bool) and the
+QDQ graph that ``InsertQuantizeDequantize`` writes gets a selection on every quantized edge::
+
+    x̃ = Where(e_p ∨ e_c, DQ(Q(x; s, z)), x)        activation x on an edge owned by layers p (producer), c (consumer)
+    W̃ = Where(e_N, DQ(W_q; s_w, z_w), W)           weight (and likewise bias) of layer N
+
+``Where`` selects without arithmetic, so ``e = 1`` is the QDQ model bit for bit and ``e = 0`` the FP32 model bit for
+bit (``x + e·(DQ(Q(x)) − x)`` would be off by an ulp). With outputs ``y_o`` (FP32) and ``ŷ_o(e)`` over ``B``
+calibration batches, the output SQNR is the worst float output::
+
+    SQNR(e) = min_o 10·log10( Σ y_o² / Σ (y_o − ŷ_o(e))² )      (sums over the B batches, float64)
+
+and the sensitivity of layer ``k`` is ``S_k = SQNR(one_hot(k))``.
+
+**Cost.** One graph copy, one onnxruntime session, and ``(L + 2)·B`` runs (reference, fully quantized, one per layer)
+of a graph that costs about as much as the QDQ model (every Q/DQ and Where is computed whatever the flags). One QDQ
+model per layer would need ``L`` graph copies, serialisations and session initialisations for the same runs. When
+the fully quantized model already meets the bound the per-layer runs are skipped (``2·B`` runs in all) unless the
+table is asked for (a report).
+
+**Fallback.** When ``SQNR(1) < bound``: order the layers by ``S_k`` ascending (most damaging first), then
+
+1. *estimate* in the same session: disable them one at a time, cumulatively, until ``SQNR(e) ≥ bound`` (``≤ L·B`` runs);
+2. *verify*: re-annotate with those nodes excluded, reuse the calibrated ranges (a tensor that stays annotated keeps
+   its range; a scale group keeps the union of its former ranges, which still contains every member's values; a
+   tensor the new plan annotates for the first time is calibrated on the retained batches), recompute parameters,
+   write the real QDQ graph and measure it; while it misses the bound, exclude the next layer and measure again.
+
+Layers without a name (or sharing one) cannot be excluded by name and are never candidates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qgraph import runtime
+from qgraph.errors import QGraphError
+from qgraph.quant.plan import QuantPlan
+
+logger = logging.getLogger(__name__)
+
+#: Default bound on the output SQNR (dB). A model whose int8 quantization works keeps its outputs well above it
+#: (8-bit CNNs and transformers give 20–40 dB, see tools/bench_sensitivity.py); a layer that destroys the output
+#: brings it near or below 0 dB. 10 dB (noise power a tenth of the signal, ~32% RMS error) sits between the two, so
+#: the default changes nothing on healthy models — even 4-bit or per-tensor weights usually stay above it — and
+#: rescues a model that one layer breaks.
+DEFAULT_MIN_SQNR_DB = 10.0
+#: Calibration batches kept for the analysis.
+DEFAULT_SENSITIVITY_BATCHES = 4
+#: Largest accepted bound: int8 cannot reach it, so a higher value only means "everything FP32".
+MAXIMUM_MIN_SQNR_DB = 100.0
+
+ENABLE_INPUT = "qgraph_sensitivity_enable"
+_FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
+_FLOAT_OUTPUT_TYPES = frozenset({"tensor(float)", "tensor(double)", "tensor(float16)"})
+
+
+def validate_min_sqnr(value: float | None) -> float | None:
+    """``value`` as a bound in dB, or None (off); refuses NaN, infinities and values outside (0, 100]."""
+    if value is None:
+        return None
+    try:
+        bound = float(value)
+    except (TypeError, ValueError):
+        raise QGraphError(f"--min-sqnr must be a number of dB or 'off', got {value!r}") from None
+    if not math.isfinite(bound) or not 0.0 < bound <= MAXIMUM_MIN_SQNR_DB:
+        raise QGraphError(
+            f"--min-sqnr must be a finite bound in (0, {MAXIMUM_MIN_SQNR_DB:g}] dB or 'off', got {value!r}"
+        )
+    return bound
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A quantized node and the quantization it owns (see the module docstring)."""
+
+    node: str
+    op_type: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    constants: tuple[str, ...]
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        return self.inputs + self.constants + self.outputs
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSensitivity:
+    node: str
+    op_type: str
+    tensors: tuple[str, ...]
+    #: Output SQNR (dB) of the model with only this layer quantized.
+    output_sqnr_db: float
+    fell_back: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityResult:
+    min_sqnr_db: float
+    #: Output SQNR (dB) of the fully quantized model (before any fallback).
+    output_sqnr_db: float
+    #: Output SQNR (dB) of the model as finally quantized (after fallback).
+    final_output_sqnr_db: float
+    #: Per-layer sensitivity in graph order (empty when the bound was met and no table was asked for).
+    layers: tuple[LayerSensitivity, ...]
+    #: Nodes put back to FP32, most damaging first.
+    fell_back: tuple[str, ...]
+    batches: int
+    seconds: float
+
+    @property
+    def bound_met(self) -> bool:
+        return self.final_output_sqnr_db >= self.min_sqnr_db
+
+    def reason(self, node: str) -> str:
+        sqnr = next(layer.output_sqnr_db for layer in self.layers if layer.node == node)
+        return (
+            f"fell back to FP32: alone it brought output SQNR to {sqnr:.1f} dB (bound {self.min_sqnr_db:g} dB; "
+            f"fully quantized {self.output_sqnr_db:.1f} dB)"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class FallbackOutcome:
+    plan: QuantPlan
+    parameters: Mapping[str, object]
+    sensitivity: SensitivityResult
+
+
+def retain_batches(batches: Iterable[Mapping[str, np.ndarray]], count: int, kept: list) -> Iterator:
+    """Yield ``batches`` unchanged, appending copies of the first ``count`` to ``kept`` (calibration streams once)."""
+    for index, batch in enumerate(batches):
+        if index < count:
+            kept.append({name: np.array(array) for name, array in batch.items()})
+        yield batch
+
+
+def find_layers(model: ir.Model, plan: QuantPlan) -> tuple[Layer, ...]:
+    """The layers of ``plan`` in graph order (fused activations folded into their producer)."""
+    quantized = set(plan.quantized_nodes)
+    annotated = set(plan.activations)
+    fused_into: dict[int, ir.Node] = {}
+    for node in model.graph:
+        if node.op_type in _FUSED_ACTIVATIONS and node.name in quantized and node.inputs and node.inputs[0] is not None:
+            producer = node.inputs[0].producer()
+            if producer is not None and producer.name in quantized and producer.op_type not in _FUSED_ACTIVATIONS:
+                fused_into[id(producer)] = node
+    fused_nodes = {id(node) for node in fused_into.values()}
+    constants: dict[str, list[str]] = {}
+    for entry in (*plan.weights, *plan.biases):
+        constants.setdefault(entry.consumer, []).append(entry.name)
+    layers = []
+    for node in model.graph:
+        if node.name not in quantized or id(node) in fused_nodes:
+            continue
+        inputs = _unique(value.name for value in node.inputs if value is not None and value.name in annotated)
+        produced = list(node.outputs)
+        if id(node) in fused_into:
+            produced += list(fused_into[id(node)].outputs)
+        outputs = _unique(value.name for value in produced if value.name in annotated)
+        layers.append(Layer(node.name, node.op_type, inputs, outputs, tuple(constants.get(node.name, ()))))
+    return tuple(layers)
+
+
+def _unique(names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def build_qdq(model: ir.Model, plan: QuantPlan, parameters: Mapping[str, object]) -> ir.Model:
+    """A copy of the float ``model`` with ``plan`` written as QDQ (the original is left untouched)."""
+    from qgraph.pipeline.registry import get_pass
+
+    working = copy_model(model)
+    get_pass("InsertQuantizeDequantize")(plan=plan, parameters=parameters)(working)
+    return working
+
+
+def build_switchable_model(
+    model: ir.Model, plan: QuantPlan, parameters: Mapping[str, object], layers: Sequence[Layer]
+) -> onnx.ModelProto:
+    """The QDQ graph of ``plan`` whose quantization is selected per layer by the bool input ``ENABLE_INPUT``."""
+    working = build_qdq(model, plan, parameters)
+    graph = working.graph
+    layer_of_node = {layer.node: index for index, layer in enumerate(layers)}
+    for node in model.graph:  # a fused Relu/Clip belongs to its producer's layer
+        if node.op_type in _FUSED_ACTIVATIONS and node.name not in layer_of_node and node.inputs:
+            producer = node.inputs[0].producer() if node.inputs[0] is not None else None
+            if producer is not None and producer.name in layer_of_node and node.name in plan.quantized_nodes:
+                layer_of_node[node.name] = layer_of_node[producer.name]
+    producer_layer = {tensor: index for index, layer in enumerate(layers) for tensor in layer.outputs}
+    constant_names = {entry.name for entry in (*plan.weights, *plan.biases)}
+
+    enable = ir.Value(name=ENABLE_INPUT, type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([len(layers)]))
+    graph.inputs.append(enable)
+    flags: dict[frozenset[int], ir.Value] = {}
+    flag_nodes: list[ir.Node] = []
+
+    def flag(owners: frozenset[int]) -> ir.Value:
+        if owners in flags:
+            return flags[owners]
+        ordered = sorted(owners)
+        if len(ordered) == 1:
+            index = _initializer(graph, f"qgraph_sensitivity_index_{ordered[0]}", np.array(ordered[0], np.int64))
+            node = ir.node("Gather", [enable, index], {"axis": 0}, name=f"qgraph_sensitivity_flag_{ordered[0]}")
+        else:
+            node = ir.node("Or", [flag(frozenset(ordered[:-1])), flag(frozenset(ordered[-1:]))],
+                           name="qgraph_sensitivity_flag_" + "_".join(map(str, ordered)))
+        node.outputs[0].name = node.name
+        node.outputs[0].type = ir.TensorType(ir.DataType.BOOL)
+        node.outputs[0].shape = ir.Shape([])
+        flag_nodes.append(node)
+        flags[owners] = node.outputs[0]
+        return node.outputs[0]
+
+    def main_graph_layer(user: ir.Node) -> int | None:
+        return layer_of_node.get(user.name) if user.graph is graph else None
+
+    switches = 0
+    for dequantize in [node for node in graph if node.op_type == "DequantizeLinear"]:
+        dequantized = dequantize.outputs[0]
+        name = dequantized.name.removesuffix("_dequantized")
+        if name in plan.activations:
+            quantize = dequantize.inputs[0].producer()
+            if quantize is None or quantize.op_type != "QuantizeLinear":
+                continue
+            float_value = quantize.inputs[0]
+            produced_by = producer_layer.get(name)
+        elif name in constant_names:
+            float_value = _float_constant(graph, model, name)
+            produced_by = None
+        else:
+            continue
+        groups: dict[frozenset[int], list[tuple[ir.Node, int]]] = {}
+        for user, index in list(dequantized.uses()):
+            owners = {produced_by, main_graph_layer(user)} - {None}
+            groups.setdefault(frozenset(owners), []).append((user, index))
+        for owners, uses in groups.items():
+            if not owners:
+                logger.debug("edge of %s into %s belongs to no layer: measured in FP32", name, uses[0][0].name)
+                replacement = float_value
+            else:
+                where = ir.node("Where", [flag(owners), dequantized, float_value],
+                                name=f"{dequantized.name}_switch_{len(flags)}_{switches}")
+                switches += 1
+                where.outputs[0].name = where.name
+                where.outputs[0].type = float_value.type
+                where.outputs[0].shape = float_value.shape
+                graph.insert_after(dequantize, where)
+                replacement = where.outputs[0]
+            for user, index in uses:
+                user.replace_input_with(index, replacement)
+    if flag_nodes:
+        graph.insert_before(graph[0], flag_nodes)
+    logger.debug("switchable model: %d layers, %d switches", len(layers), switches)
+    return ir.serde.serialize_model(working)
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.type = ir.TensorType(value.const_value.dtype)
+    value.shape = ir.Shape(array.shape)
+    graph.register_initializer(value)
+    return value
+
+
+def _float_constant(graph: ir.Graph, model: ir.Model, name: str) -> ir.Value:
+    """The float weight/bias ``name`` in ``graph``, registered again from ``model`` when QDQ dropped it."""
+    if name in graph.initializers:
+        return graph.initializers[name]
+    original = model.graph.initializers[name]
+    value = ir.Value(name=name, const_value=original.const_value)
+    value.type = original.type
+    value.shape = original.shape
+    graph.register_initializer(value)
+    return value
+
+
+class OutputComparison:
+    """Float outputs of a session on fixed batches, compared with reference outputs as one SQNR (worst output)."""
+
+    def __init__(self, proto: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]], *,
+                 threads: int | None = None, extra_feeds: Mapping[str, np.ndarray] | None = None) -> None:
+        self.session = runtime.create_session(proto, threads=threads)
+        self.output_names = [output.name for output in self.session.get_outputs() if output.type in _FLOAT_OUTPUT_TYPES]
+        names = [model_input.name for model_input in self.session.get_inputs()]
+        self.feeds = [{name: batch[name] for name in names if name in batch} for batch in batches]
+        self.extra_feeds = dict(extra_feeds or {})
+
+    def outputs(self, extra: Mapping[str, np.ndarray] | None = None) -> list[list[np.ndarray]]:
+        return [self.session.run(self.output_names, {**feeds, **self.extra_feeds, **(extra or {})})
+                for feeds in self.feeds]
+
+    def sqnr(self, reference: list[list[np.ndarray]], extra: Mapping[str, np.ndarray] | None = None) -> float:
+        return output_sqnr(reference, self.outputs(extra))
+
+
+def output_sqnr(reference: list[list[np.ndarray]], approximation: list[list[np.ndarray]]) -> float:
+    """The worst float output's SQNR (dB), each output's signal and noise summed over all batches."""
+    if not reference or not reference[0]:
+        return float("inf")
+    signal = np.zeros(len(reference[0]))
+    noise = np.zeros(len(reference[0]))
+    for expected_batch, actual_batch in zip(reference, approximation):
+        for index, (expected, actual) in enumerate(zip(expected_batch, actual_batch)):
+            expected = np.asarray(expected, dtype=np.float64)
+            error = expected - np.asarray(actual, dtype=np.float64)
+            signal[index] += float(np.sum(np.square(expected)))
+            noise[index] += float(np.sum(np.square(error))) if np.all(np.isfinite(error)) else float("inf")
+    values = [_ratio_db(s, n) for s, n in zip(signal, noise)]
+    return min(values)
+
+
+def _ratio_db(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0 or math.isinf(noise):
+        return float("-inf")
+    return 10.0 * math.log10(signal / noise)
+
+
+def fall_back(
+    model: ir.Model,
+    plan: QuantPlan,
+    parameters: Mapping[str, object],
+    batches: Sequence[Mapping[str, np.ndarray]],
+    *,
+    min_sqnr: float,
+    replan: Callable[[frozenset[str]], tuple[QuantPlan, Mapping[str, object]]],
+    full_table: bool = False,
+    threads: int | None = None,
+) -> FallbackOutcome:
+    """Measure ``plan`` against ``min_sqnr`` and put layers back to FP32, most damaging first, until it is met.
+
+    ``replan(excluded)`` returns the plan and parameters with the named nodes excluded (ranges reused). With
+    ``full_table`` the per-layer sensitivity is measured even when the fully quantized model meets the bound.
+    """
+    start = time.perf_counter()
+    if not batches:
+        raise QGraphError("sensitivity analysis needs at least one calibration batch")
+    layers = find_layers(model, plan)
+    switchable = build_switchable_model(model, plan, parameters, layers)
+    comparison = OutputComparison(switchable, batches, threads=threads)
+
+    def run_with(enabled: np.ndarray) -> dict[str, np.ndarray]:
+        return {ENABLE_INPUT: enabled.astype(bool)}
+
+    reference = comparison.outputs(run_with(np.zeros(len(layers), bool)))
+    whole = comparison.sqnr(reference, run_with(np.ones(len(layers), bool)))
+    needed = whole < min_sqnr
+    logger.info("output SQNR of the fully quantized model: %.1f dB (bound %g dB)", whole, min_sqnr)
+    single: list[float] = []
+    if needed or full_table:
+        for index in range(len(layers)):
+            one_hot = np.zeros(len(layers), bool)
+            one_hot[index] = True
+            single.append(comparison.sqnr(reference, run_with(one_hot)))
+    if not needed:
+        result = _result(layers, single, (), min_sqnr, whole, whole, len(batches), start)
+        return FallbackOutcome(plan, parameters, result)
+
+    names = [layer.node for layer in layers]
+    candidates = sorted(
+        (index for index, layer in enumerate(layers)
+         if layer.tensors and layer.node and names.count(layer.node) == 1),
+        key=lambda index: (single[index], index),
+    )
+    enabled = np.ones(len(layers), bool)
+    count = 0
+    for index in candidates:
+        enabled[index] = False
+        count += 1
+        estimate = comparison.sqnr(reference, run_with(enabled))
+        logger.debug("estimate without %d most damaging layers: %.1f dB", count, estimate)
+        if estimate >= min_sqnr:
+            break
+    del comparison
+    current_plan, current_parameters, final = plan, parameters, whole
+    while count:
+        excluded = frozenset(layers[index].node for index in candidates[:count])
+        current_plan, current_parameters = replan(excluded)
+        qdq = ir.serde.serialize_model(build_qdq(model, current_plan, current_parameters))
+        final = OutputComparison(qdq, batches, threads=threads).sqnr(reference)
+        logger.info("with %d layers in FP32 the output SQNR is %.1f dB", count, final)
+        if final >= min_sqnr or count == len(candidates):
+            break
+        count += 1
+    fallen = tuple(layers[index].node for index in candidates[:count])
+    if final < min_sqnr:
+        logger.warning("output SQNR %.1f dB is still below the bound of %g dB with every layer candidate in FP32",
+                       final, min_sqnr)
+    result = _result(layers, single, fallen, min_sqnr, whole, final, len(batches), start)
+    reasons = dict(current_plan.fp32_nodes)
+    for node in fallen:
+        reasons[node] = result.reason(node)
+    current_plan = dataclasses.replace(current_plan, fp32_nodes=reasons)
+    logger.info("%d layers fell back to FP32 (%s): output SQNR %.1f -> %.1f dB",
+                len(fallen), ", ".join(fallen), whole, final)
+    return FallbackOutcome(current_plan, current_parameters, result)
+
+
+def _result(layers, single, fallen, min_sqnr, whole, final, batches, start) -> SensitivityResult:
+    rows = tuple(
+        LayerSensitivity(layer.node, layer.op_type, layer.tensors, value, layer.node in fallen)
+        for layer, value in zip(layers, single)
+    )
+    return SensitivityResult(min_sqnr, whole, final, rows, tuple(fallen), batches, time.perf_counter() - start)
