@@ -111,7 +111,8 @@ def sensitivity_markdown(sensitivity: SensitivityResult) -> list[str]:
         "",
     ]
     if sensitivity.fell_back:
-        lines += [f"{len(sensitivity.fell_back)} layers fell back to FP32, most damaging first: "
+        count = len(sensitivity.fell_back)
+        lines += [f"{count} layer{'s' if count != 1 else ''} fell back to FP32, most damaging first: "
                   + ", ".join(sensitivity.fell_back) + ".", ""]
     else:
         lines += ["No layer fell back to FP32.", ""]
