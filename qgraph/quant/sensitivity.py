@@ -1,24 +1,24 @@
 """Sensitivity analysis and automatic fallback: find the quantized layers that break the outputs, put them back to FP32.
 
 **Layers.** A *layer* is a node of ``plan.quantized_nodes`` (a Conv/ConvTranspose/Gemm/MatMul, an Add/Mul, a Concat,
-a pass-through or an own-range op) with the quantization it is responsible for; a Relu/Clip fused into its producer
-belongs to its producer's layer. A layer ``N`` owns
+a pass-through or an own-range op, in the main graph or an If branch) with the quantization it is responsible for; a
+Relu/Clip fused into its producer belongs to its producer's layer. A layer ``N`` owns
 
 - its weight and its bias (the ``WeightPlan``/``BiasPlan`` whose consumer is ``N``),
-- every *edge* ``t → N`` from an annotated activation ``t`` into ``N`` (its quantized inputs),
-- every edge ``o → M`` out of its annotated output ``o`` (the fused activation's output for a fused Conv+Relu): its
-  output as its consumers see it.
+- the annotated activations it reads (its quantized inputs) and writes (its output; for a fused Conv+Relu, the
+  Relu's output).
 
-An edge ``t → M`` is owned by the layer that produces ``t`` and by ``M`` when ``M`` is a layer, and is quantized when
-either owner is. "Only layer ``N`` quantized" then means: its inputs, weight, bias and output as the plan says, every
-other tensor in FP32, scale groups with their shared (scale, zero point). That is what ``N`` changes: excluding ``N``
-(``AnnotationOverrides.exclude``) leaves an input or output of ``N`` quantized only where another layer still wants it.
+An activation read or written by several layers (a residual branch, a Concat input) is owned by each of them and is
+quantized — for every reader, as in the QDQ graph — when any owner is. "Only layer ``N`` quantized" is then the plan
+with every other layer excluded: ``N``'s inputs, weight, bias and output as the plan says, everything else FP32, scale
+groups with their shared (scale, zero point). Excluding ``N`` (``AnnotationOverrides.exclude``) likewise leaves one of
+its tensors quantized exactly when another layer still owns it.
 
 **One switchable graph.** ONNX has no switch, so the enable flags become a graph input ``e ∈ {0,1}^L`` (bool) and the
-QDQ graph that ``InsertQuantizeDequantize`` writes gets a selection on every quantized edge::
+QDQ graph that ``InsertQuantizeDequantize`` writes gets a selection after every DequantizeLinear::
 
-    x̃ = Where(e_p ∨ e_c, DQ(Q(x; s, z)), x)        activation x on an edge owned by layers p (producer), c (consumer)
-    W̃ = Where(e_N, DQ(W_q; s_w, z_w), W)           weight (and likewise bias) of layer N
+    x̃ = Where(e_a ∨ e_b ∨ …, DQ(Q(x; s, z)), x)     activation x owned by layers a, b, …
+    W̃ = Where(e_N, DQ(W_q; s_w, z_w), W)            weight (and likewise bias) of layer N
 
 ``Where`` selects without arithmetic, so ``e = 1`` is the QDQ model bit for bit and ``e = 0`` the FP32 model bit for
 bit (``x + e·(DQ(Q(x)) − x)`` would be off by an ulp). With outputs ``y_o`` (FP32) and ``ŷ_o(e)`` over ``B``
@@ -26,7 +26,8 @@ calibration batches, the output SQNR is the worst float output::
 
     SQNR(e) = min_o 10·log10( Σ y_o² / Σ (y_o − ŷ_o(e))² )      (sums over the B batches, float64)
 
-and the sensitivity of layer ``k`` is ``S_k = SQNR(one_hot(k))``.
+and the sensitivity of layer ``k`` is ``S_k = SQNR(one_hot(k))``. (LSTMs planned for DynamicQuantizeLSTM are not
+Q/DQ and stay FP32 in the analysis.)
 
 **Cost.** One graph copy, one onnxruntime session, and ``(L + 2)·B`` runs (reference, fully quantized, one per layer)
 of a graph that costs about as much as the QDQ model (every Q/DQ and Where is computed whatever the flags). One QDQ
@@ -165,7 +166,7 @@ def find_layers(model: ir.Model, plan: QuantPlan) -> tuple[Layer, ...]:
     quantized = set(plan.quantized_nodes)
     annotated = set(plan.activations)
     fused_into: dict[int, ir.Node] = {}
-    for node in model.graph:
+    for node in model.graph.all_nodes():
         if node.op_type in _FUSED_ACTIVATIONS and node.name in quantized and node.inputs and node.inputs[0] is not None:
             producer = node.inputs[0].producer()
             if producer is not None and producer.name in quantized and producer.op_type not in _FUSED_ACTIVATIONS:
@@ -175,7 +176,7 @@ def find_layers(model: ir.Model, plan: QuantPlan) -> tuple[Layer, ...]:
     for entry in (*plan.weights, *plan.biases):
         constants.setdefault(entry.consumer, []).append(entry.name)
     layers = []
-    for node in model.graph:
+    for node in model.graph.all_nodes():
         if node.name not in quantized or id(node) in fused_nodes:
             continue
         inputs = _unique(value.name for value in node.inputs if value is not None and value.name in annotated)
@@ -210,24 +211,20 @@ def build_switchable_model(
     """The QDQ graph of ``plan`` whose quantization is selected per layer by the bool input ``ENABLE_INPUT``."""
     working = build_qdq(model, plan, parameters)
     graph = working.graph
-    layer_of_node = {layer.node: index for index, layer in enumerate(layers)}
-    for node in model.graph:  # a fused Relu/Clip belongs to its producer's layer
-        if node.op_type in _FUSED_ACTIVATIONS and node.name not in layer_of_node and node.inputs:
-            producer = node.inputs[0].producer() if node.inputs[0] is not None else None
-            if producer is not None and producer.name in layer_of_node and node.name in plan.quantized_nodes:
-                layer_of_node[node.name] = layer_of_node[producer.name]
-    producer_layer = {tensor: index for index, layer in enumerate(layers) for tensor in layer.outputs}
-    constant_names = {entry.name for entry in (*plan.weights, *plan.biases)}
+    owners: dict[str, set[int]] = {}
+    for index, layer in enumerate(layers):
+        for tensor in layer.tensors:
+            owners.setdefault(tensor, set()).add(index)
 
     enable = ir.Value(name=ENABLE_INPUT, type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([len(layers)]))
     graph.inputs.append(enable)
     flags: dict[frozenset[int], ir.Value] = {}
     flag_nodes: list[ir.Node] = []
 
-    def flag(owners: frozenset[int]) -> ir.Value:
-        if owners in flags:
-            return flags[owners]
-        ordered = sorted(owners)
+    def flag(members: frozenset[int]) -> ir.Value:
+        if members in flags:
+            return flags[members]
+        ordered = sorted(members)
         if len(ordered) == 1:
             index = _initializer(graph, f"qgraph_sensitivity_index_{ordered[0]}", np.array(ordered[0], np.int64))
             node = ir.node("Gather", [enable, index], {"axis": 0}, name=f"qgraph_sensitivity_flag_{ordered[0]}")
@@ -238,49 +235,43 @@ def build_switchable_model(
         node.outputs[0].type = ir.TensorType(ir.DataType.BOOL)
         node.outputs[0].shape = ir.Shape([])
         flag_nodes.append(node)
-        flags[owners] = node.outputs[0]
+        flags[members] = node.outputs[0]
         return node.outputs[0]
 
-    def main_graph_layer(user: ir.Node) -> int | None:
-        return layer_of_node.get(user.name) if user.graph is graph else None
-
-    switches = 0
-    for dequantize in [node for node in graph if node.op_type == "DequantizeLinear"]:
+    constant_names = {entry.name for entry in (*plan.weights, *plan.biases)}
+    unowned = []
+    # Every graph: If branches hold quantized tensors too; the flags, computed in the main graph, reach them as
+    # outer-scope values.
+    for dequantize in [node for node in graph.all_nodes() if node.op_type == "DequantizeLinear"]:
         dequantized = dequantize.outputs[0]
         name = dequantized.name.removesuffix("_dequantized")
-        if name in plan.activations:
+        if name in constant_names:
+            float_value = _float_constant(dequantize.graph, model, name)
+        elif name in plan.activations:
             quantize = dequantize.inputs[0].producer()
             if quantize is None or quantize.op_type != "QuantizeLinear":
                 continue
             float_value = quantize.inputs[0]
-            produced_by = producer_layer.get(name)
-        elif name in constant_names:
-            float_value = _float_constant(graph, model, name)
-            produced_by = None
         else:
             continue
-        groups: dict[frozenset[int], list[tuple[ir.Node, int]]] = {}
-        for user, index in list(dequantized.uses()):
-            owners = {produced_by, main_graph_layer(user)} - {None}
-            groups.setdefault(frozenset(owners), []).append((user, index))
-        for owners, uses in groups.items():
-            if not owners:
-                logger.debug("edge of %s into %s belongs to no layer: measured in FP32", name, uses[0][0].name)
-                replacement = float_value
-            else:
-                where = ir.node("Where", [flag(owners), dequantized, float_value],
-                                name=f"{dequantized.name}_switch_{len(flags)}_{switches}")
-                switches += 1
-                where.outputs[0].name = where.name
-                where.outputs[0].type = float_value.type
-                where.outputs[0].shape = float_value.shape
-                graph.insert_after(dequantize, where)
-                replacement = where.outputs[0]
-            for user, index in uses:
-                user.replace_input_with(index, replacement)
+        if not owners.get(name):
+            unowned.append(name)  # stays quantized in every run, like in the QDQ model
+            continue
+        uses = list(dequantized.uses())
+        where = ir.node("Where", [flag(frozenset(owners[name])), dequantized, float_value],
+                        name=f"{dequantized.name}_switch")
+        where.outputs[0].name = where.name
+        where.outputs[0].type = float_value.type
+        where.outputs[0].shape = float_value.shape
+        dequantize.graph.insert_after(dequantize, where)
+        for user, index in uses:
+            user.replace_input_with(index, where.outputs[0])
+    if unowned:
+        logger.warning("%d quantized tensors belong to no layer and stay quantized in the analysis: %s",
+                       len(unowned), ", ".join(unowned[:5]))
     if flag_nodes:
         graph.insert_before(graph[0], flag_nodes)
-    logger.debug("switchable model: %d layers, %d switches", len(layers), switches)
+    logger.debug("switchable model: %d layers, %d flags", len(layers), len(flags))
     return ir.serde.serialize_model(working)
 
 
@@ -296,7 +287,8 @@ def _float_constant(graph: ir.Graph, model: ir.Model, name: str) -> ir.Value:
     """The float weight/bias ``name`` in ``graph``, registered again from ``model`` when QDQ dropped it."""
     if name in graph.initializers:
         return graph.initializers[name]
-    original = model.graph.initializers[name]
+    original = next(initializers[name] for initializers in (each.initializers for each in model.graphs())
+                    if name in initializers)
     value = ir.Value(name=name, const_value=original.const_value)
     value.type = original.type
     value.shape = original.shape
