@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,11 +39,14 @@ logger = logging.getLogger(__name__)
 #: after LiftConstants and FoldConstants because they read eps, gamma, beta, axes and the GELU constants only as
 #: initializers (an exporter's Constant nodes or Sqrt(2.0) subgraphs become initializers there; folding never
 #: touches a node with an activation input, so it cannot break a pattern), and before MergeBiasAdd and the
-#: BatchNorm passes, which write Mul/Add nodes of their own.
+#: BatchNorm passes, which write Mul/Add nodes of their own. FoldConstantIf follows FoldConstants, which turns a
+#: condition computed from constants (or from an input fixed with ``fixed_inputs``) into an initializer; the inlined
+#: branch's constants then fold in the next round.
 CANONICAL_PASSES: tuple[str, ...] = (
     "LiftConstants",
     "EliminateIdentity",
     "FoldConstants",
+    "FoldConstantIf",
     "FuseLayerNormalization",
     "FuseGelu",
     "MergeBiasAdd",
@@ -70,6 +73,9 @@ class OptimizeOptions:
     #: Fine-tune the quantized model with quantization-aware training before lowering (needs ``quantization``
     #: and training data); None skips it.
     qat: QATOptions | None = None
+    #: Graph inputs to turn into constants before canonicalisation (``--fix-input NAME=VALUE``): name -> array,
+    #: or text parsed as on the command line (see :mod:`qgraph.ir.fix_inputs`).
+    fixed_inputs: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +127,10 @@ def optimize(
     if output is not None:
         # Refuse a bad output path before doing any work.
         _check_output_before_work(Path(output), input_path, options)
+    if options.fixed_inputs:
+        from qgraph.ir.fix_inputs import fix_inputs
+
+        model = fix_inputs(model, options.fixed_inputs)
     if options.quantization is not None and calibration_data is None:
         raise QGraphError("quantization needs calibration data (--calib)")
     if options.qat is not None and options.quantization is None:
