@@ -10,6 +10,13 @@ z_w)`` stored as int8 and read through one DequantizeLinear on its channel axis;
 ``bq = round(b / (s_x · s_w))`` stored as int32 (scale ``s_x · s_w``, zero point 0), so that the integer accumulator
 of ``x_q · W_q`` and ``bq`` share one scale. The pass is idempotent: a tensor already followed by a
 QuantizeLinear → DequantizeLinear pair, or a weight already read through a DequantizeLinear, is left alone.
+
+If branches are quantized too (see :mod:`qgraph.quant.subgraphs`): the pass visits the main graph and then every
+branch, recursively. An activation is quantized in the graph that defines it, so when a branch reads (captures) a
+quantized outer value, its readers inside the branch read the outer DequantizeLinear output like any other reader.
+A weight or bias is found among its consumer's inputs (a branch may read an initializer of an enclosing graph) and
+stored quantized in the consumer's graph. New initializer names are unique across the whole model, since ONNX
+forbids a branch to reuse a name of an enclosing scope.
 """
 
 from __future__ import annotations
@@ -40,11 +47,28 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """A new initializer named after ``name`` (suffixed to stay unique)."""
+def _model_names(model: ir.Model) -> set[str]:
+    """Every value and initializer name of every graph of ``model``."""
+    names: set[str] = set()
+    for graph in model.graphs():
+        names.update(value.name for value in graph.inputs if value.name)
+        names.update(graph.initializers)
+        for node in graph:
+            names.update(value.name for value in node.outputs if value.name)
+    return names
+
+
+def _input_named(node: ir.Node, name: str) -> ir.Value | None:
+    return next((value for value in node.inputs if value is not None and value.name == name), None)
+
+
+def _constant(graph: ir.Graph, name: str, array: np.ndarray, taken: set[str] | None = None) -> ir.Value:
+    """A new initializer named after ``name`` (suffixed to stay unique in ``taken`` and in the graph)."""
+    taken = taken if taken is not None else set(graph.initializers)
     unique, counter = name, 1
-    while unique in graph.initializers:
+    while unique in taken or unique in graph.initializers:
         unique, counter = f"{name}_{counter}", counter + 1
+    taken.add(unique)
     value = ir.Value(name=unique, const_value=ir.tensor(array, name=unique))
     value.shape = ir.Shape(array.shape)
     value.type = ir.TensorType(value.const_value.dtype)
@@ -82,40 +106,52 @@ class InsertQuantizeDequantize(QGraphPass):
             raise ir.passes.PreconditionError(f"QDQ with per-channel weights needs opset >= 13, the model has {opset}")
 
     def call(self, model: ir.Model) -> PassResult:
-        graph = model.graph
+        from qgraph.quant.subgraphs import quantized_graphs
+
+        self._taken = _model_names(model)
+        modified = False
+        graphs = list(quantized_graphs(model.graph))
+        for graph in graphs:
+            modified = self._quantize_graph(graph) or modified
+        if modified:
+            for graph in graphs:
+                _drop_unused_initializers(graph)
+        return PassResult(model, modified)
+
+    def _quantize_graph(self, graph: ir.Graph) -> bool:
         values = _values_by_name(graph)
         modified = False
         for tensor in self.plan.activations:
             value = values.get(tensor)
-            if value is None or tensor not in self.parameters or _is_quantized(value):
+            if value is None or value.is_initializer() and value.graph is not graph:
+                continue
+            if tensor not in self.parameters or _is_quantized(value):
                 continue
             self._quantize_activation(graph, value, self.parameters[tensor])
             modified = True
         nodes = {node.name: node for node in graph}
         for weight in self.plan.weights:
             consumer = nodes.get(weight.consumer)
-            value = values.get(weight.name)
-            if consumer is None or value is None or value.const_value is None or weight.name not in self.parameters:
+            value = _input_named(consumer, weight.name) if consumer is not None else None
+            if value is None or value.const_value is None or weight.name not in self.parameters:
                 continue
             self._quantize_weight(graph, consumer, value, weight.axis, self.parameters[weight.name])
             modified = True
         for bias in self.plan.biases:
             consumer = nodes.get(bias.consumer)
-            value = values.get(bias.name)
-            if consumer is None or value is None or value.const_value is None:
+            value = _input_named(consumer, bias.name) if consumer is not None else None
+            if value is None or value.const_value is None:
                 continue
             if bias.activation not in self.parameters or bias.weight not in self.parameters:
                 continue
             self._quantize_bias(graph, consumer, value, self.parameters[bias.activation], self.parameters[bias.weight])
             modified = True
-        if modified:
-            _drop_unused_initializers(graph)
-        return PassResult(model, modified)
+        return modified
 
     def _quantize_activation(self, graph: ir.Graph, value: ir.Value, params) -> None:
         scale, zero_point = _parameter_arrays(params)
-        scale_value = _constant(graph, f"{value.name}_scale", scale.reshape(()))
-        zero_value = _constant(graph, f"{value.name}_zero_point", zero_point.reshape(()))
+        scale_value = _constant(graph, f"{value.name}_scale", scale.reshape(()), self._taken)
+        zero_value = _constant(graph, f"{value.name}_zero_point", zero_point.reshape(()), self._taken)
         uses = [(node, index) for node, index in value.uses()]
         quantize = ir.node("QuantizeLinear", [value, scale_value, zero_value], name=f"{value.name}_QuantizeLinear")
         quantize.outputs[0].name = f"{value.name}_quantized"
@@ -141,11 +177,11 @@ class InsertQuantizeDequantize(QGraphPass):
         scale, zero_point = _parameter_arrays(params)
         weights = value.const_value.numpy()
         quantized = quantize(weights, params, clip_to_spec=True)
-        quantized_value = _constant(graph, f"{value.name}_quantized", quantized)
+        quantized_value = _constant(graph, f"{value.name}_quantized", quantized, self._taken)
         per_channel = scale.ndim == 1 and scale.size > 1
-        scale_value = _constant(graph, f"{value.name}_scale", scale if per_channel else scale.reshape(()))
+        scale_value = _constant(graph, f"{value.name}_scale", scale if per_channel else scale.reshape(()), self._taken)
         zero_value = _constant(
-            graph, f"{value.name}_zero_point", zero_point if per_channel else zero_point.reshape(())
+            graph, f"{value.name}_zero_point", zero_point if per_channel else zero_point.reshape(()), self._taken
         )
         attributes = {"axis": axis} if per_channel else {}
         dequantize = ir.node(
@@ -167,9 +203,9 @@ class InsertQuantizeDequantize(QGraphPass):
         if scale.size == 1:
             scale = np.full(bias.shape, scale[0])
         quantized = np.clip(np.rint(bias / scale), -_INT32_LIMIT, _INT32_LIMIT).astype(np.int32)
-        quantized_value = _constant(graph, f"{value.name}_quantized", quantized)
-        scale_value = _constant(graph, f"{value.name}_scale", scale.astype(np.float32))
-        zero_value = _constant(graph, f"{value.name}_zero_point", np.zeros(bias.shape, np.int32))
+        quantized_value = _constant(graph, f"{value.name}_quantized", quantized, self._taken)
+        scale_value = _constant(graph, f"{value.name}_scale", scale.astype(np.float32), self._taken)
+        zero_value = _constant(graph, f"{value.name}_zero_point", np.zeros(bias.shape, np.int32), self._taken)
         dequantize = ir.node(
             "DequantizeLinear", [quantized_value, scale_value, zero_value], {"axis": 0}, name=f"{value.name}_DequantizeLinear"
         )

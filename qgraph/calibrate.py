@@ -1,6 +1,7 @@
 """CALIBRATE: stream the user's batches through onnxruntime once and observe every annotated activation.
 
-A *probe* model is the model with each annotated tensor added as a graph output, so one session run yields them all.
+A *probe* model is the model with each annotated tensor added as a graph output, so one session run yields them all;
+If branches get probe models of their own, run on the batches that took them (:mod:`qgraph.quant.probes`).
 Each batch's activations go to one observer per tensor and are dropped. The observers of batch *i* run on a worker
 thread while onnxruntime computes batch *i + 1* (onnxruntime and numpy's heavy loops release the GIL), so calibration
 costs little more than inference; memory is two batches of activations plus the observers' fixed-size state, whatever
@@ -21,9 +22,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qgraph import runtime
 from qgraph.errors import DataError
 from qgraph.quant.plan import QuantPlan
+from qgraph.quant.probes import build_probes
 
 logger = logging.getLogger(__name__)
 
@@ -100,36 +101,35 @@ def calibrate(
     """Observe every activation of ``plan`` over ``batches``; ``progress`` receives the samples of each batch."""
     config = config or CalibrationConfig()
     tensors = list(plan.activations)
-    probe = build_probe(model, tensors)
-    session = runtime.create_session(probe, optimize=True, threads=config.threads)
-    input_names = [model_input.name for model_input in session.get_inputs()]
+    probe = build_probes(model, tensors, threads=config.threads)
+    input_names = list(probe.inputs)
     make_observer = _observer_factory(config, plan)
     observers = {tensor: make_observer(tensor) for tensor in tensors}
+    seen: set[str] = set()
     start = time.perf_counter()
     samples = batches_seen = 0
-    # Graph inputs are observed from the feeds (asking onnxruntime for them would only return a copy).
-    fetched = [tensor for tensor in tensors if tensor not in input_names]
-    fed = [tensor for tensor in tensors if tensor in input_names]
     # Observers run on a worker thread while onnxruntime (which releases the GIL) computes the next batch: one
     # batch of activations is being observed while the next is produced, never more.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgraph-observe") as executor:
         pending: concurrent.futures.Future | None = None
         for batch in batches:
             feeds = {name: batch[name] for name in input_names}
-            count = len(next(iter(feeds.values()))) if feeds else 0
+            # a scalar control input (an If's mode flag) has no sample axis
+            count = next((len(array) for array in feeds.values() if np.ndim(array) > 0), 1 if feeds else 0)
             if config.samples is not None and samples + count > config.samples:
                 keep = config.samples - samples
-                feeds = {name: array[:keep] for name, array in feeds.items()}
+                feeds = {name: array[:keep] if np.ndim(array) > 0 else array for name, array in feeds.items()}
                 count = keep
             if count <= 0:
                 break
             _check_finite(feeds, batches_seen)
-            outputs = session.run(fetched, feeds) if fetched else []
-            activations = [*zip(fetched, outputs), *((tensor, feeds[tensor]) for tensor in fed)]
+            # graph inputs come straight from the feeds; If branches run only when the batch took them
+            activations = probe.run(feeds)
+            seen.update(tensor for tensor, _ in activations)
             if pending is not None:
                 pending.result()  # re-raises an observer's error
             pending = executor.submit(_observe, observers, activations)
-            del outputs, activations
+            del activations
             samples += count
             batches_seen += 1
             if progress is not None:
@@ -140,7 +140,17 @@ def calibrate(
             pending.result()
     if samples == 0:
         raise DataError("the calibration set is empty: no sample reached the model")
-    ranges = {tensor: tuple(float(bound) for bound in observers[tensor].compute_range()) for tensor in tensors}
+    unseen = [tensor for tensor in tensors if tensor not in seen]
+    if unseen:
+        logger.warning(
+            "%d tensor(s) inside If branches that no calibration batch took stay float: %s",
+            len(unseen), ", ".join(unseen[:8]) + (" ..." if len(unseen) > 8 else ""),
+        )
+    ranges = {
+        tensor: tuple(float(bound) for bound in observers[tensor].compute_range())
+        for tensor in tensors
+        if tensor in seen
+    }
     ranges = merge_group_ranges(ranges, plan)
     seconds = time.perf_counter() - start
     logger.info("calibrated %d tensors on %d samples in %.1fs (%s)", len(tensors), samples, seconds, config.method)

@@ -110,6 +110,12 @@ def _split_names(text: str | None) -> tuple[str, ...] | None:
 @click.option("--exclude", metavar="NAMES", help="Comma-separated node names or operator types to keep in FP32.")
 @click.option("--keep-fp32", metavar="first,last", help="Keep the first and/or last compute layer in FP32.")
 @click.option("--requantize", is_flag=True, help="Allow quantizing a model that is already quantized.")
+@click.option("--fix-input", "fixed_inputs", multiple=True, metavar="NAME=VALUE",
+              help="Make input NAME a constant before optimizing (repeatable): a scalar or a comma list in the "
+              "input's type, e.g. sample_rate=16000, flags=1,0,1. An If that it decides is folded into its branch.")
+@click.option("--quantize-recurrent", type=click.Choice(["fp32", "dynamic"]), default="fp32", show_default=True,
+              help="LSTM/GRU/RNN: keep FP32, or (ort-cpu) run LSTMs as com.microsoft DynamicQuantizeLSTM with int8 "
+              "weights; GRU and RNN stay FP32 either way.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
               help="Write a quantization report (.md or .json): per-layer SQNR, coverage, size, latency.")
 @click.option("--qat", is_flag=True,
@@ -165,6 +171,8 @@ def optimize(
     keep_fp32: str | None,
     requantize: bool,
     report_path: Path | None,
+    fixed_inputs: tuple[str, ...] = (),
+    quantize_recurrent: str = "fp32",
     qat: bool = False,
     train_data: Path | None = None,
     label_key: str | None = None,
@@ -200,6 +208,8 @@ def optimize(
 
     The input file is never overwritten unless --overwrite-input is given.
     """
+    import dataclasses
+
     from qgraph.ir import load_model
     from qgraph.pipeline.optimize import OptimizeOptions
     from qgraph.pipeline.optimize import optimize as run_optimize
@@ -211,7 +221,8 @@ def optimize(
             target, output_format, method, weight_method, percentile, calib_samples, batch_size, reduce_range,
             per_tensor, int(weight_bits), exclude, keep_fp32, requantize,
         )
-    elif output_format or exclude or keep_fp32 or calib_samples or report_path:
+        quantization = dataclasses.replace(quantization, recurrent=quantize_recurrent)
+    elif output_format or exclude or keep_fp32 or calib_samples or report_path or quantize_recurrent != "fp32":
         raise click.UsageError("quantization options need calibration data: add --calib DATA")
     qat_options = _qat_options(
         qat, calib, train_data, label_key, distill, val_data, epochs, learning_rate, train_batch_size, train_samples,
@@ -224,6 +235,7 @@ def optimize(
         allow_overwrite_input=overwrite_input,
         quantization=quantization,
         qat=qat_options,
+        fixed_inputs=_fixed_inputs(fixed_inputs),
     )
     loaded = load_model(model)
     before = summarize(loaded)
@@ -258,6 +270,19 @@ def optimize(
             _write_report(report_path, result, calib, batch_size)
     if stats:
         click.echo(_stats_table(result.records))
+
+
+def _fixed_inputs(assignments: tuple[str, ...]) -> dict[str, str]:
+    """``--fix-input NAME=VALUE`` options as {name: value text}; the values are checked against the model later."""
+    from qgraph.ir.fix_inputs import parse_assignment
+
+    fixed: dict[str, str] = {}
+    for assignment in assignments:
+        name, value = parse_assignment(assignment)
+        if name in fixed and fixed[name] != value:
+            raise QGraphError(f"--fix-input {name} is given twice ({fixed[name]} and {value})")
+        fixed[name] = value
+    return fixed
 
 
 def _qat_options(

@@ -26,6 +26,7 @@ from qgraph.pipeline.manager import PassManager, PassRecord
 from qgraph.pipeline.registry import get_pass
 from qgraph.quant.annotate import AnnotationOverrides, annotate
 from qgraph.quant.plan import QuantPlan
+from qgraph.quant.subgraphs import make_names_unique
 from qgraph.quant.sensitivity import (
     DEFAULT_MIN_SQNR_DB,
     DEFAULT_SENSITIVITY_BATCHES,
@@ -60,6 +61,9 @@ class QuantizeOptions:
     overrides: AnnotationOverrides = dataclasses.field(default_factory=AnnotationOverrides)
     #: Quantize a model that already holds quantized operators (normally refused).
     requantize: bool = False
+    #: LSTM/GRU/RNN: "fp32" keeps them float; "dynamic" runs LSTMs as com.microsoft DynamicQuantizeLSTM (int8
+    #: weights) on target ort-cpu. GRU and RNN stay FP32 either way (no such kernel).
+    recurrent: str = "fp32"
     #: Automatic fallback: layers go back to FP32, most damaging first, until the output SQNR (dB) on the first
     #: calibration batches reaches this bound; None turns it off (see :mod:`qgraph.quant.sensitivity`).
     min_sqnr: float | None = DEFAULT_MIN_SQNR_DB
@@ -69,6 +73,10 @@ class QuantizeOptions:
     sensitivity_table: bool = False
 
     def __post_init__(self) -> None:
+        from qgraph.quant.annotate import RECURRENT_MODES
+
+        if self.recurrent not in RECURRENT_MODES:
+            raise QGraphError(f"unknown recurrent mode {self.recurrent!r}; choose one of {', '.join(RECURRENT_MODES)}")
         validate_min_sqnr(self.min_sqnr)
         if self.sensitivity_batches < 1:
             raise QGraphError(f"sensitivity_batches must be at least 1, got {self.sensitivity_batches}")
@@ -125,7 +133,8 @@ def compute_parameters(
             continue
         low, high = ranges[tensor]
         parameters[tensor] = compute_quant_params(plan.activation_spec_of(tensor), low, high)
-    initializers = model.graph.initializers
+    # weights may live in If branches (their own initializers) as well as in the main graph
+    initializers = {name: value for graph in model.graphs() for name, value in graph.initializers.items()}
     for weight in plan.weights:
         if weight.name in parameters or weight.name not in initializers:
             continue
@@ -156,8 +165,9 @@ def quantize(
         )
     target = get_target(options.target, options.target_options)
     model = ensure_opset(model, target.minimum_opset)
-    plan = annotate(model, target.rules(), options.overrides)
-    if not plan.activations and not plan.weights:
+    make_names_unique(model)
+    plan = annotate(model, target.rules(), options.overrides, recurrent=options.recurrent)
+    if not plan.activations and not plan.weights and not plan.dynamic_nodes:
         raise UnsupportedModelError(
             "nothing in the model can be quantized for target "
             f"{target.name} ({len(plan.fp32_nodes)} nodes stay FP32)"
@@ -177,8 +187,13 @@ def quantize(
     if options.min_sqnr is not None:
         plan, parameters, calibration, sensitivity = _fall_back(model, plan, parameters, calibration, kept, options,
                                                                 target)
-    insert = get_pass("InsertQuantizeDequantize")(plan=plan, parameters=parameters)
-    records = list(PassManager([insert]).run(model).records)
+    quantize_passes = [get_pass("InsertQuantizeDequantize")(plan=plan, parameters=parameters)]
+    if plan.dynamic_nodes:
+        weight_spec = target.rules().weight_spec
+        quantize_passes.append(get_pass("QuantizeLSTMDynamic")(
+            nodes=plan.dynamic_nodes, qmax=weight_spec.qmax, per_channel=target.options.per_channel
+        ))
+    records = list(PassManager(quantize_passes).run(model).records)
     qdq_model = ir.serde.serialize_model(model)
     if lower and target.lowering_passes():
         lowering = PassManager([get_pass(name)() for name in target.lowering_passes()], fixed_point=True)
@@ -194,7 +209,7 @@ def _fall_back(model, plan, parameters, calibration, batches, options: QuantizeO
 
     def replan(excluded: frozenset[str]):
         overrides = dataclasses.replace(options.overrides, exclude=options.overrides.exclude | excluded)
-        new_plan = annotate(model, target.rules(), overrides)
+        new_plan = annotate(model, target.rules(), overrides, recurrent=options.recurrent)
         missing = [tensor for tensor in new_plan.activations if tensor not in ranges]
         if missing:
             logger.info("calibrating %d tensors that the fallback plan quantizes anew", len(missing))

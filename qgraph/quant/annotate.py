@@ -19,6 +19,15 @@ One walk over the main graph in topological order classifies every node:
   values, or an Add whose output only Softmax reads (scores + mask), so -inf/-3.4e38 never enter a range.
 
 Graph outputs stay float: a graph output is never itself annotated; its producer is lowered with a float output.
+
+The walk runs on the main graph and then on every If branch, recursively, and the results merge into one plan
+(tensor names are unique across the model; see :mod:`qgraph.quant.subgraphs`). The first/last-layer overrides
+apply to the main graph only. Loop/Scan bodies stay FP32.
+
+Recurrent layers (LSTM, GRU, RNN) stay FP32 by default: their gates recur over time, where a static activation range
+fits badly. With ``recurrent="dynamic"`` and target ort-cpu an LSTM whose weights are constants is planned for
+onnxruntime's com.microsoft DynamicQuantizeLSTM (int8 weights, activations quantized per call inside the kernel;
+see :mod:`qgraph.passes.quantize_lstm_dynamic`); GRU and RNN have no such kernel and stay FP32.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.quant.plan import BiasPlan, QuantPlan, WeightPlan, merge_groups
+from qgraph.quant.subgraphs import LOOP_OPERATORS, loop_reason, quantized_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +57,9 @@ FLOAT_BY_DEFAULT = {
 _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE})
 #: A constant Add operand holding a value this large (or a non-finite one) is an additive mask, not a bias.
 MASK_MAGNITUDE = 1e4
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
+RECURRENT_MODES = ("fp32", "dynamic")
+RECURRENT_FP32_REASON = "recurrent layers stay FP32 by default (--quantize-recurrent dynamic quantizes LSTM weights)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,11 +158,33 @@ def _compute_node_indices(graph: ir.Graph) -> list[int]:
     return [index for index, node in enumerate(graph) if node.op_type in COMPUTE_OPS]
 
 
+def _recurrent_refusal(node: ir.Node, rules: AnnotationRules) -> str | None:
+    """Why a recurrent node cannot become DynamicQuantizeLSTM (``None`` when it can)."""
+    if node.op_type != "LSTM":
+        return (
+            f"{node.op_type} stays FP32: onnxruntime has no dynamically quantized {node.op_type} kernel "
+            "(--quantize-recurrent dynamic covers LSTM only)"
+        )
+    if rules.target != "ort-cpu":
+        return f"LSTM stays FP32: dynamic LSTM quantization needs target ort-cpu, not {rules.target}"
+    weights = [node.inputs[index] if len(node.inputs) > index else None for index in (1, 2)]
+    if not all(_is_constant(value) and value.dtype == ir.DataType.FLOAT for value in weights):
+        return "LSTM stays FP32: its W and R weights are not float32 constants"
+    layout = node.attributes.get("layout")
+    if layout is not None and layout.as_int() != 0:
+        return "LSTM stays FP32: DynamicQuantizeLSTM has no batch-first layout (layout=1)"
+    return None
+
+
 class _Annotator:
-    def __init__(self, graph: ir.Graph, rules: AnnotationRules, overrides: AnnotationOverrides) -> None:
+    def __init__(
+        self, graph: ir.Graph, rules: AnnotationRules, overrides: AnnotationOverrides, recurrent: str = "fp32"
+    ) -> None:
         self.graph = graph
         self.rules = rules
         self.overrides = overrides
+        self.recurrent = recurrent
+        self.dynamic: list[str] = []
         self.activations: dict[str, None] = {}
         self.weights: list[WeightPlan] = []
         self.biases: list[BiasPlan] = []
@@ -200,6 +235,12 @@ class _Annotator:
                 self.keep_float(node, "first/last compute layer kept FP32 by the user")
             elif node.domain not in ("", "ai.onnx"):
                 self.keep_float(node, f"operator {node.domain}::{node.op_type} has no integer kernel here")
+            elif node.op_type in RECURRENT_OPS:
+                self.recurrent_layer(node)
+            elif node.op_type == "If":
+                self.keep_float(node, "If runs in float; its branches are quantized like the main graph")
+            elif node.op_type in LOOP_OPERATORS:
+                self.keep_float(node, loop_reason(node))
             elif node.op_type in FLOAT_BY_DEFAULT:
                 self.keep_float(node, FLOAT_BY_DEFAULT[node.op_type])
             elif node.op_type not in self.rules.supported_ops:
@@ -216,6 +257,17 @@ class _Annotator:
                 self.own_range(node)
             else:
                 self.keep_float(node, f"{node.op_type} is only quantized when fused into its producer")
+
+    def recurrent_layer(self, node: ir.Node) -> None:
+        if self.recurrent != "dynamic":
+            self.keep_float(node, RECURRENT_FP32_REASON)
+            return
+        reason = _recurrent_refusal(node, self.rules)
+        if reason is not None:
+            self.keep_float(node, reason)
+            return
+        self.quantized.append(node.name)
+        self.dynamic.append(node.name)
 
     def compute(self, node: ir.Node) -> None:
         data, weight = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
@@ -309,27 +361,56 @@ class _Annotator:
         self.quantized.append(node.name)
 
 
-def annotate(model: ir.Model, rules: AnnotationRules, overrides: AnnotationOverrides | None = None) -> QuantPlan:
-    """The quantization plan for ``model``'s main graph under ``rules``."""
+def annotate(
+    model: ir.Model,
+    rules: AnnotationRules,
+    overrides: AnnotationOverrides | None = None,
+    *,
+    recurrent: str = "fp32",
+) -> QuantPlan:
+    """The quantization plan for ``model``'s main graph and its If branches under ``rules``.
+
+    ``recurrent``: ``"fp32"`` keeps LSTM/GRU/RNN in float; ``"dynamic"`` plans LSTMs for DynamicQuantizeLSTM.
+    """
+    if recurrent not in RECURRENT_MODES:
+        raise ValueError(f"recurrent must be one of {', '.join(RECURRENT_MODES)}, got {recurrent!r}")
     overrides = overrides or AnnotationOverrides()
-    annotator = _Annotator(model.graph, rules, overrides)
-    annotator.run()
-    activations = tuple(annotator.activations)
+    branch_overrides = dataclasses.replace(overrides, keep_first_fp32=False, keep_last_fp32=False)
+    activations: dict[str, None] = {}
+    weights: list[WeightPlan] = []
+    biases: list[BiasPlan] = []
+    pairs: list[tuple[str, str]] = []
+    quantized: list[str] = []
+    fp32: dict[str, str] = {}
+    dynamic: list[str] = []
+    for graph in quantized_graphs(model.graph):
+        annotator = _Annotator(graph, rules, overrides if graph is model.graph else branch_overrides, recurrent)
+        annotator.run()
+        activations.update(annotator.activations)
+        weights += annotator.weights
+        biases += annotator.biases
+        pairs += annotator.pairs
+        quantized += annotator.quantized
+        fp32.update(annotator.fp32)
+        dynamic += annotator.dynamic
+    activation_names = tuple(activations)
     plan = QuantPlan(
         target=rules.target,
         activation_spec=rules.activation_spec,
         weight_spec=rules.weight_spec,
-        activations=activations,
-        weights=tuple(annotator.weights),
-        biases=tuple(annotator.biases),
-        groups=merge_groups(annotator.pairs, activations),
-        quantized_nodes=tuple(annotator.quantized),
-        fp32_nodes=dict(annotator.fp32),
+        activations=activation_names,
+        weights=tuple(weights),
+        biases=tuple(biases),
+        groups=merge_groups(pairs, activation_names),
+        quantized_nodes=tuple(quantized),
+        fp32_nodes=fp32,
         activation_overrides=dict(overrides.activation_overrides),
         weight_overrides=dict(overrides.weight_overrides),
+        dynamic_nodes=tuple(dynamic),
     )
     logger.info(
-        "annotated %d activations, %d weights, %d biases; %d nodes quantized, %d kept FP32",
-        len(plan.activations), len(plan.weights), len(plan.biases), len(plan.quantized_nodes), len(plan.fp32_nodes),
+        "annotated %d activations, %d weights, %d biases; %d nodes quantized (%d dynamically), %d kept FP32",
+        len(plan.activations), len(plan.weights), len(plan.biases), len(plan.quantized_nodes), len(dynamic),
+        len(plan.fp32_nodes),
     )
     return plan

@@ -48,6 +48,8 @@ class QuantPlan:
     activation_overrides: Mapping[str, object] = dataclasses.field(default_factory=dict)
     #: Per-weight spec overrides; weights not listed use ``weight_spec``.
     weight_overrides: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    #: Recurrent nodes (LSTM) whose weights are quantized for a dynamically quantized kernel instead of Q/DQ.
+    dynamic_nodes: tuple[str, ...] = ()
 
     def activation_spec_of(self, tensor: str):
         return self.activation_overrides.get(tensor, self.activation_spec)

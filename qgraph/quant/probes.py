@@ -1,0 +1,162 @@
+"""Probe models: onnxruntime sessions that return every annotated activation, If branches included.
+
+The main graph's probe is the model with each annotated tensor it defines added as a graph output. onnxruntime
+cannot return a tensor from inside an If branch, so each branch that holds annotated tensors gets a probe of its
+own: the branch body as a standalone model whose inputs are the values it captures from enclosing graphs (captured
+constants become its initializers) and whose outputs are its annotated tensors. The parent probe also returns the
+If's condition and the captured values, and per batch a branch probe runs only when the condition selected that
+branch, fed with the values that reached the If (see :mod:`qgraph.quant.subgraphs` for why this design). Probes
+form a tree that mirrors the nesting of the Ifs.
+
+Each annotated tensor is observed in exactly one probe: the one of the graph that defines it (a main-graph input is
+observed from the feeds), so a value that a branch captures is observed once per batch, on every batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qgraph import runtime
+from qgraph.quant.subgraphs import branches, captured_values, defined_names, is_if
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class BranchProbe:
+    """A branch's probe, run when the If's ``condition`` equals ``taken_when``."""
+
+    label: str
+    condition: str
+    taken_when: bool
+    probe: Probe
+
+
+@dataclasses.dataclass
+class Probe:
+    session: object
+    #: The names this probe is fed with (model inputs, or the values a branch captures).
+    inputs: list[str]
+    #: The outputs asked of onnxruntime.
+    fetched: list[str]
+    #: The annotated tensors observed here (fetched or fed).
+    observed: list[str]
+    children: list[BranchProbe]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+        """``(tensor, array)`` for every tensor observed in this probe and in the branches the batch took."""
+        available = dict(feeds)
+        if self.fetched:
+            available.update(zip(self.fetched, self.session.run(self.fetched, dict(feeds))))
+        collected = [(tensor, available[tensor]) for tensor in self.observed]
+        for child in self.children:
+            if bool(np.asarray(available[child.condition]).reshape(-1)[0]) != child.taken_when:
+                continue
+            collected += child.probe.run({name: available[name] for name in child.probe.inputs})
+        return collected
+
+
+def value_info(value: ir.Value) -> onnx.ValueInfoProto:
+    """A typed graph input/output for ``value`` (float when its type is unknown: annotated tensors are float)."""
+    element = int(value.dtype) if value.dtype is not None else onnx.TensorProto.FLOAT
+    shape = None
+    if value.shape is not None:
+        shape = [size if isinstance(size, int) else None for size in value.shape]
+    return onnx.helper.make_tensor_value_info(value.name, element, shape)
+
+
+def _values_of(graph: ir.Graph) -> dict[str, ir.Value]:
+    values = {value.name: value for value in graph.inputs}
+    for node in graph:
+        values.update((value.name, value) for value in node.outputs if value.name)
+    return values
+
+
+class _Builder:
+    def __init__(self, model: ir.Model, tensors: Iterable[str], threads: int | None) -> None:
+        self.model = model
+        self.tensors = set(tensors)
+        self.threads = threads
+
+    def main(self) -> Probe:
+        graph = self.model.graph
+        observed = [name for name in defined_names(graph) if name in self.tensors]
+        children, needed = self.children_of(graph)
+        inputs = [value.name for value in graph.inputs]
+        wanted = list(dict.fromkeys([*observed, *needed]))
+        proto = ir.serde.serialize_model(self.model)
+        values = _values_of(graph)
+        present = {output.name for output in proto.graph.output}
+        known = {info.name: info for info in proto.graph.value_info}
+        for name in wanted:
+            if name in present or name in inputs:
+                continue
+            proto.graph.output.append(known[name] if name in known else value_info(values[name]))
+        session = runtime.create_session(proto, optimize=True, threads=self.threads)
+        fetched = [name for name in wanted if name not in inputs]
+        return Probe(session, inputs, fetched, sorted(observed, key=wanted.index), children)
+
+    def children_of(self, graph: ir.Graph) -> tuple[list[BranchProbe], list[str]]:
+        """Branch probes of the Ifs directly in ``graph`` and the names ``graph`` must provide them."""
+        children: list[BranchProbe] = []
+        needed: list[str] = []
+        for node in graph:
+            if not is_if(node) or not node.inputs or node.inputs[0] is None:
+                continue
+            for attribute, branch in branches(node):
+                probe = self.branch(branch)
+                if probe is None:
+                    continue
+                condition = node.inputs[0].name
+                label = f"{node.name or 'If'}/{attribute}"
+                children.append(BranchProbe(label, condition, attribute == "then_branch", probe))
+                needed += [condition, *probe.inputs]
+        return children, needed
+
+    def branch(self, graph: ir.Graph) -> Probe | None:
+        own = defined_names(graph)
+        observed = [name for name in own if name in self.tensors]
+        children, needed = self.children_of(graph)
+        if not observed and not children:
+            return None
+        captured = captured_values(graph)
+        captured_names = {value.name for value in captured}
+        proto_graph = ir.serde.serialize_graph(graph)
+        del proto_graph.output[:]
+        inputs: list[str] = []
+        for value in captured:
+            if value.const_value is not None and not value.is_graph_input():
+                tensor = ir.serde.serialize_tensor(value.const_value)
+                tensor.name = value.name
+                proto_graph.initializer.append(tensor)
+            else:
+                proto_graph.input.append(value_info(value))
+                inputs.append(value.name)
+        values = _values_of(graph)
+        wanted = list(dict.fromkeys([*observed, *(name for name in needed if name not in captured_names)]))
+        for name in wanted:
+            proto_graph.output.append(value_info(values[name]))
+        opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in self.model.opset_imports.items()]
+        proto = onnx.helper.make_model(proto_graph, opset_imports=opsets, ir_version=self.model.ir_version)
+        session = runtime.create_session(proto, optimize=True, threads=self.threads)
+        # what the children need from outside this branch arrives as this branch's inputs
+        return Probe(session, inputs, wanted, observed, children)
+
+
+def build_probes(model: ir.Model, tensors: Iterable[str], *, threads: int | None = None) -> Probe:
+    """The probe tree that observes ``tensors`` (names of annotated activations anywhere in main graph and Ifs)."""
+    probe = _Builder(model, tensors, threads).main()
+    count = _count(probe) - 1
+    if count:
+        logger.info("calibration probes: the main graph and %d If branch(es)", count)
+    return probe
+
+
+def _count(probe: Probe) -> int:
+    return 1 + sum(_count(child.probe) for child in probe.children)
