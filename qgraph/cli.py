@@ -71,6 +71,22 @@ def _split_names(text: str | None) -> tuple[str, ...] | None:
     return names
 
 
+class _MinSqnr(click.ParamType):
+    """``--min-sqnr``: a bound in dB, or ``off``."""
+
+    name = "min-sqnr"
+
+    def convert(self, value, param, ctx):
+        from qgraph.quant.sensitivity import validate_min_sqnr
+
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
+            return "off"
+        try:
+            return validate_min_sqnr(value)
+        except QGraphError as error:
+            self.fail(str(error).removeprefix("--min-sqnr "), param, ctx)
+
+
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write the result.")
@@ -118,6 +134,10 @@ def _split_names(text: str | None) -> tuple[str, ...] | None:
               "weights; GRU and RNN stay FP32 either way.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
               help="Write a quantization report (.md or .json): per-layer SQNR, coverage, size, latency.")
+@click.option("--min-sqnr", type=_MinSqnr(), default=None, metavar="DB|off",
+              help="Automatic fallback: if the quantized model's output SQNR on the first calibration batches is "
+              "below DB, the layers that damage it most go back to FP32 until it is not (default 10 dB: rescues a "
+              "model that one layer breaks, leaves healthy models alone). 'off' disables it.")
 @click.option("--qat", is_flag=True,
               help="Quantization-aware training: fine-tune the quantized model (fake quantization with learnable "
               "scales) on --train-data before lowering. Needs --calib and --labels KEY or --distill.")
@@ -171,6 +191,7 @@ def optimize(
     keep_fp32: str | None,
     requantize: bool,
     report_path: Path | None,
+    min_sqnr: float | str | None = None,
     fixed_inputs: tuple[str, ...] = (),
     quantize_recurrent: str = "fp32",
     qat: bool = False,
@@ -201,6 +222,7 @@ def optimize(
     Examples:
       qgraph optimize model.onnx -o model.opt.onnx
       qgraph optimize model.onnx -o model.int8.onnx --calib calib.npz
+      qgraph optimize model.onnx -o model.int8.onnx --calib calib.npz --min-sqnr 30 --report report.md
       qgraph optimize model.onnx -o model.trt.onnx --calib calib.npz --target tensorrt --method entropy
       qgraph optimize model.onnx -o model.qat.onnx --calib calib.npz --qat --train-data train.npz --labels y \
           --val-data val.npz --epochs 3 --lr 1e-4
@@ -219,11 +241,13 @@ def optimize(
     if calib is not None:
         quantization = _quantize_options(
             target, output_format, method, weight_method, percentile, calib_samples, batch_size, reduce_range,
-            per_tensor, int(weight_bits), exclude, keep_fp32, requantize,
+            per_tensor, int(weight_bits), exclude, keep_fp32, requantize, min_sqnr, report_path is not None,
         )
         quantization = dataclasses.replace(quantization, recurrent=quantize_recurrent)
     elif output_format or exclude or keep_fp32 or calib_samples or report_path or quantize_recurrent != "fp32":
         raise click.UsageError("quantization options need calibration data: add --calib DATA")
+    if min_sqnr is not None and calib is None:
+        raise click.UsageError("--min-sqnr applies to quantization: add --calib DATA")
     qat_options = _qat_options(
         qat, calib, train_data, label_key, distill, val_data, epochs, learning_rate, train_batch_size, train_samples,
         fixed_scales, freeze_act_after, patience, max_grad_norm, qat_dir, resume,
@@ -256,7 +280,7 @@ def optimize(
             f"quantized {len(plan.quantized_nodes)} nodes for {plan.target} "
             f"({plan.coverage:.0%} coverage), {len(plan.fp32_nodes)} kept FP32; "
             f"calibrated on {result.quantization.calibration.samples} samples "
-            f"in {result.quantization.calibration.seconds:.1f} s"
+            f"in {result.quantization.calibration.seconds:.1f} s" + _fallback_summary(result.quantization.sensitivity)
         )
         if result.qat is not None:
             trained = result.qat
@@ -283,6 +307,19 @@ def _fixed_inputs(assignments: tuple[str, ...]) -> dict[str, str]:
             raise QGraphError(f"--fix-input {name} is given twice ({fixed[name]} and {value})")
         fixed[name] = value
     return fixed
+
+
+def _fallback_summary(sensitivity) -> str:
+    if sensitivity is None:
+        return ""
+    bound = f"bound {sensitivity.min_sqnr_db:g} dB"
+    if not sensitivity.fell_back:
+        return f"; output SQNR {sensitivity.output_sqnr_db:.1f} dB ({bound}), no layer fell back"
+    count = len(sensitivity.fell_back)
+    return (
+        f"; {count} layer{'s' if count != 1 else ''} fell back to FP32 ({', '.join(sensitivity.fell_back)}): output "
+        f"SQNR {sensitivity.output_sqnr_db:.1f} -> {sensitivity.final_output_sqnr_db:.1f} dB ({bound})"
+    )
 
 
 def _qat_options(
@@ -351,7 +388,7 @@ def _write_report(path: Path, result, calib: Path, batch_size: int) -> None:
 
 def _quantize_options(
     target, output_format, method, weight_method, percentile, calib_samples, batch_size, reduce_range, per_tensor,
-    weight_bits, exclude, keep_fp32, requantize,
+    weight_bits, exclude, keep_fp32, requantize, min_sqnr=None, sensitivity_table=False,
 ):
     from qgraph.calibrate import CalibrationConfig
     from qgraph.quant.annotate import AnnotationOverrides
@@ -376,6 +413,8 @@ def _quantize_options(
             exclude=frozenset(_split_list(exclude)), keep_first_fp32="first" in keep, keep_last_fp32="last" in keep
         ),
         requantize=requantize,
+        **({} if min_sqnr is None else {"min_sqnr": None if min_sqnr == "off" else min_sqnr}),
+        sensitivity_table=sensitivity_table,
     )
 
 
