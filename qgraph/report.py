@@ -209,6 +209,19 @@ def measure_latency(
     return {name: statistics.median(values) for name, values in timings.items()}
 
 
+def single_sample_feeds(model: onnx.ModelProto, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One sample of ``batch`` per input: the first axis is cut to 1 only where it is a symbolic batch dimension
+    (a time-major sequence input keeps its fixed first axis)."""
+    symbolic_batch = {}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        symbolic_batch[value.name] = bool(dims) and not dims[0].HasField("dim_value")
+    return {
+        name: np.asarray(array)[:1] if symbolic_batch.get(name, False) else np.asarray(array)
+        for name, array in batch.items()
+    }
+
+
 def build_report(
     float_model: onnx.ModelProto,
     quantized_model: onnx.ModelProto,
@@ -223,7 +236,7 @@ def build_report(
     before = after = None
     if latency and batches:
         first = batches[0]
-        single = {name: np.asarray(array)[:1] for name, array in first.items()}
+        single = single_sample_feeds(float_model, first)
         timings = measure_latency({"fp32": float_model, "quantized": quantized_model}, single)
         before, after = timings["fp32"], timings["quantized"]
     return QuantizationReport(

@@ -151,3 +151,20 @@ def test_mse_weight_ranges_never_lose_to_min_max(per_channel):
     assert errors["mse"] <= errors["minmax"]
     if not per_channel:
         assert errors["mse"] < 0.97 * errors["minmax"]  # one scale for all channels: clipping tails pays off
+
+
+def test_latency_feeds_keep_a_fixed_first_axis():
+    from qgraph.report import single_sample_feeds
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["sequence"], ["out"]), helper.make_node("Relu", ["image"], ["out2"])],
+        "two_inputs",
+        [helper.make_tensor_value_info("sequence", TensorProto.FLOAT, [5, "batch", 8]),
+         helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [5, "batch", 8]),
+         helper.make_tensor_value_info("out2", TensorProto.FLOAT, ["batch", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = single_sample_feeds(model, {"sequence": np.zeros((5, 4, 8)), "image": np.zeros((4, 3))})
+    assert feeds["sequence"].shape == (5, 4, 8)
+    assert feeds["image"].shape == (1, 3)
