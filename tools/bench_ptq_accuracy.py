@@ -37,7 +37,7 @@ def add_commands(commands) -> None:
     accuracy.add_argument("--methods", nargs="+", default=["minmax", "entropy", "percentile"])
     accuracy.add_argument("--normalization", choices=["auto", "unit", "standard"], default="auto",
                           help="Input scaling the models were trained with (auto: the model's metadata "
-                          "'normalization', else unit [0, 1]).")
+                          "'normalization', else standard, as models/trained/README.md states).")
     accuracy.add_argument("--test-limit", type=int, help="Evaluate on the first N test images only.")
     accuracy.add_argument("--untrained", action="store_true",
                           help="No trained models: run the path on untrained small models (plumbing only).")
@@ -71,11 +71,13 @@ def _untrained_models() -> dict[str, onnx.ModelProto]:
 
 
 def _normalization_of(model: onnx.ModelProto, choice: str) -> str:
+    """The model's metadata ``normalization`` if any, else ``standard``: the recipes behind models/trained/ train on
+    (pixel / 255 − mean) / std (models/trained/README.md)."""
     if choice != "auto":
         return choice
     metadata = {entry.key: entry.value for entry in model.metadata_props}
-    value = metadata.get("normalization", "unit")
-    return value if value in ("unit", "standard") else "unit"
+    value = metadata.get("normalization", "standard")
+    return value if value in ("unit", "standard") else "standard"
 
 
 def _is_transformer(model: onnx.ModelProto) -> bool:
@@ -226,12 +228,14 @@ def command_qoperator_vs_qdq(arguments: argparse.Namespace) -> None:
                          float(np.mean(difference > step * 1.0001) * 100.0), within])
     support.print_table(
         f"qgraph QOperator vs QDQ outputs ({arguments.method}, {arguments.evaluation_samples} test images)",
-        ["model", "QOperator compared with", "max |diff|", "output step", "max |diff| / step", "% elements > 1 step",
+        ["model", "QOperator compared with", "max |diff|", "step", "max |diff| / step", "% elements > 1 step",
          "≤ 1 step"],
         rows,
-        notes=["QDQ model run with onnxruntime graph optimisation disabled (the float reference of the QDQ math); "
-               "QOperator model with ORT_ENABLE_ALL. Output step: the scale of the quantized tensor the graph "
-               "output is dequantized from."],
+        notes=["QOperator model with ORT_ENABLE_ALL. Step: the scale of the graph output's quantization, or, when the "
+               "output is float (QGemm/Gemm with a float result, as for these classifiers), of the last quantized "
+               "tensor before it. The float-math QDQ reference rounds every layer in float; the integer kernels "
+               "requantize with their own fixed-point rounding, and one-step flips in early layers propagate, so "
+               "the end-to-end gap there is several steps while each op stays within one."],
     )
 
 
