@@ -26,17 +26,24 @@ from qgraph.pipeline.phases import Phase
 logger = logging.getLogger(__name__)
 
 
+def node_subgraphs(node: ir.Node) -> Iterator[ir.Graph]:
+    """The bodies held by ``node``'s attributes (If branches, Loop/Scan bodies); reference attributes have none."""
+    for attribute in node.attributes.values():
+        if attribute.is_ref():
+            continue
+        if attribute.type == ir.AttributeType.GRAPH:
+            yield attribute.as_graph()
+        elif attribute.type == ir.AttributeType.GRAPHS:
+            yield from attribute.as_graphs()
+
+
 def iterate_graphs(model: ir.Model) -> Iterator[ir.Graph | ir.Function]:
     """The main graph, every subgraph (recursively) and every function of ``model``."""
     yield from model.graphs()
     for function in model.functions.values():
         yield function
         for node in function.all_nodes():
-            for attribute in node.attributes.values():
-                if attribute.type == ir.AttributeType.GRAPH:
-                    yield attribute.value
-                elif attribute.type == ir.AttributeType.GRAPHS:
-                    yield from attribute.value
+            yield from node_subgraphs(node)
 
 
 class QGraphPass(InPlacePass):

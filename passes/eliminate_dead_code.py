@@ -29,7 +29,7 @@ from collections.abc import Iterable
 import onnx_ir as ir
 from onnx_ir.passes import PassResult
 
-from qgraph.passes.base import QGraphPass
+from qgraph.passes.base import QGraphPass, node_subgraphs
 from qgraph.pipeline.phases import Phase
 from qgraph.pipeline.registry import register
 
@@ -85,7 +85,7 @@ class EliminateDeadCode(QGraphPass):
                     graph.remove(node, safe=True)
                     removed_this_walk += 1
                 else:
-                    for subgraph in _subgraphs(node):
+                    for subgraph in node_subgraphs(node):
                         removed_this_walk += self._clean_graph(subgraph)
             removed += removed_this_walk
             if not removed_this_walk or ordered:
@@ -112,19 +112,10 @@ class EliminateDeadCode(QGraphPass):
         return frozenset(pure)
 
 
-def _subgraphs(node: ir.Node) -> Iterable[ir.Graph]:
-    for attribute in node.attributes.values():
-        if attribute.is_ref():
-            continue
-        if attribute.type == ir.AttributeType.GRAPH:
-            yield attribute.as_graph()
-        elif attribute.type == ir.AttributeType.GRAPHS:
-            yield from attribute.as_graphs()
-
 
 def _release_subgraph_captures(node: ir.Node) -> None:
     """Detach every node nested in ``node``'s bodies from its inputs, so outer values lose those captures."""
-    for subgraph in _subgraphs(node):
+    for subgraph in node_subgraphs(node):
         for inner in reversed(list(subgraph)):
             _release_subgraph_captures(inner)
             for index in range(len(inner.inputs)):

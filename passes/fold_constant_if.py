@@ -42,7 +42,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import PassResult
 
-from qgraph.passes.base import QGraphPass, iterate_graphs
+from qgraph.passes.base import QGraphPass, iterate_graphs, node_subgraphs
 from qgraph.pipeline.phases import Phase
 from qgraph.pipeline.registry import register
 
@@ -63,20 +63,11 @@ def constant_condition(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
-def _subgraphs(node: ir.Node):
-    for attribute in node.attributes.values():
-        if attribute.is_ref():
-            continue
-        if attribute.type == ir.AttributeType.GRAPH:
-            yield attribute.as_graph()
-        elif attribute.type == ir.AttributeType.GRAPHS:
-            yield from attribute.as_graphs()
-
 
 def _release_captures(graph: ir.Graph) -> None:
     """Detach every node of ``graph`` (recursively) from its inputs, so outer values lose these uses."""
     for node in reversed(list(graph)):
-        for subgraph in _subgraphs(node):
+        for subgraph in node_subgraphs(node):
             _release_captures(subgraph)
         for index in range(len(node.inputs)):
             if node.inputs[index] is not None:
@@ -94,7 +85,7 @@ def _names_in(graph: ir.Graph | ir.Function, names: set[str]) -> None:
         for value in node.outputs:
             if value.name:
                 names.add(value.name)
-        for subgraph in _subgraphs(node):
+        for subgraph in node_subgraphs(node):
             _names_in(subgraph, names)
 
 

@@ -32,6 +32,8 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 
+from qgraph.passes.base import node_subgraphs
+
 logger = logging.getLogger(__name__)
 
 BRANCH_ATTRIBUTES = ("then_branch", "else_branch")
@@ -59,15 +61,6 @@ def quantized_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
                 yield from quantized_graphs(branch)
 
 
-def _nested_graphs(node: ir.Node) -> Iterator[ir.Graph]:
-    for attribute in node.attributes.values():
-        if attribute.is_ref():
-            continue
-        if attribute.type == ir.AttributeType.GRAPH:
-            yield attribute.as_graph()
-        elif attribute.type == ir.AttributeType.GRAPHS:
-            yield from attribute.as_graphs()
-
 
 def _defined_in(graph: ir.Graph, defined: set[int]) -> None:
     for value in graph.inputs:
@@ -77,7 +70,7 @@ def _defined_in(graph: ir.Graph, defined: set[int]) -> None:
     for node in graph:
         for value in node.outputs:
             defined.add(id(value))
-        for nested in _nested_graphs(node):
+        for nested in node_subgraphs(node):
             _defined_in(nested, defined)
 
 
@@ -95,7 +88,7 @@ def captured_values(graph: ir.Graph) -> list[ir.Value]:
             for value in node.inputs:
                 if value is not None and id(value) not in defined:
                     captured.setdefault(id(value), value)
-            for nested in _nested_graphs(node):
+            for nested in node_subgraphs(node):
                 visit(nested)
         for value in current.outputs:
             if id(value) not in defined:
@@ -150,7 +143,7 @@ def make_names_unique(model: ir.Model) -> int:
                     renamed += 1
                 node_names.add(node.name)
         for node in graph:
-            for nested in _nested_graphs(node):
+            for nested in node_subgraphs(node):
                 visit(nested, False)
 
     visit(model.graph, True)
