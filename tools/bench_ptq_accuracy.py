@@ -234,8 +234,8 @@ def command_qoperator_vs_qdq(arguments: argparse.Namespace) -> None:
         notes=["QOperator model with ORT_ENABLE_ALL. Step: the scale of the graph output's quantization, or, when the "
                "output is float (QGemm/Gemm with a float result, as for these classifiers), of the last quantized "
                "tensor before it. The float-math QDQ reference rounds every layer in float; the integer kernels "
-               "requantize with their own fixed-point rounding, and one-step flips in early layers propagate, so "
-               "the end-to-end gap there is several steps while each op stays within one."],
+               "requantize with their own fixed-point rounding, and one-step flips in early layers propagate through "
+               "the network (this table does not measure per-op differences)."],
     )
 
 
