@@ -106,16 +106,17 @@ def _observer_factory(
 
     def make(tensor: str):
         spec = plan.activation_spec_of(tensor)
-        if tensor in bounded and config.method in ("entropy", "percentile", "mse"):
+        method = plan.activation_methods.get(tensor, config.method)
+        if tensor in bounded and method in ("entropy", "percentile", "mse"):
             return create_observer("minmax", spec)
         options: dict = {}
-        if config.method in ("entropy", "percentile", "mse"):
+        if method in ("entropy", "percentile", "mse"):
             options["bins"] = config.bins
-        if config.method == "percentile":
+        if method == "percentile":
             options["percentile"] = config.percentile
-        if config.method == "ema":
+        if method == "ema":
             options["momentum"] = config.ema_momentum
-        return create_observer(config.method, spec, **options)
+        return create_observer(method, spec, **options)
 
     return make
 

@@ -74,6 +74,9 @@ class _MinSqnr(click.ParamType):
 @click.option("--exclude", metavar="NAMES", help="Comma-separated node names or operator types to keep in FP32.")
 @click.option("--keep-fp32", metavar="first,last", help="Keep the first and/or last compute layer in FP32.")
 @click.option("--requantize", is_flag=True, help="Allow quantizing a model that is already quantized.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
+              help="TOML file of per-tensor overrides: dtype, symmetric and calibration method per activation, bits "
+              "and per_channel per weight, exclude and keep_fp32 (see qgraph.quant.config_file).")
 @click.option("--fix-input", "fixed_inputs", multiple=True, metavar="NAME=VALUE",
               help="Make input NAME a constant before optimizing (repeatable): a scalar or a comma list in the "
               "input's type, e.g. sample_rate=16000, flags=1,0,1. An If that it decides is folded into its branch.")
@@ -138,6 +141,7 @@ def optimize(
     exclude: str | None,
     keep_fp32: str | None,
     requantize: bool,
+    config_path: Path | None,
     report_path: Path | None,
     min_sqnr: float | str | None = None,
     fixed_inputs: tuple[str, ...] = (),
@@ -191,8 +195,9 @@ def optimize(
             target, output_format, method, weight_method, percentile, calib_samples, batch_size, reduce_range,
             per_tensor, int(weight_bits), exclude, keep_fp32, requantize, min_sqnr, report_path is not None,
         )
-        quantization = dataclasses.replace(quantization, recurrent=quantize_recurrent)
-    elif output_format or exclude or keep_fp32 or calib_samples or report_path or quantize_recurrent != "fp32":
+        quantization = dataclasses.replace(quantization, recurrent=quantize_recurrent, config=config_path)
+    elif (output_format or exclude or keep_fp32 or calib_samples or report_path or config_path
+          or quantize_recurrent != "fp32"):
         raise click.UsageError("quantization options need calibration data: add --calib DATA")
     if min_sqnr is not None and calib is None:
         raise click.UsageError("--min-sqnr applies to quantization: add --calib DATA")

@@ -11,6 +11,7 @@ biases from ``s_input · s_weight`` (see :mod:`qgraph.passes.insert_quantize_deq
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 import logging
 from collections.abc import Callable, Iterable, Mapping
 
@@ -25,6 +26,7 @@ from qgraph.passes.base import iterate_graphs
 from qgraph.pipeline.manager import PassManager, PassRecord
 from qgraph.pipeline.registry import get_pass
 from qgraph.quant.annotate import AnnotationOverrides, annotate
+from qgraph.quant.config_file import check_override_names, load_overrides
 from qgraph.quant.plan import QuantPlan
 from qgraph.quant.subgraphs import make_names_unique
 from qgraph.quant.sensitivity import (
@@ -61,6 +63,8 @@ class QuantizeOptions:
     overrides: AnnotationOverrides = dataclasses.field(default_factory=AnnotationOverrides)
     #: Quantize a model that already holds quantized operators (normally refused).
     requantize: bool = False
+    #: A TOML file of per-tensor overrides (see :mod:`qgraph.quant.config_file`), merged into ``overrides``.
+    config: Path | None = None
     #: LSTM/GRU/RNN: "fp32" keeps them float; "dynamic" runs LSTMs as com.microsoft DynamicQuantizeLSTM (int8
     #: weights) on target ort-cpu. GRU and RNN stay FP32 either way (no such kernel).
     recurrent: str = "fp32"
@@ -141,7 +145,11 @@ def compute_parameters(
         array = initializers[weight.name].const_value.numpy().astype(np.float32)
         if not np.all(np.isfinite(array)):
             raise UnsupportedModelError(f"weight {weight.name!r} holds NaN or Inf; it cannot be quantized")
-        axis = weight.axis if per_channel else None
+        override = plan.weight_overrides.get(weight.name)
+        if override is not None:  # a --config entry: axis None means per tensor, anything else per channel
+            axis = weight.axis if override.axis is not None else None
+        else:
+            axis = weight.axis if per_channel else None
         spec = plan.weight_spec_of(weight.name).with_axis(axis)
         low, high = weight_range(array, axis, weight_method, spec)
         parameters[weight.name] = compute_quant_params(spec, low, high)
@@ -166,7 +174,19 @@ def quantize(
     target = get_target(options.target, options.target_options)
     model = ensure_opset(model, target.minimum_opset)
     make_names_unique(model)
+    if options.config is not None:
+        rules = target.rules()
+        options = dataclasses.replace(
+            options,
+            overrides=load_overrides(
+                options.config,
+                base=options.overrides,
+                activation_spec=rules.activation_spec,
+                weight_spec=target.weight_spec(0),
+            ),
+        )
     plan = annotate(model, target.rules(), options.overrides, recurrent=options.recurrent)
+    check_override_names(plan)
     if not plan.activations and not plan.weights and not plan.dynamic_nodes:
         raise UnsupportedModelError(
             "nothing in the model can be quantized for target "

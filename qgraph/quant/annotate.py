@@ -85,6 +85,8 @@ class AnnotationOverrides:
     keep_last_fp32: bool = False
     activation_overrides: dict = dataclasses.field(default_factory=dict)
     weight_overrides: dict = dataclasses.field(default_factory=dict)
+    #: Calibration method per activation tensor (from --config), instead of --method.
+    activation_methods: dict = dataclasses.field(default_factory=dict)
 
 
 def _is_constant(value: ir.Value | None) -> bool:
@@ -406,6 +408,7 @@ def annotate(
         fp32_nodes=fp32,
         activation_overrides=dict(overrides.activation_overrides),
         weight_overrides=dict(overrides.weight_overrides),
+        activation_methods=dict(overrides.activation_methods),
         dynamic_nodes=tuple(dynamic),
     )
     logger.info(

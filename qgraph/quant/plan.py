@@ -48,6 +48,8 @@ class QuantPlan:
     activation_overrides: Mapping[str, object] = dataclasses.field(default_factory=dict)
     #: Per-weight spec overrides; weights not listed use ``weight_spec``.
     weight_overrides: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    #: Calibration method per activation (overrides the run's method); tensors not listed use the run's method.
+    activation_methods: Mapping[str, str] = dataclasses.field(default_factory=dict)
     #: Recurrent nodes (LSTM) whose weights are quantized for a dynamically quantized kernel instead of Q/DQ.
     dynamic_nodes: tuple[str, ...] = ()
 
