@@ -242,6 +242,9 @@ def optimize(
                 f"QAT: {trained.epochs_completed} epochs ({trained.steps} steps) in {trained.seconds:.1f} s"
                 + (" (stopped early)" if trained.stopped_early else "")
                 + f"; best {trained.metric_name} {best} at epoch {trained.best_epoch}"
+                + ("; training made the model worse than the calibrated one "
+                   f"(objective {trained.objective_before:.4g} -> {trained.objective_after:.4g}), which was kept: "
+                   "try a smaller --lr" if trained.kept_start else "")
             )
         if report_path is not None:
             printing.write_report(report_path, result, calib, batch_size)

@@ -125,3 +125,20 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     resumed = run_qat(result.qdq_model, result.plan, result.parameters,
                       options=_options(epochs=2, work_directory=tmp_path, resume=True), **common)
     assert [event.epoch for event in resumed.history] == [2]
+
+
+def test_training_that_makes_the_objective_worse_keeps_the_calibrated_model():
+    """A learning rate far too high wrecks the model while its own loss still 'improves' from epoch to epoch; the
+    guard compares against the starting model and returns that instead (seen on the ResNet at lr 1e-3, 4-bit)."""
+    float_model, result = quantized(weight_bits=4)
+    inputs, _ = labelled_data(128)
+    wrecked = run_qat(result.qdq_model, result.plan, result.parameters, float_model=float_model,
+                      train_data=dataset(inputs, None),
+                      options=_options(loss="distill", epochs=2, learning_rate=0.1, patience=None))
+    assert wrecked.kept_start
+    assert wrecked.objective_after > wrecked.objective_before
+    assert wrecked.qdq_model is result.qdq_model
+
+    healthy = run_qat(result.qdq_model, result.plan, result.parameters, float_model=float_model,
+                      train_data=dataset(inputs, None), options=_options(loss="distill", epochs=3, patience=None))
+    assert not healthy.kept_start and healthy.objective_after <= healthy.objective_before

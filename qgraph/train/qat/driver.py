@@ -23,6 +23,7 @@ where it is (the work directory is kept). Otherwise the best checkpoint's parame
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import shutil
 import tempfile
@@ -64,6 +65,11 @@ class QATResult:
     stopped_early: bool
     seconds: float
     history: tuple[ProgressEvent, ...]
+    #: The training objective (mean loss) of the starting and the trained model on the guard batches.
+    objective_before: float | None = None
+    objective_after: float | None = None
+    #: True when training made the objective worse and the calibrated starting model was returned instead.
+    kept_start: bool = False
 
 
 class _EarlyStop(Exception):
@@ -215,6 +221,18 @@ def run_qat(
     for name in set(graph.trainable) - set(values):
         values[name] = _initial_value(graph.model, name)
     exported = export_qdq(graph, values)
+    before = after = None
+    kept_start = False
+    if options.keep_start_if_worse:
+        guard_source = validation_source if validation_source is not None else train_source
+        guard_batches = list(itertools.islice(guard_source(), GUARD_BATCHES))
+        before = training_objective(qdq_model, output_name, guard_batches, labelled=labelled)
+        after = training_objective(exported, output_name, guard_batches, labelled=labelled)
+        if after > before:
+            logger.warning(
+                "QAT made the training objective worse (%.4g -> %.4g on %d batches); keeping the calibrated model. "
+                "A smaller --lr usually helps.", before, after, len(guard_batches))
+            exported, kept_start = qdq_model, True
     if temporary:
         trainer.session = None
         shutil.rmtree(work, ignore_errors=True)
@@ -227,8 +245,32 @@ def run_qat(
         qdq_model=exported, graph=graph, epochs_completed=epochs[-1].epoch if epochs else 0,
         steps=epochs[-1].step if epochs else 0, metric_name=monitor.metric_name(validation_source is not None),
         best_metric=monitor.best, best_epoch=monitor.best_epoch, stopped_early=stopped_early, seconds=seconds,
-        history=tuple(epochs),
+        history=tuple(epochs), objective_before=before, objective_after=after, kept_start=kept_start,
     )
+
+
+#: Batches on which the trained model is compared with the model QAT started from.
+GUARD_BATCHES = 4
+
+
+def training_objective(model: onnx.ModelProto, output_name: str, batches, *, labelled: bool) -> float:
+    """The mean loss QAT minimises, measured in onnxruntime: cross-entropy against labels, or the mean squared
+    distance to the FP32 model's outputs (the batches' targets) when distilling."""
+    from qgraph import runtime
+
+    session = runtime.create_session(model, optimize=True)
+    total = count = 0.0
+    for feeds, targets in batches:
+        outputs = session.run([output_name], feeds)[0].astype(np.float64)
+        if labelled:
+            shifted = outputs - outputs.max(axis=1, keepdims=True)
+            log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+            total += -float(log_probabilities[np.arange(len(targets)), np.asarray(targets)].sum())
+            count += len(targets)
+        else:
+            total += float(np.sum((outputs - np.asarray(targets, dtype=np.float64)) ** 2))
+            count += outputs.size
+    return total / max(count, 1.0)
 
 
 def _initial_value(model: onnx.ModelProto, name: str) -> np.ndarray:

@@ -47,6 +47,9 @@ class QATOptions:
     seed: int = 0
     work_directory: str | os.PathLike | None = None
     resume: bool = False
+    #: After training, compare the trained model with the calibrated model it started from on the training
+    #: objective; if training made it worse (a learning rate too high, say), return the starting model.
+    keep_start_if_worse: bool = True
     #: Use at most this many training samples per epoch (``None``: all).
     train_samples: int | None = None
 
