@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -34,6 +35,12 @@ class _Commands(click.Group):
         except KeyboardInterrupt:
             click.echo("qgraph: interrupted", err=True)
             context.exit(130)
+        except BrokenPipeError:
+            # The reader went away (`qgraph passes | head`): not an error of ours. Point stdout at /dev/null so the
+            # interpreter's final flush does not fail again, and exit as a process killed by SIGPIPE would.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            context.exit(141)
         except Exception as error:  # a bug in qgraph: keep the traceback for the report
             traceback.print_exc(file=sys.stderr)
             click.echo(f"qgraph: internal error: {type(error).__name__}: {error}", err=True)

@@ -335,11 +335,9 @@ def _split_list(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
-def _calibration_length(calib: Path, limit: int | None) -> int | None:
+def _calibration_length(calib: Path, limit: int | None) -> int:
+    """Samples the progress bar counts; opening the data here also refuses a missing or unreadable file first."""
     from qgraph.data import open_dataset
 
-    try:
-        count = open_dataset(calib).num_samples
-    except QGraphError:
-        return limit  # the real error is raised, with its message, when optimize opens the data
+    count = open_dataset(calib).num_samples
     return min(count, limit) if limit else count

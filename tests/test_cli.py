@@ -202,3 +202,23 @@ def test_sparse_constant_is_refused_with_a_clear_message(runner, tmp_path):
     assert result.exit_code == 2, result.output
     assert "cannot represent" in result.output and "Sparse" in result.output
     assert "_deserialize" not in result.output
+
+
+def test_missing_calibration_file_is_a_user_error(runner, model_path, tmp_path):
+    result = runner.invoke(cli, ["optimize", str(model_path), "-o", str(tmp_path / "out.onnx"),
+                                 "--calib", str(tmp_path / "missing.npz")])
+    assert result.exit_code == 2, result.output
+    assert "missing.npz: no such file" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_closed_pipe_ends_quietly():
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "qgraph.cli", "passes"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before qgraph writes a line, like `qgraph passes | head -0`
+    stderr = process.stderr.read().decode()
+    process.wait(timeout=60)
+    assert "Traceback" not in stderr and "internal error" not in stderr
