@@ -39,9 +39,7 @@ def write_report(path: Path, result, calib: Path, batch_size: int) -> None:
     from qgraph.report import build_report
 
     float_model = result.float_model
-    batches = calibration_batches(
-        ir.serde.deserialize_model(float_model), calib, CalibrationConfig(batch_size=batch_size)
-    )
+    batches = calibration_batches(float_model, calib, CalibrationConfig(batch_size=batch_size))
     report = build_report(
         float_model, ir.serde.serialize_model(result.model), result.quantization, list(itertools.islice(batches, 2))
     )

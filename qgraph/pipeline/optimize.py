@@ -184,15 +184,26 @@ def _fine_tune(quantized: QuantizeResult, float_model: onnx.ModelProto, options:
 LABEL_KEYS = ("label", "labels")
 
 
-def calibration_batches(model: ir.Model, data, config: CalibrationConfig):
+def model_input_signature(model: ir.Model | onnx.ModelProto):
+    """The model's feedable inputs, read from the graph inputs alone (serialising the whole model would load every
+    weight, external data included, only to read a few names and shapes)."""
+    from qgraph.data.validate import input_signature
+
+    if isinstance(model, onnx.ModelProto):
+        return input_signature(model)
+    inputs = [ir.serde.serialize_value(value) for value in model.graph.inputs if not value.is_initializer()]
+    return input_signature(onnx.helper.make_graph([], "inputs", inputs, []))
+
+
+def calibration_batches(model: ir.Model | onnx.ModelProto, data, config: CalibrationConfig):
     """Batches of ``data`` checked against ``model``'s inputs (names, ranks, fixed dimensions, dtypes).
 
     A ``label``/``labels`` key that is not a model input is treated as labels and never fed to the model.
     """
     from qgraph.data import open_dataset
-    from qgraph.data.validate import input_signature, validate_dataset
+    from qgraph.data.validate import validate_dataset
 
-    signature = input_signature(ir.serde.serialize_model(model))
+    signature = model_input_signature(model)
     if isinstance(data, (str, os.PathLike)):
         input_names = {spec.name for spec in signature}
         probe = open_dataset(data)
