@@ -128,13 +128,7 @@ class FoldBatchNorm(RewritePass):
         weight = self._weights(conv, 1)
         bias = self._weights(conv, 2)
         folded_weight = weight.astype(np.float64) * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
-        folded_bias = (bias.astype(np.float64) if bias is not None else 0.0) * scale + shift
-        inputs = [
-            conv.inputs[0],
-            self._store(conv, 1, "bn_folded", folded_weight, weight.dtype),
-            self._store(conv, 2, "bn_folded_bias", folded_bias, weight.dtype),
-        ]
-        return [self._replacement(conv, inputs, list(conv.attributes.values()))]
+        return self._convolution_with(conv, folded_weight, weight.dtype, bias, scale, shift)
 
     def _fold_into_conv_transpose(self, plan: FoldPlan) -> list[ir.Node]:
         conv, scale, shift = plan.producer, plan.affine.scale, plan.affine.shift
@@ -146,11 +140,15 @@ class FoldBatchNorm(RewritePass):
         grouped = weight.astype(np.float64).reshape((group, in_per_group, out_per_group) + kernel)
         grouped_scale = scale.reshape((group, 1, out_per_group) + (1,) * len(kernel))
         folded_weight = (grouped * grouped_scale).reshape(weight.shape)
+        return self._convolution_with(conv, folded_weight, weight.dtype, bias, scale, shift)
+
+    def _convolution_with(self, conv, folded_weight, dtype, bias, scale, shift) -> list[ir.Node]:
+        """The convolution rebuilt on the folded weight, with bias b' = b·s + t (b = 0 when absent)."""
         folded_bias = (bias.astype(np.float64) if bias is not None else 0.0) * scale + shift
         inputs = [
             conv.inputs[0],
-            self._store(conv, 1, "bn_folded", folded_weight, weight.dtype),
-            self._store(conv, 2, "bn_folded_bias", folded_bias, weight.dtype),
+            self._store(conv, 1, "bn_folded", folded_weight, dtype),
+            self._store(conv, 2, "bn_folded_bias", folded_bias, dtype),
         ]
         return [self._replacement(conv, inputs, list(conv.attributes.values()))]
 
