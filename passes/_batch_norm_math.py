@@ -143,9 +143,6 @@ def plan_fold(node: ir.Node) -> FoldPlan | str:
     return FoldPlan(batch_norm=node, producer=producer, bias_add=bias_add, affine=affine)
 
 
-def can_fold(node: ir.Node) -> bool:
-    """True when FoldBatchNorm would fold BatchNorm ``node`` into its producer."""
-    return isinstance(plan_fold(node), FoldPlan)
 
 
 def matmul_bias_operand(add: ir.Node) -> tuple[ir.Node | None, ir.Value | None]:

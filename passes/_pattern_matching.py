@@ -80,10 +80,6 @@ def scalar_constant(value: ir.Value | None) -> float | None:
     return float(array.reshape(()))
 
 
-def constant_rank(value: ir.Value) -> int:
-    """The rank of a constant initializer (0 when unknown)."""
-    array = constant_array(value)
-    return array.ndim if array is not None else 0
 
 
 def close_to(actual: float | None, expected: float, relative_tolerance: float) -> bool:
