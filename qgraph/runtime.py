@@ -44,8 +44,13 @@ def create_session(
     *,
     optimize: bool = False,
     threads: int | None = None,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
-    """An onnxruntime CPU session; graph optimisation is off unless ``optimize`` is set."""
+    """An onnxruntime CPU session; graph optimisation is off unless ``optimize`` is set.
+
+    ``spinning=False`` makes onnxruntime's idle worker threads sleep at once instead of spinning for work, for a
+    session that alternates with other CPU work of this process (calibration's observers).
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -54,6 +59,8 @@ def create_session(
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     elif isinstance(model, os.PathLike):

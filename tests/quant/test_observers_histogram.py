@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from qgraph.quant.observers import HistogramObserver, observer_from_state
+from qgraph.quant.observers import histogram
 from qgraph.quant.observers.histogram import rebinned_counts
 from qgraph.quant.spec import QuantSpec
 
@@ -157,3 +158,121 @@ def test_invalid_options() -> None:
         HistogramObserver(QuantSpec.int8(axis=0))
     with pytest.raises(ValueError, match="bins"):
         HistogramObserver(bins=64).merge(HistogramObserver(bins=128))
+
+
+# ------------------------------------------------------------------------------------ native kernel vs numpy path
+def _kernel_cases() -> list[np.ndarray]:
+    rng = np.random.default_rng(11)
+    relu = np.maximum(rng.standard_normal(70_001), 0).astype(np.float32)  # half exact zeros, odd length
+    return [
+        relu,
+        rng.standard_normal(65_539).astype(np.float32) * 7.0,  # signed layout, not a multiple of the block
+        rng.standard_normal(1_003).astype(np.float64) * 1e-3,  # float64 input
+        (rng.standard_normal(999) * 1e-41).astype(np.float32),  # subnormals: width factor beyond float32's range
+        (rng.standard_normal(999) * 1e37).astype(np.float32),  # huge magnitudes
+        np.array([-0.0, 0.0, -1e-45, 1e-45, 1.0, -1.0, 2.0 - 2**-22], dtype=np.float32),  # edges, -0, tiny
+        np.arange(-50, 50, dtype=np.float32) / 8,  # exactly on bin edges
+    ]
+
+
+@pytest.mark.skipif(not histogram.NATIVE, reason="the native loops were not built (no C compiler)")
+@pytest.mark.parametrize("case", range(len(_kernel_cases())))
+def test_native_kernel_counts_equal_the_numpy_path(case: int) -> None:
+    data = _kernel_cases()[case]
+    observers = {native: HistogramObserver(bins=512) for native in (True, False)}
+    for native, observer in observers.items():
+        # two batches, the second growing the range: re-binning then accumulation on both paths
+        for batch in (data[: data.size // 2] * 0.25, data):
+            flat = batch.reshape(-1)
+            low, high = float(flat.min()), float(flat.max())
+            magnitude = max(-low, high)
+            needed = math.frexp(magnitude)[1] if magnitude > 0 else histogram.ZERO_ONLY_EXPONENT
+            observer._rebin(needed if observer.exponent is None else max(observer.exponent, needed),
+                            observer.signed_layout or low < 0)
+            observer._accumulate(flat, native=native)
+    assert observers[True].counts.sum() == observers[False].counts.sum() == data.size + data.size // 2
+    np.testing.assert_array_equal(observers[True].counts, observers[False].counts)
+
+
+@pytest.mark.skipif(not histogram.NATIVE, reason="the native loops were not built (no C compiler)")
+def test_native_kernel_flushes_its_32_bit_lanes_on_long_inputs() -> None:
+    """More than one 2^24-value chunk: every value still counted once, all in the zero bin here."""
+    observer = HistogramObserver(bins=64)
+    observer.update(np.zeros((1 << 24) + 7, dtype=np.float32))
+    assert observer.counts[0] == (1 << 24) + 7 == observer.counts.sum()
+
+
+@pytest.mark.skipif(not histogram.NATIVE, reason="the native loops were not built (no C compiler)")
+def test_native_kernel_refuses_wrong_buffers() -> None:
+    counts = np.zeros(16, dtype=np.int64)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        histogram._native.bin_counts(np.zeros(4, dtype=np.int32), 0, 0, counts, False)
+    with pytest.raises(TypeError, match="int64"):
+        histogram._native.bin_counts(np.zeros(4, dtype=np.float32), 0, 0, counts.astype(np.int32), False)
+    with pytest.raises(ValueError, match="offset"):
+        histogram._native.bin_counts(np.zeros(4, dtype=np.float32), 0, 16, counts, False)
+    with pytest.raises(ValueError):
+        histogram._native.bin_counts(np.zeros(4, dtype=np.float32), 0, 0, counts[::2], False)  # not contiguous
+
+
+def test_the_native_kernel_is_built_where_a_c_compiler_exists() -> None:
+    """The package build compiles the kernel (setup.py); without it calibration is about twice as slow."""
+    import shutil
+    import sysconfig
+
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}) on this machine: the numpy path is used")
+    assert histogram.NATIVE
+
+
+def _update_sequence() -> list[np.ndarray]:
+    rng = np.random.default_rng(5)
+    relu = np.maximum(rng.standard_normal((4, 8, 33)), 0).astype(np.float32)
+    with_nan = rng.standard_normal(3000).astype(np.float32)
+    with_nan[[5, 700, 2999]] = [np.nan, np.inf, -np.inf]
+    return [
+        relu * 0.5,
+        relu,  # same layout: the one-pass path counts it all
+        relu * 9.0,  # grows the range from the first block
+        np.concatenate([relu.reshape(-1) * 0.1, relu.reshape(-1) * 40.0]),  # grows after some blocks
+        np.concatenate([relu.reshape(-1), [-1e-45], relu.reshape(-1)]).astype(np.float32),  # first negative, late
+        with_nan,
+        np.zeros(1000, dtype=np.float32),
+        rng.standard_normal(513).astype(np.float64) * 1e-3,
+    ]
+
+
+@pytest.mark.skipif(not histogram.NATIVE, reason="the native loops were not built (no C compiler)")
+@pytest.mark.parametrize("bins", [64, 2048])
+def test_one_pass_updates_equal_the_numpy_observer(bins: int, monkeypatch) -> None:
+    """Whole updates, stops and re-binning included: the state equals the pure-numpy observer's, count for count."""
+    native = HistogramObserver(bins=bins)
+    for batch in _update_sequence():
+        native.update(batch)
+    monkeypatch.setattr(histogram, "NATIVE", False)
+    reference = HistogramObserver(bins=bins)
+    for batch in _update_sequence():
+        reference.update(batch)
+    native_state, reference_state = native.state_dict(), reference.state_dict()
+    np.testing.assert_array_equal(native_state.pop("counts"), reference_state.pop("counts"))
+    assert native_state == reference_state
+    assert native.count == sum(int(np.isfinite(batch).sum()) for batch in _update_sequence())
+
+
+@pytest.mark.skipif(not histogram.NATIVE, reason="the native loops were not built (no C compiler)")
+def test_native_min_max_matches_numpy_and_flags_non_finite() -> None:
+    from qgraph.quant.observers import base
+
+    rng = np.random.default_rng(3)
+    for dtype in (np.float32, np.float64):
+        values = rng.standard_normal(1001).astype(dtype) * 5
+        assert base._native.min_max(values) == (float(values.min()), float(values.max()), True)
+        for bad in (np.nan, np.inf, -np.inf):
+            spoiled = values.copy()
+            spoiled[0 if bad is np.nan else 600] = bad
+            assert base._native.min_max(spoiled)[2] is False
+            low, high, count = base.finite_min_max(spoiled)
+            assert (low, high, count) == (float(values[1:].min() if bad is np.nan else np.delete(values, 600).min()),
+                                          float(values[1:].max() if bad is np.nan else np.delete(values, 600).max()),
+                                          1000)

@@ -11,8 +11,9 @@ every scale infinite. Finite sentinels such as the attention-mask value -3.4e38 
 them should not be quantized at all, and silently dropping them would hide that. A batch with no finite values leaves
 the state unchanged; an observer that never saw a finite value reports the range (0, 0), which gives scale 1.0.
 
-The reductions here avoid extra passes and copies: per-tensor min/max is two SIMD reductions, and only when one of
-them is not finite (so the batch holds NaN or ±Inf) is the batch filtered with ``np.isfinite``.
+The reductions here avoid extra passes and copies: per-tensor min/max is one pass of the native loop
+(``_native.c``, built with the package; ``NATIVE`` tells whether it is) or two numpy reductions without it, and only
+when the batch holds NaN or ±Inf is it filtered with ``np.isfinite``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ import numpy as np
 from qgraph.quant.spec import QuantParams, QuantSpec, compute_quant_params
 
 logger = logging.getLogger(__name__)
+
+try:
+    from qgraph.quant.observers import _native
+except ImportError:  # built without a C compiler: the numpy paths give the same results, more slowly
+    _native = None
+
+#: True when the observers use the native single-pass loops of ``_native.c``.
+NATIVE = _native is not None
 
 ObserverT = TypeVar("ObserverT", bound="Observer")
 
@@ -54,6 +63,10 @@ def finite_min_max(array: np.ndarray) -> tuple[float, float, int]:
     flat = array.reshape(-1)
     if flat.size == 0:
         return float("inf"), float("-inf"), 0
+    if NATIVE and flat.dtype in (np.float32, np.float64) and flat.flags.c_contiguous:
+        low, high, all_finite = _native.min_max(flat)  # one pass instead of two
+        if all_finite:
+            return low, high, flat.size
     low, high = flat.min(), flat.max()
     if np.isfinite(low) and np.isfinite(high):
         return float(low), float(high), flat.size
