@@ -176,11 +176,11 @@ def calibrate(
             "%d tensor(s) inside If branches that no calibration batch took stay float: %s",
             len(unseen), ", ".join(unseen[:8]) + (" ..." if len(unseen) > 8 else ""),
         )
-    ranges = {
-        tensor: tuple(float(bound) for bound in observers[tensor].compute_range())
-        for tensor in tensors
-        if tensor in seen
-    }
+    # the histogram methods' range searches take milliseconds per tensor: spread them over the threads too
+    observed = [tensor for tensor in tensors if tensor in seen]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qgraph-range") as executor:
+        computed = executor.map(lambda tensor: observers[tensor].compute_range(), observed)
+        ranges = {tensor: tuple(float(bound) for bound in bounds) for tensor, bounds in zip(observed, computed)}
     ranges = merge_group_ranges(ranges, plan)
     seconds = time.perf_counter() - start
     logger.info("calibrated %d tensors on %d samples in %.1fs (%s)", len(tensors), samples, seconds, config.method)

@@ -128,3 +128,28 @@ def test_skewed_asymmetric_range_keeps_the_short_side() -> None:
         low, high = _observer(data, QuantSpec.uint8()).compute_range(method)
         assert float(data.min()) <= low <= 0.5 * float(data.min()), method  # the short side is not dropped
         assert high > 5.0, method
+
+
+def test_mse_errors_equal_a_per_bin_evaluation() -> None:
+    """The shared-edge evaluation equals integrating each occupied bin on its own (the definition)."""
+    from qgraph.quant.observers.histogram_ranges import HistogramView, _error_antiderivative, expected_squared_error
+    from qgraph.quant.spec import QuantSpec, compute_quant_params
+
+    rng = np.random.default_rng(4)
+    counts = rng.integers(0, 50, 64).astype(np.int64)
+    counts[[0, 1, 30, 63]] = 0
+    view = HistogramView(counts=counts, first_edge=-32 * 0.125, width=0.125, minimum=-3.9, maximum=3.77)
+    spec = QuantSpec.uint8()
+    lows, highs = np.array([-3.9, -2.0, -1.0]), np.array([3.77, 2.5, 1.0])
+    params = compute_quant_params(spec.with_axis(0), lows, highs)
+    expected = np.zeros(3)
+    for index in np.flatnonzero(counts):
+        a = max(view.first_edge + index * view.width, view.minimum)
+        b = min(view.first_edge + (index + 1) * view.width, view.maximum)
+        for k in range(3):
+            scale, zero = float(params.scale[k]), float(params.zero_point[k])
+            clip_low, clip_high = (spec.qmin - zero) * scale, (spec.qmax - zero) * scale
+            args = (np.float64(scale), np.float64(clip_low), np.float64(clip_high))
+            expected[k] += counts[index] * (_error_antiderivative(np.float64(b), *args)
+                                            - _error_antiderivative(np.float64(a), *args)) / (b - a)
+    np.testing.assert_allclose(expected_squared_error(view, spec, lows, highs), expected, rtol=1e-9)

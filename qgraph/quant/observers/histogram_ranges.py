@@ -197,23 +197,23 @@ def expected_squared_error(
     clip_low = (spec.qmin - zero_point) * scale
     clip_high = (spec.qmax - zero_point) * scale
 
+    # A is evaluated once per bin edge of the occupied span (each inner edge closes one bin and opens the next);
+    # edges are cut to the observed extremes, so the end bins' widths shrink to what the data cover.
     occupied = np.flatnonzero(view.counts)
-    weights = view.counts[occupied].astype(np.float64)
-    starts = np.maximum(view.first_edge + occupied * view.width, view.minimum)
-    ends = np.minimum(view.first_edge + (occupied + 1) * view.width, view.maximum)
-    widths = ends - starts
+    first, last = int(occupied[0]), int(occupied[-1]) + 1
+    edges = np.clip(view.first_edge + np.arange(first, last + 1, dtype=np.float64) * view.width, view.minimum, view.maximum)
+    weights = view.counts[first:last].astype(np.float64)
+    widths = np.diff(edges)
     spread = widths > 0
-    errors = np.zeros((scale.shape[0], occupied.size))
+    errors = np.zeros((scale.shape[0], weights.size))
     if spread.any():
-        a, b, w = starts[spread], ends[spread], widths[spread]
-        errors[:, spread] = (
-            _error_antiderivative(b[None, :], scale, clip_low, clip_high)
-            - _error_antiderivative(a[None, :], scale, clip_low, clip_high)
-        ) / w[None, :]
-    if not spread.all():
-        points = starts[~spread][None, :]
+        antiderivative = _error_antiderivative(edges[None, :], scale, clip_low, clip_high)
+        errors[:, spread] = (antiderivative[:, 1:] - antiderivative[:, :-1])[:, spread] / widths[spread][None, :]
+    point = ~spread & (weights > 0)
+    if point.any():  # all of a bin's values at one point (the data's extremes meet inside it)
+        points = edges[:-1][point][None, :]
         codes = np.clip(np.rint(points / scale) + zero_point, spec.qmin, spec.qmax)
-        errors[:, ~spread] = (points - (codes - zero_point) * scale) ** 2
+        errors[:, point] = (points - (codes - zero_point) * scale) ** 2
     return np.maximum(errors, 0.0) @ weights
 
 
