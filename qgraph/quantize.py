@@ -211,12 +211,13 @@ def quantize(
     if plan.dynamic_nodes:
         weight_spec = target.rules().weight_spec
         quantize_passes.append(get_pass("QuantizeLSTMDynamic")(
-            nodes=plan.dynamic_nodes, qmax=weight_spec.qmax, per_channel=target.options.per_channel
+            nodes=plan.dynamic_nodes, qmax=weight_spec.qmax, per_channel=target.options.per_channel,
+            guard_saturation=getattr(target, "saturation_guard", lambda: True)(),
         ))
     records = list(PassManager(quantize_passes).run(model).records)
     qdq_model = ir.serde.serialize_model(model)
     if lower and target.lowering_passes():
-        lowering = PassManager([get_pass(name)() for name in target.lowering_passes()], fixed_point=True)
+        lowering = PassManager(target.lowering_pipeline(), fixed_point=True)
         records.extend(lowering.run(model).records)
         records.extend(PassManager([get_pass("EliminateDeadCode")()]).run(model).records)
     return QuantizeResult(model, plan, calibration, parameters, tuple(records), qdq_model, sensitivity)

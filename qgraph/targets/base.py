@@ -23,6 +23,9 @@ class TargetOptions:
     reduce_range: str = "auto"
     per_channel: bool = True
     weight_bits: int = 8
+    #: "auto" (on for x86 CPUs without VNNI), "on" or "off": lowering stores 8-bit weight codes beyond ±64 as
+    #: uint8 (w + 128) so that onnxruntime runs them on its exact u8u8 kernels instead of saturating u8s8 ones.
+    saturation_guard: str = "auto"
 
 
 class Target(abc.ABC):
@@ -41,6 +44,12 @@ class Target(abc.ABC):
     @abc.abstractmethod
     def lowering_passes(self) -> tuple[str, ...]:
         """Names of the LOWER passes for the chosen format (empty for explicit QDQ)."""
+
+    def lowering_pipeline(self) -> list:
+        """The LOWER passes, constructed with this target's options."""
+        from qgraph.pipeline.registry import get_pass
+
+        return [get_pass(name)() for name in self.lowering_passes()]
 
     def weight_spec(self, axis: int | None) -> QuantSpec:
         return self.rules().weight_spec.with_axis(axis if self.options.per_channel else None)

@@ -4,7 +4,11 @@ Activations uint8 asymmetric per tensor (a ReLU output uses all 256 codes), weig
 biases int32. With ``--format qoperator`` (default) the QDQ graph is lowered to onnxruntime's integer operators
 (QLinearConv, QLinearMatMul, QGemm, QLinearAdd, …); ``--format qdq`` keeps explicit pairs, which onnxruntime fuses at
 session creation. ``reduce_range`` (7-bit weights) is on by default for x86 CPUs without VNNI, whose u8s8 kernels
-can saturate (see :mod:`qgraph.targets.cpu_features`).
+can saturate (see :mod:`qgraph.targets.cpu_features`), and so is the lowering's saturation guard (8-bit weight
+codes beyond ±64 stored as uint8 + 128, run on onnxruntime's exact but slower u8u8 kernels). On a CPU with VNNI
+both are off: 8-bit int8 weights on its exact, faster u8s8 kernels. The model is thus tuned for the machine that
+quantizes it; one built on a VNNI machine for CPUs without it should use ``--reduce-range on`` (7-bit weights,
+exact everywhere).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ LOWERING_PASSES = (
     "LowerIntegerPassThrough",
     "RemoveRedundantQuantization",
 )
+#: Lowering passes with integer kernels whose u8s8 form can saturate (they take ``guard_saturation``).
+GUARDED_PASSES = frozenset({"LowerQLinearConv", "LowerQLinearMatMul", "LowerQGemm", "LowerIntegerMatMul"})
 
 
 class OrtCpuTarget(Target):
@@ -46,6 +52,14 @@ class OrtCpuTarget(Target):
         if choice in ("on", "off"):
             return choice == "on"
         raise QGraphError(f"--reduce-range must be auto, on or off, got {choice!r}")
+
+    def saturation_guard(self) -> bool:
+        choice = self.options.saturation_guard
+        if choice == "auto":
+            return needs_reduce_range()
+        if choice in ("on", "off"):
+            return choice == "on"
+        raise QGraphError(f"saturation_guard must be auto, on or off, got {choice!r}")
 
     def rules(self) -> AnnotationRules:
         bits = self.options.weight_bits
@@ -68,3 +82,12 @@ class OrtCpuTarget(Target):
 
     def lowering_passes(self) -> tuple[str, ...]:
         return LOWERING_PASSES if self.options.format == "qoperator" else ()
+
+    def lowering_pipeline(self) -> list:
+        from qgraph.pipeline.registry import get_pass
+
+        guard = self.saturation_guard()
+        return [
+            get_pass(name)(guard_saturation=guard) if name in GUARDED_PASSES else get_pass(name)()
+            for name in self.lowering_passes()
+        ]

@@ -110,7 +110,7 @@ def lower_qdq(model: onnx.ModelProto, quantize_options) -> tuple[ir.Model, tuple
     lowered = ir.serde.deserialize_model(model)
     records: list = []
     if target.lowering_passes():
-        lowering = PassManager([get_pass(name)() for name in target.lowering_passes()], fixed_point=True)
+        lowering = PassManager(target.lowering_pipeline(), fixed_point=True)
         records.extend(lowering.run(lowered).records)
         records.extend(PassManager([get_pass("EliminateDeadCode")()]).run(lowered).records)
     return lowered, tuple(records)
