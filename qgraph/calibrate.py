@@ -136,10 +136,12 @@ def calibrate(
 ) -> CalibrationResult:
     """Observe every activation of ``plan`` over ``batches``; ``progress`` receives the samples of each batch."""
     config = config or CalibrationConfig()
-    tensors = list(plan.activations)
+    bounded = bounded_tensors(model)
+    aliases = value_aliases(model, plan, config, bounded)
+    tensors = [tensor for tensor in plan.activations if tensor not in aliases]
     probe = build_probes(model, tensors, threads=config.threads, spinning=False)
     input_names = list(probe.inputs)
-    make_observer = _observer_factory(config, plan, bounded_tensors(model))
+    make_observer = _observer_factory(config, plan, bounded)
     observers = {tensor: make_observer(tensor) for tensor in tensors}
     seen: set[str] = set()
     start = time.perf_counter()
@@ -181,10 +183,42 @@ def calibrate(
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qgraph-range") as executor:
         computed = executor.map(lambda tensor: observers[tensor].compute_range(), observed)
         ranges = {tensor: tuple(float(bound) for bound in bounds) for tensor, bounds in zip(observed, computed)}
+    ranges.update((alias, ranges[source]) for alias, source in aliases.items() if source in ranges)
     ranges = merge_group_ranges(ranges, plan)
     seconds = time.perf_counter() - start
     logger.info("calibrated %d tensors on %d samples in %.1fs (%s)", len(tensors), samples, seconds, config.method)
     return CalibrationResult(ranges, samples, batches_seen, seconds)
+
+
+#: Operators that only rearrange their input: the output holds the same values (the same multiset every batch).
+LAYOUT_OPERATORS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+
+
+def value_aliases(
+    model: ir.Model, plan: QuantPlan, config: CalibrationConfig, bounded: frozenset[str] = frozenset()
+) -> dict[str, str]:
+    """Annotated main-graph tensors whose observation would repeat another's: ``{alias: source}``.
+
+    The output of a layout operator holds exactly its input's values in every batch, so an observer of the same kind
+    (same spec, method and boundedness) reaches the same state on either: the output is not observed, it takes the
+    source's range. Chains resolve to their first tensor. Transformers reshape and transpose around every attention.
+    """
+    annotated = set(plan.activations)
+
+    def observer_kind(tensor: str) -> tuple:
+        return plan.activation_spec_of(tensor), plan.activation_methods.get(tensor, config.method), tensor in bounded
+
+    aliases: dict[str, str] = {}
+    for node in model.graph:  # topological order: a chain's source is resolved before its later links
+        if node.op_type not in LAYOUT_OPERATORS or node.domain not in ("", "ai.onnx"):
+            continue
+        if not node.inputs or node.inputs[0] is None or not node.outputs:
+            continue
+        source, output = node.inputs[0].name, node.outputs[0].name
+        root = aliases.get(source, source)
+        if output in annotated and root in annotated and observer_kind(output) == observer_kind(root):
+            aliases[output] = root
+    return aliases
 
 
 def observer_threads(threads: int | None) -> int:
