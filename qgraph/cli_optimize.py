@@ -67,7 +67,9 @@ class _MinSqnr(click.ParamType):
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Calibration batch size.")
 @click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="7-bit weights for x86 CPUs without VNNI, whose u8s8 kernels can saturate (auto detects).")
+              help="7-bit weights for x86 CPUs without VNNI, whose u8s8 kernels can saturate. auto: as this "
+                   "machine needs (without VNNI also keeps wider 8-bit weights on exact u8u8 kernels); on: for a "
+                   "model built here but deployed on CPUs without VNNI.")
 @click.option("--per-tensor", is_flag=True, help="One scale per weight tensor instead of one per output channel.")
 @click.option("--weight-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
               help="Bit width of weights.")
