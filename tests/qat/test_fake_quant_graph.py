@@ -15,6 +15,14 @@ from tests.ptq.small_models import calibration_batches
 from tests.qat.helpers import quantized, two_layer_mlp
 
 
+def _quantizer_bounds(model: onnx.ModelProto) -> list[tuple[float, float]]:
+    """The (lower, upper) clip bounds of every quantizer of a fake-quant graph, in code units."""
+    constants = {node.output[0]: onnx.helper.get_attribute_value(node.attribute[0])
+                 for node in model.graph.node if node.op_type == "Constant"}
+    return [(float(constants[node.input[1]]), float(constants[node.input[2]])) for node in model.graph.node
+            if node.op_type == "Clip" and node.output[0].endswith(".qat_clipped")]
+
+
 def _run(model: onnx.ModelProto, feeds) -> np.ndarray:
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -30,7 +38,8 @@ def test_forward_matches_the_qdq_graph(learn_scales):
     onnx.checker.check_model(graph.model)
     ops = [node.op_type for node in graph.model.graph.node]
     assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
-    assert ops.count("FakeQuant") == 8 + 4  # eight activation pairs, four weights
+    assert "FakeQuant" not in ops  # its kernel rounds element by element; the Clip/Add/Sub composition is faster
+    assert len(_quantizer_bounds(graph.model)) == 8 + 4  # eight activation pairs, four weights
     # One learnable scale per scale group (MaxPool and Flatten share their input's scale).
     assert len(graph.activations) == 6
     assert len(graph.activation_scale_parameters) == (6 if learn_scales else 0)
@@ -46,9 +55,10 @@ def test_four_bit_weights_use_the_spec_bounds():
     float_model, result = quantized(weight_bits=4)
     graph = build_fake_quant_graph(result.qdq_model, result.plan, result.parameters, float_model=float_model)
     assert {(weight.qmin, weight.qmax) for weight in graph.weights} == {(-7, 7)}
-    bounds = {(attribute.name, attribute.i) for node in graph.model.graph.node if node.op_type == "FakeQuant"
-              for attribute in node.attribute}
-    assert ("quant_min", -7) in bounds and ("quant_max", 7) in bounds
+    bounds = set(_quantizer_bounds(graph.model))
+    # Weights clip to the open cell (-7.5, 7.5): the float32 neighbours inside, which round to ±7.
+    inside = (float(np.nextafter(np.float32(-7.5), np.float32(0))), float(np.nextafter(np.float32(7.5), np.float32(0))))
+    assert inside in bounds
     feeds = calibration_batches(1, 8, seed=3)[0]
     coarsest = max(quantizer.scale for quantizer in graph.activations)
     assert np.max(np.abs(_run(graph.model, feeds) - _run(result.qdq_model, feeds))) <= coarsest
@@ -100,3 +110,24 @@ def test_straight_through_gradient_is_zero_where_clipped(tmp_path):
     # LSQ: the scale gradient of a clipped element is (qmax - z) · dL/dy, non-zero.
     activation = graph.activation_of("activated").log_scale
     assert gradients[activation] != 0.0
+
+
+@pytest.mark.parametrize(("zero_point", "qmin", "qmax"), [(0, -127, 127), (128, 0, 255), (0, -7, 7), (3, -128, 127)])
+def test_rounding_composition_is_quantize_linear_bit_for_bit(zero_point, qmin, qmax):
+    """Clip to the cell, then (v + 1.5·2²³) − 1.5·2²³: QuantizeLinear's round-half-to-even and saturation."""
+    from qgraph.train.qat.fake_quant_graph import _Builder
+
+    builder = _Builder(onnx.ModelProto(), 1.0)
+    nodes = builder.rounding_nodes("t", "v", zero_point, qmin, qmax, "codes")
+    graph = onnx.helper.make_graph(
+        builder.prologue + nodes, "rounding", [onnx.helper.make_tensor_value_info("v", onnx.TensorProto.FLOAT, [None])],
+        [onnx.helper.make_tensor_value_info("codes", onnx.TensorProto.FLOAT, [None])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    ties = np.arange(-300, 300, dtype=np.float32) + np.float32(0.5)
+    generator = np.random.default_rng(0)
+    values = np.concatenate([ties, np.nextafter(ties, np.float32(0)), np.nextafter(ties, np.float32(1e9)),
+                             generator.uniform(-400, 400, 4000).astype(np.float32),
+                             np.array([0.0, -0.0, 1e30, -1e30, 3e38, -3e38], np.float32)])
+    actual = _run(model, {"v": values})
+    expected = np.clip(np.rint(values.astype(np.float64)) + zero_point, qmin, qmax) - zero_point
+    np.testing.assert_array_equal(actual, expected.astype(np.float32))

@@ -6,13 +6,16 @@ forward values* as the QDQ pair it replaces, so the training graph in eval mode 
 - **Activation** ``t → QuantizeLinear(s, z) → DequantizeLinear(s, z)`` (per tensor, zero point ``z`` fixed) becomes::
 
       S   = exp(k · L)                                          # learnable, L = log(s) / k at the start
-      t̂   = S · FakeQuant(t / S; scale = 1, zero_point = z, quant_min = qmin, quant_max = qmax)
+      v   = t / S
+      t̂   = S · (R(Clip(v, qmin − z − ½, qmax − z + ½)))          # R(x) = (x + 1.5 · 2²³) − 1.5 · 2²³
           = S · (clamp(round(t / S) + z, qmin, qmax) − z)
 
-  ``com.microsoft::FakeQuant`` rounds half to even and clamps like QuantizeLinear, and its gradient is the
-  straight-through estimator ``∂t̂/∂t = 1`` where ``qmin ≤ round(t/S) + z ≤ qmax`` and ``0`` where the value was
-  clipped. Its own ``scale`` input receives no gradient, which is why the scale lives outside it: through the
-  ``Div`` and the ``Mul`` the gradient that reaches ``S`` is LSQ's (Esser et al., 2020)::
+  The float32 addition of ``1.5 · 2²³`` rounds half to even, like QuantizeLinear, and the clip bounds are the
+  float32 neighbours inside the cell, so the codes are QuantizeLinear's bit for bit (:meth:`_Builder.rounding_nodes`).
+  The gradient is the straight-through estimator ``∂t̂/∂t = 1`` where the value was not clipped and ``0`` where it
+  was (``Clip``'s gradient; ``Add``/``Sub`` pass it unchanged) — what ``com.microsoft::FakeQuant`` computes, whose
+  kernel rounds element by element with ``std::nearbyint`` and costs several times these three vectorised kernels.
+  Through the ``Div`` and the ``Mul`` the gradient that reaches ``S`` is LSQ's (Esser et al., 2020)::
 
       ∂t̂/∂S = (clamp(round(v) + z) − z) − v · 1[in range],   v = t / S
             = round(v) − v  inside the range,  qmin − z or qmax − z where clipped.
@@ -33,8 +36,7 @@ gradient at the bound), and makes an AdamW step on ``L`` — about ``lr`` in siz
 ``k · lr`` of the scale, whatever the scale's magnitude (weight scales of 1e-3 and activation scales of 1e-1 move at
 the same relative pace). ``k`` is :attr:`QATOptions.scale_rate_multiplier` (10 by default). Scale groups of the plan
 (Concat inputs, MaxPool/Reshape pass-through) share one ``L``, so they keep sharing a scale after training. With
-``learn_scales=False`` the scales are constants: an activation becomes a single ``FakeQuant(t, s, z)`` node (cheaper)
-and a weight ``Div(W, S) → FakeQuant → Mul(S)`` with constant ``S``.
+``learn_scales=False`` the scales are constants in the same composition (no gradient reaches them).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ from qgraph.errors import UnsupportedModelError
 logger = logging.getLogger(__name__)
 
 MICROSOFT_DOMAIN = "com.microsoft"
+# Adding then subtracting 1.5 · 2²³ rounds a float32 of magnitude below 2²² half to even to an integer.
+_ROUNDING_SHIFT = 12582912.0
 _INTEGER_WEIGHT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
                          onnx.TensorProto.INT16, onnx.TensorProto.UINT16}
 
@@ -181,16 +185,35 @@ class _Builder:
 
     def fake_quant(self, prefix: str, source: str, scale: str, zero_point: int, qmin: int, qmax: int,
                    output: str) -> list[onnx.NodeProto]:
-        """``output = scale · FakeQuant(source / scale; 1, zero_point)``: STE to ``source``, LSQ to ``scale``."""
+        """``output = scale · (clamp(round(source / scale) + z, qmin, qmax) − z)``: STE to ``source``, LSQ to
+        ``scale`` (see :func:`rounding_nodes` for the rounding)."""
         divided = self.unique(f"{prefix}.qat_divided")
         codes = self.unique(f"{prefix}.qat_codes")
-        mask = self.unique(f"{prefix}.qat_mask")
         return [
             helper.make_node("Div", [source, scale], [divided], name=divided),
-            helper.make_node("FakeQuant", [divided, self.constant(1.0), self.constant(float(zero_point))],
-                             [codes, mask], domain=MICROSOFT_DOMAIN, quant_min=int(qmin), quant_max=int(qmax),
-                             name=codes),
+            *self.rounding_nodes(prefix, divided, zero_point, qmin, qmax, codes),
             helper.make_node("Mul", [codes, scale], [output], name=output),
+        ]
+
+    def rounding_nodes(self, prefix: str, source: str, zero_point: int, qmin: int, qmax: int,
+                       output: str) -> list[onnx.NodeProto]:
+        """``output = clamp(round_half_even(source) + z, qmin, qmax) − z`` with a straight-through gradient.
+
+        ``Clip`` to the half-open cell ``(qmin − z − ½, qmax − z + ½)`` — its bounds are the float32 neighbours
+        inside, so a clipped value rounds to the end code and never to the tie beyond it — then the rounding
+        ``(v + 1.5 · 2²³) − 1.5 · 2²³``: float32 addition rounds half to even to the 1-ulp grid of that magnitude,
+        exactly like ``QuantizeLinear`` and ``com.microsoft::FakeQuant``. Its gradient is ``Clip``'s in-range mask
+        and 1 through ``Add``/``Sub`` — the STE of FakeQuant, whose own kernel rounds element by element with
+        ``std::nearbyint`` and costs several times these three vectorised kernels.
+        """
+        lower = np.nextafter(np.float32(qmin - zero_point - 0.5), np.float32(np.inf))
+        upper = np.nextafter(np.float32(qmax - zero_point + 0.5), np.float32(-np.inf))
+        clipped = self.unique(f"{prefix}.qat_clipped")
+        shifted = self.unique(f"{prefix}.qat_shifted")
+        return [
+            helper.make_node("Clip", [source, self.constant(lower), self.constant(upper)], [clipped], name=clipped),
+            helper.make_node("Add", [clipped, self.constant(_ROUNDING_SHIFT)], [shifted], name=shifted),
+            helper.make_node("Sub", [shifted, self.constant(_ROUNDING_SHIFT)], [output], name=output),
         ]
 
 
@@ -377,14 +400,9 @@ def _activation_nodes(builder: _Builder, quantize: onnx.NodeProto, readers: list
     tensor = quantize.input[0]
     output = readers[0].output[0]
     if scale_tensor is None:
-        nodes = [helper.make_node(
-            "FakeQuant", [tensor, builder.constant(quantizer.scale), builder.constant(float(quantizer.zero_point))],
-            [output, builder.unique(f"{tensor}.qat_mask")], domain=MICROSOFT_DOMAIN, quant_min=quantizer.qmin,
-            quant_max=quantizer.qmax, name=builder.unique(f"{tensor}.qat_fake_quant"),
-        )]
-    else:
-        nodes = builder.fake_quant(tensor, tensor, scale_tensor, quantizer.zero_point, quantizer.qmin,
-                                   quantizer.qmax, output)
+        scale_tensor = builder.constant(quantizer.scale)
+    nodes = builder.fake_quant(tensor, tensor, scale_tensor, quantizer.zero_point, quantizer.qmin, quantizer.qmax,
+                               output)
     for reader in readers[1:]:
         nodes.append(helper.make_node("Identity", [output], [reader.output[0]], name=reader.output[0]))
     return nodes
