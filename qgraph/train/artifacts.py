@@ -40,7 +40,7 @@ import onnx
 
 from qgraph.errors import DataError, QGraphError
 from qgraph.train.config import TrainingConfig
-from qgraph.train.ort_training import captured_native_stderr, training_api
+from qgraph.train.ort_training import captured_native_stderr, register_gradient_overrides, training_api
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +217,7 @@ def build_training_artifacts(
 ) -> TrainingArtifacts:
     """Write ``training_model.onnx``, ``eval_model.onnx``, ``checkpoint`` and (unless host SGD) the optimizer model."""
     api = training_api()
+    register_gradient_overrides()
     prepared = _prepared_model(model)
     output_name = config.output_name or (prepared.graph.output[0].name if prepared.graph.output else None)
     if output_name is None:

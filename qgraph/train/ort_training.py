@@ -21,6 +21,7 @@ import contextlib
 import functools
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -85,6 +86,44 @@ def training_api() -> TrainingApi:
         ) from error
     logger.debug("onnxruntime training API imported from %s", sys.modules[_TRAINING_PACKAGE].__path__)
     return TrainingApi(artifacts=artifacts, api=api, onnxblock=onnxblock)
+
+
+@functools.cache
+def register_gradient_overrides() -> None:
+    """Replace onnxruntime-training's gradient of ``Clip`` by an equal one that costs two kernels instead of five.
+
+    The built-in gradient is ``dY · Cast(And(GreaterOrEqual(X, min), LessOrEqual(X, max)))``: four passes over the
+    input and a bool→float ``Cast`` that is as slow as the rest together. ``FakeQuantGrad(dY, Equal(X, Clip(X)))``
+    (``com.microsoft``: ``dY`` where the mask is true, else 0) is the same mask — a value is unchanged by the clip
+    exactly when ``min ≤ X ≤ max``, and a NaN compares unequal to itself in both — read from the forward output the
+    graph keeps anyway. (``Where`` would do too, but its CPU kernel is slower than the Cast chain.) The
+    fake-quantization graph of QAT clips every quantized tensor, so this gradient runs once per quantizer per step;
+    FP32 models with ``Clip`` (ReLU6) get the same gradient, so FP32 and QAT steps stay comparable. FakeQuantGrad's
+    CPU kernel is float32 only, like the models qgraph trains.
+
+    The registry is process-wide and read while ``generate_artifacts`` builds the gradient graph; the written
+    training model holds ordinary nodes, so sessions need nothing registered.
+    """
+    from onnxruntime.capi import _pybind_state
+
+    def node(op_type: str, inputs: list[str], outputs: list[str], attributes: dict | None = None, domain: str = ""):
+        definition = _pybind_state.GradientNodeDefinition()
+        definition.op_type, definition.domain = op_type, domain
+        definition.inputs, definition.outputs = inputs, outputs
+        converted = []
+        for name, (value, dtype, is_tensor) in (attributes or {}).items():
+            attribute = _pybind_state.GradientNodeAttributeDefinition()
+            attribute.name, attribute.value_json, attribute.dtype, attribute.is_tensor = (
+                name, json.dumps(value), dtype, is_tensor)
+            converted.append(attribute)
+        definition.attributes = converted
+        return definition
+
+    _pybind_state.register_gradient_definition("::Clip", [
+        node("Equal", ["I(0)", "O(0)"], ["in_range"]),
+        node("FakeQuantGrad", ["GO(0)", "in_range"], ["GI(0)"], domain="com.microsoft"),
+    ])
+    logger.debug("registered the Equal/FakeQuantGrad gradient of Clip")
 
 
 @contextlib.contextmanager
