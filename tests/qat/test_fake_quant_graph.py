@@ -39,7 +39,15 @@ def test_forward_matches_the_qdq_graph(learn_scales):
     ops = [node.op_type for node in graph.model.graph.node]
     assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
     assert "FakeQuant" not in ops  # its kernel rounds element by element; the Clip/Add/Sub composition is faster
-    assert len(_quantizer_bounds(graph.model)) == 8 + 4  # eight activation pairs, four weights
+    # Eight activation pairs and four weights; the pairs after MaxPool and Flatten see values already on their
+    # group's grid (the same scale as their input's pair), so the training graph reads those tensors directly.
+    assert len(_quantizer_bounds(graph.model)) == 6 + 4
+    identities = {node.input[0] for node in graph.model.graph.node if node.op_type == "Identity"}
+    on_grid = {node.input[0] for node in result.qdq_model.graph.node if node.op_type == "QuantizeLinear"
+               and {producer.op_type for producer in result.qdq_model.graph.node
+                    if node.input[0] in producer.output} & {"MaxPool", "Flatten"}}
+    assert len(on_grid) == 2 and on_grid <= identities
+    assert sum(len(quantizer.tensors) for quantizer in graph.activations) == 8  # all still exported
     # One learnable scale per scale group (MaxPool and Flatten share their input's scale).
     assert len(graph.activations) == 6
     assert len(graph.activation_scale_parameters) == (6 if learn_scales else 0)

@@ -323,11 +323,18 @@ def build_fake_quant_graph(
     pending_biases: list[tuple[onnx.NodeProto, str]] = []
     handled = {id(reader) for _, readers in activation_pairs for reader in readers}
     pair_of = {id(quantize): readers for quantize, readers in activation_pairs}
+    skipped = 0
     for node in graph.node:
         if id(node) in handled:
             continue
         if node.op_type == "QuantizeLinear":
-            body.extend(_activation_nodes(builder, node, pair_of[id(node)], by_key[key_of[node.input[0]]],
+            readers = pair_of[id(node)]
+            if _on_the_grid_already(node, producers, initializers, key_of):
+                body.extend(helper.make_node("Identity", [node.input[0]], [reader.output[0]], name=reader.output[0])
+                            for reader in readers)
+                skipped += 1
+                continue
+            body.extend(_activation_nodes(builder, node, readers, by_key[key_of[node.input[0]]],
                                           activation_scale_tensor.get(key_of[node.input[0]])))
             continue
         if (node.op_type == "DequantizeLinear" and node.input[0] in initializers):
@@ -379,11 +386,44 @@ def build_fake_quant_graph(
                 node.input[index] = renamed[name]
 
     model = _assemble(qdq_model, builder, body)
-    logger.info("fake-quant graph: %d activation scales (%d tensors), %d weights, %d biases, scales %s",
-                len(activations), sum(len(q.tensors) for q in activations), len(weights), len(biases),
-                "learnable" if learn_scales else "fixed")
+    logger.info("fake-quant graph: %d activation scales (%d tensors, %d already on their grid), %d weights, "
+                "%d biases, scales %s", len(activations), sum(len(q.tensors) for q in activations), skipped,
+                len(weights), len(biases), "learnable" if learn_scales else "fixed")
     return FakeQuantGraph(model=model, qdq_model=qdq_model, activations=tuple(activations), weights=tuple(weights),
                           biases=tuple(biases), scale_rate_multiplier=float(scale_rate_multiplier))
+
+
+# Operators whose every output element is a copy of an element of their data input (input 0).
+_VALUE_PRESERVING = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "MaxPool",
+                               "Slice", "Gather", "Expand", "Tile", "DepthToSpace", "SpaceToDepth"})
+
+
+def _on_the_grid_already(quantize: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto],
+                         initializers: Mapping[str, onnx.TensorProto], key_of: Mapping[str, str]) -> bool:
+    """Whether the tensor ``quantize`` reads only moves values of an earlier Q/DQ pair of the same scale group.
+
+    Such a quantizer — a Transpose or Reshape between two quantized MatMuls, the MaxPool or Flatten after a
+    quantized Conv — sees values already on its grid: ``round(S·c / S) = c`` in float32 for every code ``c``, and
+    nothing is clipped, so it is the identity in the forward pass, passes the whole gradient (STE mask 1) and adds
+    ``round(v) − v ≈ 0`` to the scale's. The training graph reads the tensor directly instead; the Q/DQ pair stays
+    in the exported QDQ graph with the group's learned scale.
+    """
+    tensor = quantize.input[0]
+    producer = producers.get(tensor)
+    if producer is None or producer.op_type not in _VALUE_PRESERVING:
+        return False
+    while producer is not None and producer.op_type in _VALUE_PRESERVING and producer.input:
+        producer = producers.get(producer.input[0])
+    if producer is None or producer.op_type != "DequantizeLinear":
+        return False
+    source = producers.get(producer.input[0])
+    if source is None or source.op_type != "QuantizeLinear" or key_of.get(source.input[0]) != key_of.get(tensor):
+        return False
+    # Same scale parameter during training; the grids must also agree where the QDQ graph starts.
+    same = [numpy_helper.to_array(initializers[a]).tolist() == numpy_helper.to_array(initializers[b]).tolist()
+            for a, b in ((source.input[1], quantize.input[1]), (source.input[2], quantize.input[2]))]
+    return all(same) and numpy_helper.to_array(initializers[source.input[2]]).dtype == numpy_helper.to_array(
+        initializers[quantize.input[2]]).dtype
 
 
 def _dequantized_source(name: str, producers: Mapping[str, onnx.NodeProto]) -> str | None:
