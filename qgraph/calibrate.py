@@ -7,11 +7,12 @@ observers' fixed-size state, whatever the number of samples (onnxruntime's ``qua
 activations until the end, which grows linearly).
 
 Scheduling: onnxruntime runs a batch on all its threads, then the batch's observers run on as many worker threads,
-the tensors dealt out largest first to the least loaded worker (the histogram kernel and numpy's reductions release
-the GIL). The two phases alternate rather than overlap: an observer thread running beside onnxruntime's own threads
-takes a core from one of them, and onnxruntime's parallel loops then wait for the descheduled thread, which cost
-more than the overlap saved (2.4× FP32 inference against 1.1–1.2× alternating, ResNet-18 at 224 on 2 cores). Graph inputs are observed straight from the feeds. Tensors that must share parameters (a scale group) are observed
-separately and their ranges merged afterwards as the union of the ranges.
+the tensors dealt out largest first to the least loaded worker (the native observer loops and numpy's reductions
+release the GIL), then the range searches likewise. The phases alternate rather than overlap: onnxruntime keeps every
+core busy, and an observer thread beside its threads takes a core from one of them, whose parallel loops then wait
+for the descheduled thread. Graph inputs are observed straight from the feeds; the output of a layout operator
+(Reshape, Transpose, …) takes its input's range, since it holds the same values. Tensors that must share parameters
+(a scale group) are observed separately and their ranges merged afterwards as the union of the ranges.
 """
 
 from __future__ import annotations
@@ -145,49 +146,69 @@ def calibrate(
     observers = {tensor: make_observer(tensor) for tensor in tensors}
     seen: set[str] = set()
     start = time.perf_counter()
-    samples = batches_seen = 0
     workers = observer_threads(config.threads)
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qgraph-observe") as executor:
-        for batch in batches:
-            feeds = {name: batch[name] for name in input_names}
-            # a scalar control input (an If's mode flag) has no sample axis
-            count = next((len(array) for array in feeds.values() if np.ndim(array) > 0), 1 if feeds else 0)
-            if config.samples is not None and samples + count > config.samples:
-                keep = config.samples - samples
-                feeds = {name: array[:keep] if np.ndim(array) > 0 else array for name, array in feeds.items()}
-                count = keep
-            if count <= 0:
-                break
-            _check_finite(feeds, batches_seen)
-            # graph inputs come straight from the feeds; If branches run only when the batch took them
-            activations = probe.run(feeds)
-            seen.update(tensor for tensor, _ in activations)
-            _observe_in_parallel(executor, workers, observers, activations)
-            del activations
-            samples += count
-            batches_seen += 1
-            if progress is not None:
-                progress(count)
-            if config.samples is not None and samples >= config.samples:
-                break
-    if samples == 0:
-        raise DataError("the calibration set is empty: no sample reached the model")
-    unseen = [tensor for tensor in tensors if tensor not in seen]
-    if unseen:
-        logger.warning(
-            "%d tensor(s) inside If branches that no calibration batch took stay float: %s",
-            len(unseen), ", ".join(unseen[:8]) + (" ..." if len(unseen) > 8 else ""),
-        )
-    # the histogram methods' range searches take milliseconds per tensor: spread them over the threads too
-    observed = [tensor for tensor in tensors if tensor in seen]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qgraph-range") as executor:
+        samples, batches_seen = _stream(probe, input_names, batches, config, executor, workers, observers, seen,
+                                        progress)
+        if samples == 0:
+            raise DataError("the calibration set is empty: no sample reached the model")
+        unseen = [tensor for tensor in tensors if tensor not in seen]
+        if unseen:
+            logger.warning(
+                "%d tensor(s) inside If branches that no calibration batch took stay float: %s",
+                len(unseen), ", ".join(unseen[:8]) + (" ..." if len(unseen) > 8 else ""),
+            )
+        # the histogram methods' range searches take milliseconds per tensor: spread over the threads too
+        observed = [tensor for tensor in tensors if tensor in seen]
         computed = executor.map(lambda tensor: observers[tensor].compute_range(), observed)
         ranges = {tensor: tuple(float(bound) for bound in bounds) for tensor, bounds in zip(observed, computed)}
     ranges.update((alias, ranges[source]) for alias, source in aliases.items() if source in ranges)
     ranges = merge_group_ranges(ranges, plan)
     seconds = time.perf_counter() - start
-    logger.info("calibrated %d tensors on %d samples in %.1fs (%s)", len(tensors), samples, seconds, config.method)
+    logger.info("calibrated %d tensors on %d samples in %.1fs (%s)", len(plan.activations), samples, seconds,
+                config.method)
     return CalibrationResult(ranges, samples, batches_seen, seconds)
+
+
+def _stream(
+    probe,
+    input_names: list[str],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    config: CalibrationConfig,
+    executor: concurrent.futures.Executor,
+    workers: int,
+    observers: Mapping[str, object],
+    seen: set[str],
+    progress: Callable[[int], None] | None,
+) -> tuple[int, int]:
+    """Each batch through the probe, then its activations through the observers; returns (samples, batches).
+
+    ``seen`` collects the tensors observed (If branches run only on the batches that take them).
+    """
+    samples = batches_seen = 0
+    for batch in batches:
+        feeds = {name: batch[name] for name in input_names}
+        # a scalar control input (an If's mode flag) has no sample axis
+        count = next((len(array) for array in feeds.values() if np.ndim(array) > 0), 1 if feeds else 0)
+        if config.samples is not None and samples + count > config.samples:
+            keep = config.samples - samples
+            feeds = {name: array[:keep] if np.ndim(array) > 0 else array for name, array in feeds.items()}
+            count = keep
+        if count <= 0:
+            break
+        _check_finite(feeds, batches_seen)
+        # graph inputs come straight from the feeds; If branches run only when the batch took them
+        activations = probe.run(feeds)
+        seen.update(tensor for tensor, _ in activations)
+        _observe_in_parallel(executor, workers, observers, activations)
+        del activations
+        samples += count
+        batches_seen += 1
+        if progress is not None:
+            progress(count)
+        if config.samples is not None and samples >= config.samples:
+            break
+    return samples, batches_seen
 
 
 #: Operators that only rearrange their input: the output holds the same values (the same multiset every batch).
