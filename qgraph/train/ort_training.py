@@ -90,16 +90,24 @@ def training_api() -> TrainingApi:
 
 @functools.cache
 def register_gradient_overrides() -> None:
-    """Replace onnxruntime-training's gradient of ``Clip`` by an equal one that costs two kernels instead of five.
+    """Gradients qgraph defines for onnxruntime-training: a cheaper equal ``Clip`` gradient, and the gradient of the
+    learnable activation quantizer of QAT.
 
-    The built-in gradient is ``dY · Cast(And(GreaterOrEqual(X, min), LessOrEqual(X, max)))``: four passes over the
-    input and a bool→float ``Cast`` that is as slow as the rest together. ``FakeQuantGrad(dY, Equal(X, Clip(X)))``
-    (``com.microsoft``: ``dY`` where the mask is true, else 0) is the same mask — a value is unchanged by the clip
+    **Clip** (two kernels instead of five). The built-in gradient is
+    ``dY · Cast(And(GreaterOrEqual(X, min), LessOrEqual(X, max)))``: four passes over the input and a bool→float
+    ``Cast`` that is as slow as the rest together. ``FakeQuantGrad(dY, Equal(X, Clip(X)))`` (``com.microsoft``:
+    ``dY`` where the mask is true, else 0) is the same mask — a value is unchanged by the clip
     exactly when ``min ≤ X ≤ max``, and a NaN compares unequal to itself in both — read from the forward output the
     graph keeps anyway. (``Where`` would do too, but its CPU kernel is slower than the Cast chain.) The
     fake-quantization graph of QAT clips every quantized tensor, so this gradient runs once per quantizer per step;
     FP32 models with ``Clip`` (ReLU6) get the same gradient, so FP32 and QAT steps stay comparable. FakeQuantGrad's
     CPU kernel is float32 only, like the models qgraph trains.
+
+    **PassThrough.** ``com.microsoft::PassThrough(t̂, t, S)`` — outputs alias inputs, no kernel work — stands for
+    ``t̂ = DequantizeLinear(QuantizeLinear(t, S, z), S, z)`` in the QAT graph (see below for its gradient); the
+    ``com.microsoft::DequantizeLinear`` feeding it gets an empty gradient. onnxruntime-training 1.19 cannot build
+    this custom gradient when ``S`` needs none (it rejects the definition's intermediates), so such a quantizer's
+    scale must be trained.
 
     The registry is process-wide and read while ``generate_artifacts`` builds the gradient graph; the written
     training model holds ordinary nodes, so sessions need nothing registered.
@@ -119,11 +127,31 @@ def register_gradient_overrides() -> None:
         definition.attributes = converted
         return definition
 
+    # The learnable activation quantizer of QAT (qgraph.train.qat.fake_quant_graph): PassThrough(t̂, t, S), where
+    # t̂ = DequantizeLinear(QuantizeLinear(t, S, z), S, z). Gradient: the STE mask m = 1[|t − t̂| ≤ S/2] (the
+    # rounding moved t by at most half a step: nothing was clipped) to t, and LSQ's Σ dY·(c − m·t/S) =
+    # Σ dY·(t̂ − m·t) / S to S — one sum of small terms, not the difference of two large sums. (The codes of the
+    # com.microsoft DequantizeLinear are integers and its scale gets its gradient through PassThrough, so it
+    # contributes none; nothing else in a qgraph training graph uses either operator.)
+    _pybind_state.register_gradient_definition("com.microsoft::PassThrough", [
+        node("Sub", ["I(1)", "I(0)"], ["rounding_error"]),
+        node("Abs", ["rounding_error"], ["rounding_distance"]),
+        node("Constant", [], ["half"], {"value": (0.5, "IElemType(2)", True)}),
+        node("Mul", ["I(2)", "half"], ["half_step"]),
+        node("LessOrEqual", ["rounding_distance", "half_step"], ["in_range"]),
+        node("FakeQuantGrad", ["GO(0)", "in_range"], ["GI(1)"], domain="com.microsoft"),
+        node("FakeQuantGrad", ["I(1)", "in_range"], ["input_in_range"], domain="com.microsoft"),
+        node("Sub", ["I(0)", "input_in_range"], ["scale_direction"]),
+        node("Mul", ["GO(0)", "scale_direction"], ["scale_products"]),
+        node("ReduceSum", ["scale_products"], ["scale_numerator"], {"keepdims": (0, "int", False)}),
+        node("Div", ["scale_numerator", "I(2)"], ["GI(2)"]),
+    ])
+    _pybind_state.register_gradient_definition("com.microsoft::DequantizeLinear", [])
     _pybind_state.register_gradient_definition("::Clip", [
         node("Equal", ["I(0)", "O(0)"], ["in_range"]),
         node("FakeQuantGrad", ["GO(0)", "in_range"], ["GI(0)"], domain="com.microsoft"),
     ])
-    logger.debug("registered the Equal/FakeQuantGrad gradient of Clip")
+    logger.debug("registered the gradients of Clip, com.microsoft::PassThrough and com.microsoft::DequantizeLinear")
 
 
 @contextlib.contextmanager

@@ -37,11 +37,15 @@ def test_forward_matches_the_qdq_graph(learn_scales):
                                    learn_scales=learn_scales)
     onnx.checker.check_model(graph.model)
     ops = [node.op_type for node in graph.model.graph.node]
-    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
+    # No ONNX-domain Q/DQ: onnxruntime-training would fuse such pairs into its slow FakeQuant.
+    assert not {node.op_type for node in graph.model.graph.node if node.domain in ("", "ai.onnx")} & {
+        "QuantizeLinear", "DequantizeLinear"}
     assert "FakeQuant" not in ops  # its kernel rounds element by element; the Clip/Add/Sub composition is faster
     # Eight activation pairs and four weights; the pairs after MaxPool and Flatten see values already on their
     # group's grid (the same scale as their input's pair), so the training graph reads those tensors directly.
-    assert len(_quantizer_bounds(graph.model)) == 6 + 4
+    passed_through = ops.count("PassThrough")
+    assert passed_through == (5 if learn_scales else 0)  # learnable 8-bit activations but the graph input's
+    assert len(_quantizer_bounds(graph.model)) + passed_through == 6 + 4
     identities = {node.input[0] for node in graph.model.graph.node if node.op_type == "Identity"}
     on_grid = {node.input[0] for node in result.qdq_model.graph.node if node.op_type == "QuantizeLinear"
                and {producer.op_type for producer in result.qdq_model.graph.node
@@ -139,3 +143,30 @@ def test_rounding_composition_is_quantize_linear_bit_for_bit(zero_point, qmin, q
     actual = _run(model, {"v": values})
     expected = np.clip(np.rint(values.astype(np.float64)) + zero_point, qmin, qmax) - zero_point
     np.testing.assert_array_equal(actual, expected.astype(np.float32))
+
+
+def test_pass_through_quantizer_trains_like_the_differentiable_composition(tmp_path, monkeypatch):
+    """QuantizeLinear → DequantizeLinear → PassThrough with its registered gradient gives the STE and LSQ
+    gradients that onnxruntime derives for Div → Clip → round → Mul."""
+    from qgraph.train.qat import fake_quant_graph
+
+    float_model, result = quantized()
+    feeds = calibration_batches(1, 8, seed=5)[0]
+    target = np.random.default_rng(2).standard_normal((8, 5)).astype(np.float32)
+    gradients, outputs = {}, {}
+    for fast in (True, False):
+        monkeypatch.setattr(fake_quant_graph, "_PASS_THROUGH_ACTIVATIONS", fast)
+        graph = build_fake_quant_graph(result.qdq_model, result.plan, result.parameters, float_model=float_model)
+        assert ("PassThrough" in {node.op_type for node in graph.model.graph.node}) == fast
+        config = TrainingConfig(loss="mse", trainable=graph.trainable, learning_rate=1e-3, threads=1)
+        artifacts = build_training_artifacts(graph.model, tmp_path / str(fast), config)
+        session = TrainingSession(artifacts, config, artifacts.checkpoint)
+        _, outputs[fast] = session.forward_backward(feeds, target)
+        gradients[fast] = {name: np.asarray(session.state.parameters[name].grad) for name in graph.trainable}
+    np.testing.assert_array_equal(outputs[True], outputs[False])
+    assert gradients[True].keys() == gradients[False].keys()
+    for name, gradient in gradients[True].items():
+        reference = gradients[False][name]
+        assert np.count_nonzero(reference) > 0, name
+        np.testing.assert_allclose(gradient, reference, rtol=1e-3, atol=1e-6 * np.max(np.abs(reference)),
+                                   err_msg=name)

@@ -181,13 +181,14 @@ def run_qat(
         datasets[1], input_names, batch_size=options.batch_size, shuffle=False, seed=0, label_key=label_key,
         teacher=teacher)
 
+    # Activation scales frozen from the start are constants of the graph, not parameters left out of training:
+    # the fast activation quantizer's gradient needs its scale to be trained (fake_quant_graph).
     graph = build_fake_quant_graph(qdq_model, plan, parameters, float_model=float_model,
                                    learn_scales=options.learn_scales,
+                                   learn_activation_scales=options.learn_scales
+                                   and options.freeze_activation_scales_after != 0,
                                    scale_rate_multiplier=options.scale_rate_multiplier)
     trainable = graph.trainable
-    if options.freeze_activation_scales_after == 0:
-        frozen_scales = set(graph.activation_scale_parameters)
-        trainable = tuple(name for name in trainable if name not in frozen_scales)
     config = TrainingConfig(
         epochs=options.epochs, batch_size=options.batch_size, learning_rate=options.learning_rate,
         optimizer="adamw", schedule=CosineSchedule(warmup_steps=options.warmup_steps), weight_decay=0.0,

@@ -20,6 +20,11 @@ forward values* as the QDQ pair it replaces, so the training graph in eval mode 
       ∂t̂/∂S = (clamp(round(v) + z) − z) − v · 1[in range],   v = t / S
             = round(v) − v  inside the range,  qmin − z or qmax − z where clipped.
 
+  A *learnable* activation scale over an 8-bit type's full range (not on a graph input or output) takes a faster
+  form with the same values and gradients: ``com.microsoft::QuantizeLinear → DequantizeLinear`` computes ``t̂``
+  and ``com.microsoft::PassThrough(t̂, t, S)`` carries the STE and LSQ gradients defined by
+  :func:`qgraph.train.ort_training.register_gradient_overrides` — about half the kernels per step
+  (:func:`_learnable_quantize_dequantize`).
 - **Weight** ``DequantizeLinear(Wq, s_w, 0, axis=a)`` becomes a float trainable weight ``W`` read through the same
   composition with a per-channel ``S_w = exp(k · L_w)`` reshaped to broadcast along ``a`` (``[C, 1, 1, 1]`` for a
   Conv weight) and the weight spec's ``[qmin, qmax]`` (``[-127, 127]`` for int8 narrow range, ``[-7, 7]`` for
@@ -249,7 +254,10 @@ def build_fake_quant_graph(
     ``parameters`` are the calibrated :class:`~qgraph.quant.spec.QuantParams` by tensor name (they give the weight
     specs, whose ``[qmin, qmax]`` the int8 storage of a 4-bit weight cannot tell); ``float_model`` (the canonical FP32
     model) supplies the starting values of weights and biases. ``learn_activation_scales`` (default:
-    ``learn_scales``) can keep the activation scales fixed while the weight scales learn.
+    ``learn_scales``) can keep the activation scales fixed while the weight scales learn. Learnable activation
+    scales must be among the trained parameters: the gradient of the fast quantizer
+    (:func:`_learnable_quantize_dequantize`) cannot be built for a scale that gets none — onnxruntime-training 1.19
+    fails on a custom gradient whose scale output is not required; keep such scales fixed here instead.
     """
     if learn_activation_scales is None:
         learn_activation_scales = learn_scales
@@ -324,6 +332,7 @@ def build_fake_quant_graph(
     handled = {id(reader) for _, readers in activation_pairs for reader in readers}
     pair_of = {id(quantize): readers for quantize, readers in activation_pairs}
     skipped = 0
+    boundary = {value.name for value in graph.input} | {value.name for value in graph.output}
     for node in graph.node:
         if id(node) in handled:
             continue
@@ -335,7 +344,8 @@ def build_fake_quant_graph(
                 skipped += 1
                 continue
             body.extend(_activation_nodes(builder, node, readers, by_key[key_of[node.input[0]]],
-                                          activation_scale_tensor.get(key_of[node.input[0]])))
+                                          activation_scale_tensor.get(key_of[node.input[0]]),
+                                          initializers[node.input[2]].data_type, boundary))
             continue
         if (node.op_type == "DequantizeLinear" and node.input[0] in initializers):
             stored = initializers[node.input[0]]
@@ -435,17 +445,56 @@ def _dequantized_source(name: str, producers: Mapping[str, onnx.NodeProto]) -> s
     return quantize.input[0] if quantize is not None and quantize.op_type == "QuantizeLinear" else None
 
 
+_FULL_RANGES = {onnx.TensorProto.INT8: (-128, 127), onnx.TensorProto.UINT8: (0, 255)}
+# Learnable 8-bit activation quantizers as QuantizeLinear → DequantizeLinear → PassThrough (tests switch it off to
+# compare with the differentiable composition).
+_PASS_THROUGH_ACTIVATIONS = True
+
+
 def _activation_nodes(builder: _Builder, quantize: onnx.NodeProto, readers: list[onnx.NodeProto],
-                      quantizer: ActivationQuantizer, scale_tensor: str | None) -> list[onnx.NodeProto]:
+                      quantizer: ActivationQuantizer, scale_tensor: str | None, zero_point_type: int,
+                      boundary: set[str]) -> list[onnx.NodeProto]:
     tensor = quantize.input[0]
     output = readers[0].output[0]
-    if scale_tensor is None:
-        scale_tensor = builder.constant(quantizer.scale)
-    nodes = builder.fake_quant(tensor, tensor, scale_tensor, quantizer.zero_point, quantizer.qmin, quantizer.qmax,
-                               output)
+    full_range = _FULL_RANGES.get(zero_point_type) == (quantizer.qmin, quantizer.qmax)
+    at_boundary = tensor in boundary or any(reader.output[0] in boundary for reader in readers)
+    if _PASS_THROUGH_ACTIVATIONS and scale_tensor is not None and full_range and not at_boundary:
+        nodes = _learnable_quantize_dequantize(builder, quantize, scale_tensor, output)
+    else:
+        if scale_tensor is None:
+            scale_tensor = builder.constant(quantizer.scale)
+        nodes = builder.fake_quant(tensor, tensor, scale_tensor, quantizer.zero_point, quantizer.qmin,
+                                   quantizer.qmax, output)
     for reader in readers[1:]:
         nodes.append(helper.make_node("Identity", [output], [reader.output[0]], name=reader.output[0]))
     return nodes
+
+
+def _learnable_quantize_dequantize(builder: _Builder, quantize: onnx.NodeProto, scale_tensor: str,
+                                   output: str) -> list[onnx.NodeProto]:
+    """``QuantizeLinear → DequantizeLinear`` itself, with a learnable scale: the fast form of an activation quantizer.
+
+    ``com.microsoft::QuantizeLinear``/``DequantizeLinear`` (MLAS kernels, the deployed arithmetic bit for bit; the
+    ``com.microsoft`` domain keeps onnxruntime-training's QDQ fusion from turning the pair into the slow
+    ``FakeQuant``) compute the values, and ``com.microsoft::PassThrough(t̂, t, S)`` hands them on unchanged while
+    giving the gradient something to hold on to: :func:`qgraph.train.ort_training.register_gradient_overrides`
+    defines PassThrough's gradient as the STE to ``t`` and LSQ's to ``S`` from ``t̂``, ``t`` and ``S`` alone, in
+    about half the kernels the differentiable composition needs. Only for 8-bit activations whose range is their
+    type's (QuantizeLinear saturates there) that are neither a graph input nor a graph output (PassThrough's outputs
+    alias its inputs' buffers, which onnxruntime cannot do for those).
+    """
+    tensor, _, zero_point = quantize.input[:3]
+    codes = builder.unique(f"{tensor}.qat_codes")
+    dequantized = builder.unique(f"{tensor}.qat_dequantized")
+    return [
+        helper.make_node("QuantizeLinear", [tensor, scale_tensor, zero_point], [codes], domain=MICROSOFT_DOMAIN,
+                         name=codes),
+        helper.make_node("DequantizeLinear", [codes, scale_tensor, zero_point], [dequantized],
+                         domain=MICROSOFT_DOMAIN, name=dequantized),
+        helper.make_node("PassThrough", [dequantized, tensor, scale_tensor],
+                         [output, builder.unique(f"{tensor}.qat_pass"), builder.unique(f"{scale_tensor}.qat_pass")],
+                         domain=MICROSOFT_DOMAIN, name=builder.unique(f"{tensor}.qat_pass_through")),
+    ]
 
 
 def _weight_nodes(builder: _Builder, dequantize: onnx.NodeProto, initializers, float_initializers, plan_name: str,
