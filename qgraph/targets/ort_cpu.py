@@ -46,20 +46,10 @@ class OrtCpuTarget(Target):
     formats = ("qoperator", "qdq")
 
     def reduce_range(self) -> bool:
-        choice = self.options.reduce_range
-        if choice == "auto":
-            return needs_reduce_range()
-        if choice in ("on", "off"):
-            return choice == "on"
-        raise QGraphError(f"--reduce-range must be auto, on or off, got {choice!r}")
+        return _for_this_cpu(self.options.reduce_range, "--reduce-range")
 
     def saturation_guard(self) -> bool:
-        choice = self.options.saturation_guard
-        if choice == "auto":
-            return needs_reduce_range()
-        if choice in ("on", "off"):
-            return choice == "on"
-        raise QGraphError(f"saturation_guard must be auto, on or off, got {choice!r}")
+        return _for_this_cpu(self.options.saturation_guard, "saturation_guard")
 
     def rules(self) -> AnnotationRules:
         bits = self.options.weight_bits
@@ -91,3 +81,12 @@ class OrtCpuTarget(Target):
             get_pass(name)(guard_saturation=guard) if name in GUARDED_PASSES else get_pass(name)()
             for name in self.lowering_passes()
         ]
+
+
+def _for_this_cpu(choice: str, option: str) -> bool:
+    """An auto/on/off option whose auto means: on where u8s8 kernels can saturate (x86 without VNNI)."""
+    if choice == "auto":
+        return needs_reduce_range()
+    if choice in ("on", "off"):
+        return choice == "on"
+    raise QGraphError(f"{option} must be auto, on or off, got {choice!r}")
