@@ -103,8 +103,8 @@ def register_gradient_overrides() -> None:
     FP32 models with ``Clip`` (ReLU6) get the same gradient, so FP32 and QAT steps stay comparable. FakeQuantGrad's
     CPU kernel is float32 only, like the models qgraph trains.
 
-    **PassThrough.** ``com.microsoft::PassThrough(t̂, t, S)`` — outputs alias inputs, no kernel work — stands for
-    ``t̂ = DequantizeLinear(QuantizeLinear(t, S, z), S, z)`` in the QAT graph (see below for its gradient); the
+    **PassThrough.** ``com.microsoft::PassThrough(t̂, t, S, low, high)`` — outputs alias inputs, no kernel work —
+    stands for ``t̂ = DequantizeLinear(QuantizeLinear(t, S, z), S, z)`` in the QAT graph (see below for its gradient); the
     ``com.microsoft::DequantizeLinear`` feeding it gets an empty gradient. onnxruntime-training 1.19 cannot build
     this custom gradient when ``S`` needs none (it rejects the definition's intermediates), so such a quantizer's
     scale must be trained.
@@ -127,24 +127,26 @@ def register_gradient_overrides() -> None:
         definition.attributes = converted
         return definition
 
-    # The learnable activation quantizer of QAT (qgraph.train.qat.fake_quant_graph): PassThrough(t̂, t, S), where
-    # t̂ = DequantizeLinear(QuantizeLinear(t, S, z), S, z). Gradient: the STE mask m = 1[|t − t̂| ≤ S/2] (the
-    # rounding moved t by at most half a step: nothing was clipped) to t, and LSQ's Σ dY·(c − m·t/S) =
-    # Σ dY·(t̂ − m·t) / S to S — one sum of small terms, not the difference of two large sums. (The codes of the
+    # The learnable activation quantizer of QAT (qgraph.train.qat.fake_quant_graph): PassThrough(t̂, t, S, low,
+    # high), where t̂ = DequantizeLinear(QuantizeLinear(t, S, z), S, z) and low, high = S·(qmin − z − ½),
+    # S·(qmax − z + ½) are the ends of the quantization cells. Gradient: the STE mask m = 1[low ≤ t ≤ high] (t
+    # rounds into the grid: nothing was clipped) to t, and LSQ's Σ dY·(c − m·t/S) =
+    # Σ dY·(t̂ − m·t) / S to S — one sum of small terms, not the difference of two large sums. t̂ is read as
+    # PassThrough's output O(0), the same buffer as its input: a DequantizeLinear with several consumers is
+    # duplicated per consumer by onnxruntime's QDQ graph transformers, and each copy runs. (The codes of the
     # com.microsoft DequantizeLinear are integers and its scale gets its gradient through PassThrough, so it
     # contributes none; nothing else in a qgraph training graph uses either operator.)
     _pybind_state.register_gradient_definition("com.microsoft::PassThrough", [
-        node("Sub", ["I(1)", "I(0)"], ["rounding_error"]),
-        node("Abs", ["rounding_error"], ["rounding_distance"]),
-        node("Constant", [], ["half"], {"value": (0.5, "IElemType(2)", True)}),
-        node("Mul", ["I(2)", "half"], ["half_step"]),
-        node("LessOrEqual", ["rounding_distance", "half_step"], ["in_range"]),
+        node("Clip", ["I(1)", "I(3)", "I(4)"], ["clipped"]),
+        node("Equal", ["I(1)", "clipped"], ["in_range"]),
         node("FakeQuantGrad", ["GO(0)", "in_range"], ["GI(1)"], domain="com.microsoft"),
         node("FakeQuantGrad", ["I(1)", "in_range"], ["input_in_range"], domain="com.microsoft"),
-        node("Sub", ["I(0)", "input_in_range"], ["scale_direction"]),
+        node("Sub", ["O(0)", "input_in_range"], ["scale_direction"]),
         node("Mul", ["GO(0)", "scale_direction"], ["scale_products"]),
         node("ReduceSum", ["scale_products"], ["scale_numerator"], {"keepdims": (0, "int", False)}),
         node("Div", ["scale_numerator", "I(2)"], ["GI(2)"]),
+        node("Sub", ["I(3)", "I(3)"], ["GI(3)"]),  # the cell's ends only select the mask
+        node("Sub", ["I(4)", "I(4)"], ["GI(4)"]),
     ])
     _pybind_state.register_gradient_definition("com.microsoft::DequantizeLinear", [])
     _pybind_state.register_gradient_definition("::Clip", [

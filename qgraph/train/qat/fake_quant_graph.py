@@ -147,6 +147,7 @@ class _Builder:
         self.prologue: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._constants: dict[tuple[str, float], str] = {}
+        self.scaled_bounds: dict[tuple[str, str, float], str] = {}
 
     def unique(self, name: str) -> str:
         candidate, counter = name, 1
@@ -459,7 +460,7 @@ def _activation_nodes(builder: _Builder, quantize: onnx.NodeProto, readers: list
     full_range = _FULL_RANGES.get(zero_point_type) == (quantizer.qmin, quantizer.qmax)
     at_boundary = tensor in boundary or any(reader.output[0] in boundary for reader in readers)
     if _PASS_THROUGH_ACTIVATIONS and scale_tensor is not None and full_range and not at_boundary:
-        nodes = _learnable_quantize_dequantize(builder, quantize, scale_tensor, output)
+        nodes = _learnable_quantize_dequantize(builder, quantize, scale_tensor, quantizer, output)
     else:
         if scale_tensor is None:
             scale_tensor = builder.constant(quantizer.scale)
@@ -471,28 +472,38 @@ def _activation_nodes(builder: _Builder, quantize: onnx.NodeProto, readers: list
 
 
 def _learnable_quantize_dequantize(builder: _Builder, quantize: onnx.NodeProto, scale_tensor: str,
-                                   output: str) -> list[onnx.NodeProto]:
+                                   quantizer: ActivationQuantizer, output: str) -> list[onnx.NodeProto]:
     """``QuantizeLinear → DequantizeLinear`` itself, with a learnable scale: the fast form of an activation quantizer.
 
     ``com.microsoft::QuantizeLinear``/``DequantizeLinear`` (MLAS kernels, the deployed arithmetic bit for bit; the
     ``com.microsoft`` domain keeps onnxruntime-training's QDQ fusion from turning the pair into the slow
-    ``FakeQuant``) compute the values, and ``com.microsoft::PassThrough(t̂, t, S)`` hands them on unchanged while
-    giving the gradient something to hold on to: :func:`qgraph.train.ort_training.register_gradient_overrides`
-    defines PassThrough's gradient as the STE to ``t`` and LSQ's to ``S`` from ``t̂``, ``t`` and ``S`` alone, in
-    about half the kernels the differentiable composition needs. Only for 8-bit activations whose range is their
-    type's (QuantizeLinear saturates there) that are neither a graph input nor a graph output (PassThrough's outputs
-    alias its inputs' buffers, which onnxruntime cannot do for those).
+    ``FakeQuant``) compute the values, and ``com.microsoft::PassThrough(t̂, t, S, low, high)`` hands them on
+    unchanged while giving the gradient something to hold on to: :func:`qgraph.train.ort_training.
+    register_gradient_overrides` defines PassThrough's gradient as the STE to ``t`` (in range: ``low ≤ t ≤ high``,
+    the quantization cell's ends ``S · (qmin − z − ½)`` and ``S · (qmax − z + ½)``) and LSQ's to ``S``, from these
+    inputs alone, in about half the kernels the differentiable composition needs. Only for 8-bit activations whose
+    range is their type's (QuantizeLinear saturates there) that are neither a graph input nor a graph output
+    (PassThrough's outputs alias its inputs' buffers, which onnxruntime cannot do for those).
     """
     tensor, _, zero_point = quantize.input[:3]
+    bounds = []
+    for end, code in (("low", quantizer.qmin - quantizer.zero_point - 0.5),
+                      ("high", quantizer.qmax - quantizer.zero_point + 0.5)):
+        key = (scale_tensor, end, code)
+        if key not in builder.scaled_bounds:
+            name = builder.unique(f"{scale_tensor}.qat_{end}")
+            builder.prologue.append(helper.make_node("Mul", [scale_tensor, builder.constant(code)], [name], name=name))
+            builder.scaled_bounds[key] = name
+        bounds.append(builder.scaled_bounds[key])
     codes = builder.unique(f"{tensor}.qat_codes")
     dequantized = builder.unique(f"{tensor}.qat_dequantized")
+    inputs = [dequantized, tensor, scale_tensor, *bounds]
     return [
         helper.make_node("QuantizeLinear", [tensor, scale_tensor, zero_point], [codes], domain=MICROSOFT_DOMAIN,
                          name=codes),
         helper.make_node("DequantizeLinear", [codes, scale_tensor, zero_point], [dequantized],
                          domain=MICROSOFT_DOMAIN, name=dequantized),
-        helper.make_node("PassThrough", [dequantized, tensor, scale_tensor],
-                         [output, builder.unique(f"{tensor}.qat_pass"), builder.unique(f"{scale_tensor}.qat_pass")],
+        helper.make_node("PassThrough", inputs, [output] + [builder.unique(f"{name}.qat_pass") for name in inputs[1:]],
                          domain=MICROSOFT_DOMAIN, name=builder.unique(f"{tensor}.qat_pass_through")),
     ]
 
