@@ -131,7 +131,8 @@ def register_gradient_overrides() -> None:
     # high), where t̂ = DequantizeLinear(QuantizeLinear(t, S, z), S, z) and low, high = S·(qmin − z − ½),
     # S·(qmax − z + ½) are the ends of the quantization cells. Gradient: the STE mask m = 1[low ≤ t ≤ high] (t
     # rounds into the grid: nothing was clipped) to t, and LSQ's Σ dY·(c − m·t/S) =
-    # Σ dY·(t̂ − m·t) / S to S — one sum of small terms, not the difference of two large sums. t̂ is read as
+    # Σ (dY·t̂ − (dY·m)·t) / S to S — differences taken element by element, then one sum of small terms (the
+    # difference of two large sums would cancel most of float32's digits), reusing dY·m. t̂ is read as
     # PassThrough's output O(0), the same buffer as its input: a DequantizeLinear with several consumers is
     # duplicated per consumer by onnxruntime's QDQ graph transformers, and each copy runs. (The codes of the
     # com.microsoft DequantizeLinear are integers and its scale gets its gradient through PassThrough, so it
@@ -139,10 +140,11 @@ def register_gradient_overrides() -> None:
     _pybind_state.register_gradient_definition("com.microsoft::PassThrough", [
         node("Clip", ["I(1)", "I(3)", "I(4)"], ["clipped"]),
         node("Equal", ["I(1)", "clipped"], ["in_range"]),
-        node("FakeQuantGrad", ["GO(0)", "in_range"], ["GI(1)"], domain="com.microsoft"),
-        node("FakeQuantGrad", ["I(1)", "in_range"], ["input_in_range"], domain="com.microsoft"),
-        node("Sub", ["O(0)", "input_in_range"], ["scale_direction"]),
-        node("Mul", ["GO(0)", "scale_direction"], ["scale_products"]),
+        node("FakeQuantGrad", ["GO(0)", "in_range"], ["input_gradient"], domain="com.microsoft"),
+        node("Identity", ["input_gradient"], ["GI(1)"]),
+        node("Mul", ["GO(0)", "O(0)"], ["output_products"]),
+        node("Mul", ["input_gradient", "I(1)"], ["input_products"]),
+        node("Sub", ["output_products", "input_products"], ["scale_products"]),
         node("ReduceSum", ["scale_products"], ["scale_numerator"], {"keepdims": (0, "int", False)}),
         node("Div", ["scale_numerator", "I(2)"], ["GI(2)"]),
         node("Sub", ["I(3)", "I(3)"], ["GI(3)"]),  # the cell's ends only select the mask
