@@ -66,8 +66,8 @@ def run_without_copies(session, fetched: list[str], feeds: Mapping[str, np.ndarr
     """``session.run`` whose outputs are numpy views of onnxruntime's own buffers rather than copies.
 
     A probe returns every annotated activation, about 230 MB a batch for ResNet-18 at batch 16: ``session.run``
-    copies each into a fresh numpy array, and the copies with their page faults made a probe run 1.2–1.3× plain
-    inference. The views stay valid as long as the arrays live (each holds its OrtValue).
+    copies each into a fresh numpy array, about a tenth of the run (median 234 against 207 ms here). The views stay
+    valid as long as the arrays live (each holds its OrtValue).
     """
     from onnxruntime import OrtValue
 
