@@ -1,8 +1,8 @@
 """Build the optional native observer loops; everything else is declared in pyproject.toml.
 
-The kernel only speeds up HistogramObserver (``qgraph/quant/observers/_native.c``). It is optional: where
-no C compiler is available the build carries on without it and the observer uses its numpy path, which gives the
-same counts (``qgraph.quant.observers.histogram.NATIVE_KERNEL`` tells which one runs).
+``qgraph/quant/observers/_native.c`` holds the observers' single-pass loops (min-max, histogram binning). It is
+optional: where no C compiler is available the build carries on without it and the observers use their numpy paths,
+which give the same results about twice as slowly (``qgraph.quant.observers.base.NATIVE`` tells which one runs).
 """
 
 from setuptools import Extension, setup

@@ -212,7 +212,7 @@ def quantize(
         weight_spec = target.rules().weight_spec
         quantize_passes.append(get_pass("QuantizeLSTMDynamic")(
             nodes=plan.dynamic_nodes, qmax=weight_spec.qmax, per_channel=target.options.per_channel,
-            guard_saturation=getattr(target, "saturation_guard", lambda: True)(),
+            guard_saturation=target.saturation_guard(),
         ))
     records = list(PassManager(quantize_passes).run(model).records)
     qdq_model = ir.serde.serialize_model(model)

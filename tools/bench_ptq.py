@@ -185,9 +185,10 @@ def command_speed(arguments: argparse.Namespace) -> None:
         )
         quantize(ir.serde.deserialize_model(model), iter(batches), options)
 
-    # Warm-up for nobody's account. This VM backs a page with host memory on its first touch: a process's first
-    # 300 MB took ~1 s to touch here, later ones 25 ms. The probe session's outputs need more memory than FP32
-    # inference, so without this its first run paid ~0.9 s for the machine rather than for qgraph.
+    # Warm-up for nobody's account. This VM backs a page with host memory on its first touch (a process's first
+    # 300 MB took ~1 s to touch here, later ones 25 ms), and the probe session needs more memory than FP32
+    # inference. Touching memory first lowers what the probe's first run pays for the machine (0.4-0.9 s seen
+    # with it, ~1 s without); what remains shows in the cold-batch row, reported apart from the steady state.
     np.ones(1 << 28, dtype=np.float32)  # 1 GiB touched once, then freed to this process's allocator and the kernel
     float_inference()
     load_before = support.load_average()

@@ -45,6 +45,10 @@ class Target(abc.ABC):
     def lowering_passes(self) -> tuple[str, ...]:
         """Names of the LOWER passes for the chosen format (empty for explicit QDQ)."""
 
+    def saturation_guard(self) -> bool:
+        """Whether 8-bit weights that could saturate u8s8 kernels are stored as uint8 + 128 (the safe default)."""
+        return True
+
     def lowering_pipeline(self) -> list:
         """The LOWER passes, constructed with this target's options."""
         from qgraph.pipeline.registry import get_pass
