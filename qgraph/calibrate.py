@@ -140,7 +140,9 @@ def calibrate(
     bounded = bounded_tensors(model)
     aliases = value_aliases(model, plan, config, bounded)
     tensors = [tensor for tensor in plan.activations if tensor not in aliases]
-    probe = build_probes(model, tensors, threads=config.threads, spinning=False)
+    # per-tensor observers see a multiset of values: those tensors may come back in onnxruntime's blocked layout
+    order_free = [tensor for tensor in tensors if plan.activation_spec_of(tensor).axis is None]
+    probe = build_probes(model, tensors, threads=config.threads, spinning=False, order_free=order_free)
     input_names = list(probe.inputs)
     make_observer = _observer_factory(config, plan, bounded)
     observers = {tensor: make_observer(tensor) for tensor in tensors}

@@ -23,6 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from qgraph import runtime
+from qgraph.quant.blocked_outputs import create_blocked_probe_session
 from qgraph.quant.subgraphs import branches, captured_values, defined_names, is_if
 
 logger = logging.getLogger(__name__)
@@ -48,12 +49,24 @@ class Probe:
     #: The annotated tensors observed here (fetched or fed).
     observed: list[str]
     children: list[BranchProbe]
+    #: The session's name for each of ``fetched`` (a tensor returned in the blocked layout has another one).
+    session_outputs: list[str] = dataclasses.field(default_factory=list)
+    #: Tensors returned in onnxruntime's blocked layout (:mod:`qgraph.quant.blocked_outputs`): their channel count.
+    blocked: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
-        """``(tensor, array)`` for every tensor observed in this probe and in the branches the batch took."""
+        """``(tensor, array)`` for every tensor observed in this probe and in the branches the batch took.
+
+        A tensor in ``blocked`` holds its values in another order than the plain tensor.
+        """
         available = dict(feeds)
         if self.fetched:
-            available.update(zip(self.fetched, run_without_copies(self.session, self.fetched, feeds)))
+            names = self.session_outputs or self.fetched
+            available.update(zip(self.fetched, run_without_copies(self.session, names, feeds)))
+            for tensor, channels in self.blocked.items():
+                shape = available[tensor].shape
+                if len(shape) < 2 or shape[1] != channels:  # padding channels would add zeros to its values
+                    raise RuntimeError(f"blocked probe output {tensor!r} has shape {shape}, not {channels} channels")
         collected = [(tensor, available[tensor]) for tensor in self.observed]
         for child in self.children:
             if bool(np.asarray(available[child.condition]).reshape(-1)[0]) != child.taken_when:
@@ -92,11 +105,29 @@ def _values_of(graph: ir.Graph) -> dict[str, ir.Value]:
 
 
 class _Builder:
-    def __init__(self, model: ir.Model, tensors: Iterable[str], threads: int | None, spinning: bool) -> None:
+    def __init__(
+        self, model: ir.Model, tensors: Iterable[str], threads: int | None, spinning: bool, order_free: Iterable[str]
+    ) -> None:
         self.model = model
         self.tensors = set(tensors)
         self.threads = threads
         self.spinning = spinning
+        self.order_free = frozenset(order_free)
+
+    def probe(
+        self, proto: onnx.ModelProto, inputs: list[str], fetched: list[str], observed: list[str],
+        children: list[BranchProbe],
+    ) -> Probe:
+        """A probe on a session of ``proto``, with the order-free observed tensors in the blocked layout if it helps."""
+        blocked = create_blocked_probe_session(
+            proto, self.order_free.intersection(observed), threads=self.threads, spinning=self.spinning
+        )
+        if blocked is None:
+            session = runtime.create_session(proto, optimize=True, threads=self.threads, spinning=self.spinning)
+            return Probe(session, inputs, fetched, observed, children)
+        names = [blocked.output_names.get(name, name) for name in fetched]
+        channels = {output.tensor: output.channels for output in blocked.blocked}
+        return Probe(blocked.session, inputs, fetched, observed, children, names, channels)
 
     def main(self) -> Probe:
         graph = self.model.graph
@@ -112,9 +143,8 @@ class _Builder:
             if name in present or name in inputs:
                 continue
             proto.graph.output.append(known[name] if name in known else value_info(values[name]))
-        session = runtime.create_session(proto, optimize=True, threads=self.threads, spinning=self.spinning)
         fetched = [name for name in wanted if name not in inputs]
-        return Probe(session, inputs, fetched, sorted(observed, key=wanted.index), children)
+        return self.probe(proto, inputs, fetched, sorted(observed, key=wanted.index), children)
 
     def children_of(self, graph: ir.Graph) -> tuple[list[BranchProbe], list[str]]:
         """Branch probes of the Ifs directly in ``graph`` and the names ``graph`` must provide them."""
@@ -158,19 +188,26 @@ class _Builder:
             proto_graph.output.append(value_info(values[name]))
         opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in self.model.opset_imports.items()]
         proto = onnx.helper.make_model(proto_graph, opset_imports=opsets, ir_version=self.model.ir_version)
-        session = runtime.create_session(proto, optimize=True, threads=self.threads, spinning=self.spinning)
         # what the children need from outside this branch arrives as this branch's inputs
-        return Probe(session, inputs, wanted, observed, children)
+        return self.probe(proto, inputs, wanted, observed, children)
 
 
 def build_probes(
-    model: ir.Model, tensors: Iterable[str], *, threads: int | None = None, spinning: bool = True
+    model: ir.Model,
+    tensors: Iterable[str],
+    *,
+    threads: int | None = None,
+    spinning: bool = True,
+    order_free: Iterable[str] = (),
 ) -> Probe:
     """The probe tree that observes ``tensors`` (names of annotated activations anywhere in main graph and Ifs).
 
     ``spinning``: whether onnxruntime's idle threads spin (see :func:`qgraph.runtime.create_session`).
+    ``order_free``: tensors whose observers ignore the order of values (per-tensor ones); these may be returned in
+    onnxruntime's blocked NCHWc layout, which spares the probe a reorder of each (see
+    :mod:`qgraph.quant.blocked_outputs`).
     """
-    probe = _Builder(model, tensors, threads, spinning).main()
+    probe = _Builder(model, tensors, threads, spinning, order_free).main()
     count = _count(probe) - 1
     if count:
         logger.info("calibration probes: the main graph and %d If branch(es)", count)

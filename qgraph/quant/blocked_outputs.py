@@ -1,0 +1,263 @@
+"""Probe sessions that return convolution activations in onnxruntime's blocked layout, without reordering them.
+
+Facts (onnxruntime CPU, graph optimisation ``ORT_ENABLE_ALL``):
+
+* The NchwcTransformer runs 2-D convolutions, pooling and their element-wise neighbours in the NCHWc layout: channel
+  ``c`` of a tensor with ``C`` channels is stored in block ``c // b``, lane ``c % b``, where ``b`` is MLAS's block
+  size (8 with AVX2, 16 with AVX-512). ``C`` is padded with zero channels up to a multiple of ``b``; the tensor's
+  shape is ``[N, C_padded, H, W]``. A ``com.microsoft.nchwc::ReorderOutput`` (attribute ``channels`` = ``C``)
+  converts back to NCHW wherever a plain tensor is needed, every graph output included.
+* A calibration probe makes every annotated activation a graph output, so on ResNet-18 at batch 16, 29 reorders
+  move 57 M values a batch: the probe ran at 1.16× FP32 inference with them and 1.04× without (sums of per-batch
+  medians over 11 batches, this machine).
+
+A per-tensor observer (min-max, moving-average min-max, histogram) depends only on the multiset of a tensor's
+values, and when ``C`` is a multiple of 16 the blocked tensor holds exactly the plain tensor's values in another
+order, with no padding channel. So the probe model is optimised once, to a file; every ``ReorderOutput`` that only
+feeds a graph output, converts a tensor whose observer ignores order and has ``channels % 16 == 0`` is removed and
+its blocked input becomes the graph output instead; the edited model is opened with graph optimisation off (it is
+optimised already, for this machine and this process only).
+
+The edit is made on the protobuf wire format. The optimised model holds every weight (45 MB for ResNet-18), and
+parsing it into Python objects and serialising it again would cost about what the reorders cost on a short
+calibration; the nodes and graph outputs, which are all the edit touches, are a few kilobytes, and every other
+field is copied as bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import mmap
+import os
+import tempfile
+from collections.abc import Collection, Iterator
+
+import onnx
+import onnxruntime as ort
+
+from qgraph import runtime
+
+logger = logging.getLogger(__name__)
+
+#: The largest NCHWc block size MLAS uses (AVX-512); a channel count divisible by it has no padding in any block.
+LARGEST_BLOCK = 16
+#: Models at least this large are not saved through protobuf (its 2 GB limit): their probes keep the reorders.
+SIZE_LIMIT = 1 << 30
+
+# protobuf field numbers (onnx.proto) and wire types
+_MODEL_GRAPH = 7
+_GRAPH_NODE = 1
+_GRAPH_OUTPUT = 12
+_LENGTH_DELIMITED = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockedOutput:
+    """A probe output returned in the blocked layout: ``name`` in the session stands for ``tensor``."""
+
+    tensor: str
+    name: str
+    channels: int
+
+
+@dataclasses.dataclass
+class BlockedProbeSession:
+    session: ort.InferenceSession
+    #: Per requested tensor, the session output that holds its values (the tensor's own name when unchanged).
+    output_names: dict[str, str]
+    blocked: list[BlockedOutput]
+
+
+def uses_blocked_layout(model: onnx.ModelProto) -> bool:
+    """Whether onnxruntime may run part of ``model`` in NCHWc: it has a Conv (only the main graph's count)."""
+    return any(node.op_type == "Conv" and node.domain in ("", "ai.onnx") for node in model.graph.node)
+
+
+def create_blocked_probe_session(
+    probe: onnx.ModelProto,
+    order_free: Collection[str],
+    *,
+    threads: int | None,
+    spinning: bool,
+) -> BlockedProbeSession | None:
+    """A session of ``probe`` whose outputs in ``order_free`` may come back blocked; None when nothing would change.
+
+    ``order_free``: the graph outputs whose consumers ignore the order of values (per-tensor observers).
+    """
+    if not order_free or not uses_blocked_layout(probe) or probe.ByteSize() >= SIZE_LIMIT:
+        return None
+    try:
+        edited, blocked = _optimized_without_reorders(probe, frozenset(order_free), threads)
+    except Exception:  # noqa: BLE001 - a speed-up only: the probe with reorders gives the same observations
+        logger.debug("probe kept in the plain layout: optimising and editing it failed", exc_info=True)
+        return None
+    if edited is None:
+        return None
+    session = runtime.create_session(edited, optimize=False, threads=threads, spinning=spinning)
+    output_names = {output.tensor: output.name for output in blocked}
+    logger.debug("probe returns %d activations in the blocked layout", len(blocked))
+    return BlockedProbeSession(session, output_names, blocked)
+
+
+def _optimized_without_reorders(
+    probe: onnx.ModelProto, order_free: frozenset[str], threads: int | None
+) -> tuple[bytes | None, list[BlockedOutput]]:
+    """``probe`` optimised by onnxruntime for this machine, then edited by :func:`remove_output_reorders`."""
+    with tempfile.TemporaryDirectory(prefix="qgraph-probe-") as folder:
+        path = os.path.join(folder, "optimized.onnx")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = path
+        options.log_severity_level = 3  # it warns that the saved model is for this machine: it is used here only
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as optimized:
+            return remove_output_reorders(optimized, order_free)
+
+
+def remove_output_reorders(
+    model: bytes | mmap.mmap, order_free: frozenset[str]
+) -> tuple[bytes | None, list[BlockedOutput]]:
+    """``model`` (a serialized ModelProto) without the removable ReorderOutput nodes, and the outputs they fed.
+
+    None and no outputs when no node is removable.
+
+    A ReorderOutput is removable when its output is a graph output in ``order_free`` that no node reads, its input is
+    not already a graph output, and ``channels`` is a multiple of :data:`LARGEST_BLOCK`.
+    """
+    data = memoryview(model)
+    graph_span = None
+    for number, _, start, end in _fields(data, 0, len(data)):
+        if number == _MODEL_GRAPH:
+            graph_span = (start, end)
+    if graph_span is None:
+        return None, []
+    graph_start, graph_end = graph_span
+    nodes: list[tuple[int, onnx.NodeProto]] = []
+    output_names: set[str] = set()
+    for number, wire_type, start, end in _fields(data, graph_start, graph_end):
+        if wire_type != _LENGTH_DELIMITED:
+            continue
+        if number == _GRAPH_NODE:
+            nodes.append((start, onnx.NodeProto.FromString(bytes(data[start:end]))))
+        elif number == _GRAPH_OUTPUT:
+            output_names.add(onnx.ValueInfoProto.FromString(bytes(data[start:end])).name)
+    read = {name for _, node in nodes for name in node.input}
+    removed: dict[str, BlockedOutput] = {}
+    removed_nodes: set[int] = set()
+    for start, node in nodes:
+        if node.op_type != "ReorderOutput" or node.domain != "com.microsoft.nchwc":
+            continue
+        tensor, source = node.output[0], node.input[0]
+        attributes = {attribute.name: onnx.helper.get_attribute_value(attribute) for attribute in node.attribute}
+        channels = int(attributes.get("channels", 0))
+        if (
+            tensor not in order_free
+            or tensor not in output_names
+            or tensor in read
+            or source in output_names
+            or any(output.name == source for output in removed.values())
+            or channels <= 0
+            or channels % LARGEST_BLOCK
+        ):
+            continue
+        removed[tensor] = BlockedOutput(tensor, source, channels)
+        removed_nodes.add(start)
+    if not removed:
+        return None, []
+    # every field of the graph but the removed nodes and the replaced outputs is copied as it is
+    graph: list[bytes | memoryview] = []
+    for number, wire_type, start, end in _fields(data, graph_start, graph_end, with_headers=True):
+        body_start = _body_start(data, start, wire_type)
+        if number == _GRAPH_NODE and body_start in removed_nodes:
+            continue
+        if number == _GRAPH_OUTPUT and wire_type == _LENGTH_DELIMITED:
+            info = onnx.ValueInfoProto.FromString(bytes(data[body_start:end]))
+            if info.name in removed:
+                # the blocked tensor's shape differs (padded channels, or channels last): left unstated
+                replacement = onnx.helper.make_tensor_value_info(
+                    removed[info.name].name, info.type.tensor_type.elem_type, None
+                )
+                graph.append(_length_delimited(_GRAPH_OUTPUT, replacement.SerializeToString()))
+                continue
+        graph.append(data[start:end])
+    rest = [data[start:end] for number, _, start, end in _fields(data, 0, len(data), with_headers=True)
+            if number != _MODEL_GRAPH]
+    header = _encode_varint(_MODEL_GRAPH << 3 | _LENGTH_DELIMITED) + _encode_varint(sum(len(piece) for piece in graph))
+    edited = b"".join([*rest, header, *graph])
+    for piece in (*rest, *graph):  # views of an mmap must be released before it closes
+        if isinstance(piece, memoryview):
+            piece.release()
+    data.release()
+    return edited, list(removed.values())
+
+
+# ------------------------------------------------------------------------------------------------ wire format
+def _varint(data: bytes | memoryview, position: int) -> tuple[int, int]:
+    """The varint at ``position`` and the position after it."""
+    value = shift = 0
+    while True:
+        if position >= len(data):
+            raise ValueError("truncated protobuf varint")
+        byte = data[position]
+        value |= (byte & 0x7F) << shift
+        position += 1
+        if not byte & 0x80:
+            return value, position
+        shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _length_delimited(number: int, body: bytes) -> bytes:
+    return _encode_varint(number << 3 | _LENGTH_DELIMITED) + _encode_varint(len(body)) + body
+
+
+def _fields(data: bytes | memoryview, start: int, end: int, *, with_headers: bool = False) -> Iterator[tuple[int, int, int, int]]:
+    """``(field number, wire type, start, end)`` of each field in ``data[start:end]``.
+
+    The span is the field's body (a length-delimited field's bytes, a scalar's encoding), or with ``with_headers``
+    the whole field, tag and length included.
+    """
+    position = start
+    while position < end:
+        field_start = position
+        tag, position = _varint(data, position)
+        number, wire_type = tag >> 3, tag & 7
+        if wire_type == 0:
+            _, after = _varint(data, position)
+            body_start, body_end = position, after
+        elif wire_type == 1:
+            body_start, body_end = position, position + 8
+        elif wire_type == _LENGTH_DELIMITED:
+            length, body_start = _varint(data, position)
+            body_end = body_start + length
+        elif wire_type == 5:
+            body_start, body_end = position, position + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire_type}")
+        if body_end > end:
+            raise ValueError("truncated protobuf field")
+        position = body_end
+        yield (number, wire_type, field_start if with_headers else body_start, body_end)
+
+
+def _body_start(data: bytes | memoryview, field_start: int, wire_type: int) -> int:
+    """Where the body of the field whose tag starts at ``field_start`` begins."""
+    _, position = _varint(data, field_start)
+    if wire_type == _LENGTH_DELIMITED:
+        _, position = _varint(data, position)
+    return position
