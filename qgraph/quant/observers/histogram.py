@@ -60,6 +60,7 @@ from qgraph.quant.observers.base import (
     _native,
     as_float_array,
     check_state_kind,
+    finite_min_max,
     spec_from_state,
     spec_to_state,
 )
@@ -175,13 +176,11 @@ class HistogramObserver(Observer):
             if processed == flat.size:
                 return
             flat = flat[processed:]
-        low, high = flat.min(), flat.max()
-        if not (np.isfinite(low) and np.isfinite(high)):
+        low, high, finite = finite_min_max(flat)
+        if finite == 0:
+            return
+        if finite < flat.size:
             flat = flat[np.isfinite(flat)]
-            if flat.size == 0:
-                return
-            low, high = flat.min(), flat.max()
-        low, high = float(low), float(high)
         magnitude = max(-low, high)
         needed = math.frexp(magnitude)[1] if magnitude > 0 else ZERO_ONLY_EXPONENT
         exponent = needed if self.exponent is None else max(self.exponent, needed)
