@@ -18,8 +18,9 @@
  * scatters), as much as onnxruntime spends computing the activation.  Here each block of 256 values is read once
  * by a vectorised loop (extremes, range check, indices; compiled with -fno-trapping-math so the clamps become
  * min/max instructions) and scattered into four interleaved 32-bit sub-histograms, so that runs of equal values
- * (ReLU outputs are often half exact zeros) do not serialise on one counter.  The GIL is released, so observers of
- * different tensors run in parallel.
+ * (ReLU outputs are often half exact zeros) do not serialise on one counter; the scatter loop takes eight values a
+ * turn, their indices loaded before any counter is touched (5-10% faster than one value at a time here).  The GIL
+ * is released, so observers of different tensors run in parallel.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -41,6 +42,7 @@
 
 #define BLOCK 256
 #define LANES 4
+_Static_assert(LANES == 4, "the scatter loop of bin_counts is written out for four sub-histograms");
 /* Lane counters are 32-bit; they are flushed into the int64 counts every CHUNK values, long before they could wrap. */
 #define CHUNK ((Py_ssize_t)1 << 24)
 
@@ -97,10 +99,14 @@ typedef struct {
                     break;                                                                                         \
                 }                                                                                                  \
                 Py_ssize_t i = 0;                                                                                  \
-                for (; i + LANES <= count; i += LANES) {                                                           \
-                    for (int lane = 0; lane < LANES; ++lane) {                                                     \
-                        lanes[lane * bins + indices[i + lane]] += 1;                                               \
-                    }                                                                                              \
+                uint32_t *lane0 = lanes, *lane1 = lanes + bins, *lane2 = lanes + 2 * bins, *lane3 = lanes + 3 * bins; \
+                for (; i + 8 <= count; i += 8) {                                                                   \
+                    uint32_t a0 = (uint32_t)indices[i], a1 = (uint32_t)indices[i + 1];                             \
+                    uint32_t a2 = (uint32_t)indices[i + 2], a3 = (uint32_t)indices[i + 3];                         \
+                    uint32_t b0 = (uint32_t)indices[i + 4], b1 = (uint32_t)indices[i + 5];                         \
+                    uint32_t b2 = (uint32_t)indices[i + 6], b3 = (uint32_t)indices[i + 7];                         \
+                    lane0[a0]++; lane1[a1]++; lane2[a2]++; lane3[a3]++;                                            \
+                    lane0[b0]++; lane1[b1]++; lane2[b2]++; lane3[b3]++;                                            \
                 }                                                                                                  \
                 for (; i < count; ++i) {                                                                           \
                     lanes[indices[i]] += 1;                                                                        \
