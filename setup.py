@@ -26,6 +26,12 @@ setup(
             "qgraph.quant.observers._native",
             sources=["qgraph/quant/observers/_native.c"],
             optional=True,
-        )
+        ),
+        # not a Python module: an onnxruntime custom-operator library (qgraph.train.fused_gradients loads it)
+        Extension(
+            "qgraph.train._quantizer_gradient",
+            sources=["qgraph/train/_quantizer_gradient.c"],
+            optional=True,
+        ),
     ],
 )

@@ -40,6 +40,7 @@ import onnx
 
 from qgraph.errors import DataError, QGraphError
 from qgraph.train.config import TrainingConfig
+from qgraph.train.fused_gradients import fuse_quantizer_gradients, library_path
 from qgraph.train.ort_training import captured_native_stderr, register_gradient_overrides, training_api
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class TrainingArtifacts:
     loss: str
     trainable: tuple[str, ...]
     frozen: tuple[str, ...]
+    #: The custom-operator library the training model needs (:mod:`qgraph.train.fused_gradients`), if any.
+    custom_operators: str | None = None
 
     @property
     def num_classes(self) -> int | None:
@@ -250,6 +253,9 @@ def build_training_artifacts(
         raise
     except Exception as error:
         raise QGraphError(f"onnxruntime-training could not build the training graph: {error}") from error
+    custom_operators = None
+    if config.fused_gradients and library_path() is not None and fuse_quantizer_gradients(work / "training_model.onnx"):
+        custom_operators = library_path()
     return TrainingArtifacts(
         directory=work,
         training_model=work / "training_model.onnx",
@@ -263,4 +269,5 @@ def build_training_artifacts(
         loss=config.loss,
         trainable=tuple(trainable),
         frozen=tuple(frozen),
+        custom_operators=custom_operators,
     )

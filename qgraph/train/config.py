@@ -84,7 +84,9 @@ class TrainingConfig:
     BatchNormalization running statistics). ``output_name``: the model output the loss reads (default: the first).
     ``threads``: intra-op threads of the training sessions (``None``: onnxruntime's default).
     ``steps_per_epoch``: batches per epoch, for sources that cannot tell (a callable is otherwise read once more to
-    count them; a one-shot iterator needs it unless the schedule is constant).
+    count them; a one-shot iterator needs it unless the schedule is constant). ``fused_gradients``: compute each
+    learnable activation quantizer's gradient with qgraph's one-pass kernel where it was built
+    (:mod:`qgraph.train.fused_gradients`; off: onnxruntime's nine kernels, same values).
     """
 
     epochs: int = 1
@@ -105,6 +107,7 @@ class TrainingConfig:
     threads: int | None = None
     log_every_steps: int = 50
     steps_per_epoch: int | None = None
+    fused_gradients: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

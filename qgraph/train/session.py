@@ -73,6 +73,8 @@ class TrainingSession:
         if config.threads is not None:
             options.intra_op_num_threads = config.threads
             options.inter_op_num_threads = 1
+        if artifacts.custom_operators is not None:
+            options.register_custom_ops_library(artifacts.custom_operators)
         with captured_native_stderr():
             self.state = api.CheckpointState.load_checkpoint(os.fspath(checkpoint))
             self.module = api.Module(
@@ -124,6 +126,17 @@ class TrainingSession:
 
     def discard_gradients(self) -> None:
         self.module.lazy_reset_grad()
+
+    def parameters_are_finite(self) -> bool:
+        """Whether every trainable parameter is finite (one contiguous copy of them).
+
+        A step whose loss is finite can still have non-finite gradients (a NaN input that a quantizer clamps to a
+        finite code), and the update then spreads NaN through the weights. The next training step must not run:
+        onnxruntime's MaxPoolGrad scatters through the indices MaxPool returns, which are undefined when a window
+        holds only NaN, and it crashed the process (a wild write, measured with onnxruntime-training 1.19.2).
+        """
+        values = self.module.get_contiguous_parameters(trainable_only=True)
+        return bool(np.isfinite(values.numpy()).all())
 
     def evaluate(self, feeds: Mapping[str, np.ndarray], targets: np.ndarray) -> tuple[float, np.ndarray]:
         """Eval-mode forward pass (BatchNormalization on running statistics). Returns (loss, model output)."""
