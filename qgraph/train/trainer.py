@@ -251,6 +251,11 @@ class Trainer:
                     message = self._divergence_message(epoch, step, loss, best_epoch, best_metric, metric_name)
                     break
                 session.update(learning_rate)
+                if not session.parameters_are_finite():
+                    status = TrainingStatus.DIVERGED
+                    message = self._divergence_message(epoch, step, loss, best_epoch, best_metric, metric_name,
+                                                       cause="the update made weights non-finite")
+                    break
                 step += 1
                 count = int(targets.shape[0])
                 samples += count
@@ -321,11 +326,12 @@ class Trainer:
         return per_epoch
 
     def _divergence_message(self, epoch: int, step: int, loss: float, best_epoch: int, best_metric: float | None,
-                            metric_name: str) -> str:
+                            metric_name: str, cause: str | None = None) -> str:
         kept = (f"the best checkpoint (epoch {best_epoch + 1}, {metric_name} {best_metric:.4f}) is kept at "
                 f"{self.best_checkpoint}" if best_epoch >= 0 else "no checkpoint was written before")
-        return (f"training diverged at epoch {epoch + 1}, step {step + 1}: the loss is {loss}; training stopped and "
-                f"{kept}; lower the learning rate or the max_grad_norm")
+        cause = cause or f"the loss is {loss}"
+        return (f"training diverged at epoch {epoch + 1}, step {step + 1}: {cause}; training stopped and "
+                f"{kept}; lower the learning rate or the max_grad_norm, and check the data for NaN/Inf")
 
     # -- export ---------------------------------------------------------------------------------------------------
 

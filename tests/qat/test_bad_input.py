@@ -71,7 +71,10 @@ def test_divergence_stops_keeps_the_best_checkpoint_and_says_so(tmp_path):
     model_and_result = quantized()
     inputs, labels = labelled_data(64, teacher=model_and_result[0])
     poisoned = _PoisonedAfterFirstEpoch(dataset(inputs, labels))
-    with pytest.raises(TrainingDivergedError, match=r"training diverged at epoch 2, step \d+: the loss is nan; "
+    # NaN inputs are clamped to finite codes by the input quantizer: the loss may stay finite for a step while the
+    # gradients are not, so the stop comes from the loss or from the non-finite weights the update left
+    with pytest.raises(TrainingDivergedError, match=r"training diverged at epoch 2, step \d+: (the loss is nan|the "
+                       r"update made weights non-finite); "
                        r"training stopped and the best checkpoint \(epoch 1, .*\) is kept at .*best"):
         _run(model_and_result, poisoned, epochs=3, work_directory=tmp_path)
     assert (tmp_path / "checkpoints" / "best").exists()
