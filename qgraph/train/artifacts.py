@@ -40,7 +40,7 @@ import onnx
 
 from qgraph.errors import DataError, QGraphError
 from qgraph.train.config import TrainingConfig
-from qgraph.train.fused_gradients import fuse_quantizer_gradients, library_path
+from qgraph.train.fused_gradients import fuse_quantizers, library_path
 from qgraph.train.ort_training import captured_native_stderr, register_gradient_overrides, training_api
 
 logger = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def build_training_artifacts(
     except Exception as error:
         raise QGraphError(f"onnxruntime-training could not build the training graph: {error}") from error
     custom_operators = None
-    if config.fused_gradients and library_path() is not None and fuse_quantizer_gradients(work / "training_model.onnx"):
+    if config.fused_gradients and library_path() is not None and fuse_quantizers(work / "training_model.onnx"):
         custom_operators = library_path()
     return TrainingArtifacts(
         directory=work,

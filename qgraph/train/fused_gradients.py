@@ -1,23 +1,25 @@
-"""Fused backward kernels for QAT's learnable activation quantizers, swapped into the written training graph.
+"""Fused kernels for QAT's learnable activation quantizers, swapped into the written training graph.
 
-The gradient of a learnable activation quantizer (``com.microsoft::PassThrough(t̂, t, S, low, high)``, see
-:func:`qgraph.train.ort_training.register_gradient_overrides`) is, for the input and the scale,
+A learnable activation quantizer runs forward as ``com.microsoft`` QuantizeLinear → DequantizeLinear →
+``PassThrough(t̂, t, S, low, high)`` (see :func:`qgraph.train.ort_training.register_gradient_overrides`), and its
+gradient, for the input and the scale, is
 
     dt = dY · 1[low ≤ t ≤ high]                       (straight-through estimator)
     dS = Σ (dY · t̂ − dt · t) / S                       (LSQ)
 
 which onnxruntime-training builds from nine kernels: ``Clip``, ``Equal``, ``FakeQuantGrad``, ``Identity``, two
 ``Mul``, ``Sub``, ``ReduceSum`` and ``Div``, each a pass over the tensor (about 280 µs for 200,704 values here,
-``FakeQuantGrad`` alone 105 µs). ``qgraph.training::QuantizerGradient`` (``_quantizer_gradient.c``, an onnxruntime
-custom-operator library built with the package) computes both in one pass (about 50 µs).
+``FakeQuantGrad`` alone 105 µs). ``_quantizer_gradient.c``, an onnxruntime custom-operator library built with the
+package, holds ``qgraph.training::QuantizerGradient``, which computes both in one pass (about 50 µs), and
+``qgraph.training::FakeQuantize``, the QuantizeLinear → DequantizeLinear pair in one pass, bit for bit (31 against
+21 µs).
 
-``generate_artifacts`` cannot emit it: its gradient builder resolves every node against onnxruntime's registered
-schemas, and a custom operator has none there ("is not a registered function/op"). So the gradient is generated with
-the nine-kernel definition, then :func:`fuse_quantizer_gradients` replaces each group of those nodes in
-``training_model.onnx`` by one ``QuantizerGradient`` node, and training sessions load the library
-(:func:`library_path`). Where the library was not built (no C compiler), the graph keeps the nine kernels; the two
-compute the same input gradients bit for bit and the same scale gradient up to float32 rounding of the sum (the
-fused kernel sums in double).
+``generate_artifacts`` cannot emit them: its gradient builder resolves every node against onnxruntime's registered
+schemas, and a custom operator has none there ("is not a registered function/op"). So the graph is generated with
+onnxruntime's operators, then :func:`fuse_quantizers` rewrites ``training_model.onnx`` (the eval model, which
+export reads, keeps them), and training sessions load the library (:func:`library_path`). Where the library was not
+built (no C compiler), the graph keeps onnxruntime's kernels; the two compute the same values and input gradients
+bit for bit, and the same scale gradient up to the float32 rounding of the sum (the fused kernel sums in double).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 DOMAIN = "qgraph.training"
 OPERATOR = "QuantizerGradient"
+FORWARD_OPERATOR = "FakeQuantize"
 _LIBRARY_MODULE = "qgraph.train._quantizer_gradient"
 #: The nodes of the registered PassThrough gradient, in definition order (their names end in ``_<index>``).
 _GRADIENT_NODES = ("Clip", "Equal", "FakeQuantGrad", "Identity", "Mul", "Mul", "Sub", "ReduceSum", "Div")
@@ -70,16 +73,18 @@ def uses_fused_gradients(model: onnx.ModelProto) -> bool:
     return any(node.domain == DOMAIN for node in model.graph.node)
 
 
-def fuse_quantizer_gradients(path: str | os.PathLike) -> int:
-    """Replace each activation quantizer's nine-kernel gradient in the training model at ``path``; returns how many.
+def fuse_quantizers(path: str | os.PathLike) -> int:
+    """Fuse each activation quantizer of the training model at ``path`` (forward pair, gradient); returns how many
+    quantizers changed.
 
-    The model is rewritten in place only if at least one group was replaced. External data (a model over 2 GB) is
-    left where it is: only the graph is read and written.
+    The model is rewritten in place only if something was replaced. External data (a model over 2 GB) is left
+    where it is: only the graph is read and written.
     """
     path = Path(path)
     model = onnx.load(path, load_external_data=False)
     nodes = list(model.graph.node)
     by_name = {node.name: index for index, node in enumerate(nodes)}
+    producers = {output: index for index, node in enumerate(nodes) for output in node.output}
     consumers: dict[str, int] = {}
     for node in nodes:
         for name in node.input:
@@ -87,6 +92,7 @@ def fuse_quantizer_gradients(path: str | os.PathLike) -> int:
     graph_outputs = {output.name for output in model.graph.output}
     removed: set[int] = set()
     placed: dict[int, onnx.NodeProto] = {}
+    changed: set[str] = set()  # the PassThrough nodes whose quantizer was fused
     for node in nodes:
         if node.op_type != "PassThrough" or node.domain != "com.microsoft":
             continue
@@ -115,6 +121,29 @@ def fuse_quantizer_gradients(path: str | os.PathLike) -> int:
         placed[max(group)] = helper.make_node(
             OPERATOR, inputs, outputs, name=f"{node.name}_Grad/{OPERATOR}", domain=DOMAIN
         )
+        changed.add(node.name)
+    for node in nodes:  # the forward pairs: QuantizeLinear → DequantizeLinear → PassThrough
+        if node.op_type != "PassThrough" or node.domain != "com.microsoft":
+            continue
+        dequantize_index = producers.get(node.input[0])
+        if dequantize_index is None:
+            continue
+        dequantize = nodes[dequantize_index]
+        quantize_index = producers.get(dequantize.input[0])
+        if dequantize.op_type != "DequantizeLinear" or dequantize.domain != "com.microsoft" or quantize_index is None:
+            continue
+        quantize = nodes[quantize_index]
+        if (quantize.op_type != "QuantizeLinear" or quantize.domain != "com.microsoft" or len(quantize.input) != 3
+                or list(quantize.input[1:]) != list(dequantize.input[1:3]) or consumers.get(quantize.output[0]) != 1
+                or quantize.output[0] in graph_outputs or any(attribute.name == "axis" for attribute in quantize.attribute)):
+            continue
+        removed.add(quantize_index)
+        removed.add(dequantize_index)
+        placed[dequantize_index] = helper.make_node(
+            FORWARD_OPERATOR, list(quantize.input), [dequantize.output[0]], name=f"{dequantize.name}/{FORWARD_OPERATOR}",
+            domain=DOMAIN,
+        )
+        changed.add(node.name)
     if not placed:
         return 0
     rewritten = []
@@ -128,5 +157,5 @@ def fuse_quantizer_gradients(path: str | os.PathLike) -> int:
     if not any(opset.domain == DOMAIN for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     onnx.save(model, path)
-    logger.debug("fused the gradients of %d activation quantizers in %s", len(placed), path)
-    return len(placed)
+    logger.debug("fused %d activation quantizers in %s", len(changed), path)
+    return len(changed)

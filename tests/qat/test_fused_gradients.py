@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 import qgraph.train.artifacts as artifacts_module
 from qgraph.train import TrainingConfig
 from qgraph.train.artifacts import build_training_artifacts
-from qgraph.train.fused_gradients import DOMAIN, OPERATOR, fuse_quantizer_gradients, library_path
+from qgraph.train.fused_gradients import DOMAIN, FORWARD_OPERATOR, OPERATOR, fuse_quantizers, library_path
 from qgraph.train.qat import build_fake_quant_graph
 from qgraph.train.session import TrainingSession
 from tests.ptq.small_models import calibration_batches
@@ -79,6 +79,38 @@ def test_kernel_matches_the_composition_it_replaces(bounds):
         assert not np.isfinite(ds)
 
 
+@pytest.mark.skipif(library_path() is None, reason="built without a C compiler (the first test checks that case)")
+@pytest.mark.parametrize(("zero_type", "zero_point"), [(TensorProto.UINT8, np.uint8(131)), (TensorProto.INT8, np.int8(-3))])
+def test_fake_quantize_is_onnxruntimes_quantize_dequantize_bit_for_bit(zero_type, zero_point):
+    scale = np.float32(0.0137)
+    ties = ((np.arange(-300, 300) + 0.5) * scale).astype(np.float32)
+    generator = np.random.default_rng(0)
+    values = np.concatenate([generator.standard_normal(20_000).astype(np.float32) * 3, ties, np.nextafter(ties, 0),
+                             np.nextafter(ties, 10), np.array([np.nan, np.inf, -np.inf, 0.0, -0.0], np.float32)])
+    feeds = {"t": values.reshape(-1, 7), "scale": np.array(scale), "zero_point": np.array(zero_point)}
+    results = []
+    for fused in (True, False):
+        if fused:
+            nodes = [helper.make_node(FORWARD_OPERATOR, ["t", "scale", "zero_point"], ["y"], domain=DOMAIN)]
+        else:
+            nodes = [helper.make_node("QuantizeLinear", ["t", "scale", "zero_point"], ["q"], domain="com.microsoft"),
+                     helper.make_node("DequantizeLinear", ["q", "scale", "zero_point"], ["y"], domain="com.microsoft")]
+        graph = helper.make_graph(nodes, "pair", [helper.make_tensor_value_info("t", TensorProto.FLOAT, None),
+                                                  helper.make_tensor_value_info("scale", TensorProto.FLOAT, []),
+                                                  helper.make_tensor_value_info("zero_point", zero_type, [])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 9
+        options = onnxruntime.SessionOptions()
+        options.register_custom_ops_library(library_path())
+        session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                               providers=["CPUExecutionProvider"])
+        results.append(session.run(None, feeds)[0])
+    assert results[0].shape == results[1].shape == (len(values) // 7, 7)
+    np.testing.assert_array_equal(results[0].view(np.uint32), results[1].view(np.uint32))
+
+
 def _trained(result, float_model, fused: bool, tmp_path, steps: int = 3):
     graph = build_fake_quant_graph(result.qdq_model, result.plan, result.parameters, float_model=float_model)
     config = TrainingConfig(loss="mse", trainable=graph.trainable, learning_rate=1e-2, threads=1,
@@ -105,6 +137,7 @@ def test_fused_training_matches_onnxruntime_kernels_step_for_step(tmp_path):
     fused_model = onnx.load(fused_artifacts.training_model)
     assert passes > 0
     assert sum(node.op_type == OPERATOR and node.domain == DOMAIN for node in fused_model.graph.node) == passes
+    assert sum(node.op_type == FORWARD_OPERATOR and node.domain == DOMAIN for node in fused_model.graph.node) == passes
     assert not any(node.domain == DOMAIN for node in onnx.load(plain_artifacts.training_model).graph.node)
     assert fused_artifacts.custom_operators == library_path() and plain_artifacts.custom_operators is None
     for step, (fused, plain) in enumerate(zip(fused_gradients, plain_gradients)):
@@ -142,8 +175,9 @@ def test_a_group_whose_intermediate_is_read_elsewhere_is_left_alone(tmp_path, mo
     model.graph.node.append(helper.make_node("Not", [masks[0]], ["extra_reader"]))
     model.graph.output.append(helper.make_tensor_value_info("extra_reader", TensorProto.BOOL, None))
     onnx.save(model, artifacts.training_model)
-    fused = fuse_quantizer_gradients(artifacts.training_model)
-    assert fused == len(masks) - 1
+    assert fuse_quantizers(artifacts.training_model) == len(masks)  # every forward pair, all gradients but one
     rewritten = onnx.load(artifacts.training_model)
     assert masks[0] in {output for node in rewritten.graph.node for output in node.output}
-    assert fuse_quantizer_gradients(artifacts.training_model) == 0  # idempotent: nothing left to fuse
+    assert sum(node.op_type == OPERATOR for node in rewritten.graph.node) == len(masks) - 1
+    assert sum(node.op_type == FORWARD_OPERATOR for node in rewritten.graph.node) == len(masks)
+    assert fuse_quantizers(artifacts.training_model) == 0  # idempotent: nothing left to fuse
