@@ -1,8 +1,13 @@
-"""Build the optional native observer loops; everything else is declared in pyproject.toml.
+"""Build the optional native parts; everything else is declared in pyproject.toml.
 
-``qgraph/quant/observers/_native.c`` holds the observers' single-pass loops (min-max, histogram binning). It is
-optional: where no C compiler is available the build carries on without it and the observers use their numpy paths,
-which give the same results about twice as slowly (``qgraph.quant.observers.base.NATIVE`` tells which one runs).
+- ``qgraph/quant/observers/_native.c``: the observers' single-pass loops (min-max, histogram binning). Without it
+  the observers use their numpy paths, which give the same results about twice as slowly
+  (``qgraph.quant.observers.base.NATIVE`` tells which one runs).
+- ``qgraph/train/_quantizer_gradient.c``: not a Python module but an onnxruntime custom-operator library, the fused
+  kernels of QAT's learnable activation quantizers (``qgraph.train.fused_gradients``). Without it QAT graphs keep
+  onnxruntime's kernels, with the same values, slower.
+
+Both are optional: where no C compiler is available the build carries on without them.
 """
 
 from setuptools import Extension, setup
