@@ -7,8 +7,10 @@ Subcommands (``python tools/bench_ptq.py SUBCOMMAND --help``):
                       the peak at 1000 within 10 % of the peak at 100. ``--with-ort`` adds ``quantize_static``
                       (Entropy) on a small N for comparison.
 ``speed``             qgraph's histogram calibration (the ``calibrate`` driver and end-to-end ``quantize``) against
-                      plain FP32 inference over the same samples and against ``quantize_static``; goal ≤ 1.25× FP32
-                      inference and faster than ``quantize_static``.
+                      plain FP32 inference over the same samples and against ``quantize_static``; goal: the whole
+                      ``calibrate`` call ≤ 1.25× a fresh FP32 session over the same batches, and faster than
+                      ``quantize_static``. ``--samples 1000`` matches the memory goal's set (192 by default, which
+                      ``quantize_static`` can hold in memory).
 ``latency``           batch-1 latency of FP32, qgraph's QOperator model and ``quantize_static``'s QOperator model for
                       ResNet-18 and MobileNetV2 (alternating runs in one process), with operator histograms.
 ``accuracy``          Fashion-MNIST top-1 of trained models: FP32 vs qgraph PTQ vs ``quantize_static``
@@ -242,6 +244,7 @@ def command_speed(arguments: argparse.Namespace) -> None:
         batch_rows.append([label, fp32_loop, calibrate_loop, calibrate_loop / fp32_loop])
     first = {name: support.median([times[0] for times in per_batch[name]]) for name in per_batch}
     loop_all = batch_rows[0][3]
+    whole_ratio = support.median(wall["calibrate"]) / fp32
     notes = [
         f"samples {arguments.samples}, batch {arguments.batch_size}, {arguments.threads} threads, method "
         f"{arguments.method}, native observer loops {'on' if NATIVE else 'OFF (numpy)'}; medians of "
@@ -249,8 +252,9 @@ def command_speed(arguments: argparse.Namespace) -> None:
         "(2 shared cores).",
         f"first batch: FP32 {first['fp32'] * 1000:.0f} ms, calibrate {first['calibrate'] * 1000:.0f} ms (a new "
         "session's first run).",
-        f"goal calibrate ≤ 1.25× FP32 over the same batches: {loop_all:.2f}× ({'met' if loop_all <= 1.25 else 'NOT met'}"
-        f"); steady state {batch_rows[1][3]:.2f}×.",
+        f"goal calibrate ≤ 1.25× FP32 inference over the same samples: whole call {whole_ratio:.2f}× "
+        f"({'met' if whole_ratio <= 1.25 else 'NOT met'}); the batch loop alone {loop_all:.2f}×, its steady state "
+        f"{batch_rows[1][3]:.2f}× (the rest is fixed: probe build and range searches).",
     ]
     if wall["quantize_static"]:
         ort_seconds = wall["quantize_static"][0]
