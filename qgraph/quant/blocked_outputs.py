@@ -85,9 +85,11 @@ def create_blocked_probe_session(
 
     ``order_free``: the graph outputs whose consumers ignore the order of values (per-tensor observers).
     """
-    if not order_free or not uses_blocked_layout(probe) or probe.ByteSize() >= SIZE_LIMIT:
+    if not order_free or not uses_blocked_layout(probe):
         return None
     try:
+        if probe.ByteSize() >= SIZE_LIMIT:
+            return None
         edited, blocked = _optimized_without_reorders(probe, frozenset(order_free), threads)
     except Exception:  # noqa: BLE001 - a speed-up only: the probe with reorders gives the same observations
         logger.debug("probe kept in the plain layout: optimising and editing it failed", exc_info=True)
