@@ -228,7 +228,9 @@ def _length_delimited(number: int, body: bytes) -> bytes:
     return _encode_varint(number << 3 | _LENGTH_DELIMITED) + _encode_varint(len(body)) + body
 
 
-def _fields(data: bytes | memoryview, start: int, end: int, *, with_headers: bool = False) -> Iterator[tuple[int, int, int, int]]:
+def _fields(
+    data: bytes | memoryview, start: int, end: int, *, with_headers: bool = False
+) -> Iterator[tuple[int, int, int, int]]:
     """``(field number, wire type, start, end)`` of each field in ``data[start:end]``.
 
     The span is the field's body (a length-delimited field's bytes, a scalar's encoding), or with ``with_headers``

@@ -42,6 +42,7 @@ FORWARD_OPERATOR = "FakeQuantize"
 _LIBRARY_MODULE = "qgraph.train._quantizer_gradient"
 #: The nodes of the registered PassThrough gradient, in definition order (their names end in ``_<index>``).
 _GRADIENT_NODES = ("Clip", "Equal", "FakeQuantGrad", "Identity", "Mul", "Mul", "Sub", "ReduceSum", "Div")
+_EIGHT_BIT_TYPES = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
 
 
 #: The library, loaded once for the life of the process (see :func:`library_path`).
@@ -68,11 +69,6 @@ def library_path() -> str | None:
     return spec.origin
 
 
-def uses_fused_gradients(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` holds a node that needs the library."""
-    return any(node.domain == DOMAIN for node in model.graph.node)
-
-
 def fuse_quantizers(path: str | os.PathLike) -> int:
     """Fuse each activation quantizer of the training model at ``path`` (forward pair, gradient); returns how many
     quantizers changed.
@@ -90,6 +86,7 @@ def fuse_quantizers(path: str | os.PathLike) -> int:
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
     graph_outputs = {output.name for output in model.graph.output}
+    zero_point_types = {tensor.name: tensor.data_type for tensor in model.graph.initializer}
     removed: set[int] = set()
     placed: dict[int, onnx.NodeProto] = {}
     changed: set[str] = set()  # the PassThrough nodes whose quantizer was fused
@@ -133,15 +130,22 @@ def fuse_quantizers(path: str | os.PathLike) -> int:
         if dequantize.op_type != "DequantizeLinear" or dequantize.domain != "com.microsoft" or quantize_index is None:
             continue
         quantize = nodes[quantize_index]
-        if (quantize.op_type != "QuantizeLinear" or quantize.domain != "com.microsoft" or len(quantize.input) != 3
-                or list(quantize.input[1:]) != list(dequantize.input[1:3]) or consumers.get(quantize.output[0]) != 1
-                or quantize.output[0] in graph_outputs or any(attribute.name == "axis" for attribute in quantize.attribute)):
+        if (
+            quantize.op_type != "QuantizeLinear"
+            or quantize.domain != "com.microsoft"
+            or len(quantize.input) != 3
+            or list(quantize.input[1:]) != list(dequantize.input[1:3])
+            or zero_point_types.get(quantize.input[2]) not in _EIGHT_BIT_TYPES  # the kernel's code ranges
+            or consumers.get(quantize.output[0]) != 1
+            or quantize.output[0] in graph_outputs
+            or any(attribute.name == "axis" for attribute in quantize.attribute)
+        ):
             continue
         removed.add(quantize_index)
         removed.add(dequantize_index)
         placed[dequantize_index] = helper.make_node(
-            FORWARD_OPERATOR, list(quantize.input), [dequantize.output[0]], name=f"{dequantize.name}/{FORWARD_OPERATOR}",
-            domain=DOMAIN,
+            FORWARD_OPERATOR, list(quantize.input), [dequantize.output[0]],
+            name=f"{dequantize.name}/{FORWARD_OPERATOR}", domain=DOMAIN,
         )
         changed.add(node.name)
     if not placed:

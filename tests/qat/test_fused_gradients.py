@@ -44,7 +44,8 @@ def _kernel_session() -> onnxruntime.InferenceSession:
 def _onnxruntime_mask(t: np.ndarray, low: np.float32, high: np.float32) -> np.ndarray:
     """Equal(t, Clip(t, low, high)) computed by onnxruntime: the mask of the composition the kernel replaces."""
     graph = helper.make_graph(
-        [helper.make_node("Clip", ["t", "low", "high"], ["clipped"]), helper.make_node("Equal", ["t", "clipped"], ["m"])],
+        [helper.make_node("Clip", ["t", "low", "high"], ["clipped"]),
+         helper.make_node("Equal", ["t", "clipped"], ["m"])],
         "mask", [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("t", "low", "high")],
         [helper.make_tensor_value_info("m", TensorProto.BOOL, None)],
     )
@@ -80,7 +81,8 @@ def test_kernel_matches_the_composition_it_replaces(bounds):
 
 
 @pytest.mark.skipif(library_path() is None, reason="built without a C compiler (the first test checks that case)")
-@pytest.mark.parametrize(("zero_type", "zero_point"), [(TensorProto.UINT8, np.uint8(131)), (TensorProto.INT8, np.int8(-3))])
+@pytest.mark.parametrize(("zero_type", "zero_point"),
+                         [(TensorProto.UINT8, np.uint8(131)), (TensorProto.INT8, np.int8(-3))])
 def test_fake_quantize_is_onnxruntimes_quantize_dequantize_bit_for_bit(zero_type, zero_point):
     scale = np.float32(0.0137)
     ties = ((np.arange(-300, 300) + 0.5) * scale).astype(np.float32)
@@ -181,3 +183,23 @@ def test_a_group_whose_intermediate_is_read_elsewhere_is_left_alone(tmp_path, mo
     assert sum(node.op_type == OPERATOR for node in rewritten.graph.node) == len(masks) - 1
     assert sum(node.op_type == FORWARD_OPERATOR for node in rewritten.graph.node) == len(masks)
     assert fuse_quantizers(artifacts.training_model) == 0  # idempotent: nothing left to fuse
+
+
+def test_a_forward_pair_without_an_eight_bit_zero_point_is_left_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(artifacts_module, "library_path", lambda: None)  # write onnxruntime's graph
+    float_model, result = quantized()
+    graph = build_fake_quant_graph(result.qdq_model, result.plan, result.parameters, float_model=float_model)
+    artifacts = build_training_artifacts(graph.model, tmp_path, TrainingConfig(loss="mse", trainable=graph.trainable))
+    model = onnx.load(artifacts.training_model)
+    quantizes = [node for node in model.graph.node if node.op_type == "QuantizeLinear" and node.domain == "com.microsoft"]
+    zero_point = quantizes[0].input[2]
+    for tensor in model.graph.initializer:
+        if tensor.name == zero_point:  # the kernel knows the code ranges of uint8 and int8 only
+            tensor.CopyFrom(onnx.numpy_helper.from_array(np.array(0, np.int16), zero_point))
+    onnx.save(model, artifacts.training_model)
+    fuse_quantizers(artifacts.training_model)
+    rewritten = onnx.load(artifacts.training_model)
+    shared = sum(node.op_type == "QuantizeLinear" and node.input[2] == zero_point for node in quantizes)
+    remaining = [node for node in rewritten.graph.node if node.op_type == "QuantizeLinear"]
+    assert len(remaining) == shared >= 1
+    assert sum(node.op_type == FORWARD_OPERATOR for node in rewritten.graph.node) == len(quantizes) - shared

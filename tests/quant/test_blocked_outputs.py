@@ -126,12 +126,14 @@ def test_wire_edit_changes_only_the_removed_nodes_and_their_outputs() -> None:
     edited = onnx.load_from_string(edited_bytes)
     renamed = {output.tensor: output.name for output in blocked}
     assert set(renamed) == {"r0", "r1"}
-    kept_nodes = [node for node in original.graph.node if not (node.op_type == "ReorderOutput" and node.output[0] in renamed)]
+    kept_nodes = [node for node in original.graph.node
+                  if not (node.op_type == "ReorderOutput" and node.output[0] in renamed)]
     assert [node.SerializeToString() for node in edited.graph.node] == [node.SerializeToString() for node in kept_nodes]
     assert [tensor.SerializeToString() for tensor in edited.graph.initializer] == [
         tensor.SerializeToString() for tensor in original.graph.initializer
     ]
-    assert [output.name for output in edited.graph.output] == [renamed.get(o.name, o.name) for o in original.graph.output]
+    expected_outputs = [renamed.get(output.name, output.name) for output in original.graph.output]
+    assert [output.name for output in edited.graph.output] == expected_outputs
     assert edited.opset_import == original.opset_import and edited.ir_version == original.ir_version
     # nothing removable: no edit at all
     assert remove_output_reorders(optimized_bytes, frozenset()) == (None, [])
