@@ -191,7 +191,8 @@ def test_a_forward_pair_without_an_eight_bit_zero_point_is_left_alone(tmp_path, 
     graph = build_fake_quant_graph(result.qdq_model, result.plan, result.parameters, float_model=float_model)
     artifacts = build_training_artifacts(graph.model, tmp_path, TrainingConfig(loss="mse", trainable=graph.trainable))
     model = onnx.load(artifacts.training_model)
-    quantizes = [node for node in model.graph.node if node.op_type == "QuantizeLinear" and node.domain == "com.microsoft"]
+    quantizes = [node for node in model.graph.node
+                 if node.op_type == "QuantizeLinear" and node.domain == "com.microsoft"]
     zero_point = quantizes[0].input[2]
     for tensor in model.graph.initializer:
         if tensor.name == zero_point:  # the kernel knows the code ranges of uint8 and int8 only
