@@ -64,13 +64,12 @@ class BlockedOutput:
 @dataclasses.dataclass
 class BlockedProbeSession:
     session: ort.InferenceSession
-    #: Per requested tensor, the session output that holds its values (the tensor's own name when unchanged).
-    output_names: dict[str, str]
+    #: The outputs that come back blocked, under their session names; the others keep their own.
     blocked: list[BlockedOutput]
 
 
 def uses_blocked_layout(model: onnx.ModelProto) -> bool:
-    """Whether onnxruntime may run part of ``model`` in NCHWc: it has a Conv (only the main graph's count)."""
+    """Whether onnxruntime may run part of ``model`` in NCHWc: its graph has a Conv."""
     return any(node.op_type == "Conv" and node.domain in ("", "ai.onnx") for node in model.graph.node)
 
 
@@ -97,9 +96,8 @@ def create_blocked_probe_session(
     if edited is None:
         return None
     session = runtime.create_session(edited, optimize=False, threads=threads, spinning=spinning)
-    output_names = {output.tensor: output.name for output in blocked}
     logger.debug("probe returns %d activations in the blocked layout", len(blocked))
-    return BlockedProbeSession(session, output_names, blocked)
+    return BlockedProbeSession(session, blocked)
 
 
 def _optimized_without_reorders(
@@ -108,14 +106,8 @@ def _optimized_without_reorders(
     """``probe`` optimised by onnxruntime for this machine, then edited by :func:`remove_output_reorders`."""
     with tempfile.TemporaryDirectory(prefix="qgraph-probe-") as folder:
         path = os.path.join(folder, "optimized.onnx")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.optimized_model_filepath = path
-        options.log_severity_level = 3  # it warns that the saved model is for this machine: it is used here only
-        if threads is not None:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        # (onnxruntime warns that the saved model is for this machine: it is used here only, and logs are quiet)
+        runtime.create_session(probe, optimize=True, threads=threads, optimized_model_path=path)
         with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as optimized:
             return remove_output_reorders(optimized, order_free)
 
@@ -131,26 +123,26 @@ def remove_output_reorders(
     not already a graph output, and ``channels`` is a multiple of :data:`LARGEST_BLOCK`.
     """
     data = memoryview(model)
-    graph_span = None
-    for number, _, start, end in _fields(data, 0, len(data)):
-        if number == _MODEL_GRAPH:
-            graph_span = (start, end)
+    graph_span = next(((body, end) for number, _, _, body, end in _fields(data, 0, len(data))
+                       if number == _MODEL_GRAPH), None)
     if graph_span is None:
         return None, []
-    graph_start, graph_end = graph_span
-    nodes: list[tuple[int, onnx.NodeProto]] = []
-    output_names: set[str] = set()
-    for number, wire_type, start, end in _fields(data, graph_start, graph_end):
-        if wire_type != _LENGTH_DELIMITED:
-            continue
-        if number == _GRAPH_NODE:
-            nodes.append((start, onnx.NodeProto.FromString(bytes(data[start:end]))))
-        elif number == _GRAPH_OUTPUT:
-            output_names.add(onnx.ValueInfoProto.FromString(bytes(data[start:end])).name)
-    read = {name for _, node in nodes for name in node.input}
+    # one scan of the graph: every field's span, nodes and outputs parsed (a few kB; initializers are not)
+    fields = []
+    nodes: dict[int, onnx.NodeProto] = {}
+    outputs: dict[int, onnx.ValueInfoProto] = {}
+    for index, (number, wire_type, field_start, body, end) in enumerate(_fields(data, *graph_span)):
+        fields.append((field_start, end))
+        if wire_type == _LENGTH_DELIMITED and number == _GRAPH_NODE:
+            nodes[index] = onnx.NodeProto.FromString(bytes(data[body:end]))
+        elif wire_type == _LENGTH_DELIMITED and number == _GRAPH_OUTPUT:
+            outputs[index] = onnx.ValueInfoProto.FromString(bytes(data[body:end]))
+    output_names = {info.name for info in outputs.values()}
+    read = {name for node in nodes.values() for name in node.input}
     removed: dict[str, BlockedOutput] = {}
-    removed_nodes: set[int] = set()
-    for start, node in nodes:
+    removed_fields: set[int] = set()
+    sources: set[str] = set()  # the blocked tensors already returned
+    for index, node in nodes.items():
         if node.op_type != "ReorderOutput" or node.domain != "com.microsoft.nchwc":
             continue
         tensor, source = node.output[0], node.input[0]
@@ -161,32 +153,31 @@ def remove_output_reorders(
             or tensor not in output_names
             or tensor in read
             or source in output_names
-            or any(output.name == source for output in removed.values())
+            or source in sources
             or channels <= 0
             or channels % LARGEST_BLOCK
         ):
             continue
         removed[tensor] = BlockedOutput(tensor, source, channels)
-        removed_nodes.add(start)
+        removed_fields.add(index)
+        sources.add(source)
     if not removed:
         return None, []
     # every field of the graph but the removed nodes and the replaced outputs is copied as it is
     graph: list[bytes | memoryview] = []
-    for number, wire_type, start, end in _fields(data, graph_start, graph_end, with_headers=True):
-        body_start = _body_start(data, start, wire_type)
-        if number == _GRAPH_NODE and body_start in removed_nodes:
+    for index, (field_start, end) in enumerate(fields):
+        if index in removed_fields:
             continue
-        if number == _GRAPH_OUTPUT and wire_type == _LENGTH_DELIMITED:
-            info = onnx.ValueInfoProto.FromString(bytes(data[body_start:end]))
-            if info.name in removed:
-                # the blocked tensor's shape differs (padded channels, or channels last): left unstated
-                replacement = onnx.helper.make_tensor_value_info(
-                    removed[info.name].name, info.type.tensor_type.elem_type, None
-                )
-                graph.append(_length_delimited(_GRAPH_OUTPUT, replacement.SerializeToString()))
-                continue
-        graph.append(data[start:end])
-    rest = [data[start:end] for number, _, start, end in _fields(data, 0, len(data), with_headers=True)
+        info = outputs.get(index)
+        if info is not None and info.name in removed:
+            # the blocked tensor's shape is not the plain one's (channels last, say): left unstated
+            replacement = onnx.helper.make_tensor_value_info(
+                removed[info.name].name, info.type.tensor_type.elem_type, None
+            )
+            graph.append(_length_delimited(_GRAPH_OUTPUT, replacement.SerializeToString()))
+        else:
+            graph.append(data[field_start:end])
+    rest = [data[field_start:end] for number, _, field_start, _, end in _fields(data, 0, len(data))
             if number != _MODEL_GRAPH]
     header = _encode_varint(_MODEL_GRAPH << 3 | _LENGTH_DELIMITED) + _encode_varint(sum(len(piece) for piece in graph))
     edited = b"".join([*rest, header, *graph])
@@ -228,13 +219,11 @@ def _length_delimited(number: int, body: bytes) -> bytes:
     return _encode_varint(number << 3 | _LENGTH_DELIMITED) + _encode_varint(len(body)) + body
 
 
-def _fields(
-    data: bytes | memoryview, start: int, end: int, *, with_headers: bool = False
-) -> Iterator[tuple[int, int, int, int]]:
-    """``(field number, wire type, start, end)`` of each field in ``data[start:end]``.
+def _fields(data: bytes | memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """``(field number, wire type, field start, body start, end)`` of each field in ``data[start:end]``.
 
-    The span is the field's body (a length-delimited field's bytes, a scalar's encoding), or with ``with_headers``
-    the whole field, tag and length included.
+    ``data[field start:end]`` is the whole field (tag and length included), ``data[body start:end]`` its body (a
+    length-delimited field's bytes, a scalar's encoding).
     """
     position = start
     while position < end:
@@ -242,8 +231,7 @@ def _fields(
         tag, position = _varint(data, position)
         number, wire_type = tag >> 3, tag & 7
         if wire_type == 0:
-            _, after = _varint(data, position)
-            body_start, body_end = position, after
+            body_start, (_, body_end) = position, _varint(data, position)
         elif wire_type == 1:
             body_start, body_end = position, position + 8
         elif wire_type == _LENGTH_DELIMITED:
@@ -256,12 +244,4 @@ def _fields(
         if body_end > end:
             raise ValueError("truncated protobuf field")
         position = body_end
-        yield (number, wire_type, field_start if with_headers else body_start, body_end)
-
-
-def _body_start(data: bytes | memoryview, field_start: int, wire_type: int) -> int:
-    """Where the body of the field whose tag starts at ``field_start`` begins."""
-    _, position = _varint(data, field_start)
-    if wire_type == _LENGTH_DELIMITED:
-        _, position = _varint(data, position)
-    return position
+        yield number, wire_type, field_start, body_start, body_end

@@ -125,8 +125,9 @@ class _Builder:
         if blocked is None:
             session = runtime.create_session(proto, optimize=True, threads=self.threads, spinning=self.spinning)
             return Probe(session, inputs, fetched, observed, children)
-        names = [blocked.output_names.get(name, name) for name in fetched]
+        renamed = {output.tensor: output.name for output in blocked.blocked}
         channels = {output.tensor: output.channels for output in blocked.blocked}
+        names = [renamed.get(name, name) for name in fetched]
         return Probe(blocked.session, inputs, fetched, observed, children, names, channels)
 
     def main(self) -> Probe:

@@ -112,20 +112,20 @@ def kl_threshold_bins(histogram: np.ndarray, levels: int) -> int:
         h_log_h = np.where(histogram > 0, histogram * np.log(np.where(histogram > 0, histogram, 1.0)), 0.0)
     cumulative_h_log_h = np.concatenate(([0.0], np.cumsum(h_log_h)))
 
-    all_thresholds = np.arange(levels, top + 1, dtype=np.int64)
+    thresholds = np.arange(levels, top + 1, dtype=np.int64)
     groups = np.arange(levels, dtype=np.int64)
     # Candidates go in row blocks, each row computed as before: the (rows × levels) temporaries stay in the caches
     # and the allocator's heap (a 2048-bin ReLU histogram here: 5.7 ms in one piece, 4.7 ms in blocks).
     divergences = []
-    for block_start in range(0, all_thresholds.size, _THRESHOLD_BLOCK):
-        thresholds = all_thresholds[block_start : block_start + _THRESHOLD_BLOCK]
-        starts = (groups[None, :] * thresholds[:, None]) // levels
-        ends = ((groups[None, :] + 1) * thresholds[:, None]) // levels
+    for block_start in range(0, thresholds.size, _THRESHOLD_BLOCK):
+        block = thresholds[block_start : block_start + _THRESHOLD_BLOCK]
+        starts = (groups[None, :] * block[:, None]) // levels
+        ends = ((groups[None, :] + 1) * block[:, None]) // levels
         group_mass = cumulative[ends] - cumulative[starts]  # S_g: mass of h in the group (Q's mass)
         group_support = cumulative_nonempty[ends] - cumulative_nonempty[starts]  # n_g: non-empty bins of P
-        kept = cumulative[thresholds]
+        kept = cumulative[block]
         clipped = total - kept
-        last = histogram[thresholds - 1]
+        last = histogram[block - 1]
         spike = (clipped > 0) & (last == 0)  # P[i-1] holds only clipped mass: one more bin in P's support
         group_support[:, -1] += spike
         reference_mass = group_mass.copy()  # Σ_{j in g} P_j
@@ -133,7 +133,7 @@ def kl_threshold_bins(histogram: np.ndarray, levels: int) -> int:
         last_with_clipped = last + clipped
         with np.errstate(divide="ignore", invalid="ignore"):
             sum_p_log_p = (
-                cumulative_h_log_h[thresholds - 1]
+                cumulative_h_log_h[block - 1]
                 + np.where(last_with_clipped > 0, last_with_clipped * np.log(np.maximum(last_with_clipped, 1.0)), 0.0)
             ) / total - np.log(total)
             log_q = np.log(group_mass / np.maximum(group_support, 1)) - np.log(np.maximum(kept, 1.0))[:, None]
@@ -142,7 +142,6 @@ def kl_threshold_bins(histogram: np.ndarray, levels: int) -> int:
             sum_p_log_q += np.where(spike & (group_mass[:, -1] == 0), clipped / total * np.log(_SMOOTHING), 0.0)
             divergence = sum_p_log_p - sum_p_log_q
         divergences.append(np.where(kept == 0, np.inf, divergence))
-    thresholds = all_thresholds
     divergence = np.concatenate(divergences)
     best = float(divergence.min())
     if not np.isfinite(best):
