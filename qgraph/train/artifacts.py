@@ -253,9 +253,9 @@ def build_training_artifacts(
         raise
     except Exception as error:
         raise QGraphError(f"onnxruntime-training could not build the training graph: {error}") from error
-    custom_operators = None
-    if config.fused_gradients and library_path() is not None and fuse_quantizers(work / "training_model.onnx"):
-        custom_operators = library_path()
+    custom_operators = library_path() if config.fused_gradients else None
+    if custom_operators is not None and not fuse_quantizers(work / "training_model.onnx"):
+        custom_operators = None  # nothing to fuse: the sessions need no library
     return TrainingArtifacts(
         directory=work,
         training_model=work / "training_model.onnx",

@@ -248,13 +248,14 @@ class Trainer:
                 if not math.isfinite(loss):
                     session.discard_gradients()
                     status = TrainingStatus.DIVERGED
-                    message = self._divergence_message(epoch, step, loss, best_epoch, best_metric, metric_name)
+                    message = self._divergence_message(epoch, step, f"the loss is {loss}", best_epoch, best_metric,
+                                                       metric_name)
                     break
                 session.update(learning_rate)
                 if not session.parameters_are_finite():
                     status = TrainingStatus.DIVERGED
-                    message = self._divergence_message(epoch, step, loss, best_epoch, best_metric, metric_name,
-                                                       cause="the update made weights non-finite")
+                    message = self._divergence_message(epoch, step, "the update made weights non-finite",
+                                                       best_epoch, best_metric, metric_name)
                     break
                 step += 1
                 count = int(targets.shape[0])
@@ -272,7 +273,8 @@ class Trainer:
             evaluation = self.evaluate(validation_data) if validation_data is not None else None
             if evaluation is not None and not math.isfinite(evaluation.loss):
                 status = TrainingStatus.DIVERGED
-                message = self._divergence_message(epoch, step, evaluation.loss, best_epoch, best_metric, metric_name)
+                message = self._divergence_message(epoch, step, f"the loss is {evaluation.loss}", best_epoch,
+                                                   best_metric, metric_name)
                 break
             if evaluation is None:
                 metric = train_loss
@@ -325,11 +327,10 @@ class Trainer:
             raise DataError("the training data yielded no batches (empty dataset)")
         return per_epoch
 
-    def _divergence_message(self, epoch: int, step: int, loss: float, best_epoch: int, best_metric: float | None,
-                            metric_name: str, cause: str | None = None) -> str:
+    def _divergence_message(self, epoch: int, step: int, cause: str, best_epoch: int, best_metric: float | None,
+                            metric_name: str) -> str:
         kept = (f"the best checkpoint (epoch {best_epoch + 1}, {metric_name} {best_metric:.4f}) is kept at "
                 f"{self.best_checkpoint}" if best_epoch >= 0 else "no checkpoint was written before")
-        cause = cause or f"the loss is {loss}"
         return (f"training diverged at epoch {epoch + 1}, step {step + 1}: {cause}; training stopped and "
                 f"{kept}; lower the learning rate or the max_grad_norm, and check the data for NaN/Inf")
 
