@@ -7,7 +7,13 @@
   kernels of QAT's learnable activation quantizers (``qgraph.train.fused_gradients``). Without it QAT graphs keep
   onnxruntime's kernels, with the same values, slower.
 
-Both are optional: where no C compiler is available the build carries on without them.
+- ``qgraph/quant/observers/_observe_kernel.c``: an onnxruntime custom-operator library too, the calibration
+  observers' per-batch work run inside the probe graph (``qgraph.quant.observe_kernel``). Without it the probe
+  returns every activation and the observers read them afterwards, with the same results, slower.
+
+The C headers they share sit beside them: ``qgraph/_ort_custom_op.h`` (the part of onnxruntime's C API the libraries
+use) and ``qgraph/quant/observers/_bin_loops.h`` (the binning loops). All are optional: where no C compiler is
+available the build carries on without them.
 """
 
 from setuptools import Extension, setup
@@ -30,12 +36,25 @@ setup(
         Extension(
             "qgraph.quant.observers._native",
             sources=["qgraph/quant/observers/_native.c"],
+            depends=["qgraph/quant/observers/_bin_loops.h"],
             optional=True,
         ),
-        # not a Python module: an onnxruntime custom-operator library (qgraph.train.fused_gradients loads it)
+        # not Python modules: onnxruntime custom-operator libraries (qgraph.train.fused_gradients and
+        # qgraph.quant.observe_kernel load them)
         Extension(
             "qgraph.train._quantizer_gradient",
             sources=["qgraph/train/_quantizer_gradient.c"],
+            include_dirs=["qgraph"],
+            depends=["qgraph/_ort_custom_op.h"],
+            optional=True,
+        ),
+        Extension(
+            "qgraph.quant.observers._observe_kernel",
+            sources=["qgraph/quant/observers/_observe_kernel.c"],
+            include_dirs=["qgraph", "qgraph/quant/observers"],
+            depends=["qgraph/_ort_custom_op.h", "qgraph/quant/observers/_bin_loops.h"],
+            libraries=["m"],
+            extra_link_args=["-pthread"],
             optional=True,
         ),
     ],

@@ -29,6 +29,7 @@ import onnx
 import onnx_ir as ir
 
 from qgraph.errors import DataError
+from qgraph.quant.observe_kernel import BatchStatistics
 from qgraph.quant.plan import QuantPlan
 from qgraph.quant.probes import build_probes
 
@@ -142,10 +143,14 @@ def calibrate(
     tensors = [tensor for tensor in plan.activations if tensor not in aliases]
     # per-tensor observers see a multiset of values: those tensors may come back in onnxruntime's blocked layout
     order_free = [tensor for tensor in tensors if plan.activation_spec_of(tensor).axis is None]
-    probe = build_probes(model, tensors, threads=config.threads, spinning=False, order_free=order_free)
-    input_names = list(probe.inputs)
     make_observer = _observer_factory(config, plan, bounded)
     observers = {tensor: make_observer(tensor) for tensor in tensors}
+    # what a per-tensor observer needs of a batch is computed inside the probe graph where the kernel exists
+    in_graph = {tensor: bins for tensor, observer in observers.items() if (bins := observer.kernel_bins()) is not None}
+    probe = build_probes(
+        model, tensors, threads=config.threads, spinning=False, order_free=order_free, in_graph=in_graph
+    )
+    input_names = list(probe.inputs)
     seen: set[str] = set()
     start = time.perf_counter()
     workers = observer_threads(config.threads)
@@ -249,9 +254,12 @@ def observer_threads(threads: int | None) -> int:
     return max(1, threads if threads is not None else (os.cpu_count() or 1))
 
 
-def _observe(observers: Mapping[str, object], activations: Iterable[tuple[str, np.ndarray]]) -> None:
-    for tensor, array in activations:
-        observers[tensor].update(array)
+def _observe(observers: Mapping[str, object], activations: Iterable[tuple[str, object]]) -> None:
+    for tensor, value in activations:
+        if isinstance(value, BatchStatistics):
+            observers[tensor].update_statistics(value)
+        else:
+            observers[tensor].update(value)
 
 
 def _observe_in_parallel(
@@ -263,7 +271,10 @@ def _observe_in_parallel(
     """Update every observer once, the tensors dealt largest first to the least loaded of ``workers`` threads.
 
     Each observer is updated by one thread only, so observers need no locks; an observer's error is re-raised here.
+    Statistics the probe computed in the graph take microseconds: they are added here, on this thread.
     """
+    _observe(observers, [item for item in activations if isinstance(item[1], BatchStatistics)])
+    activations = [item for item in activations if not isinstance(item[1], BatchStatistics)]
     if workers == 1 or len(activations) < 2:
         _observe(observers, activations)
         return

@@ -46,12 +46,14 @@ def create_session(
     threads: int | None = None,
     spinning: bool = True,
     optimized_model_path: str | os.PathLike | None = None,
+    custom_operators: str | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session; graph optimisation is off unless ``optimize`` is set.
 
     ``spinning=False`` makes onnxruntime's idle worker threads sleep at once instead of spinning for work, for a
     session that alternates with other CPU work of this process (calibration's observers).
     ``optimized_model_path``: where onnxruntime writes the model as it optimised it.
+    ``custom_operators``: the path of a custom-operator library the model uses (see :mod:`qgraph.native`).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = (
@@ -65,6 +67,8 @@ def create_session(
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_model_path is not None:
         options.optimized_model_filepath = os.fspath(optimized_model_path)
+    if custom_operators is not None:
+        options.register_custom_ops_library(custom_operators)
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     elif isinstance(model, os.PathLike):

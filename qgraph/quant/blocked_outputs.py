@@ -37,6 +37,7 @@ import onnx
 import onnxruntime as ort
 
 from qgraph import runtime
+from qgraph.quant.observe_kernel import DOMAIN as OBSERVE_DOMAIN
 
 logger = logging.getLogger(__name__)
 
@@ -79,37 +80,47 @@ def create_blocked_probe_session(
     *,
     threads: int | None,
     spinning: bool,
+    custom_operators: str | None = None,
 ) -> BlockedProbeSession | None:
-    """A session of ``probe`` whose outputs in ``order_free`` may come back blocked; None when nothing would change.
+    """A session of ``probe`` whose outputs in ``order_free`` may come back blocked; None when it cannot be made.
 
-    ``order_free``: the graph outputs whose consumers ignore the order of values (per-tensor observers).
+    ``order_free``: the graph outputs whose consumers ignore the order of values (per-tensor observers). The inputs of
+    Observe nodes (:mod:`qgraph.quant.observe_kernel`) are order-free too: they are read blocked where possible.
+    ``custom_operators``: the library of the Observe kernel, when the probe has Observe nodes.
     """
-    if not order_free or not uses_blocked_layout(probe):
+    observing = any(node.domain == OBSERVE_DOMAIN for node in probe.graph.node)
+    if not (order_free or observing) or not uses_blocked_layout(probe):
         return None
     try:
         if probe.ByteSize() >= SIZE_LIMIT:
             return None
-        edited, blocked = _optimized_without_reorders(probe, frozenset(order_free), threads)
+        session, blocked = _optimized_without_reorders(
+            probe, frozenset(order_free), threads=threads, spinning=spinning, custom_operators=custom_operators
+        )
     except Exception:  # noqa: BLE001 - a speed-up only: the probe with reorders gives the same observations
         logger.debug("probe kept in the plain layout: optimising and editing it failed", exc_info=True)
         return None
-    if edited is None:
-        return None
-    session = runtime.create_session(edited, optimize=False, threads=threads, spinning=spinning)
     logger.debug("probe returns %d activations in the blocked layout", len(blocked))
     return BlockedProbeSession(session, blocked)
 
 
 def _optimized_without_reorders(
-    probe: onnx.ModelProto, order_free: frozenset[str], threads: int | None
-) -> tuple[bytes | None, list[BlockedOutput]]:
-    """``probe`` optimised by onnxruntime for this machine, then edited by :func:`remove_output_reorders`."""
+    probe: onnx.ModelProto, order_free: frozenset[str], **session_options
+) -> tuple[ort.InferenceSession, list[BlockedOutput]]:
+    """A session of ``probe`` as onnxruntime optimised it for this machine, edited by :func:`remove_output_reorders`.
+
+    When nothing is removable, the session that optimised the probe is the probe's session.
+    """
     with tempfile.TemporaryDirectory(prefix="qgraph-probe-") as folder:
         path = os.path.join(folder, "optimized.onnx")
         # (onnxruntime warns that the saved model is for this machine: it is used here only, and logs are quiet)
-        runtime.create_session(probe, optimize=True, threads=threads, optimized_model_path=path)
+        optimizing = runtime.create_session(probe, optimize=True, optimized_model_path=path, **session_options)
         with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as optimized:
-            return remove_output_reorders(optimized, order_free)
+            edited, blocked = remove_output_reorders(optimized, order_free)
+    if edited is None:
+        return optimizing, []
+    del optimizing
+    return runtime.create_session(edited, optimize=False, **session_options), blocked
 
 
 def remove_output_reorders(
@@ -119,8 +130,11 @@ def remove_output_reorders(
 
     None and no outputs when no node is removable.
 
-    A ReorderOutput is removable when its output is a graph output in ``order_free`` that no node reads, its input is
-    not already a graph output, and ``channels`` is a multiple of :data:`LARGEST_BLOCK`.
+    A ReorderOutput whose ``channels`` is a multiple of :data:`LARGEST_BLOCK` is removable when either
+    * its output is a graph output in ``order_free`` that no node reads, and its input is not already a graph
+      output: the blocked input becomes the graph output (a :class:`BlockedOutput`);
+    * or its output is no graph output and only Observe nodes read it: they read the blocked input instead (no
+      :class:`BlockedOutput`: nothing the caller fetches changes).
     """
     data = memoryview(model)
     graph_span = next(((body, end) for number, _, _, body, end in _fields(data, 0, len(data))
@@ -138,9 +152,13 @@ def remove_output_reorders(
         elif wire_type == _LENGTH_DELIMITED and number == _GRAPH_OUTPUT:
             outputs[index] = onnx.ValueInfoProto.FromString(bytes(data[body:end]))
     output_names = {info.name for info in outputs.values()}
-    read = {name for node in nodes.values() for name in node.input}
+    readers: dict[str, list[int]] = {}
+    for index, node in nodes.items():
+        for name in node.input:
+            readers.setdefault(name, []).append(index)
     removed: dict[str, BlockedOutput] = {}
     removed_fields: set[int] = set()
+    renamed_inputs: dict[str, str] = {}  # an Observe node's input -> the blocked tensor it reads instead
     sources: set[str] = set()  # the blocked tensors already returned
     for index, node in nodes.items():
         if node.op_type != "ReorderOutput" or node.domain != "com.microsoft.nchwc":
@@ -148,33 +166,44 @@ def remove_output_reorders(
         tensor, source = node.output[0], node.input[0]
         attributes = {attribute.name: onnx.helper.get_attribute_value(attribute) for attribute in node.attribute}
         channels = int(attributes.get("channels", 0))
+        if channels <= 0 or channels % LARGEST_BLOCK:
+            continue
+        tensor_readers = readers.get(tensor, [])
+        if tensor_readers and tensor not in output_names:
+            if all(nodes[reader].domain == OBSERVE_DOMAIN for reader in tensor_readers):
+                renamed_inputs[tensor] = source
+                removed_fields.add(index)
+            continue
         if (
-            tensor not in order_free
+            tensor_readers
+            or tensor not in order_free
             or tensor not in output_names
-            or tensor in read
             or source in output_names
             or source in sources
-            or channels <= 0
-            or channels % LARGEST_BLOCK
         ):
             continue
         removed[tensor] = BlockedOutput(tensor, source, channels)
         removed_fields.add(index)
         sources.add(source)
-    if not removed:
+    if not removed_fields:
         return None, []
-    # every field of the graph but the removed nodes and the replaced outputs is copied as it is
+    # every field of the graph but the removed nodes, the replaced outputs and the re-pointed Observe nodes is
+    # copied as it is
     graph: list[bytes | memoryview] = []
     for index, (field_start, end) in enumerate(fields):
         if index in removed_fields:
             continue
         info = outputs.get(index)
+        node = nodes.get(index)
         if info is not None and info.name in removed:
             # the blocked tensor's shape is not the plain one's (channels last, say): left unstated
             replacement = onnx.helper.make_tensor_value_info(
                 removed[info.name].name, info.type.tensor_type.elem_type, None
             )
             graph.append(_length_delimited(_GRAPH_OUTPUT, replacement.SerializeToString()))
+        elif node is not None and node.domain == OBSERVE_DOMAIN and node.input[0] in renamed_inputs:
+            node.input[0] = renamed_inputs[node.input[0]]
+            graph.append(_length_delimited(_GRAPH_NODE, node.SerializeToString()))
         else:
             graph.append(data[field_start:end])
     rest = [data[field_start:end] for number, _, field_start, _, end in _fields(data, 0, len(data))

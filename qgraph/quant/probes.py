@@ -23,6 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from qgraph import runtime
+from qgraph.quant import observe_kernel
 from qgraph.quant.blocked_outputs import create_blocked_probe_session
 from qgraph.quant.subgraphs import branches, captured_values, defined_names, is_if
 
@@ -53,20 +54,30 @@ class Probe:
     session_outputs: list[str] = dataclasses.field(default_factory=list)
     #: Tensors returned in onnxruntime's blocked layout (:mod:`qgraph.quant.blocked_outputs`): their channel count.
     blocked: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: Tensors observed inside the graph by the Observe kernel (:mod:`qgraph.quant.observe_kernel`): the outputs
+    #: that carry their statistics, fetched after ``fetched``.
+    statistics: dict[str, observe_kernel.ObservedOutputs] = dataclasses.field(default_factory=dict)
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
-        """``(tensor, array)`` for every tensor observed in this probe and in the branches the batch took.
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray | observe_kernel.BatchStatistics]]:
+        """``(tensor, array)`` for every tensor observed in this probe and in the branches the batch took; a tensor
+        observed in the graph comes as ``(tensor, BatchStatistics)``.
 
         A tensor in ``blocked`` holds its values in another order than the plain tensor.
         """
-        available = dict(feeds)
-        if self.fetched:
-            names = self.session_outputs or self.fetched
-            available.update(zip(self.fetched, run_without_copies(self.session, names, feeds)))
+        available: dict[str, object] = dict(feeds)
+        names = [*(self.session_outputs or self.fetched)]
+        for outputs in self.statistics.values():
+            names += [outputs.counts, outputs.summary]
+        if names:
+            values = run_without_copies(self.session, names, feeds)
+            available.update(zip(self.fetched, values))
             for tensor, channels in self.blocked.items():
                 shape = available[tensor].shape
                 if len(shape) < 2 or shape[1] != channels:  # padding channels would add zeros to its values
                     raise RuntimeError(f"blocked probe output {tensor!r} has shape {shape}, not {channels} channels")
+            summaries = iter(values[len(self.fetched):])
+            for tensor in self.statistics:
+                available[tensor] = observe_kernel.BatchStatistics.from_outputs(next(summaries), next(summaries))
         collected = [(tensor, available[tensor]) for tensor in self.observed]
         for child in self.children:
             if bool(np.asarray(available[child.condition]).reshape(-1)[0]) != child.taken_when:
@@ -106,46 +117,73 @@ def _values_of(graph: ir.Graph) -> dict[str, ir.Value]:
 
 class _Builder:
     def __init__(
-        self, model: ir.Model, tensors: Iterable[str], threads: int | None, spinning: bool, order_free: Iterable[str]
+        self,
+        model: ir.Model,
+        tensors: Iterable[str],
+        threads: int | None,
+        spinning: bool,
+        order_free: Iterable[str],
+        in_graph: Mapping[str, int],
     ) -> None:
         self.model = model
         self.tensors = set(tensors)
         self.threads = threads
         self.spinning = spinning
         self.order_free = frozenset(order_free)
+        self.library = observe_kernel.library_path() if in_graph else None
+        self.in_graph = dict(in_graph) if self.library is not None else {}
+
+    def kernel_observed(self, observed: list[str], needed: Iterable[str], values: Mapping[str, ir.Value]) -> dict[str, int]:
+        """The observed tensors (of ``values``, defined in this graph) that the Observe kernel takes: name -> bins.
+
+        A tensor that the probe must return anyway (an If's condition or captured value) is observed from the output.
+        """
+        returned = set(needed)
+        return {
+            name: self.in_graph[name] for name in observed
+            if name in self.in_graph and name not in returned and name in values
+            and values[name].dtype in (None, ir.DataType.FLOAT)
+        }
 
     def probe(
         self, proto: onnx.ModelProto, inputs: list[str], fetched: list[str], observed: list[str],
-        children: list[BranchProbe],
+        children: list[BranchProbe], in_graph: Mapping[str, int],
     ) -> Probe:
-        """A probe on a session of ``proto``, with the order-free observed tensors in the blocked layout if it helps."""
+        """A probe on a session of ``proto``, with ``in_graph`` observed by Observe nodes and the order-free observed
+        tensors read in the blocked layout if it helps."""
+        statistics = observe_kernel.add_observe_nodes(proto, in_graph, threads=self.threads or 1) if in_graph else {}
+        library = self.library if statistics else None
         blocked = create_blocked_probe_session(
-            proto, self.order_free.intersection(observed), threads=self.threads, spinning=self.spinning
+            proto, self.order_free.intersection(observed), threads=self.threads, spinning=self.spinning,
+            custom_operators=library,
         )
         if blocked is None:
-            session = runtime.create_session(proto, optimize=True, threads=self.threads, spinning=self.spinning)
-            return Probe(session, inputs, fetched, observed, children)
+            session = runtime.create_session(
+                proto, optimize=True, threads=self.threads, spinning=self.spinning, custom_operators=library
+            )
+            return Probe(session, inputs, fetched, observed, children, statistics=statistics)
         renamed = {output.tensor: output.name for output in blocked.blocked}
         channels = {output.tensor: output.channels for output in blocked.blocked}
         names = [renamed.get(name, name) for name in fetched]
-        return Probe(blocked.session, inputs, fetched, observed, children, names, channels)
+        return Probe(blocked.session, inputs, fetched, observed, children, names, channels, statistics)
 
     def main(self) -> Probe:
         graph = self.model.graph
         observed = [name for name in defined_names(graph) if name in self.tensors]
         children, needed = self.children_of(graph)
         inputs = [value.name for value in graph.inputs]
+        values = _values_of(graph)
+        in_graph = self.kernel_observed([name for name in observed if name not in inputs], needed, values)
         wanted = list(dict.fromkeys([*observed, *needed]))
         proto = ir.serde.serialize_model(self.model)
-        values = _values_of(graph)
         present = {output.name for output in proto.graph.output}
         known = {info.name: info for info in proto.graph.value_info}
         for name in wanted:
-            if name in present or name in inputs:
+            if name in present or name in inputs or name in in_graph:
                 continue
             proto.graph.output.append(known[name] if name in known else value_info(values[name]))
-        fetched = [name for name in wanted if name not in inputs]
-        return self.probe(proto, inputs, fetched, sorted(observed, key=wanted.index), children)
+        fetched = [name for name in wanted if name not in inputs and name not in in_graph]
+        return self.probe(proto, inputs, fetched, sorted(observed, key=wanted.index), children, in_graph)
 
     def children_of(self, graph: ir.Graph) -> tuple[list[BranchProbe], list[str]]:
         """Branch probes of the Ifs directly in ``graph`` and the names ``graph`` must provide them."""
@@ -184,13 +222,16 @@ class _Builder:
                 proto_graph.input.append(value_info(value))
                 inputs.append(value.name)
         values = _values_of(graph)
-        wanted = list(dict.fromkeys([*observed, *(name for name in needed if name not in captured_names)]))
-        for name in wanted:
+        own_needed = [name for name in needed if name not in captured_names]
+        in_graph = self.kernel_observed(observed, own_needed, values)
+        wanted = list(dict.fromkeys([*observed, *own_needed]))
+        fetched = [name for name in wanted if name not in in_graph]
+        for name in fetched:
             proto_graph.output.append(value_info(values[name]))
         opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in self.model.opset_imports.items()]
         proto = onnx.helper.make_model(proto_graph, opset_imports=opsets, ir_version=self.model.ir_version)
         # what the children need from outside this branch arrives as this branch's inputs
-        return self.probe(proto, inputs, wanted, observed, children)
+        return self.probe(proto, inputs, fetched, observed, children, in_graph)
 
 
 def build_probes(
@@ -200,6 +241,7 @@ def build_probes(
     threads: int | None = None,
     spinning: bool = True,
     order_free: Iterable[str] = (),
+    in_graph: Mapping[str, int] | None = None,
 ) -> Probe:
     """The probe tree that observes ``tensors`` (names of annotated activations anywhere in main graph and Ifs).
 
@@ -207,8 +249,11 @@ def build_probes(
     ``order_free``: tensors whose observers ignore the order of values (per-tensor ones); these may be returned in
     onnxruntime's blocked NCHWc layout, which spares the probe a reorder of each (see
     :mod:`qgraph.quant.blocked_outputs`).
+    ``in_graph``: tensors to observe inside the graph with the Observe kernel (:mod:`qgraph.quant.observe_kernel`),
+    name -> histogram bins (0 for the extremes only); float32 ones that the probe needs not return otherwise are, where
+    the kernel library was built. ``Probe.run`` gives their :class:`~qgraph.quant.observe_kernel.BatchStatistics`.
     """
-    probe = _Builder(model, tensors, threads, spinning, order_free).main()
+    probe = _Builder(model, tensors, threads, spinning, order_free, in_graph or {}).main()
     count = _count(probe) - 1
     if count:
         logger.info("calibration probes: the main graph and %d If branch(es)", count)

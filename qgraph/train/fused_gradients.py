@@ -24,16 +24,15 @@ bit for bit, and the same scale gradient up to the float32 rounding of the sum (
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import functools
-import importlib.util
 import logging
 import os
 from pathlib import Path
 
 import onnx
 from onnx import helper
+
+from qgraph.native import custom_operator_library
 
 logger = logging.getLogger(__name__)
 
@@ -46,28 +45,9 @@ _GRADIENT_NODES = ("Clip", "Equal", "FakeQuantGrad", "Identity", "Mul", "Mul", "
 _EIGHT_BIT_TYPES = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
 
 
-#: The library, loaded once for the life of the process (see :func:`library_path`).
-_loaded: list[ctypes.CDLL] = []
-
-
-@functools.cache
 def library_path() -> str | None:
-    """The built custom-operator library, or None when the package was installed without a C compiler.
-
-    The library is also loaded here and never unloaded: each ``SessionOptions.register_custom_ops_library`` opens
-    it once more and closes it when the options object is collected, which, with no other reference, unmapped the
-    kernels of sessions still running (a segmentation fault).
-    """
-    spec = importlib.util.find_spec(_LIBRARY_MODULE)
-    if spec is None or spec.origin is None or not os.path.isfile(spec.origin):
-        return None
-    try:
-        _loaded.append(ctypes.CDLL(spec.origin))
-    except OSError as error:
-        logger.warning("qgraph's fused QAT gradient library %s did not load (%s): using onnxruntime's kernels",
-                       spec.origin, error)
-        return None
-    return spec.origin
+    """The built custom-operator library, or None when the package was installed without a C compiler."""
+    return custom_operator_library(_LIBRARY_MODULE)
 
 
 @dataclasses.dataclass

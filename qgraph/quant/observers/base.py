@@ -144,6 +144,16 @@ class Observer(abc.ABC):
     def from_state(cls: type[ObserverT], state: dict[str, Any]) -> ObserverT:
         """Rebuild an observer from ``state_dict()``."""
 
+    def kernel_bins(self) -> int | None:
+        """What this observer needs of the in-graph Observe kernel (:mod:`qgraph.quant.observe_kernel`): the
+        histogram's bins, 0 for the extremes only, None when it must see the tensor itself (per channel, say)."""
+        return None
+
+    def update_statistics(self, statistics: Any) -> None:
+        """Observe one batch summarised by the Observe kernel (a ``BatchStatistics`` of :meth:`kernel_bins`'s kind);
+        the state becomes what :meth:`update` of the batch itself gives."""
+        raise TypeError(f"{type(self).__name__} observes tensors, not kernel statistics")
+
     def compute_quant_params(self) -> QuantParams:
         """Scale and zero point for the observed range under ``self.spec``."""
         low, high = self.compute_range()

@@ -190,6 +190,25 @@ class HistogramObserver(Observer):
         self.maximum = max(self.maximum, high)
         self.count += flat.size
 
+    def kernel_bins(self) -> int | None:
+        return self.bins
+
+    def update_statistics(self, statistics: Any) -> None:
+        """Add a batch the Observe kernel binned: its histogram re-binned exactly into the wider of the two layouts."""
+        if statistics.count == 0:
+            return
+        if statistics.counts is None or statistics.counts.shape != (self.bins,):
+            raise ValueError(f"kernel statistics hold no histogram of {self.bins} bins")
+        exponent = statistics.exponent if self.exponent is None else max(self.exponent, statistics.exponent)
+        self._rebin(exponent, self.signed_layout or statistics.signed_layout)
+        self.counts += rebinned_counts(
+            statistics.counts, statistics.exponent, statistics.signed_layout, self.exponent, self.signed_layout,
+            self._log2_bins,
+        )
+        self.minimum = min(self.minimum, statistics.minimum)
+        self.maximum = max(self.maximum, statistics.maximum)
+        self.count += statistics.count
+
     def _accumulate(self, flat: np.ndarray, *, native: bool | None = None) -> None:
         """Add the bin counts of ``flat`` (finite, within the current layout); ``native`` forces a path (tests)."""
         width_exponent = self._width_exponent(self.exponent, self.signed_layout, self._log2_bins)

@@ -76,6 +76,9 @@ class MovingAverageMinMaxObserver(Observer):
                 else:
                     low_value = np.where(empty, self.minimum, low_value)
                     high_value = np.where(empty, self.maximum, high_value)
+        self._fold(low_value, high_value)
+
+    def _fold(self, low_value: Any, high_value: Any) -> None:
         if self.minimum is None:
             self.minimum, self.maximum = low_value, high_value
         else:
@@ -83,6 +86,16 @@ class MovingAverageMinMaxObserver(Observer):
             self.minimum = keep * self.minimum + (1.0 - keep) * low_value
             self.maximum = keep * self.maximum + (1.0 - keep) * high_value
         self.batches += 1
+
+    def kernel_bins(self) -> int | None:
+        return 0 if self.spec.axis is None else None
+
+    def update_statistics(self, statistics: Any) -> None:
+        if self.spec.axis is not None:
+            raise TypeError("a per-channel moving-average observer observes tensors, not kernel statistics")
+        if statistics.count == 0:
+            return
+        self._fold(np.float64(statistics.minimum), np.float64(statistics.maximum))
 
     def compute_range(self) -> tuple[Any, Any]:
         if self.minimum is None:
