@@ -1,18 +1,22 @@
 """CALIBRATE: stream the user's batches through onnxruntime once and observe every annotated activation.
 
-A *probe* model is the model with each annotated tensor added as a graph output, so one session run yields them all;
-If branches get probe models of their own, run on the batches that took them (:mod:`qgraph.quant.probes`).
-Each batch's activations go to one observer per tensor and are dropped; memory is one batch of activations plus the
+A *probe* model is the model made to yield what the observers need in one session run; If branches get probe
+models of their own, run on the batches that took them (:mod:`qgraph.quant.probes`). Where qgraph's observer kernel
+was built (:mod:`qgraph.quant.observe_kernel`), a per-tensor observer's activation is summarised inside the graph by
+an Observe node right after it is computed (its extremes and its histogram, a few kilobytes), and the observer adds
+the summary up with the same result as observing the activation itself. Otherwise, and for per-channel observers,
+the activation is a graph output, observed after the run. Either way memory is one batch of activations plus the
 observers' fixed-size state, whatever the number of samples (onnxruntime's ``quantize_static`` keeps every batch's
 activations until the end, which grows linearly).
 
-Scheduling: onnxruntime runs a batch on all its threads, then the batch's observers run on as many worker threads,
-the tensors dealt out largest first to the least loaded worker (the native observer loops and numpy's reductions
-release the GIL), then the range searches likewise. The phases alternate rather than overlap: onnxruntime keeps every
-core busy, and an observer thread beside its threads takes a core from one of them, whose parallel loops then wait
-for the descheduled thread. Graph inputs are observed straight from the feeds; the output of a layout operator
-(Reshape, Transpose, …) takes its input's range, since it holds the same values. Tensors that must share parameters
-(a scale group) are observed separately and their ranges merged afterwards as the union of the ranges.
+Scheduling: onnxruntime runs a batch on all its threads (the Observe kernel spreads each activation over as many),
+then the activations returned run through their observers on as many worker threads, the tensors dealt out largest
+first to the least loaded worker (the native observer loops and numpy's reductions release the GIL), then the range
+searches likewise. The phases alternate rather than overlap: onnxruntime keeps every core busy, and an observer
+thread beside its threads takes a core from one of them, whose parallel loops then wait for the descheduled thread.
+Graph inputs are observed straight from the feeds; the output of a layout operator (Reshape, Transpose, …) takes its
+input's range, since it holds the same values. Tensors that must share parameters (a scale group) are observed
+separately and their ranges merged afterwards as the union of the ranges.
 """
 
 from __future__ import annotations
@@ -61,7 +65,10 @@ class CalibrationResult:
     ranges: Mapping[str, tuple[float, float]]
     samples: int
     batches: int
+    #: From the first batch to the ranges, the probe's construction excluded.
     seconds: float
+    #: The part of ``seconds`` spent deriving the ranges from the observers, after the last batch.
+    range_seconds: float = 0.0
 
 
 def build_probe(model: ir.Model, tensors: Iterable[str]) -> onnx.ModelProto:
@@ -166,15 +173,17 @@ def calibrate(
                 len(unseen), ", ".join(unseen[:8]) + (" ..." if len(unseen) > 8 else ""),
             )
         # the histogram methods' range searches take milliseconds per tensor: spread over the threads too
+        ranges_start = time.perf_counter()
         observed = [tensor for tensor in tensors if tensor in seen]
         computed = executor.map(lambda tensor: observers[tensor].compute_range(), observed)
         ranges = {tensor: tuple(float(bound) for bound in bounds) for tensor, bounds in zip(observed, computed)}
     ranges.update((alias, ranges[source]) for alias, source in aliases.items() if source in ranges)
     ranges = merge_group_ranges(ranges, plan)
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
+    seconds = end - start
     logger.info("calibrated %d tensors on %d samples in %.1fs (%s)", len(plan.activations), samples, seconds,
                 config.method)
-    return CalibrationResult(ranges, samples, batches_seen, seconds)
+    return CalibrationResult(ranges, samples, batches_seen, seconds, end - ranges_start)
 
 
 def _stream(

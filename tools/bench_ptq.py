@@ -144,6 +144,7 @@ def command_speed(arguments: argparse.Namespace) -> None:
 
     from qgraph.calibrate import CalibrationConfig, calibrate
     from qgraph.quant.annotate import annotate
+    from qgraph.quant import observe_kernel
     from qgraph.quant.observers.base import NATIVE
     from qgraph.quantize import QuantizeOptions, quantize
     from qgraph.targets import TargetOptions, get_target
@@ -166,6 +167,8 @@ def command_speed(arguments: argparse.Namespace) -> None:
             times.append(time.perf_counter() - started)
         return times
 
+    range_seconds: list[float] = []
+
     def qgraph_calibrate() -> list[float]:
         """calibrate() with a progress callback that stamps each batch's end: per-batch wall times of its loop."""
         ir_model = ir.serde.deserialize_model(model)
@@ -173,8 +176,10 @@ def command_speed(arguments: argparse.Namespace) -> None:
         config = CalibrationConfig(method=arguments.method, batch_size=arguments.batch_size, threads=arguments.threads)
         stamps = []
         result = calibrate(ir_model, plan, iter(batches), config, progress=lambda _: stamps.append(time.perf_counter()))
-        loop_start = stamps[-1] - result.seconds  # result.seconds runs from the loop's start to the ranges' end
+        # result.seconds runs from the loop's start to the ranges' end; the ranges follow the last batch's stamp
+        loop_start = stamps[-1] + result.range_seconds - result.seconds
         edges = [loop_start, *stamps]
+        range_seconds.append(result.range_seconds)
         return [later - earlier for earlier, later in zip(edges, edges[1:])]
 
     def qgraph_quantize(**extra) -> None:
@@ -247,11 +252,13 @@ def command_speed(arguments: argparse.Namespace) -> None:
     whole_ratio = support.median(wall["calibrate"]) / fp32
     notes = [
         f"samples {arguments.samples}, batch {arguments.batch_size}, {arguments.threads} threads, method "
-        f"{arguments.method}, native observer loops {'on' if NATIVE else 'OFF (numpy)'}; medians of "
+        f"{arguments.method}, native observer loops {'on' if NATIVE else 'OFF (numpy)'}, Observe kernel in the probe "
+        f"graph {'on' if observe_kernel.library_path() else 'OFF (activations returned)'}; medians of "
         f"{arguments.rounds} alternating rounds; load average before: {load_before}, after: {support.load_average()} "
         "(2 shared cores).",
         f"first batch: FP32 {first['fp32'] * 1000:.0f} ms, calibrate {first['calibrate'] * 1000:.0f} ms (a new "
-        "session's first run).",
+        f"session's first run); calibrate's range searches after the last batch: "
+        f"{support.median(range_seconds) * 1000:.0f} ms.",
         f"goal calibrate ≤ 1.25× FP32 inference over the same samples: whole call {whole_ratio:.2f}× "
         f"({'met' if whole_ratio <= 1.25 else 'NOT met'}); the batch loop alone {loop_all:.2f}×, its steady state "
         f"{batch_rows[1][3]:.2f}× (the rest is fixed: probe build and range searches).",

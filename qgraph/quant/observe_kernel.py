@@ -91,6 +91,8 @@ def add_observe_nodes(
     where something else needs them). Returns the outputs of each tensor.
     """
     graph = model.graph
+    producers = {output: index for index, node in enumerate(graph.node) for output in node.output}
+    nodes: list[tuple[int, onnx.NodeProto]] = []
     if not any(opset.domain == DOMAIN for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     settings: dict[int, str] = {}
@@ -102,13 +104,17 @@ def add_observe_nodes(
                 onnx.numpy_helper.from_array(np.array([bins, max(1, threads)], dtype=np.int64), settings[bins])
             )
         outputs = ObservedOutputs(f"{_PREFIX}_{index}_counts", f"{_PREFIX}_{index}_summary")
-        graph.node.append(helper.make_node(
+        nodes.append((producers.get(tensor, -1), helper.make_node(
             OPERATOR, [tensor, settings[bins]], [outputs.counts, outputs.summary], name=f"{_PREFIX}_{index}",
             domain=DOMAIN,
-        ))
+        )))
         graph.output.append(helper.make_tensor_value_info(outputs.counts, onnx.TensorProto.INT64, [bins]))
         graph.output.append(helper.make_tensor_value_info(outputs.summary, onnx.TensorProto.DOUBLE, [SUMMARY_SIZE]))
         observed[tensor] = outputs
+    # last in the node list, the earliest activations' last of all: onnxruntime's default execution order, a
+    # depth-first search from the graph's sinks that starts from the last, then runs each right after its producer
+    nodes.sort(key=lambda item: item[0], reverse=True)
+    graph.node.extend(node for _, node in nodes)
     return observed
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -151,7 +152,9 @@ class _Builder:
     ) -> Probe:
         """A probe on a session of ``proto``, with ``in_graph`` observed by Observe nodes and the order-free observed
         tensors read in the blocked layout if it helps."""
-        statistics = observe_kernel.add_observe_nodes(proto, in_graph, threads=self.threads or 1) if in_graph else {}
+        # the kernel spreads its work over as many threads as onnxruntime's pool has (all cores by default)
+        threads = self.threads or os.cpu_count() or 1
+        statistics = observe_kernel.add_observe_nodes(proto, in_graph, threads=threads) if in_graph else {}
         library = self.library if statistics else None
         blocked = create_blocked_probe_session(
             proto, self.order_free.intersection(observed), threads=self.threads, spinning=self.spinning,

@@ -240,3 +240,41 @@ def test_a_forked_child_can_observe_after_the_parent_started_its_threads() -> No
         child.kill()
         pytest.fail("the forked child hung in the observer kernel")
     assert queue.get(timeout=5) == 200_000
+
+
+def test_fillers_take_exactly_their_size_and_parsers_skip_them() -> None:
+    from qgraph.quant.probe_edit import _filler
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [], [])
+    body = graph.SerializeToString()
+    assert _filler(1) is None and _filler(-3) is None and _filler(0) == b""
+    for size in [*range(2, 300), 16_383, 16_384, 16_385, 16_386, 16_387]:
+        filler = _filler(size)
+        assert len(filler) == size
+        parsed = onnx.GraphProto.FromString(body + filler)
+        assert [node.op_type for node in parsed.node] == ["Relu"]
+
+
+@needs_kernel
+def test_the_in_place_patches_make_the_same_model_as_the_rewrite() -> None:
+    from qgraph.quant.probe_edit import plan_edit
+
+    optimized = _optimized_conv_probe()
+    edit = plan_edit(optimized, frozenset())
+    patches = edit.patches()
+    rewritten = onnx.load_from_string(edit.rewritten())
+    edit.release()
+    assert patches, "the edit fits in place"
+    patched = bytearray(optimized)
+    for offset, patch in patches:
+        patched[offset:offset + len(patch)] = patch
+    assert len(patched) == len(optimized)
+    in_place = onnx.load_from_string(bytes(patched))
+    assert list(in_place.graph.node) == list(rewritten.graph.node)
+    assert list(in_place.graph.output) == list(rewritten.graph.output)
+    assert [tensor.name for tensor in in_place.graph.initializer] == [t.name for t in rewritten.graph.initializer]
+    feeds = {"x": np.random.default_rng(3).standard_normal((2, 16, 8, 8)).astype(np.float32)}
+    names = [output.name for output in rewritten.graph.output]
+    results = [runtime.create_session(bytes(model), custom_operators=library_path()).run(names, feeds)
+               for model in (patched, rewritten.SerializeToString())]
+    assert all(np.array_equal(first, second) for first, second in zip(*results))
