@@ -125,4 +125,37 @@ static void *input_data(void *context, size_t index, size_t *count, int *type, v
     return data;
 }
 
+
+static inline const char *cpu_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+/* Every input and output is required (OrtCustomOpInputOutputCharacteristic 0) and in default memory (0). */
+static inline int required_argument(const CustomOp *op, size_t index) { (void)op, (void)index; return 0; }
+static inline int default_memory(const CustomOp *op, size_t index) { (void)op, (void)index; return 0; }
+
+/*
+ * RegisterCustomOps's work: sets ``api`` on the first call, creates the domain ``name`` holding ``operators`` once
+ * for the process (onnxruntime keeps a pointer to it in every session that registered the library), and adds it to
+ * the session options.
+ */
+static inline OrtStatus *register_operators(void *options, const OrtApiBase *base, const char *name,
+                                            const CustomOp *const *operators, size_t count, void **domain)
+{
+    if (api == NULL) {
+        api = (const void *const *)base->GetApi(API_VERSION);
+        if (api == NULL) {
+            return NULL; /* cannot even create a status: onnxruntime then fails on the unknown operator */
+        }
+    }
+    if (*domain == NULL) {
+        OrtStatus *status = CALL(CREATE_CUSTOM_OP_DOMAIN, CreateCustomOpDomainFn)(name, domain);
+        for (size_t index = 0; status == NULL && index < count; ++index) {
+            status = CALL(CUSTOM_OP_DOMAIN_ADD, CustomOpDomainAddFn)(*domain, operators[index]);
+        }
+        if (status != NULL) {
+            *domain = NULL;
+            return status;
+        }
+    }
+    return CALL(ADD_CUSTOM_OP_DOMAIN, AddCustomOpDomainFn)(options, *domain);
+}
+
 #endif

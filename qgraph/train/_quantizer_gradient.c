@@ -153,7 +153,6 @@ static void *create_kernel(const CustomOp *op, const void *ort_api, const void *
 static void destroy_kernel(void *kernel) { (void)kernel; }
 static const char *gradient_name(const CustomOp *op) { (void)op; return "QuantizerGradient"; }
 static const char *fake_quantize_name(const CustomOp *op) { (void)op; return "FakeQuantize"; }
-static const char *provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static int float_type(const CustomOp *op, size_t index) { (void)op, (void)index; return TENSOR_FLOAT; }
 static int fake_quantize_input_type(const CustomOp *op, size_t index)
 {
@@ -164,43 +163,20 @@ static size_t six(const CustomOp *op) { (void)op; return 6; }
 static size_t three(const CustomOp *op) { (void)op; return 3; }
 static size_t two(const CustomOp *op) { (void)op; return 2; }
 static size_t one(const CustomOp *op) { (void)op; return 1; }
-static int required(const CustomOp *op, size_t index) { (void)op, (void)index; return 0; }
-static int default_memory(const CustomOp *op, size_t index) { (void)op, (void)index; return 0; }
 
 static const CustomOp quantizer_gradient = {
-    API_VERSION, create_kernel, gradient_name, provider, float_type, six, float_type, two,
-    gradient_compute, destroy_kernel, required, required, default_memory,
+    API_VERSION, create_kernel, gradient_name, cpu_provider, float_type, six, float_type, two,
+    gradient_compute, destroy_kernel, required_argument, required_argument, default_memory,
 };
 static const CustomOp fake_quantize_op = {
-    API_VERSION, create_kernel, fake_quantize_name, provider, fake_quantize_input_type, three, float_type, one,
-    fake_quantize_compute, destroy_kernel, required, required, default_memory,
+    API_VERSION, create_kernel, fake_quantize_name, cpu_provider, fake_quantize_input_type, three, float_type, one,
+    fake_quantize_compute, destroy_kernel, required_argument, required_argument, default_memory,
 };
 
-/* One domain for the process: onnxruntime keeps a pointer to it in every session that registered this library. */
 static void *domain;
 
 EXPORT OrtStatus *RegisterCustomOps(void *options, const OrtApiBase *base)
 {
-    if (api == NULL) {
-        api = (const void *const *)base->GetApi(API_VERSION);
-        if (api == NULL) {
-            return NULL; /* cannot even create a status: onnxruntime then fails on the unknown operator */
-        }
-    }
-    OrtStatus *status = NULL;
-    if (domain == NULL) {
-        status = CALL(CREATE_CUSTOM_OP_DOMAIN, CreateCustomOpDomainFn)("qgraph.training", &domain);
-        if (status == NULL) {
-            status = CALL(CUSTOM_OP_DOMAIN_ADD, CustomOpDomainAddFn)(domain, &quantizer_gradient);
-        }
-        if (status == NULL) {
-            status = CALL(CUSTOM_OP_DOMAIN_ADD, CustomOpDomainAddFn)(domain, &fake_quantize_op);
-        }
-        if (status != NULL) {
-            domain = NULL;
-            return status;
-        }
-    }
-    return CALL(ADD_CUSTOM_OP_DOMAIN, AddCustomOpDomainFn)(options, domain);
+    static const CustomOp *const operators[] = {&quantizer_gradient, &fake_quantize_op};
+    return register_operators(options, base, "qgraph.training", operators, 2, &domain);
 }
-

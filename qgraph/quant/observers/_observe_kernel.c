@@ -128,6 +128,8 @@ static void run_parts(WorkFn work, void *task, int parts)
 }
 
 /* A forked child has none of the parent's threads: it starts its own pool. */
+static void reset_pool_in_child(void);
+static void install_fork_handler(void) { pthread_atfork(NULL, NULL, reset_pool_in_child); }
 static void reset_pool_in_child(void)
 {
     pthread_mutex_t fresh_mutex = PTHREAD_MUTEX_INITIALIZER;
@@ -443,39 +445,21 @@ static void compute(void *kernel, void *context)
 }
 
 static const char *name(const CustomOp *op) { (void)op; return "Observe"; }
-static const char *provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static int input_type(const CustomOp *op, size_t index) { (void)op; return index == 0 ? TENSOR_FLOAT : TENSOR_INT64; }
 static int output_type(const CustomOp *op, size_t index) { (void)op; return index == 0 ? TENSOR_INT64 : TENSOR_DOUBLE; }
 static size_t two(const CustomOp *op) { (void)op; return 2; }
-static int required(const CustomOp *op, size_t index) { (void)op, (void)index; return 0; }
-static int default_memory(const CustomOp *op, size_t index) { (void)op, (void)index; return 0; }
 
 static const CustomOp observe_op = {
-    API_VERSION, create_kernel, name, provider, input_type, two, output_type, two,
-    compute, destroy_kernel, required, required, default_memory,
+    API_VERSION, create_kernel, name, cpu_provider, input_type, two, output_type, two,
+    compute, destroy_kernel, required_argument, required_argument, default_memory,
 };
 
 static void *domain;
 
 EXPORT OrtStatus *RegisterCustomOps(void *options, const OrtApiBase *base)
 {
-    if (api == NULL) {
-        api = (const void *const *)base->GetApi(API_VERSION);
-        if (api == NULL) {
-            return NULL;
-        }
-        pthread_atfork(NULL, NULL, reset_pool_in_child);
-    }
-    OrtStatus *status = NULL;
-    if (domain == NULL) {
-        status = CALL(CREATE_CUSTOM_OP_DOMAIN, CreateCustomOpDomainFn)("qgraph.calibration", &domain);
-        if (status == NULL) {
-            status = CALL(CUSTOM_OP_DOMAIN_ADD, CustomOpDomainAddFn)(domain, &observe_op);
-        }
-        if (status != NULL) {
-            domain = NULL;
-            return status;
-        }
-    }
-    return CALL(ADD_CUSTOM_OP_DOMAIN, AddCustomOpDomainFn)(options, domain);
+    static const CustomOp *const operators[] = {&observe_op};
+    static pthread_once_t fork_handler = PTHREAD_ONCE_INIT;
+    pthread_once(&fork_handler, install_fork_handler);
+    return register_operators(options, base, "qgraph.calibration", operators, 1, &domain);
 }
