@@ -118,8 +118,16 @@ def add_observe_nodes(
     return observed
 
 
-def observable(value_type: onnx.TypeProto | None) -> bool:
-    """Whether a tensor of this type can be observed by the kernel (float32; unknown types count as float32)."""
-    if value_type is None or not value_type.HasField("tensor_type"):
-        return value_type is None
-    return value_type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.UNDEFINED)
+def remove_observe_nodes(model: onnx.ModelProto) -> None:
+    """Undo :func:`add_observe_nodes`: its nodes, their outputs, its settings and its opset import."""
+    graph = model.graph
+    outputs = {name for node in graph.node if node.domain == DOMAIN for name in node.output}
+    # deleted by index, from the end: rebuilding the lists would copy every initializer
+    for field, doomed in (
+        (graph.node, lambda node: node.domain == DOMAIN),
+        (graph.output, lambda info: info.name in outputs),
+        (graph.initializer, lambda tensor: tensor.name.startswith(f"{_PREFIX}_settings_")),
+        (model.opset_import, lambda opset: opset.domain == DOMAIN),
+    ):
+        for index in reversed([index for index, item in enumerate(field) if doomed(item)]):
+            del field[index]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -109,6 +109,11 @@ def value_info(value: ir.Value) -> onnx.ValueInfoProto:
     return onnx.helper.make_tensor_value_info(value.name, element, shape)
 
 
+def untyped_output(value: ir.Value) -> onnx.ValueInfoProto:
+    """A graph output for ``value`` with its type where known, else none (onnxruntime infers it)."""
+    return value_info(value) if value.dtype is not None else onnx.ValueInfoProto(name=value.name)
+
+
 def _values_of(graph: ir.Graph) -> dict[str, ir.Value]:
     values = {value.name: value for value in graph.inputs}
     for node in graph:
@@ -148,10 +153,31 @@ class _Builder:
 
     def probe(
         self, proto: onnx.ModelProto, inputs: list[str], fetched: list[str], observed: list[str],
-        children: list[BranchProbe], in_graph: Mapping[str, int],
+        children: list[BranchProbe], in_graph: Mapping[str, int], output_info: Callable[[str], onnx.ValueInfoProto],
     ) -> Probe:
         """A probe on a session of ``proto``, with ``in_graph`` observed by Observe nodes and the order-free observed
-        tensors read in the blocked layout if it helps."""
+        tensors read in the blocked layout if it helps.
+
+        Should onnxruntime refuse the Observe nodes (a tensor whose type the model does not state turns out not to be
+        float32, say), the tensors in ``in_graph`` become graph outputs (``output_info`` describes one) instead.
+        """
+        if in_graph:
+            try:
+                return self.session_probe(proto, inputs, fetched, observed, children, in_graph)
+            except Exception as error:  # noqa: BLE001 - onnxruntime's refusal; the probe can return the tensors
+                logger.warning("observing activations inside the probe failed (%s): the probe returns them instead",
+                               str(error).strip().splitlines()[0][:200])
+                observe_kernel.remove_observe_nodes(proto)
+                present = {output.name for output in proto.graph.output}
+                proto.graph.output.extend(output_info(name) for name in in_graph if name not in present)
+                fetched = [*fetched, *in_graph]
+        return self.session_probe(proto, inputs, fetched, observed, children, {})
+
+    def session_probe(
+        self, proto: onnx.ModelProto, inputs: list[str], fetched: list[str], observed: list[str],
+        children: list[BranchProbe], in_graph: Mapping[str, int],
+    ) -> Probe:
+        """:meth:`probe` without the fallback."""
         # the kernel spreads its work over as many threads as onnxruntime's pool has (all cores by default)
         threads = self.threads or os.cpu_count() or 1
         statistics = observe_kernel.add_observe_nodes(proto, in_graph, threads=threads) if in_graph else {}
@@ -186,7 +212,11 @@ class _Builder:
                 continue
             proto.graph.output.append(known[name] if name in known else value_info(values[name]))
         fetched = [name for name in wanted if name not in inputs and name not in in_graph]
-        return self.probe(proto, inputs, fetched, sorted(observed, key=wanted.index), children, in_graph)
+
+        def output_info(name: str) -> onnx.ValueInfoProto:
+            return known[name] if name in known else untyped_output(values[name])
+
+        return self.probe(proto, inputs, fetched, sorted(observed, key=wanted.index), children, in_graph, output_info)
 
     def children_of(self, graph: ir.Graph) -> tuple[list[BranchProbe], list[str]]:
         """Branch probes of the Ifs directly in ``graph`` and the names ``graph`` must provide them."""
@@ -234,7 +264,7 @@ class _Builder:
         opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in self.model.opset_imports.items()]
         proto = onnx.helper.make_model(proto_graph, opset_imports=opsets, ir_version=self.model.ir_version)
         # what the children need from outside this branch arrives as this branch's inputs
-        return self.probe(proto, inputs, fetched, observed, children, in_graph)
+        return self.probe(proto, inputs, fetched, observed, children, in_graph, lambda name: untyped_output(values[name]))
 
 
 def build_probes(

@@ -278,3 +278,21 @@ def test_the_in_place_patches_make_the_same_model_as_the_rewrite() -> None:
     results = [runtime.create_session(bytes(model), custom_operators=library_path()).run(names, feeds)
                for model in (patched, rewritten.SerializeToString())]
     assert all(np.array_equal(first, second) for first, second in zip(*results))
+
+
+@needs_kernel
+def test_a_tensor_the_kernel_cannot_read_is_returned_instead(caplog: pytest.LogCaptureFixture) -> None:
+    """A double tensor whose type the model does not state: onnxruntime refuses the Observe node, the probe falls back."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["wide"], to=TensorProto.DOUBLE), helper.make_node("Relu", ["wide"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["n", 4])],
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert model.graph.node(0).outputs[0].dtype is None  # no value_info: the kernel is tried
+    with caplog.at_level("WARNING"):
+        probe = build_probes(model, ["wide"], threads=1, in_graph={"wide": 64})
+    assert "returns them instead" in caplog.text
+    assert not probe.statistics and probe.fetched == ["wide"]
+    (tensor, value), = probe.run({"x": np.arange(8, dtype=np.float32).reshape(2, 4)})
+    assert tensor == "wide" and value.dtype == np.float64 and value.max() == 7.0

@@ -40,6 +40,10 @@ a ReLU output is often half exact zeros, and one counter incremented back to bac
 ``np.bincount`` ~1.5× slower on such data than on spread values. The state is the counts (int64), the
 exponent, the layout flag, the exact finite minimum and maximum, and the count: O(B) whatever the number of batches.
 
+During calibration the batch is usually binned inside the probe graph instead (:mod:`qgraph.quant.observe_kernel`,
+through the same loops): ``update_statistics`` adds that batch histogram, in whatever layout it has, by the same
+exact re-binning, so the state is the one ``update`` of the batch would give, count for count.
+
 Ranges (:mod:`qgraph.quant.observers.histogram_ranges`) are derived by the entropy (KL), percentile or MSE method and
 always clamped to the exact observed [minimum, maximum].
 """
