@@ -287,11 +287,15 @@ def build_probes(
     the kernel library was built. ``Probe.run`` gives their :class:`~qgraph.quant.observe_kernel.BatchStatistics`.
     """
     probe = _Builder(model, tensors, threads, spinning, order_free, in_graph or {}).main()
-    count = _count(probe) - 1
+    count = len(_tree(probe)) - 1
     if count:
         logger.info("calibration probes: the main graph and %d If branch(es)", count)
+    in_kernel = sum(len(node.statistics) for node in _tree(probe))
+    if in_kernel:
+        logger.info("%d activation(s) observed inside the probe graph by qgraph's Observe kernel", in_kernel)
     return probe
 
 
-def _count(probe: Probe) -> int:
-    return 1 + sum(_count(child.probe) for child in probe.children)
+def _tree(probe: Probe) -> list[Probe]:
+    """``probe`` and every branch probe below it."""
+    return [probe, *(node for child in probe.children for node in _tree(child.probe))]
