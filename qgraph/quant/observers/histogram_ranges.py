@@ -47,6 +47,7 @@ candidate, so the result is never worse than min-max under this model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import numpy as np
@@ -93,6 +94,20 @@ class HistogramView:
 
 
 # ------------------------------------------------------------------------------------------------------ entropy
+@functools.lru_cache(maxsize=32)
+def _group_bounds(levels: int, block_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and past-the-end bins of each of ``levels`` groups, for the thresholds of row block ``block_index``
+    (thresholds ``levels + block_index·_THRESHOLD_BLOCK`` onwards): the same for every histogram, and the integer
+    divisions that give them took a third of a search's time (read-only int32, 256 KB each)."""
+    block = np.arange(_THRESHOLD_BLOCK, dtype=np.int64) + levels + block_index * _THRESHOLD_BLOCK
+    groups = np.arange(levels, dtype=np.int64)
+    starts = ((groups[None, :] * block[:, None]) // levels).astype(np.int32)
+    ends = (((groups[None, :] + 1) * block[:, None]) // levels).astype(np.int32)
+    starts.flags.writeable = False
+    ends.flags.writeable = False
+    return starts, ends
+
+
 def kl_threshold_bins(histogram: np.ndarray, levels: int) -> int:
     """Number of bins i (threshold i·w) minimising KL(P‖Q) for ``levels`` quantization levels."""
     histogram = np.array(histogram, dtype=np.float64)
@@ -113,14 +128,13 @@ def kl_threshold_bins(histogram: np.ndarray, levels: int) -> int:
     cumulative_h_log_h = np.concatenate(([0.0], np.cumsum(h_log_h)))
 
     thresholds = np.arange(levels, top + 1, dtype=np.int64)
-    groups = np.arange(levels, dtype=np.int64)
     # Candidates go in row blocks, each row computed as before: the (rows × levels) temporaries stay in the caches
     # and the allocator's heap (a 2048-bin ReLU histogram here: 5.7 ms in one piece, 4.7 ms in blocks).
     divergences = []
     for block_start in range(0, thresholds.size, _THRESHOLD_BLOCK):
         block = thresholds[block_start : block_start + _THRESHOLD_BLOCK]
-        starts = (groups[None, :] * block[:, None]) // levels
-        ends = ((groups[None, :] + 1) * block[:, None]) // levels
+        starts, ends = _group_bounds(levels, block_start // _THRESHOLD_BLOCK)
+        starts, ends = starts[: block.size], ends[: block.size]
         group_mass = cumulative[ends] - cumulative[starts]  # S_g: mass of h in the group (Q's mass)
         group_support = cumulative_nonempty[ends] - cumulative_nonempty[starts]  # n_g: non-empty bins of P
         kept = cumulative[block]
