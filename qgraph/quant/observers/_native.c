@@ -18,9 +18,11 @@
  * scatters), as much as onnxruntime spends computing the activation.  Here each block of 256 values is read once
  * by a vectorised loop (extremes, range check, indices; compiled with -fno-trapping-math so the clamps become
  * min/max instructions) and scattered into four interleaved 32-bit sub-histograms, so that runs of equal values
- * (ReLU outputs are often half exact zeros) do not serialise on one counter; the scatter loop takes eight values a
- * turn, their indices loaded before any counter is touched (5-10% faster than one value at a time here).  The GIL
- * is released, so observers of different tensors run in parallel.
+ * (ReLU outputs are often half exact zeros) do not serialise on one counter, the bin holding zero spread further
+ * over spare counters; the scatter loop takes eight values a turn, their indices loaded before any counter is
+ * touched (5-10% faster than one value at a time here).  The GIL is released, so observers of different tensors run
+ * in parallel.  The loops themselves are in _bin_loops.h, shared with the calibration probe's Observe kernel
+ * (_observe_kernel.c), so that both count every value in the same bin.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
