@@ -17,6 +17,11 @@ An observer adds these :class:`BatchStatistics` up exactly as it would have obse
 histogram re-bins exactly into any wider layout, so the counts, the extremes and the count are the same, value for
 value (tested), and so are the ranges.
 
+Measured (ResNet-18 at 224×224, batch 16, 2 threads): calibration's peak memory fell from 0.59–0.65 GB to 0.46 GB,
+the same at 100 and 1,000 samples, and the first batch's page faults went with the outputs. The time a batch takes
+changed less: the Observe nodes take 21–28 ms of a ~175 ms run, about what the observers took after the run, because
+binning is bound by the core's loads and stores rather than by memory (see ``docs/runtime-facts.md``).
+
 Only float32 tensors observed per tensor take this path; per-channel observers need the channel axis, which the
 kernel does not see. Where the library was not built (no C compiler), probes return the activations as before.
 """
