@@ -154,6 +154,13 @@ class Observer(abc.ABC):
         the state becomes what :meth:`update` of the batch itself gives."""
         raise TypeError(f"{type(self).__name__} observes tensors, not kernel statistics")
 
+    def _takes_statistics(self, statistics: Any) -> bool:
+        """For per-tensor observers' :meth:`update_statistics`: refuses a per-channel spec; False for a batch with
+        no finite value (nothing to add)."""
+        if self.spec.axis is not None:
+            raise TypeError(f"a per-channel {type(self).__name__} observes tensors, not kernel statistics")
+        return statistics.count > 0
+
     def compute_quant_params(self) -> QuantParams:
         """Scale and zero point for the observed range under ``self.spec``."""
         low, high = self.compute_range()

@@ -68,9 +68,7 @@ class MinMaxObserver(Observer):
         return 0 if self.spec.axis is None else None
 
     def update_statistics(self, statistics: Any) -> None:
-        if self.spec.axis is not None:
-            raise TypeError("a per-channel MinMaxObserver observes tensors, not kernel statistics")
-        if statistics.count == 0:
+        if not self._takes_statistics(statistics):
             return
         self.minimum = statistics.minimum if self.minimum is None else min(self.minimum, statistics.minimum)
         self.maximum = statistics.maximum if self.maximum is None else max(self.maximum, statistics.maximum)

@@ -91,9 +91,7 @@ class MovingAverageMinMaxObserver(Observer):
         return 0 if self.spec.axis is None else None
 
     def update_statistics(self, statistics: Any) -> None:
-        if self.spec.axis is not None:
-            raise TypeError("a per-channel moving-average observer observes tensors, not kernel statistics")
-        if statistics.count == 0:
+        if not self._takes_statistics(statistics):
             return
         self._fold(np.float64(statistics.minimum), np.float64(statistics.maximum))
 
