@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.passes.base import iterate_graphs
+from qgraph.ir.traversal import iterate_graphs
 
 logger = logging.getLogger(__name__)
 

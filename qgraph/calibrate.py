@@ -98,7 +98,7 @@ def bounded_tensors(model: ir.Model) -> frozenset[str]:
     clip it (entropy chose [0, 1.09] for ReLU6 outputs of a trained MobileNetV2, costing 3.4 points of top-1):
     these tensors are calibrated by min-max, which the bounds already keep tight.
     """
-    from qgraph.passes.base import iterate_graphs
+    from qgraph.ir.traversal import iterate_graphs
 
     bounded = set()
     for graph in iterate_graphs(model):

@@ -187,8 +187,8 @@ def optimize(
     import dataclasses
 
     from qgraph.ir import load_model
-    from qgraph.pipeline.optimize import OptimizeOptions
-    from qgraph.pipeline.optimize import optimize as run_optimize
+    from qgraph.pipeline import OptimizeOptions
+    from qgraph.pipeline import optimize as run_optimize
     from qgraph.summary import summarize
 
     quantization = None

@@ -35,7 +35,7 @@ def write_report(path: Path, result, calib: Path, batch_size: int) -> None:
     import onnx_ir as ir
 
     from qgraph.calibrate import CalibrationConfig
-    from qgraph.pipeline.optimize import calibration_batches
+    from qgraph.pipeline import calibration_batches
     from qgraph.report import build_report
 
     float_model = result.float_model

@@ -5,7 +5,7 @@ reuse the plan and the QDQ graph: QAT starts from the QDQ model this module buil
 
 Parameters come from ranges: activations per tensor from the calibration observers (scale groups share the union of
 their ranges), weights per output channel from the weight itself (min-max, or the MSE-optimal clipping per channel),
-biases from ``s_input · s_weight`` (see :mod:`qgraph.passes.insert_quantize_dequantize`).
+biases from ``s_input · s_weight`` (see :mod:`qgraph.passes.quantize.insert_quantize_dequantize`).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import onnx_ir as ir
 from qgraph.calibrate import CalibrationConfig, CalibrationResult, calibrate, merge_group_ranges
 from qgraph.errors import QGraphError, UnsupportedModelError
 from qgraph.ir.versions import convert_opset
-from qgraph.passes.base import iterate_graphs
-from qgraph.pipeline.manager import PassManager, PassRecord
-from qgraph.pipeline.registry import get_pass
+from qgraph.ir.traversal import iterate_graphs
+from qgraph.passes.infrastructure import PassManager, PassRecord
+from qgraph.passes.infrastructure import get_pass
 from qgraph.quant.annotate import AnnotationOverrides, annotate
 from qgraph.quant.config_file import check_override_names, load_overrides
 from qgraph.quant.plan import QuantPlan
-from qgraph.quant.subgraphs import make_names_unique
+from qgraph.ir.subgraphs import make_names_unique
 from qgraph.quant.sensitivity import (
     DEFAULT_MIN_SQNR_DB,
     DEFAULT_SENSITIVITY_BATCHES,

@@ -11,7 +11,7 @@ import math
 
 import onnx_ir as ir
 
-from qgraph.passes.base import iterate_graphs
+from qgraph.ir.traversal import iterate_graphs
 
 
 @dataclasses.dataclass(frozen=True)

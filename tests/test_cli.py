@@ -61,7 +61,7 @@ def test_help_teaches_the_commands(runner):
 
 
 def test_passes_lists_every_canonical_pass(runner):
-    from qgraph.pipeline.optimize import CANONICAL_PASSES
+    from qgraph.pipeline import CANONICAL_PASSES
 
     result = runner.invoke(cli, ["passes"])
     assert result.exit_code == 0, result.output
@@ -174,7 +174,7 @@ def test_unsupported_domain_is_refused(runner, tmp_path):
 
 
 def test_internal_failure_exits_1(runner, model_path, tmp_path, monkeypatch):
-    import qgraph.pipeline.optimize as optimize_module
+    import qgraph.pipeline as optimize_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated bug")

@@ -5,7 +5,7 @@ BatchNormalization, Add/Mul by a per-channel or scalar constant, Relu, Identity,
 then a flatten through shape arithmetic (Shape → Gather → Concat → Reshape, foldable because shapes are static) or a
 plain Reshape, then matrix ops (Gemm with optional transB and bias, MatMul + Add, BatchNormalization over features).
 Parameters come from a seeded generator, as initializers or Constant nodes at random. The model is checker-valid
-before and after :func:`qgraph.pipeline.optimize.optimize`, onnxruntime (optimisation disabled) gives the same
+before and after :func:`qgraph.pipeline.optimize`, onnxruntime (optimisation disabled) gives the same
 outputs within rtol 1e-4, and a second run of the pipeline changes nothing.
 """
 
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from qgraph import runtime
-from qgraph.pipeline.optimize import optimize
+from qgraph.pipeline import optimize
 
 IMAGE_OPS = ("conv", "conv_bias", "batch_norm", "add_channel", "add_scalar", "mul_channel", "relu", "identity",
              "transpose", "residual")

@@ -1,6 +1,6 @@
 """Shared pieces of ``tools/bench_ptq.py``: reference models, seeded image streams, sessions, timing and tables.
 
-Both quantizers are driven from here with the same inputs: qgraph through :func:`qgraph.pipeline.optimize.optimize`
+Both quantizers are driven from here with the same inputs: qgraph through :func:`qgraph.pipeline.optimize`
 (the entry point ``qgraph optimize`` runs) and onnxruntime's ``quantize_static`` through a ``CalibrationDataReader``
 over the same batches. Nothing here prints except :func:`print_table`.
 """
@@ -146,7 +146,7 @@ def canonical_float_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """qgraph's canonical FP32 model (BatchNorm folded, constants lifted): what both quantizers start from."""
     import onnx_ir as ir
 
-    from qgraph.pipeline.optimize import OptimizeOptions, optimize
+    from qgraph.pipeline import OptimizeOptions, optimize
 
     result = optimize(ir.serde.deserialize_model(model), None, OptimizeOptions())
     return ir.serde.serialize_model(result.model)
@@ -167,7 +167,7 @@ def qgraph_quantize(
     import onnx_ir as ir
 
     from qgraph.calibrate import CalibrationConfig
-    from qgraph.pipeline.optimize import OptimizeOptions, optimize
+    from qgraph.pipeline import OptimizeOptions, optimize
     from qgraph.quantize import QuantizeOptions
     from qgraph.targets import TargetOptions
 

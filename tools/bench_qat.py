@@ -37,7 +37,7 @@ import onnx_ir as ir
 
 from qgraph.calibrate import CalibrationConfig
 from qgraph.data import dataset_from_arrays, load_fashion_mnist
-from qgraph.pipeline.optimize import OptimizeOptions, optimize
+from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.quantize import QuantizeOptions
 from qgraph.targets import TargetOptions
 from qgraph.train.qat import QATOptions

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from qgraph import runtime  # noqa: E402
 from qgraph.calibrate import CalibrationConfig  # noqa: E402
-from qgraph.pipeline.optimize import OptimizeOptions, optimize  # noqa: E402
+from qgraph.pipeline import OptimizeOptions, optimize  # noqa: E402
 from qgraph.quant.sensitivity import DEFAULT_MIN_SQNR_DB  # noqa: E402
 from qgraph.quantize import QuantizeOptions  # noqa: E402
 from qgraph.report import output_errors  # noqa: E402

@@ -17,7 +17,7 @@ from qgraph import runtime
 from qgraph.data import load_fashion_mnist
 from qgraph.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from qgraph.ir import load_model
-from qgraph.pipeline.optimize import OptimizeOptions, optimize
+from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.quantize import QuantizeOptions
 from qgraph.calibrate import CalibrationConfig
 

@@ -135,8 +135,8 @@ def build(folder: Path, *, blocks: int, channels: int, seed: int = 0) -> Path:
 
 
 def canonical_pass_names() -> tuple[str, ...]:
-    from qgraph.pipeline.optimize import CANONICAL_PASSES
-    from qgraph.pipeline.registry import available_passes
+    from qgraph.pipeline import CANONICAL_PASSES
+    from qgraph.passes.infrastructure import available_passes
 
     available = available_passes()
     missing = [name for name in CANONICAL_PASSES if name not in available]
@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from qgraph.ir import load_model, save_model
-    from qgraph.pipeline.manager import PassManager
-    from qgraph.pipeline.registry import get_pass
+    from qgraph.passes.infrastructure import PassManager
+    from qgraph.passes.infrastructure import get_pass
 
     folder: Path = arguments.folder
     if folder.exists():

@@ -21,13 +21,13 @@ One walk over the main graph in topological order classifies every node:
 Graph outputs stay float: a graph output is never itself annotated; its producer is lowered with a float output.
 
 The walk runs on the main graph and then on every If branch, recursively, and the results merge into one plan
-(tensor names are unique across the model; see :mod:`qgraph.quant.subgraphs`). The first/last-layer overrides
+(tensor names are unique across the model; see :mod:`qgraph.ir.subgraphs`). The first/last-layer overrides
 apply to the main graph only. Loop/Scan bodies stay FP32.
 
 Recurrent layers (LSTM, GRU, RNN) stay FP32 by default: their gates recur over time, where a static activation range
 fits badly. With ``recurrent="dynamic"`` and target ort-cpu an LSTM whose weights are constants is planned for
 onnxruntime's com.microsoft DynamicQuantizeLSTM (int8 weights, activations quantized per call inside the kernel;
-see :mod:`qgraph.passes.quantize_lstm_dynamic`); GRU and RNN have no such kernel and stay FP32.
+see :mod:`qgraph.passes.quantize.quantize_lstm_dynamic`); GRU and RNN have no such kernel and stay FP32.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.quant.plan import BiasPlan, QuantPlan, WeightPlan, merge_groups
-from qgraph.quant.subgraphs import LOOP_OPERATORS, loop_reason, quantized_graphs
+from qgraph.ir.subgraphs import LOOP_OPERATORS, loop_reason, quantized_graphs
 
 logger = logging.getLogger(__name__)
 

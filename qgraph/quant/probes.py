@@ -5,7 +5,7 @@ cannot return a tensor from inside an If branch, so each branch that holds annot
 own: the branch body as a standalone model whose inputs are the values it captures from enclosing graphs (captured
 constants become its initializers) and whose outputs are its annotated tensors. The parent probe also returns the
 If's condition and the captured values, and per batch a branch probe runs only when the condition selected that
-branch, fed with the values that reached the If (see :mod:`qgraph.quant.subgraphs` for why this design). Probes
+branch, fed with the values that reached the If (see :mod:`qgraph.ir.subgraphs` for why this design). Probes
 form a tree that mirrors the nesting of the Ifs.
 
 Each annotated tensor is observed in exactly one probe: the one of the graph that defines it (a main-graph input is
@@ -26,7 +26,7 @@ import onnx_ir as ir
 from qgraph import runtime
 from qgraph.quant import observe_kernel
 from qgraph.quant.blocked_outputs import create_blocked_probe_session
-from qgraph.quant.subgraphs import branches, captured_values, defined_names, is_if
+from qgraph.ir.subgraphs import branches, captured_values, defined_names, is_if
 
 logger = logging.getLogger(__name__)
 

@@ -199,7 +199,7 @@ def copy_model(model: ir.Model) -> ir.Model:
 
 def build_qdq(model: ir.Model, plan: QuantPlan, parameters: Mapping[str, object]) -> ir.Model:
     """A copy of the float ``model`` with ``plan`` written as QDQ (the original is left untouched)."""
-    from qgraph.pipeline.registry import get_pass
+    from qgraph.passes.infrastructure import get_pass
 
     working = copy_model(model)
     get_pass("InsertQuantizeDequantize")(plan=plan, parameters=parameters)(working)

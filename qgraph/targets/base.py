@@ -51,7 +51,7 @@ class Target(abc.ABC):
 
     def lowering_pipeline(self) -> list:
         """The LOWER passes, constructed with this target's options."""
-        from qgraph.pipeline.registry import get_pass
+        from qgraph.passes.infrastructure import get_pass
 
         return [get_pass(name)() for name in self.lowering_passes()]
 

@@ -74,7 +74,7 @@ class OrtCpuTarget(Target):
         return LOWERING_PASSES if self.options.format == "qoperator" else ()
 
     def lowering_pipeline(self) -> list:
-        from qgraph.pipeline.registry import get_pass
+        from qgraph.passes.infrastructure import get_pass
 
         guard = self.saturation_guard()
         return [

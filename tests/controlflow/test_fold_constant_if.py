@@ -9,9 +9,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qgraph.ir.fix_inputs import fix_inputs
-from qgraph.passes.fold_constant_if import FoldConstantIf
-from qgraph.passes.fold_constants import FoldConstants
-from qgraph.pipeline.manager import PassManager
+from qgraph.passes.canonicalize.fold_constant_if import FoldConstantIf
+from qgraph.passes.canonicalize.fold_constants import FoldConstants
+from qgraph.passes.infrastructure import PassManager
 from qgraph.testing import check_pass, op_types
 from tests.controlflow.models import SEQUENCE, FEATURES, speech_batches, speech_model
 
@@ -170,7 +170,7 @@ def test_non_constant_and_multi_element_conditions_are_left_alone(caplog):
     model = _if_model(then_graph, else_graph, np.array([True, False]), [_out("y")])
     with pytest.raises(Exception):  # onnxruntime refuses a two-element condition at run time; the pass leaves it
         check_pass(model, FoldConstantIf(), expect_modified=False)
-    caplog.set_level("INFO", logger="qgraph.passes.fold_constant_if")
+    caplog.set_level("INFO", logger="qgraph.passes.canonicalize.fold_constant_if")
     result = FoldConstantIf()(ir.serde.deserialize_model(model))
     assert not result.modified
     assert "holds 2 elements" in caplog.text
@@ -182,7 +182,7 @@ def test_non_constant_and_multi_element_conditions_are_left_alone(caplog):
 
 
 def test_the_canonical_pipeline_folds_an_if_on_a_fixed_input():
-    from qgraph.pipeline.optimize import OptimizeOptions, optimize
+    from qgraph.pipeline import OptimizeOptions, optimize
 
     model = ir.serde.deserialize_model(speech_model())
     result = optimize(model, options=OptimizeOptions(fixed_inputs={"sample_rate": np.array(16000)}))

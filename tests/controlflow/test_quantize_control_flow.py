@@ -14,7 +14,7 @@ import onnx_ir as ir
 import pytest
 
 from qgraph.calibrate import CalibrationConfig
-from qgraph.pipeline.optimize import OptimizeOptions, optimize
+from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.quant.annotate import RECURRENT_FP32_REASON
 from qgraph.quant.numerics import sqnr_db
 from qgraph.quantize import QuantizeOptions, quantize

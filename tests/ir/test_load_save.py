@@ -209,7 +209,7 @@ def test_constant_only_model_loads_saves_and_runs(tmp_path):
 
 
 def test_constant_only_model_through_the_canonical_pipeline(tmp_path):
-    from qgraph.pipeline.optimize import optimize
+    from qgraph.pipeline import optimize
 
     value = np.arange(6, dtype=np.float32).reshape(2, 3)
     graph = helper.make_graph(

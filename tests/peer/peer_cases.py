@@ -6,7 +6,7 @@ A case is the ``model.onnx`` plus ``test_data_set_*`` folders that the onnx whee
 1. onnxruntime (graph optimisation disabled, one thread) runs the *original* model on every data set, twice, to learn
    whether the runtime can execute it at all and whether it is deterministic;
 2. qgraph loads it (``load_model``: checks, opset/IR normalisation, shape inference), runs the canonical pipeline to
-   a fixed point (:func:`qgraph.pipeline.optimize.optimize`) and saves it;
+   a fixed point (:func:`qgraph.pipeline.optimize`) and saves it;
 3. the saved file is checked with ``onnx.checker`` (full check; required only where the original passes it) and run
    in onnxruntime on the same inputs.
 
@@ -296,7 +296,7 @@ def _run_case(name: str, work_folder: Path, passes: Sequence[str] | None) -> Cas
 
     from qgraph.errors import QGraphError
     from qgraph.ir import load_model
-    from qgraph.pipeline.optimize import OptimizeOptions, optimize
+    from qgraph.pipeline import OptimizeOptions, optimize
 
     case_name = name.removesuffix(CONSTANT_VARIANT)
     case_folder = node_cases_folder() / case_name

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qgraph.quant.probes as probes
 from qgraph.calibrate import CalibrationConfig, calibrate
-from qgraph.pipeline.optimize import OptimizeOptions, optimize
+from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.quant.annotate import annotate
 from qgraph.quant.blocked_outputs import create_blocked_probe_session, remove_output_reorders
 from qgraph.quant.probes import Probe, build_probes

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from qgraph import runtime
 from qgraph.calibrate import CalibrationConfig, calibrate
-from qgraph.pipeline.optimize import OptimizeOptions, optimize
+from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.quant import observe_kernel
 from qgraph.quant.annotate import annotate
 from qgraph.quant.blocked_outputs import remove_output_reorders

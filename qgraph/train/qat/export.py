@@ -7,7 +7,7 @@ The exported graph is the QDQ graph QAT started from (docs/qdq-format.md), node 
 - weight ``Wq = clamp(round_half_even(W / s_w) + z_w, qmin, qmax)`` (float32 division, like the training graph's
   ``Div``) and its per-channel ``s_w``;
 - bias ``bq = round(b / (s_x · s_w))`` as int32 with scale ``s_x · s_w`` (products in float64, rounded to float32
-  once, as :class:`~qgraph.passes.insert_quantize_dequantize.InsertQuantizeDequantize` does).
+  once, as :class:`~qgraph.passes.quantize.insert_quantize_dequantize.InsertQuantizeDequantize` does).
 
 So the exported model computes exactly the training graph's eval-mode forward, except that the bias moves by at most
 half an accumulator step ``s_x · s_w / 2`` — far below one step of any activation it feeds, though near a rounding
@@ -102,8 +102,8 @@ def export_qdq(graph: FakeQuantGraph, values: Mapping[str, np.ndarray]) -> onnx.
 
 def lower_qdq(model: onnx.ModelProto, quantize_options) -> tuple[ir.Model, tuple]:
     """Run the target's lowering passes on a QDQ model, as :func:`qgraph.quantize.quantize` does after PTQ."""
-    from qgraph.pipeline.manager import PassManager
-    from qgraph.pipeline.registry import get_pass
+    from qgraph.passes.infrastructure import PassManager
+    from qgraph.passes.infrastructure import get_pass
     from qgraph.targets import get_target
 
     target = get_target(quantize_options.target, quantize_options.target_options)

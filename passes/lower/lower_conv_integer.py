@@ -1,0 +1,116 @@
+"""LowerConvInteger: ``DQ(x), DQ(Wq), [DQ(bq)] → Conv → float y`` (y not quantized) becomes
+``ConvInteger(xq, Wu8, zx, zw) → Cast(float) → Mul(sx·sw) [→ Add(b)]``.
+
+With ``x = (xq - zx)·sx`` (uint8 per tensor) and ``W = (Wq - zw)·sw[o]`` (per tensor or per output channel):
+
+    y[o] = sx·sw[o] · Σ (xq - zx)(Wq[o] - zw) + b[o] = sx·sw[o] · acc[o] + b[o]
+
+with ``acc`` exact in int32, so y matches the QDQ graph to float precision (``b`` is the dequantized bias, added in
+float). onnxruntime 1.19.2 implements ConvInteger only for uint8 x with **uint8** W and a **scalar** W zero point
+(verified: int8 W gives NOT_IMPLEMENTED, a per-channel zero point "Non per-tensor quantization is not supported
+now"). So int8 weights are stored as ``Wu8 = Wq + 128`` with ``zw + 128`` — the same real weights — which also
+avoids the u8·s8 saturation on AVX2 — and per-channel weights are accepted only when all channels share one zero
+point (the contract's symmetric weights do: all zeros). Per-channel scales live in the float Mul, shaped ``[O, 1,
+…]`` to broadcast over the spatial axes.
+
+A Conv whose only reader is a Q (possibly through Relu/Clip) is left to LowerQLinearConv.
+
+Refused (logged): x not uint8 per tensor, non-constant params/weight/bias, per-channel on an axis other than 0,
+weight zero points that differ across channels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.passes.lower import _qdq_patterns as qdq
+from qgraph.passes.infrastructure import RewritePass
+from qgraph.passes.infrastructure import Phase
+from qgraph.passes.infrastructure import register
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _ConvIntegerMatch:
+    conv: ir.Node
+    input_params: qdq.QuantParams | None = None
+    weight_params: qdq.QuantParams | None = None
+    weight: qdq.KernelWeight | None = None
+    bias: np.ndarray | None = None
+
+
+@register
+class LowerConvInteger(RewritePass):
+    """Lower a QDQ Conv whose output stays float to ConvInteger and a float rescale."""
+
+    phase = Phase.LOWER
+    summary = "DQ → Conv → float becomes ConvInteger → Cast → Mul(scale) → Add(bias)"
+
+    def match(self, node: ir.Node) -> _ConvIntegerMatch | None:
+        if not qdq.is_op(node, "Conv") or len(node.inputs) < 2:
+            return None
+        if qdq.dequantize_of(node.inputs[0]) is None or qdq.dequantize_of(node.inputs[1]) is None:
+            return None
+        if qdq.output_is_quantized_only(node.outputs[0]):
+            return None  # LowerQLinearConv's pattern
+        return _ConvIntegerMatch(node)
+
+    def check(self, match: _ConvIntegerMatch) -> str | None:
+        conv = match.conv
+        input_params = qdq.activation_input(conv.inputs[0])
+        if isinstance(input_params, str):
+            return input_params
+        weight_params = qdq.read_params(qdq.dequantize_of(conv.inputs[1]))
+        if isinstance(weight_params, str):
+            return weight_params
+        weight_array = qdq.constant_array(weight_params.integer_value)
+        if weight_array is None:
+            return "the weight is not a constant initializer"
+        if not weight_params.per_tensor and weight_params.axis not in (0, -weight_array.ndim):
+            return f"the weight is quantized per channel along axis {weight_params.axis}, not 0"
+        if len(np.unique(weight_params.zero_point_array)) != 1:
+            return "the weight zero points differ across channels; onnxruntime's ConvInteger takes one zero point"
+        weight = qdq.kernel_weight(weight_params, guard_saturation=True, force_uint8=True)
+        if isinstance(weight, str):
+            return weight
+        if len(conv.inputs) > 2 and conv.inputs[2] is not None:
+            bias = qdq.constant_float(conv.inputs[2])
+            if isinstance(bias, str):
+                return f"bias: {bias}"
+            if bias.ndim != 1 or bias.size != weight_array.shape[0]:
+                return f"the bias has shape {bias.shape}, not [{weight_array.shape[0]}]"
+            match.bias = bias
+        match.input_params, match.weight_params, match.weight = input_params, weight_params, weight
+        return None
+
+    def rewrite(self, match: _ConvIntegerMatch) -> None:
+        conv = match.conv
+        graph = conv.graph
+        base = conv.name or "conv"
+        weight_array = match.weight.weight
+        weight_value = qdq.existing_or_new_constant(
+            graph, match.weight_params.integer_value, weight_array, f"{base}_weight_uint8", before=conv
+        )
+        zero_point = qdq.add_constant(
+            graph, f"{base}_weight_zero_point", match.weight.zero_point.reshape(-1)[:1].reshape(()), before=conv
+        )
+        integer = ir.Node(
+            "", "ConvInteger",
+            [match.input_params.integer_value, weight_value, match.input_params.zero_point, zero_point],
+            qdq.copy_attributes(conv), name=f"{base}_integer",
+        )
+        channels, spatial_rank = weight_array.shape[0], weight_array.ndim - 2
+        scale = np.float64(match.input_params.scalar_scale()) * np.broadcast_to(
+            match.weight_params.scale_array.astype(np.float64).reshape(-1), (channels,)
+        )
+        broadcast_shape = (channels,) + (1,) * spatial_rank
+        bias = None if match.bias is None else match.bias.reshape(broadcast_shape)
+        nodes = [integer, *qdq.rescale_nodes(
+            graph, integer.outputs[0], scale.reshape(broadcast_shape), bias, before=conv, base_name=base
+        )]
+        qdq.replace_float_op(conv, nodes)

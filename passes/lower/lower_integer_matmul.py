@@ -1,0 +1,88 @@
+"""LowerIntegerMatMul: ``DQ(a), DQ(b) → MatMul → float y`` (y not quantized) becomes
+``MatMulInteger(aq, bq, za, zb) → Cast(float) → Mul(sa·sb)``.
+
+With ``a = (aq - za)·sa`` (uint8 per tensor) and ``b = (bq - zb[n])·sb[n]`` (constant, per tensor or per output
+column of a 2-D weight; or a uint8 per-tensor activation):
+
+    y[m, n] = Σ_k a[m, k]·b[k, n] = sa·sb[n] · Σ_k (aq[m, k] - za)(bq[k, n] - zb[n]) = sa·sb[n] · acc[m, n]
+
+``acc`` is exact int32 (onnxruntime 1.19.2's MatMulInteger takes uint8 a with int8 or uint8 b and a per-column b
+zero point of shape [N]; verified). The only rounding is the float32 conversion of ``acc`` and the product, so y
+matches the QDQ graph to float precision. This is the lowering for a MatMul whose output stays float (for example
+the last layer feeding a float graph output); a MatMul whose only reader is a Q is left to LowerQLinearMatMul.
+
+Int8 weights with ``|bq| > 64`` are stored as uint8 (``bq + 128``, ``zb + 128``) to keep the AVX2 u8·s8 kernel
+from saturating, unless ``guard_saturation=False``.
+
+Refused (logged): a left operand that is not uint8 per tensor, non-constant params, an int8 or per-channel
+non-constant right operand, per-channel weights on another axis or rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.passes.lower import _qdq_patterns as qdq
+from qgraph.passes.infrastructure import RewritePass
+from qgraph.passes.infrastructure import Phase
+from qgraph.passes.infrastructure import register
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _IntegerMatMulMatch:
+    matmul: ir.Node
+    left: qdq.QuantParams | None = None
+    right: qdq.MatMulOperand | None = None
+
+
+@register
+class LowerIntegerMatMul(RewritePass):
+    """Lower a QDQ MatMul whose output stays float to MatMulInteger and a float rescale."""
+
+    phase = Phase.LOWER
+    summary = "DQ → MatMul → float becomes MatMulInteger → Cast → Mul(scale)"
+
+    def __init__(self, *, guard_saturation: bool = True) -> None:
+        super().__init__()
+        self.guard_saturation = guard_saturation
+
+    def match(self, node: ir.Node) -> _IntegerMatMulMatch | None:
+        if not qdq.is_op(node, "MatMul"):
+            return None
+        if qdq.dequantize_of(node.inputs[0]) is None or qdq.dequantize_of(node.inputs[1]) is None:
+            return None
+        if qdq.output_is_quantized_only(node.outputs[0]):
+            return None  # LowerQLinearMatMul's pattern
+        return _IntegerMatMulMatch(node)
+
+    def check(self, match: _IntegerMatMulMatch) -> str | None:
+        matmul = match.matmul
+        left = qdq.activation_input(matmul.inputs[0])
+        if isinstance(left, str):
+            return left
+        right = qdq.matmul_right_operand(matmul.inputs[1], guard_saturation=self.guard_saturation)
+        if isinstance(right, str):
+            return right
+        match.left, match.right = left, right
+        return None
+
+    def rewrite(self, match: _IntegerMatMulMatch) -> None:
+        matmul = match.matmul
+        graph = matmul.graph
+        right_value, right_zero_point = qdq.operand_values(graph, match.right, before=matmul)
+        left_zero_point = match.left.zero_point
+        base = matmul.name or "matmul"
+        integer = ir.Node(
+            "", "MatMulInteger", [match.left.integer_value, right_value, left_zero_point, right_zero_point],
+            name=f"{base}_integer",
+        )
+        scale = np.float64(match.left.scalar_scale()) * match.right.params.scale_array.astype(np.float64)
+        scale = scale.reshape(-1) if not match.right.params.per_tensor else scale.reshape(())
+        nodes = [integer, *qdq.rescale_nodes(graph, integer.outputs[0], scale, None, before=matmul, base_name=base)]
+        qdq.replace_float_op(matmul, nodes)

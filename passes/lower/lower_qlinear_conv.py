@@ -1,0 +1,134 @@
+"""LowerQLinearConv: ``DQ(x), DQ(Wq), [DQ(bq)] → Conv → [Relu | Clip] → Q(y)`` becomes one ``QLinearConv``.
+
+With ``x = (xq - zx)·sx`` (uint8, per tensor), ``W = (Wq - zw)·sw[o]`` (int8, per tensor or per output channel,
+axis 0) and ``b = bq·sx·sw[o]`` (int32), the Conv output is
+
+    conv(x, W)[o] + b[o] = sx·sw[o] · ( Σ (xq - zx)(Wq[o] - zw[o]) + bq[o] ) = sx·sw[o] · acc[o]
+
+and ``Q(y) = saturate(round(sx·sw[o]/sy · acc[o]) + zy)``, which is what
+``QLinearConv(xq, sx, zx, Wq, sw, zw, sy, zy, bq)`` computes with the exact integer accumulator ``acc``. The only
+difference from the QDQ graph is where the float rounding happens (at most one output step).
+
+A bias whose DQ scale is not ``sx·sw`` (or a float constant bias) is requantized to int32 in that scale
+(``round(b / (sx·sw))``, an error of at most half an accumulator step).
+
+Relu/Clip between Conv and Q are fused when implied by the output range (``Q(clip(v, lo, hi)) = Q(v)`` for all v
+exactly when ``round(lo/sy) + zy <= 0`` and ``round(hi/sy) + zy >= 255``; for Relu: ``zy == 0``), else refused.
+
+Weights: onnxruntime 1.19.2's QLinearConv takes uint8 x with int8 or uint8 W and per-channel ``w_scale``. On AVX2
+without VNNI int8 weights with ``|Wq| > 64`` could saturate the u8·s8 kernel, so they are stored as uint8 (``Wq +
+128``, zero point ``zw + 128``, exactly the same real weights) unless ``guard_saturation=False``.
+
+Refused (logged): non-constant params or weight, activations not uint8, output not uint8 per tensor, per-channel
+weights on an axis other than 0, non-uniform weight zero points, the float Conv output (or the activation's) read by
+anything other than the one Q or being a graph output, a bias that does not fit int32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.passes.lower import _qdq_patterns as qdq
+from qgraph.passes.infrastructure import RewritePass
+from qgraph.passes.infrastructure import Phase
+from qgraph.passes.infrastructure import register
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _ConvMatch:
+    conv: ir.Node
+    input_params: qdq.QuantParams | str | None = None
+    weight_params: qdq.QuantParams | str | None = None
+    output: qdq.OutputQuantize | str | None = None
+    weight: qdq.KernelWeight | None = None
+    bias: np.ndarray | None = None
+    bias_unchanged: bool = False
+
+
+@register
+class LowerQLinearConv(RewritePass):
+    """Lower a QDQ Conv island (with an implied Relu/Clip) to QLinearConv."""
+
+    phase = Phase.LOWER
+    summary = "DQ → Conv → [Relu|Clip] → Q becomes QLinearConv (per-channel weights, bias int32)"
+
+    def __init__(self, *, guard_saturation: bool = True) -> None:
+        super().__init__()
+        self.guard_saturation = guard_saturation
+
+    def match(self, node: ir.Node) -> _ConvMatch | None:
+        if not qdq.is_op(node, "Conv") or qdq.dequantize_of(node.inputs[0]) is None:
+            return None
+        if len(node.inputs) < 2 or qdq.dequantize_of(node.inputs[1]) is None:
+            return None
+        return _ConvMatch(node)
+
+    def check(self, match: _ConvMatch) -> str | None:
+        conv = match.conv
+        if not qdq.output_is_quantized_only(conv.outputs[0]):
+            return "the Conv output is read as float (a graph output or a non-Q consumer); LowerConvInteger owns it"
+        input_params = qdq.activation_input(conv.inputs[0])
+        if isinstance(input_params, str):
+            return input_params
+        weight_params = qdq.read_params(qdq.dequantize_of(conv.inputs[1]))
+        if isinstance(weight_params, str):
+            return weight_params
+        weight_array = qdq.constant_array(weight_params.integer_value)
+        if weight_array is None:
+            return "the weight is not a constant initializer"
+        output_channels = weight_array.shape[0]
+        if not weight_params.per_tensor and weight_params.axis not in (0, -weight_array.ndim):
+            return f"the weight is quantized per channel along axis {weight_params.axis}, QLinearConv needs axis 0"
+        if len(np.unique(weight_params.zero_point_array)) != 1:
+            return "the weight zero points differ across channels, which onnxruntime's QLinearConv refuses"
+        output = qdq.output_quantize(conv.outputs[0])
+        if output is None or isinstance(output, str):
+            return output or "the Conv output is not quantized"
+        weight = qdq.kernel_weight(weight_params, guard_saturation=self.guard_saturation)
+        if isinstance(weight, str):
+            return weight
+        if len(conv.inputs) > 2 and conv.inputs[2] is not None:
+            accumulator_scale = np.broadcast_to(
+                input_params.scalar_scale() * weight_params.scale_array.astype(np.float64).reshape(-1),
+                (output_channels,),
+            )
+            bias = qdq.bias_as_int32(conv.inputs[2], accumulator_scale)
+            if isinstance(bias, str):
+                return bias
+            match.bias, match.bias_unchanged = bias
+        match.input_params, match.weight_params, match.output, match.weight = input_params, weight_params, output, weight
+        return None
+
+    def rewrite(self, match: _ConvMatch) -> None:
+        conv, output = match.conv, match.output
+        graph = conv.graph
+        weight_params, weight = match.weight_params, match.weight
+        anchor = output.quantize
+        weight_value = weight_params.integer_value
+        if weight.widened:
+            weight_value = qdq.add_constant(graph, f"{weight_value.name}_uint8", weight.weight, before=anchor)
+        weight_zero_point = qdq.existing_or_new_constant(
+            graph, weight_params.zero_point, weight.zero_point.reshape(weight_params.scale_array.shape),
+            f"{weight_value.name}_zero_point", before=anchor,
+        )
+        inputs = [
+            match.input_params.integer_value, match.input_params.scale,
+            qdq.zero_point_or_new(graph, match.input_params, before=anchor),
+            weight_value, weight_params.scale, weight_zero_point,
+            output.params.scale, qdq.zero_point_or_new(graph, output.params, before=anchor),
+        ]
+        if match.bias is not None:
+            bias_producer = qdq.dequantize_of(conv.inputs[2])
+            if match.bias_unchanged:
+                inputs.append(bias_producer.inputs[0])
+            else:
+                inputs.append(qdq.add_constant(graph, f"{conv.name or 'conv'}_bias_int32", match.bias, before=anchor))
+        lowered = ir.Node("", "QLinearConv", inputs, qdq.copy_attributes(conv), name=qdq.derived_name(conv, "quant"))
+        qdq.replace_island(self.model, conv, output, lowered)
+

@@ -1,0 +1,89 @@
+"""LowerQLinearMatMul: ``DQ(a), DQ(b) → MatMul → [Relu | Clip] → Q(y)`` becomes one ``QLinearMatMul``.
+
+With ``a = (aq - za)·sa`` (uint8, per tensor) and ``b = (bq - zb[n])·sb[n]`` (a constant int8/uint8 weight per
+tensor or per output column ``n``, or a uint8 per-tensor activation):
+
+    y[m, n] = sa·sb[n] · Σ_k (aq[m, k] - za)(bq[k, n] - zb[n])
+    Q(y)    = saturate(round(sa·sb[n]/sy · acc[m, n]) + zy)
+
+which is ``QLinearMatMul(aq, sa, za, bq, sb, zb, sy, zy)``. onnxruntime 1.19.2's QLinearMatMul accepts a per-column
+``b_scale``/``b_zero_point`` of shape ``[N]`` for a 2-D b (verified: identical to the numpy reference above), so
+per-channel weights lower directly; per-channel on any other axis or rank is refused.
+
+Relu/Clip before the Q are fused when implied by the output range (see ``_qdq_patterns``). Int8 weights with
+``|bq| > 64`` are stored as uint8 (``bq + 128``, ``zb + 128``) so the AVX2 u8·s8 kernel cannot saturate, unless
+``guard_saturation=False``.
+
+Refused (logged): a not uint8 per-tensor left operand, non-constant params, int8 or per-channel non-constant right
+operand, the float output read by anything but the one Q (LowerIntegerMatMul lowers that case), an activation not
+implied by the output range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import onnx_ir as ir
+
+from qgraph.passes.lower import _qdq_patterns as qdq
+from qgraph.passes.infrastructure import RewritePass
+from qgraph.passes.infrastructure import Phase
+from qgraph.passes.infrastructure import register
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _MatMulMatch:
+    matmul: ir.Node
+    left: qdq.QuantParams | None = None
+    right: qdq.MatMulOperand | None = None
+    output: qdq.OutputQuantize | None = None
+
+
+@register
+class LowerQLinearMatMul(RewritePass):
+    """Lower a QDQ MatMul island with a quantized output to QLinearMatMul."""
+
+    phase = Phase.LOWER
+    summary = "DQ → MatMul → [Relu|Clip] → Q becomes QLinearMatMul (per-column weights)"
+
+    def __init__(self, *, guard_saturation: bool = True) -> None:
+        super().__init__()
+        self.guard_saturation = guard_saturation
+
+    def match(self, node: ir.Node) -> _MatMulMatch | None:
+        if not qdq.is_op(node, "MatMul"):
+            return None
+        if qdq.dequantize_of(node.inputs[0]) is None or qdq.dequantize_of(node.inputs[1]) is None:
+            return None
+        return _MatMulMatch(node)
+
+    def check(self, match: _MatMulMatch) -> str | None:
+        matmul = match.matmul
+        if not qdq.output_is_quantized_only(matmul.outputs[0]):
+            return "the MatMul output is read as float; LowerIntegerMatMul owns it"
+        left = qdq.activation_input(matmul.inputs[0])
+        if isinstance(left, str):
+            return left
+        right = qdq.matmul_right_operand(matmul.inputs[1], guard_saturation=self.guard_saturation)
+        if isinstance(right, str):
+            return right
+        output = qdq.output_quantize(matmul.outputs[0])
+        if output is None or isinstance(output, str):
+            return output or "the MatMul output is not quantized"
+        match.left, match.right, match.output = left, right, output
+        return None
+
+    def rewrite(self, match: _MatMulMatch) -> None:
+        matmul, output = match.matmul, match.output
+        graph, anchor = matmul.graph, output.quantize
+        right_value, right_zero_point = qdq.operand_values(graph, match.right, before=anchor)
+        inputs = [
+            match.left.integer_value, match.left.scale, qdq.zero_point_or_new(graph, match.left, before=anchor),
+            right_value, match.right.params.scale, right_zero_point,
+            output.params.scale, qdq.zero_point_or_new(graph, output.params, before=anchor),
+        ]
+        lowered = ir.Node("", "QLinearMatMul", inputs, name=qdq.derived_name(matmul, "quant"))
+        qdq.replace_island(self.model, matmul, output, lowered)

@@ -1,0 +1,89 @@
+"""RemoveRedundantQuantization: ``DQ(s, z) → Q(s, z)`` pairs vanish, and Q/DQ nodes nobody reads are removed.
+
+For an integer tensor ``q`` in range and identical parameters (integer type, scale, zero point, axis):
+
+    Q(DQ(q)) = saturate(round(((q - z)·s) / s) + z) = q
+
+so a QuantizeLinear whose input is a DequantizeLinear with the same parameters is an identity on the integer
+tensor: its readers read the DQ's input instead. This collapses ``Q → DQ → Q`` chains and the ``DQ → Q`` pairs
+left between two integer operators after lowering; the DQ goes too when nothing else reads it. A QuantizeLinear or
+DequantizeLinear whose outputs are read by nobody (and are not graph outputs) is dead and is removed, together with
+the constants only it read, so a final run of this pass leaves no orphan Q/DQ.
+
+Refused (logged): different or non-constant parameters (a requantization), a Q output that is a graph output
+while the integer tensor is a graph input, an initializer or another graph output (renaming it would change the
+model's interface).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_ir as ir
+
+from qgraph.passes.lower import _qdq_patterns as qdq
+from qgraph.passes.infrastructure import RewritePass
+from qgraph.passes.infrastructure import Phase
+from qgraph.passes.infrastructure import register
+
+logger = logging.getLogger(__name__)
+
+
+def _is_dead(node: ir.Node) -> bool:
+    return not any(output.uses() or output.is_graph_output() for output in node.outputs)
+
+
+@register
+class RemoveRedundantQuantization(RewritePass):
+    """Collapse DQ → Q pairs with identical parameters and drop Q/DQ nodes nobody reads."""
+
+    phase = Phase.LOWER
+    summary = "DQ(s,z) → Q(s,z) becomes the integer tensor itself; unread Q/DQ nodes are removed"
+
+    def match(self, node: ir.Node) -> ir.Node | None:
+        if not qdq.is_op(node, qdq.QUANTIZE, qdq.DEQUANTIZE):
+            return None
+        if _is_dead(node):
+            return node
+        if node.op_type == qdq.QUANTIZE and qdq.dequantize_of(node.inputs[0]) is not None:
+            return node
+        return None
+
+    def check(self, node: ir.Node) -> str | None:
+        if _is_dead(node):
+            return None
+        dequantize = qdq.dequantize_of(node.inputs[0])
+        quantize_params = qdq.read_params(node)
+        dequantize_params = qdq.read_params(dequantize)
+        for params in (quantize_params, dequantize_params):
+            if isinstance(params, str):
+                return params
+        if not quantize_params.same_as(dequantize_params):
+            return "the DQ and Q parameters differ: this pair requantizes"
+        integer = dequantize.inputs[0]
+        if node.outputs[0].is_graph_output() and (
+            integer.is_graph_input() or integer.is_initializer() or integer.is_graph_output()
+        ):
+            return "the Q output is a graph output and its replacement cannot take its name"
+        return None
+
+    def rewrite(self, node: ir.Node) -> None:
+        if _is_dead(node):
+            self._remove_dead_chain(node)
+            return
+        dequantize = qdq.dequantize_of(node.inputs[0])
+        qdq.take_over(node.outputs[0], dequantize.inputs[0])
+        qdq.remove_if_unused([node, dequantize])
+
+    @staticmethod
+    def _remove_dead_chain(node: ir.Node) -> None:
+        """Remove a dead Q/DQ and then every Q/DQ producer that only it read (producers come earlier in the graph,
+        so one run must walk up the chain itself to stay idempotent)."""
+        pending = [node]
+        while pending:
+            current = pending.pop()
+            if current.graph is None or not _is_dead(current):
+                continue
+            producers = [value.producer() for value in current.inputs if value is not None]
+            qdq.remove_if_unused([current])
+            pending += [producer for producer in producers if qdq.is_op(producer, qdq.QUANTIZE, qdq.DEQUANTIZE)]

@@ -1,0 +1,224 @@
+"""InsertQuantizeDequantize: write a calibrated quantization plan into the graph as QDQ (docs/qdq-format.md).
+
+For an activation ``t`` with parameters (s, z)::
+
+    t ─▶ QuantizeLinear(t, s, z) ─▶ DequantizeLinear(·, s, z) ─▶ every former consumer of t
+
+so each consumer computes on ``s · (clamp(round(t / s) + z, qmin, qmax) − z)``, exactly what the integer kernel
+will see. A graph output keeps its name and its float value. A weight ``W`` becomes ``Wq = clamp(round(W / s_w) +
+z_w)`` stored as int8 and read through one DequantizeLinear on its channel axis; a bias becomes
+``bq = round(b / (s_x · s_w))`` stored as int32 (scale ``s_x · s_w``, zero point 0), so that the integer accumulator
+of ``x_q · W_q`` and ``bq`` share one scale. The pass is idempotent: a tensor already followed by a
+QuantizeLinear → DequantizeLinear pair, or a weight already read through a DequantizeLinear, is left alone.
+
+If branches are quantized too (see :mod:`qgraph.ir.subgraphs`): the pass visits the main graph and then every
+branch, recursively. An activation is quantized in the graph that defines it, so when a branch reads (captures) a
+quantized outer value, its readers inside the branch read the outer DequantizeLinear output like any other reader.
+A weight or bias is found among its consumer's inputs (a branch may read an initializer of an enclosing graph) and
+stored quantized in the consumer's graph. New initializer names are unique across the whole model, since ONNX
+forbids a branch to reuse a name of an enclosing scope.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import PassResult
+
+from qgraph.passes.infrastructure import QGraphPass
+from qgraph.passes.infrastructure import Phase
+from qgraph.passes.infrastructure import register
+
+logger = logging.getLogger(__name__)
+
+_INT32_LIMIT = 2**31 - 1
+
+
+def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    values: dict[str, ir.Value] = {value.name: value for value in graph.inputs}
+    values.update(graph.initializers)
+    for node in graph:
+        for output in node.outputs:
+            if output.name:
+                values[output.name] = output
+    return values
+
+
+def _model_names(model: ir.Model) -> set[str]:
+    """Every value and initializer name of every graph of ``model``."""
+    names: set[str] = set()
+    for graph in model.graphs():
+        names.update(value.name for value in graph.inputs if value.name)
+        names.update(graph.initializers)
+        for node in graph:
+            names.update(value.name for value in node.outputs if value.name)
+    return names
+
+
+def _input_named(node: ir.Node, name: str) -> ir.Value | None:
+    return next((value for value in node.inputs if value is not None and value.name == name), None)
+
+
+def _constant(graph: ir.Graph, name: str, array: np.ndarray, taken: set[str] | None = None) -> ir.Value:
+    """A new initializer named after ``name`` (suffixed to stay unique in ``taken`` and in the graph)."""
+    taken = taken if taken is not None else set(graph.initializers)
+    unique, counter = name, 1
+    while unique in taken or unique in graph.initializers:
+        unique, counter = f"{name}_{counter}", counter + 1
+    taken.add(unique)
+    value = ir.Value(name=unique, const_value=ir.tensor(array, name=unique))
+    value.shape = ir.Shape(array.shape)
+    value.type = ir.TensorType(value.const_value.dtype)
+    graph.register_initializer(value)
+    return value
+
+
+def _is_quantized(value: ir.Value) -> bool:
+    for consumer in value.consumers():
+        if consumer.op_type == "QuantizeLinear":
+            return any(next_node.op_type == "DequantizeLinear" for next_node in consumer.outputs[0].consumers())
+    return False
+
+
+def _parameter_arrays(params) -> tuple[np.ndarray, np.ndarray]:
+    scale = np.asarray(params.scale, dtype=np.float32)
+    zero_point = np.asarray(params.zero_point)
+    return scale, zero_point
+
+
+@register
+class InsertQuantizeDequantize(QGraphPass):
+    """Write QuantizeLinear/DequantizeLinear pairs, int8 weights and int32 biases from a calibrated plan."""
+
+    phase = Phase.QUANTIZE
+
+    def __init__(self, *, plan, parameters: Mapping[str, object]) -> None:
+        super().__init__()
+        self.plan = plan
+        self.parameters = parameters
+
+    def requires(self, model: ir.Model) -> None:
+        opset = model.opset_imports.get("", 0)
+        if opset < 13:
+            raise ir.passes.PreconditionError(f"QDQ with per-channel weights needs opset >= 13, the model has {opset}")
+
+    def call(self, model: ir.Model) -> PassResult:
+        from qgraph.ir.subgraphs import quantized_graphs
+
+        self._taken = _model_names(model)
+        modified = False
+        graphs = list(quantized_graphs(model.graph))
+        for graph in graphs:
+            modified = self._quantize_graph(graph) or modified
+        if modified:
+            for graph in graphs:
+                _drop_unused_initializers(graph)
+        return PassResult(model, modified)
+
+    def _quantize_graph(self, graph: ir.Graph) -> bool:
+        values = _values_by_name(graph)
+        modified = False
+        for tensor in self.plan.activations:
+            value = values.get(tensor)
+            if value is None or value.is_initializer() and value.graph is not graph:
+                continue
+            if tensor not in self.parameters or _is_quantized(value):
+                continue
+            self._quantize_activation(graph, value, self.parameters[tensor])
+            modified = True
+        nodes = {node.name: node for node in graph}
+        for weight in self.plan.weights:
+            consumer = nodes.get(weight.consumer)
+            value = _input_named(consumer, weight.name) if consumer is not None else None
+            if value is None or value.const_value is None or weight.name not in self.parameters:
+                continue
+            self._quantize_weight(graph, consumer, value, weight.axis, self.parameters[weight.name])
+            modified = True
+        for bias in self.plan.biases:
+            consumer = nodes.get(bias.consumer)
+            value = _input_named(consumer, bias.name) if consumer is not None else None
+            if value is None or value.const_value is None:
+                continue
+            if bias.activation not in self.parameters or bias.weight not in self.parameters:
+                continue
+            self._quantize_bias(graph, consumer, value, self.parameters[bias.activation], self.parameters[bias.weight])
+            modified = True
+        return modified
+
+    def _quantize_activation(self, graph: ir.Graph, value: ir.Value, params) -> None:
+        scale, zero_point = _parameter_arrays(params)
+        scale_value = _constant(graph, f"{value.name}_scale", scale.reshape(()), self._taken)
+        zero_value = _constant(graph, f"{value.name}_zero_point", zero_point.reshape(()), self._taken)
+        uses = [(node, index) for node, index in value.uses()]
+        quantize = ir.node("QuantizeLinear", [value, scale_value, zero_value], name=f"{value.name}_QuantizeLinear")
+        quantize.outputs[0].name = f"{value.name}_quantized"
+        quantize.outputs[0].shape = value.shape
+        quantize.outputs[0].type = ir.TensorType(zero_value.const_value.dtype)
+        dequantize = ir.node(
+            "DequantizeLinear", [quantize.outputs[0], scale_value, zero_value], name=f"{value.name}_DequantizeLinear"
+        )
+        dequantize.outputs[0].name = f"{value.name}_dequantized"
+        dequantize.outputs[0].shape = value.shape
+        dequantize.outputs[0].type = value.type
+        producer = value.producer()
+        if producer is not None:
+            graph.insert_after(producer, [quantize, dequantize])
+        else:
+            graph.insert_before(graph[0], [quantize, dequantize])
+        for node, index in uses:
+            node.replace_input_with(index, dequantize.outputs[0])
+
+    def _quantize_weight(self, graph: ir.Graph, consumer: ir.Node, value: ir.Value, axis, params) -> None:
+        from qgraph.quant.numerics import quantize
+
+        scale, zero_point = _parameter_arrays(params)
+        weights = value.const_value.numpy()
+        quantized = quantize(weights, params, clip_to_spec=True)
+        quantized_value = _constant(graph, f"{value.name}_quantized", quantized, self._taken)
+        per_channel = scale.ndim == 1 and scale.size > 1
+        scale_value = _constant(graph, f"{value.name}_scale", scale if per_channel else scale.reshape(()), self._taken)
+        zero_value = _constant(
+            graph, f"{value.name}_zero_point", zero_point if per_channel else zero_point.reshape(()), self._taken
+        )
+        attributes = {"axis": axis} if per_channel else {}
+        dequantize = ir.node(
+            "DequantizeLinear", [quantized_value, scale_value, zero_value], attributes, name=f"{value.name}_DequantizeLinear"
+        )
+        dequantize.outputs[0].name = f"{value.name}_dequantized"
+        dequantize.outputs[0].shape = ir.Shape(weights.shape)
+        dequantize.outputs[0].type = value.type
+        graph.insert_before(consumer, dequantize)
+        for index, current in enumerate(consumer.inputs):
+            if current is value:
+                consumer.replace_input_with(index, dequantize.outputs[0])
+
+    def _quantize_bias(self, graph: ir.Graph, consumer: ir.Node, value: ir.Value, activation, weight) -> None:
+        activation_scale, _ = _parameter_arrays(activation)
+        weight_scale, _ = _parameter_arrays(weight)
+        bias = value.const_value.numpy().astype(np.float64)
+        scale = (activation_scale.astype(np.float64).reshape(()) * weight_scale.astype(np.float64)).reshape(-1)
+        if scale.size == 1:
+            scale = np.full(bias.shape, scale[0])
+        quantized = np.clip(np.rint(bias / scale), -_INT32_LIMIT, _INT32_LIMIT).astype(np.int32)
+        quantized_value = _constant(graph, f"{value.name}_quantized", quantized, self._taken)
+        scale_value = _constant(graph, f"{value.name}_scale", scale.astype(np.float32), self._taken)
+        zero_value = _constant(graph, f"{value.name}_zero_point", np.zeros(bias.shape, np.int32), self._taken)
+        dequantize = ir.node(
+            "DequantizeLinear", [quantized_value, scale_value, zero_value], {"axis": 0}, name=f"{value.name}_DequantizeLinear"
+        )
+        dequantize.outputs[0].name = f"{value.name}_dequantized"
+        dequantize.outputs[0].shape = ir.Shape(bias.shape)
+        dequantize.outputs[0].type = value.type
+        graph.insert_before(consumer, dequantize)
+        for index, current in enumerate(consumer.inputs):
+            if current is value:
+                consumer.replace_input_with(index, dequantize.outputs[0])
+
+
+def _drop_unused_initializers(graph: ir.Graph) -> None:
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+            del graph.initializers[name]

@@ -1,0 +1,229 @@
+"""``optimize``: the one entry point that the command line and the Python API share.
+
+It loads (or takes) a model, runs the pipeline of phases that the options ask for and saves the result
+atomically. Today the pipeline is canonicalisation; quantization phases plug in through the same options object.
+With ``options.qat`` the QDQ graph that quantization writes is fine-tuned (quantization-aware training, see
+:mod:`qgraph.train.qat`) before the target lowers it: canonicalize ─▶ quantize (QDQ) ─▶ QAT ─▶ lower ─▶ save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import onnx
+import onnx_ir as ir
+
+from qgraph.calibrate import CalibrationConfig
+from qgraph.errors import QGraphError
+from qgraph.quantize import quantize
+
+from qgraph.ir import load_model, save_model
+from qgraph.passes.infrastructure import PassManager, PassRecord
+from qgraph.passes.infrastructure import get_pass
+from qgraph.quantize import QuantizeOptions, QuantizeResult
+from qgraph.train.qat.options import QATOptions
+
+if TYPE_CHECKING:
+    from qgraph.train.qat.driver import QATResult
+
+logger = logging.getLogger(__name__)
+
+#: The canonicalisation pipeline, run to a fixed point: constants become initializers, trivial nodes go away,
+#: constant subgraphs fold, decomposed LayerNorm and GELU fuse, BatchNorm folds into its producer (or becomes
+#: Mul+Add), bias Adds merge, and the nodes and initializers nobody reads any more are dropped. The fusions come
+#: after LiftConstants and FoldConstants because they read eps, gamma, beta, axes and the GELU constants only as
+#: initializers (an exporter's Constant nodes or Sqrt(2.0) subgraphs become initializers there; folding never
+#: touches a node with an activation input, so it cannot break a pattern), and before MergeBiasAdd and the
+#: BatchNorm passes, which write Mul/Add nodes of their own. FoldConstantIf follows FoldConstants, which turns a
+#: condition computed from constants (or from an input fixed with ``fixed_inputs``) into an initializer; the inlined
+#: branch's constants then fold in the next round.
+CANONICAL_PASSES: tuple[str, ...] = (
+    "LiftConstants",
+    "EliminateIdentity",
+    "FoldConstants",
+    "FoldConstantIf",
+    "FuseLayerNormalization",
+    "FuseGelu",
+    "MergeBiasAdd",
+    "FoldBatchNorm",
+    "DecomposeBatchNorm",
+    "EliminateDeadCode",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeOptions:
+    """What ``optimize`` does; every field has the default a user would expect."""
+
+    #: Pass names to run instead of the canonical pipeline (``qgraph passes`` lists them).
+    passes: tuple[str, ...] | None = None
+    #: Check the model after every pass with onnx.checker and onnxruntime (slow; for debugging).
+    verify: bool = False
+    #: ``None``: external data only for models over ~1.8 GB; ``True``/``False`` force it.
+    external_data: bool | None = None
+    #: Allow the output path to be the input file.
+    allow_overwrite_input: bool = False
+    #: Quantize after canonicalisation (needs calibration data); None keeps the model in float.
+    quantization: QuantizeOptions | None = None
+    #: Fine-tune the quantized model with quantization-aware training before lowering (needs ``quantization``
+    #: and training data); None skips it.
+    qat: QATOptions | None = None
+    #: Graph inputs to turn into constants before canonicalisation (``--fix-input NAME=VALUE``): name -> array,
+    #: or text parsed as on the command line (see :mod:`qgraph.ir.fix_inputs`).
+    fixed_inputs: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeResult:
+    model: ir.Model
+    records: tuple[PassRecord, ...]
+    output_path: Path | None
+    quantization: QuantizeResult | None = None
+    #: The canonical FP32 model that quantization started from (only when quantizing).
+    float_model: onnx.ModelProto | None = None
+    #: How quantization-aware training went (only with ``options.qat``).
+    qat: QATResult | None = None
+
+
+def build_pipeline(options: OptimizeOptions) -> PassManager:
+    names = options.passes if options.passes is not None else CANONICAL_PASSES
+    passes = [get_pass(name)() for name in names]
+    return PassManager(passes, fixed_point=True, verify=options.verify)
+
+
+def optimize(
+    model: ir.Model | str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    options: OptimizeOptions | None = None,
+    *,
+    input_path: str | os.PathLike | None = None,
+    calibration_data=None,
+    progress: Callable[[int], None] | None = None,
+    train_data=None,
+    validation_data=None,
+    training_progress: Callable | None = None,
+) -> OptimizeResult:
+    """Run qgraph's pipeline on ``model`` (a path or an onnx-ir model) and save it to ``output`` if given.
+
+    ``input_path`` names the file an already-loaded model came from, so that it is never overwritten. With
+    ``options.quantization`` set, ``calibration_data`` (a path readable by :func:`qgraph.data.open_dataset`, a
+    dataset, or an iterable of ``{input name: array}`` batches) calibrates the quantized model; ``progress`` is
+    called with the number of samples of each calibration batch. With ``options.qat`` set, ``train_data`` (a path
+    or a dataset; labels under ``options.qat.label_key`` unless distilling) fine-tunes the QDQ graph and
+    ``validation_data`` picks the best epoch; ``training_progress`` receives the trainer's progress events.
+    """
+    options = options or OptimizeOptions()
+    if input_path is None and isinstance(model, ir.Model) and "qgraph.source_path" in model.meta:
+        input_path = model.meta["qgraph.source_path"]
+    input_path = Path(input_path) if input_path is not None else None
+    if not isinstance(model, ir.Model):
+        input_path = Path(model)
+        model = load_model(input_path)
+    if output is not None:
+        # Refuse a bad output path before doing any work.
+        _check_output_before_work(Path(output), input_path, options)
+    if options.fixed_inputs:
+        from qgraph.ir.fix_inputs import fix_inputs
+
+        model = fix_inputs(model, options.fixed_inputs)
+    if options.quantization is not None and calibration_data is None:
+        raise QGraphError("quantization needs calibration data (--calib)")
+    if options.qat is not None and options.quantization is None:
+        raise QGraphError("quantization-aware training starts from a quantized model: add calibration data (--calib)")
+    if options.qat is not None and train_data is None:
+        raise QGraphError("quantization-aware training needs training data (--train-data)")
+    batches = None
+    if options.quantization is not None:
+        batches = calibration_batches(model, calibration_data, options.quantization.calibration)
+    result = build_pipeline(options).run(model)
+    records = result.records
+    quantized = None
+    float_model = None
+    qat_result = None
+    if options.quantization is not None:
+        float_model = ir.serde.serialize_model(result.model)
+        quantized = quantize(result.model, batches, options.quantization, progress=progress,
+                             lower=options.qat is None)
+        if options.qat is not None:
+            qat_result, quantized = _fine_tune(quantized, float_model, options, train_data, validation_data,
+                                               training_progress)
+        result = dataclasses.replace(result, model=quantized.model)
+        records = records + quantized.records
+    saved = None
+    if output is not None:
+        saved = save_model(
+            result.model,
+            output,
+            input_path=input_path,
+            external_data=options.external_data,
+            allow_overwrite_input=options.allow_overwrite_input,
+        )
+    return OptimizeResult(result.model, records, saved, quantized, float_model, qat_result)
+
+
+def _fine_tune(quantized: QuantizeResult, float_model: onnx.ModelProto, options: OptimizeOptions, train_data,
+               validation_data, training_progress) -> tuple[QATResult, QuantizeResult]:
+    """QAT on the QDQ graph, then the target's lowering of the learned QDQ graph (as quantize would lower it)."""
+    from qgraph.train.qat import lower_qdq, run_qat
+
+    qat_result = run_qat(
+        quantized.qdq_model, quantized.plan, quantized.parameters, float_model=float_model, train_data=train_data,
+        validation_data=validation_data, options=options.qat, progress=training_progress,
+    )
+    lowered, lowering_records = lower_qdq(qat_result.qdq_model, options.quantization)
+    return qat_result, dataclasses.replace(quantized, model=lowered, records=quantized.records + lowering_records,
+                                           qdq_model=qat_result.qdq_model)
+
+
+#: Keys that hold labels in a calibration/training file when they are not model inputs.
+LABEL_KEYS = ("label", "labels")
+
+
+def model_input_signature(model: ir.Model | onnx.ModelProto):
+    """The model's feedable inputs, read from the graph inputs alone (serialising the whole model would load every
+    weight, external data included, only to read a few names and shapes)."""
+    from qgraph.data.validate import input_signature
+
+    if isinstance(model, onnx.ModelProto):
+        return input_signature(model)
+    inputs = [ir.serde.serialize_value(value) for value in model.graph.inputs if not value.is_initializer()]
+    return input_signature(onnx.helper.make_graph([], "inputs", inputs, []))
+
+
+def calibration_batches(model: ir.Model | onnx.ModelProto, data, config: CalibrationConfig):
+    """Batches of ``data`` checked against ``model``'s inputs (names, ranks, fixed dimensions, dtypes).
+
+    A ``label``/``labels`` key that is not a model input is treated as labels and never fed to the model.
+    """
+    from qgraph.data import open_dataset
+    from qgraph.data.validate import validate_dataset
+
+    signature = model_input_signature(model)
+    if isinstance(data, (str, os.PathLike)):
+        input_names = {spec.name for spec in signature}
+        probe = open_dataset(data)
+        label_key = next((key for key in LABEL_KEYS if key in probe.keys and key not in input_names), None)
+        data = open_dataset(data, label_key=label_key) if label_key else probe
+    if hasattr(data, "iter_batches"):
+        dataset = validate_dataset(data, signature, check_values=False, cast_float64=True)
+        return dataset.iter_batches(config.batch_size, limit=config.samples, include_labels=False)
+    return data
+
+
+def _check_output_before_work(output: Path, input_path: Path | None, options: OptimizeOptions) -> None:
+    from qgraph.errors import OutputPathError
+
+    if input_path is not None and not options.allow_overwrite_input:
+        try:
+            same = output.resolve() == input_path.resolve()
+        except OSError:
+            same = False
+        if same:
+            raise OutputPathError(f"{output}: the output path is the input model; choose another output path")
+    if not output.parent.exists():
+        raise OutputPathError(f"{output.parent}: output folder does not exist")

@@ -1,0 +1,118 @@
+"""LowerQLinearConv and LowerConvInteger on hand-built QDQ Conv islands."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from tests.passes.qdq_builders import QDQBuilder, count_ops, lower_and_check
+
+from qgraph.passes.lower.lower_conv_integer import LowerConvInteger
+from qgraph.passes.lower.lower_qlinear_conv import LowerQLinearConv
+
+
+def conv_island(*, activation: str | None = "Relu", output_zero_point: int | None = None, bits: int = 8,
+                per_channel: bool = True, bias: bool = True, clip: tuple[float, float] = (0.0, 6.0),
+                output_scale: float | None = None, seed: int = 0):
+    builder = QDQBuilder(seed=seed)
+    rng = np.random.default_rng(seed)
+    x = builder.quantize(builder.add_input("x", [1, 3, 8, 8]))
+    weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.5
+    bias_array = rng.standard_normal(4).astype(np.float32) if bias else None
+    y = builder.conv(x, weight, bias_array, per_channel=per_channel, bits=bits, pads=[1, 1, 1, 1])
+    if activation == "Relu":
+        y = builder.node("Relu", [y])
+    elif activation == "Clip":
+        y = builder.node("Clip", [y, builder.constant("lo", np.float32(clip[0])),
+                                  builder.constant("hi", np.float32(clip[1]))])
+    out = builder.output(builder.quantize(y, scale=output_scale, zero_point=output_zero_point))
+    return builder, out
+
+
+def test_conv_relu_lowers_to_one_qlinearconv():
+    builder, out = conv_island()
+    model, lowered, _, _ = lower_and_check(builder.model(), LowerQLinearConv(), output_scales={out: builder.scales[out]})
+    counts = count_ops(lowered)
+    assert counts == {"QuantizeLinear": 1, "QLinearConv": 1, "DequantizeLinear": 1}
+    # 8-bit weights exceed |w| <= 64: stored as uint8 so the AVX2 u8·s8 kernel cannot saturate
+    conv = next(node for node in model.graph if node.op_type == "QLinearConv")
+    assert conv.inputs[3].dtype == ir.DataType.UINT8 and conv.inputs[8].dtype == ir.DataType.INT32
+
+
+def test_seven_bit_weights_stay_int8_and_per_tensor_weights_lower():
+    builder, out = conv_island(bits=7, per_channel=False, bias=False)
+    model, _, _, _ = lower_and_check(builder.model(), LowerQLinearConv(), output_scales={out: builder.scales[out]})
+    conv = next(node for node in model.graph if node.op_type == "QLinearConv")
+    assert conv.inputs[3].dtype == ir.DataType.INT8 and len(conv.inputs) == 8
+
+
+def test_clip_implied_by_output_range_is_fused():
+    builder, out = conv_island(activation="Clip", output_scale=6.0 / 255, output_zero_point=0)
+    _, lowered, _, _ = lower_and_check(builder.model(), LowerQLinearConv(), output_scales={out: builder.scales[out]})
+    assert "Clip" not in count_ops(lowered)
+
+
+def test_clip_narrower_than_output_range_is_refused():
+    builder, _ = conv_island(activation="Clip", clip=(0.0, 1.0), output_scale=6.0 / 255, output_zero_point=0)
+    lower_and_check(builder.model(), LowerQLinearConv(), expect_modified=False)
+
+
+def test_relu_not_implied_when_zero_point_above_qmin(caplog):
+    builder, _ = conv_island(output_zero_point=20, output_scale=0.05)
+    with caplog.at_level("INFO"):
+        lower_and_check(builder.model(), LowerQLinearConv(), expect_modified=False)
+    assert "not implied by the output range" in caplog.text
+
+
+def test_shared_input_dequantize_is_kept_for_its_float_reader():
+    builder = QDQBuilder()
+    x = builder.quantize(builder.add_input("x", [1, 3, 6, 6]))
+    weight = np.random.default_rng(1).standard_normal((2, 3, 1, 1)).astype(np.float32)
+    out = builder.output(builder.quantize(builder.conv(x, weight)))
+    builder.output(builder.node("Sigmoid", [x]))
+    _, lowered, _, _ = lower_and_check(builder.model(), LowerQLinearConv(), output_scales={out: builder.scales[out]})
+    counts = count_ops(lowered)
+    assert counts["QLinearConv"] == 1 and counts["Sigmoid"] == 1 and counts["DequantizeLinear"] == 2
+
+
+def test_non_constant_output_scale_is_refused():
+    builder, _ = conv_island()
+    model = builder.model()
+    quantize = [node for node in model.graph.node if node.op_type == "QuantizeLinear"][-1]
+    model.graph.node.insert(0, onnx.helper.make_node("Identity", [quantize.input[1]], ["computed_scale"]))
+    quantize.input[1] = "computed_scale"
+    lower_and_check(model, LowerQLinearConv(), expect_modified=False)
+
+
+def test_float_graph_output_goes_to_conv_integer():
+    builder = QDQBuilder()
+    rng = np.random.default_rng(2)
+    x = builder.quantize(builder.add_input("x", [1, 3, 6, 6]))
+    y = builder.output(builder.conv(x, rng.standard_normal((5, 3, 3, 3)).astype(np.float32),
+                                    rng.standard_normal(5).astype(np.float32), strides=[2, 2]))
+    model = builder.model()
+    lower_and_check(model, LowerQLinearConv(), expect_modified=False)
+    _, lowered, _, _ = lower_and_check(model, LowerConvInteger())
+    counts = count_ops(lowered)
+    assert counts == {"QuantizeLinear": 1, "ConvInteger": 1, "Cast": 1, "Mul": 1, "Add": 1}
+    assert y in [output.name for output in lowered.graph.output]
+
+
+def test_conv_integer_leaves_quantized_output_to_qlinearconv():
+    builder, _ = conv_island()
+    lower_and_check(builder.model(), LowerConvInteger(), expect_modified=False)
+
+
+def test_saturation_guard_keeps_full_range_weights_exact():
+    """All-max inputs and weights: u8·s8 saturates on AVX2 without VNNI, the widened u8 weights do not."""
+    builder = QDQBuilder()
+    x = builder.quantize(builder.add_input("x", [1, 64, 2, 2]), scale=1.0, zero_point=0)
+    weight = np.full((2, 64, 1, 1), 1.0, np.float32)
+    out = builder.output(builder.quantize(builder.conv(x, weight), scale=64.0, zero_point=0))
+    model = builder.model()
+    proto = ir.serde.serialize_model(LowerQLinearConv()(ir.serde.deserialize_model(model)).model)
+    from qgraph import runtime
+    feeds = {"x": np.full((1, 64, 2, 2), 255.0, np.float32)}
+    expected = runtime.run(runtime.create_session(model), feeds)[out]
+    actual = runtime.run(runtime.create_session(proto), feeds)[out]
+    np.testing.assert_allclose(actual, expected, atol=64.0)
