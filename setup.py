@@ -1,19 +1,19 @@
 """Build the optional native parts; everything else is declared in pyproject.toml.
 
-- ``qgraph/quant/observers/_native.c``: the observers' single-pass loops (min-max, histogram binning). Without it
+- ``qgraph/native/observer_loops.c``: the observers' single-pass loops (min-max, histogram binning). Without it
   the observers use their numpy paths, which give the same results about twice as slowly
-  (``qgraph.quant.observers.base.NATIVE`` tells which one runs).
-- ``qgraph/train/_quantizer_gradient.c``: not a Python module but an onnxruntime custom-operator library, the fused
+  (``qgraph.calibrate.observers.base.NATIVE`` tells which one runs).
+- ``qgraph/native/quantizer_gradient.c``: not a Python module but an onnxruntime custom-operator library, the fused
   kernels of QAT's learnable activation quantizers (``qgraph.train.fused_gradients``). Without it QAT graphs keep
   onnxruntime's kernels, with the same values, slower.
 
-- ``qgraph/quant/observers/_observe_kernel.c``: an onnxruntime custom-operator library too, the calibration
-  observers' per-batch work run inside the probe graph (``qgraph.quant.observe_kernel``). Without it the probe
+- ``qgraph/native/observe_kernel.c``: an onnxruntime custom-operator library too, the calibration
+  observers' per-batch work run inside the probe graph (``qgraph.calibrate.observe_kernel``). Without it the probe
   returns every activation and the observers read them afterwards, with the same results, slower.
 
-The C headers they share sit beside them: ``qgraph/_ort_custom_op.h`` (the part of onnxruntime's C API the libraries
-use) and ``qgraph/quant/observers/_bin_loops.h`` (the binning loops). All are optional: where no C compiler is
-available the build carries on without them.
+Every C source and header is in ``qgraph/native/``: ``macros.h`` (the macros all share: CPU multiversioning, the
+exported symbol), ``ort_custom_op.h`` (the part of onnxruntime's C API the libraries use) and ``bin_loops.h`` (the
+binning loops). All are optional: where no C compiler is available the build carries on without them.
 """
 
 from setuptools import Extension, setup
@@ -34,25 +34,26 @@ setup(
     cmdclass={"build_ext": BuildExtension},
     ext_modules=[
         Extension(
-            "qgraph.quant.observers._native",
-            sources=["qgraph/quant/observers/_native.c"],
-            depends=["qgraph/quant/observers/_bin_loops.h"],
+            "qgraph.native._observer_loops",
+            sources=["qgraph/native/observer_loops.c"],
+            include_dirs=["qgraph/native"],
+            depends=["qgraph/native/bin_loops.h", "qgraph/native/macros.h"],
             optional=True,
         ),
         # not Python modules: onnxruntime custom-operator libraries (qgraph.train.fused_gradients and
-        # qgraph.quant.observe_kernel load them)
+        # qgraph.calibrate.observe_kernel load them)
         Extension(
-            "qgraph.train._quantizer_gradient",
-            sources=["qgraph/train/_quantizer_gradient.c"],
-            include_dirs=["qgraph"],
-            depends=["qgraph/_ort_custom_op.h"],
+            "qgraph.native._quantizer_gradient",
+            sources=["qgraph/native/quantizer_gradient.c"],
+            include_dirs=["qgraph/native"],
+            depends=["qgraph/native/ort_custom_op.h", "qgraph/native/macros.h"],
             optional=True,
         ),
         Extension(
-            "qgraph.quant.observers._observe_kernel",
-            sources=["qgraph/quant/observers/_observe_kernel.c"],
-            include_dirs=["qgraph", "qgraph/quant/observers"],
-            depends=["qgraph/_ort_custom_op.h", "qgraph/quant/observers/_bin_loops.h"],
+            "qgraph.native._observe_kernel",
+            sources=["qgraph/native/observe_kernel.c"],
+            include_dirs=["qgraph/native"],
+            depends=["qgraph/native/ort_custom_op.h", "qgraph/native/bin_loops.h", "qgraph/native/macros.h"],
             libraries=["m"],
             extra_link_args=["-pthread"],
             optional=True,

@@ -3,7 +3,7 @@
 It loads (or takes) a model, runs the pipeline of phases that the options ask for and saves the result
 atomically. Today the pipeline is canonicalisation; quantization phases plug in through the same options object.
 With ``options.qat`` the QDQ graph that quantization writes is fine-tuned (quantization-aware training, see
-:mod:`qgraph.train.qat`) before the target lowers it: canonicalize ─▶ quantize (QDQ) ─▶ QAT ─▶ lower ─▶ save.
+:mod:`qgraph.qat`) before the target lowers it: canonicalize ─▶ quantize (QDQ) ─▶ QAT ─▶ lower ─▶ save.
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ from typing import TYPE_CHECKING
 import onnx
 import onnx_ir as ir
 
-from qgraph.calibrate import CalibrationConfig
+from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.errors import QGraphError
-from qgraph.quantize import quantize
+from qgraph.ptq import quantize
 
 from qgraph.ir import load_model, save_model
 from qgraph.passes.infrastructure import PassManager, PassRecord
 from qgraph.passes.infrastructure import get_pass
-from qgraph.quantize import QuantizeOptions, QuantizeResult
-from qgraph.train.qat.options import QATOptions
+from qgraph.ptq import QuantizeOptions, QuantizeResult
+from qgraph.qat.options import QATOptions
 
 if TYPE_CHECKING:
-    from qgraph.train.qat.driver import QATResult
+    from qgraph.qat.driver import QATResult
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def optimize(
 def _fine_tune(quantized: QuantizeResult, float_model: onnx.ModelProto, options: OptimizeOptions, train_data,
                validation_data, training_progress) -> tuple[QATResult, QuantizeResult]:
     """QAT on the QDQ graph, then the target's lowering of the learned QDQ graph (as quantize would lower it)."""
-    from qgraph.train.qat import lower_qdq, run_qat
+    from qgraph.qat import lower_qdq, run_qat
 
     qat_result = run_qat(
         quantized.qdq_model, quantized.plan, quantized.parameters, float_model=float_model, train_data=train_data,

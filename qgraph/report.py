@@ -6,7 +6,7 @@
   hurts; 30 dB is about 3% relative error.
 - **Output SQNR** of every graph output, FP32 vs the final (lowered) model.
 - **Coverage**: which nodes stayed FP32 and why.
-- **Sensitivity** (automatic fallback, :mod:`qgraph.quant.sensitivity`): each layer's single-layer output SQNR (the
+- **Sensitivity** (automatic fallback, :mod:`qgraph.sensitivity`): each layer's single-layer output SQNR (the
   model with only that layer quantized), the output SQNR before and after fallback against the bound, and the layers
   that went back to FP32, most damaging first.
 - **Size** of the serialized model before and after; **latency**: median batch-1 run time in onnxruntime with full
@@ -27,10 +27,10 @@ import numpy as np
 import onnx
 
 from qgraph import runtime
-from qgraph.calibrate import build_probe
+from qgraph.calibrate.driver import build_probe
 from qgraph.errors import QGraphError
 from qgraph.quant.numerics import sqnr_db
-from qgraph.quant.sensitivity import SensitivityResult
+from qgraph.sensitivity import SensitivityResult
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def build_report(
     *,
     latency: bool = True,
 ) -> QuantizationReport:
-    """The report for a ``qgraph.quantize.QuantizeResult`` on a few calibration ``batches``."""
+    """The report for a ``qgraph.ptq.QuantizeResult`` on a few calibration ``batches``."""
     layers = layer_errors(float_model, result.qdq_model, result.plan.activations, batches) if result.qdq_model else ()
     outputs = output_errors(float_model, quantized_model, batches)
     before = after = None

@@ -58,8 +58,8 @@ def _memory_child(arguments: argparse.Namespace) -> None:
     batches = support.random_image_batches(arguments.samples, batch_size, support.input_shape_of(model))
     start = time.perf_counter()
     if arguments.quantizer == "qgraph":
-        from qgraph.calibrate import CalibrationConfig, calibrate
-        from qgraph.quant.annotate import annotate
+        from qgraph.calibrate.driver import CalibrationConfig, calibrate
+        from qgraph.annotate.annotator import annotate
         from qgraph.targets import get_target
 
         ir_model = ir.serde.deserialize_model(model)
@@ -142,11 +142,11 @@ def command_memory(arguments: argparse.Namespace) -> None:
 def command_speed(arguments: argparse.Namespace) -> None:
     import onnx_ir as ir
 
-    from qgraph.calibrate import CalibrationConfig, calibrate
-    from qgraph.quant.annotate import annotate
-    from qgraph.quant import observe_kernel
-    from qgraph.quant.observers.base import NATIVE
-    from qgraph.quantize import QuantizeOptions, quantize
+    from qgraph.calibrate.driver import CalibrationConfig, calibrate
+    from qgraph.annotate.annotator import annotate
+    from qgraph.calibrate import observe_kernel
+    from qgraph.calibrate.observers.base import NATIVE
+    from qgraph.ptq import QuantizeOptions, quantize
     from qgraph.targets import TargetOptions, get_target
 
     model = support.canonical_float_model(support.build_reference_model(arguments.model))

@@ -166,9 +166,9 @@ def qgraph_quantize(
     """qgraph PTQ of a FP32 model (canonicalize, annotate, calibrate, QDQ, lower) for ort-cpu; the OptimizeResult."""
     import onnx_ir as ir
 
-    from qgraph.calibrate import CalibrationConfig
+    from qgraph.calibrate.driver import CalibrationConfig
     from qgraph.pipeline import OptimizeOptions, optimize
-    from qgraph.quantize import QuantizeOptions
+    from qgraph.ptq import QuantizeOptions
     from qgraph.targets import TargetOptions
 
     options = OptimizeOptions(

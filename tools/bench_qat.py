@@ -35,12 +35,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qgraph.calibrate import CalibrationConfig
+from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.data import dataset_from_arrays, load_fashion_mnist
 from qgraph.pipeline import OptimizeOptions, optimize
-from qgraph.quantize import QuantizeOptions
+from qgraph.ptq import QuantizeOptions
 from qgraph.targets import TargetOptions
-from qgraph.train.qat import QATOptions
+from qgraph.qat import QATOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINED = ROOT / "models" / "trained"
@@ -105,10 +105,10 @@ def run_setting(path: Path, setting: str, data: dict, arguments) -> list[dict]:
 
 def step_cost(path: Path, arguments) -> dict:
     """Seconds per training step: QAT graph (w4; learnable or fixed scales) vs FP32 canonical and FP32 with BatchNorm."""
-    from qgraph.quantize import quantize
+    from qgraph.ptq import quantize
     from qgraph.train import TrainingConfig
     from qgraph.train.artifacts import build_training_artifacts
-    from qgraph.train.qat import build_fake_quant_graph
+    from qgraph.qat import build_fake_quant_graph
     from qgraph.train.session import TrainingSession
 
     original = onnx.load(path)

@@ -1,7 +1,7 @@
 """Sensitivity analysis and automatic fallback: the per-layer table and the output SQNR before and after fallback.
 
 For each model: canonicalize, calibrate, measure every layer's single-layer output SQNR (the model with only that
-layer quantized, see qgraph.quant.sensitivity) and let the fallback put layers back to FP32 until the output SQNR
+layer quantized, see qgraph.sensitivity) and let the fallback put layers back to FP32 until the output SQNR
 meets --min-sqnr. Models: the destructive MLP of the tests (one Gemm whose int8 weights lose everything but an
 outlier), and the reference models (models/trained/*.onnx when present, else untrained small ResNet built in code),
 calibrated on the bundled Fashion-MNIST subset; top-1 on the test subset where the model is trained.
@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from qgraph import runtime  # noqa: E402
-from qgraph.calibrate import CalibrationConfig  # noqa: E402
+from qgraph.calibrate.driver import CalibrationConfig  # noqa: E402
 from qgraph.pipeline import OptimizeOptions, optimize  # noqa: E402
-from qgraph.quant.sensitivity import DEFAULT_MIN_SQNR_DB  # noqa: E402
-from qgraph.quantize import QuantizeOptions  # noqa: E402
+from qgraph.sensitivity import DEFAULT_MIN_SQNR_DB  # noqa: E402
+from qgraph.ptq import QuantizeOptions  # noqa: E402
 from qgraph.report import output_errors  # noqa: E402
 from qgraph.targets import TargetOptions  # noqa: E402
 from tests.ptq.sensitivity_models import feature_batches, outlier_mlp  # noqa: E402

@@ -18,8 +18,8 @@ from qgraph.data import load_fashion_mnist
 from qgraph.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from qgraph.ir import load_model
 from qgraph.pipeline import OptimizeOptions, optimize
-from qgraph.quantize import QuantizeOptions
-from qgraph.calibrate import CalibrationConfig
+from qgraph.ptq import QuantizeOptions
+from qgraph.calibrate.driver import CalibrationConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ import abc
 import dataclasses
 import logging
 
-from qgraph.quant.annotate import AnnotationRules
+from qgraph.annotate.annotator import AnnotationRules
 from qgraph.quant.spec import QuantSpec
 
 logger = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 
 from qgraph.errors import QGraphError
-from qgraph.quant.annotate import BINARY_OPS, COMPUTE_OPS, FUSABLE_ACTIVATIONS, OWN_RANGE_OPS, PASS_THROUGH_OPS
-from qgraph.quant.annotate import AnnotationRules
+from qgraph.annotate.annotator import BINARY_OPS, COMPUTE_OPS, FUSABLE_ACTIVATIONS, OWN_RANGE_OPS, PASS_THROUGH_OPS
+from qgraph.annotate.annotator import AnnotationRules
 from qgraph.quant.spec import QuantSpec
 from qgraph.targets.base import Target
 from qgraph.targets.cpu_features import needs_reduce_range

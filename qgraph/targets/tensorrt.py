@@ -14,7 +14,7 @@ TensorRT reads Q/DQ pairs as the precision contract and fuses around them, so qg
 
 from __future__ import annotations
 
-from qgraph.quant.annotate import COMPUTE_OPS, AnnotationRules
+from qgraph.annotate.annotator import COMPUTE_OPS, AnnotationRules
 from qgraph.quant.spec import QuantSpec
 from qgraph.targets.base import Target
 

@@ -9,7 +9,7 @@ gradient, for the input and the scale, is
 
 which onnxruntime-training builds from nine kernels: ``Clip``, ``Equal``, ``FakeQuantGrad``, ``Identity``, two
 ``Mul``, ``Sub``, ``ReduceSum`` and ``Div``, each a pass over the tensor (about 280 µs for 200,704 values here,
-``FakeQuantGrad`` alone 105 µs). ``_quantizer_gradient.c``, an onnxruntime custom-operator library built with the
+``FakeQuantGrad`` alone 105 µs). ``qgraph/native/quantizer_gradient.c``, an onnxruntime custom-operator library built with the
 package, holds ``qgraph.training::QuantizerGradient``, which computes both in one pass (about 50 µs), and
 ``qgraph.training::FakeQuantize``, the QuantizeLinear → DequantizeLinear pair in one pass, bit for bit (31 against
 21 µs).
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 DOMAIN = "qgraph.training"
 OPERATOR = "QuantizerGradient"
 FORWARD_OPERATOR = "FakeQuantize"
-_LIBRARY_MODULE = "qgraph.train._quantizer_gradient"
+_LIBRARY_MODULE = "qgraph.native._quantizer_gradient"
 #: The nodes of the registered PassThrough gradient, in definition order (their names end in ``_<index>``).
 _GRADIENT_NODES = ("Clip", "Equal", "FakeQuantGrad", "Identity", "Mul", "Mul", "Sub", "ReduceSum", "Div")
 _EIGHT_BIT_TYPES = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)

@@ -127,7 +127,7 @@ def register_gradient_overrides() -> None:
         definition.attributes = converted
         return definition
 
-    # The learnable activation quantizer of QAT (qgraph.train.qat.fake_quant_graph): PassThrough(t̂, t, S, low,
+    # The learnable activation quantizer of QAT (qgraph.qat.fake_quant_graph): PassThrough(t̂, t, S, low,
     # high), where t̂ = DequantizeLinear(QuantizeLinear(t, S, z), S, z) and low, high = S·(qmin − z − ½),
     # S·(qmax − z + ½) are the ends of the quantization cells. Gradient: the STE mask m = 1[low ≤ t ≤ high] (t
     # rounds into the grid: nothing was clipped) to t, and LSQ's Σ dY·(c − m·t/S) =

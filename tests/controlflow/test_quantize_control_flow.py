@@ -13,11 +13,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from qgraph.calibrate import CalibrationConfig
+from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.pipeline import OptimizeOptions, optimize
-from qgraph.quant.annotate import RECURRENT_FP32_REASON
+from qgraph.annotate.annotator import RECURRENT_FP32_REASON
 from qgraph.quant.numerics import sqnr_db
-from qgraph.quantize import QuantizeOptions, quantize
+from qgraph.ptq import QuantizeOptions, quantize
 from qgraph.targets import TargetOptions
 from qgraph.testing import run_model
 from tests.controlflow.models import differing_shapes_model, speech_batches, speech_model
@@ -109,7 +109,7 @@ def test_a_branch_is_calibrated_only_on_the_batches_that_take_it():
 
 def test_a_branch_no_batch_takes_keeps_float_activations(caplog):
     model = speech_model(control="mode")
-    with caplog.at_level(logging.WARNING, logger="qgraph.calibrate"):
+    with caplog.at_level(logging.WARNING, logger="qgraph.calibrate.driver"):
         result = _quantize(model, speech_batches(3, mode=[True]), target_options=TargetOptions(format="qdq"))
     assert "no calibration batch took" in caplog.text and "else.conv" not in result.quantization.calibration.ranges
     proto = ir.serde.serialize_model(result.model)

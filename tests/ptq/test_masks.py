@@ -20,9 +20,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qgraph import runtime
-from qgraph.calibrate import CalibrationConfig
-from qgraph.quant.annotate import AnnotationRules, annotate
-from qgraph.quantize import QuantizeOptions, quantize
+from qgraph.calibrate.driver import CalibrationConfig
+from qgraph.annotate.annotator import AnnotationRules, annotate
+from qgraph.ptq import QuantizeOptions, quantize
 from qgraph.targets import TargetOptions, get_target
 
 SEQUENCE = 8

@@ -8,9 +8,9 @@ import pytest
 from onnx import numpy_helper
 
 from qgraph import runtime
-from qgraph.calibrate import CalibrationConfig
+from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.errors import QGraphError
-from qgraph.quantize import QuantizeOptions, quantize
+from qgraph.ptq import QuantizeOptions, quantize
 from qgraph.targets import TargetOptions, get_target
 from qgraph.targets.cpu_features import needs_reduce_range
 from tests.ptq.small_models import calibration_batches, residual_cnn

@@ -7,9 +7,9 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from qgraph.calibrate import CalibrationConfig
+from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.data import dataset_from_arrays
-from qgraph.quantize import QuantizeOptions, quantize
+from qgraph.ptq import QuantizeOptions, quantize
 from qgraph.targets import TargetOptions
 from tests.ptq.small_models import calibration_batches, residual_cnn
 

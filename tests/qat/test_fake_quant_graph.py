@@ -9,7 +9,7 @@ import pytest
 
 from qgraph.train import TrainingConfig
 from qgraph.train.artifacts import build_training_artifacts
-from qgraph.train.qat import build_fake_quant_graph
+from qgraph.qat import build_fake_quant_graph
 from qgraph.train.session import TrainingSession
 from tests.ptq.small_models import calibration_batches
 from tests.qat.helpers import quantized, two_layer_mlp
@@ -127,7 +127,7 @@ def test_straight_through_gradient_is_zero_where_clipped(tmp_path):
 @pytest.mark.parametrize(("zero_point", "qmin", "qmax"), [(0, -127, 127), (128, 0, 255), (0, -7, 7), (3, -128, 127)])
 def test_rounding_composition_is_quantize_linear_bit_for_bit(zero_point, qmin, qmax):
     """Clip to the cell, then (v + 1.5·2²³) − 1.5·2²³: QuantizeLinear's round-half-to-even and saturation."""
-    from qgraph.train.qat.fake_quant_graph import _Builder
+    from qgraph.qat.fake_quant_graph import _Builder
 
     builder = _Builder(onnx.ModelProto(), 1.0)
     nodes = builder.rounding_nodes("t", "v", zero_point, qmin, qmax, "codes")
@@ -148,7 +148,7 @@ def test_rounding_composition_is_quantize_linear_bit_for_bit(zero_point, qmin, q
 def test_pass_through_quantizer_trains_like_the_differentiable_composition(tmp_path, monkeypatch):
     """QuantizeLinear → DequantizeLinear → PassThrough with its registered gradient gives the STE and LSQ
     gradients that onnxruntime derives for Div → Clip → round → Mul."""
-    from qgraph.train.qat import fake_quant_graph
+    from qgraph.qat import fake_quant_graph
 
     float_model, result = quantized()
     feeds = calibration_batches(1, 8, seed=5)[0]

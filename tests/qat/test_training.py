@@ -8,8 +8,8 @@ import pytest
 
 from qgraph.testing import run_model
 from qgraph.train import ConstantSchedule, Trainer, TrainingConfig
-from qgraph.train.qat import QATOptions, build_fake_quant_graph, export_qdq, lower_qdq, run_qat
-from qgraph.train.qat.export import learned_scales, read_checkpoint_parameters
+from qgraph.qat import QATOptions, build_fake_quant_graph, export_qdq, lower_qdq, run_qat
+from qgraph.qat.export import learned_scales, read_checkpoint_parameters
 from tests.qat.helpers import dataset, labelled_data, quantized
 
 
@@ -88,7 +88,7 @@ def test_export_matches_eval_mode_within_one_step(tmp_path, weight_bits):
 
 
 def _quantize_options():
-    from qgraph.quantize import QuantizeOptions
+    from qgraph.ptq import QuantizeOptions
     from qgraph.targets import TargetOptions
 
     return QuantizeOptions(target_options=TargetOptions(format="qoperator", reduce_range="off"))

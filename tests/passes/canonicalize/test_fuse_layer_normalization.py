@@ -199,7 +199,7 @@ def test_a_layer_norm_inside_an_if_branch_fuses_there():
 
 
 def test_the_fused_layer_norm_stays_fp32_in_the_quantization_plan():
-    from qgraph.quant.annotate import annotate
+    from qgraph.annotate.annotator import annotate
     from qgraph.targets import TargetOptions, get_target
 
     check = check_pass(layer_norm(), FuseLayerNormalization())

@@ -1,0 +1,248 @@
+"""Post-training quantization of a canonical model: annotate ─▶ calibrate ─▶ parameters ─▶ QDQ ─▶ lower.
+
+This driver is what ``optimize`` runs when calibration data is given. Each phase is its own step so that QAT can
+reuse the plan and the QDQ graph: QAT starts from the QDQ model this module builds, before lowering.
+
+Parameters come from ranges: activations per tensor from the calibration observers (scale groups share the union of
+their ranges), weights per output channel from the weight itself (min-max, or the MSE-optimal clipping per channel),
+biases from ``s_input · s_weight`` (see :mod:`qgraph.passes.quantize.insert_quantize_dequantize`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+import logging
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qgraph.calibrate.driver import CalibrationConfig, CalibrationResult, calibrate, merge_group_ranges
+from qgraph.errors import QGraphError, UnsupportedModelError
+from qgraph.ir.versions import convert_opset
+from qgraph.ir.traversal import iterate_graphs
+from qgraph.passes.infrastructure import PassManager, PassRecord
+from qgraph.passes.infrastructure import get_pass
+from qgraph.annotate.annotator import AnnotationOverrides, annotate
+from qgraph.annotate.config_file import check_override_names, load_overrides
+from qgraph.quant.plan import QuantPlan
+from qgraph.ir.subgraphs import make_names_unique
+from qgraph.sensitivity import (
+    DEFAULT_MIN_SQNR_DB,
+    DEFAULT_SENSITIVITY_BATCHES,
+    SensitivityResult,
+    fall_back,
+    retain_batches,
+    validate_min_sqnr,
+)
+from qgraph.quant.spec import QuantParams, compute_quant_params
+from qgraph.targets import TargetOptions, get_target
+
+logger = logging.getLogger(__name__)
+
+#: Operators whose presence means the model is quantized already.
+QUANTIZED_OPERATORS = frozenset(
+    {
+        "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+        "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat",
+        "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "FakeQuant",
+        "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+    }
+)
+WEIGHT_METHODS = ("minmax", "mse")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeOptions:
+    target: str = "ort-cpu"
+    target_options: TargetOptions = dataclasses.field(default_factory=TargetOptions)
+    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+    weight_method: str = "minmax"
+    overrides: AnnotationOverrides = dataclasses.field(default_factory=AnnotationOverrides)
+    #: Quantize a model that already holds quantized operators (normally refused).
+    requantize: bool = False
+    #: A TOML file of per-tensor overrides (see :mod:`qgraph.annotate.config_file`), merged into ``overrides``.
+    config: Path | None = None
+    #: LSTM/GRU/RNN: "fp32" keeps them float; "dynamic" runs LSTMs as com.microsoft DynamicQuantizeLSTM (int8
+    #: weights) on target ort-cpu. GRU and RNN stay FP32 either way (no such kernel).
+    recurrent: str = "fp32"
+    #: Automatic fallback: layers go back to FP32, most damaging first, until the output SQNR (dB) on the first
+    #: calibration batches reaches this bound; None turns it off (see :mod:`qgraph.sensitivity`).
+    min_sqnr: float | None = DEFAULT_MIN_SQNR_DB
+    #: Calibration batches the sensitivity analysis runs on.
+    sensitivity_batches: int = DEFAULT_SENSITIVITY_BATCHES
+    #: Measure the per-layer sensitivity table even when the bound is met (for a report).
+    sensitivity_table: bool = False
+
+    def __post_init__(self) -> None:
+        from qgraph.annotate.annotator import RECURRENT_MODES
+
+        if self.recurrent not in RECURRENT_MODES:
+            raise QGraphError(f"unknown recurrent mode {self.recurrent!r}; choose one of {', '.join(RECURRENT_MODES)}")
+        validate_min_sqnr(self.min_sqnr)
+        if self.sensitivity_batches < 1:
+            raise QGraphError(f"sensitivity_batches must be at least 1, got {self.sensitivity_batches}")
+        if self.weight_method not in WEIGHT_METHODS:
+            raise QGraphError(f"unknown weight method {self.weight_method!r}; choose one of {', '.join(WEIGHT_METHODS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeResult:
+    model: ir.Model
+    plan: QuantPlan
+    calibration: CalibrationResult
+    parameters: Mapping[str, QuantParams]
+    records: tuple[PassRecord, ...]
+    #: The QDQ graph before lowering (per-layer error analysis and QAT start from it).
+    qdq_model: onnx.ModelProto | None = None
+    #: Output SQNR, per-layer sensitivity and the layers that fell back (None with ``min_sqnr=None``).
+    sensitivity: SensitivityResult | None = None
+
+
+def quantized_operators(model: ir.Model) -> list[str]:
+    return sorted({node.op_type for graph in iterate_graphs(model) for node in graph} & QUANTIZED_OPERATORS)
+
+
+def ensure_opset(model: ir.Model, minimum: int) -> ir.Model:
+    """``model`` at default-domain opset ``minimum`` or later (converted with onnx's version converter)."""
+    current = model.opset_imports.get("", 0)
+    if current >= minimum:
+        return model
+    converted = ir.serde.deserialize_model(convert_opset(ir.serde.serialize_model(model), minimum))
+    converted.meta.update(model.meta)
+    return converted
+
+
+def weight_range(array: np.ndarray, axis: int | None, method: str, spec) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (or per-tensor) range of a weight: plain min/max, or the MSE-optimal clipping per channel."""
+    from qgraph.calibrate.observers import mse_weight_range
+    from qgraph.calibrate.observers.base import channel_matrix
+
+    matrix = channel_matrix(array, axis) if axis is not None else array.reshape(1, -1)
+    if method == "mse":
+        low, high = mse_weight_range(matrix, spec)
+    else:
+        low, high = matrix.min(axis=1), matrix.max(axis=1)
+    return (low, high) if axis is not None else (low[0], high[0])
+
+
+def compute_parameters(
+    model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], *, per_channel: bool, weight_method: str
+) -> dict[str, QuantParams]:
+    parameters: dict[str, QuantParams] = {}
+    for tensor in plan.activations:
+        if tensor not in ranges:
+            continue
+        low, high = ranges[tensor]
+        parameters[tensor] = compute_quant_params(plan.activation_spec_of(tensor), low, high)
+    # weights may live in If branches (their own initializers) as well as in the main graph
+    initializers = {name: value for graph in model.graphs() for name, value in graph.initializers.items()}
+    for weight in plan.weights:
+        if weight.name in parameters or weight.name not in initializers:
+            continue
+        array = initializers[weight.name].const_value.numpy().astype(np.float32)
+        if not np.all(np.isfinite(array)):
+            raise UnsupportedModelError(f"weight {weight.name!r} holds NaN or Inf; it cannot be quantized")
+        override = plan.weight_overrides.get(weight.name)
+        if override is not None:  # a --config entry: axis None means per tensor, anything else per channel
+            axis = weight.axis if override.axis is not None else None
+        else:
+            axis = weight.axis if per_channel else None
+        spec = plan.weight_spec_of(weight.name).with_axis(axis)
+        low, high = weight_range(array, axis, weight_method, spec)
+        parameters[weight.name] = compute_quant_params(spec, low, high)
+    return parameters
+
+
+def quantize(
+    model: ir.Model,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    options: QuantizeOptions | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+    lower: bool = True,
+) -> QuantizeResult:
+    """Quantize a canonical FP32 model with calibration ``batches``; ``lower=False`` stops at the QDQ graph."""
+    options = options or QuantizeOptions()
+    found = quantized_operators(model)
+    if found and not options.requantize:
+        raise UnsupportedModelError(
+            f"the model is already quantized (it contains {', '.join(found)}); pass --requantize to quantize it again"
+        )
+    target = get_target(options.target, options.target_options)
+    model = ensure_opset(model, target.minimum_opset)
+    make_names_unique(model)
+    if options.config is not None:
+        rules = target.rules()
+        options = dataclasses.replace(
+            options,
+            overrides=load_overrides(
+                options.config,
+                base=options.overrides,
+                activation_spec=rules.activation_spec,
+                weight_spec=target.weight_spec(0),
+            ),
+        )
+    plan = annotate(model, target.rules(), options.overrides, recurrent=options.recurrent)
+    check_override_names(plan)
+    if not plan.activations and not plan.weights and not plan.dynamic_nodes:
+        raise UnsupportedModelError(
+            "nothing in the model can be quantized for target "
+            f"{target.name} ({len(plan.fp32_nodes)} nodes stay FP32)"
+        )
+    kept: list[Mapping[str, np.ndarray]] = []
+    if options.min_sqnr is not None:
+        batches = retain_batches(batches, options.sensitivity_batches, kept)
+    calibration = calibrate(model, plan, batches, options.calibration, progress=progress)
+    parameters = compute_parameters(
+        model,
+        plan,
+        calibration.ranges,
+        per_channel=target.options.per_channel,
+        weight_method=options.weight_method,
+    )
+    sensitivity = None
+    if options.min_sqnr is not None:
+        plan, parameters, calibration, sensitivity = _fall_back(model, plan, parameters, calibration, kept, options,
+                                                                target)
+    quantize_passes = [get_pass("InsertQuantizeDequantize")(plan=plan, parameters=parameters)]
+    if plan.dynamic_nodes:
+        weight_spec = target.rules().weight_spec
+        quantize_passes.append(get_pass("QuantizeLSTMDynamic")(
+            nodes=plan.dynamic_nodes, qmax=weight_spec.qmax, per_channel=target.options.per_channel,
+            guard_saturation=target.saturation_guard(),
+        ))
+    records = list(PassManager(quantize_passes).run(model).records)
+    qdq_model = ir.serde.serialize_model(model)
+    if lower and target.lowering_passes():
+        lowering = PassManager(target.lowering_pipeline(), fixed_point=True)
+        records.extend(lowering.run(model).records)
+        records.extend(PassManager([get_pass("EliminateDeadCode")()]).run(model).records)
+    return QuantizeResult(model, plan, calibration, parameters, tuple(records), qdq_model, sensitivity)
+
+
+def _fall_back(model, plan, parameters, calibration, batches, options: QuantizeOptions, target):
+    """Automatic fallback by sensitivity; re-planning reuses the calibrated ranges (see qgraph.sensitivity)."""
+    ranges = dict(calibration.ranges)
+    merged: list[dict[str, tuple[float, float]]] = []
+
+    def replan(excluded: frozenset[str]):
+        overrides = dataclasses.replace(options.overrides, exclude=options.overrides.exclude | excluded)
+        new_plan = annotate(model, target.rules(), overrides, recurrent=options.recurrent)
+        missing = [tensor for tensor in new_plan.activations if tensor not in ranges]
+        if missing:
+            logger.info("calibrating %d tensors that the fallback plan quantizes anew", len(missing))
+            restricted = dataclasses.replace(new_plan, activations=tuple(missing), groups=())
+            ranges.update(calibrate(model, restricted, batches, options.calibration).ranges)
+        # A scale group takes the union of its members' ranges (each already a group union: still a valid range).
+        merged[:] = [merge_group_ranges(ranges, new_plan)]
+        return new_plan, compute_parameters(model, new_plan, merged[0], per_channel=target.options.per_channel,
+                                            weight_method=options.weight_method)
+
+    outcome = fall_back(model, plan, parameters, batches, min_sqnr=options.min_sqnr, replan=replan,
+                        full_table=options.sensitivity_table, threads=options.calibration.threads)
+    if outcome.sensitivity.fell_back:
+        calibration = dataclasses.replace(calibration, ranges=merged[0])
+    return outcome.plan, outcome.parameters, calibration, outcome.sensitivity
