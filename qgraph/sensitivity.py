@@ -60,6 +60,8 @@ import onnx_ir as ir
 
 from qgraph import runtime
 from qgraph.errors import QGraphError
+from qgraph.ir.edit import new_initializer
+from qgraph.ir.naming import NameScope
 from qgraph.quant.plan import QuantPlan
 
 logger = logging.getLogger(__name__)
@@ -212,11 +214,13 @@ def build_switchable_model(
     """The QDQ graph of ``plan`` whose quantization is selected per layer by the bool input ``ENABLE_INPUT``."""
     working = build_qdq(model, plan, parameters)
     graph = working.graph
+    names = NameScope(working)
     owners: dict[str, set[int]] = {}
     for index, layer in enumerate(layers):
         for tensor in layer.tensors:
             owners.setdefault(tensor, set()).add(index)
 
+    names.reserve([ENABLE_INPUT])
     enable = ir.Value(name=ENABLE_INPUT, type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([len(layers)]))
     graph.inputs.append(enable)
     flags: dict[frozenset[int], ir.Value] = {}
@@ -227,11 +231,15 @@ def build_switchable_model(
             return flags[members]
         ordered = sorted(members)
         if len(ordered) == 1:
-            index = _initializer(graph, f"qgraph_sensitivity_index_{ordered[0]}", np.array(ordered[0], np.int64))
-            node = ir.node("Gather", [enable, index], {"axis": 0}, name=f"qgraph_sensitivity_flag_{ordered[0]}")
+            index = new_initializer(
+                graph, names, f"qgraph_sensitivity_index_{ordered[0]}", np.array(ordered[0], np.int64)
+            )
+            node = ir.node(
+                "Gather", [enable, index], {"axis": 0}, name=names.fresh(f"qgraph_sensitivity_flag_{ordered[0]}")
+            )
         else:
             node = ir.node("Or", [flag(frozenset(ordered[:-1])), flag(frozenset(ordered[-1:]))],
-                           name="qgraph_sensitivity_flag_" + "_".join(map(str, ordered)))
+                           name=names.fresh("qgraph_sensitivity_flag_" + "_".join(map(str, ordered))))
         node.outputs[0].name = node.name
         node.outputs[0].type = ir.TensorType(ir.DataType.BOOL)
         node.outputs[0].shape = ir.Shape([])
@@ -260,7 +268,7 @@ def build_switchable_model(
             continue
         uses = list(dequantized.uses())
         where = ir.node("Where", [flag(frozenset(owners[name])), dequantized, float_value],
-                        name=f"{dequantized.name}_switch")
+                        name=names.fresh(f"{dequantized.name}_switch"))
         where.outputs[0].name = where.name
         where.outputs[0].type = float_value.type
         where.outputs[0].shape = float_value.shape
@@ -274,14 +282,6 @@ def build_switchable_model(
         graph.insert_before(graph[0], flag_nodes)
     logger.debug("switchable model: %d layers, %d flags", len(layers), len(flags))
     return ir.serde.serialize_model(working)
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.type = ir.TensorType(value.const_value.dtype)
-    value.shape = ir.Shape(array.shape)
-    graph.register_initializer(value)
-    return value
 
 
 def _float_constant(graph: ir.Graph, model: ir.Model, name: str) -> ir.Value:

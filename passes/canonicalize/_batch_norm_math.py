@@ -36,7 +36,7 @@ from qgraph.passes._rewrite_support import (
     dtype_refusal,
     known_rank_and_dtype,
     same_graph_refusal,
-    sole_reader_refusal,
+    sole_consumer_refusal,
 )
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,9 @@ def plan_fold(node: ir.Node) -> FoldPlan | str:
         return f"its input {activation.name!r} has no producer (a graph input or a constant)"
     if producer.domain not in ("", "ai.onnx"):
         return f"its producer {producer.domain}::{producer.op_type} cannot absorb a BatchNorm"
-    reason = same_graph_refusal(producer, node) or sole_reader_refusal(activation, node)
+    reason = same_graph_refusal(producer, node) or sole_consumer_refusal(
+        activation, f"the {producer.op_type} output", node
+    )
     if reason is not None:
         return reason
     bias_add = None
@@ -162,7 +164,7 @@ def _matmul_under_bias_add(add: ir.Node) -> tuple[ir.Node | None, str | None]:
         return None, "its producer Add is not a MatMul plus a constant bias"
     reason = (
         same_graph_refusal(matmul, add)
-        or sole_reader_refusal(matmul.outputs[0], add)
+        or sole_consumer_refusal(matmul.outputs[0], "the MatMul output", add)
         or constant_refusal(bias, "bias of the Add after MatMul")
         or dtype_refusal(bias, "bias of the Add after MatMul")
     )

@@ -29,6 +29,7 @@ from collections.abc import Iterable
 import onnx_ir as ir
 from onnx_ir.passes import PassResult
 
+from qgraph.ir.edit import drop_unused_initializers, release_captures
 from qgraph.ir.traversal import node_subgraphs
 from qgraph.passes.infrastructure import QGraphPass
 from qgraph.passes.infrastructure import Phase
@@ -58,7 +59,7 @@ class EliminateDeadCode(QGraphPass):
             removed_nodes += self._clean_graph(function)
         removed_initializers = 0
         for graph in model.graphs():
-            removed_initializers += _remove_unread_initializers(graph)
+            removed_initializers += drop_unused_initializers(graph.initializers.values())
         if removed_nodes or removed_initializers:
             logger.debug(
                 "%s: removed %d node(s) and %d initializer(s)", self.pass_name(), removed_nodes, removed_initializers
@@ -82,7 +83,8 @@ class EliminateDeadCode(QGraphPass):
                             self.pass_name(), node.name, node.domain, node.op_type,
                         )
                         continue
-                    _release_subgraph_captures(node)
+                    for body in node_subgraphs(node):
+                        release_captures(body)
                     graph.remove(node, safe=True)
                     removed_this_walk += 1
                 else:
@@ -113,17 +115,6 @@ class EliminateDeadCode(QGraphPass):
         return frozenset(pure)
 
 
-
-def _release_subgraph_captures(node: ir.Node) -> None:
-    """Detach every node nested in ``node``'s bodies from its inputs, so outer values lose those captures."""
-    for subgraph in node_subgraphs(node):
-        for inner in reversed(list(subgraph)):
-            _release_subgraph_captures(inner)
-            for index in range(len(inner.inputs)):
-                if inner.inputs[index] is not None:
-                    inner.replace_input_with(index, None)
-
-
 def _is_topologically_ordered(graph: ir.Graph | ir.Function) -> bool:
     """Whether every node of ``graph`` comes after the producers of its inputs that live in the same graph."""
     seen: set[int] = set()
@@ -134,13 +125,3 @@ def _is_topologically_ordered(graph: ir.Graph | ir.Function) -> bool:
                 return False
         seen.add(id(node))
     return True
-
-
-def _remove_unread_initializers(graph: ir.Graph) -> int:
-    removed = 0
-    for name, value in list(graph.initializers.items()):
-        if value.uses() or value.is_graph_input() or value.is_graph_output():
-            continue
-        graph.initializers.pop(name)
-        removed += 1
-    return removed

@@ -30,13 +30,12 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.ir.values import DEFAULT_DOMAINS, constant_array, node_default_opset, static_shape
 from qgraph.passes.infrastructure import RewritePass
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
 
 logger = logging.getLogger(__name__)
-
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,33 +43,6 @@ class _NoOp:
     node: ir.Node
     data: ir.Value
     output: ir.Value
-
-
-def default_opset_version(node: ir.Node, model: ir.Model) -> int | None:
-    """The default-domain opset version that applies to ``node`` (its function's imports, else the model's)."""
-    graph = node.graph
-    imports = graph.opset_imports if graph is not None else {}
-    for domain in _DEFAULT_DOMAINS:
-        if domain in imports:
-            return imports[domain]
-    for domain in _DEFAULT_DOMAINS:
-        if domain in model.opset_imports:
-            return model.opset_imports[domain]
-    return None
-
-
-def _constant_array(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.is_graph_input() or not value.is_initializer() or value.const_value is None:
-        return None
-    return value.const_value.numpy()
-
-
-def _static_shape(value: ir.Value) -> tuple[int, ...] | None:
-    if value.const_value is not None:
-        return tuple(value.const_value.shape)
-    if value.shape is None or not all(isinstance(size, int) for size in value.shape):
-        return None
-    return tuple(value.shape)
 
 
 def resolved_reshape(input_shape: tuple[int, ...], target: np.ndarray, *, allow_zero: bool) -> tuple[int, ...] | None:
@@ -101,7 +73,7 @@ class EliminateIdentity(RewritePass):
     summary = "remove Identity and no-op Dropout (inference), Cast (same type) and Reshape (same static shape)"
 
     def match(self, node: ir.Node) -> _NoOp | None:
-        if node.domain not in _DEFAULT_DOMAINS or not node.inputs or not node.outputs:
+        if node.domain not in DEFAULT_DOMAINS or not node.inputs or not node.outputs:
             return None
         data = node.inputs[0]
         if data is None:
@@ -156,8 +128,8 @@ class EliminateIdentity(RewritePass):
         logger.debug("%s: removed %s (%s)", self.pass_name(), node.name, node.op_type)
 
     def _is_inference_dropout(self, node: ir.Node) -> bool:
-        version = default_opset_version(node, self.model)
-        if version is None:
+        version = node_default_opset(node, self.model)
+        if version == 0:  # no default-domain import: not a Dropout whose semantics are known
             return False
         if version < 7:
             is_test = node.attributes.get("is_test")
@@ -166,7 +138,7 @@ class EliminateIdentity(RewritePass):
             return True
         if len(node.inputs) < 3 or node.inputs[2] is None:
             return True
-        training_mode = _constant_array(node.inputs[2])
+        training_mode = constant_array(node.inputs[2])
         return training_mode is not None and training_mode.size == 1 and not bool(training_mode.reshape(-1)[0])
 
     @staticmethod
@@ -181,8 +153,8 @@ class EliminateIdentity(RewritePass):
     def _is_same_shape_reshape(node: ir.Node, data: ir.Value) -> bool:
         if len(node.inputs) < 2:
             return False
-        target = _constant_array(node.inputs[1])
-        input_shape = _static_shape(data)
+        target = constant_array(node.inputs[1])
+        input_shape = static_shape(data)
         if target is None or input_shape is None or target.ndim != 1:
             return False
         allow_zero = node.attributes.get("allowzero")

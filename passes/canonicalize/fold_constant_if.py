@@ -42,7 +42,10 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import PassResult
 
-from qgraph.ir.traversal import iterate_graphs, node_subgraphs
+from qgraph.ir.edit import drop_unused_initializers, release_captures
+from qgraph.ir.naming import NameScope, names_in_graph, names_in_model
+from qgraph.ir.traversal import iterate_graphs
+from qgraph.ir.values import constant_array, is_op
 from qgraph.passes.infrastructure import QGraphPass
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
@@ -51,51 +54,20 @@ logger = logging.getLogger(__name__)
 
 
 def constant_condition(value: ir.Value | None) -> np.ndarray | None:
-    """The array of a constant If condition: a non-input initializer, or a ``Constant`` node's ``value``."""
+    """The array of a constant If condition: a constant (:func:`~qgraph.ir.values.constant_array`), or the ``value``
+    of the ``Constant`` node that produces it (inside a function, where Constant nodes stay)."""
     if value is None:
         return None
-    if value.const_value is not None and not value.is_graph_input():
-        return value.const_value.numpy()
+    array = constant_array(value)
+    if array is not None:
+        return array
     producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
+    if is_op(producer, "Constant"):
         attribute = producer.attributes.get("value")
         if attribute is not None and not attribute.is_ref() and attribute.type == ir.AttributeType.TENSOR:
             return attribute.as_tensor().numpy()
     return None
 
-
-
-def _release_captures(graph: ir.Graph) -> None:
-    """Detach every node of ``graph`` (recursively) from its inputs, so outer values lose these uses."""
-    for node in reversed(list(graph)):
-        for subgraph in node_subgraphs(node):
-            _release_captures(subgraph)
-        for index in range(len(node.inputs)):
-            if node.inputs[index] is not None:
-                node.replace_input_with(index, None)
-
-
-def _names_in(graph: ir.Graph | ir.Function, names: set[str]) -> None:
-    for value in graph.inputs:
-        names.add(value.name)
-    if isinstance(graph, ir.Graph):
-        names.update(graph.initializers)
-    for node in graph:
-        if node.name:
-            names.add(node.name)
-        for value in node.outputs:
-            if value.name:
-                names.add(value.name)
-        for subgraph in node_subgraphs(node):
-            _names_in(subgraph, names)
-
-
-def _fresh(base: str, taken: set[str]) -> str:
-    name, counter = base, 1
-    while name in taken:
-        name, counter = f"{base}_{counter}", counter + 1
-    taken.add(name)
-    return name
 
 
 @register
@@ -136,7 +108,7 @@ class FoldConstantIf(QGraphPass):
     def _next_candidate(self, model: ir.Model, refused: set[int]) -> tuple[ir.Node, bool] | None:
         for graph in iterate_graphs(model):
             for node in graph:
-                if node.op_type != "If" or node.domain not in ("", "ai.onnx") or id(node) in refused:
+                if not is_op(node, "If") or id(node) in refused:
                     continue
                 condition = constant_condition(node.inputs[0] if node.inputs else None)
                 if condition is None:
@@ -168,31 +140,26 @@ class FoldConstantIf(QGraphPass):
         graph = node.graph
         branch = node.attributes["then_branch" if taken else "else_branch"].as_graph()
         untaken = node.attributes["else_branch" if taken else "then_branch"].as_graph()
-        names: set[str] = set()
-        _names_in(model.graph, names)
-        for function in model.functions.values():
-            _names_in(function, names)
-        # Names inside the two branches are free once the If is gone; the If's output names stay reserved, since
-        # a graph output among them is handed to the value that replaces it.
-        freed: set[str] = set()
-        _names_in(branch, freed)
-        _names_in(untaken, freed)
-        names -= freed
-        names.update(value.name for value in node.outputs if value.name)
+        # Node and value names share one scope here. Names inside the two branches are free once the If is gone;
+        # the If's output names stay reserved, since a graph output among them is handed to the value that
+        # replaces it.
+        freed = names_in_graph(branch, node_names=True) | names_in_graph(untaken, node_names=True)
+        names = NameScope.of_names(names_in_model(model, node_names=True) - freed)
+        names.reserve(value.name for value in node.outputs)
 
         branch_outputs = list(branch.outputs)
         branch.outputs.clear()
         for name, initializer in list(branch.initializers.items()):
             branch.initializers.pop(name)
-            initializer.name = _fresh(initializer.name, names)
+            initializer.name = names.fresh(initializer.name)
             graph.register_initializer(initializer)
         for inner in list(branch):
             branch.remove(inner)
             if inner.name:
-                inner.name = _fresh(inner.name, names)
+                inner.name = names.fresh(inner.name)
             for output in inner.outputs:
                 if output.name:
-                    output.name = _fresh(output.name, names)
+                    output.name = names.fresh(output.name)
             graph.insert_before(node, inner)
 
         renamed: set[int] = set()
@@ -206,7 +173,7 @@ class FoldConstantIf(QGraphPass):
                 made_here = producer is not None and producer.graph is graph and not branch_output.is_graph_output()
                 if not made_here or id(branch_output) in renamed:
                     # A captured value or an initializer keeps its own name: copy it under the interface name.
-                    copy = ir.node("Identity", [branch_output], name=_fresh(f"{if_output.name}_Identity", names))
+                    copy = ir.node("Identity", [branch_output], name=names.fresh(f"{if_output.name}_Identity"))
                     copy.outputs[0].type, copy.outputs[0].shape = branch_output.type, branch_output.shape
                     graph.insert_before(node, copy)
                     branch_output = copy.outputs[0]
@@ -215,10 +182,10 @@ class FoldConstantIf(QGraphPass):
                 branch_output.name = interface_name
                 renamed.add(id(branch_output))
             if_output.replace_all_uses_with(branch_output, replace_graph_outputs=True)
-        _release_captures(untaken)
+        release_captures(untaken)
         condition = node.inputs[0]
         graph.remove(node, safe=True)
-        _drop_if_unread(condition)
+        drop_unused_initializers([condition])
         logger.debug("%s: inlined the %s branch of %s", self.pass_name(), "then" if taken else "else", node.name)
 
 
@@ -239,12 +206,3 @@ def _shape_error(proto) -> str | None:
     except Exception as error:  # onnx raises InferenceError and assorted checker errors
         return (str(error).strip().splitlines() or [type(error).__name__])[0]
     return None
-
-
-def _drop_if_unread(value: ir.Value | None) -> None:
-    if value is None or value.uses() or value.is_graph_input() or value.is_graph_output():
-        return
-    if value.is_initializer():
-        graph = value.graph
-        if graph is not None and graph.initializers.get(value.name) is value:
-            graph.initializers.pop(value.name)

@@ -44,13 +44,13 @@ import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 from onnx_ir.passes import PassResult
 
+from qgraph.ir.edit import drop_unused_initializers
+from qgraph.ir.values import DEFAULT_DOMAINS, constant_refusal, default_opset, static_shape
 from qgraph.passes.infrastructure import QGraphPass
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
 
 logger = logging.getLogger(__name__)
-
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 
 NON_DETERMINISTIC_OPERATORS = frozenset(
     {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
@@ -72,19 +72,6 @@ FOLDABLE_DTYPES = frozenset(
 _SHAPE_INFERENCE_DATA_ELEMENTS = 4096
 
 
-def static_shape(value: ir.Value) -> tuple[int, ...] | None:
-    """The fully static shape of ``value`` (declared or inferred), or ``None`` if any dimension is unknown."""
-    if value.shape is not None and all(isinstance(size, int) for size in value.shape):
-        return tuple(value.shape)
-    if value.const_value is not None and not value.is_graph_input():
-        return tuple(value.const_value.shape)
-    return None
-
-
-def _is_constant(value: ir.Value) -> bool:
-    return value.is_initializer() and value.const_value is not None
-
-
 class _Refusal(Exception):
     """Raised inside a fold attempt with the reason the node stays."""
 
@@ -103,8 +90,8 @@ class FoldConstants(QGraphPass):
         self.max_output_elements = max_output_elements
 
     def call(self, model: ir.Model) -> PassResult:
-        opset = next((model.opset_imports[name] for name in _DEFAULT_DOMAINS if name in model.opset_imports), None)
-        if opset is None:
+        opset = default_opset(model)
+        if opset == 0:  # imports no default-domain operator set, so it holds no node to fold
             return PassResult(model, False)
         folded = 0
         for graph in list(model.graphs()):
@@ -128,12 +115,12 @@ class FoldConstants(QGraphPass):
 
     def _fold(self, node: ir.Node, opset: int) -> list[np.ndarray] | None:
         """The values of the node's outputs, ``None`` when the node is not a candidate; raises ``_Refusal``."""
-        if node.op_type in ("Shape", "Size") and node.domain in _DEFAULT_DOMAINS:
+        if node.op_type in ("Shape", "Size") and node.domain in DEFAULT_DOMAINS:
             return self._fold_shape(node)
         present = [value for value in node.inputs if value is not None]
-        if node.op_type == "Constant" or not present or not all(_is_constant(value) for value in present):
+        if node.op_type == "Constant" or not present or not all(value.is_initializer() for value in present):
             return None  # not a constant expression (Constant nodes are LiftConstants' job)
-        if node.domain not in _DEFAULT_DOMAINS:
+        if node.domain not in DEFAULT_DOMAINS:
             raise _Refusal(f"operator domain {node.domain!r} is not the default ONNX domain")
         if node.op_type in NON_DETERMINISTIC_OPERATORS:
             raise _Refusal("the operator is non-deterministic")
@@ -143,8 +130,9 @@ class FoldConstants(QGraphPass):
         if any(attribute.type in graph_types for attribute in node.attributes.values()):
             raise _Refusal("the operator has subgraphs")
         for value in present:
-            if value.is_graph_input():
-                raise _Refusal(f"input {value.name!r} is a graph input (a caller can override it)")
+            reason = constant_refusal(value, "input")
+            if reason is not None:
+                raise _Refusal(reason)
             if value.const_value.dtype not in FOLDABLE_DTYPES:
                 raise _Refusal(f"input {value.name!r} has element type {value.const_value.dtype.name}")
         input_elements = sum(math.prod(value.const_value.shape) for value in {id(v): v for v in present}.values())
@@ -265,18 +253,8 @@ class FoldConstants(QGraphPass):
         graph.remove(node, safe=True)
         for initializer in new_initializers:
             graph.register_initializer(initializer)
-        for value in inputs:
-            _drop_if_unread(value)
+        drop_unused_initializers(inputs)
         logger.debug("%s: folded %s (%s)", self.pass_name(), node.name, node.op_type)
-
-
-def _drop_if_unread(value: ir.Value) -> None:
-    """Remove an initializer that nothing reads any more (graph inputs and outputs are part of the interface)."""
-    if not value.is_initializer() or value.uses() or value.is_graph_input() or value.is_graph_output():
-        return
-    graph = value.graph
-    if graph is not None and graph.initializers.get(value.name) is value:
-        graph.initializers.pop(value.name)
 
 
 def _infer_one_node(node: ir.Node, opset: int) -> dict[str, tuple[tuple[int, ...] | None, ir.DataType | None]]:

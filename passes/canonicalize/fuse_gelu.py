@@ -44,13 +44,13 @@ from qgraph.passes.canonicalize._pattern_matching import (
     close_to,
     default_opset,
     ensure_microsoft_domain,
-    fan_out_reason,
     is_op,
     other_operand,
     private_value_refusal,
     producer_if,
     scalar_constant,
     sole_consumer,
+    sole_consumer_refusal,
     split_constant_operand,
 )
 from qgraph.passes._rewrite_support import NameScope, constant_array, drop_unused_initializers, known_rank_and_dtype
@@ -197,7 +197,7 @@ class FuseGelu(RewritePass):
         value = function.outputs[0]
         add = sole_consumer(value)
         if add is None:
-            raise _Refused(fan_out_reason(value, f"{function.op_type} output"))
+            raise _Refused(sole_consumer_refusal(value, f"the {function.op_type} output"))
         split = split_constant_operand(add) if is_op(add, "Add") else None
         if split is None or split[0] is not value:
             raise _Refused(f"the {function.op_type} output does not go (alone) into Add(·, 1)")
@@ -206,7 +206,7 @@ class FuseGelu(RewritePass):
         nodes = [*nodes, add]
         first = sole_consumer(total)
         if first is None:
-            raise _Refused(fan_out_reason(total, f"1 + {function.op_type}(…)"))
+            raise _Refused(sole_consumer_refusal(total, f"the 1 + {function.op_type}(…)"))
         if not is_op(first, "Mul"):
             raise _Refused(f"1 + {function.op_type}(…) does not go (alone) into Mul")
         factor = other_operand(first, total)

@@ -49,11 +49,11 @@ import onnx_ir as ir
 
 from qgraph.passes.canonicalize._pattern_matching import (
     default_opset,
-    fan_out_reason,
     is_op,
     private_value_refusal,
     scalar_constant,
     sole_consumer,
+    sole_consumer_refusal,
     split_constant_operand,
 )
 from qgraph.passes._rewrite_support import (
@@ -196,7 +196,7 @@ class FuseLayerNormalization(RewritePass):
 
         # σ² = ReduceMean(d²) over the same axes, then ε is added before the square root.
         if sole_consumer(square.outputs[0]) is None:
-            return fan_out_reason(square.outputs[0], "squared centred input")
+            return sole_consumer_refusal(square.outputs[0], "the squared centred input")
         variance_node = sole_consumer(square.outputs[0])
         if not is_op(variance_node, "ReduceMean") or variance_node.inputs[0] is not square.outputs[0]:
             return "the squared centred input does not go (alone) into a ReduceMean"
@@ -206,7 +206,7 @@ class FuseLayerNormalization(RewritePass):
         variance = variance_node.outputs[0]
         after_variance = sole_consumer(variance)
         if after_variance is None:
-            return fan_out_reason(variance, "variance")
+            return sole_consumer_refusal(variance, "the variance")
         epsilon_add = None
         epsilon_value = None
         if is_op(after_variance, "Add"):
@@ -216,7 +216,7 @@ class FuseLayerNormalization(RewritePass):
             epsilon_add, epsilon_value = after_variance, split[1]
             sqrt = sole_consumer(epsilon_add.outputs[0])
             if sqrt is None:
-                return fan_out_reason(epsilon_add.outputs[0], "variance plus epsilon")
+                return sole_consumer_refusal(epsilon_add.outputs[0], "the variance plus epsilon")
         else:
             sqrt = after_variance
         if not is_op(sqrt, "Sqrt"):
@@ -224,7 +224,7 @@ class FuseLayerNormalization(RewritePass):
         deviation = sqrt.outputs[0]
         after_sqrt = sole_consumer(deviation)
         if after_sqrt is None:
-            return fan_out_reason(deviation, "standard deviation")
+            return sole_consumer_refusal(deviation, "the standard deviation")
         reciprocal = None
         if is_op(after_sqrt, "Add") and epsilon_add is None:
             return (
@@ -239,7 +239,7 @@ class FuseLayerNormalization(RewritePass):
         elif is_op(after_sqrt, "Reciprocal"):
             reciprocal = after_sqrt
             if sole_consumer(reciprocal.outputs[0]) is None:
-                return fan_out_reason(reciprocal.outputs[0], "reciprocal standard deviation")
+                return sole_consumer_refusal(reciprocal.outputs[0], "the reciprocal standard deviation")
             if sole_consumer(reciprocal.outputs[0]) is not numerator or not is_op(numerator, "Mul"):
                 return "the reciprocal standard deviation does not multiply the centred input (alone)"
             if {id(value) for value in numerator.inputs} != {id(centred_numerator), id(reciprocal.outputs[0])}:

@@ -35,13 +35,12 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import PassResult
 
+from qgraph.ir.values import is_op
 from qgraph.passes.infrastructure import QGraphPass
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
 
 logger = logging.getLogger(__name__)
-
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 def constant_tensor(node: ir.Node) -> tuple[ir.TensorProtocol | None, str | None]:
@@ -90,7 +89,7 @@ class LiftConstants(QGraphPass):
         for graph in list(model.graphs()):
             lifted += self._lift_graph(graph)
         for function in model.functions.values():
-            kept = sum(1 for node in function.all_nodes() if _is_constant(node))
+            kept = sum(1 for node in function.all_nodes() if is_op(node, "Constant"))
             if kept:
                 logger.debug(
                     "%s: function %s keeps its %d Constant node(s): functions cannot hold initializers",
@@ -105,7 +104,7 @@ class LiftConstants(QGraphPass):
         new_initializers: list[ir.Value] = []
         taken = set(graph.initializers)
         for node in graph:
-            if not _is_constant(node):
+            if not is_op(node, "Constant"):
                 continue
             tensor, reason = constant_tensor(node)
             if tensor is None:
@@ -136,7 +135,3 @@ class LiftConstants(QGraphPass):
             for initializer in new_initializers:
                 graph.register_initializer(initializer)
         return len(removed)
-
-
-def _is_constant(node: ir.Node) -> bool:
-    return node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS

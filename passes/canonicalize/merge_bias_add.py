@@ -32,6 +32,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import PassResult
 
+from qgraph.ir.values import static_shape
 from qgraph.passes._rewrite_support import (
     FLOATING_DTYPES,
     NameScope,
@@ -42,7 +43,7 @@ from qgraph.passes._rewrite_support import (
     known_rank_and_dtype,
     new_initializer,
     same_graph_refusal,
-    sole_reader_refusal,
+    sole_consumer_refusal,
 )
 from qgraph.passes.infrastructure import RewritePass
 from qgraph.passes.infrastructure import Phase
@@ -72,19 +73,9 @@ def is_channel_bias(shape: tuple[int, ...], rank: int, channels: int) -> bool:
     return all(size == 1 for axis, size in enumerate(padded) if axis != 1) and padded[1] in (1, channels)
 
 
-def _static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return tuple(value.const_value.shape)
-    if value.shape is None or not all(isinstance(size, int) for size in value.shape):
-        return None
-    return tuple(value.shape)
-
-
 def _output_channels(producer: ir.Node) -> tuple[int, int] | str:
     """(output channels, output rank) of a Conv or ConvTranspose, from its weight's shape."""
-    weight_shape = _static_shape(producer.inputs[1] if len(producer.inputs) > 1 else None)
+    weight_shape = static_shape(producer.inputs[1] if len(producer.inputs) > 1 else None)
     if weight_shape is None or len(weight_shape) < 3:
         return f"{producer.op_type} weight shape is unknown or not (C, C', k...)"
     if producer.op_type == "Conv":
@@ -127,7 +118,7 @@ class MergeBiasAdd(RewritePass):
         producer, bias = match.producer, match.bias
         reason = (
             same_graph_refusal(producer, match.add)
-            or sole_reader_refusal(producer.outputs[0], match.add)
+            or sole_consumer_refusal(producer.outputs[0], f"the {producer.op_type} output", match.add)
             or constant_refusal(bias, "the added operand")
             or dtype_refusal(bias, "the added operand")
         )
@@ -179,11 +170,11 @@ class MergeBiasAdd(RewritePass):
             reason = constant_refusal(existing, "Gemm C") or dtype_refusal(existing, "Gemm C")
             if reason is not None:
                 return reason
-        weight_shape = _static_shape(gemm.inputs[1])
+        weight_shape = static_shape(gemm.inputs[1])
         if weight_shape is None or len(weight_shape) != 2:
             return "Gemm B shape is unknown"
         features = weight_shape[0] if gemm.attributes.get_int("transB", 0) else weight_shape[1]
-        input_shape = _static_shape(gemm.inputs[0])
+        input_shape = static_shape(gemm.inputs[0])
         rows = None
         if input_shape is not None and len(input_shape) == 2:
             rows = input_shape[1] if gemm.attributes.get_int("transA", 0) else input_shape[0]

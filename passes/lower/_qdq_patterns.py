@@ -10,6 +10,9 @@ operator that reads the DQ inputs' integer tensors and writes the Q output's int
 the quantization parameters of Q/DQ nodes (they must be constant initializers), find the output quantization of an
 op, decide whether a Relu/Clip between the op and its Q is implied by the output range, move the uses of a value to
 its replacement (graph outputs keep their names), add constants, and remove the nodes that a rewrite left unused.
+The questions every pass asks (is a node a given operator, is a value a constant, which node is its sole consumer,
+which opset the model imports) and the fresh names of new constants come from :mod:`qgraph.ir` and are re-exported
+here, so that a lowering pass reads them as ``qdq.is_op`` like the rest of this vocabulary.
 
 Activation implied by the output range: with ``Q`` monotone and saturating at ``[qmin, qmax]``,
 ``Q(clip(v, lo, hi)) == Q(v)`` for every ``v`` exactly when ``Q(lo) == qmin`` and ``Q(hi) == qmax``, i.e.
@@ -33,11 +36,21 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.ir.edit import drop_unused_initializers, new_initializer
+from qgraph.ir.naming import NameScope
+from qgraph.ir.values import (  # noqa: F401 - re-exported for the lowering passes
+    MICROSOFT_DOMAIN,
+    constant_array,
+    default_opset,
+    ensure_microsoft_domain,
+    is_op,
+    sole_consumer,
+)
+
 logger = logging.getLogger(__name__)
 
 QUANTIZE = "QuantizeLinear"
 DEQUANTIZE = "DequantizeLinear"
-MICROSOFT_DOMAIN = "com.microsoft"
 
 #: Largest stored int8 weight magnitude for which the AVX2 u8·s8 kernels cannot saturate (see module docstring).
 SAFE_INT8_WEIGHT_MAGNITUDE = 64
@@ -49,35 +62,9 @@ _INTEGER_RANGES = {
 }
 
 
-def is_op(node: ir.Node | None, *op_types: str, domain: str = "") -> bool:
-    """``node`` is one of ``op_types`` in ``domain`` (onnx-ir normalises "ai.onnx" to "")."""
-    return node is not None and node.domain == domain and node.op_type in op_types
-
-
 def attribute(node: ir.Node, name: str, default=None):
     attr = node.attributes.get(name)
     return default if attr is None else attr.value
-
-
-def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The array of a constant value (an initializer that is not also an overridable graph input), else None."""
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return value.const_value.numpy()
-
-
-def default_opset(model: ir.Model) -> int:
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-
-
-def sole_consumer(value: ir.Value) -> ir.Node | None:
-    """The only node reading ``value`` (through a single input), or None if it is shared or a graph output."""
-    if value.is_graph_output():
-        return None
-    uses = value.uses()
-    if len(uses) != 1:
-        return None
-    return uses[0][0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,34 +308,16 @@ def kernel_weight(params: QuantParams, *, guard_saturation: bool, force_uint8: b
 # Rewriting helpers
 
 
-def _names_in(graph: ir.Graph | ir.Function) -> set[str]:
-    names = {value.name for value in graph.inputs if value.name}
+def add_constant(
+    graph: ir.Graph | ir.Function, names: NameScope, base_name: str, array: np.ndarray, *, before: ir.Node
+) -> ir.Value:
+    """A new constant under a fresh name: an initializer of ``graph``, or a Constant node before ``before`` inside a
+    function (functions hold no initializers)."""
     if isinstance(graph, ir.Graph):
-        names.update(graph.initializers)
-    for node in graph:
-        names.update(value.name for value in node.outputs if value.name)
-    return names
-
-
-def unique_name(graph: ir.Graph | ir.Function, base: str) -> str:
-    names = _names_in(graph)
-    if base not in names:
-        return base
-    index = 1
-    while f"{base}_{index}" in names:
-        index += 1
-    return f"{base}_{index}"
-
-
-def add_constant(graph: ir.Graph | ir.Function, base_name: str, array: np.ndarray, *, before: ir.Node) -> ir.Value:
-    """A new constant: an initializer of ``graph``, or a Constant node before ``before`` inside a function."""
-    name = unique_name(graph, base_name)
-    array = np.array(array, copy=True, order="C")  # (np.ascontiguousarray would turn a scalar into shape [1])
+        return new_initializer(graph, names, base_name, array)
+    name = names.fresh(base_name)
+    array = np.asarray(array, order="C")  # (np.ascontiguousarray would turn a scalar into shape [1])
     tensor = ir.tensor(array, name=name)
-    if isinstance(graph, ir.Graph):
-        value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor)
-        graph.register_initializer(value)
-        return value
     node = ir.Node("", "Constant", [], [ir.AttrTensor("value", tensor)], name=f"{name}_constant")
     node.outputs[0].name = name
     node.outputs[0].type = ir.TensorType(tensor.dtype)
@@ -359,14 +328,20 @@ def add_constant(graph: ir.Graph | ir.Function, base_name: str, array: np.ndarra
 
 
 def existing_or_new_constant(
-    graph: ir.Graph | ir.Function, value: ir.Value | None, array: np.ndarray, base_name: str, *, before: ir.Node
+    graph: ir.Graph | ir.Function,
+    names: NameScope,
+    value: ir.Value | None,
+    array: np.ndarray,
+    base_name: str,
+    *,
+    before: ir.Node,
 ) -> ir.Value:
     """``value`` when it already holds exactly ``array`` (same dtype and shape), else a new constant."""
     current = constant_array(value)
     if current is not None and current.dtype == array.dtype and current.shape == array.shape:
         if np.array_equal(current, array):
             return value
-    return add_constant(graph, base_name, array, before=before)
+    return add_constant(graph, names, base_name, array, before=before)
 
 
 def take_over(old: ir.Value, new: ir.Value) -> None:
@@ -382,17 +357,9 @@ def take_over(old: ir.Value, new: ir.Value) -> None:
         new.name = name
 
 
-def ensure_microsoft_domain(model: ir.Model, graph: ir.Graph | ir.Function) -> None:
-    model.opset_imports.setdefault(MICROSOFT_DOMAIN, 1)
-    if isinstance(graph, ir.Function):
-        graph.opset_imports.setdefault(MICROSOFT_DOMAIN, 1)
-
-
 def _drop_unused_constant(value: ir.Value | None) -> None:
-    if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
-        return
-    if value.is_initializer() and value.graph is not None and value.name in value.graph.initializers:
-        del value.graph.initializers[value.name]
+    """Remove ``value`` when nothing reads it any more: an initializer, or the output of a Constant node."""
+    if drop_unused_initializers([value]) or value is None or value.uses() or value.is_graph_output():
         return
     producer = value.producer()
     if is_op(producer, "Constant") and producer.graph is not None:
@@ -497,14 +464,14 @@ def derived_name(node: ir.Node, suffix: str) -> str | None:
 
 
 def zero_point_or_new(
-    graph: ir.Graph | ir.Function, params: QuantParams, *, before: ir.Node
+    graph: ir.Graph | ir.Function, names: NameScope, params: QuantParams, *, before: ir.Node
 ) -> ir.Value:
     """The zero point input of ``params``, or a new constant zero of its integer type when the node omits it."""
     if params.zero_point is not None:
         return params.zero_point
     dtype = params.integer_type.numpy()
-    return add_constant(graph, f"{params.node.name or 'q'}_zero_point", np.zeros(params.scale_array.shape, dtype),
-                        before=before)
+    return add_constant(graph, names, f"{params.node.name or 'q'}_zero_point",
+                        np.zeros(params.scale_array.shape, dtype), before=before)
 
 
 def replace_island(
@@ -569,17 +536,17 @@ def matmul_right_operand(value: ir.Value, *, guard_saturation: bool) -> MatMulOp
 
 
 def operand_values(
-    graph: ir.Graph | ir.Function, operand: MatMulOperand, *, before: ir.Node
+    graph: ir.Graph | ir.Function, names: NameScope, operand: MatMulOperand, *, before: ir.Node
 ) -> tuple[ir.Value, ir.Value]:
     """The integer tensor and zero point to feed a kernel for ``operand`` (new constants if widened)."""
     params = operand.params
     if operand.weight is None:
-        return params.integer_value, zero_point_or_new(graph, params, before=before)
+        return params.integer_value, zero_point_or_new(graph, names, params, before=before)
     value = params.integer_value
     if operand.weight.widened:
-        value = add_constant(graph, f"{value.name}_uint8", operand.weight.weight, before=before)
+        value = add_constant(graph, names, f"{value.name}_uint8", operand.weight.weight, before=before)
     zero_point = existing_or_new_constant(
-        graph, params.zero_point, operand.weight.zero_point.reshape(params.scale_array.shape),
+        graph, names, params.zero_point, operand.weight.zero_point.reshape(params.scale_array.shape),
         f"{value.name}_zero_point", before=before,
     )
     return value, zero_point
@@ -598,6 +565,7 @@ def replace_float_op(op: ir.Node, new_nodes: list[ir.Node]) -> None:
 
 def rescale_nodes(
     graph: ir.Graph | ir.Function,
+    names: NameScope,
     accumulator: ir.Value,
     scale: np.ndarray,
     bias: np.ndarray | None,
@@ -607,10 +575,10 @@ def rescale_nodes(
 ) -> list[ir.Node]:
     """``Cast(accumulator, float) · scale [+ bias]``: an int32 accumulator back to the float it stands for."""
     cast = ir.Node("", "Cast", [accumulator], [ir.AttrInt64("to", ir.DataType.FLOAT)], name=f"{base_name}_cast")
-    scale_value = add_constant(graph, f"{base_name}_scale", scale.astype(np.float32), before=before)
+    scale_value = add_constant(graph, names, f"{base_name}_scale", scale.astype(np.float32), before=before)
     multiply = ir.Node("", "Mul", [cast.outputs[0], scale_value], name=f"{base_name}_rescale")
     nodes = [cast, multiply]
     if bias is not None:
-        bias_value = add_constant(graph, f"{base_name}_bias", bias.astype(np.float32), before=before)
+        bias_value = add_constant(graph, names, f"{base_name}_bias", bias.astype(np.float32), before=before)
         nodes.append(ir.Node("", "Add", [multiply.outputs[0], bias_value], name=f"{base_name}_bias_add"))
     return nodes

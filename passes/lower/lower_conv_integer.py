@@ -91,13 +91,14 @@ class LowerConvInteger(RewritePass):
     def rewrite(self, match: _ConvIntegerMatch) -> None:
         conv = match.conv
         graph = conv.graph
+        names = qdq.NameScope(self.model)
         base = conv.name or "conv"
         weight_array = match.weight.weight
         weight_value = qdq.existing_or_new_constant(
-            graph, match.weight_params.integer_value, weight_array, f"{base}_weight_uint8", before=conv
+            graph, names, match.weight_params.integer_value, weight_array, f"{base}_weight_uint8", before=conv
         )
         zero_point = qdq.add_constant(
-            graph, f"{base}_weight_zero_point", match.weight.zero_point.reshape(-1)[:1].reshape(()), before=conv
+            graph, names, f"{base}_weight_zero_point", match.weight.zero_point.reshape(-1)[:1].reshape(()), before=conv
         )
         integer = ir.Node(
             "", "ConvInteger",
@@ -111,6 +112,6 @@ class LowerConvInteger(RewritePass):
         broadcast_shape = (channels,) + (1,) * spatial_rank
         bias = None if match.bias is None else match.bias.reshape(broadcast_shape)
         nodes = [integer, *qdq.rescale_nodes(
-            graph, integer.outputs[0], scale.reshape(broadcast_shape), bias, before=conv, base_name=base
+            graph, names, integer.outputs[0], scale.reshape(broadcast_shape), bias, before=conv, base_name=base
         )]
         qdq.replace_float_op(conv, nodes)

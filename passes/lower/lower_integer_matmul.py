@@ -75,7 +75,8 @@ class LowerIntegerMatMul(RewritePass):
     def rewrite(self, match: _IntegerMatMulMatch) -> None:
         matmul = match.matmul
         graph = matmul.graph
-        right_value, right_zero_point = qdq.operand_values(graph, match.right, before=matmul)
+        names = qdq.NameScope(self.model)
+        right_value, right_zero_point = qdq.operand_values(graph, names, match.right, before=matmul)
         left_zero_point = match.left.zero_point
         base = matmul.name or "matmul"
         integer = ir.Node(
@@ -84,5 +85,7 @@ class LowerIntegerMatMul(RewritePass):
         )
         scale = np.float64(match.left.scalar_scale()) * match.right.params.scale_array.astype(np.float64)
         scale = scale.reshape(-1) if not match.right.params.per_tensor else scale.reshape(())
-        nodes = [integer, *qdq.rescale_nodes(graph, integer.outputs[0], scale, None, before=matmul, base_name=base)]
+        nodes = [
+            integer, *qdq.rescale_nodes(graph, names, integer.outputs[0], scale, None, before=matmul, base_name=base)
+        ]
         qdq.replace_float_op(matmul, nodes)

@@ -126,22 +126,25 @@ class LowerQGemm(RewritePass):
     def rewrite(self, match: _GemmMatch) -> None:
         gemm, output = match.gemm, match.output
         graph = gemm.graph
+        names = qdq.NameScope(self.model)
         anchor = output.quantize if output is not None else gemm
         operand = qdq.MatMulOperand(match.right, match.weight)
-        right_value, right_zero_point = qdq.operand_values(graph, operand, before=anchor)
+        right_value, right_zero_point = qdq.operand_values(graph, names, operand, before=anchor)
         inputs = [
-            match.left.integer_value, match.left.scale, qdq.zero_point_or_new(graph, match.left, before=anchor),
+            match.left.integer_value, match.left.scale, qdq.zero_point_or_new(graph, names, match.left, before=anchor),
             right_value, match.right.scale, right_zero_point,
         ]
         if match.bias is not None:
             if match.bias_unchanged:
                 inputs.append(qdq.dequantize_of(gemm.inputs[2]).inputs[0])
             else:
-                inputs.append(qdq.add_constant(graph, f"{gemm.name or 'gemm'}_bias_int32", match.bias, before=anchor))
+                inputs.append(
+                    qdq.add_constant(graph, names, f"{gemm.name or 'gemm'}_bias_int32", match.bias, before=anchor)
+                )
         else:
             inputs.append(None)
         if output is not None:
-            inputs += [output.params.scale, qdq.zero_point_or_new(graph, output.params, before=anchor)]
+            inputs += [output.params.scale, qdq.zero_point_or_new(graph, names, output.params, before=anchor)]
         else:
             while inputs and inputs[-1] is None:
                 inputs.pop()

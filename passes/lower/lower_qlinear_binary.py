@@ -57,10 +57,11 @@ class LowerQLinearBinary(RewritePass):
     def rewrite(self, node: ir.Node) -> None:
         output = qdq.output_quantize(node.outputs[0])
         graph, anchor = node.graph, output.quantize
+        names = qdq.NameScope(self.model)
         inputs: list[ir.Value] = []
         for value in node.inputs:
             params = qdq.activation_input(value)
-            inputs += [params.integer_value, params.scale, qdq.zero_point_or_new(graph, params, before=anchor)]
-        inputs += [output.params.scale, qdq.zero_point_or_new(graph, output.params, before=anchor)]
+            inputs += [params.integer_value, params.scale, qdq.zero_point_or_new(graph, names, params, before=anchor)]
+        inputs += [output.params.scale, qdq.zero_point_or_new(graph, names, output.params, before=anchor)]
         lowered = ir.Node(qdq.MICROSOFT_DOMAIN, _KERNELS[node.op_type], inputs, name=qdq.derived_name(node, "quant"))
         qdq.replace_island(self.model, node, output, lowered, contrib=True)

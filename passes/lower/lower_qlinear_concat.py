@@ -53,10 +53,11 @@ class LowerQLinearConcat(RewritePass):
     def rewrite(self, node: ir.Node) -> None:
         output = qdq.output_quantize(node.outputs[0], allow_activation=False)
         graph, anchor = node.graph, output.quantize
-        inputs = [output.params.scale, qdq.zero_point_or_new(graph, output.params, before=anchor)]
+        names = qdq.NameScope(self.model)
+        inputs = [output.params.scale, qdq.zero_point_or_new(graph, names, output.params, before=anchor)]
         for value in node.inputs:
             params = qdq.activation_input(value)
-            inputs += [params.integer_value, params.scale, qdq.zero_point_or_new(graph, params, before=anchor)]
+            inputs += [params.integer_value, params.scale, qdq.zero_point_or_new(graph, names, params, before=anchor)]
         attributes = [ir.AttrInt64("axis", int(qdq.attribute(node, "axis")))]
         lowered = ir.Node(qdq.MICROSOFT_DOMAIN, "QLinearConcat", inputs, attributes,
                           name=qdq.derived_name(node, "quant"))

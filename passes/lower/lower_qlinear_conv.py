@@ -108,27 +108,30 @@ class LowerQLinearConv(RewritePass):
     def rewrite(self, match: _ConvMatch) -> None:
         conv, output = match.conv, match.output
         graph = conv.graph
+        names = qdq.NameScope(self.model)
         weight_params, weight = match.weight_params, match.weight
         anchor = output.quantize
         weight_value = weight_params.integer_value
         if weight.widened:
-            weight_value = qdq.add_constant(graph, f"{weight_value.name}_uint8", weight.weight, before=anchor)
+            weight_value = qdq.add_constant(graph, names, f"{weight_value.name}_uint8", weight.weight, before=anchor)
         weight_zero_point = qdq.existing_or_new_constant(
-            graph, weight_params.zero_point, weight.zero_point.reshape(weight_params.scale_array.shape),
+            graph, names, weight_params.zero_point, weight.zero_point.reshape(weight_params.scale_array.shape),
             f"{weight_value.name}_zero_point", before=anchor,
         )
         inputs = [
             match.input_params.integer_value, match.input_params.scale,
-            qdq.zero_point_or_new(graph, match.input_params, before=anchor),
+            qdq.zero_point_or_new(graph, names, match.input_params, before=anchor),
             weight_value, weight_params.scale, weight_zero_point,
-            output.params.scale, qdq.zero_point_or_new(graph, output.params, before=anchor),
+            output.params.scale, qdq.zero_point_or_new(graph, names, output.params, before=anchor),
         ]
         if match.bias is not None:
             bias_producer = qdq.dequantize_of(conv.inputs[2])
             if match.bias_unchanged:
                 inputs.append(bias_producer.inputs[0])
             else:
-                inputs.append(qdq.add_constant(graph, f"{conv.name or 'conv'}_bias_int32", match.bias, before=anchor))
+                inputs.append(
+                    qdq.add_constant(graph, names, f"{conv.name or 'conv'}_bias_int32", match.bias, before=anchor)
+                )
         lowered = ir.Node("", "QLinearConv", inputs, qdq.copy_attributes(conv), name=qdq.derived_name(conv, "quant"))
         qdq.replace_island(self.model, conv, output, lowered)
 

@@ -79,11 +79,12 @@ class LowerQLinearMatMul(RewritePass):
     def rewrite(self, match: _MatMulMatch) -> None:
         matmul, output = match.matmul, match.output
         graph, anchor = matmul.graph, output.quantize
-        right_value, right_zero_point = qdq.operand_values(graph, match.right, before=anchor)
+        names = qdq.NameScope(self.model)
+        right_value, right_zero_point = qdq.operand_values(graph, names, match.right, before=anchor)
         inputs = [
-            match.left.integer_value, match.left.scale, qdq.zero_point_or_new(graph, match.left, before=anchor),
+            match.left.integer_value, match.left.scale, qdq.zero_point_or_new(graph, names, match.left, before=anchor),
             right_value, match.right.params.scale, right_zero_point,
-            output.params.scale, qdq.zero_point_or_new(graph, output.params, before=anchor),
+            output.params.scale, qdq.zero_point_or_new(graph, names, output.params, before=anchor),
         ]
         lowered = ir.Node("", "QLinearMatMul", inputs, name=qdq.derived_name(matmul, "quant"))
         qdq.replace_island(self.model, matmul, output, lowered)

@@ -54,9 +54,10 @@ class LowerQLinearUnary(RewritePass):
         output = qdq.output_quantize(node.outputs[0], allow_activation=False)
         params = qdq.activation_input(node.inputs[0])
         graph, anchor = node.graph, output.quantize
+        names = qdq.NameScope(self.model)
         inputs = [
-            params.integer_value, params.scale, qdq.zero_point_or_new(graph, params, before=anchor),
-            output.params.scale, qdq.zero_point_or_new(graph, output.params, before=anchor),
+            params.integer_value, params.scale, qdq.zero_point_or_new(graph, names, params, before=anchor),
+            output.params.scale, qdq.zero_point_or_new(graph, names, output.params, before=anchor),
         ]
         attributes = []
         if node.op_type == "LeakyRelu":

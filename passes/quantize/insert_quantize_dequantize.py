@@ -28,6 +28,11 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import PassResult
 
+from qgraph.ir.edit import drop_unused_initializers, new_initializer
+from qgraph.ir.naming import NameScope
+from qgraph.ir.subgraphs import quantized_graphs
+from qgraph.ir.traversal import defined_values
+from qgraph.ir.values import default_opset, is_constant
 from qgraph.passes.infrastructure import QGraphPass
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
@@ -37,43 +42,8 @@ logger = logging.getLogger(__name__)
 _INT32_LIMIT = 2**31 - 1
 
 
-def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    values: dict[str, ir.Value] = {value.name: value for value in graph.inputs}
-    values.update(graph.initializers)
-    for node in graph:
-        for output in node.outputs:
-            if output.name:
-                values[output.name] = output
-    return values
-
-
-def _model_names(model: ir.Model) -> set[str]:
-    """Every value and initializer name of every graph of ``model``."""
-    names: set[str] = set()
-    for graph in model.graphs():
-        names.update(value.name for value in graph.inputs if value.name)
-        names.update(graph.initializers)
-        for node in graph:
-            names.update(value.name for value in node.outputs if value.name)
-    return names
-
-
 def _input_named(node: ir.Node, name: str) -> ir.Value | None:
     return next((value for value in node.inputs if value is not None and value.name == name), None)
-
-
-def _constant(graph: ir.Graph, name: str, array: np.ndarray, taken: set[str] | None = None) -> ir.Value:
-    """A new initializer named after ``name`` (suffixed to stay unique in ``taken`` and in the graph)."""
-    taken = taken if taken is not None else set(graph.initializers)
-    unique, counter = name, 1
-    while unique in taken or unique in graph.initializers:
-        unique, counter = f"{name}_{counter}", counter + 1
-    taken.add(unique)
-    value = ir.Value(name=unique, const_value=ir.tensor(array, name=unique))
-    value.shape = ir.Shape(array.shape)
-    value.type = ir.TensorType(value.const_value.dtype)
-    graph.register_initializer(value)
-    return value
 
 
 def _is_quantized(value: ir.Value) -> bool:
@@ -101,25 +71,23 @@ class InsertQuantizeDequantize(QGraphPass):
         self.parameters = parameters
 
     def requires(self, model: ir.Model) -> None:
-        opset = model.opset_imports.get("", 0)
+        opset = default_opset(model)
         if opset < 13:
             raise ir.passes.PreconditionError(f"QDQ with per-channel weights needs opset >= 13, the model has {opset}")
 
     def call(self, model: ir.Model) -> PassResult:
-        from qgraph.ir.subgraphs import quantized_graphs
-
-        self._taken = _model_names(model)
+        self.names = NameScope(model)
         modified = False
         graphs = list(quantized_graphs(model.graph))
         for graph in graphs:
             modified = self._quantize_graph(graph) or modified
         if modified:
             for graph in graphs:
-                _drop_unused_initializers(graph)
+                drop_unused_initializers(graph.initializers.values())
         return PassResult(model, modified)
 
     def _quantize_graph(self, graph: ir.Graph) -> bool:
-        values = _values_by_name(graph)
+        values = defined_values(graph)
         modified = False
         for tensor in self.plan.activations:
             value = values.get(tensor)
@@ -133,14 +101,14 @@ class InsertQuantizeDequantize(QGraphPass):
         for weight in self.plan.weights:
             consumer = nodes.get(weight.consumer)
             value = _input_named(consumer, weight.name) if consumer is not None else None
-            if value is None or value.const_value is None or weight.name not in self.parameters:
+            if not is_constant(value) or weight.name not in self.parameters:
                 continue
             self._quantize_weight(graph, consumer, value, weight.axis, self.parameters[weight.name])
             modified = True
         for bias in self.plan.biases:
             consumer = nodes.get(bias.consumer)
             value = _input_named(consumer, bias.name) if consumer is not None else None
-            if value is None or value.const_value is None:
+            if not is_constant(value):
                 continue
             if bias.activation not in self.parameters or bias.weight not in self.parameters:
                 continue
@@ -150,8 +118,8 @@ class InsertQuantizeDequantize(QGraphPass):
 
     def _quantize_activation(self, graph: ir.Graph, value: ir.Value, params) -> None:
         scale, zero_point = _parameter_arrays(params)
-        scale_value = _constant(graph, f"{value.name}_scale", scale.reshape(()), self._taken)
-        zero_value = _constant(graph, f"{value.name}_zero_point", zero_point.reshape(()), self._taken)
+        scale_value = new_initializer(graph, self.names, f"{value.name}_scale", scale.reshape(()))
+        zero_value = new_initializer(graph, self.names, f"{value.name}_zero_point", zero_point.reshape(()))
         uses = [(node, index) for node, index in value.uses()]
         quantize = ir.node("QuantizeLinear", [value, scale_value, zero_value], name=f"{value.name}_QuantizeLinear")
         quantize.outputs[0].name = f"{value.name}_quantized"
@@ -177,11 +145,13 @@ class InsertQuantizeDequantize(QGraphPass):
         scale, zero_point = _parameter_arrays(params)
         weights = value.const_value.numpy()
         quantized = quantize(weights, params, clip_to_spec=True)
-        quantized_value = _constant(graph, f"{value.name}_quantized", quantized, self._taken)
+        quantized_value = new_initializer(graph, self.names, f"{value.name}_quantized", quantized)
         per_channel = scale.ndim == 1 and scale.size > 1
-        scale_value = _constant(graph, f"{value.name}_scale", scale if per_channel else scale.reshape(()), self._taken)
-        zero_value = _constant(
-            graph, f"{value.name}_zero_point", zero_point if per_channel else zero_point.reshape(()), self._taken
+        scale_value = new_initializer(
+            graph, self.names, f"{value.name}_scale", scale if per_channel else scale.reshape(())
+        )
+        zero_value = new_initializer(
+            graph, self.names, f"{value.name}_zero_point", zero_point if per_channel else zero_point.reshape(())
         )
         attributes = {"axis": axis} if per_channel else {}
         dequantize = ir.node(
@@ -203,9 +173,9 @@ class InsertQuantizeDequantize(QGraphPass):
         if scale.size == 1:
             scale = np.full(bias.shape, scale[0])
         quantized = np.clip(np.rint(bias / scale), -_INT32_LIMIT, _INT32_LIMIT).astype(np.int32)
-        quantized_value = _constant(graph, f"{value.name}_quantized", quantized, self._taken)
-        scale_value = _constant(graph, f"{value.name}_scale", scale.astype(np.float32), self._taken)
-        zero_value = _constant(graph, f"{value.name}_zero_point", np.zeros(bias.shape, np.int32), self._taken)
+        quantized_value = new_initializer(graph, self.names, f"{value.name}_quantized", quantized)
+        scale_value = new_initializer(graph, self.names, f"{value.name}_scale", scale.astype(np.float32))
+        zero_value = new_initializer(graph, self.names, f"{value.name}_zero_point", np.zeros(bias.shape, np.int32))
         dequantize = ir.node(
             "DequantizeLinear", [quantized_value, scale_value, zero_value], {"axis": 0}, name=f"{value.name}_DequantizeLinear"
         )
@@ -216,9 +186,3 @@ class InsertQuantizeDequantize(QGraphPass):
         for index, current in enumerate(consumer.inputs):
             if current is value:
                 consumer.replace_input_with(index, dequantize.outputs[0])
-
-
-def _drop_unused_initializers(graph: ir.Graph) -> None:
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
-            del graph.initializers[name]

@@ -30,14 +30,16 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import PassResult
 
+from qgraph.ir.edit import drop_unused_initializers, new_initializer
+from qgraph.ir.naming import NameScope
 from qgraph.ir.traversal import iterate_graphs
+from qgraph.ir.values import MICROSOFT_DOMAIN, ensure_microsoft_domain
 from qgraph.passes.infrastructure import QGraphPass
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
 
 logger = logging.getLogger(__name__)
 
-MICROSOFT_DOMAIN = "com.microsoft"
 #: Largest int8 weight code for which the AVX2 u8·s8 kernels cannot saturate (docs/runtime-facts.md).
 SAFE_INT8_WEIGHT_MAGNITUDE = 64
 _OPTIONAL_INPUTS = 8  # X, W, R, B, sequence_lens, initial_h, initial_c, P
@@ -84,8 +86,6 @@ class QuantizeLSTMDynamic(QGraphPass):
         self.guard_saturation = guard_saturation
 
     def call(self, model: ir.Model) -> PassResult:
-        from qgraph.passes._rewrite_support import NameScope
-
         names = NameScope(model)
         replaced = 0
         for graph in list(iterate_graphs(model)):
@@ -97,13 +97,11 @@ class QuantizeLSTMDynamic(QGraphPass):
                 self._replace(graph, node, names)
                 replaced += 1
         if replaced:
-            model.opset_imports.setdefault(MICROSOFT_DOMAIN, 1)
+            ensure_microsoft_domain(model)
             logger.info("%s: %d LSTM node(s) now run as DynamicQuantizeLSTM", self.pass_name(), replaced)
         return PassResult(model, replaced > 0)
 
-    def _replace(self, graph: ir.Graph, node: ir.Node, names) -> None:
-        from qgraph.passes._rewrite_support import drop_unused_initializers, new_initializer
-
+    def _replace(self, graph: ir.Graph, node: ir.Node, names: NameScope) -> None:
         weight, recurrence = node.inputs[1], node.inputs[2]
         quantized: list[ir.Value] = []
         for value in (weight, recurrence):

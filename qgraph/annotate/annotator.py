@@ -40,6 +40,7 @@ import onnx_ir as ir
 
 from qgraph.quant.plan import BiasPlan, QuantPlan, WeightPlan, merge_groups
 from qgraph.ir.subgraphs import LOOP_OPERATORS, loop_reason, quantized_graphs
+from qgraph.ir.values import is_constant
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +90,8 @@ class AnnotationOverrides:
     activation_methods: dict = dataclasses.field(default_factory=dict)
 
 
-def _is_constant(value: ir.Value | None) -> bool:
-    return value is not None and value.const_value is not None and not value.is_graph_input()
-
-
 def _is_float_activation(value: ir.Value | None) -> bool:
-    if value is None or _is_constant(value):
+    if value is None or is_constant(value):
         return False
     return value.dtype in _FLOAT_TYPES or value.dtype is None
 
@@ -123,7 +120,7 @@ def _fusable_activation(node: ir.Node, value: ir.Value) -> ir.Node | None:
     activation = consumers[0]
     if activation.op_type == "Clip":
         bounds = [activation.inputs[index] if len(activation.inputs) > index else None for index in (1, 2)]
-        if any(bound is not None and not _is_constant(bound) for bound in bounds):
+        if any(bound is not None and not is_constant(bound) for bound in bounds):
             return None
         lower = bounds[0]
         if lower is None or float(lower.const_value.numpy()) != 0.0:
@@ -142,7 +139,7 @@ def _additive_mask_reason(node: ir.Node) -> str | None:
     if node.op_type != "Add":
         return None
     for operand in node.inputs:
-        if _is_constant(operand) and operand.dtype in _FLOAT_TYPES:
+        if is_constant(operand) and operand.dtype in _FLOAT_TYPES:
             values = operand.const_value.numpy()
             if values.size and (not np.all(np.isfinite(values)) or np.max(np.abs(values)) >= MASK_MAGNITUDE):
                 return (
@@ -170,7 +167,7 @@ def _recurrent_refusal(node: ir.Node, rules: AnnotationRules) -> str | None:
     if rules.target != "ort-cpu":
         return f"LSTM stays FP32: dynamic LSTM quantization needs target ort-cpu, not {rules.target}"
     weights = [node.inputs[index] if len(node.inputs) > index else None for index in (1, 2)]
-    if not all(_is_constant(value) and value.dtype == ir.DataType.FLOAT for value in weights):
+    if not all(is_constant(value) and value.dtype == ir.DataType.FLOAT for value in weights):
         return "LSTM stays FP32: its W and R weights are not float32 constants"
     layout = node.attributes.get("layout")
     if layout is not None and layout.as_int() != 0:
@@ -199,7 +196,7 @@ class _Annotator:
     def annotate(self, value: ir.Value | None) -> None:
         if value is not None and _is_float_activation(value) and not value.is_graph_output():
             self.activations[value.name] = None
-        elif value is not None and value.is_graph_output() and not _is_constant(value):
+        elif value is not None and value.is_graph_output() and not is_constant(value):
             # A graph output consumed inside the graph: its consumers read a quantized copy (see docs).
             if list(value.consumers()):
                 self.activations[value.name] = None
@@ -282,7 +279,7 @@ class _Annotator:
             self.quantized.append(node.name)
             self.annotate_output(node)
             return
-        if not _is_constant(weight) or weight.dtype not in _FLOAT_TYPES:
+        if not is_constant(weight) or weight.dtype not in _FLOAT_TYPES:
             self.keep_float(node, "its weight is not a float constant")
             return
         if node.op_type == "Gemm":
@@ -293,7 +290,7 @@ class _Annotator:
         self.annotate(data)
         self.weights.append(WeightPlan(weight.name, node.name, weight_axis(node)))
         bias = node.inputs[2] if len(node.inputs) > 2 else None
-        if bias is not None and self.rules.quantize_biases and _is_constant(bias):
+        if bias is not None and self.rules.quantize_biases and is_constant(bias):
             if bias.shape is not None and len(bias.shape) == 1:
                 self.biases.append(BiasPlan(bias.name, node.name, data.name, weight.name))
         self.quantized.append(node.name)

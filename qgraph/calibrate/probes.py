@@ -26,7 +26,8 @@ import onnx_ir as ir
 from qgraph import runtime
 from qgraph.calibrate import observe_kernel
 from qgraph.calibrate.blocked_outputs import create_blocked_probe_session
-from qgraph.ir.subgraphs import branches, captured_values, defined_names, is_if
+from qgraph.ir.traversal import branches, captured_values, defined_values
+from qgraph.ir.values import is_constant, is_op
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +115,6 @@ def untyped_output(value: ir.Value) -> onnx.ValueInfoProto:
     return value_info(value) if value.dtype is not None else onnx.ValueInfoProto(name=value.name)
 
 
-def _values_of(graph: ir.Graph) -> dict[str, ir.Value]:
-    values = {value.name: value for value in graph.inputs}
-    for node in graph:
-        values.update((value.name, value) for value in node.outputs if value.name)
-    return values
-
-
 class _Builder:
     def __init__(
         self,
@@ -198,10 +192,10 @@ class _Builder:
 
     def main(self) -> Probe:
         graph = self.model.graph
-        observed = [name for name in defined_names(graph) if name in self.tensors]
+        observed = [name for name in defined_values(graph) if name in self.tensors]
         children, needed = self.children_of(graph)
         inputs = [value.name for value in graph.inputs]
-        values = _values_of(graph)
+        values = defined_values(graph)
         in_graph = self.kernel_observed([name for name in observed if name not in inputs], needed, values)
         wanted = list(dict.fromkeys([*observed, *needed]))
         proto = ir.serde.serialize_model(self.model)
@@ -223,7 +217,7 @@ class _Builder:
         children: list[BranchProbe] = []
         needed: list[str] = []
         for node in graph:
-            if not is_if(node) or not node.inputs or node.inputs[0] is None:
+            if not is_op(node, "If") or not node.inputs or node.inputs[0] is None:
                 continue
             for attribute, branch in branches(node):
                 probe = self.branch(branch)
@@ -236,8 +230,8 @@ class _Builder:
         return children, needed
 
     def branch(self, graph: ir.Graph) -> Probe | None:
-        own = defined_names(graph)
-        observed = [name for name in own if name in self.tensors]
+        values = defined_values(graph)
+        observed = [name for name in values if name in self.tensors]
         children, needed = self.children_of(graph)
         if not observed and not children:
             return None
@@ -247,14 +241,13 @@ class _Builder:
         del proto_graph.output[:]
         inputs: list[str] = []
         for value in captured:
-            if value.const_value is not None and not value.is_graph_input():
+            if is_constant(value):
                 tensor = ir.serde.serialize_tensor(value.const_value)
                 tensor.name = value.name
                 proto_graph.initializer.append(tensor)
             else:
                 proto_graph.input.append(value_info(value))
                 inputs.append(value.name)
-        values = _values_of(graph)
         own_needed = [name for name in needed if name not in captured_names]
         in_graph = self.kernel_observed(observed, own_needed, values)
         wanted = list(dict.fromkeys([*observed, *own_needed]))

@@ -1,4 +1,4 @@
-"""Quantizing inside ``If`` branches: which graphs are quantized, what a branch captures, unique names.
+"""Quantizing inside ``If`` branches: which graphs are quantized, and names made unique across sibling branches.
 
 An If whose condition is known at compile time is gone before quantization (FoldConstantIf, ``--fix-input``). One
 whose condition depends on the data stays, and both of its branches are quantized like the main graph:
@@ -23,6 +23,9 @@ whose condition depends on the data stays, and both of its branches are quantize
 
 Loop and Scan bodies are not quantized (their values change per iteration and a standalone run would need the loop
 state): they stay FP32 and the plan says why.
+
+An If's branches, the values a graph defines and the values a branch captures are walks of the graph, answered in
+:mod:`qgraph.ir.traversal`.
 """
 
 from __future__ import annotations
@@ -32,92 +35,34 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 
-from qgraph.ir.traversal import node_subgraphs
+from qgraph.ir.naming import NameScope
+from qgraph.ir.traversal import branches, node_subgraphs
+from qgraph.ir.values import is_op
 
 logger = logging.getLogger(__name__)
 
-BRANCH_ATTRIBUTES = ("then_branch", "else_branch")
 LOOP_OPERATORS = frozenset({"Loop", "Scan"})
-
-
-def is_if(node: ir.Node) -> bool:
-    return node.op_type == "If" and node.domain in ("", "ai.onnx")
-
-
-def branches(node: ir.Node) -> Iterator[tuple[str, ir.Graph]]:
-    """The (attribute name, graph) of each branch of an If node."""
-    for name in BRANCH_ATTRIBUTES:
-        attribute = node.attributes.get(name)
-        if attribute is not None and not attribute.is_ref() and attribute.type == ir.AttributeType.GRAPH:
-            yield name, attribute.as_graph()
 
 
 def quantized_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
     """``graph`` and every If branch inside it, recursively (parents before their branches)."""
     yield graph
     for node in graph:
-        if is_if(node):
+        if is_op(node, "If"):
             for _, branch in branches(node):
                 yield from quantized_graphs(branch)
 
 
-
-def _defined_in(graph: ir.Graph, defined: set[int]) -> None:
-    for value in graph.inputs:
-        defined.add(id(value))
-    for value in graph.initializers.values():
-        defined.add(id(value))
-    for node in graph:
-        for value in node.outputs:
-            defined.add(id(value))
-        for nested in node_subgraphs(node):
-            _defined_in(nested, defined)
-
-
-def captured_values(graph: ir.Graph) -> list[ir.Value]:
-    """Values read inside ``graph`` (nested bodies included) but defined in an enclosing graph, in first-use order.
-
-    Branch outputs that are captured values directly count too.
-    """
-    defined: set[int] = set()
-    _defined_in(graph, defined)
-    captured: dict[int, ir.Value] = {}
-
-    def visit(current: ir.Graph) -> None:
-        for node in current:
-            for value in node.inputs:
-                if value is not None and id(value) not in defined:
-                    captured.setdefault(id(value), value)
-            for nested in node_subgraphs(node):
-                visit(nested)
-        for value in current.outputs:
-            if id(value) not in defined:
-                captured.setdefault(id(value), value)
-
-    visit(graph)
-    return list(captured.values())
-
-
-def defined_names(graph: ir.Graph) -> set[str]:
-    """Names of the values ``graph`` itself defines: its inputs and its nodes' outputs (not nested bodies)."""
-    names = {value.name for value in graph.inputs if value.name}
-    for node in graph:
-        names.update(value.name for value in node.outputs if value.name)
-    return names
-
-
 def make_names_unique(model: ir.Model) -> int:
     """Rename values and nodes of subgraphs whose names repeat a name seen earlier (sibling branches may share
-    names; the plan and the observers key tensors by name). Main-graph names never change. Returns the count."""
-    value_names: set[str] = set()
-    node_names: set[str] = set()
-    renamed = 0
+    names; the plan and the observers key tensors by name). Main-graph names never change. Returns the count.
 
-    def fresh(base: str, taken: set[str]) -> str:
-        name, counter = base, 1
-        while name in taken:
-            name, counter = f"{base}_{counter}", counter + 1
-        return name
+    Graphs are visited main graph first, then each body after the graph holding it; a repeated name becomes the
+    :class:`~qgraph.ir.naming.NameScope` fresh name of the names seen so far (values and nodes have a scope each).
+    """
+    value_names = NameScope()
+    node_names = NameScope()
+    renamed = 0
 
     def visit(graph: ir.Graph, is_main: bool) -> None:
         nonlocal renamed
@@ -126,22 +71,22 @@ def make_names_unique(model: ir.Model) -> int:
             if not value.name:
                 continue
             if value.name in value_names and not is_main:
-                value.name = fresh(value.name, value_names)
+                value.name = value_names.fresh(value.name)
                 renamed += 1
-            value_names.add(value.name)
+            value_names.reserve([value.name])
         for name, value in list(graph.initializers.items()):
             if name in value_names and not is_main:
                 graph.initializers.pop(name)
-                value.name = fresh(name, value_names)
+                value.name = value_names.fresh(name)
                 graph.register_initializer(value)
                 renamed += 1
-            value_names.add(value.name)
+            value_names.reserve([value.name])
         for node in graph:
             if node.name:
                 if node.name in node_names and not is_main:
-                    node.name = fresh(node.name, node_names)
+                    node.name = node_names.fresh(node.name)
                     renamed += 1
-                node_names.add(node.name)
+                node_names.reserve([node.name])
         for node in graph:
             for nested in node_subgraphs(node):
                 visit(nested, False)

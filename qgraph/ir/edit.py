@@ -1,0 +1,63 @@
+"""Small edits of the in-memory graph that several builders make, each written once.
+
+- :func:`new_initializer`: new data always goes into a *new* initializer under a fresh model-wide name
+  (:mod:`qgraph.ir.naming`), never into an existing tensor, which another node may share;
+- :func:`drop_unused_initializers`: an initializer that nothing reads any more is removed, unless it is a graph
+  input (part of the interface: a caller may feed it) or a graph output;
+- :func:`release_captures`: before a body (an If branch, a Loop body) is thrown away, its nodes let go of the outer
+  values they read, so that those values no longer count the dead body's nodes among their uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.ir.naming import NameScope
+from qgraph.ir.traversal import node_subgraphs
+
+logger = logging.getLogger(__name__)
+
+
+def new_initializer(graph: ir.Graph, names: NameScope, base_name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer of ``graph`` under a fresh name derived from ``base_name``."""
+    name = names.fresh(base_name)
+    # np.ascontiguousarray would turn a 0-d array into shape (1,); asarray keeps scalars scalar.
+    array = np.asarray(array, order="C")
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def drop_unused_initializers(values: Iterable[ir.Value | None]) -> int:
+    """Remove each of ``values`` that is an initializer no node reads and no graph input or output; the count.
+
+    Other values (``None``, node outputs, values still read) are left alone, so a rewrite may pass every input it
+    detached; to clean a whole graph, pass ``graph.initializers.values()``.
+    """
+    dropped = 0
+    for value in list(values):
+        if value is None or not value.is_initializer() or value.uses():
+            continue
+        if value.is_graph_input() or value.is_graph_output():
+            continue
+        graph = value.graph
+        if graph is not None and graph.initializers.get(value.name) is value:
+            graph.initializers.pop(value.name)
+            dropped += 1
+            logger.debug("dropped initializer %s that no node reads any more", value.name)
+    return dropped
+
+
+def release_captures(graph: ir.Graph) -> None:
+    """Detach every node of ``graph`` and of the bodies nested in it from its inputs (innermost, last node first)."""
+    for node in reversed(list(graph)):
+        for body in node_subgraphs(node):
+            release_captures(body)
+        for index in range(len(node.inputs)):
+            if node.inputs[index] is not None:
+                node.replace_input_with(index, None)
