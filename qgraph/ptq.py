@@ -23,6 +23,7 @@ from qgraph.calibrate.driver import CalibrationConfig, CalibrationResult, calibr
 from qgraph.errors import QGraphError, UnsupportedModelError
 from qgraph.ir.versions import convert_opset
 from qgraph.ir.traversal import iterate_graphs
+from qgraph.ir.values import default_opset
 from qgraph.passes.infrastructure import PassManager, PassRecord
 from qgraph.passes.infrastructure import get_pass
 from qgraph.annotate.annotator import AnnotationOverrides, annotate
@@ -107,7 +108,7 @@ def quantized_operators(model: ir.Model) -> list[str]:
 
 def ensure_opset(model: ir.Model, minimum: int) -> ir.Model:
     """``model`` at default-domain opset ``minimum`` or later (converted with onnx's version converter)."""
-    current = model.opset_imports.get("", 0)
+    current = default_opset(model)
     if current >= minimum:
         return model
     converted = ir.serde.deserialize_model(convert_opset(ir.serde.serialize_model(model), minimum))

@@ -40,7 +40,7 @@ import onnx_ir as ir
 
 from qgraph.quant.plan import BiasPlan, QuantPlan, WeightPlan, merge_groups
 from qgraph.ir.subgraphs import LOOP_OPERATORS, loop_reason, quantized_graphs
-from qgraph.ir.values import is_constant
+from qgraph.ir.values import is_constant, sole_consumer
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +112,9 @@ def weight_axis(node: ir.Node) -> int:
 
 def _fusable_activation(node: ir.Node, value: ir.Value) -> ir.Node | None:
     """The Relu/Clip that alone consumes ``value`` (and can be absorbed by an integer kernel), if any."""
-    if value.is_graph_output():
+    activation = sole_consumer(value)
+    if activation is None or activation.op_type not in FUSABLE_ACTIVATIONS:
         return None
-    consumers = list(value.consumers())
-    if len(consumers) != 1 or consumers[0].op_type not in FUSABLE_ACTIVATIONS:
-        return None
-    activation = consumers[0]
     if activation.op_type == "Clip":
         bounds = [activation.inputs[index] if len(activation.inputs) > index else None for index in (1, 2)]
         if any(bound is not None and not is_constant(bound) for bound in bounds):

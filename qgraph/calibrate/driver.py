@@ -36,6 +36,7 @@ from qgraph.errors import DataError
 from qgraph.calibrate.observe_kernel import BatchStatistics
 from qgraph.quant.plan import QuantPlan
 from qgraph.calibrate.probes import build_probes
+from qgraph.ir.values import is_constant, is_op
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +104,11 @@ def bounded_tensors(model: ir.Model) -> frozenset[str]:
     bounded = set()
     for graph in iterate_graphs(model):
         for node in graph:
-            if node.op_type not in BOUNDED_OPERATORS or node.domain not in ("", "ai.onnx"):
+            if not is_op(node, *BOUNDED_OPERATORS):
                 continue
             if node.op_type == "Clip":
                 bounds = [value for value in node.inputs[1:] if value is not None]
-                if len(bounds) < 2 or any(value.const_value is None for value in bounds):
+                if len(bounds) < 2 or not all(is_constant(value) for value in bounds):
                     continue
             bounded.update(output.name for output in node.outputs if output is not None)
     return frozenset(bounded)
@@ -247,7 +248,7 @@ def value_aliases(
 
     aliases: dict[str, str] = {}
     for node in model.graph:  # topological order: a chain's source is resolved before its later links
-        if node.op_type not in LAYOUT_OPERATORS or node.domain not in ("", "ai.onnx"):
+        if not is_op(node, *LAYOUT_OPERATORS):
             continue
         if not node.inputs or node.inputs[0] is None or not node.outputs:
             continue

@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from qgraph.ir.naming import NameScope
 from qgraph.native import custom_operator_library
 
 logger = logging.getLogger(__name__)
@@ -93,9 +94,11 @@ def add_observe_nodes(
     """Add an Observe node for each of ``tensors`` (name -> bins, 0 for the extremes only) to ``model``'s graph.
 
     The statistics become graph outputs; the tensors themselves are left as they were (add them as outputs only
-    where something else needs them). Returns the outputs of each tensor.
+    where something else needs them). Returns the outputs of each tensor. The new names are fresh in the model
+    (:mod:`qgraph.ir.naming`), so they stay ``qgraph_observe_...`` unless the model already has such a name.
     """
     graph = model.graph
+    names = NameScope.of_proto(model, node_names=True)
     producers = {output: index for index, node in enumerate(graph.node) for output in node.output}
     nodes: list[tuple[int, onnx.NodeProto]] = []
     if not any(opset.domain == DOMAIN for opset in model.opset_import):
@@ -104,14 +107,16 @@ def add_observe_nodes(
     observed: dict[str, ObservedOutputs] = {}
     for index, (tensor, bins) in enumerate(tensors.items()):
         if bins not in settings:
-            settings[bins] = f"{_PREFIX}_settings_{bins}"
+            settings[bins] = names.fresh(f"{_PREFIX}_settings_{bins}")
             graph.initializer.append(
                 onnx.numpy_helper.from_array(np.array([bins, max(1, threads)], dtype=np.int64), settings[bins])
             )
-        outputs = ObservedOutputs(f"{_PREFIX}_{index}_counts", f"{_PREFIX}_{index}_summary")
+        outputs = ObservedOutputs(
+            names.fresh(f"{_PREFIX}_{index}_counts"), names.fresh(f"{_PREFIX}_{index}_summary")
+        )
         nodes.append((producers.get(tensor, -1), helper.make_node(
-            OPERATOR, [tensor, settings[bins]], [outputs.counts, outputs.summary], name=f"{_PREFIX}_{index}",
-            domain=DOMAIN,
+            OPERATOR, [tensor, settings[bins]], [outputs.counts, outputs.summary],
+            name=names.fresh(f"{_PREFIX}_{index}"), domain=DOMAIN,
         )))
         graph.output.append(helper.make_tensor_value_info(outputs.counts, onnx.TensorProto.INT64, [bins]))
         graph.output.append(helper.make_tensor_value_info(outputs.summary, onnx.TensorProto.DOUBLE, [SUMMARY_SIZE]))
@@ -127,11 +132,12 @@ def remove_observe_nodes(model: onnx.ModelProto) -> None:
     """Undo :func:`add_observe_nodes`: its nodes, their outputs, its settings and its opset import."""
     graph = model.graph
     outputs = {name for node in graph.node if node.domain == DOMAIN for name in node.output}
+    settings = {node.input[1] for node in graph.node if node.domain == DOMAIN and len(node.input) > 1}
     # deleted by index, from the end: rebuilding the lists would copy every initializer
     for field, doomed in (
         (graph.node, lambda node: node.domain == DOMAIN),
         (graph.output, lambda info: info.name in outputs),
-        (graph.initializer, lambda tensor: tensor.name.startswith(f"{_PREFIX}_settings_")),
+        (graph.initializer, lambda tensor: tensor.name in settings),
         (model.opset_import, lambda opset: opset.domain == DOMAIN),
     ):
         for index in reversed([index for index, item in enumerate(field) if doomed(item)]):

@@ -21,6 +21,8 @@ from collections.abc import Callable
 import networkx as nx
 import onnx_ir as ir
 
+from qgraph.ir.traversal import node_subgraphs
+
 logger = logging.getLogger(__name__)
 
 #: ``predicate(producer, consumer, value)`` for :func:`connected_groups`.
@@ -30,21 +32,14 @@ EdgePredicate = Callable[[ir.Node, ir.Node, ir.Value], bool]
 def _subgraph_consumers(node: ir.Node) -> list[tuple[ir.Node, ir.Value]]:
     """(inner node, outer value) for every value that a node inside ``node``'s subgraphs reads from outside them."""
     found: list[tuple[ir.Node, ir.Value]] = []
-    for attribute in node.attributes.values():
-        if attribute.type == ir.AttributeType.GRAPH:
-            subgraphs = [attribute.value]
-        elif attribute.type == ir.AttributeType.GRAPHS:
-            subgraphs = list(attribute.value)
-        else:
-            continue
-        for subgraph in subgraphs:
-            local = set(subgraph.inputs) | set(subgraph.initializers.values())
-            for inner in subgraph.all_nodes():
-                local.update(inner.outputs)
-            for inner in subgraph.all_nodes():
-                for value in inner.inputs:
-                    if value is not None and value not in local:
-                        found.append((inner, value))
+    for subgraph in node_subgraphs(node):
+        local = set(subgraph.inputs) | set(subgraph.initializers.values())
+        for inner in subgraph.all_nodes():
+            local.update(inner.outputs)
+        for inner in subgraph.all_nodes():
+            for value in inner.inputs:
+                if value is not None and value not in local:
+                    found.append((inner, value))
     return found
 
 
@@ -68,8 +63,9 @@ def dataflow_graph(graph: ir.Graph | ir.Function) -> nx.DiGraph:
 
     for consumer in nodes:
         for value in consumer.inputs:
-            if value is not None and value.producer() is not None and value.producer() in view:
-                link(value.producer(), consumer, value)
+            producer = value.producer() if value is not None else None
+            if value is not None and producer is not None and producer in view:
+                link(producer, consumer, value)
         for _, value in _subgraph_consumers(consumer):
             producer = value.producer()
             if producer is not None and producer in view and producer is not consumer:

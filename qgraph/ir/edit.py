@@ -45,9 +45,9 @@ def drop_unused_initializers(values: Iterable[ir.Value | None]) -> int:
             continue
         if value.is_graph_input() or value.is_graph_output():
             continue
-        graph = value.graph
-        if graph is not None and graph.initializers.get(value.name) is value:
-            graph.initializers.pop(value.name)
+        graph, name = value.graph, value.name
+        if graph is not None and name is not None and graph.initializers.get(name) is value:
+            graph.initializers.pop(name)
             dropped += 1
             logger.debug("dropped initializer %s that no node reads any more", value.name)
     return dropped

@@ -50,7 +50,7 @@ def _input_named(model: ir.Model, name: str) -> ir.Value:
     for value in model.graph.inputs:
         if value.name == name:
             return value
-    names = ", ".join(value.name for value in model.graph.inputs) or "none"
+    names = ", ".join(value.name or "" for value in model.graph.inputs) or "none"
     raise QGraphError(f"--fix-input {name}: the model has no input named {name!r} (its inputs: {names})")
 
 
@@ -123,14 +123,15 @@ def _fit_shape(value: ir.Value, array: np.ndarray) -> np.ndarray:
     if shape is None:
         return array.reshape(()) if array.size == 1 else array.reshape(-1)
     dimensions = list(shape)
-    if all(isinstance(size, int) for size in dimensions):
-        expected = math.prod(dimensions)
+    sizes = [size for size in dimensions if isinstance(size, int)]
+    if len(sizes) == len(dimensions):
+        expected = math.prod(sizes)
         if array.size != expected:
             raise QGraphError(
-                f"--fix-input {value.name}: the input has shape {tuple(dimensions)} ({expected} values), "
+                f"--fix-input {value.name}: the input has shape {tuple(sizes)} ({expected} values), "
                 f"got {array.size} value(s)"
             )
-        return array.reshape(dimensions)
+        return array.reshape(sizes)
     if len(dimensions) == 1:
         return array.reshape(-1)
     raise QGraphError(

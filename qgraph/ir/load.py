@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 
 from qgraph.errors import ModelLoadError, UnsupportedModelError
 from qgraph.ir import versions
+from qgraph.ir.values import default_opset
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
 
 
 def _normalize_versions(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
-    opset = versions.default_opset(proto)
+    opset = default_opset(proto)
     if opset > versions.MAX_OPSET:
         proto = versions.convert_opset(proto, versions.MAX_OPSET)
     if proto.ir_version > versions.MAX_IR_VERSION:

@@ -65,11 +65,13 @@ def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     """The shape of ``value`` when every dimension is a known integer (see the module docstring), else ``None``."""
     if value is None:
         return None
-    if value.shape is not None and all(isinstance(size, int) for size in value.shape):
-        return tuple(int(size) for size in value.shape)
+    if value.shape is not None:
+        sizes = [size for size in value.shape if isinstance(size, int)]
+        if len(sizes) == len(value.shape):
+            return tuple(sizes)
     if is_constant(value):
-        assert value.const_value is not None
-        return tuple(value.const_value.shape)
+        assert value.const_value is not None  # is_constant says so; this tells mypy
+        return tuple(int(size) for size in value.const_value.shape.numpy())
     return None
 
 
@@ -140,11 +142,13 @@ def node_default_opset(node: ir.Node, model: ir.Model) -> int:
 
 
 def ensure_microsoft_domain(model: ir.Model, graph: ir.Graph | ir.Function | None = None) -> None:
-    """Import the com.microsoft domain (version 1) into ``model``, and into ``graph`` when it is a function.
+    """Import the com.microsoft domain (version 1) into ``model``, and into ``graph``'s own imports when given.
 
-    A function resolves its nodes' domains through its own imports, so a com.microsoft node written into a function
-    needs the import there too. An existing import of either keeps its version.
+    A function's body (``node.graph`` of a node inside a function, or the function itself) resolves domains through
+    the function's imports, so a com.microsoft node written there needs the import there too; the main graph's
+    imports are the model's, and an If/Loop body's are not stored, so adding there changes nothing. An existing
+    import keeps its version.
     """
     model.opset_imports.setdefault(MICROSOFT_DOMAIN, 1)
-    if isinstance(graph, ir.Function):
+    if graph is not None:
         graph.opset_imports.setdefault(MICROSOFT_DOMAIN, 1)

@@ -15,6 +15,7 @@ import onnx.shape_inference
 import onnx.version_converter
 
 from qgraph.errors import UnsupportedModelError
+from qgraph.ir.values import default_opset
 
 logger = logging.getLogger(__name__)
 
@@ -23,13 +24,6 @@ MAX_OPSET = 21
 #: Above this many bytes the converted model is not re-checked by strict shape inference (protobuf's 2 GB limit).
 _STRICT_INFERENCE_LIMIT = 1_500_000_000
 SUPPORTED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.training", "ai.onnx.preview.training"})
-
-
-def default_opset(proto: onnx.ModelProto) -> int:
-    for entry in proto.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return entry.version
-    return 0
 
 
 def convert_opset(proto: onnx.ModelProto, target: int) -> onnx.ModelProto:

@@ -55,10 +55,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qgraph.errors import UnsupportedModelError
+from qgraph.ir.naming import NameScope
+from qgraph.ir.values import MICROSOFT_DOMAIN
 
 logger = logging.getLogger(__name__)
 
-MICROSOFT_DOMAIN = "com.microsoft"
 # Adding then subtracting 1.5 · 2²³ rounds a float32 of magnitude below 2²² half to even to an integer.
 _ROUNDING_SHIFT = 12582912.0
 _INTEGER_WEIGHT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
@@ -141,23 +142,14 @@ class _Builder:
 
     def __init__(self, qdq_model: onnx.ModelProto, multiplier: float) -> None:
         self.multiplier = multiplier
-        self.taken = {tensor.name for tensor in qdq_model.graph.initializer}
-        self.taken |= {value.name for value in qdq_model.graph.input}
-        self.taken |= {name for node in qdq_model.graph.node for name in node.output}
+        self.names = NameScope.of_proto(qdq_model)
         self.prologue: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._constants: dict[tuple[str, float], str] = {}
         self.scaled_bounds: dict[tuple[str, str, float], str] = {}
 
-    def unique(self, name: str) -> str:
-        candidate, counter = name, 1
-        while candidate in self.taken:
-            candidate, counter = f"{name}_{counter}", counter + 1
-        self.taken.add(candidate)
-        return candidate
-
     def initializer(self, name: str, array: np.ndarray) -> str:
-        name = self.unique(name)
+        name = self.names.fresh(name)
         self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))
         return name
 
@@ -165,13 +157,13 @@ class _Builder:
         """A float32 scalar from a Constant node (not an initializer, so it is neither trained nor frozen)."""
         key = ("float", float(value))
         if key not in self._constants:
-            name = self.unique(f"qat.constant.{value:g}")
+            name = self.names.fresh(f"qat.constant.{value:g}")
             self.prologue.append(helper.make_node("Constant", [], [name], value_float=float(value), name=name))
             self._constants[key] = name
         return self._constants[key]
 
     def constant_array(self, prefix: str, array: np.ndarray) -> str:
-        name = self.unique(prefix)
+        name = self.names.fresh(prefix)
         tensor = numpy_helper.from_array(np.asarray(array, dtype=np.float32), name)
         self.prologue.append(helper.make_node("Constant", [], [name], value=tensor, name=name))
         return name
@@ -182,10 +174,10 @@ class _Builder:
         parameter = self.initializer(f"{prefix}.qat_log_scale", log_scale)
         exponent = parameter
         if self.multiplier != 1.0:
-            exponent = self.unique(f"{prefix}.qat_scaled_log_scale")
+            exponent = self.names.fresh(f"{prefix}.qat_scaled_log_scale")
             self.prologue.append(helper.make_node("Mul", [parameter, self.constant(self.multiplier)], [exponent],
                                                   name=exponent))
-        output = self.unique(f"{prefix}.qat_scale")
+        output = self.names.fresh(f"{prefix}.qat_scale")
         self.prologue.append(helper.make_node("Exp", [exponent], [output], name=output))
         return parameter, output
 
@@ -193,8 +185,8 @@ class _Builder:
                    output: str) -> list[onnx.NodeProto]:
         """``output = scale · (clamp(round(source / scale) + z, qmin, qmax) − z)``: STE to ``source``, LSQ to
         ``scale`` (see :func:`rounding_nodes` for the rounding)."""
-        divided = self.unique(f"{prefix}.qat_divided")
-        codes = self.unique(f"{prefix}.qat_codes")
+        divided = self.names.fresh(f"{prefix}.qat_divided")
+        codes = self.names.fresh(f"{prefix}.qat_codes")
         return [
             helper.make_node("Div", [source, scale], [divided], name=divided),
             *self.rounding_nodes(prefix, divided, zero_point, qmin, qmax, codes),
@@ -214,8 +206,8 @@ class _Builder:
         """
         lower = np.nextafter(np.float32(qmin - zero_point - 0.5), np.float32(np.inf))
         upper = np.nextafter(np.float32(qmax - zero_point + 0.5), np.float32(-np.inf))
-        clipped = self.unique(f"{prefix}.qat_clipped")
-        shifted = self.unique(f"{prefix}.qat_shifted")
+        clipped = self.names.fresh(f"{prefix}.qat_clipped")
+        shifted = self.names.fresh(f"{prefix}.qat_shifted")
         return [
             helper.make_node("Clip", [source, self.constant(lower), self.constant(upper)], [clipped], name=clipped),
             helper.make_node("Add", [clipped, self.constant(_ROUNDING_SHIFT)], [shifted], name=shifted),
@@ -491,20 +483,21 @@ def _learnable_quantize_dequantize(builder: _Builder, quantize: onnx.NodeProto, 
                       ("high", quantizer.qmax - quantizer.zero_point + 0.5)):
         key = (scale_tensor, end, code)
         if key not in builder.scaled_bounds:
-            name = builder.unique(f"{scale_tensor}.qat_{end}")
+            name = builder.names.fresh(f"{scale_tensor}.qat_{end}")
             builder.prologue.append(helper.make_node("Mul", [scale_tensor, builder.constant(code)], [name], name=name))
             builder.scaled_bounds[key] = name
         bounds.append(builder.scaled_bounds[key])
-    codes = builder.unique(f"{tensor}.qat_codes")
-    dequantized = builder.unique(f"{tensor}.qat_dequantized")
+    codes = builder.names.fresh(f"{tensor}.qat_codes")
+    dequantized = builder.names.fresh(f"{tensor}.qat_dequantized")
     inputs = [dequantized, tensor, scale_tensor, *bounds]
     return [
         helper.make_node("QuantizeLinear", [tensor, scale_tensor, zero_point], [codes], domain=MICROSOFT_DOMAIN,
                          name=codes),
         helper.make_node("DequantizeLinear", [codes, scale_tensor, zero_point], [dequantized],
                          domain=MICROSOFT_DOMAIN, name=dequantized),
-        helper.make_node("PassThrough", inputs, [output] + [builder.unique(f"{name}.qat_pass") for name in inputs[1:]],
-                         domain=MICROSOFT_DOMAIN, name=builder.unique(f"{tensor}.qat_pass_through")),
+        helper.make_node("PassThrough", inputs,
+                         [output] + [builder.names.fresh(f"{name}.qat_pass") for name in inputs[1:]],
+                         domain=MICROSOFT_DOMAIN, name=builder.names.fresh(f"{tensor}.qat_pass_through")),
     ]
 
 
@@ -536,7 +529,7 @@ def _weight_nodes(builder: _Builder, dequantize: onnx.NodeProto, initializers, f
                                               else scale.reshape(()))
     if shape is not None:
         shape_name = builder.initializer(f"{plan_name}.qat_scale_shape", shape)
-        broadcast = builder.unique(f"{plan_name}.qat_scale_broadcast")
+        broadcast = builder.names.fresh(f"{plan_name}.qat_scale_broadcast")
         nodes.append(helper.make_node("Reshape", [scale_tensor, shape_name], [broadcast], name=broadcast))
         scale_tensor = broadcast
     nodes.extend(builder.fake_quant(plan_name, name, scale_tensor, zero_point, spec.qmin, spec.qmax, output))

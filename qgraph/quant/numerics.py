@@ -46,7 +46,7 @@ def _broadcast_shape(params: QuantParams, ndim: int) -> tuple[int, ...] | None:
 
 def _aligned(params: QuantParams, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     shape = _broadcast_shape(params, x.ndim)
-    if shape is None:
+    if shape is None or params.axis is None:  # (the second test only tells mypy: per-tensor has no shape)
         return params.scale, params.zero_point
     axis = params.axis % x.ndim
     if x.shape[axis] != params.scale.shape[0]:

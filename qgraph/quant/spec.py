@@ -61,7 +61,7 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 _SUPPORTED_BITS = (4, 8, 16)
 
-_STORAGE_DTYPES = {
+_STORAGE_DTYPES: dict[tuple[int, bool], np.dtype] = {
     (4, True): np.dtype(np.int8),
     (4, False): np.dtype(np.uint8),
     (8, True): np.dtype(np.int8),

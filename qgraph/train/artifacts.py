@@ -39,6 +39,7 @@ from pathlib import Path
 import onnx
 
 from qgraph.errors import DataError, QGraphError
+from qgraph.ir.naming import NameScope
 from qgraph.train.config import TrainingConfig
 from qgraph.train.fused_gradients import fuse_quantizers, library_path
 from qgraph.train.ort_training import captured_native_stderr, register_gradient_overrides, training_api
@@ -126,16 +127,12 @@ def _expose_layer_norm_statistics(model: onnx.ModelProto) -> None:
     with ``Y`` only, as exporters and the reference ViT write it, makes artifact generation fail with
     ``i < node_->OutputDefs().size() was false``. :func:`qgraph.train.session.tidy_exported_model` drops them again.
     """
-    taken = {name for node in model.graph.node for name in node.output}
+    names = NameScope.of_proto(model)
     for node in model.graph.node:
         if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx"):
             continue
         for suffix in ("mean", "inv_std_dev")[len(node.output) - 1:]:
-            name = f"{node.output[0]}_{suffix}"
-            while name in taken:
-                name += "_"
-            taken.add(name)
-            node.output.append(name)
+            node.output.append(names.fresh(f"{node.output[0]}_{suffix}"))
 
 
 def _prepared_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -170,17 +167,6 @@ def _check_output(model: onnx.ModelProto, output_name: str, loss: str) -> tuple[
             f"but it has rank {len(shape)}; use loss='mse' with targets for other outputs"
         )
     return shape
-
-
-def _unique_input_name(model: onnx.ModelProto, preferred: str) -> str:
-    taken = {value.name for value in model.graph.input} | {tensor.name for tensor in model.graph.initializer}
-    taken |= {name for node in model.graph.node for name in node.output}
-    name = preferred
-    index = 0
-    while name in taken:
-        index += 1
-        name = f"{preferred}_{index}"
-    return name
 
 
 def _loss_block(onnxblock, loss: str, output_name: str, target_name: str):
@@ -227,7 +213,7 @@ def build_training_artifacts(
         raise QGraphError("the model has no outputs to train")
     output_shape = _check_output(prepared, output_name, config.loss)
     trainable, frozen = split_parameters(prepared, config.trainable)
-    target_name = _unique_input_name(prepared, "labels" if config.loss == "cross_entropy" else "target")
+    target_name = NameScope.of_proto(prepared).fresh("labels" if config.loss == "cross_entropy" else "target")
     input_names = tuple(value.name for value in prepared.graph.input)
 
     work = Path(directory)
