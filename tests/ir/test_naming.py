@@ -5,7 +5,13 @@ from __future__ import annotations
 import onnx
 import onnx_ir as ir
 
-from qgraph.ir.naming import NameScope, names_in_graph, names_in_model, names_in_proto, new_output_name
+from qgraph.ir.naming import (
+    NameScope,
+    names_in_graph,
+    names_in_model,
+    names_in_proto,
+    new_output_name,
+)
 from qgraph.ir.subgraphs import make_names_unique
 
 MODEL = """
