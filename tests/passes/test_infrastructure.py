@@ -9,6 +9,7 @@ from onnx_ir.passes import PassResult
 
 from qgraph.errors import PipelineError, QGraphError
 from qgraph.passes.infrastructure import QGraphPass, RewritePass
+from qgraph.passes.infrastructure import RewriteContext
 from qgraph.passes.infrastructure import PassManager, PassVerificationError, check_phase_order, count_nodes
 from qgraph.pipeline import OptimizeOptions, build_pipeline
 from qgraph.passes.infrastructure import Phase
@@ -70,10 +71,10 @@ class NegToSigmoid(RewritePass):
 
     phase = Phase.CANONICALIZE
 
-    def match(self, node: ir.Node):
+    def match(self, node: ir.Node, context: RewriteContext):
         return node if node.op_type == "Neg" else None
 
-    def rewrite(self, node: ir.Node) -> None:
+    def rewrite(self, node: ir.Node, context: RewriteContext) -> None:
         node._op_type = "Sigmoid"  # deliberately wrong numerics (onnx-ir has no setter for op_type)
 
 
