@@ -6,13 +6,23 @@ an order. Phases may repeat (a canonicalisation group is run to a fixed point) b
 
 **Passes.** A :class:`QGraphPass` is an onnx-ir ``InPlacePass`` that declares its :class:`Phase` and a one-line
 summary. A :class:`RewritePass` is a local rewrite written as three steps over every node of every graph (main graph,
-If/Loop/Scan bodies, functions):
+If/Loop/Scan bodies, functions), visited once per run in graph order:
 
-- ``match(node)`` returns the matched nodes/values (any object) or ``None``;
-- ``check(match)`` returns ``None`` when the rewrite is legal, or a sentence saying why it is not (logged);
-- ``rewrite(match)`` mutates the graph.
+- ``match(node, context)`` returns the matched nodes/values (any object) or ``None`` when the pattern does not start
+  at ``node`` (silently: most nodes are not candidates);
+- ``check(match, context)`` decides whether the rewrite is legal and returns either the *plan* — any object carrying
+  what the decision computed (the quantization parameters read, the folded constants, the nodes to replace; often a
+  frozen dataclass; by default the match itself) — or a :class:`Refusal` with the sentence saying why not, which is
+  logged (INFO, logger ``qgraph.passes.infrastructure``) and leaves the graph as it is;
+- ``rewrite(plan, context)`` receives exactly the plan ``check`` returned and mutates the graph. It does not
+  recompute what ``check`` computed, and ``check`` does not write into the match: whatever ``rewrite`` needs travels
+  in the plan.
 
-The ``modified`` flag of the result is true exactly when at least one rewrite ran.
+What the three steps may use besides the node is the :class:`RewriteContext`, created once per run: the model (its
+opset imports, for instance) and a model-wide :class:`~qgraph.ir.naming.NameScope` for the names of
+what the rewrites create. Nothing is stored on the pass instance while it runs (only the options of ``__init__``
+live there), so one instance can run on any number of models, one after another, with the same result as fresh
+instances. The ``modified`` flag of the result is true exactly when at least one rewrite ran.
 
 **Registry.** Passes register by class name (``@register``), which the CLI lists and ``--passes NAME,...`` assembles
 pipelines from. Importing :mod:`qgraph.passes` imports every pass module, so the registry is complete as soon as
@@ -31,6 +41,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -44,6 +55,7 @@ from onnx_ir.passes import InPlacePass, PassResult
 from qgraph import runtime
 from qgraph.errors import PipelineError
 from qgraph.ir.traversal import iterate_graphs
+from qgraph.ir.naming import NameScope
 
 logger = logging.getLogger(__name__)
 
@@ -81,35 +93,64 @@ class QGraphPass(InPlacePass):
         return doc.splitlines()[0] if doc else cls.__name__
 
 
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """What :meth:`RewritePass.check` returns when a match may not be rewritten: the reason, as a sentence."""
+
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RewriteContext:
+    """What the steps of a :class:`RewritePass` may use besides the node: one context per run, shared by its steps."""
+
+    model: ir.Model
+
+    @functools.cached_property
+    def names(self) -> NameScope:
+        """Model-unique names for what the rewrites create, remembered as they are handed out for the rest of the run.
+
+        Made on first use (most lowerings never name anything, and scanning a model's names costs about as much as
+        the whole run's matching), from the model as it is then: a name of a value an earlier rewrite of the run
+        removed may be handed out again, which no reader can confuse.
+        """
+        return NameScope(self.model)
+
+
 class RewritePass(QGraphPass):
-    """A pass made of local pattern / check / rewrite steps applied to every node once per run."""
+    """A pass made of local match / check / rewrite steps applied to every node once per run."""
 
     @abc.abstractmethod
-    def match(self, node: ir.Node) -> Any | None:
+    def match(self, node: ir.Node, context: RewriteContext) -> Any | None:
         """The matched pieces around ``node``, or ``None`` when the pattern does not start here."""
 
-    def check(self, match: Any) -> str | None:
-        return None
+    def check(self, match: Any, context: RewriteContext) -> Any:
+        """The plan for rewriting ``match`` (what the decision computed), or a :class:`Refusal` saying why not."""
+        return match
 
     @abc.abstractmethod
-    def rewrite(self, match: Any) -> None:
-        """Mutate the graph for a match that passed :meth:`check`."""
+    def rewrite(self, plan: Any, context: RewriteContext) -> None:
+        """Mutate the graph as ``plan``, returned by :meth:`check`, says."""
 
     def call(self, model: ir.Model) -> PassResult:
-        self.model = model
+        context = RewriteContext(model)
         modified = False
         for graph in list(iterate_graphs(model)):
             for node in list(graph):
                 if node.graph is None:  # removed by an earlier rewrite in this run
                     continue
-                match = self.match(node)
+                match = self.match(node, context)
                 if match is None:
                     continue
-                reason = self.check(match)
-                if reason is not None:
-                    logger.info("%s: leaving %s (%s): %s", self.pass_name(), node.name, node.op_type, reason)
+                plan = self.check(match, context)
+                if isinstance(plan, Refusal):
+                    logger.info("%s: leaving %s (%s): %s", self.pass_name(), node.name, node.op_type, plan.reason)
                     continue
-                self.rewrite(match)
+                if plan is None or isinstance(plan, str):
+                    raise TypeError(
+                        f"{self.pass_name()}.check returned {plan!r}; it returns a plan, or a Refusal with the reason"
+                    )
+                self.rewrite(plan, context)
                 modified = True
         return PassResult(model, modified)
 

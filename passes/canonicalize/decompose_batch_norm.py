@@ -22,18 +22,18 @@ import dataclasses
 import logging
 
 import onnx_ir as ir
-from onnx_ir.passes import PassResult
 
 from qgraph.passes.canonicalize._batch_norm_math import BatchNormAffine, batch_norm_affine, plan_fold
 from qgraph.passes._rewrite_support import (
     FLOATING_DTYPES,
-    NameScope,
     drop_unused_initializers,
     known_rank_and_dtype,
     new_initializer,
     new_output_name,
 )
 from qgraph.passes.infrastructure import RewritePass
+from qgraph.passes.infrastructure import Refusal
+from qgraph.passes.infrastructure import RewriteContext
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
 
@@ -80,41 +80,38 @@ class DecomposeBatchNorm(RewritePass):
     phase = Phase.CANONICALIZE
     summary = "Rewrite a lone inference BatchNormalization as Mul by a per-channel scale and Add of a shift"
 
-    def call(self, model: ir.Model) -> PassResult:
-        self.names = NameScope(model)
-        return super().call(model)
-
-    def match(self, node: ir.Node) -> ir.Node | None:
+    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
         if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
             return node
         return None
 
-    def check(self, match: ir.Node) -> str | None:
+    def check(self, match: ir.Node, context: RewriteContext) -> _Decomposition | Refusal:
         plan = plan_decomposition(match)
-        return plan if isinstance(plan, str) else None
+        return Refusal(plan) if isinstance(plan, str) else plan
 
-    def rewrite(self, match: ir.Node) -> None:
-        plan = plan_decomposition(match)
-        assert isinstance(plan, _Decomposition), "rewrite called for a BatchNorm that check refused"
-        graph = match.graph
+    def rewrite(self, plan: _Decomposition, context: RewriteContext) -> None:
+        batch_norm, names = plan.batch_norm, context.names
+        graph = batch_norm.graph
         numpy_dtype = plan.dtype.numpy()
         broadcast_shape = (plan.affine.channels,) + (1,) * (plan.rank - 2)
-        base = match.name or "batch_norm"
+        base = batch_norm.name or "batch_norm"
         scale = new_initializer(
-            graph, self.names, f"{base}_scale", plan.affine.scale.reshape(broadcast_shape).astype(numpy_dtype)
+            graph, names, f"{base}_scale", plan.affine.scale.reshape(broadcast_shape).astype(numpy_dtype)
         )
         shift = new_initializer(
-            graph, self.names, f"{base}_shift", plan.affine.shift.reshape(broadcast_shape).astype(numpy_dtype)
+            graph, names, f"{base}_shift", plan.affine.shift.reshape(broadcast_shape).astype(numpy_dtype)
         )
-        source = match.inputs[0]
-        multiply = ir.Node("", "Mul", [source, scale], name=f"{match.name}_scale" if match.name else None)
-        new_output_name(self.names, multiply, f"{base}_scaled")
+        source = batch_norm.inputs[0]
+        multiply = ir.Node("", "Mul", [source, scale], name=f"{batch_norm.name}_scale" if batch_norm.name else None)
+        new_output_name(names, multiply, f"{base}_scaled")
         multiply.outputs[0].type = ir.TensorType(plan.dtype)
         multiply.outputs[0].shape = source.shape
-        add = ir.Node("", "Add", [multiply.outputs[0], shift], name=f"{match.name}_shift" if match.name else None)
-        old_parameters = list(match.inputs[1:])
+        add = ir.Node(
+            "", "Add", [multiply.outputs[0], shift], name=f"{batch_norm.name}_shift" if batch_norm.name else None
+        )
+        old_parameters = list(batch_norm.inputs[1:])
         ir.convenience.replace_nodes_and_values(
-            graph, match, [match], [multiply, add], [match.outputs[0]], [add.outputs[0]]
+            graph, batch_norm, [batch_norm], [multiply, add], [batch_norm.outputs[0]], [add.outputs[0]]
         )
         drop_unused_initializers(old_parameters)
-        logger.debug("decomposed BatchNormalization %s into Mul + Add", match.name)
+        logger.debug("decomposed BatchNormalization %s into Mul + Add", batch_norm.name)

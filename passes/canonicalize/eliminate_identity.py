@@ -32,6 +32,8 @@ import onnx_ir as ir
 
 from qgraph.ir.values import DEFAULT_DOMAINS, constant_array, node_default_opset, static_shape
 from qgraph.passes.infrastructure import RewritePass
+from qgraph.passes.infrastructure import Refusal
+from qgraph.passes.infrastructure import RewriteContext
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
 
@@ -72,7 +74,7 @@ class EliminateIdentity(RewritePass):
     phase = Phase.CANONICALIZE
     summary = "remove Identity and no-op Dropout (inference), Cast (same type) and Reshape (same static shape)"
 
-    def match(self, node: ir.Node) -> _NoOp | None:
+    def match(self, node: ir.Node, context: RewriteContext) -> _NoOp | None:
         if node.domain not in DEFAULT_DOMAINS or not node.inputs or not node.outputs:
             return None
         data = node.inputs[0]
@@ -81,7 +83,7 @@ class EliminateIdentity(RewritePass):
         if node.op_type == "Identity":
             is_no_op = True
         elif node.op_type == "Dropout":
-            is_no_op = self._is_inference_dropout(node)
+            is_no_op = self._is_inference_dropout(node, context.model)
         elif node.op_type == "Cast":
             is_no_op = self._is_same_type_cast(node, data)
         elif node.op_type == "Reshape":
@@ -90,27 +92,29 @@ class EliminateIdentity(RewritePass):
             return None
         return _NoOp(node, data, node.outputs[0]) if is_no_op else None
 
-    def check(self, match: _NoOp) -> str | None:
+    def check(self, match: _NoOp, context: RewriteContext) -> _NoOp | Refusal:
         node, data, output = match.node, match.data, match.output
         for extra in node.outputs[1:]:
             if extra.uses() or extra.is_graph_output():
-                return f"its output {extra.name!r} is read (removing the node would remove it)"
+                return Refusal(f"its output {extra.name!r} is read (removing the node would remove it)")
         if not output.is_graph_output():
-            return None
+            return match
         producer = data.producer()
         if data.is_graph_input() or data.is_initializer():
-            return (
+            return Refusal(
                 f"{output.name!r} is a graph output and {data.name!r} is a graph input or initializer "
                 "(renaming it would change the model's interface)"
             )
         if data.is_graph_output():
-            return f"both {data.name!r} and {output.name!r} are graph outputs (one value cannot be two outputs)"
+            return Refusal(
+                f"both {data.name!r} and {output.name!r} are graph outputs (one value cannot be two outputs)"
+            )
         if producer is None or producer.graph is not node.graph:
-            return f"{output.name!r} is a graph output and {data.name!r} is produced outside this graph"
-        return None
+            return Refusal(f"{output.name!r} is a graph output and {data.name!r} is produced outside this graph")
+        return match
 
-    def rewrite(self, match: _NoOp) -> None:
-        node, data, output = match.node, match.data, match.output
+    def rewrite(self, plan: _NoOp, context: RewriteContext) -> None:
+        node, data, output = plan.node, plan.data, plan.output
         graph = node.graph
         if output.is_graph_output():
             name = output.name
@@ -127,8 +131,9 @@ class EliminateIdentity(RewritePass):
             graph.remove(node, safe=True)
         logger.debug("%s: removed %s (%s)", self.pass_name(), node.name, node.op_type)
 
-    def _is_inference_dropout(self, node: ir.Node) -> bool:
-        version = node_default_opset(node, self.model)
+    @staticmethod
+    def _is_inference_dropout(node: ir.Node, model: ir.Model) -> bool:
+        version = node_default_opset(node, model)
         if version == 0:  # no default-domain import: not a Dropout whose semantics are known
             return False
         if version < 7:

@@ -37,7 +37,6 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import PassResult
 
 from qgraph.passes.canonicalize._batch_norm_math import FoldPlan, matmul_bias_operand, plan_fold
 from qgraph.passes._rewrite_support import (
@@ -48,6 +47,8 @@ from qgraph.passes._rewrite_support import (
     new_output_name,
 )
 from qgraph.passes.infrastructure import RewritePass
+from qgraph.passes.infrastructure import Refusal
+from qgraph.passes.infrastructure import RewriteContext
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
 
@@ -61,36 +62,30 @@ class FoldBatchNorm(RewritePass):
     phase = Phase.CANONICALIZE
     summary = "Fold inference BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul that produces its input"
 
-    def call(self, model: ir.Model) -> PassResult:
-        self.names = NameScope(model)
-        return super().call(model)
-
-    def match(self, node: ir.Node) -> ir.Node | None:
+    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
         if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
             return node
         return None
 
-    def check(self, match: ir.Node) -> str | None:
+    def check(self, match: ir.Node, context: RewriteContext) -> FoldPlan | Refusal:
         plan = plan_fold(match)
-        return plan if isinstance(plan, str) else None
+        return Refusal(plan) if isinstance(plan, str) else plan
 
-    def rewrite(self, match: ir.Node) -> None:
-        plan = plan_fold(match)
-        assert isinstance(plan, FoldPlan), "rewrite called for a BatchNorm that check refused"
-        producer = plan.producer
+    def rewrite(self, plan: FoldPlan, context: RewriteContext) -> None:
+        batch_norm, producer = plan.batch_norm, plan.producer
         rewrite = {
             "Conv": self._fold_into_conv,
             "ConvTranspose": self._fold_into_conv_transpose,
             "Gemm": self._fold_into_gemm,
             "MatMul": self._fold_into_matmul,
         }[producer.op_type]
-        old_inputs = list(producer.inputs) + list(match.inputs[1:])
+        old_inputs = list(producer.inputs) + list(batch_norm.inputs[1:])
         if plan.bias_add is not None:
             old_inputs += list(plan.bias_add.inputs)
-        new_nodes = rewrite(plan)
+        new_nodes = rewrite(plan, context.names)
         old_nodes = [producer] + ([plan.bias_add] if plan.bias_add is not None else []) + [plan.batch_norm]
         ir.convenience.replace_nodes_and_values(
-            match.graph,
+            batch_norm.graph,
             plan.batch_norm,
             old_nodes,
             new_nodes,
@@ -98,7 +93,7 @@ class FoldBatchNorm(RewritePass):
             [new_nodes[-1].outputs[0]],
         )
         drop_unused_initializers(old_inputs)
-        logger.debug("folded BatchNormalization %s into %s %s", match.name, producer.op_type, producer.name)
+        logger.debug("folded BatchNormalization %s into %s %s", batch_norm.name, producer.op_type, producer.name)
 
     # Each rewrite returns the new nodes in order; the last one produces the BatchNorm's output.
 
@@ -107,10 +102,12 @@ class FoldBatchNorm(RewritePass):
             return None
         return constant_array(producer.inputs[index])
 
-    def _store(self, producer: ir.Node, index: int, suffix: str, array: np.ndarray, dtype: np.dtype) -> ir.Value:
+    def _store(
+        self, names: NameScope, producer: ir.Node, index: int, suffix: str, array: np.ndarray, dtype: np.dtype
+    ) -> ir.Value:
         original = producer.inputs[index] if len(producer.inputs) > index else None
         base = original.name if original is not None and original.name else f"{producer.name or producer.op_type}"
-        return new_initializer(producer.graph, self.names, f"{base}_{suffix}", array.astype(dtype))
+        return new_initializer(producer.graph, names, f"{base}_{suffix}", array.astype(dtype))
 
     def _replacement(self, producer: ir.Node, inputs: list[ir.Value | None], attributes) -> ir.Node:
         return ir.Node(
@@ -123,14 +120,14 @@ class FoldBatchNorm(RewritePass):
             doc_string=producer.doc_string,
         )
 
-    def _fold_into_conv(self, plan: FoldPlan) -> list[ir.Node]:
+    def _fold_into_conv(self, plan: FoldPlan, names: NameScope) -> list[ir.Node]:
         conv, scale, shift = plan.producer, plan.affine.scale, plan.affine.shift
         weight = self._weights(conv, 1)
         bias = self._weights(conv, 2)
         folded_weight = weight.astype(np.float64) * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
-        return self._convolution_with(conv, folded_weight, weight.dtype, bias, scale, shift)
+        return self._convolution_with(names, conv, folded_weight, weight.dtype, bias, scale, shift)
 
-    def _fold_into_conv_transpose(self, plan: FoldPlan) -> list[ir.Node]:
+    def _fold_into_conv_transpose(self, plan: FoldPlan, names: NameScope) -> list[ir.Node]:
         conv, scale, shift = plan.producer, plan.affine.scale, plan.affine.shift
         weight = self._weights(conv, 1)
         bias = self._weights(conv, 2)
@@ -140,19 +137,19 @@ class FoldBatchNorm(RewritePass):
         grouped = weight.astype(np.float64).reshape((group, in_per_group, out_per_group) + kernel)
         grouped_scale = scale.reshape((group, 1, out_per_group) + (1,) * len(kernel))
         folded_weight = (grouped * grouped_scale).reshape(weight.shape)
-        return self._convolution_with(conv, folded_weight, weight.dtype, bias, scale, shift)
+        return self._convolution_with(names, conv, folded_weight, weight.dtype, bias, scale, shift)
 
-    def _convolution_with(self, conv, folded_weight, dtype, bias, scale, shift) -> list[ir.Node]:
+    def _convolution_with(self, names, conv, folded_weight, dtype, bias, scale, shift) -> list[ir.Node]:
         """The convolution rebuilt on the folded weight, with bias b' = b·s + t (b = 0 when absent)."""
         folded_bias = (bias.astype(np.float64) if bias is not None else 0.0) * scale + shift
         inputs = [
             conv.inputs[0],
-            self._store(conv, 1, "bn_folded", folded_weight, dtype),
-            self._store(conv, 2, "bn_folded_bias", folded_bias, dtype),
+            self._store(names, conv, 1, "bn_folded", folded_weight, dtype),
+            self._store(names, conv, 2, "bn_folded_bias", folded_bias, dtype),
         ]
         return [self._replacement(conv, inputs, list(conv.attributes.values()))]
 
-    def _fold_into_gemm(self, plan: FoldPlan) -> list[ir.Node]:
+    def _fold_into_gemm(self, plan: FoldPlan, names: NameScope) -> list[ir.Node]:
         gemm, scale, shift = plan.producer, plan.affine.scale, plan.affine.shift
         weight = self._weights(gemm, 1)
         bias = self._weights(gemm, 2)
@@ -166,12 +163,12 @@ class FoldBatchNorm(RewritePass):
         attributes.append(ir.AttrFloat32("beta", 1.0))
         inputs = [
             gemm.inputs[0],
-            self._store(gemm, 1, "bn_folded", folded_weight, weight.dtype),
-            self._store(gemm, 2, "bn_folded_bias", folded_bias, weight.dtype),
+            self._store(names, gemm, 1, "bn_folded", folded_weight, weight.dtype),
+            self._store(names, gemm, 2, "bn_folded_bias", folded_bias, weight.dtype),
         ]
         return [self._replacement(gemm, inputs, attributes)]
 
-    def _fold_into_matmul(self, plan: FoldPlan) -> list[ir.Node]:
+    def _fold_into_matmul(self, plan: FoldPlan, names: NameScope) -> list[ir.Node]:
         matmul, scale, shift = plan.producer, plan.affine.scale, plan.affine.shift
         weight = self._weights(matmul, 1)
         folded_weight = weight.astype(np.float64) * scale[np.newaxis, :]
@@ -184,13 +181,13 @@ class FoldBatchNorm(RewritePass):
             folded_bias = shift
             bias_base = f"{matmul.name or 'MatMul'}_bias"
         new_matmul = self._replacement(
-            matmul, [matmul.inputs[0], self._store(matmul, 1, "bn_folded", folded_weight, weight.dtype)], []
+            matmul, [matmul.inputs[0], self._store(names, matmul, 1, "bn_folded", folded_weight, weight.dtype)], []
         )
-        new_output_name(self.names, new_matmul, matmul.outputs[0].name or "matmul_output")
+        new_output_name(names, new_matmul, matmul.outputs[0].name or "matmul_output")
         new_matmul.outputs[0].type = matmul.outputs[0].type
         new_matmul.outputs[0].shape = matmul.outputs[0].shape
         bias_initializer = new_initializer(
-            matmul.graph, self.names, f"{bias_base}_bn_folded", folded_bias.astype(weight.dtype)
+            matmul.graph, names, f"{bias_base}_bn_folded", folded_bias.astype(weight.dtype)
         )
         add_name = plan.bias_add.name if plan.bias_add is not None else None
         add = ir.Node("", "Add", [new_matmul.outputs[0], bias_initializer], name=add_name or None)

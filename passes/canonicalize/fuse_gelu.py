@@ -53,8 +53,10 @@ from qgraph.passes.canonicalize._pattern_matching import (
     sole_consumer_refusal,
     split_constant_operand,
 )
-from qgraph.passes._rewrite_support import NameScope, constant_array, drop_unused_initializers, known_rank_and_dtype
+from qgraph.passes._rewrite_support import constant_array, drop_unused_initializers, known_rank_and_dtype
 from qgraph.passes.infrastructure import RewritePass
+from qgraph.passes.infrastructure import Refusal
+from qgraph.passes.infrastructure import RewriteContext
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
 
@@ -69,18 +71,15 @@ TANH_CUBIC = 0.044715
 STANDARD_GELU_OPSET = 20
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class GeluPlan:
+    """A recognised GELU: its Erf or Tanh node, which form, its input x, its output and the nodes computing it."""
+
+    anchor: ir.Node
     approximate: bool
     data: ir.Value
     output: ir.Value
-    nodes: list[ir.Node]
-
-
-@dataclasses.dataclass
-class _Candidate:
-    anchor: ir.Node
-    plan: GeluPlan | None = None
+    nodes: tuple[ir.Node, ...]
 
 
 class _Refused(Exception):
@@ -94,40 +93,33 @@ class FuseGelu(RewritePass):
     phase = Phase.CANONICALIZE
     summary = "Fuse decomposed GELU (Erf and tanh forms) into Gelu (opset >= 20) or com.microsoft Gelu/FastGelu"
 
-    def call(self, model: ir.Model):
-        self.names = NameScope(model)
-        return super().call(model)
-
-    def match(self, node: ir.Node) -> _Candidate | None:
+    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
+        """The Erf or Tanh node at the heart of a GELU."""
         if (is_op(node, "Erf") or is_op(node, "Tanh")) and node.inputs and node.inputs[0] is not None:
             producer = node.inputs[0].producer()
             if producer is not None and producer.op_type in ("Div", "Mul"):
-                return _Candidate(node)
+                return node
         return None
 
-    def check(self, match: _Candidate) -> str | None:
-        if not isinstance(match.anchor.graph, ir.Graph):
-            return "GELU inside a function body (its constants are not initializers)"
+    def check(self, match: ir.Node, context: RewriteContext) -> GeluPlan | Refusal:
+        if not isinstance(match.graph, ir.Graph):
+            return Refusal("GELU inside a function body (its constants are not initializers)")
         try:
-            if match.anchor.op_type == "Erf":
-                match.plan = self._analyse_erf(match.anchor)
-            else:
-                match.plan = self._analyse_tanh(match.anchor)
+            if match.op_type == "Erf":
+                return self._analyse_erf(match)
+            return self._analyse_tanh(match)
         except _Refused as refusal:
-            return str(refusal)
-        return None
+            return Refusal(str(refusal))
 
-    def rewrite(self, match: _Candidate) -> None:
-        plan = match.plan
-        assert plan is not None, "rewrite called for a GELU that check refused"
-        graph = match.anchor.graph
+    def rewrite(self, plan: GeluPlan, context: RewriteContext) -> None:
+        graph = plan.anchor.graph
         base = plan.output.name or "gelu"
-        name = self.names.fresh(f"{base}_gelu")
-        if default_opset(self.model) >= STANDARD_GELU_OPSET:
+        name = context.names.fresh(f"{base}_gelu")
+        if default_opset(context.model) >= STANDARD_GELU_OPSET:
             approximate = "tanh" if plan.approximate else "none"
             fused = ir.Node("", "Gelu", [plan.data], attributes=[ir.AttrString("approximate", approximate)], name=name)
         else:
-            ensure_microsoft_domain(self.model)
+            ensure_microsoft_domain(context.model)
             op_type = "FastGelu" if plan.approximate else "Gelu"
             fused = ir.Node(MICROSOFT_DOMAIN, op_type, [plan.data], name=name)
         order = {id(node): index for index, node in enumerate(graph)}
@@ -193,7 +185,6 @@ class FuseGelu(RewritePass):
         rank, dtype = known_rank_and_dtype(data)
         if dtype is not None and dtype != ir.DataType.FLOAT:
             raise _Refused(f"element type {dtype.name}: only float32 GELUs are fused")
-        self._rank = rank
         value = function.outputs[0]
         add = sole_consumer(value)
         if add is None:
@@ -241,8 +232,8 @@ class FuseGelu(RewritePass):
         for node in nodes:
             for value in node.inputs:
                 if constant_array(value) is not None:
-                    self._check_broadcast(value)
-        return GeluPlan(approximate, data, second.outputs[0], nodes)
+                    self._check_broadcast(value, rank)
+        return GeluPlan(function, approximate, data, second.outputs[0], tuple(nodes))
 
     def _expect_constant(self, value: ir.Value | None, expected: float, role: str) -> None:
         actual = scalar_constant(value)
@@ -254,11 +245,12 @@ class FuseGelu(RewritePass):
         if not close_to(actual, expected, CONSTANT_TOLERANCE):
             raise _Refused(f"{role} is {actual!r}, not {expected:.8g} (relative tolerance {CONSTANT_TOLERANCE})")
 
-    def _check_broadcast(self, value: ir.Value) -> None:
+    def _check_broadcast(self, value: ir.Value, rank: int | None) -> None:
+        """Refuse a constant that could change the output's shape when added to or multiplied with a rank-``rank`` x."""
         array = constant_array(value)
         if array.size != 1:
             raise _Refused(f"the constant {value.name!r} has {array.size} elements")
-        if (self._rank is None and array.ndim > 0) or (self._rank is not None and array.ndim > self._rank):
+        if (rank is None and array.ndim > 0) or (rank is not None and array.ndim > rank):
             raise _Refused(f"the constant {value.name!r} of rank {array.ndim} could broadcast the output")
 
     @staticmethod

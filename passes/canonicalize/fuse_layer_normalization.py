@@ -57,13 +57,14 @@ from qgraph.passes.canonicalize._pattern_matching import (
     split_constant_operand,
 )
 from qgraph.passes._rewrite_support import (
-    NameScope,
     constant_array,
     drop_unused_initializers,
     known_rank_and_dtype,
     new_initializer,
 )
 from qgraph.passes.infrastructure import RewritePass
+from qgraph.passes.infrastructure import Refusal
+from qgraph.passes.infrastructure import RewriteContext
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
 
@@ -75,11 +76,13 @@ MINIMUM_OPSET = 17
 AXES_INPUT_OPSET = 18
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LayerNormPlan:
-    """A recognised LayerNorm: its nodes in graph order, its input and output, and the fused operator's operands."""
+    """A recognised LayerNorm: its first ReduceMean, its nodes in graph order, its input and output, and the fused
+    operator's operands."""
 
-    nodes: list[ir.Node]
+    mean: ir.Node
+    nodes: tuple[ir.Node, ...]
     data: ir.Value
     output: ir.Value
     last: ir.Node
@@ -87,13 +90,7 @@ class LayerNormPlan:
     epsilon: float
     scale: np.ndarray
     bias: np.ndarray
-    replaced_constants: list[ir.Value]
-
-
-@dataclasses.dataclass
-class _Candidate:
-    mean: ir.Node
-    plan: LayerNormPlan | None = None
+    replaced_constants: tuple[ir.Value, ...]
 
 
 @register
@@ -103,11 +100,8 @@ class FuseLayerNormalization(RewritePass):
     phase = Phase.CANONICALIZE
     summary = "Fuse decomposed LayerNorm (torch.onnx, tf2onnx spellings) into LayerNormalization (opset >= 17)"
 
-    def call(self, model: ir.Model):
-        self.names = NameScope(model)
-        return super().call(model)
-
-    def match(self, node: ir.Node) -> _Candidate | None:
+    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
+        """The ReduceMean computing the mean of a LayerNorm, read by ``Sub(x, mean)``."""
         if not is_op(node, "ReduceMean") or not node.inputs or node.inputs[0] is None:
             return None
         data, mean = node.inputs[0], node.outputs[0]
@@ -115,29 +109,25 @@ class FuseLayerNormalization(RewritePass):
             reader = use.node
             if is_op(reader, "Sub") and len(reader.inputs) == 2:
                 if reader.inputs[0] is data and reader.inputs[1] is mean:
-                    return _Candidate(node)
+                    return node
         return None
 
-    def check(self, match: _Candidate) -> str | None:
-        result = self._analyse(match.mean)
-        if isinstance(result, str):
-            return result
-        match.plan = result
-        return None
+    def check(self, match: ir.Node, context: RewriteContext) -> LayerNormPlan | Refusal:
+        result = self._analyse(match, context.model)
+        return Refusal(result) if isinstance(result, str) else result
 
-    def rewrite(self, match: _Candidate) -> None:
-        plan = match.plan
-        assert plan is not None, "rewrite called for a LayerNorm that check refused"
-        graph = match.mean.graph
-        base = match.mean.name or "layer_norm"
-        scale = new_initializer(graph, self.names, f"{base}_scale", plan.scale)
-        bias = new_initializer(graph, self.names, f"{base}_bias", plan.bias)
+    def rewrite(self, plan: LayerNormPlan, context: RewriteContext) -> None:
+        names = context.names
+        graph = plan.mean.graph
+        base = plan.mean.name or "layer_norm"
+        scale = new_initializer(graph, names, f"{base}_scale", plan.scale)
+        bias = new_initializer(graph, names, f"{base}_bias", plan.bias)
         fused = ir.Node(
             "",
             "LayerNormalization",
             [plan.data, scale, bias],
             attributes=[ir.AttrInt64("axis", plan.axis), ir.AttrFloat32("epsilon", plan.epsilon)],
-            name=self.names.fresh(f"{base}_fused"),
+            name=names.fresh(f"{base}_fused"),
         )
         ir.convenience.replace_nodes_and_values(
             graph, plan.last, plan.nodes, [fused], [plan.output], [fused.outputs[0]]
@@ -146,10 +136,10 @@ class FuseLayerNormalization(RewritePass):
         logger.debug("fused %d nodes into LayerNormalization %s (axis=%d)", len(plan.nodes), fused.name, plan.axis)
 
     # -- analysis ------------------------------------------------------------------------------------------------
-    def _analyse(self, mean_node: ir.Node) -> LayerNormPlan | str:
+    def _analyse(self, mean_node: ir.Node, model: ir.Model) -> LayerNormPlan | str:
         if not isinstance(mean_node.graph, ir.Graph):
             return "LayerNorm inside a function body (no initializers to hold the scale and bias)"
-        opset = default_opset(self.model)
+        opset = default_opset(model)
         data = mean_node.inputs[0]
         mean = mean_node.outputs[0]
         mean_axes = _reduce_axes(mean_node, opset)
@@ -343,10 +333,12 @@ class FuseLayerNormalization(RewritePass):
             )
 
         replaced = [value for node in nodes for value in node.inputs if value is not None and value.is_initializer()]
-        graph_order = {id(node): index for index, node in enumerate(nodes[0].graph)}
+        mean_node = nodes[0]  # _analyse lists the first ReduceMean first
+        graph_order = {id(node): index for index, node in enumerate(mean_node.graph)}
         nodes = sorted(nodes, key=lambda node: graph_order[id(node)])
         return LayerNormPlan(
-            nodes=nodes,
+            mean=mean_node,
+            nodes=tuple(nodes),
             data=data,
             output=output,
             last=nodes[-1],
@@ -354,7 +346,7 @@ class FuseLayerNormalization(RewritePass):
             epsilon=epsilon,
             scale=scale,
             bias=bias,
-            replaced_constants=replaced,
+            replaced_constants=tuple(replaced),
         )
 
 

@@ -30,12 +30,10 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import PassResult
 
 from qgraph.ir.values import static_shape
 from qgraph.passes._rewrite_support import (
     FLOATING_DTYPES,
-    NameScope,
     constant_array,
     constant_refusal,
     dtype_refusal,
@@ -46,6 +44,8 @@ from qgraph.passes._rewrite_support import (
     sole_consumer_refusal,
 )
 from qgraph.passes.infrastructure import RewritePass
+from qgraph.passes.infrastructure import Refusal
+from qgraph.passes.infrastructure import RewriteContext
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
 
@@ -59,6 +59,18 @@ class _BiasAdd:
     add: ir.Node
     producer: ir.Node
     bias: ir.Value
+
+
+@dataclasses.dataclass(frozen=True)
+class _BiasMerge:
+    """An accepted match and the constants the merge adds: the Add's ``bias`` and the producer's existing bias."""
+
+    add: ir.Node
+    producer: ir.Node
+    bias: ir.Value
+    bias_array: np.ndarray
+    existing_bias: np.ndarray | None  # Conv/ConvTranspose B or Gemm C; None when the producer has none
+    channels: int  # output channels of a Conv/ConvTranspose, output features of a MatMul/Gemm
 
 
 def is_channel_bias(shape: tuple[int, ...], rank: int, channels: int) -> bool:
@@ -94,11 +106,7 @@ class MergeBiasAdd(RewritePass):
     phase = Phase.CANONICALIZE
     summary = "Merge Add of a constant per-channel bias into Conv/ConvTranspose/Gemm bias; MatMul + Add to Gemm"
 
-    def call(self, model: ir.Model) -> PassResult:
-        self.names = NameScope(model)
-        return super().call(model)
-
-    def match(self, node: ir.Node) -> _BiasAdd | None:
+    def match(self, node: ir.Node, context: RewriteContext) -> _BiasAdd | None:
         if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
             return None
         if any(value is None for value in node.inputs):
@@ -114,7 +122,7 @@ class MergeBiasAdd(RewritePass):
         constant = [candidate for candidate in candidates if constant_refusal(candidate.bias, "bias") is None]
         return (constant or candidates)[0]
 
-    def check(self, match: _BiasAdd) -> str | None:
+    def check(self, match: _BiasAdd, context: RewriteContext) -> _BiasMerge | Refusal:
         producer, bias = match.producer, match.bias
         reason = (
             same_graph_refusal(producer, match.add)
@@ -123,15 +131,22 @@ class MergeBiasAdd(RewritePass):
             or dtype_refusal(bias, "the added operand")
         )
         if reason is not None:
-            return reason
+            return Refusal(reason)
         bias_shape = tuple(bias.const_value.shape)
         if producer.op_type in ("Conv", "ConvTranspose"):
-            return self._check_conv(producer, bias_shape)
-        if producer.op_type == "MatMul":
-            return self._check_matmul(producer, bias_shape)
-        return self._check_gemm(producer, bias_shape)
+            channels = self._check_conv(producer, bias_shape)
+        elif producer.op_type == "MatMul":
+            channels = self._check_matmul(producer, bias_shape)
+        else:
+            channels = self._check_gemm(producer, bias_shape)
+        if isinstance(channels, str):
+            return Refusal(channels)
+        existing = constant_array(_optional_input(producer, 2))
+        return _BiasMerge(match.add, producer, bias, bias.const_value.numpy(), existing, channels)
 
-    def _check_conv(self, conv: ir.Node, bias_shape: tuple[int, ...]) -> str | None:
+    # Each check returns the producer's output channels (features) or the reason the merge is refused.
+
+    def _check_conv(self, conv: ir.Node, bias_shape: tuple[int, ...]) -> int | str:
         channels_and_rank = _output_channels(conv)
         if isinstance(channels_and_rank, str):
             return channels_and_rank
@@ -143,10 +158,13 @@ class MergeBiasAdd(RewritePass):
             )
         existing = _optional_input(conv, 2)
         if existing is not None:
-            return constant_refusal(existing, f"{conv.op_type} bias") or dtype_refusal(existing, f"{conv.op_type} bias")
-        return None
+            role = f"{conv.op_type} bias"
+            reason = constant_refusal(existing, role) or dtype_refusal(existing, role)
+            if reason is not None:
+                return reason
+        return channels
 
-    def _check_matmul(self, matmul: ir.Node, bias_shape: tuple[int, ...]) -> str | None:
+    def _check_matmul(self, matmul: ir.Node, bias_shape: tuple[int, ...]) -> int | str:
         weight = matmul.inputs[1]
         reason = constant_refusal(weight, "MatMul weight") or dtype_refusal(weight, "MatMul weight")
         if reason is not None:
@@ -162,9 +180,9 @@ class MergeBiasAdd(RewritePass):
         features = weight_shape[1]
         if not is_channel_bias(bias_shape, 2, features):
             return f"a constant of shape {bias_shape} added to an (M, {features}) MatMul output is not a bias vector"
-        return None
+        return features
 
-    def _check_gemm(self, gemm: ir.Node, bias_shape: tuple[int, ...]) -> str | None:
+    def _check_gemm(self, gemm: ir.Node, bias_shape: tuple[int, ...]) -> int | str:
         existing = _optional_input(gemm, 2)
         if existing is not None:
             reason = constant_refusal(existing, "Gemm C") or dtype_refusal(existing, "Gemm C")
@@ -183,44 +201,40 @@ class MergeBiasAdd(RewritePass):
         padded = (1,) * (2 - len(bias_shape)) + bias_shape
         if padded[1] not in (1, features) or padded[0] not in (1, rows):
             return f"a constant of shape {bias_shape} does not broadcast into the ({rows or 'M'}, {features}) output"
-        return None
+        return features
 
-    def rewrite(self, match: _BiasAdd) -> None:
-        producer, bias_value = match.producer, match.bias
-        graph = match.add.graph
-        bias = bias_value.const_value.numpy()
+    def rewrite(self, plan: _BiasMerge, context: RewriteContext) -> None:
+        names = context.names
+        producer, bias_value, bias, existing = plan.producer, plan.bias, plan.bias_array, plan.existing_bias
+        graph = plan.add.graph
         base = bias_value.name or f"{producer.name or producer.op_type}_bias"
         if producer.op_type in ("Conv", "ConvTranspose"):
-            channels, _ = _output_channels(producer)
-            existing = constant_array(_optional_input(producer, 2))
             merged = (existing.astype(np.float64) if existing is not None else 0.0) + np.broadcast_to(
-                bias.astype(np.float64).reshape(-1), (channels,)
+                bias.astype(np.float64).reshape(-1), (plan.channels,)
             )
-            merged_value = new_initializer(graph, self.names, f"{base}_merged", merged.astype(bias.dtype))
+            merged_value = new_initializer(graph, names, f"{base}_merged", merged.astype(bias.dtype))
             inputs = [producer.inputs[0], producer.inputs[1], merged_value]
             replacement = self._node(producer, producer.op_type, inputs, list(producer.attributes.values()))
         elif producer.op_type == "MatMul":
-            features = producer.inputs[1].const_value.shape[1]
-            merged = np.broadcast_to(bias.reshape(-1), (features,))
-            merged_value = new_initializer(graph, self.names, f"{base}_gemm", merged.astype(bias.dtype))
+            merged = np.broadcast_to(bias.reshape(-1), (plan.channels,))
+            merged_value = new_initializer(graph, names, f"{base}_gemm", merged.astype(bias.dtype))
             replacement = self._node(producer, "Gemm", [producer.inputs[0], producer.inputs[1], merged_value], [])
         else:
-            existing = constant_array(_optional_input(producer, 2))
             beta = float(producer.attributes.get_float("beta", 1.0))
             merged = (beta * existing.astype(np.float64) if existing is not None else 0.0) + bias.astype(np.float64)
             merged = np.asarray(merged)
-            merged_value = new_initializer(graph, self.names, f"{base}_merged", merged.astype(bias.dtype))
+            merged_value = new_initializer(graph, names, f"{base}_merged", merged.astype(bias.dtype))
             attributes = [attribute for name, attribute in producer.attributes.items() if name != "beta"]
             attributes.append(ir.AttrFloat32("beta", 1.0))
             replacement = self._node(
                 producer, "Gemm", [producer.inputs[0], producer.inputs[1], merged_value], attributes
             )
-        old_inputs = list(producer.inputs) + list(match.add.inputs)
+        old_inputs = list(producer.inputs) + list(plan.add.inputs)
         ir.convenience.replace_nodes_and_values(
-            graph, match.add, [producer, match.add], [replacement], [match.add.outputs[0]], [replacement.outputs[0]]
+            graph, plan.add, [producer, plan.add], [replacement], [plan.add.outputs[0]], [replacement.outputs[0]]
         )
         drop_unused_initializers(old_inputs)
-        logger.debug("merged Add %s into %s %s", match.add.name, producer.op_type, producer.name)
+        logger.debug("merged Add %s into %s %s", plan.add.name, producer.op_type, producer.name)
 
     @staticmethod
     def _node(producer: ir.Node, op_type: str, inputs: list[ir.Value | None], attributes) -> ir.Node:

@@ -29,19 +29,23 @@ import onnx_ir as ir
 
 from qgraph.passes.lower import _qdq_patterns as qdq
 from qgraph.passes.infrastructure import RewritePass
+from qgraph.passes.infrastructure import Refusal
+from qgraph.passes.infrastructure import RewriteContext
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
 
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class _ConvIntegerMatch:
+@dataclasses.dataclass(frozen=True)
+class _ConvIntegerPlan:
+    """An accepted Conv: its input and weight quantization, the uint8 weight and the float bias (if any)."""
+
     conv: ir.Node
-    input_params: qdq.QuantParams | None = None
-    weight_params: qdq.QuantParams | None = None
-    weight: qdq.KernelWeight | None = None
-    bias: np.ndarray | None = None
+    input_params: qdq.QuantParams
+    weight_params: qdq.QuantParams
+    weight: qdq.KernelWeight
+    bias: np.ndarray | None
 
 
 @register
@@ -51,67 +55,66 @@ class LowerConvInteger(RewritePass):
     phase = Phase.LOWER
     summary = "DQ → Conv → float becomes ConvInteger → Cast → Mul(scale) → Add(bias)"
 
-    def match(self, node: ir.Node) -> _ConvIntegerMatch | None:
+    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
         if not qdq.is_op(node, "Conv") or len(node.inputs) < 2:
             return None
         if qdq.dequantize_of(node.inputs[0]) is None or qdq.dequantize_of(node.inputs[1]) is None:
             return None
         if qdq.output_is_quantized_only(node.outputs[0]):
             return None  # LowerQLinearConv's pattern
-        return _ConvIntegerMatch(node)
+        return node
 
-    def check(self, match: _ConvIntegerMatch) -> str | None:
-        conv = match.conv
+    def check(self, conv: ir.Node, context: RewriteContext) -> _ConvIntegerPlan | Refusal:
         input_params = qdq.activation_input(conv.inputs[0])
         if isinstance(input_params, str):
-            return input_params
+            return Refusal(input_params)
         weight_params = qdq.read_params(qdq.dequantize_of(conv.inputs[1]))
         if isinstance(weight_params, str):
-            return weight_params
+            return Refusal(weight_params)
         weight_array = qdq.constant_array(weight_params.integer_value)
         if weight_array is None:
-            return "the weight is not a constant initializer"
+            return Refusal("the weight is not a constant initializer")
         if not weight_params.per_tensor and weight_params.axis not in (0, -weight_array.ndim):
-            return f"the weight is quantized per channel along axis {weight_params.axis}, not 0"
+            return Refusal(f"the weight is quantized per channel along axis {weight_params.axis}, not 0")
         if len(np.unique(weight_params.zero_point_array)) != 1:
-            return "the weight zero points differ across channels; onnxruntime's ConvInteger takes one zero point"
+            return Refusal(
+                "the weight zero points differ across channels; onnxruntime's ConvInteger takes one zero point"
+            )
         weight = qdq.kernel_weight(weight_params, guard_saturation=True, force_uint8=True)
         if isinstance(weight, str):
-            return weight
+            return Refusal(weight)
+        bias = None
         if len(conv.inputs) > 2 and conv.inputs[2] is not None:
             bias = qdq.constant_float(conv.inputs[2])
             if isinstance(bias, str):
-                return f"bias: {bias}"
+                return Refusal(f"bias: {bias}")
             if bias.ndim != 1 or bias.size != weight_array.shape[0]:
-                return f"the bias has shape {bias.shape}, not [{weight_array.shape[0]}]"
-            match.bias = bias
-        match.input_params, match.weight_params, match.weight = input_params, weight_params, weight
-        return None
+                return Refusal(f"the bias has shape {bias.shape}, not [{weight_array.shape[0]}]")
+        return _ConvIntegerPlan(conv, input_params, weight_params, weight, bias)
 
-    def rewrite(self, match: _ConvIntegerMatch) -> None:
-        conv = match.conv
+    def rewrite(self, plan: _ConvIntegerPlan, context: RewriteContext) -> None:
+        conv = plan.conv
         graph = conv.graph
-        names = qdq.NameScope(self.model)
         base = conv.name or "conv"
-        weight_array = match.weight.weight
+        weight_array = plan.weight.weight
         weight_value = qdq.existing_or_new_constant(
-            graph, names, match.weight_params.integer_value, weight_array, f"{base}_weight_uint8", before=conv
+            graph, context.names, plan.weight_params.integer_value, weight_array, f"{base}_weight_uint8", before=conv
         )
         zero_point = qdq.add_constant(
-            graph, names, f"{base}_weight_zero_point", match.weight.zero_point.reshape(-1)[:1].reshape(()), before=conv
+            graph, context.names, f"{base}_weight_zero_point", plan.weight.zero_point.reshape(-1)[:1].reshape(()), before=conv
         )
         integer = ir.Node(
             "", "ConvInteger",
-            [match.input_params.integer_value, weight_value, match.input_params.zero_point, zero_point],
+            [plan.input_params.integer_value, weight_value, plan.input_params.zero_point, zero_point],
             qdq.copy_attributes(conv), name=f"{base}_integer",
         )
         channels, spatial_rank = weight_array.shape[0], weight_array.ndim - 2
-        scale = np.float64(match.input_params.scalar_scale()) * np.broadcast_to(
-            match.weight_params.scale_array.astype(np.float64).reshape(-1), (channels,)
+        scale = np.float64(plan.input_params.scalar_scale()) * np.broadcast_to(
+            plan.weight_params.scale_array.astype(np.float64).reshape(-1), (channels,)
         )
         broadcast_shape = (channels,) + (1,) * spatial_rank
-        bias = None if match.bias is None else match.bias.reshape(broadcast_shape)
+        bias = None if plan.bias is None else plan.bias.reshape(broadcast_shape)
         nodes = [integer, *qdq.rescale_nodes(
-            graph, names, integer.outputs[0], scale.reshape(broadcast_shape), bias, before=conv, base_name=base
+            graph, context.names, integer.outputs[0], scale.reshape(broadcast_shape), bias, before=conv, base_name=base
         )]
         qdq.replace_float_op(conv, nodes)

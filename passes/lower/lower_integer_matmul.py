@@ -28,17 +28,21 @@ import onnx_ir as ir
 
 from qgraph.passes.lower import _qdq_patterns as qdq
 from qgraph.passes.infrastructure import RewritePass
+from qgraph.passes.infrastructure import Refusal
+from qgraph.passes.infrastructure import RewriteContext
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
 
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class _IntegerMatMulMatch:
+@dataclasses.dataclass(frozen=True)
+class _IntegerMatMulPlan:
+    """An accepted MatMul: the quantization of its activation (left) and its right operand."""
+
     matmul: ir.Node
-    left: qdq.QuantParams | None = None
-    right: qdq.MatMulOperand | None = None
+    left: qdq.QuantParams
+    right: qdq.MatMulOperand
 
 
 @register
@@ -52,40 +56,35 @@ class LowerIntegerMatMul(RewritePass):
         super().__init__()
         self.guard_saturation = guard_saturation
 
-    def match(self, node: ir.Node) -> _IntegerMatMulMatch | None:
+    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
         if not qdq.is_op(node, "MatMul"):
             return None
         if qdq.dequantize_of(node.inputs[0]) is None or qdq.dequantize_of(node.inputs[1]) is None:
             return None
         if qdq.output_is_quantized_only(node.outputs[0]):
             return None  # LowerQLinearMatMul's pattern
-        return _IntegerMatMulMatch(node)
+        return node
 
-    def check(self, match: _IntegerMatMulMatch) -> str | None:
-        matmul = match.matmul
+    def check(self, matmul: ir.Node, context: RewriteContext) -> _IntegerMatMulPlan | Refusal:
         left = qdq.activation_input(matmul.inputs[0])
         if isinstance(left, str):
-            return left
+            return Refusal(left)
         right = qdq.matmul_right_operand(matmul.inputs[1], guard_saturation=self.guard_saturation)
         if isinstance(right, str):
-            return right
-        match.left, match.right = left, right
-        return None
+            return Refusal(right)
+        return _IntegerMatMulPlan(matmul, left, right)
 
-    def rewrite(self, match: _IntegerMatMulMatch) -> None:
-        matmul = match.matmul
+    def rewrite(self, plan: _IntegerMatMulPlan, context: RewriteContext) -> None:
+        matmul = plan.matmul
         graph = matmul.graph
-        names = qdq.NameScope(self.model)
-        right_value, right_zero_point = qdq.operand_values(graph, names, match.right, before=matmul)
-        left_zero_point = match.left.zero_point
+        right_value, right_zero_point = qdq.operand_values(graph, context.names, plan.right, before=matmul)
+        left_zero_point = plan.left.zero_point
         base = matmul.name or "matmul"
         integer = ir.Node(
-            "", "MatMulInteger", [match.left.integer_value, right_value, left_zero_point, right_zero_point],
+            "", "MatMulInteger", [plan.left.integer_value, right_value, left_zero_point, right_zero_point],
             name=f"{base}_integer",
         )
-        scale = np.float64(match.left.scalar_scale()) * match.right.params.scale_array.astype(np.float64)
-        scale = scale.reshape(-1) if not match.right.params.per_tensor else scale.reshape(())
-        nodes = [
-            integer, *qdq.rescale_nodes(graph, names, integer.outputs[0], scale, None, before=matmul, base_name=base)
-        ]
+        scale = np.float64(plan.left.scalar_scale()) * plan.right.params.scale_array.astype(np.float64)
+        scale = scale.reshape(-1) if not plan.right.params.per_tensor else scale.reshape(())
+        nodes = [integer, *qdq.rescale_nodes(graph, context.names, integer.outputs[0], scale, None, before=matmul, base_name=base)]
         qdq.replace_float_op(matmul, nodes)

@@ -23,12 +23,15 @@ input of the op produced by a DQ, the float result read by anything but the one 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import onnx_ir as ir
 
 from qgraph.passes.lower import _qdq_patterns as qdq
 from qgraph.passes.infrastructure import RewritePass
+from qgraph.passes.infrastructure import Refusal
+from qgraph.passes.infrastructure import RewriteContext
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
 
@@ -36,6 +39,15 @@ logger = logging.getLogger(__name__)
 
 #: Op → first default-domain opset in which it accepts uint8/int8 tensors.
 MINIMUM_OPSET = {"MaxPool": 12, "Reshape": 1, "Transpose": 1, "Flatten": 9, "Squeeze": 1, "Unsqueeze": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class _PassThroughPlan:
+    """An accepted op: the quantization its input and output share, and the Q that reads its output."""
+
+    node: ir.Node
+    params: qdq.QuantParams
+    output: qdq.OutputQuantize
 
 
 @register
@@ -49,45 +61,49 @@ class LowerIntegerPassThrough(RewritePass):
         super().__init__()
         self.channels_last_max_pool = channels_last_max_pool
 
-    def match(self, node: ir.Node) -> ir.Node | None:
+    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
         if not qdq.is_op(node, *MINIMUM_OPSET) or not node.inputs or qdq.dequantize_of(node.inputs[0]) is None:
             return None
         return node
 
-    def check(self, node: ir.Node) -> str | None:
-        opset = qdq.default_opset(self.model)
+    def check(self, node: ir.Node, context: RewriteContext) -> _PassThroughPlan | Refusal:
+        opset = qdq.default_opset(context.model)
         if opset < MINIMUM_OPSET[node.op_type]:
-            return f"{node.op_type} takes integer tensors from opset {MINIMUM_OPSET[node.op_type]}, model has {opset}"
+            return Refusal(
+                f"{node.op_type} takes integer tensors from opset {MINIMUM_OPSET[node.op_type]}, model has {opset}"
+            )
         if any(qdq.dequantize_of(value) is not None for value in node.inputs[1:]):
-            return "another input of the op is dequantized"
+            return Refusal("another input of the op is dequantized")
         if any(output.uses() or output.is_graph_output() for output in node.outputs[1:]):
-            return "a secondary output (MaxPool Indices) is used"
+            return Refusal("a secondary output (MaxPool Indices) is used")
         params = qdq.read_params(qdq.dequantize_of(node.inputs[0]))
         if isinstance(params, str):
-            return params
+            return Refusal(params)
         if not params.per_tensor:
-            return "the input is quantized per channel"
+            return Refusal("the input is quantized per channel")
         output = qdq.output_quantize(node.outputs[0], allow_activation=False, dtype=params.integer_type)
         if output is None or isinstance(output, str):
-            return output or f"the {node.op_type} output is read as float (not only by one Q)"
+            return Refusal(output or f"the {node.op_type} output is read as float (not only by one Q)")
         if not params.same_as(output.params):
-            return "input and output quantization differ (that is a requantization, not a pass-through)"
-        return None
+            return Refusal("input and output quantization differ (that is a requantization, not a pass-through)")
+        return _PassThroughPlan(node, params, output)
 
-    def rewrite(self, node: ir.Node) -> None:
-        params = qdq.read_params(qdq.dequantize_of(node.inputs[0]))
-        output = qdq.output_quantize(node.outputs[0], allow_activation=False, dtype=params.integer_type)
+    def rewrite(self, plan: _PassThroughPlan, context: RewriteContext) -> None:
+        node, params, output = plan.node, plan.params, plan.output
         if node.op_type == "MaxPool" and self.channels_last_max_pool and len(qdq.attribute(node, "kernel_shape")) == 2:
-            self._rewrite_channels_last(node, params, output)
+            self._rewrite_channels_last(node, params, output, context.model)
             return
         lowered = ir.Node(
             node.domain, node.op_type, [params.integer_value, *node.inputs[1:]], qdq.copy_attributes(node),
             name=qdq.derived_name(node, "integer"),
         )
         lowered.outputs[0].type = ir.TensorType(params.integer_type)
-        qdq.replace_island(self.model, node, output, lowered)
+        qdq.replace_island(context.model, node, output, lowered)
 
-    def _rewrite_channels_last(self, node: ir.Node, params: qdq.QuantParams, output: qdq.OutputQuantize) -> None:
+    @staticmethod
+    def _rewrite_channels_last(
+        node: ir.Node, params: qdq.QuantParams, output: qdq.OutputQuantize, model: ir.Model
+    ) -> None:
         """NCHW → NHWC, com.microsoft NhwcMaxPool on the integers, NHWC → NCHW (same max over the same windows)."""
         graph, base = node.graph, node.name or "maxpool"
         to_channels_last = ir.Node(
@@ -103,4 +119,4 @@ class LowerIntegerPassThrough(RewritePass):
         for value in (to_channels_last.outputs[0], pool.outputs[0], lowered.outputs[0]):
             value.type = ir.TensorType(params.integer_type)
         graph.insert_before(output.quantize, [to_channels_last, pool])
-        qdq.replace_island(self.model, node, output, lowered, contrib=True)
+        qdq.replace_island(model, node, output, lowered, contrib=True)

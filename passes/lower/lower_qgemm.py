@@ -33,21 +33,26 @@ import onnx_ir as ir
 
 from qgraph.passes.lower import _qdq_patterns as qdq
 from qgraph.passes.infrastructure import RewritePass
+from qgraph.passes.infrastructure import Refusal
+from qgraph.passes.infrastructure import RewriteContext
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
 
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class _GemmMatch:
+@dataclasses.dataclass(frozen=True)
+class _GemmPlan:
+    """An accepted Gemm: A's and B's quantization, the kernel's B, C in int32 (``bias_unchanged``: the stored int32
+    tensor as it is) and the Q of the output (``None``: the output stays float)."""
+
     gemm: ir.Node
-    left: qdq.QuantParams | None = None
-    right: qdq.QuantParams | None = None
-    weight: qdq.KernelWeight | None = None
-    bias: np.ndarray | None = None
-    bias_unchanged: bool = False
-    output: qdq.OutputQuantize | None = None
+    left: qdq.QuantParams
+    right: qdq.QuantParams
+    weight: qdq.KernelWeight
+    bias: np.ndarray | None
+    bias_unchanged: bool
+    output: qdq.OutputQuantize | None
 
 
 @register
@@ -61,44 +66,43 @@ class LowerQGemm(RewritePass):
         super().__init__()
         self.guard_saturation = guard_saturation
 
-    def match(self, node: ir.Node) -> _GemmMatch | None:
+    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
         if not qdq.is_op(node, "Gemm"):
             return None
         if qdq.dequantize_of(node.inputs[0]) is None or qdq.dequantize_of(node.inputs[1]) is None:
             return None
-        return _GemmMatch(node)
+        return node
 
-    def check(self, match: _GemmMatch) -> str | None:
-        gemm = match.gemm
+    def check(self, gemm: ir.Node, context: RewriteContext) -> _GemmPlan | Refusal:
         left = qdq.activation_input(gemm.inputs[0])
         if isinstance(left, str):
-            return left
+            return Refusal(left)
         right = qdq.read_params(qdq.dequantize_of(gemm.inputs[1]))
         if isinstance(right, str):
-            return right
+            return Refusal(right)
         weight_array = qdq.constant_array(right.integer_value)
         if weight_array is None or weight_array.ndim != 2:
-            return "B is not a constant 2-D initializer"
+            return Refusal("B is not a constant 2-D initializer")
         transpose_b = int(qdq.attribute(gemm, "transB", 0))
         output_axis = 0 if transpose_b else 1
         columns = weight_array.shape[output_axis]
         if not right.per_tensor and right.axis % 2 != output_axis:
-            return f"B is quantized per channel along axis {right.axis}, not its output axis {output_axis}"
+            return Refusal(f"B is quantized per channel along axis {right.axis}, not its output axis {output_axis}")
         weight = qdq.kernel_weight(right, guard_saturation=self.guard_saturation)
         if isinstance(weight, str):
-            return weight
+            return Refusal(weight)
+        bias, bias_unchanged = None, False
         if len(gemm.inputs) > 2 and gemm.inputs[2] is not None:
-            bias = self._bias(gemm, left, right, columns)
-            if isinstance(bias, str):
-                return bias
-            match.bias, match.bias_unchanged = bias
+            stored = self._bias(gemm, left, right, columns)
+            if isinstance(stored, str):
+                return Refusal(stored)
+            bias, bias_unchanged = stored
+        output = None
         if qdq.output_is_quantized_only(gemm.outputs[0]):
             output = qdq.output_quantize(gemm.outputs[0])
             if output is None or isinstance(output, str):
-                return output or "the Gemm output is not quantized"
-            match.output = output
-        match.left, match.right, match.weight = left, right, weight
-        return None
+                return Refusal(output or "the Gemm output is not quantized")
+        return _GemmPlan(gemm, left, right, weight, bias, bias_unchanged, output)
 
     @staticmethod
     def _bias(gemm: ir.Node, left: qdq.QuantParams, right: qdq.QuantParams, columns: int):
@@ -123,28 +127,25 @@ class LowerQGemm(RewritePass):
             return "C does not fit int32 in the accumulator scale alpha·sa·sb"
         return quantized, False
 
-    def rewrite(self, match: _GemmMatch) -> None:
-        gemm, output = match.gemm, match.output
+    def rewrite(self, plan: _GemmPlan, context: RewriteContext) -> None:
+        gemm, output = plan.gemm, plan.output
         graph = gemm.graph
-        names = qdq.NameScope(self.model)
         anchor = output.quantize if output is not None else gemm
-        operand = qdq.MatMulOperand(match.right, match.weight)
-        right_value, right_zero_point = qdq.operand_values(graph, names, operand, before=anchor)
+        operand = qdq.MatMulOperand(plan.right, plan.weight)
+        right_value, right_zero_point = qdq.operand_values(graph, context.names, operand, before=anchor)
         inputs = [
-            match.left.integer_value, match.left.scale, qdq.zero_point_or_new(graph, names, match.left, before=anchor),
-            right_value, match.right.scale, right_zero_point,
+            plan.left.integer_value, plan.left.scale, qdq.zero_point_or_new(graph, context.names, plan.left, before=anchor),
+            right_value, plan.right.scale, right_zero_point,
         ]
-        if match.bias is not None:
-            if match.bias_unchanged:
+        if plan.bias is not None:
+            if plan.bias_unchanged:
                 inputs.append(qdq.dequantize_of(gemm.inputs[2]).inputs[0])
             else:
-                inputs.append(
-                    qdq.add_constant(graph, names, f"{gemm.name or 'gemm'}_bias_int32", match.bias, before=anchor)
-                )
+                inputs.append(qdq.add_constant(graph, context.names, f"{gemm.name or 'gemm'}_bias_int32", plan.bias, before=anchor))
         else:
             inputs.append(None)
         if output is not None:
-            inputs += [output.params.scale, qdq.zero_point_or_new(graph, names, output.params, before=anchor)]
+            inputs += [output.params.scale, qdq.zero_point_or_new(graph, context.names, output.params, before=anchor)]
         else:
             while inputs and inputs[-1] is None:
                 inputs.pop()
@@ -155,8 +156,8 @@ class LowerQGemm(RewritePass):
         ]
         lowered = ir.Node(qdq.MICROSOFT_DOMAIN, "QGemm", inputs, attributes, name=qdq.derived_name(gemm, "quant"))
         if output is not None:
-            qdq.replace_island(self.model, gemm, output, lowered, contrib=True)
+            qdq.replace_island(context.model, gemm, output, lowered, contrib=True)
         else:
-            qdq.ensure_microsoft_domain(self.model, graph)
+            qdq.ensure_microsoft_domain(context.model, graph)
             lowered.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
             qdq.replace_float_op(gemm, [lowered])

@@ -34,21 +34,26 @@ import onnx_ir as ir
 
 from qgraph.passes.lower import _qdq_patterns as qdq
 from qgraph.passes.infrastructure import RewritePass
+from qgraph.passes.infrastructure import Refusal
+from qgraph.passes.infrastructure import RewriteContext
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
 
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class _ConvMatch:
+@dataclasses.dataclass(frozen=True)
+class _ConvPlan:
+    """An accepted Conv island: input, weight and output quantization, the kernel's weight and the int32 bias
+    (``bias_unchanged``: the stored int32 tensor as it is)."""
+
     conv: ir.Node
-    input_params: qdq.QuantParams | str | None = None
-    weight_params: qdq.QuantParams | str | None = None
-    output: qdq.OutputQuantize | str | None = None
-    weight: qdq.KernelWeight | None = None
-    bias: np.ndarray | None = None
-    bias_unchanged: bool = False
+    input_params: qdq.QuantParams
+    weight_params: qdq.QuantParams
+    output: qdq.OutputQuantize
+    weight: qdq.KernelWeight
+    bias: np.ndarray | None
+    bias_unchanged: bool
 
 
 @register
@@ -62,76 +67,76 @@ class LowerQLinearConv(RewritePass):
         super().__init__()
         self.guard_saturation = guard_saturation
 
-    def match(self, node: ir.Node) -> _ConvMatch | None:
+    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
         if not qdq.is_op(node, "Conv") or qdq.dequantize_of(node.inputs[0]) is None:
             return None
         if len(node.inputs) < 2 or qdq.dequantize_of(node.inputs[1]) is None:
             return None
-        return _ConvMatch(node)
+        return node
 
-    def check(self, match: _ConvMatch) -> str | None:
-        conv = match.conv
+    def check(self, conv: ir.Node, context: RewriteContext) -> _ConvPlan | Refusal:
         if not qdq.output_is_quantized_only(conv.outputs[0]):
-            return "the Conv output is read as float (a graph output or a non-Q consumer); LowerConvInteger owns it"
+            return Refusal(
+                "the Conv output is read as float (a graph output or a non-Q consumer); LowerConvInteger owns it"
+            )
         input_params = qdq.activation_input(conv.inputs[0])
         if isinstance(input_params, str):
-            return input_params
+            return Refusal(input_params)
         weight_params = qdq.read_params(qdq.dequantize_of(conv.inputs[1]))
         if isinstance(weight_params, str):
-            return weight_params
+            return Refusal(weight_params)
         weight_array = qdq.constant_array(weight_params.integer_value)
         if weight_array is None:
-            return "the weight is not a constant initializer"
+            return Refusal("the weight is not a constant initializer")
         output_channels = weight_array.shape[0]
         if not weight_params.per_tensor and weight_params.axis not in (0, -weight_array.ndim):
-            return f"the weight is quantized per channel along axis {weight_params.axis}, QLinearConv needs axis 0"
+            return Refusal(
+                f"the weight is quantized per channel along axis {weight_params.axis}, QLinearConv needs axis 0"
+            )
         if len(np.unique(weight_params.zero_point_array)) != 1:
-            return "the weight zero points differ across channels, which onnxruntime's QLinearConv refuses"
+            return Refusal("the weight zero points differ across channels, which onnxruntime's QLinearConv refuses")
         output = qdq.output_quantize(conv.outputs[0])
         if output is None or isinstance(output, str):
-            return output or "the Conv output is not quantized"
+            return Refusal(output or "the Conv output is not quantized")
         weight = qdq.kernel_weight(weight_params, guard_saturation=self.guard_saturation)
         if isinstance(weight, str):
-            return weight
+            return Refusal(weight)
+        bias, bias_unchanged = None, False
         if len(conv.inputs) > 2 and conv.inputs[2] is not None:
             accumulator_scale = np.broadcast_to(
                 input_params.scalar_scale() * weight_params.scale_array.astype(np.float64).reshape(-1),
                 (output_channels,),
             )
-            bias = qdq.bias_as_int32(conv.inputs[2], accumulator_scale)
-            if isinstance(bias, str):
-                return bias
-            match.bias, match.bias_unchanged = bias
-        match.input_params, match.weight_params, match.output, match.weight = input_params, weight_params, output, weight
-        return None
+            stored = qdq.bias_as_int32(conv.inputs[2], accumulator_scale)
+            if isinstance(stored, str):
+                return Refusal(stored)
+            bias, bias_unchanged = stored
+        return _ConvPlan(conv, input_params, weight_params, output, weight, bias, bias_unchanged)
 
-    def rewrite(self, match: _ConvMatch) -> None:
-        conv, output = match.conv, match.output
+    def rewrite(self, plan: _ConvPlan, context: RewriteContext) -> None:
+        conv, output = plan.conv, plan.output
         graph = conv.graph
-        names = qdq.NameScope(self.model)
-        weight_params, weight = match.weight_params, match.weight
+        weight_params, weight = plan.weight_params, plan.weight
         anchor = output.quantize
         weight_value = weight_params.integer_value
         if weight.widened:
-            weight_value = qdq.add_constant(graph, names, f"{weight_value.name}_uint8", weight.weight, before=anchor)
+            weight_value = qdq.add_constant(graph, context.names, f"{weight_value.name}_uint8", weight.weight, before=anchor)
         weight_zero_point = qdq.existing_or_new_constant(
-            graph, names, weight_params.zero_point, weight.zero_point.reshape(weight_params.scale_array.shape),
+            graph, context.names, weight_params.zero_point, weight.zero_point.reshape(weight_params.scale_array.shape),
             f"{weight_value.name}_zero_point", before=anchor,
         )
         inputs = [
-            match.input_params.integer_value, match.input_params.scale,
-            qdq.zero_point_or_new(graph, names, match.input_params, before=anchor),
+            plan.input_params.integer_value, plan.input_params.scale,
+            qdq.zero_point_or_new(graph, context.names, plan.input_params, before=anchor),
             weight_value, weight_params.scale, weight_zero_point,
-            output.params.scale, qdq.zero_point_or_new(graph, names, output.params, before=anchor),
+            output.params.scale, qdq.zero_point_or_new(graph, context.names, output.params, before=anchor),
         ]
-        if match.bias is not None:
+        if plan.bias is not None:
             bias_producer = qdq.dequantize_of(conv.inputs[2])
-            if match.bias_unchanged:
+            if plan.bias_unchanged:
                 inputs.append(bias_producer.inputs[0])
             else:
-                inputs.append(
-                    qdq.add_constant(graph, names, f"{conv.name or 'conv'}_bias_int32", match.bias, before=anchor)
-                )
+                inputs.append(qdq.add_constant(graph, context.names, f"{conv.name or 'conv'}_bias_int32", plan.bias, before=anchor))
         lowered = ir.Node("", "QLinearConv", inputs, qdq.copy_attributes(conv), name=qdq.derived_name(conv, "quant"))
-        qdq.replace_island(self.model, conv, output, lowered)
+        qdq.replace_island(context.model, conv, output, lowered)
 

@@ -28,18 +28,22 @@ import onnx_ir as ir
 
 from qgraph.passes.lower import _qdq_patterns as qdq
 from qgraph.passes.infrastructure import RewritePass
+from qgraph.passes.infrastructure import Refusal
+from qgraph.passes.infrastructure import RewriteContext
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
 
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class _MatMulMatch:
+@dataclasses.dataclass(frozen=True)
+class _MatMulPlan:
+    """An accepted MatMul island: its activation (left) and right operand, and the Q of its output."""
+
     matmul: ir.Node
-    left: qdq.QuantParams | None = None
-    right: qdq.MatMulOperand | None = None
-    output: qdq.OutputQuantize | None = None
+    left: qdq.QuantParams
+    right: qdq.MatMulOperand
+    output: qdq.OutputQuantize
 
 
 @register
@@ -53,38 +57,35 @@ class LowerQLinearMatMul(RewritePass):
         super().__init__()
         self.guard_saturation = guard_saturation
 
-    def match(self, node: ir.Node) -> _MatMulMatch | None:
+    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
         if not qdq.is_op(node, "MatMul"):
             return None
         if qdq.dequantize_of(node.inputs[0]) is None or qdq.dequantize_of(node.inputs[1]) is None:
             return None
-        return _MatMulMatch(node)
+        return node
 
-    def check(self, match: _MatMulMatch) -> str | None:
-        matmul = match.matmul
+    def check(self, matmul: ir.Node, context: RewriteContext) -> _MatMulPlan | Refusal:
         if not qdq.output_is_quantized_only(matmul.outputs[0]):
-            return "the MatMul output is read as float; LowerIntegerMatMul owns it"
+            return Refusal("the MatMul output is read as float; LowerIntegerMatMul owns it")
         left = qdq.activation_input(matmul.inputs[0])
         if isinstance(left, str):
-            return left
+            return Refusal(left)
         right = qdq.matmul_right_operand(matmul.inputs[1], guard_saturation=self.guard_saturation)
         if isinstance(right, str):
-            return right
+            return Refusal(right)
         output = qdq.output_quantize(matmul.outputs[0])
         if output is None or isinstance(output, str):
-            return output or "the MatMul output is not quantized"
-        match.left, match.right, match.output = left, right, output
-        return None
+            return Refusal(output or "the MatMul output is not quantized")
+        return _MatMulPlan(matmul, left, right, output)
 
-    def rewrite(self, match: _MatMulMatch) -> None:
-        matmul, output = match.matmul, match.output
+    def rewrite(self, plan: _MatMulPlan, context: RewriteContext) -> None:
+        matmul, output = plan.matmul, plan.output
         graph, anchor = matmul.graph, output.quantize
-        names = qdq.NameScope(self.model)
-        right_value, right_zero_point = qdq.operand_values(graph, names, match.right, before=anchor)
+        right_value, right_zero_point = qdq.operand_values(graph, context.names, plan.right, before=anchor)
         inputs = [
-            match.left.integer_value, match.left.scale, qdq.zero_point_or_new(graph, names, match.left, before=anchor),
-            right_value, match.right.params.scale, right_zero_point,
-            output.params.scale, qdq.zero_point_or_new(graph, names, output.params, before=anchor),
+            plan.left.integer_value, plan.left.scale, qdq.zero_point_or_new(graph, context.names, plan.left, before=anchor),
+            right_value, plan.right.params.scale, right_zero_point,
+            output.params.scale, qdq.zero_point_or_new(graph, context.names, output.params, before=anchor),
         ]
         lowered = ir.Node("", "QLinearMatMul", inputs, name=qdq.derived_name(matmul, "quant"))
-        qdq.replace_island(self.model, matmul, output, lowered)
+        qdq.replace_island(context.model, matmul, output, lowered)

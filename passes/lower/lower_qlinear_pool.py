@@ -15,12 +15,15 @@ contrib kernel has none), the float result read by anything but the one Q.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import onnx_ir as ir
 
 from qgraph.passes.lower import _qdq_patterns as qdq
 from qgraph.passes.infrastructure import RewritePass
+from qgraph.passes.infrastructure import Refusal
+from qgraph.passes.infrastructure import RewriteContext
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
 
@@ -30,6 +33,15 @@ _KERNELS = {"GlobalAveragePool": "QLinearGlobalAveragePool", "AveragePool": "QLi
 _AVERAGE_POOL_ATTRIBUTES = ("auto_pad", "ceil_mode", "count_include_pad", "kernel_shape", "pads", "strides")
 
 
+@dataclasses.dataclass(frozen=True)
+class _PoolPlan:
+    """An accepted island: the quantization of the input and the Q of the output."""
+
+    node: ir.Node
+    params: qdq.QuantParams
+    output: qdq.OutputQuantize
+
+
 @register
 class LowerQLinearPool(RewritePass):
     """Lower QDQ GlobalAveragePool/AveragePool islands to their com.microsoft QLinear kernels."""
@@ -37,35 +49,33 @@ class LowerQLinearPool(RewritePass):
     phase = Phase.LOWER
     summary = "DQ → GlobalAveragePool|AveragePool → Q becomes QLinearGlobalAveragePool/QLinearAveragePool"
 
-    def match(self, node: ir.Node) -> ir.Node | None:
+    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
         if not qdq.is_op(node, *_KERNELS) or qdq.dequantize_of(node.inputs[0]) is None:
             return None
         return node
 
-    def check(self, node: ir.Node) -> str | None:
+    def check(self, node: ir.Node, context: RewriteContext) -> _PoolPlan | Refusal:
         params = qdq.activation_input(node.inputs[0])
         if isinstance(params, str):
-            return params
+            return Refusal(params)
         dilations = qdq.attribute(node, "dilations", None)
         if dilations is not None and any(int(d) != 1 for d in dilations):
-            return f"dilations {list(dilations)}: QLinearAveragePool has no dilations"
+            return Refusal(f"dilations {list(dilations)}: QLinearAveragePool has no dilations")
         output = qdq.output_quantize(node.outputs[0], allow_activation=False)
         if output is None or isinstance(output, str):
-            return output or f"the {node.op_type} output is read as float (not only by one Q)"
-        return None
+            return Refusal(output or f"the {node.op_type} output is read as float (not only by one Q)")
+        return _PoolPlan(node, params, output)
 
-    def rewrite(self, node: ir.Node) -> None:
-        output = qdq.output_quantize(node.outputs[0], allow_activation=False)
-        params = qdq.activation_input(node.inputs[0])
+    def rewrite(self, plan: _PoolPlan, context: RewriteContext) -> None:
+        node, params, output = plan.node, plan.params, plan.output
         graph, anchor = node.graph, output.quantize
-        names = qdq.NameScope(self.model)
         inputs = [
-            params.integer_value, params.scale, qdq.zero_point_or_new(graph, names, params, before=anchor),
-            output.params.scale, qdq.zero_point_or_new(graph, names, output.params, before=anchor),
+            params.integer_value, params.scale, qdq.zero_point_or_new(graph, context.names, params, before=anchor),
+            output.params.scale, qdq.zero_point_or_new(graph, context.names, output.params, before=anchor),
         ]
         attributes = [ir.AttrInt64("channels_last", 0)]
         if node.op_type == "AveragePool":
             attributes += [attr for name, attr in node.attributes.items() if name in _AVERAGE_POOL_ATTRIBUTES]
         lowered = ir.Node(qdq.MICROSOFT_DOMAIN, _KERNELS[node.op_type], inputs, attributes,
                           name=qdq.derived_name(node, "quant"))
-        qdq.replace_island(self.model, node, output, lowered, contrib=True)
+        qdq.replace_island(context.model, node, output, lowered, contrib=True)

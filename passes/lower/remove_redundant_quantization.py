@@ -17,12 +17,15 @@ model's interface).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import onnx_ir as ir
 
 from qgraph.passes.lower import _qdq_patterns as qdq
 from qgraph.passes.infrastructure import RewritePass
+from qgraph.passes.infrastructure import Refusal
+from qgraph.passes.infrastructure import RewriteContext
 from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
 
@@ -33,6 +36,21 @@ def _is_dead(node: ir.Node) -> bool:
     return not any(output.uses() or output.is_graph_output() for output in node.outputs)
 
 
+@dataclasses.dataclass(frozen=True)
+class _DeadNode:
+    """A Q or DQ whose outputs nobody reads: it goes, with the Q/DQ producers only it read."""
+
+    node: ir.Node
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pair:
+    """``Q(DQ(q))``: the Q and the DQ that feeds it; an identity on ``q`` once check has compared their parameters."""
+
+    quantize: ir.Node
+    dequantize: ir.Node
+
+
 @register
 class RemoveRedundantQuantization(RewritePass):
     """Collapse DQ → Q pairs with identical parameters and drop Q/DQ nodes nobody reads."""
@@ -40,40 +58,41 @@ class RemoveRedundantQuantization(RewritePass):
     phase = Phase.LOWER
     summary = "DQ(s,z) → Q(s,z) becomes the integer tensor itself; unread Q/DQ nodes are removed"
 
-    def match(self, node: ir.Node) -> ir.Node | None:
+    def match(self, node: ir.Node, context: RewriteContext) -> _DeadNode | _Pair | None:
         if not qdq.is_op(node, qdq.QUANTIZE, qdq.DEQUANTIZE):
             return None
         if _is_dead(node):
-            return node
-        if node.op_type == qdq.QUANTIZE and qdq.dequantize_of(node.inputs[0]) is not None:
-            return node
+            return _DeadNode(node)
+        if node.op_type == qdq.QUANTIZE:
+            dequantize = qdq.dequantize_of(node.inputs[0])
+            if dequantize is not None:
+                return _Pair(node, dequantize)
         return None
 
-    def check(self, node: ir.Node) -> str | None:
-        if _is_dead(node):
-            return None
-        dequantize = qdq.dequantize_of(node.inputs[0])
+    def check(self, match: _DeadNode | _Pair, context: RewriteContext) -> _DeadNode | _Pair | Refusal:
+        if isinstance(match, _DeadNode):
+            return match
+        node, dequantize = match.quantize, match.dequantize
         quantize_params = qdq.read_params(node)
         dequantize_params = qdq.read_params(dequantize)
         for params in (quantize_params, dequantize_params):
             if isinstance(params, str):
-                return params
+                return Refusal(params)
         if not quantize_params.same_as(dequantize_params):
-            return "the DQ and Q parameters differ: this pair requantizes"
+            return Refusal("the DQ and Q parameters differ: this pair requantizes")
         integer = dequantize.inputs[0]
         if node.outputs[0].is_graph_output() and (
             integer.is_graph_input() or integer.is_initializer() or integer.is_graph_output()
         ):
-            return "the Q output is a graph output and its replacement cannot take its name"
-        return None
+            return Refusal("the Q output is a graph output and its replacement cannot take its name")
+        return match
 
-    def rewrite(self, node: ir.Node) -> None:
-        if _is_dead(node):
-            self._remove_dead_chain(node)
+    def rewrite(self, plan: _DeadNode | _Pair, context: RewriteContext) -> None:
+        if isinstance(plan, _DeadNode):
+            self._remove_dead_chain(plan.node)
             return
-        dequantize = qdq.dequantize_of(node.inputs[0])
-        qdq.take_over(node.outputs[0], dequantize.inputs[0])
-        qdq.remove_if_unused([node, dequantize])
+        qdq.take_over(plan.quantize.outputs[0], plan.dequantize.inputs[0])
+        qdq.remove_if_unused([plan.quantize, plan.dequantize])
 
     @staticmethod
     def _remove_dead_chain(node: ir.Node) -> None:

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
+import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnx import helper
 from onnx_ir.passes import PassResult
 
 from qgraph.errors import PipelineError, QGraphError
 from qgraph.passes.infrastructure import QGraphPass, RewritePass
+from qgraph.passes.infrastructure import Refusal, RewriteContext
 from qgraph.passes.infrastructure import PassManager, PassVerificationError, check_phase_order, count_nodes
 from qgraph.pipeline import OptimizeOptions, build_pipeline
 from qgraph.passes.infrastructure import Phase
-from qgraph.passes.infrastructure import get_pass
+from qgraph.passes.infrastructure import available_passes, get_pass
+from tests.passes.batch_norm_builders import batch_norm_node, batch_norm_parameters, make_model, weights
+from tests.passes.exporter_spellings import gelu_erf, gelu_tanh, layer_norm
+from tests.passes.lower.test_lower_end_to_end import small_cnn
+from tests.passes.qdq_builders import QDQBuilder
 
 MODEL = """
 <ir_version: 10, opset_import: ["" : 17]>
@@ -70,10 +80,10 @@ class NegToSigmoid(RewritePass):
 
     phase = Phase.CANONICALIZE
 
-    def match(self, node: ir.Node):
+    def match(self, node: ir.Node, context: RewriteContext):
         return node if node.op_type == "Neg" else None
 
-    def rewrite(self, node: ir.Node) -> None:
+    def rewrite(self, node: ir.Node, context: RewriteContext) -> None:
         node._op_type = "Sigmoid"  # deliberately wrong numerics (onnx-ir has no setter for op_type)
 
 
@@ -184,3 +194,163 @@ def test_verification_errors_are_bugs_not_user_errors():
 def test_without_verify_a_broken_pass_goes_unnoticed_by_the_manager():
     result = PassManager([NegToSigmoid()]).run(model())
     assert [node.op_type for node in result.model.graph] == ["Relu", "Identity", "Sigmoid", "Abs"]
+
+
+# --- the rewrite protocol: match -> check (plan or Refusal) -> rewrite(plan, context) ----------------------------
+
+class KeepNeg(RewritePass):
+    """Matches every Neg and refuses it: nothing may change."""
+
+    phase = Phase.CANONICALIZE
+
+    def match(self, node: ir.Node, context: RewriteContext):
+        return node if node.op_type == "Neg" else None
+
+    def check(self, node: ir.Node, context: RewriteContext) -> Refusal:
+        return Refusal(f"a Neg reading {node.inputs[0].name!r} stays")
+
+    def rewrite(self, plan, context: RewriteContext) -> None:
+        raise AssertionError("rewrite ran for a refused match")
+
+
+@dataclasses.dataclass(frozen=True)
+class AbsPlan:
+    node: ir.Node
+    replacement: str
+
+
+class NegToAbs(RewritePass):
+    """Neg becomes Abs; ``journal`` (an option) records each plan check returns and each plan rewrite receives."""
+
+    phase = Phase.CANONICALIZE
+
+    def __init__(self, *, journal: dict[str, list] | None = None) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def match(self, node: ir.Node, context: RewriteContext):
+        return node if node.op_type == "Neg" else None
+
+    def check(self, node: ir.Node, context: RewriteContext) -> AbsPlan:
+        plan = AbsPlan(node, "Abs")
+        if self.journal is not None:
+            self.journal["checked"].append(plan)
+        return plan
+
+    def rewrite(self, plan: AbsPlan, context: RewriteContext) -> None:
+        if self.journal is not None:
+            self.journal["rewritten"].append((plan, context))
+        node = plan.node
+        replacement = ir.Node("", plan.replacement, [node.inputs[0]], name=context.names.fresh("abs"))
+        ir.convenience.replace_nodes_and_values(node.graph, node, [node], [replacement], node.outputs,
+                                                replacement.outputs)
+
+
+class LegacyCheck(NegToAbs):
+    """The old protocol's ``check``: ``None`` for "legal"."""
+
+    def check(self, node: ir.Node, context: RewriteContext):
+        return None
+
+
+def printed(subject: ir.Model) -> str:
+    return onnx.printer.to_text(ir.serde.serialize_model(subject))
+
+
+def test_a_refusal_is_logged_and_leaves_the_graph_unchanged(caplog):
+    subject = model()
+    before = printed(subject)
+    with caplog.at_level(logging.INFO, logger="qgraph.passes.infrastructure"):
+        result = KeepNeg()(subject)
+    assert not result.modified
+    assert printed(result.model) == before
+    messages = [record.getMessage() for record in caplog.records if record.name == "qgraph.passes.infrastructure"]
+    assert messages == ["KeepNeg: leaving  (Neg): a Neg reading 'b' stays"]  # the parsed node has no name
+
+
+def test_rewrite_receives_the_plan_check_returned_and_the_run_context():
+    subject = model()
+    subject.graph.append(ir.node("Neg", [subject.graph.outputs[0].producer().inputs[0]]))  # a second, unread Neg
+    journal = {"checked": [], "rewritten": []}
+    result = NegToAbs(journal=journal)(subject)
+    assert result.modified
+    assert len(journal["checked"]) == 2
+    assert [plan for plan, _ in journal["rewritten"]] == journal["checked"]
+    assert all(received is checked for (received, _), checked in zip(journal["rewritten"], journal["checked"]))
+    first_context, second_context = (context for _, context in journal["rewritten"])
+    assert first_context is second_context and first_context.model is subject  # one context per run
+    assert [node.op_type for node in subject.graph] == ["Relu", "Identity", "Abs", "Abs", "Abs"]
+    assert sorted(node.name for node in subject.graph if node.name) == ["abs", "abs_1"]  # one name scope per run
+
+
+def test_check_in_the_old_protocol_is_an_error_not_a_silent_rewrite():
+    with pytest.raises(TypeError, match=r"LegacyCheck\.check returned None; it returns a plan, or a Refusal"):
+        LegacyCheck()(model())
+
+
+def protocol_corpus() -> list[onnx.ModelProto]:
+    """Models on which every registered rewrite pass finds something to rewrite (and something to refuse)."""
+    conv_batch_norm = make_model(
+        [helper.make_node("Conv", ["x", "W"], ["conv"], name="conv"), batch_norm_node("bn", "conv", "y")],
+        [("x", [1, 3, 5, 5])], [("y", None)], {"W": weights((4, 3, 3, 3), 1), **batch_norm_parameters("bn", 4, 2)},
+    )
+    lone_batch_norm = make_model(
+        [helper.make_node("Relu", ["x"], ["relu"], name="relu"), batch_norm_node("bn", "relu", "y")],
+        [("x", [2, 4, 3, 3])], [("y", [2, 4, 3, 3])], batch_norm_parameters("bn", 4, 3),
+    )
+    conv_bias = make_model(
+        [helper.make_node("Conv", ["x", "W"], ["conv"], name="conv"), helper.make_node("Add", ["conv", "c"], ["y"])],
+        [("x", [1, 3, 5, 5])], [("y", None)], {"W": weights((4, 3, 3, 3), 4), "c": weights((4, 1, 1), 5)},
+    )
+    cnn, _, _ = small_cnn()
+    return [
+        ir.serde.serialize_model(model()), conv_batch_norm, lone_batch_norm, conv_bias,
+        gelu_erf(), gelu_tanh(opset=20), layer_norm("tf2onnx"), cnn.model(), float_output_islands(),
+    ]
+
+
+def float_output_islands() -> onnx.ModelProto:
+    """QDQ islands for the lowerings small_cnn lacks: Conv and MatMul read as float, a quantized MatMul, Sigmoid and
+    Concat."""
+    builder = QDQBuilder(seed=3)
+    rng = np.random.default_rng(3)
+    x = builder.quantize(builder.add_input("x", [1, 3, 4, 4]))
+    builder.quantize("x")  # a second Q → DQ of x that nobody reads
+    builder.output(builder.conv(x, rng.standard_normal((2, 3, 3, 3)).astype(np.float32), pads=[1, 1, 1, 1]))
+    right, _ = builder.weight(rng.standard_normal((4, 5)).astype(np.float32), axis=1)
+    builder.output(builder.node("MatMul", [x, right]))
+    other, _ = builder.weight(rng.standard_normal((4, 4)).astype(np.float32), axis=1)
+    product = builder.quantize(builder.node("MatMul", [x, other]))
+    sigmoid = builder.quantize(builder.node("Sigmoid", [product]))
+    builder.output(builder.quantize(builder.node("Concat", [product, sigmoid], axis=1)))
+    return builder.model()
+
+
+def rewrite_pass_classes() -> list[type]:
+    return [cls for cls in available_passes().values() if issubclass(cls, RewritePass)]
+
+
+def test_every_rewrite_pass_rewrites_something_in_the_protocol_corpus():
+    """The corpus of the two tests below exercises every pass's rewrite, not just its match."""
+    idle = [cls.__name__ for cls in rewrite_pass_classes()
+            if not any(cls()(ir.serde.deserialize_model(proto)).modified for proto in protocol_corpus())]
+    assert not idle
+
+
+@pytest.mark.parametrize("pass_class", rewrite_pass_classes(), ids=lambda cls: cls.__name__)
+def test_a_pass_instance_holds_no_state_after_a_run(pass_class):
+    instance = pass_class()
+    options = dict(vars(instance))
+    for proto in protocol_corpus():
+        instance(ir.serde.deserialize_model(proto))
+        assert vars(instance).keys() == options.keys()
+        assert all(vars(instance)[name] is value for name, value in options.items())
+
+
+@pytest.mark.parametrize("pass_class", rewrite_pass_classes(), ids=lambda cls: cls.__name__)
+def test_one_instance_runs_on_many_models_as_fresh_instances_do(pass_class):
+    shared = pass_class()
+    for proto in protocol_corpus():
+        by_shared, by_fresh = ir.serde.deserialize_model(proto), ir.serde.deserialize_model(proto)
+        assert shared(by_shared).modified == pass_class()(by_fresh).modified
+        assert printed(by_shared) == printed(by_fresh)
