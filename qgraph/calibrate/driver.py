@@ -34,12 +34,12 @@ import onnx_ir as ir
 
 from qgraph.errors import DataError
 from qgraph.calibrate.observe_kernel import BatchStatistics
+from qgraph.calibrate.observers.factory import OBSERVER_METHODS as METHODS
+from qgraph.calibrate.observers.histogram import DEFAULT_PERCENTILE
 from qgraph.quant.plan import QuantPlan
 from qgraph.calibrate.probes import build_probes
 
 logger = logging.getLogger(__name__)
-
-METHODS = ("minmax", "ema", "entropy", "percentile", "mse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,7 @@ class CalibrationConfig:
     #: Stop after this many samples (None: the whole set).
     samples: int | None = None
     batch_size: int = 16
-    percentile: float = 99.999
+    percentile: float = DEFAULT_PERCENTILE
     bins: int = 2048
     ema_momentum: float = 0.9
     threads: int | None = None

@@ -12,6 +12,11 @@ from qgraph.quant.spec import QuantSpec
 
 logger = logging.getLogger(__name__)
 
+#: The values of an option that a target may turn on for this machine (``auto``) or that the user forces.
+AUTO_CHOICES = ("auto", "on", "off")
+#: Weight bit widths the targets quantize to.
+WEIGHT_BITS = (8, 4)
+
 
 @dataclasses.dataclass(frozen=True)
 class TargetOptions:

@@ -31,7 +31,7 @@ from qgraph.passes.lower.lower_qlinear_pool import LowerQLinearPool
 from qgraph.passes.lower.lower_qlinear_unary import LowerQLinearUnary
 from qgraph.passes.lower.remove_redundant_quantization import RemoveRedundantQuantization
 from qgraph.quant.spec import QuantSpec
-from qgraph.targets.base import Target
+from qgraph.targets.base import AUTO_CHOICES, Target
 from qgraph.targets.cpu_features import needs_reduce_range
 
 logger = logging.getLogger(__name__)
@@ -96,8 +96,6 @@ class OrtCpuTarget(Target):
 
 def _for_this_cpu(choice: str, option: str) -> bool:
     """An auto/on/off option whose auto means: on where u8s8 kernels can saturate (x86 without VNNI)."""
-    if choice == "auto":
-        return needs_reduce_range()
-    if choice in ("on", "off"):
-        return choice == "on"
-    raise QGraphError(f"{option} must be auto, on or off, got {choice!r}")
+    if choice not in AUTO_CHOICES:
+        raise QGraphError(f"{option} must be auto, on or off, got {choice!r}")
+    return needs_reduce_range() if choice == "auto" else choice == "on"
