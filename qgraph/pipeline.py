@@ -23,7 +23,17 @@ from qgraph.errors import QGraphError
 from qgraph.ptq import quantize
 
 from qgraph.ir import load_model, save_model
-from qgraph.passes.infrastructure import PassManager, PassRecord
+from qgraph.passes.canonicalize.decompose_batch_norm import DecomposeBatchNorm
+from qgraph.passes.canonicalize.eliminate_dead_code import EliminateDeadCode
+from qgraph.passes.canonicalize.eliminate_identity import EliminateIdentity
+from qgraph.passes.canonicalize.fold_batch_norm import FoldBatchNorm
+from qgraph.passes.canonicalize.fold_constant_if import FoldConstantIf
+from qgraph.passes.canonicalize.fold_constants import FoldConstants
+from qgraph.passes.canonicalize.fuse_gelu import FuseGelu
+from qgraph.passes.canonicalize.fuse_layer_normalization import FuseLayerNormalization
+from qgraph.passes.canonicalize.lift_constants import LiftConstants
+from qgraph.passes.canonicalize.merge_bias_add import MergeBiasAdd
+from qgraph.passes.infrastructure import PassManager, PassRecord, QGraphPass
 from qgraph.passes.infrastructure import get_pass
 from qgraph.ptq import QuantizeOptions, QuantizeResult
 from qgraph.qat.options import QATOptions
@@ -42,18 +52,30 @@ logger = logging.getLogger(__name__)
 #: BatchNorm passes, which write Mul/Add nodes of their own. FoldConstantIf follows FoldConstants, which turns a
 #: condition computed from constants (or from an input fixed with ``fixed_inputs``) into an initializer; the inlined
 #: branch's constants then fold in the next round.
-CANONICAL_PASSES: tuple[str, ...] = (
-    "LiftConstants",
-    "EliminateIdentity",
-    "FoldConstants",
-    "FoldConstantIf",
-    "FuseLayerNormalization",
-    "FuseGelu",
-    "MergeBiasAdd",
-    "FoldBatchNorm",
-    "DecomposeBatchNorm",
-    "EliminateDeadCode",
+CANONICAL_PIPELINE: tuple[type[QGraphPass], ...] = (
+    LiftConstants,
+    EliminateIdentity,
+    FoldConstants,
+    FoldConstantIf,
+    FuseLayerNormalization,
+    FuseGelu,
+    MergeBiasAdd,
+    FoldBatchNorm,
+    DecomposeBatchNorm,
+    EliminateDeadCode,
 )
+#: The canonical pipeline's pass names (``qgraph passes`` marks them).
+CANONICAL_PASSES: tuple[str, ...] = tuple(pass_class.__name__ for pass_class in CANONICAL_PIPELINE)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputOptions:
+    """How ``optimize`` writes its result."""
+
+    #: ``None``: external data only for models over ~1.8 GB; ``True``/``False`` force it.
+    external_data: bool | None = None
+    #: Allow the output path to be the input file.
+    allow_overwrite_input: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +86,8 @@ class OptimizeOptions:
     passes: tuple[str, ...] | None = None
     #: Check the model after every pass with onnx.checker and onnxruntime (slow; for debugging).
     verify: bool = False
-    #: ``None``: external data only for models over ~1.8 GB; ``True``/``False`` force it.
-    external_data: bool | None = None
-    #: Allow the output path to be the input file.
-    allow_overwrite_input: bool = False
+    #: How the result is saved.
+    output: OutputOptions = dataclasses.field(default_factory=OutputOptions)
     #: Quantize after canonicalisation (needs calibration data); None keeps the model in float.
     quantization: QuantizeOptions | None = None
     #: Fine-tune the quantized model with quantization-aware training before lowering (needs ``quantization``
@@ -91,8 +111,11 @@ class OptimizeResult:
 
 
 def build_pipeline(options: OptimizeOptions) -> PassManager:
-    names = options.passes if options.passes is not None else CANONICAL_PASSES
-    passes = [get_pass(name)() for name in names]
+    """The canonical pipeline, or the passes ``options.passes`` names (looked up in the registry)."""
+    if options.passes is not None:
+        passes = [get_pass(name)() for name in options.passes]
+    else:
+        passes = [pass_class() for pass_class in CANONICAL_PIPELINE]
     return PassManager(passes, fixed_point=True, verify=options.verify)
 
 
@@ -126,7 +149,7 @@ def optimize(
         model = load_model(input_path)
     if output is not None:
         # Refuse a bad output path before doing any work.
-        _check_output_before_work(Path(output), input_path, options)
+        _check_output_before_work(Path(output), input_path, options.output)
     if options.fixed_inputs:
         from qgraph.ir.fix_inputs import fix_inputs
 
@@ -160,8 +183,8 @@ def optimize(
             result.model,
             output,
             input_path=input_path,
-            external_data=options.external_data,
-            allow_overwrite_input=options.allow_overwrite_input,
+            external_data=options.output.external_data,
+            allow_overwrite_input=options.output.allow_overwrite_input,
         )
     return OptimizeResult(result.model, records, saved, quantized, float_model, qat_result)
 
@@ -215,7 +238,7 @@ def calibration_batches(model: ir.Model | onnx.ModelProto, data, config: Calibra
     return data
 
 
-def _check_output_before_work(output: Path, input_path: Path | None, options: OptimizeOptions) -> None:
+def _check_output_before_work(output: Path, input_path: Path | None, options: OutputOptions) -> None:
     from qgraph.errors import OutputPathError
 
     if input_path is not None and not options.allow_overwrite_input:

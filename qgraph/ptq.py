@@ -24,22 +24,24 @@ from qgraph.errors import QGraphError, UnsupportedModelError
 from qgraph.ir.versions import convert_opset
 from qgraph.ir.traversal import iterate_graphs
 from qgraph.ir.values import default_opset
+from qgraph.passes.canonicalize.eliminate_dead_code import EliminateDeadCode
 from qgraph.passes.infrastructure import PassManager, PassRecord
-from qgraph.passes.infrastructure import get_pass
-from qgraph.annotate.annotator import AnnotationOverrides, annotate
+from qgraph.passes.quantize.insert_quantize_dequantize import InsertQuantizeDequantize
+from qgraph.passes.quantize.quantize_lstm_dynamic import QuantizeLSTMDynamic
+from qgraph.annotate.annotator import AnnotationOverrides, AnnotationRules, annotate
 from qgraph.annotate.config_file import check_override_names, load_overrides
 from qgraph.quant.plan import QuantPlan
 from qgraph.ir.subgraphs import make_names_unique
+from qgraph import sensitivity
 from qgraph.sensitivity import (
     DEFAULT_MIN_SQNR_DB,
     DEFAULT_SENSITIVITY_BATCHES,
     SensitivityResult,
-    fall_back,
     retain_batches,
     validate_min_sqnr,
 )
 from qgraph.quant.spec import QuantParams, compute_quant_params
-from qgraph.targets import TargetOptions, get_target
+from qgraph.targets import Target, TargetOptions, get_target
 
 logger = logging.getLogger(__name__)
 
@@ -173,20 +175,20 @@ def quantize(
             f"the model is already quantized (it contains {', '.join(found)}); pass --requantize to quantize it again"
         )
     target = get_target(options.target, options.target_options)
+    rules = target.rules()
     model = ensure_opset(model, target.minimum_opset)
     make_names_unique(model)
     if options.config is not None:
-        rules = target.rules()
         options = dataclasses.replace(
             options,
             overrides=load_overrides(
                 options.config,
                 base=options.overrides,
                 activation_spec=rules.activation_spec,
-                weight_spec=target.weight_spec(0),
+                weight_spec=target.weight_spec(rules, 0),
             ),
         )
-    plan = annotate(model, target.rules(), options.overrides, recurrent=options.recurrent)
+    plan = annotate(model, rules, options.overrides, recurrent=options.recurrent)
     check_override_names(plan)
     if not plan.activations and not plan.weights and not plan.dynamic_nodes:
         raise UnsupportedModelError(
@@ -197,53 +199,94 @@ def quantize(
     if options.min_sqnr is not None:
         batches = retain_batches(batches, options.sensitivity_batches, kept)
     calibration = calibrate(model, plan, batches, options.calibration, progress=progress)
-    parameters = compute_parameters(
-        model,
-        plan,
-        calibration.ranges,
-        per_channel=target.options.per_channel,
-        weight_method=options.weight_method,
-    )
-    sensitivity = None
+    per_channel = target.options.per_channel
+    parameters = compute_parameters(model, plan, calibration.ranges, per_channel=per_channel,
+                                    weight_method=options.weight_method)
+    fallback = None
     if options.min_sqnr is not None:
-        plan, parameters, calibration, sensitivity = _fall_back(model, plan, parameters, calibration, kept, options,
-                                                                target)
-    quantize_passes = [get_pass("InsertQuantizeDequantize")(plan=plan, parameters=parameters)]
+        plan, parameters, calibration, fallback = _fall_back(model, rules, plan, parameters, calibration, kept,
+                                                             options, per_channel)
+    quantize_passes = [InsertQuantizeDequantize(plan=plan, parameters=parameters)]
     if plan.dynamic_nodes:
-        weight_spec = target.rules().weight_spec
-        quantize_passes.append(get_pass("QuantizeLSTMDynamic")(
-            nodes=plan.dynamic_nodes, qmax=weight_spec.qmax, per_channel=target.options.per_channel,
+        quantize_passes.append(QuantizeLSTMDynamic(
+            nodes=plan.dynamic_nodes, qmax=rules.weight_spec.qmax, per_channel=per_channel,
             guard_saturation=target.saturation_guard(),
         ))
     records = list(PassManager(quantize_passes).run(model).records)
     qdq_model = ir.serde.serialize_model(model)
-    if lower and target.lowering_passes():
-        lowering = PassManager(target.lowering_pipeline(), fixed_point=True)
-        records.extend(lowering.run(model).records)
-        records.extend(PassManager([get_pass("EliminateDeadCode")()]).run(model).records)
-    return QuantizeResult(model, plan, calibration, parameters, tuple(records), qdq_model, sensitivity)
+    if lower:
+        records.extend(lower_to_target(model, target))
+    return QuantizeResult(model, plan, calibration, parameters, tuple(records), qdq_model, fallback)
 
 
-def _fall_back(model, plan, parameters, calibration, batches, options: QuantizeOptions, target):
-    """Automatic fallback by sensitivity; re-planning reuses the calibrated ranges (see qgraph.sensitivity)."""
-    ranges = dict(calibration.ranges)
-    merged: list[dict[str, tuple[float, float]]] = []
+def lower_to_target(model: ir.Model, target: Target) -> tuple[PassRecord, ...]:
+    """The target's lowering of a QDQ ``model``, in place, to a fixed point, then dead code removed.
 
-    def replan(excluded: frozenset[str]):
-        overrides = dataclasses.replace(options.overrides, exclude=options.overrides.exclude | excluded)
-        new_plan = annotate(model, target.rules(), overrides, recurrent=options.recurrent)
-        missing = [tensor for tensor in new_plan.activations if tensor not in ranges]
-        if missing:
-            logger.info("calibrating %d tensors that the fallback plan quantizes anew", len(missing))
-            restricted = dataclasses.replace(new_plan, activations=tuple(missing), groups=())
-            ranges.update(calibrate(model, restricted, batches, options.calibration).ranges)
-        # A scale group takes the union of its members' ranges (each already a group union: still a valid range).
-        merged[:] = [merge_group_ranges(ranges, new_plan)]
-        return new_plan, compute_parameters(model, new_plan, merged[0], per_channel=target.options.per_channel,
-                                            weight_method=options.weight_method)
+    The one lowering sequence: after PTQ (:func:`quantize`) and after QAT (:func:`qgraph.qat.export.lower_qdq`).
+    A target that keeps explicit QDQ lowers nothing and the model is left as it is.
+    """
+    passes = target.lowering_pipeline()
+    if not passes:
+        return ()
+    records = list(PassManager(passes, fixed_point=True).run(model).records)
+    records.extend(PassManager([EliminateDeadCode()]).run(model).records)
+    return tuple(records)
 
-    outcome = fall_back(model, plan, parameters, batches, min_sqnr=options.min_sqnr, replan=replan,
-                        full_table=options.sensitivity_table, threads=options.calibration.threads)
-    if outcome.sensitivity.fell_back:
-        calibration = dataclasses.replace(calibration, ranges=merged[0])
-    return outcome.plan, outcome.parameters, calibration, outcome.sensitivity
+
+def _fall_back(
+    model: ir.Model,
+    rules: AnnotationRules,
+    plan: QuantPlan,
+    parameters: Mapping[str, QuantParams],
+    calibration: CalibrationResult,
+    batches: list[Mapping[str, np.ndarray]],
+    options: QuantizeOptions,
+    per_channel: bool,
+) -> tuple[QuantPlan, Mapping[str, QuantParams], CalibrationResult, SensitivityResult]:
+    """Automatic fallback by sensitivity (see :mod:`qgraph.sensitivity`): the analysis ranks the layers and says
+    how many to exclude; each fallback plan reuses the calibrated ranges and is measured as a real QDQ graph until
+    it meets the bound or no candidate is left."""
+    threads = options.calibration.threads
+    analysis = sensitivity.analyse(model, plan, parameters, batches, min_sqnr=options.min_sqnr,
+                                   full_table=options.sensitivity_table, threads=threads)
+    ranges: Mapping[str, tuple[float, float]] = calibration.ranges
+    count, final = analysis.estimated_count, analysis.output_sqnr_db
+    fallback_plan, fallback_parameters, fallback_ranges = plan, parameters, None
+    while count:
+        fallback_plan, ranges, fallback_ranges = _replan(model, rules, options, analysis.excluded(count), ranges,
+                                                         batches)
+        fallback_parameters = compute_parameters(model, fallback_plan, fallback_ranges, per_channel=per_channel,
+                                                 weight_method=options.weight_method)
+        final = sensitivity.verify(model, fallback_plan, fallback_parameters, batches, analysis, threads=threads)
+        logger.info("with %d layers in FP32 the output SQNR is %.1f dB", count, final)
+        if analysis.settled(count, final):
+            break
+        count += 1
+    fallback_plan, result = sensitivity.conclude(analysis, fallback_plan, count, final)
+    if fallback_ranges is not None:
+        calibration = dataclasses.replace(calibration, ranges=fallback_ranges)
+    return fallback_plan, fallback_parameters, calibration, result
+
+
+def _replan(
+    model: ir.Model,
+    rules: AnnotationRules,
+    options: QuantizeOptions,
+    excluded: frozenset[str],
+    ranges: Mapping[str, tuple[float, float]],
+    batches: list[Mapping[str, np.ndarray]],
+) -> tuple[QuantPlan, dict[str, tuple[float, float]], dict[str, tuple[float, float]]]:
+    """The plan with ``excluded`` nodes in FP32, every range calibrated so far, and the plan's ranges.
+
+    Calibrated ranges are reused; a tensor that the new plan annotates for the first time is calibrated on the
+    retained ``batches``. A scale group takes the union of its members' ranges (each already a group union: still
+    a valid range)."""
+    overrides = dataclasses.replace(options.overrides, exclude=options.overrides.exclude | excluded)
+    plan = annotate(model, rules, overrides, recurrent=options.recurrent)
+    calibrated = dict(ranges)
+    missing = [tensor for tensor in plan.activations if tensor not in calibrated]
+    if missing:
+        logger.info("calibrating %d tensors that the fallback plan quantizes anew", len(missing))
+        restricted = dataclasses.replace(plan, activations=tuple(missing), groups=())
+        calibrated.update(calibrate(model, restricted, batches, options.calibration).ranges)
+    return plan, calibrated, merge_group_ranges(calibrated, plan)

@@ -43,6 +43,11 @@ table is asked for (a report).
    tensor the new plan annotates for the first time is calibrated on the retained batches), recompute parameters,
    write the real QDQ graph and measure it; while it misses the bound, exclude the next layer and measure again.
 
+This module measures and decides, the PTQ driver (:mod:`qgraph.ptq`) plans: :func:`analyse` returns the per-layer
+table and the candidates in exclusion order with the estimated count (step 1); for step 2 the driver re-plans
+with :meth:`SensitivityAnalysis.excluded`, measures with :func:`verify` and asks
+:meth:`SensitivityAnalysis.settled`; :func:`conclude` writes the :class:`SensitivityResult` and the FP32 reasons.
+
 Layers without a name (or sharing one) cannot be excluded by name and are never candidates.
 """
 
@@ -52,7 +57,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -62,6 +67,7 @@ from qgraph import runtime
 from qgraph.errors import QGraphError
 from qgraph.ir.edit import new_initializer
 from qgraph.ir.naming import NameScope
+from qgraph.passes.quantize.insert_quantize_dequantize import InsertQuantizeDequantize
 from qgraph.quant.plan import QuantPlan
 
 logger = logging.getLogger(__name__)
@@ -150,10 +156,41 @@ class SensitivityResult:
 
 
 @dataclasses.dataclass(frozen=True)
-class FallbackOutcome:
-    plan: QuantPlan
-    parameters: Mapping[str, object]
-    sensitivity: SensitivityResult
+class SensitivityAnalysis:
+    """What the switchable graph measured: the per-layer table and the layers to exclude, most damaging first.
+
+    The caller re-plans with :meth:`excluded` nodes, measures the real QDQ graph with :func:`verify` and asks
+    :meth:`settled` whether to stop or to exclude one layer more; :func:`conclude` then writes the result.
+    """
+
+    layers: tuple[Layer, ...]
+    #: Output SQNR (dB) with only layer ``k`` quantized, per layer (empty when the bound was met and no table was
+    #: asked for).
+    single_layer_sqnr_db: tuple[float, ...]
+    min_sqnr_db: float
+    #: Output SQNR (dB) of the fully quantized model.
+    output_sqnr_db: float
+    #: The FP32 outputs on the retained batches (the flags all off), the reference of every measurement.
+    reference: list[list[np.ndarray]]
+    #: Indices of the layers that can be excluded, most damaging first.
+    candidates: tuple[int, ...]
+    #: How many candidates the estimate excludes (0 when the bound is met).
+    estimated_count: int
+    batches: int
+    #: ``time.perf_counter()`` when the analysis started.
+    started: float
+
+    @property
+    def needed(self) -> bool:
+        return self.output_sqnr_db < self.min_sqnr_db
+
+    def excluded(self, count: int) -> frozenset[str]:
+        """The nodes of the ``count`` most damaging candidates."""
+        return frozenset(self.layers[index].node for index in self.candidates[:count])
+
+    def settled(self, count: int, final_sqnr_db: float) -> bool:
+        """Whether the fallback stops with ``count`` layers excluded: the bound is met or no candidate is left."""
+        return final_sqnr_db >= self.min_sqnr_db or count == len(self.candidates)
 
 
 def retain_batches(batches: Iterable[Mapping[str, np.ndarray]], count: int, kept: list) -> Iterator:
@@ -201,10 +238,8 @@ def copy_model(model: ir.Model) -> ir.Model:
 
 def build_qdq(model: ir.Model, plan: QuantPlan, parameters: Mapping[str, object]) -> ir.Model:
     """A copy of the float ``model`` with ``plan`` written as QDQ (the original is left untouched)."""
-    from qgraph.passes.infrastructure import get_pass
-
     working = copy_model(model)
-    get_pass("InsertQuantizeDequantize")(plan=plan, parameters=parameters)(working)
+    InsertQuantizeDequantize(plan=plan, parameters=parameters)(working)
     return working
 
 
@@ -340,21 +375,19 @@ def _ratio_db(signal: float, noise: float) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-def fall_back(
+def analyse(
     model: ir.Model,
     plan: QuantPlan,
     parameters: Mapping[str, object],
     batches: Sequence[Mapping[str, np.ndarray]],
     *,
     min_sqnr: float,
-    replan: Callable[[frozenset[str]], tuple[QuantPlan, Mapping[str, object]]],
     full_table: bool = False,
     threads: int | None = None,
-) -> FallbackOutcome:
-    """Measure ``plan`` against ``min_sqnr`` and put layers back to FP32, most damaging first, until it is met.
+) -> SensitivityAnalysis:
+    """Measure ``plan`` against ``min_sqnr`` and, when it misses, rank the layers and estimate how many go back.
 
-    ``replan(excluded)`` returns the plan and parameters with the named nodes excluded (ranges reused). With
-    ``full_table`` the per-layer sensitivity is measured even when the fully quantized model meets the bound.
+    With ``full_table`` the per-layer sensitivity is measured even when the fully quantized model meets the bound.
     """
     start = time.perf_counter()
     if not batches:
@@ -376,53 +409,60 @@ def fall_back(
             one_hot = np.zeros(len(layers), bool)
             one_hot[index] = True
             single.append(comparison.sqnr(reference, run_with(one_hot)))
-    if not needed:
-        result = _result(layers, single, (), min_sqnr, whole, whole, len(batches), start)
-        return FallbackOutcome(plan, parameters, result)
-
-    names = [layer.node for layer in layers]
-    candidates = sorted(
-        (index for index, layer in enumerate(layers)
-         if layer.tensors and layer.node and names.count(layer.node) == 1),
-        key=lambda index: (single[index], index),
-    )
-    enabled = np.ones(len(layers), bool)
+    candidates: list[int] = []
     count = 0
-    for index in candidates:
-        enabled[index] = False
-        count += 1
-        estimate = comparison.sqnr(reference, run_with(enabled))
-        logger.debug("estimate without %d most damaging layers: %.1f dB", count, estimate)
-        if estimate >= min_sqnr:
-            break
-    del comparison
-    current_plan, current_parameters, final = plan, parameters, whole
-    while count:
-        excluded = frozenset(layers[index].node for index in candidates[:count])
-        current_plan, current_parameters = replan(excluded)
-        qdq = ir.serde.serialize_model(build_qdq(model, current_plan, current_parameters))
-        final = OutputComparison(qdq, batches, threads=threads).sqnr(reference)
-        logger.info("with %d layers in FP32 the output SQNR is %.1f dB", count, final)
-        if final >= min_sqnr or count == len(candidates):
-            break
-        count += 1
-    fallen = tuple(layers[index].node for index in candidates[:count])
-    if final < min_sqnr:
-        logger.warning("output SQNR %.1f dB is still below the bound of %g dB with every layer candidate in FP32",
-                       final, min_sqnr)
-    result = _result(layers, single, fallen, min_sqnr, whole, final, len(batches), start)
-    reasons = dict(current_plan.fp32_nodes)
-    for node in fallen:
-        reasons[node] = result.reason(node)
-    current_plan = dataclasses.replace(current_plan, fp32_nodes=reasons)
-    logger.info("%d layers fell back to FP32 (%s): output SQNR %.1f -> %.1f dB",
-                len(fallen), ", ".join(fallen), whole, final)
-    return FallbackOutcome(current_plan, current_parameters, result)
+    if needed:
+        names = [layer.node for layer in layers]
+        candidates = sorted(
+            (index for index, layer in enumerate(layers)
+             if layer.tensors and layer.node and names.count(layer.node) == 1),
+            key=lambda index: (single[index], index),
+        )
+        enabled = np.ones(len(layers), bool)
+        for index in candidates:
+            enabled[index] = False
+            count += 1
+            estimate = comparison.sqnr(reference, run_with(enabled))
+            logger.debug("estimate without %d most damaging layers: %.1f dB", count, estimate)
+            if estimate >= min_sqnr:
+                break
+    return SensitivityAnalysis(layers, tuple(single), min_sqnr, whole, reference, tuple(candidates), count,
+                               len(batches), start)
 
 
-def _result(layers, single, fallen, min_sqnr, whole, final, batches, start) -> SensitivityResult:
+def verify(
+    model: ir.Model,
+    plan: QuantPlan,
+    parameters: Mapping[str, object],
+    batches: Sequence[Mapping[str, np.ndarray]],
+    analysis: SensitivityAnalysis,
+    *,
+    threads: int | None = None,
+) -> float:
+    """Output SQNR (dB) of the real QDQ graph of ``plan`` (a fallback plan) against the analysis's reference."""
+    qdq = ir.serde.serialize_model(build_qdq(model, plan, parameters))
+    return OutputComparison(qdq, batches, threads=threads).sqnr(analysis.reference)
+
+
+def conclude(
+    analysis: SensitivityAnalysis, plan: QuantPlan, count: int, final_sqnr_db: float
+) -> tuple[QuantPlan, SensitivityResult]:
+    """The result of a fallback that excluded ``count`` candidates, and ``plan`` with their FP32 reasons."""
+    fallen = tuple(analysis.layers[index].node for index in analysis.candidates[:count])
     rows = tuple(
         LayerSensitivity(layer.node, layer.op_type, layer.tensors, value, layer.node in fallen)
-        for layer, value in zip(layers, single)
+        for layer, value in zip(analysis.layers, analysis.single_layer_sqnr_db)
     )
-    return SensitivityResult(min_sqnr, whole, final, rows, tuple(fallen), batches, time.perf_counter() - start)
+    result = SensitivityResult(analysis.min_sqnr_db, analysis.output_sqnr_db, final_sqnr_db, rows, fallen,
+                               analysis.batches, time.perf_counter() - analysis.started)
+    if not analysis.needed:
+        return plan, result
+    if final_sqnr_db < analysis.min_sqnr_db:
+        logger.warning("output SQNR %.1f dB is still below the bound of %g dB with every layer candidate in FP32",
+                       final_sqnr_db, analysis.min_sqnr_db)
+    reasons = dict(plan.fp32_nodes)
+    for node in fallen:
+        reasons[node] = result.reason(node)
+    logger.info("%d layers fell back to FP32 (%s): output SQNR %.1f -> %.1f dB",
+                len(fallen), ", ".join(fallen), analysis.output_sqnr_db, final_sqnr_db)
+    return dataclasses.replace(plan, fp32_nodes=reasons), result

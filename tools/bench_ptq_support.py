@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from qgraph.calibrate.observers.histogram import DEFAULT_PERCENTILE
+
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 if str(REPOSITORY_ROOT) not in sys.path:
     sys.path.insert(0, str(REPOSITORY_ROOT))
@@ -196,7 +198,7 @@ def ort_quantize_static(
     quant_format: str = "qoperator",
     per_channel: bool = True,
     reduce_range: bool = True,
-    percentile: float = 99.999,
+    percentile: float = DEFAULT_PERCENTILE,
     preprocess: bool = True,
 ) -> onnx.ModelProto:
     """onnxruntime's ``quantize_static`` on ``model`` with ``batches`` (QUInt8 activations, QInt8 weights).

@@ -34,13 +34,13 @@ import onnx_ir as ir
 
 from qgraph.errors import DataError
 from qgraph.calibrate.observe_kernel import BatchStatistics
+from qgraph.calibrate.observers.factory import OBSERVER_METHODS as METHODS
+from qgraph.calibrate.observers.histogram import DEFAULT_PERCENTILE
 from qgraph.quant.plan import QuantPlan
 from qgraph.calibrate.probes import build_probes
 from qgraph.ir.values import is_constant, is_op
 
 logger = logging.getLogger(__name__)
-
-METHODS = ("minmax", "ema", "entropy", "percentile", "mse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ class CalibrationConfig:
     #: Stop after this many samples (None: the whole set).
     samples: int | None = None
     batch_size: int = 16
-    percentile: float = 99.999
+    percentile: float = DEFAULT_PERCENTILE
     bins: int = 2048
     ema_momentum: float = 0.9
     threads: int | None = None

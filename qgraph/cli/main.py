@@ -22,7 +22,24 @@ logger = logging.getLogger("qgraph.cli")
 
 
 class _Commands(click.Group):
-    """A click group that turns qgraph's user errors into exit status 2 and bugs into exit status 1."""
+    """A click group that turns qgraph's user errors into exit status 2 and bugs into exit status 1.
+
+    ``optimize`` is imported when it is looked up: it reads its defaults and choices from qgraph's option objects,
+    whose modules import onnx, onnxruntime and the pass library, which ``qgraph --version`` need not wait for.
+    """
+
+    #: Command name -> the module that defines it (as a function of the same name).
+    lazy_commands = {"optimize": "qgraph.cli.optimize"}
+
+    def list_commands(self, context: click.Context) -> list[str]:
+        return sorted({*super().list_commands(context), *self.lazy_commands})
+
+    def get_command(self, context: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy_commands and name not in self.commands:
+            import importlib
+
+            self.add_command(getattr(importlib.import_module(self.lazy_commands[name]), name))
+        return super().get_command(context, name)
 
     def invoke(self, context: click.Context):
         try:
@@ -127,11 +144,6 @@ def list_passes() -> None:
         marker = "*" if name in CANONICAL_PASSES else " "
         click.echo(f" {marker}{name:<{width}}  {pass_class.describe()}")
     click.echo("(* = in the default canonical pipeline)")
-
-
-from qgraph.cli.optimize import optimize  # noqa: E402  (a separate module: the command is large)
-
-cli.add_command(optimize)
 
 
 def main() -> None:

@@ -21,6 +21,30 @@ def fallback_summary(sensitivity) -> str:
     )
 
 
+def quantization_line(quantization) -> str:
+    """What was quantized and calibrated, and how the fallback went."""
+    plan = quantization.plan
+    return (
+        f"quantized {len(plan.quantized_nodes)} nodes for {plan.target} "
+        f"({plan.coverage:.0%} coverage), {len(plan.fp32_nodes)} kept FP32; "
+        f"calibrated on {quantization.calibration.samples} samples "
+        f"in {quantization.calibration.seconds:.1f} s" + fallback_summary(quantization.sensitivity)
+    )
+
+
+def qat_line(trained) -> str:
+    """How quantization-aware training went."""
+    best = "none" if trained.best_metric is None else f"{trained.best_metric:.4f}"
+    return (
+        f"QAT: {trained.epochs_completed} epochs ({trained.steps} steps) in {trained.seconds:.1f} s"
+        + (" (stopped early)" if trained.stopped_early else "")
+        + f"; best {trained.metric_name} {best} at epoch {trained.best_epoch}"
+        + ("; training made the model worse than the calibrated one "
+           f"(objective {trained.objective_before:.4g} -> {trained.objective_after:.4g}), which was kept: "
+           "try a smaller --lr" if trained.kept_start else "")
+    )
+
+
 def echo_epoch(event) -> None:
     if event.kind != "epoch":
         return

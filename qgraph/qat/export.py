@@ -101,16 +101,9 @@ def export_qdq(graph: FakeQuantGraph, values: Mapping[str, np.ndarray]) -> onnx.
 
 
 def lower_qdq(model: onnx.ModelProto, quantize_options) -> tuple[ir.Model, tuple]:
-    """Run the target's lowering passes on a QDQ model, as :func:`qgraph.ptq.quantize` does after PTQ."""
-    from qgraph.passes.infrastructure import PassManager
-    from qgraph.passes.infrastructure import get_pass
+    """The target's lowering (:func:`qgraph.ptq.lower_to_target`) of a QDQ model, as after PTQ."""
+    from qgraph.ptq import lower_to_target
     from qgraph.targets import get_target
 
-    target = get_target(quantize_options.target, quantize_options.target_options)
     lowered = ir.serde.deserialize_model(model)
-    records: list = []
-    if target.lowering_passes():
-        lowering = PassManager(target.lowering_pipeline(), fixed_point=True)
-        records.extend(lowering.run(lowered).records)
-        records.extend(PassManager([get_pass("EliminateDeadCode")()]).run(lowered).records)
-    return lowered, tuple(records)
+    return lowered, lower_to_target(lowered, get_target(quantize_options.target, quantize_options.target_options))

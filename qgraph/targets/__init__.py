@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-from qgraph.errors import QGraphError
-from qgraph.targets.base import Target, TargetOptions
+import dataclasses
 
-TARGET_NAMES = ("ort-cpu", "tensorrt")
+from qgraph.errors import QGraphError
+from qgraph.targets.base import AUTO_CHOICES, WEIGHT_BITS, Target, TargetOptions
+from qgraph.targets.ort_cpu import OrtCpuTarget
+from qgraph.targets.tensorrt import TensorRTTarget
+
+_TARGETS: dict[str, type[Target]] = {target.name: target for target in (OrtCpuTarget, TensorRTTarget)}
+TARGET_NAMES = tuple(_TARGETS)
+#: Every output format some target writes, in the order the targets list them.
+FORMATS = tuple(dict.fromkeys(name for target in _TARGETS.values() for name in target.formats))
 
 
 def get_target(name: str, options: TargetOptions | None = None) -> Target:
     options = options or TargetOptions()
-    if name == "ort-cpu":
-        from qgraph.targets.ort_cpu import OrtCpuTarget
-
-        target: Target = OrtCpuTarget(options)
-    elif name == "tensorrt":
-        from qgraph.targets.tensorrt import TensorRTTarget
-
-        target = TensorRTTarget(options)
-    else:
+    if name not in _TARGETS:
         raise QGraphError(f"unknown target {name!r}; choose one of {', '.join(TARGET_NAMES)}")
+    target = _TARGETS[name](options)
     if options.format is None:
-        import dataclasses
-
         target.options = dataclasses.replace(options, format=target.formats[0])
     elif options.format not in target.formats:
         raise QGraphError(
@@ -31,4 +29,4 @@ def get_target(name: str, options: TargetOptions | None = None) -> Target:
     return target
 
 
-__all__ = ["TARGET_NAMES", "Target", "TargetOptions", "get_target"]
+__all__ = ["AUTO_CHOICES", "FORMATS", "TARGET_NAMES", "WEIGHT_BITS", "Target", "TargetOptions", "get_target"]

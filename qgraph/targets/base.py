@@ -7,9 +7,15 @@ import dataclasses
 import logging
 
 from qgraph.annotate.annotator import AnnotationRules
+from qgraph.passes.infrastructure import QGraphPass
 from qgraph.quant.spec import QuantSpec
 
 logger = logging.getLogger(__name__)
+
+#: The values of an option that a target may turn on for this machine (``auto``) or that the user forces.
+AUTO_CHOICES = ("auto", "on", "off")
+#: Weight bit widths the targets quantize to.
+WEIGHT_BITS = (8, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,21 +45,20 @@ class Target(abc.ABC):
 
     @abc.abstractmethod
     def rules(self) -> AnnotationRules:
-        """Placement rules and specs for the annotator."""
+        """Placement rules and specs for the annotator (built anew on each call: a run builds them once)."""
 
     @abc.abstractmethod
-    def lowering_passes(self) -> tuple[str, ...]:
-        """Names of the LOWER passes for the chosen format (empty for explicit QDQ)."""
+    def lowering_passes(self) -> tuple[type[QGraphPass], ...]:
+        """The LOWER pass classes for the chosen format, in order (empty for explicit QDQ)."""
 
     def saturation_guard(self) -> bool:
         """Whether 8-bit weights that could saturate u8s8 kernels are stored as uint8 + 128 (the safe default)."""
         return True
 
-    def lowering_pipeline(self) -> list:
+    def lowering_pipeline(self) -> list[QGraphPass]:
         """The LOWER passes, constructed with this target's options."""
-        from qgraph.passes.infrastructure import get_pass
+        return [pass_class() for pass_class in self.lowering_passes()]
 
-        return [get_pass(name)() for name in self.lowering_passes()]
-
-    def weight_spec(self, axis: int | None) -> QuantSpec:
-        return self.rules().weight_spec.with_axis(axis if self.options.per_channel else None)
+    def weight_spec(self, rules: AnnotationRules, axis: int | None) -> QuantSpec:
+        """The weight spec of ``rules`` on ``axis``, per tensor when the user asked for per-tensor weights."""
+        return rules.weight_spec.with_axis(axis if self.options.per_channel else None)

@@ -18,27 +18,40 @@ import logging
 from qgraph.errors import QGraphError
 from qgraph.annotate.annotator import BINARY_OPS, COMPUTE_OPS, FUSABLE_ACTIVATIONS, OWN_RANGE_OPS, PASS_THROUGH_OPS
 from qgraph.annotate.annotator import AnnotationRules
+from qgraph.passes.infrastructure import QGraphPass
+from qgraph.passes.lower.lower_conv_integer import LowerConvInteger
+from qgraph.passes.lower.lower_integer_matmul import LowerIntegerMatMul
+from qgraph.passes.lower.lower_integer_passthrough import LowerIntegerPassThrough
+from qgraph.passes.lower.lower_qgemm import LowerQGemm
+from qgraph.passes.lower.lower_qlinear_binary import LowerQLinearBinary
+from qgraph.passes.lower.lower_qlinear_concat import LowerQLinearConcat
+from qgraph.passes.lower.lower_qlinear_conv import LowerQLinearConv
+from qgraph.passes.lower.lower_qlinear_matmul import LowerQLinearMatMul
+from qgraph.passes.lower.lower_qlinear_pool import LowerQLinearPool
+from qgraph.passes.lower.lower_qlinear_unary import LowerQLinearUnary
+from qgraph.passes.lower.remove_redundant_quantization import RemoveRedundantQuantization
 from qgraph.quant.spec import QuantSpec
-from qgraph.targets.base import Target
+from qgraph.targets.base import AUTO_CHOICES, Target
 from qgraph.targets.cpu_features import needs_reduce_range
 
 logger = logging.getLogger(__name__)
 
-LOWERING_PASSES = (
-    "LowerQLinearConv",
-    "LowerQLinearMatMul",
-    "LowerQGemm",
-    "LowerIntegerMatMul",
-    "LowerConvInteger",
-    "LowerQLinearBinary",
-    "LowerQLinearConcat",
-    "LowerQLinearPool",
-    "LowerQLinearUnary",
-    "LowerIntegerPassThrough",
-    "RemoveRedundantQuantization",
+LOWERING_PASSES: tuple[type[QGraphPass], ...] = (
+    LowerQLinearConv,
+    LowerQLinearMatMul,
+    LowerQGemm,
+    LowerIntegerMatMul,
+    LowerConvInteger,
+    LowerQLinearBinary,
+    LowerQLinearConcat,
+    LowerQLinearPool,
+    LowerQLinearUnary,
+    LowerIntegerPassThrough,
+    RemoveRedundantQuantization,
 )
 #: Lowering passes with integer kernels whose u8s8 form can saturate (they take ``guard_saturation``).
-GUARDED_PASSES = frozenset({"LowerQLinearConv", "LowerQLinearMatMul", "LowerQGemm", "LowerIntegerMatMul"})
+GUARDED_PASSES: frozenset[type[QGraphPass]] = frozenset({LowerQLinearConv, LowerQLinearMatMul, LowerQGemm,
+                                                         LowerIntegerMatMul})
 
 
 class OrtCpuTarget(Target):
@@ -70,23 +83,19 @@ class OrtCpuTarget(Target):
             | {"Concat"},
         )
 
-    def lowering_passes(self) -> tuple[str, ...]:
+    def lowering_passes(self) -> tuple[type[QGraphPass], ...]:
         return LOWERING_PASSES if self.options.format == "qoperator" else ()
 
-    def lowering_pipeline(self) -> list:
-        from qgraph.passes.infrastructure import get_pass
-
+    def lowering_pipeline(self) -> list[QGraphPass]:
         guard = self.saturation_guard()
         return [
-            get_pass(name)(guard_saturation=guard) if name in GUARDED_PASSES else get_pass(name)()
-            for name in self.lowering_passes()
+            pass_class(guard_saturation=guard) if pass_class in GUARDED_PASSES else pass_class()
+            for pass_class in self.lowering_passes()
         ]
 
 
 def _for_this_cpu(choice: str, option: str) -> bool:
     """An auto/on/off option whose auto means: on where u8s8 kernels can saturate (x86 without VNNI)."""
-    if choice == "auto":
-        return needs_reduce_range()
-    if choice in ("on", "off"):
-        return choice == "on"
-    raise QGraphError(f"{option} must be auto, on or off, got {choice!r}")
+    if choice not in AUTO_CHOICES:
+        raise QGraphError(f"{option} must be auto, on or off, got {choice!r}")
+    return needs_reduce_range() if choice == "auto" else choice == "on"

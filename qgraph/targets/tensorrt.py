@@ -15,6 +15,7 @@ TensorRT reads Q/DQ pairs as the precision contract and fuses around them, so qg
 from __future__ import annotations
 
 from qgraph.annotate.annotator import COMPUTE_OPS, AnnotationRules
+from qgraph.passes.infrastructure import QGraphPass
 from qgraph.quant.spec import QuantSpec
 from qgraph.targets.base import Target
 
@@ -36,5 +37,5 @@ class TensorRTTarget(Target):
             supported_ops=COMPUTE_OPS | {"Add"},
         )
 
-    def lowering_passes(self) -> tuple[str, ...]:
+    def lowering_passes(self) -> tuple[type[QGraphPass], ...]:
         return ()
