@@ -1,32 +1,14 @@
-"""LowerQLinearConv and LowerConvInteger on hand-built QDQ Conv islands."""
+"""LowerQLinearConv on hand-built QDQ Conv islands."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-from tests.passes.qdq_builders import QDQBuilder, count_ops, lower_and_check
 
-from qgraph.passes.lower.lower_conv_integer import LowerConvInteger
 from qgraph.passes.lower.lower_qlinear_conv import LowerQLinearConv
-
-
-def conv_island(*, activation: str | None = "Relu", output_zero_point: int | None = None, bits: int = 8,
-                per_channel: bool = True, bias: bool = True, clip: tuple[float, float] = (0.0, 6.0),
-                output_scale: float | None = None, seed: int = 0):
-    builder = QDQBuilder(seed=seed)
-    rng = np.random.default_rng(seed)
-    x = builder.quantize(builder.add_input("x", [1, 3, 8, 8]))
-    weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.5
-    bias_array = rng.standard_normal(4).astype(np.float32) if bias else None
-    y = builder.conv(x, weight, bias_array, per_channel=per_channel, bits=bits, pads=[1, 1, 1, 1])
-    if activation == "Relu":
-        y = builder.node("Relu", [y])
-    elif activation == "Clip":
-        y = builder.node("Clip", [y, builder.constant("lo", np.float32(clip[0])),
-                                  builder.constant("hi", np.float32(clip[1]))])
-    out = builder.output(builder.quantize(y, scale=output_scale, zero_point=output_zero_point))
-    return builder, out
+from tests.passes.lower.islands import conv_island
+from tests.passes.qdq_builders import QDQBuilder, count_ops, lower_and_check
 
 
 def test_conv_relu_lowers_to_one_qlinearconv():
@@ -82,25 +64,6 @@ def test_non_constant_output_scale_is_refused():
     model.graph.node.insert(0, onnx.helper.make_node("Identity", [quantize.input[1]], ["computed_scale"]))
     quantize.input[1] = "computed_scale"
     lower_and_check(model, LowerQLinearConv(), expect_modified=False)
-
-
-def test_float_graph_output_goes_to_conv_integer():
-    builder = QDQBuilder()
-    rng = np.random.default_rng(2)
-    x = builder.quantize(builder.add_input("x", [1, 3, 6, 6]))
-    y = builder.output(builder.conv(x, rng.standard_normal((5, 3, 3, 3)).astype(np.float32),
-                                    rng.standard_normal(5).astype(np.float32), strides=[2, 2]))
-    model = builder.model()
-    lower_and_check(model, LowerQLinearConv(), expect_modified=False)
-    _, lowered, _, _ = lower_and_check(model, LowerConvInteger())
-    counts = count_ops(lowered)
-    assert counts == {"QuantizeLinear": 1, "ConvInteger": 1, "Cast": 1, "Mul": 1, "Add": 1}
-    assert y in [output.name for output in lowered.graph.output]
-
-
-def test_conv_integer_leaves_quantized_output_to_qlinearconv():
-    builder, _ = conv_island()
-    lower_and_check(builder.model(), LowerConvInteger(), expect_modified=False)
 
 
 def test_saturation_guard_keeps_full_range_weights_exact():
