@@ -95,7 +95,7 @@ def test_the_check_catches_every_way_in():
     ]
     for source in caught:
         assert reaches_into_tests(source, test_only), source
-    allowed = "import sys\nsys.path.insert(0, str(ROOT))\nfrom tools import peer_cases\nfrom qgraph.models import resnet"
+    allowed = "import sys\nsys.path.insert(0, str(ROOT))\nfrom tools import peer_cases\nfrom qgraph.models import vit"
     assert reaches_into_tests(allowed, test_only) == []
 
 

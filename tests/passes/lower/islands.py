@@ -1,10 +1,37 @@
-"""QDQ islands shared by several lowering test files (the Conv island, the MatMul island), built with QDQBuilder."""
+"""QDQ islands shared by several lowering test files (the Conv island, the MatMul island), built with QDQBuilder,
+and the pieces the refusal tests need that QDQBuilder does not write: a DequantizeLinear of constant codes with any
+(scale, zero point, axis), an integer graph input, and a check that a pass refuses a model for a stated reason.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+from onnx import helper
 
-from tests.passes.qdq_builders import QDQBuilder
+from tests.passes.qdq_builders import QDQBuilder, lower_and_check
+
+
+def dequantize_constant(builder: QDQBuilder, codes: np.ndarray, scale, zero_point, *, axis: int | None = None) -> str:
+    """``DequantizeLinear(codes, scale, zero_point[, axis])`` on constants; returns its output."""
+    inputs = [builder.constant("codes", codes), builder.constant("scale", np.asarray(scale, np.float32)),
+              builder.constant("zero_point", np.asarray(zero_point, codes.dtype))]
+    attributes = {"axis": axis} if axis is not None else {}
+    return builder.node("DequantizeLinear", inputs, **attributes)
+
+
+def integer_input(builder: QDQBuilder, name: str, shape: list[int], dtype) -> str:
+    """A graph input of an integer type (fed small seeded codes when the builder calibrates)."""
+    builder.inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
+    for feeds in builder.calibration:
+        feeds[name] = builder.rng.integers(0, 4, shape).astype(dtype)
+    return name
+
+
+def assert_refused(model, pass_instance, caplog, reason: str) -> None:
+    """``pass_instance`` leaves ``model`` unchanged (valid, same outputs, idempotent) and logs ``reason``."""
+    with caplog.at_level("INFO"):
+        lower_and_check(model, pass_instance, expect_modified=False)
+    assert reason in caplog.text, f"expected the refusal {reason!r}, the log says:\n{caplog.text}"
 
 
 def conv_island(*, activation: str | None = "Relu", output_zero_point: int | None = None, bits: int = 8,

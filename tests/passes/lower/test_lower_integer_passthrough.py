@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from qgraph.passes.lower.lower_integer_passthrough import LowerIntegerPassThrough
+from tests.passes.lower.islands import assert_refused
 from tests.passes.qdq_builders import QDQBuilder, count_ops, lower_and_check
 
 
@@ -58,3 +59,45 @@ def test_max_pool_channels_first_and_channels_last_agree_exactly(attributes):
 def test_pass_through_with_different_params_is_refused():
     builder, _ = pass_through_model("Transpose", same_params=False, perm=[0, 1, 3, 2])
     lower_and_check(builder.model(), LowerIntegerPassThrough(), expect_modified=False)
+
+
+def test_used_max_pool_indices_are_refused(caplog):
+    builder = QDQBuilder(seed=14)
+    x = builder.quantize(builder.add_input("x", [1, 2, 4, 4]))
+    pooled, indices = builder.node("MaxPool", [x], outputs=2, kernel_shape=[2, 2])
+    scale, zero_point = builder.scales[x]
+    builder.output(builder.quantize(pooled, scale=scale, zero_point=zero_point))
+    builder.output(indices)
+    assert_refused(builder.model(), LowerIntegerPassThrough(), caplog, "a secondary output (MaxPool Indices) is used")
+
+
+def test_max_pool_before_opset_12_is_refused(caplog):
+    builder = QDQBuilder(seed=14)
+    builder.opset = 11
+    x = builder.quantize(builder.add_input("x", [1, 2, 4, 4]))
+    scale, zero_point = builder.scales[x]
+    builder.output(builder.quantize(builder.node("MaxPool", [x], kernel_shape=[2, 2]), scale=scale,
+                                    zero_point=zero_point))
+    assert_refused(builder.model(), LowerIntegerPassThrough(), caplog, "takes integer tensors from opset 12")
+
+
+def test_per_channel_input_is_refused(caplog):
+    builder = QDQBuilder(seed=14)
+    x = builder.add_input("x", [1, 3, 2, 2])
+    scale = builder.constant("s", np.array([0.02, 0.03, 0.04], np.float32))
+    zero_point = builder.constant("z", np.array([128, 128, 128], np.uint8))
+    quantized = builder.node("QuantizeLinear", [x, scale, zero_point], axis=1)
+    dequantized = builder.node("DequantizeLinear", [quantized, scale, zero_point], axis=1)
+    moved = builder.node("Transpose", [dequantized], perm=[0, 1, 3, 2])
+    builder.output(builder.node("QuantizeLinear", [moved, scale, zero_point], axis=1))
+    assert_refused(builder.model(), LowerIntegerPassThrough(), caplog, "the input is quantized per channel")
+
+
+def test_float_reader_besides_the_quantize_is_refused(caplog):
+    builder = QDQBuilder(seed=14)
+    x = builder.quantize(builder.add_input("x", [1, 4, 6, 6]))
+    flat = builder.node("Flatten", [x], axis=1)
+    scale, zero_point = builder.scales[x]
+    builder.output(builder.quantize(flat, scale=scale, zero_point=zero_point))
+    builder.output(builder.node("Relu", [flat]))
+    assert_refused(builder.model(), LowerIntegerPassThrough(), caplog, "read as float")
