@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from qgraph.passes.lower.remove_redundant_quantization import RemoveRedundantQuantization
-from tests.passes.qdq_builders import QDQBuilder, count_ops, lower_and_check
+from tests.passes.qdq_builders import QDQBuilder, count_ops, lower_and_check, run_both
 
 
 def test_dequantize_quantize_with_same_params_collapses():
@@ -116,3 +117,25 @@ def test_non_constant_scale_is_refused(caplog):
     with caplog.at_level("INFO"):
         lower_and_check(builder.model(), RemoveRedundantQuantization(), expect_modified=False)
     assert "is not a constant initializer" in caplog.text
+
+
+def test_a_graph_input_keeps_its_name_when_its_pair_collapses():
+    """DQ(xq) → Q(same params) with ``xq`` a graph input: the Q output's readers may read ``xq`` directly, but the
+    model's interface must not change (today the graph input is renamed after the Q output)."""
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    zero = numpy_helper.from_array(np.array(1, np.uint8), "z")
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["x"]),
+         helper.make_node("QuantizeLinear", ["x", "s", "z"], ["yq"]),
+         helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["y"])],
+        "g", [helper.make_tensor_value_info("xq", TensorProto.UINT8, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], [scale, zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    result = RemoveRedundantQuantization()(ir.serde.deserialize_model(model))
+    lowered = ir.serde.serialize_model(result.model)
+    onnx.checker.check_model(lowered, full_check=True)
+    assert [value.name for value in lowered.graph.input] == ["xq"]
+    assert [value.name for value in lowered.graph.output] == ["y"]
+    before, after = run_both(model, lowered)
+    np.testing.assert_array_equal(before["y"], after["y"])
+    assert not RemoveRedundantQuantization()(result.model).modified

@@ -591,3 +591,50 @@ def test_fused_activations_and_shared_scales_through_calibration():
     shared = {tensor: params_of(tensor) for tensor in ("r1", "p1", "r2", "joined")}
     assert len(set(shared.values())) == 1, shared
     assert shared["r1"][1] == 0  # a Relu range starts at 0: the zero point is the lowest code
+
+
+# --- names and shared weights ----------------------------------------------------------------------------------------
+
+def test_a_weight_shared_by_two_planned_consumers_is_stored_for_each():
+    """Tied weights (two MatMuls reading one initializer) are planned once per consumer: each consumer must read its
+    own DequantizeLinear, and the model must stay valid (each value and node name defined once)."""
+    weight = seeded((4, 6), seed=70)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="first"),
+         helper.make_node("MatMul", ["x2", "W"], ["y2"], name="second")],
+        [floats("x", [2, 4]), floats("x2", [2, 4])], [floats("y", [2, 6]), floats("y2", [2, 6])],
+        [constant("W", weight)],
+    )
+    parameters = {"W": weight_params(weight, 1)}
+    proto = insert(model, plan_of([], [WeightPlan("W", "first", 1), WeightPlan("W", "second", 1)]), parameters)
+    graph = proto.graph
+    names = [name for node in graph.node for name in node.output] + [tensor.name for tensor in graph.initializer]
+    assert len(names) == len(set(names)), "a name is defined twice"
+    assert len({node.name for node in graph.node}) == len(graph.node), "two nodes share a name"
+    codes = quantize(weight, parameters["W"], clip_to_spec=True)
+    for consumer in ("y", "y2"):
+        dequantize_node = producer(graph, producer(graph, consumer).input[1])
+        assert dequantize_node.op_type == "DequantizeLinear"
+        np.testing.assert_array_equal(initializers(graph)[dequantize_node.input[0]], codes)
+    feeds = {"x": seeded((2, 4), seed=71), "x2": seeded((2, 4), seed=72)}
+    outputs = run(proto, feeds)
+    real = dequantize(codes, parameters["W"])
+    np.testing.assert_allclose(outputs["y"], feeds["x"] @ real, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outputs["y2"], feeds["x2"] @ real, rtol=1e-5, atol=1e-6)
+
+
+def test_new_value_names_never_clash_with_existing_ones():
+    """A model may already hold a tensor named like the pair the pass writes (``<t>_quantized``): the model must
+    stay valid, with every value defined once."""
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["x_quantized"], name="relu"),
+         helper.make_node("Sigmoid", ["x_quantized"], ["y"], name="sigmoid")],
+        [floats("x", [2, 4])], [floats("y", [2, 4])],
+    )
+    parameters = {"x": compute_quant_params(UINT8, -2.0, 2.0)}
+    proto = insert(model, plan_of(["x"]), parameters)
+    names = [name for node in proto.graph.node for name in node.output]
+    assert len(names) == len(set(names)), f"a value is defined twice: {names}"
+    x = seeded((2, 4), seed=73)
+    expected = 1.0 / (1.0 + np.exp(-np.maximum(fake_quantize(x, parameters["x"]), 0.0)))
+    np.testing.assert_allclose(run(proto, {"x": x})["y"], expected, rtol=1e-6)

@@ -264,3 +264,39 @@ def test_lstms_not_named_are_left_alone():
 def test_qmax_outside_the_int8_grid_is_refused(qmax):
     with pytest.raises(ValueError, match="qmax must lie in"):
         QuantizeLSTMDynamic(nodes=("lstm",), qmax=qmax)
+
+
+# --- LSTMs the kernel cannot run -----------------------------------------------------------------------------------------
+
+def test_an_lstm_whose_weights_are_not_constants_is_left_alone():
+    """W fed at run time: there is nothing to quantize ahead of time, so the LSTM stays as it is (today the pass
+    raises AttributeError on the missing constant)."""
+    weights = lstm_weights(1)
+    graph = helper.make_graph(
+        [lstm_node("lstm", ["x", "W", "R", "B"], ["y"], "forward")], "lstm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [SEQUENCE, BATCH, FEATURES]),
+         helper.make_tensor_value_info("W", TensorProto.FLOAT, [1, 4 * HIDDEN, FEATURES])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [SEQUENCE, 1, BATCH, HIDDEN])],
+        [numpy_helper.from_array(weights[name], name) for name in ("R", "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    proto = replace(model, QuantizeLSTMDynamic(nodes=("lstm",), qmax=63), expect_modified=False)
+    assert [node.op_type for node in proto.graph.node] == ["LSTM"]
+
+
+def test_a_batch_first_lstm_is_left_alone():
+    """DynamicQuantizeLSTM has no ``layout`` attribute: replacing an LSTM with ``layout=1`` would read its
+    [batch, seq, features] input as [seq, batch, features] (today the pass drops the attribute and replaces it)."""
+    weights = lstm_weights(1)
+    graph = helper.make_graph(
+        [lstm_node("lstm", ["x", "W", "R", "B"], ["y"], "forward", layout=1)], "lstm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [BATCH, SEQUENCE, FEATURES])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [BATCH, SEQUENCE, 1, HIDDEN])],
+        [numpy_helper.from_array(array, name) for name, array in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.checker.check_model(model, full_check=True)  # (onnxruntime 1.19.2 cannot run layout=1 at all)
+    result = QuantizeLSTMDynamic(nodes=("lstm",), qmax=63)(ir.serde.deserialize_model(model))
+    assert not result.modified
+    node = ir.serde.serialize_model(result.model).graph.node[0]
+    assert node.op_type == "LSTM" and [attribute.name for attribute in node.attribute if attribute.name == "layout"]
