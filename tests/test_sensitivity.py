@@ -19,7 +19,7 @@ from qgraph.sensitivity import DEFAULT_MIN_SQNR_DB, ENABLE_INPUT, build_switchab
 from qgraph.ptq import QuantizeOptions, quantize
 from qgraph.report import build_report
 from qgraph.targets import TargetOptions
-from tests.ptq.sensitivity_models import feature_batches, outlier_mlp
+from tools.sensitivity_models import feature_batches, outlier_mlp
 from tests.ptq.small_models import calibration_batches, residual_cnn
 
 

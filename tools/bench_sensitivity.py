@@ -2,9 +2,10 @@
 
 For each model: canonicalize, calibrate, measure every layer's single-layer output SQNR (the model with only that
 layer quantized, see qgraph.sensitivity) and let the fallback put layers back to FP32 until the output SQNR
-meets --min-sqnr. Models: the destructive MLP of the tests (one Gemm whose int8 weights lose everything but an
-outlier), and the reference models (models/trained/*.onnx when present, else untrained small ResNet built in code),
-calibrated on the bundled Fashion-MNIST subset; top-1 on the test subset where the model is trained.
+meets --min-sqnr. Models: the destructive MLP of tools/sensitivity_models.py (one Gemm whose int8 weights lose
+everything but an outlier), and the reference models (models/trained/*.onnx when present, else untrained small
+ResNet built in code), calibrated on the bundled Fashion-MNIST subset; top-1 on the test subset where the model is
+trained.
 
     python tools/bench_sensitivity.py                       # default bound, int8
     python tools/bench_sensitivity.py --settings int8 w4 w4pt --min-sqnr 10
@@ -33,7 +34,7 @@ from qgraph.sensitivity import DEFAULT_MIN_SQNR_DB  # noqa: E402
 from qgraph.ptq import QuantizeOptions  # noqa: E402
 from qgraph.report import output_errors  # noqa: E402
 from qgraph.targets import TargetOptions  # noqa: E402
-from tests.ptq.sensitivity_models import feature_batches, outlier_mlp  # noqa: E402
+from tools.sensitivity_models import feature_batches, outlier_mlp  # noqa: E402
 
 SETTINGS = {
     "int8": dict(),

@@ -7,8 +7,8 @@ Usage::
     python tools/run_peer_suite.py test_add test_conv    # named cases only
     python tools/run_peer_suite.py --json results.json --list failed,refused
 
-The classification lives in ``tests/peer/peer_cases.py`` (shared with the pytest test); the known failures are in
-``tests/peer/baseline.json``. Exit status 1 when a case fails that the baseline does not list.
+The classification lives in ``tools/peer_cases.py`` (shared with the pytest test in ``tests/peer``); the known
+failures are in ``tests/peer/baseline.json``. Exit status 1 when a case fails that the baseline does not list.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "peer"))
+sys.path.insert(0, str(ROOT))
 
-import peer_cases  # noqa: E402
+from tools import peer_cases  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

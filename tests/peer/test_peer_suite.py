@@ -1,7 +1,7 @@
 """The peer suite: every ONNX node test case through qgraph's load → canonicalize → save, checked in onnxruntime.
 
-The classification is in ``peer_cases.py`` (shared with ``tools/run_peer_suite.py``, which prints the same table
-for a full run). Every case runs twice: as shipped (inputs fed at run time) and as its ``@constant`` variant (inputs
+The classification is in ``tools/peer_cases.py`` (shared with ``tools/run_peer_suite.py``, which prints the same
+table for a full run). Every case runs twice: as shipped (inputs fed at run time) and as its ``@constant`` variant (inputs
 turned into initializers, so that FoldConstants evaluates every operator ahead of time). This test runs them in two
 worker processes (about 45 s on two shared cores; ``QGRAPH_PEER_EVERY=N`` samples every N-th case), writes the counts
 and every case's outcome to ``peer_suite.json`` under pytest's temporary folder, prints the table even without
@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-# peer_cases is shared with tools/run_peer_suite.py; import it by folder whatever pytest's import mode.
-sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
-import peer_cases  # noqa: E402
+from tools import peer_cases
 
 BASELINE = Path(__file__).with_name("baseline.json")
 #: Run every N-th case only (deterministic sample) when the suite gets too slow for a unit-test run.

@@ -1,4 +1,4 @@
-"""RemoveRedundantQuantization, and a small QDQ CNN lowered end to end for onnxruntime's CPU integer kernels."""
+"""A small QDQ CNN lowered end to end for onnxruntime's CPU integer kernels."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-from qgraph import runtime
 from qgraph.passes.lower.lower_conv_integer import LowerConvInteger
 from qgraph.passes.lower.lower_integer_matmul import LowerIntegerMatMul
 from qgraph.passes.lower.lower_integer_passthrough import LowerIntegerPassThrough
@@ -21,47 +19,7 @@ from qgraph.passes.lower.lower_qlinear_pool import LowerQLinearPool
 from qgraph.passes.lower.lower_qlinear_unary import LowerQLinearUnary
 from qgraph.passes.lower.remove_redundant_quantization import RemoveRedundantQuantization
 from qgraph.passes.infrastructure import PassManager
-from tests.passes.qdq_builders import QDQBuilder, count_ops, lower_and_check, run_both
-
-
-def test_dequantize_quantize_with_same_params_collapses():
-    builder = QDQBuilder()
-    x = builder.quantize(builder.add_input("x", [2, 5]))
-    scale, zero_point = builder.scales[x]
-    out = builder.output(builder.quantize(x, scale=scale, zero_point=zero_point))
-    _, lowered, before, after = lower_and_check(builder.model(), RemoveRedundantQuantization(),
-                                                output_scales={out: (scale, zero_point)}, steps=0)
-    assert count_ops(lowered) == {"QuantizeLinear": 1, "DequantizeLinear": 1}
-    np.testing.assert_array_equal(before[out], after[out])
-
-
-def test_requantization_is_kept():
-    builder = QDQBuilder()
-    x = builder.quantize(builder.add_input("x", [2, 5]))
-    scale, zero_point = builder.scales[x]
-    builder.output(builder.quantize(x, scale=scale * 2, zero_point=zero_point))
-    lower_and_check(builder.model(), RemoveRedundantQuantization(), expect_modified=False)
-
-
-def test_unread_quantize_dequantize_chain_is_removed_in_one_run():
-    builder = QDQBuilder()
-    x = builder.add_input("x", [3])
-    builder.quantize(x)  # Q → DQ that nobody reads
-    builder.output(builder.node("Relu", [x]))
-    _, lowered, _, _ = lower_and_check(builder.model(), RemoveRedundantQuantization())
-    assert count_ops(lowered) == {"Relu": 1} and not lowered.graph.initializer
-
-
-def test_graph_interface_names_are_never_taken():
-    scale = numpy_helper.from_array(np.array(0.5, np.float32), "s")
-    zero = numpy_helper.from_array(np.array(3, np.uint8), "z")
-    graph = helper.make_graph(
-        [helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["x"]),
-         helper.make_node("QuantizeLinear", ["x", "s", "z"], ["yq"])],
-        "g", [helper.make_tensor_value_info("xq", TensorProto.UINT8, [4])],
-        [helper.make_tensor_value_info("yq", TensorProto.UINT8, [4])], [scale, zero])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    lower_and_check(model, RemoveRedundantQuantization(), expect_modified=False)
+from tests.passes.qdq_builders import QDQBuilder, count_ops, run_both
 
 
 LOWERING = (

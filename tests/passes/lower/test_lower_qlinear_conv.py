@@ -1,32 +1,14 @@
-"""LowerQLinearConv and LowerConvInteger on hand-built QDQ Conv islands."""
+"""LowerQLinearConv on hand-built QDQ Conv islands."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-from tests.passes.qdq_builders import QDQBuilder, count_ops, lower_and_check
 
-from qgraph.passes.lower.lower_conv_integer import LowerConvInteger
 from qgraph.passes.lower.lower_qlinear_conv import LowerQLinearConv
-
-
-def conv_island(*, activation: str | None = "Relu", output_zero_point: int | None = None, bits: int = 8,
-                per_channel: bool = True, bias: bool = True, clip: tuple[float, float] = (0.0, 6.0),
-                output_scale: float | None = None, seed: int = 0):
-    builder = QDQBuilder(seed=seed)
-    rng = np.random.default_rng(seed)
-    x = builder.quantize(builder.add_input("x", [1, 3, 8, 8]))
-    weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.5
-    bias_array = rng.standard_normal(4).astype(np.float32) if bias else None
-    y = builder.conv(x, weight, bias_array, per_channel=per_channel, bits=bits, pads=[1, 1, 1, 1])
-    if activation == "Relu":
-        y = builder.node("Relu", [y])
-    elif activation == "Clip":
-        y = builder.node("Clip", [y, builder.constant("lo", np.float32(clip[0])),
-                                  builder.constant("hi", np.float32(clip[1]))])
-    out = builder.output(builder.quantize(y, scale=output_scale, zero_point=output_zero_point))
-    return builder, out
+from tests.passes.lower.islands import assert_refused, conv_island, dequantize_constant, integer_input
+from tests.passes.qdq_builders import QDQBuilder, count_ops, lower_and_check, quantize_weight
 
 
 def test_conv_relu_lowers_to_one_qlinearconv():
@@ -84,25 +66,6 @@ def test_non_constant_output_scale_is_refused():
     lower_and_check(model, LowerQLinearConv(), expect_modified=False)
 
 
-def test_float_graph_output_goes_to_conv_integer():
-    builder = QDQBuilder()
-    rng = np.random.default_rng(2)
-    x = builder.quantize(builder.add_input("x", [1, 3, 6, 6]))
-    y = builder.output(builder.conv(x, rng.standard_normal((5, 3, 3, 3)).astype(np.float32),
-                                    rng.standard_normal(5).astype(np.float32), strides=[2, 2]))
-    model = builder.model()
-    lower_and_check(model, LowerQLinearConv(), expect_modified=False)
-    _, lowered, _, _ = lower_and_check(model, LowerConvInteger())
-    counts = count_ops(lowered)
-    assert counts == {"QuantizeLinear": 1, "ConvInteger": 1, "Cast": 1, "Mul": 1, "Add": 1}
-    assert y in [output.name for output in lowered.graph.output]
-
-
-def test_conv_integer_leaves_quantized_output_to_qlinearconv():
-    builder, _ = conv_island()
-    lower_and_check(builder.model(), LowerConvInteger(), expect_modified=False)
-
-
 def test_saturation_guard_keeps_full_range_weights_exact():
     """All-max inputs and weights: u8·s8 saturates on AVX2 without VNNI, the widened u8 weights do not."""
     builder = QDQBuilder()
@@ -116,3 +79,49 @@ def test_saturation_guard_keeps_full_range_weights_exact():
     expected = runtime.run(runtime.create_session(model), feeds)[out]
     actual = runtime.run(runtime.create_session(proto), feeds)[out]
     np.testing.assert_allclose(actual, expected, atol=64.0)
+
+
+def conv_with_weight(weight_value_of, *, seed: int = 0):
+    """``DQ(x) → Conv(DQ(W)) → Q(y)``; ``weight_value_of(builder)`` writes the weight's DQ."""
+    builder = QDQBuilder(seed=seed)
+    x = builder.quantize(builder.add_input("x", [1, 3, 6, 6]))
+    out = builder.output(builder.quantize(builder.node("Conv", [x, weight_value_of(builder)], pads=[1, 1, 1, 1])))
+    return builder, out
+
+
+def conv_weight(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((4, 3, 3, 3)).astype(np.float32)
+
+
+def test_guard_off_keeps_the_contract_int8_weights():
+    builder, out = conv_island()
+    model = ir.serde.deserialize_model(builder.model())
+    result = LowerQLinearConv(guard_saturation=False)(model)
+    assert result.modified
+    onnx.checker.check_model(ir.serde.serialize_model(result.model), full_check=True)
+    conv = next(node for node in result.model.graph if node.op_type == "QLinearConv")
+    assert conv.inputs[3].dtype == ir.DataType.INT8 and conv.inputs[3].name.startswith("Wq")
+
+
+def test_weight_zero_points_that_differ_across_channels_are_refused(caplog):
+    codes, scale = quantize_weight(conv_weight(), axis=0)
+    builder, _ = conv_with_weight(lambda builder: dequantize_constant(
+        builder, codes, scale, np.array([0, 0, 2, 0], np.int8), axis=0))
+    assert_refused(builder.model(), LowerQLinearConv(), caplog, "zero points differ across channels")
+
+
+def test_per_channel_weights_on_the_input_channel_axis_are_refused(caplog):
+    codes, scale = quantize_weight(conv_weight(), axis=1)
+    builder, _ = conv_with_weight(lambda builder: dequantize_constant(builder, codes, scale, np.zeros(3, np.int8),
+                                                                      axis=1))
+    assert_refused(builder.model(), LowerQLinearConv(), caplog, "QLinearConv needs axis 0")
+
+
+def test_non_constant_weight_is_refused(caplog):
+    def from_input(builder):
+        codes = integer_input(builder, "weight_codes", [4, 3, 3, 3], np.int8)
+        return builder.node("DequantizeLinear", [codes, builder.constant("s", np.float32(0.05)),
+                                                 builder.constant("z", np.int8(0))])
+
+    builder, _ = conv_with_weight(from_input)
+    assert_refused(builder.model(), LowerQLinearConv(), caplog, "the weight is not a constant initializer")

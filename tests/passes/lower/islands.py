@@ -1,0 +1,66 @@
+"""QDQ islands shared by several lowering test files (the Conv island, the MatMul island), built with QDQBuilder,
+and the pieces the refusal tests need that QDQBuilder does not write: a DequantizeLinear of constant codes with any
+(scale, zero point, axis), an integer graph input, and a check that a pass refuses a model for a stated reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper
+
+from tests.passes.qdq_builders import QDQBuilder, lower_and_check
+
+
+def dequantize_constant(builder: QDQBuilder, codes: np.ndarray, scale, zero_point, *, axis: int | None = None) -> str:
+    """``DequantizeLinear(codes, scale, zero_point[, axis])`` on constants; returns its output."""
+    inputs = [builder.constant("codes", codes), builder.constant("scale", np.asarray(scale, np.float32)),
+              builder.constant("zero_point", np.asarray(zero_point, codes.dtype))]
+    attributes = {"axis": axis} if axis is not None else {}
+    return builder.node("DequantizeLinear", inputs, **attributes)
+
+
+def integer_input(builder: QDQBuilder, name: str, shape: list[int], dtype) -> str:
+    """A graph input of an integer type (fed small seeded codes when the builder calibrates)."""
+    builder.inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
+    for feeds in builder.calibration:
+        feeds[name] = builder.rng.integers(0, 4, shape).astype(dtype)
+    return name
+
+
+def assert_refused(model, pass_instance, caplog, reason: str) -> None:
+    """``pass_instance`` leaves ``model`` unchanged (valid, same outputs, idempotent) and logs ``reason``."""
+    with caplog.at_level("INFO"):
+        lower_and_check(model, pass_instance, expect_modified=False)
+    assert reason in caplog.text, f"expected the refusal {reason!r}, the log says:\n{caplog.text}"
+
+
+def conv_island(*, activation: str | None = "Relu", output_zero_point: int | None = None, bits: int = 8,
+                per_channel: bool = True, bias: bool = True, clip: tuple[float, float] = (0.0, 6.0),
+                output_scale: float | None = None, seed: int = 0):
+    builder = QDQBuilder(seed=seed)
+    rng = np.random.default_rng(seed)
+    x = builder.quantize(builder.add_input("x", [1, 3, 8, 8]))
+    weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.5
+    bias_array = rng.standard_normal(4).astype(np.float32) if bias else None
+    y = builder.conv(x, weight, bias_array, per_channel=per_channel, bits=bits, pads=[1, 1, 1, 1])
+    if activation == "Relu":
+        y = builder.node("Relu", [y])
+    elif activation == "Clip":
+        y = builder.node("Clip", [y, builder.constant("lo", np.float32(clip[0])),
+                                  builder.constant("hi", np.float32(clip[1]))])
+    out = builder.output(builder.quantize(y, scale=output_scale, zero_point=output_zero_point))
+    return builder, out
+
+
+def matmul_model(*, quantized_output: bool, per_channel: bool = True, weight_axis: int = 1, bits: int = 8,
+                 activation: str | None = None, three_d: bool = False):
+    builder = QDQBuilder(seed=3)
+    rng = np.random.default_rng(3)
+    a = builder.quantize(builder.add_input("a", [2, 5, 8] if three_d else [5, 8]))
+    weight_value, _ = builder.weight(rng.standard_normal((8, 6)).astype(np.float32),
+                                     axis=weight_axis if per_channel else None, bits=bits)
+    y = builder.node("MatMul", [a, weight_value])
+    if activation:
+        y = builder.node(activation, [y])
+    out = builder.output(builder.quantize(y) if quantized_output else y)
+    return builder, out
