@@ -10,7 +10,9 @@ Subcommands (``python tools/bench_ptq.py SUBCOMMAND --help``):
                       plain FP32 inference over the same samples and against ``quantize_static``; goal: the whole
                       ``calibrate`` call ≤ 1.25× a fresh FP32 session over the same batches, and faster than
                       ``quantize_static``. ``--samples 1000`` matches the memory goal's set (192 by default, which
-                      ``quantize_static`` can hold in memory).
+                      ``quantize_static`` can hold in memory). ``--fast-paths`` adds a table: the whole ``calibrate()``
+                      call with each of its optional fast paths switched off alone, in the same alternating rounds,
+                      and the share of the call's time each buys (kept in the library where ≥ 5 %).
 ``latency``           batch-1 latency of FP32, qgraph's QOperator model and ``quantize_static``'s QOperator model for
                       ResNet-18 and MobileNetV2 (alternating runs in one process), with operator histograms.
 ``accuracy``          Fashion-MNIST top-1 of trained models: FP32 vs qgraph PTQ vs ``quantize_static``
@@ -139,6 +141,47 @@ def command_memory(arguments: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- speed
+#: A fast path is worth its code where switching it off makes the whole calibrate() call at least this much slower.
+FAST_PATH_GOAL = 0.05
+
+
+def _fast_path_switches() -> dict[str, object]:
+    """Each optional fast path of calibrate() by name: a function that switches it on (True) or off (False)."""
+    from qgraph.calibrate import blocked_outputs, probes
+
+    def flag(key: str):
+        return lambda on: probes._FAST_PATHS.__setitem__(key, on)
+
+    def in_place(on: bool) -> None:
+        blocked_outputs._IN_PLACE_EDIT = on
+
+    return {
+        "Observe kernel in the probe graph (observe_kernel)": flag("observe_kernel"),
+        "blocked NCHWc outputs (blocked_outputs)": flag("blocked_outputs"),
+        "in-place wire edit of the saved probe (probe_edit; off: edited in onnx-ir)": in_place,
+    }
+
+
+def _fast_path_table(call_seconds: dict[str, list[float]], switches: dict[str, object], rounds: int) -> None:
+    """The whole calibrate() call with every fast path on against each switched off alone."""
+    with_all = call_seconds["all on"]
+    rows = []
+    for name in switches:
+        without = call_seconds[name]
+        ratios = [off / on for on, off in zip(with_all, without)]
+        share = support.median(ratios) - 1
+        rows.append([name, support.median(with_all), support.median(without),
+                     f"{share:+.1%} [{min(ratios) - 1:+.1%} … {max(ratios) - 1:+.1%}]",
+                     "keep" if share >= FAST_PATH_GOAL else "remove"])
+    support.print_table(
+        "calibrate() with each fast path switched off alone (whole call, wall s, medians)",
+        ["fast path", "all on", "this one off", "share: off / on − 1, per-round median [min … max]",
+         f"≥ {FAST_PATH_GOAL:.0%}"],
+        rows,
+        notes=[f"{rounds} rounds; in each the variants run in a rotated order, after the FP32 run."],
+    )
+
+
 def command_speed(arguments: argparse.Namespace) -> None:
     import onnx_ir as ir
 
@@ -168,14 +211,26 @@ def command_speed(arguments: argparse.Namespace) -> None:
         return times
 
     range_seconds: list[float] = []
+    switches = _fast_path_switches() if arguments.fast_paths else {}
+    #: The calibrate() call alone (the model's deserialisation and annotation excluded), by fast path switched off.
+    call_seconds: dict[str, list[float]] = {name: [] for name in ("all on", *switches)}
 
-    def qgraph_calibrate() -> list[float]:
+    def qgraph_calibrate(switched_off: str = "all on") -> list[float]:
         """calibrate() with a progress callback that stamps each batch's end: per-batch wall times of its loop."""
         ir_model = ir.serde.deserialize_model(model)
         plan = annotate(ir_model, get_target("ort-cpu").rules())
         config = CalibrationConfig(method=arguments.method, batch_size=arguments.batch_size, threads=arguments.threads)
         stamps = []
-        result = calibrate(ir_model, plan, iter(batches), config, progress=lambda _: stamps.append(time.perf_counter()))
+        if switched_off in switches:
+            switches[switched_off](False)
+        try:
+            called = time.perf_counter()
+            result = calibrate(ir_model, plan, iter(batches), config,
+                               progress=lambda _: stamps.append(time.perf_counter()))
+            call_seconds[switched_off].append(time.perf_counter() - called)
+        finally:
+            if switched_off in switches:
+                switches[switched_off](True)
         # result.seconds runs from the loop's start to the ranges' end; the ranges follow the last batch's stamp
         loop_start = stamps[-1] + result.range_seconds - result.seconds
         edges = [loop_start, *stamps]
@@ -212,9 +267,16 @@ def command_speed(arguments: argparse.Namespace) -> None:
             per_batch[name].append(value)
         return value
 
-    for _ in range(arguments.rounds):
+    variants = ["all on", *switches]
+    for round_index in range(arguments.rounds):
         record("fp32", float_inference)
-        record("calibrate", qgraph_calibrate)
+        # the variants in a rotated order: each takes every position in turn (the machine drifts)
+        shift = round_index % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            if variant == "all on":
+                record("calibrate", qgraph_calibrate)
+            else:
+                qgraph_calibrate(variant)
         if not arguments.skip_quantize:
             record("quantize", qgraph_quantize)
             record("quantize_no_fallback", lambda: qgraph_quantize(min_sqnr=None))
@@ -273,6 +335,8 @@ def command_speed(arguments: argparse.Namespace) -> None:
                         ["run", "wall s (median)", "× FP32", "CPU s", "CPU × FP32"], rows)
     support.print_table("Batch loops, per-batch times summed (FP32 session run vs calibrate() batch: probe run + "
                         "observers)", ["batches", "FP32 s", "calibrate s", "ratio"], batch_rows, notes=notes)
+    if switches:
+        _fast_path_table(call_seconds, switches, arguments.rounds)
 
 
 # ----------------------------------------------------------------------------------------------------- latency
@@ -379,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--skip-ort", action="store_true")
     speed.add_argument("--skip-quantize", action="store_true")
     speed.add_argument("--quick", action="store_true", help="64 samples, 2 rounds.")
+    speed.add_argument("--fast-paths", action="store_true",
+                       help="Also time calibrate() with each optional fast path switched off alone.")
     speed.set_defaults(handler=command_speed)
 
     latency = commands.add_parser("latency", help="Batch-1 latency: FP32 vs qgraph vs quantize_static.")
