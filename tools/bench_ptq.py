@@ -162,23 +162,24 @@ def _fast_path_switches() -> dict[str, object]:
     }
 
 
-def _fast_path_table(call_seconds: dict[str, list[float]], switches: dict[str, object], rounds: int) -> None:
-    """The whole calibrate() call with every fast path on against each switched off alone."""
-    with_all = call_seconds["all on"]
+def _fast_path_table(pairs: dict[str, list[tuple[float, float, float, float]]], rounds: int, load: str) -> None:
+    """Per fast path, the whole calibrate() call with it on against it off, from (on, off) pairs run back to back."""
     rows = []
-    for name in switches:
-        without = call_seconds[name]
-        ratios = [off / on for on, off in zip(with_all, without)]
+    for name, measured in pairs.items():
+        on_wall, off_wall, on_cpu, off_cpu = (list(column) for column in zip(*measured))
+        ratios = sorted(off / on for off, on in zip(off_wall, on_wall))
         share = support.median(ratios) - 1
-        rows.append([name, support.median(with_all), support.median(without),
-                     f"{share:+.1%} [{min(ratios) - 1:+.1%} … {max(ratios) - 1:+.1%}]",
+        cpu_share = support.median([off / on for off, on in zip(off_cpu, on_cpu)]) - 1
+        rows.append([name, support.median(on_wall), support.median(off_wall),
+                     f"{share:+.1%} [{ratios[0] - 1:+.1%} … {ratios[-1] - 1:+.1%}]", f"{cpu_share:+.1%}",
                      "keep" if share >= FAST_PATH_GOAL else "remove"])
     support.print_table(
-        "calibrate() with each fast path switched off alone (whole call, wall s, medians)",
-        ["fast path", "all on", "this one off", "share: off / on − 1, per-round median [min … max]",
+        "calibrate() with each fast path on and switched off alone (whole call, wall s, medians)",
+        ["fast path", "on", "off", "share: off / on − 1, median of pairs [min … max]", "CPU s: off / on − 1",
          f"≥ {FAST_PATH_GOAL:.0%}"],
         rows,
-        notes=[f"{rounds} rounds; in each the variants run in a rotated order, after the FP32 run."],
+        notes=[f"{rounds} rounds; in each, every fast path's on and off runs back to back (which first alternates "
+               f"by round), the paths in a rotated order; the other paths on. Load average before/after: {load}."],
     )
 
 
@@ -212,24 +213,24 @@ def command_speed(arguments: argparse.Namespace) -> None:
 
     range_seconds: list[float] = []
     switches = _fast_path_switches() if arguments.fast_paths else {}
-    #: The calibrate() call alone (the model's deserialisation and annotation excluded), by fast path switched off.
-    call_seconds: dict[str, list[float]] = {name: [] for name in ("all on", *switches)}
+    #: The calibrate() call alone (the model's deserialisation and annotation excluded): (wall, CPU) seconds.
+    call_seconds: list[tuple[float, float]] = []
 
-    def qgraph_calibrate(switched_off: str = "all on") -> list[float]:
+    def qgraph_calibrate(switched_off: str | None = None) -> list[float]:
         """calibrate() with a progress callback that stamps each batch's end: per-batch wall times of its loop."""
         ir_model = ir.serde.deserialize_model(model)
         plan = annotate(ir_model, get_target("ort-cpu").rules())
         config = CalibrationConfig(method=arguments.method, batch_size=arguments.batch_size, threads=arguments.threads)
         stamps = []
-        if switched_off in switches:
+        if switched_off is not None:
             switches[switched_off](False)
         try:
-            called = time.perf_counter()
+            called, cpu_called = time.perf_counter(), time.process_time()
             result = calibrate(ir_model, plan, iter(batches), config,
                                progress=lambda _: stamps.append(time.perf_counter()))
-            call_seconds[switched_off].append(time.perf_counter() - called)
+            call_seconds.append((time.perf_counter() - called, time.process_time() - cpu_called))
         finally:
-            if switched_off in switches:
+            if switched_off is not None:
                 switches[switched_off](True)
         # result.seconds runs from the loop's start to the ranges' end; the ranges follow the last batch's stamp
         loop_start = stamps[-1] + result.range_seconds - result.seconds
@@ -267,16 +268,21 @@ def command_speed(arguments: argparse.Namespace) -> None:
             per_batch[name].append(value)
         return value
 
-    variants = ["all on", *switches]
+    pairs: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in switches}
+    load_before_pairs = support.load_average()
     for round_index in range(arguments.rounds):
         record("fp32", float_inference)
-        # the variants in a rotated order: each takes every position in turn (the machine drifts)
-        shift = round_index % len(variants)
-        for variant in variants[shift:] + variants[:shift]:
-            if variant == "all on":
-                record("calibrate", qgraph_calibrate)
-            else:
-                qgraph_calibrate(variant)
+        record("calibrate", qgraph_calibrate)
+        # each fast path on and off back to back (the machine drifts): which runs first alternates by round, and
+        # the paths take every position in turn
+        paths = list(switches)
+        shift = round_index % len(paths) if paths else 0
+        for path in paths[shift:] + paths[:shift]:
+            measured = {}
+            for switched_off in (None, path) if round_index % 2 == 0 else (path, None):
+                qgraph_calibrate(switched_off)
+                measured[switched_off] = call_seconds[-1]
+            pairs[path].append((measured[None][0], measured[path][0], measured[None][1], measured[path][1]))
         if not arguments.skip_quantize:
             record("quantize", qgraph_quantize)
             record("quantize_no_fallback", lambda: qgraph_quantize(min_sqnr=None))
@@ -336,7 +342,7 @@ def command_speed(arguments: argparse.Namespace) -> None:
     support.print_table("Batch loops, per-batch times summed (FP32 session run vs calibrate() batch: probe run + "
                         "observers)", ["batches", "FP32 s", "calibrate s", "ratio"], batch_rows, notes=notes)
     if switches:
-        _fast_path_table(call_seconds, switches, arguments.rounds)
+        _fast_path_table(pairs, arguments.rounds, f"{load_before_pairs} / {support.load_average()}")
 
 
 # ----------------------------------------------------------------------------------------------------- latency
