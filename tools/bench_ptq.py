@@ -10,7 +10,9 @@ Subcommands (``python tools/bench_ptq.py SUBCOMMAND --help``):
                       plain FP32 inference over the same samples and against ``quantize_static``; goal: the whole
                       ``calibrate`` call ≤ 1.25× a fresh FP32 session over the same batches, and faster than
                       ``quantize_static``. ``--samples 1000`` matches the memory goal's set (192 by default, which
-                      ``quantize_static`` can hold in memory).
+                      ``quantize_static`` can hold in memory). ``--fast-paths`` adds a table: the whole ``calibrate()``
+                      call with each of its optional fast paths switched off alone, in the same alternating rounds,
+                      and the share of the call's time each buys (kept in the library where ≥ 5 %).
 ``latency``           batch-1 latency of FP32, qgraph's QOperator model and ``quantize_static``'s QOperator model for
                       ResNet-18 and MobileNetV2 (alternating runs in one process), with operator histograms.
 ``accuracy``          Fashion-MNIST top-1 of trained models: FP32 vs qgraph PTQ vs ``quantize_static``
@@ -139,6 +141,48 @@ def command_memory(arguments: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- speed
+#: A fast path is worth its code where switching it off makes the whole calibrate() call at least this much slower.
+FAST_PATH_GOAL = 0.05
+
+
+def _fast_path_switches() -> dict[str, object]:
+    """Each optional fast path of calibrate() by name: a function that switches it on (True) or off (False)."""
+    from qgraph.calibrate import blocked_outputs, probes
+
+    def flag(key: str):
+        return lambda on: probes._FAST_PATHS.__setitem__(key, on)
+
+    def in_place(on: bool) -> None:
+        blocked_outputs._IN_PLACE_EDIT = on
+
+    return {
+        "Observe kernel in the probe graph (observe_kernel)": flag("observe_kernel"),
+        "blocked NCHWc outputs (blocked_outputs)": flag("blocked_outputs"),
+        "in-place wire edit of the saved probe (probe_edit; off: edited in onnx-ir)": in_place,
+    }
+
+
+def _fast_path_table(pairs: dict[str, list[tuple[float, float, float, float]]], rounds: int, load: str) -> None:
+    """Per fast path, the whole calibrate() call with it on against it off, from (on, off) pairs run back to back."""
+    rows = []
+    for name, measured in pairs.items():
+        on_wall, off_wall, on_cpu, off_cpu = (list(column) for column in zip(*measured))
+        ratios = sorted(off / on for off, on in zip(off_wall, on_wall))
+        share = support.median(ratios) - 1
+        cpu_share = support.median([off / on for off, on in zip(off_cpu, on_cpu)]) - 1
+        rows.append([name, support.median(on_wall), support.median(off_wall),
+                     f"{share:+.1%} [{ratios[0] - 1:+.1%} … {ratios[-1] - 1:+.1%}]", f"{cpu_share:+.1%}",
+                     "keep" if share >= FAST_PATH_GOAL else "remove"])
+    support.print_table(
+        "calibrate() with each fast path on and switched off alone (whole call, wall s, medians)",
+        ["fast path", "on", "off", "share: off / on − 1, median of pairs [min … max]", "CPU s: off / on − 1",
+         f"≥ {FAST_PATH_GOAL:.0%}"],
+        rows,
+        notes=[f"{rounds} rounds; in each, every fast path's on and off runs back to back (which first alternates "
+               f"by round), the paths in a rotated order; the other paths on. Load average before/after: {load}."],
+    )
+
+
 def command_speed(arguments: argparse.Namespace) -> None:
     import onnx_ir as ir
 
@@ -168,14 +212,26 @@ def command_speed(arguments: argparse.Namespace) -> None:
         return times
 
     range_seconds: list[float] = []
+    switches = _fast_path_switches() if arguments.fast_paths else {}
+    #: The calibrate() call alone (the model's deserialisation and annotation excluded): (wall, CPU) seconds.
+    call_seconds: list[tuple[float, float]] = []
 
-    def qgraph_calibrate() -> list[float]:
+    def qgraph_calibrate(switched_off: str | None = None) -> list[float]:
         """calibrate() with a progress callback that stamps each batch's end: per-batch wall times of its loop."""
         ir_model = ir.serde.deserialize_model(model)
         plan = annotate(ir_model, get_target("ort-cpu").rules())
         config = CalibrationConfig(method=arguments.method, batch_size=arguments.batch_size, threads=arguments.threads)
         stamps = []
-        result = calibrate(ir_model, plan, iter(batches), config, progress=lambda _: stamps.append(time.perf_counter()))
+        if switched_off is not None:
+            switches[switched_off](False)
+        try:
+            called, cpu_called = time.perf_counter(), time.process_time()
+            result = calibrate(ir_model, plan, iter(batches), config,
+                               progress=lambda _: stamps.append(time.perf_counter()))
+            call_seconds.append((time.perf_counter() - called, time.process_time() - cpu_called))
+        finally:
+            if switched_off is not None:
+                switches[switched_off](True)
         # result.seconds runs from the loop's start to the ranges' end; the ranges follow the last batch's stamp
         loop_start = stamps[-1] + result.range_seconds - result.seconds
         edges = [loop_start, *stamps]
@@ -212,9 +268,21 @@ def command_speed(arguments: argparse.Namespace) -> None:
             per_batch[name].append(value)
         return value
 
-    for _ in range(arguments.rounds):
+    pairs: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in switches}
+    load_before_pairs = support.load_average()
+    for round_index in range(arguments.rounds):
         record("fp32", float_inference)
         record("calibrate", qgraph_calibrate)
+        # each fast path on and off back to back (the machine drifts): which runs first alternates by round, and
+        # the paths take every position in turn
+        paths = list(switches)
+        shift = round_index % len(paths) if paths else 0
+        for path in paths[shift:] + paths[:shift]:
+            measured = {}
+            for switched_off in (None, path) if round_index % 2 == 0 else (path, None):
+                qgraph_calibrate(switched_off)
+                measured[switched_off] = call_seconds[-1]
+            pairs[path].append((measured[None][0], measured[path][0], measured[None][1], measured[path][1]))
         if not arguments.skip_quantize:
             record("quantize", qgraph_quantize)
             record("quantize_no_fallback", lambda: qgraph_quantize(min_sqnr=None))
@@ -273,6 +341,8 @@ def command_speed(arguments: argparse.Namespace) -> None:
                         ["run", "wall s (median)", "× FP32", "CPU s", "CPU × FP32"], rows)
     support.print_table("Batch loops, per-batch times summed (FP32 session run vs calibrate() batch: probe run + "
                         "observers)", ["batches", "FP32 s", "calibrate s", "ratio"], batch_rows, notes=notes)
+    if switches:
+        _fast_path_table(pairs, arguments.rounds, f"{load_before_pairs} / {support.load_average()}")
 
 
 # ----------------------------------------------------------------------------------------------------- latency
@@ -379,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--skip-ort", action="store_true")
     speed.add_argument("--skip-quantize", action="store_true")
     speed.add_argument("--quick", action="store_true", help="64 samples, 2 rounds.")
+    speed.add_argument("--fast-paths", action="store_true",
+                       help="Also time calibrate() with each optional fast path switched off alone.")
     speed.set_defaults(handler=command_speed)
 
     latency = commands.add_parser("latency", help="Batch-1 latency: FP32 vs qgraph vs quantize_static.")

@@ -41,6 +41,7 @@ import tempfile
 from collections.abc import Collection
 
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
 from qgraph import runtime
@@ -53,6 +54,10 @@ from qgraph.calibrate.probe_edit import (  # noqa: F401 - LARGEST_BLOCK and remo
 )
 
 logger = logging.getLogger(__name__)
+
+#: Whether the edit is written into the saved file in place (:mod:`qgraph.calibrate.probe_edit`); off, the saved
+#: model is loaded into onnx-ir, edited there and handed to onnxruntime serialized again. A switch for ``tools/bench_ptq.py speed --fast-paths``.
+_IN_PLACE_EDIT = True
 
 #: Models at least this large are not saved through protobuf (its 2 GB limit): their probes keep the reorders.
 SIZE_LIMIT = 1 << 30
@@ -116,6 +121,13 @@ def _optimized_without_reorders(
         path = os.path.join(folder, "optimized.onnx")
         # (onnxruntime warns that the saved model is for this machine: it is used here only, and logs are quiet)
         optimizing = runtime.create_session(probe, optimize=True, optimized_model_path=path, **session_options)
+        if not _IN_PLACE_EDIT:
+            model = ir.load(path)
+            blocked = edit_model(model, order_free)
+            if blocked is None:
+                return optimizing, []
+            del optimizing
+            return runtime.create_session(ir.to_proto(model), optimize=False, **session_options), blocked
         with open(path, "r+b") as file:
             with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as optimized:
                 edit = plan_edit(optimized, order_free)
@@ -130,3 +142,43 @@ def _optimized_without_reorders(
                 file.write(patch)
         del optimizing
         return runtime.create_session(source, optimize=False, **session_options), blocked
+
+
+def edit_model(model: ir.Model, order_free: frozenset[str]) -> list[BlockedOutput] | None:
+    """The edit of :func:`qgraph.calibrate.probe_edit.plan_edit` made on ``model`` in onnx-ir: the outputs now blocked;
+    None when nothing is to change (no removable ReorderOutput and no Observe node)."""
+    graph = model.graph
+    blocked: list[BlockedOutput] = []
+    removed = False
+    for node in list(graph):
+        if node.op_type != "ReorderOutput" or node.domain != "com.microsoft.nchwc":
+            continue
+        tensor, source = node.outputs[0], node.inputs[0]
+        channels = node.attributes.get_int("channels", 0)
+        if channels <= 0 or channels % LARGEST_BLOCK:
+            continue
+        readers = {user for user, _ in tensor.uses()}
+        if readers and not tensor.is_graph_output():
+            if all(reader.domain == OBSERVE_DOMAIN for reader in readers):
+                tensor.replace_all_uses_with(source)
+                graph.remove(node, safe=True)
+                removed = True
+            continue
+        if readers or tensor.name not in order_free or not tensor.is_graph_output() or source.is_graph_output():
+            continue
+        for index, output in enumerate(graph.outputs):
+            if output is tensor:
+                graph.outputs[index] = source
+        # the blocked tensor's shape is not the plain one's (channels last, say): left unstated
+        source.type, source.shape = tensor.type, None
+        graph.remove(node, safe=True)
+        blocked.append(BlockedOutput(tensor.name, source.name, channels))
+        removed = True
+    observers = [node for node in graph if node.domain == OBSERVE_DOMAIN]
+    if not removed and not observers:
+        return None
+    position = {node: index for index, node in enumerate(graph)}
+    graph.remove(observers)
+    # last in the node list, the earliest activations' last of all (see the module)
+    graph.extend(sorted(observers, key=lambda node: position.get(node.inputs[0].producer(), -1), reverse=True))
+    return blocked

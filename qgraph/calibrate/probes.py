@@ -31,6 +31,9 @@ from qgraph.ir.values import is_constant, is_op
 
 logger = logging.getLogger(__name__)
 
+#: The optional fast paths behind the probe, each switched off alone by ``tools/bench_ptq.py speed --fast-paths``.
+_FAST_PATHS = {"observe_kernel": True, "blocked_outputs": True}
+
 
 @dataclasses.dataclass
 class BranchProbe:
@@ -130,7 +133,7 @@ class _Builder:
         self.threads = threads
         self.spinning = spinning
         self.order_free = frozenset(order_free)
-        self.library = observe_kernel.library_path() if in_graph else None
+        self.library = observe_kernel.library_path() if in_graph and _FAST_PATHS["observe_kernel"] else None
         self.in_graph = dict(in_graph) if self.library is not None else {}
 
     def kernel_observed(self, observed: list[str], needed: Iterable[str], values: Mapping[str, ir.Value]) -> dict[str, int]:
@@ -179,7 +182,7 @@ class _Builder:
         blocked = create_blocked_probe_session(
             proto, self.order_free.intersection(observed), threads=self.threads, spinning=self.spinning,
             custom_operators=library,
-        )
+        ) if _FAST_PATHS["blocked_outputs"] else None
         if blocked is None:
             session = runtime.create_session(
                 proto, optimize=True, threads=self.threads, spinning=self.spinning, custom_operators=library
