@@ -14,63 +14,28 @@ anything but the one Q.
 
 from __future__ import annotations
 
-import dataclasses
-import logging
+from collections.abc import Sequence
 
 import onnx_ir as ir
 
-from qgraph.passes.lower import _qdq_patterns as qdq
-from qgraph.passes.infrastructure import RewritePass
-from qgraph.passes.infrastructure import Refusal
-from qgraph.passes.infrastructure import RewriteContext
-from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
-
-logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class _ConcatPlan:
-    """An accepted island: the quantization of each input, in order, and the Q of the output."""
-
-    node: ir.Node
-    inputs: tuple[qdq.QuantParams, ...]
-    output: qdq.OutputQuantize
+from qgraph.passes.lower import _qdq_patterns as qdq
+from qgraph.passes.lower._contrib_island import ContribIslandLowering, IslandPlan
 
 
 @register
-class LowerQLinearConcat(RewritePass):
+class LowerQLinearConcat(ContribIslandLowering):
     """Lower a QDQ Concat island to com.microsoft QLinearConcat."""
 
-    phase = Phase.LOWER
     summary = "DQ… → Concat → Q becomes QLinearConcat"
+    kernels = {"Concat": "QLinearConcat"}
 
-    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
-        if not qdq.is_op(node, "Concat") or not node.inputs:
-            return None
-        if any(qdq.dequantize_of(value) is None for value in node.inputs):
-            return None
-        return node
+    def quantized_inputs(self, node: ir.Node) -> Sequence[ir.Value | None]:
+        return node.inputs
 
-    def check(self, node: ir.Node, context: RewriteContext) -> _ConcatPlan | Refusal:
-        pieces = []
-        for value in node.inputs:
-            params = qdq.activation_input(value)
-            if isinstance(params, str):
-                return Refusal(params)
-            pieces.append(params)
-        output = qdq.output_quantize(node.outputs[0], allow_activation=False)
-        if output is None or isinstance(output, str):
-            return Refusal(output or "the Concat output is read as float (not only by one Q)")
-        return _ConcatPlan(node, tuple(pieces), output)
+    def kernel_inputs(self, plan: IslandPlan, triples: list[list[ir.Value]], output: list[ir.Value]) -> list[ir.Value]:
+        """QLinearConcat reads the output's scale and zero point first, then each input's triple."""
+        return output + [value for triple in triples for value in triple]
 
-    def rewrite(self, plan: _ConcatPlan, context: RewriteContext) -> None:
-        node, output = plan.node, plan.output
-        graph, anchor = node.graph, output.quantize
-        inputs = [output.params.scale, qdq.zero_point_or_new(graph, context.names, output.params, before=anchor)]
-        for params in plan.inputs:
-            inputs += [params.integer_value, params.scale, qdq.zero_point_or_new(graph, context.names, params, before=anchor)]
-        attributes = [ir.AttrInt64("axis", int(qdq.attribute(node, "axis")))]
-        lowered = ir.Node(qdq.MICROSOFT_DOMAIN, "QLinearConcat", inputs, attributes,
-                          name=qdq.derived_name(node, "quant"))
-        qdq.replace_island(context.model, node, output, lowered, contrib=True)
+    def kernel_attributes(self, node: ir.Node) -> list[ir.Attr]:
+        return [ir.AttrInt64("axis", int(qdq.attribute(node, "axis")))]

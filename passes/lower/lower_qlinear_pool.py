@@ -15,67 +15,30 @@ contrib kernel has none), the float result read by anything but the one Q.
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-
 import onnx_ir as ir
 
-from qgraph.passes.lower import _qdq_patterns as qdq
-from qgraph.passes.infrastructure import RewritePass
-from qgraph.passes.infrastructure import Refusal
-from qgraph.passes.infrastructure import RewriteContext
-from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
+from qgraph.passes.lower import _qdq_patterns as qdq
+from qgraph.passes.lower._contrib_island import ContribIslandLowering
 
-logger = logging.getLogger(__name__)
-
-_KERNELS = {"GlobalAveragePool": "QLinearGlobalAveragePool", "AveragePool": "QLinearAveragePool"}
 _AVERAGE_POOL_ATTRIBUTES = ("auto_pad", "ceil_mode", "count_include_pad", "kernel_shape", "pads", "strides")
 
 
-@dataclasses.dataclass(frozen=True)
-class _PoolPlan:
-    """An accepted island: the quantization of the input and the Q of the output."""
-
-    node: ir.Node
-    params: qdq.QuantParams
-    output: qdq.OutputQuantize
-
-
 @register
-class LowerQLinearPool(RewritePass):
+class LowerQLinearPool(ContribIslandLowering):
     """Lower QDQ GlobalAveragePool/AveragePool islands to their com.microsoft QLinear kernels."""
 
-    phase = Phase.LOWER
     summary = "DQ → GlobalAveragePool|AveragePool → Q becomes QLinearGlobalAveragePool/QLinearAveragePool"
+    kernels = {"GlobalAveragePool": "QLinearGlobalAveragePool", "AveragePool": "QLinearAveragePool"}
 
-    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
-        if not qdq.is_op(node, *_KERNELS) or qdq.dequantize_of(node.inputs[0]) is None:
-            return None
-        return node
-
-    def check(self, node: ir.Node, context: RewriteContext) -> _PoolPlan | Refusal:
-        params = qdq.activation_input(node.inputs[0])
-        if isinstance(params, str):
-            return Refusal(params)
+    def refusal(self, node: ir.Node) -> str | None:
         dilations = qdq.attribute(node, "dilations", None)
         if dilations is not None and any(int(d) != 1 for d in dilations):
-            return Refusal(f"dilations {list(dilations)}: QLinearAveragePool has no dilations")
-        output = qdq.output_quantize(node.outputs[0], allow_activation=False)
-        if output is None or isinstance(output, str):
-            return Refusal(output or f"the {node.op_type} output is read as float (not only by one Q)")
-        return _PoolPlan(node, params, output)
+            return f"dilations {list(dilations)}: QLinearAveragePool has no dilations"
+        return None
 
-    def rewrite(self, plan: _PoolPlan, context: RewriteContext) -> None:
-        node, params, output = plan.node, plan.params, plan.output
-        graph, anchor = node.graph, output.quantize
-        inputs = [
-            params.integer_value, params.scale, qdq.zero_point_or_new(graph, context.names, params, before=anchor),
-            output.params.scale, qdq.zero_point_or_new(graph, context.names, output.params, before=anchor),
-        ]
+    def kernel_attributes(self, node: ir.Node) -> list[ir.Attr]:
         attributes = [ir.AttrInt64("channels_last", 0)]
         if node.op_type == "AveragePool":
             attributes += [attr for name, attr in node.attributes.items() if name in _AVERAGE_POOL_ATTRIBUTES]
-        lowered = ir.Node(qdq.MICROSOFT_DOMAIN, _KERNELS[node.op_type], inputs, attributes,
-                          name=qdq.derived_name(node, "quant"))
-        qdq.replace_island(context.model, node, output, lowered, contrib=True)
+        return attributes

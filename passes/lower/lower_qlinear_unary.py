@@ -15,63 +15,21 @@ one Q.
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-
 import onnx_ir as ir
 
-from qgraph.passes.lower import _qdq_patterns as qdq
-from qgraph.passes.infrastructure import RewritePass
-from qgraph.passes.infrastructure import Refusal
-from qgraph.passes.infrastructure import RewriteContext
-from qgraph.passes.infrastructure import Phase
 from qgraph.passes.infrastructure import register
-
-logger = logging.getLogger(__name__)
-
-_KERNELS = {"Sigmoid": "QLinearSigmoid", "LeakyRelu": "QLinearLeakyRelu"}
-
-
-@dataclasses.dataclass(frozen=True)
-class _UnaryPlan:
-    """An accepted island: the quantization of the input and the Q of the output."""
-
-    node: ir.Node
-    params: qdq.QuantParams
-    output: qdq.OutputQuantize
+from qgraph.passes.lower import _qdq_patterns as qdq
+from qgraph.passes.lower._contrib_island import ContribIslandLowering
 
 
 @register
-class LowerQLinearUnary(RewritePass):
+class LowerQLinearUnary(ContribIslandLowering):
     """Lower QDQ Sigmoid/LeakyRelu islands to com.microsoft QLinearSigmoid/QLinearLeakyRelu."""
 
-    phase = Phase.LOWER
     summary = "DQ → Sigmoid|LeakyRelu → Q becomes QLinearSigmoid/QLinearLeakyRelu"
+    kernels = {"Sigmoid": "QLinearSigmoid", "LeakyRelu": "QLinearLeakyRelu"}
 
-    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
-        if not qdq.is_op(node, *_KERNELS) or qdq.dequantize_of(node.inputs[0]) is None:
-            return None
-        return node
-
-    def check(self, node: ir.Node, context: RewriteContext) -> _UnaryPlan | Refusal:
-        params = qdq.activation_input(node.inputs[0])
-        if isinstance(params, str):
-            return Refusal(params)
-        output = qdq.output_quantize(node.outputs[0], allow_activation=False)
-        if output is None or isinstance(output, str):
-            return Refusal(output or f"the {node.op_type} output is read as float (not only by one Q)")
-        return _UnaryPlan(node, params, output)
-
-    def rewrite(self, plan: _UnaryPlan, context: RewriteContext) -> None:
-        node, params, output = plan.node, plan.params, plan.output
-        graph, anchor = node.graph, output.quantize
-        inputs = [
-            params.integer_value, params.scale, qdq.zero_point_or_new(graph, context.names, params, before=anchor),
-            output.params.scale, qdq.zero_point_or_new(graph, context.names, output.params, before=anchor),
-        ]
-        attributes = []
+    def kernel_attributes(self, node: ir.Node) -> list[ir.Attr]:
         if node.op_type == "LeakyRelu":
-            attributes.append(ir.AttrFloat32("alpha", float(qdq.attribute(node, "alpha", 0.01))))
-        lowered = ir.Node(qdq.MICROSOFT_DOMAIN, _KERNELS[node.op_type], inputs, attributes,
-                          name=qdq.derived_name(node, "quant"))
-        qdq.replace_island(context.model, node, output, lowered, contrib=True)
+            return [ir.AttrFloat32("alpha", float(qdq.attribute(node, "alpha", 0.01)))]
+        return []

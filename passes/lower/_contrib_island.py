@@ -1,0 +1,100 @@
+"""The shape shared by the LOWER passes that turn a QDQ island into one com.microsoft ``QLinear*`` kernel.
+
+An island ``DQ(x₁), …, DQ(xₙ) → op → Q(y)`` becomes one kernel that reads every input as the triple
+``(xq, sx, zx)`` of its integer tensor, scale and zero point, and writes ``yq`` with the output's ``(sy, zy)``:
+
+    yq = saturate(round(op((x₁q - z₁)·s₁, …, (xₙq - zₙ)·sₙ) / sy) + zy)
+
+which is ``Q(op(DQ(x₁), …, DQ(xₙ)))`` up to where the float rounding happens (at most one output step). Each input
+must be a uint8 per-tensor activation with constant parameters, and the op's float result must be read by the one Q
+only (see :func:`~qgraph.passes.lower._qdq_patterns.output_quantize`). What differs between the kernels — which ops
+they take, which inputs are quantized, the order of the triples, the attributes, extra refusals — is what a
+subclass of :class:`ContribIslandLowering` says; matching, checking and the replacement are written here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import onnx_ir as ir
+
+from qgraph.ir.naming import NameScope
+from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass
+from qgraph.passes.lower import _qdq_patterns as qdq
+
+
+@dataclasses.dataclass(frozen=True)
+class IslandPlan:
+    """An accepted island: the op, the quantization of each of its quantized inputs in order, and the Q of its output."""
+
+    node: ir.Node
+    inputs: tuple[qdq.QuantParams, ...]
+    output: qdq.OutputQuantize
+
+
+def quantized_triple(
+    graph: ir.Graph | ir.Function, names: NameScope, params: qdq.QuantParams, *, before: ir.Node
+) -> list[ir.Value]:
+    """The ``(integer tensor, scale, zero point)`` inputs a QLinear kernel reads for one quantized tensor."""
+    return [params.integer_value, params.scale, qdq.zero_point_or_new(graph, names, params, before=before)]
+
+
+class ContribIslandLowering(RewritePass):
+    """Lower ``DQ… → op → Q`` islands of the ops in :attr:`kernels` to the com.microsoft kernel named there."""
+
+    phase = Phase.LOWER
+    #: Op type → the com.microsoft kernel that replaces it.
+    kernels: dict[str, str] = {}
+    #: Whether a Relu/Clip between the op and its Q may be dropped when the output range implies it.
+    allow_activation = False
+
+    def quantized_inputs(self, node: ir.Node) -> Sequence[ir.Value | None]:
+        """The inputs of ``node`` the kernel reads as integer triples (the first one, unless a kernel says more)."""
+        return node.inputs[:1]
+
+    def refusal(self, node: ir.Node) -> str | None:
+        """Why this kernel cannot compute ``node`` whatever its quantization (an attribute it lacks), or ``None``."""
+        return None
+
+    def kernel_inputs(self, plan: IslandPlan, triples: list[list[ir.Value]], output: list[ir.Value]) -> list[ir.Value]:
+        """The kernel's inputs from each quantized input's triple and the output's ``[scale, zero point]``."""
+        return [value for triple in triples for value in triple] + output
+
+    def kernel_attributes(self, node: ir.Node) -> list[ir.Attr]:
+        """The kernel's attributes, read from the float op's."""
+        return []
+
+    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
+        if not qdq.is_op(node, *self.kernels):
+            return None
+        quantized = self.quantized_inputs(node)
+        if not quantized or any(qdq.dequantize_of(value) is None for value in quantized):
+            return None
+        return node
+
+    def check(self, node: ir.Node, context: RewriteContext) -> IslandPlan | Refusal:
+        reason = self.refusal(node)
+        if reason is not None:
+            return Refusal(reason)
+        inputs = []
+        for value in self.quantized_inputs(node):
+            params = qdq.activation_input(value)
+            if isinstance(params, str):
+                return Refusal(params)
+            inputs.append(params)
+        output = qdq.output_quantize(node.outputs[0], allow_activation=self.allow_activation)
+        if output is None or isinstance(output, str):
+            return Refusal(output or f"the {node.op_type} output is read as float (not only by one Q)")
+        return IslandPlan(node, tuple(inputs), output)
+
+    def rewrite(self, plan: IslandPlan, context: RewriteContext) -> None:
+        node, output = plan.node, plan.output
+        graph, anchor = node.graph, output.quantize
+        triples = [quantized_triple(graph, context.names, params, before=anchor) for params in plan.inputs]
+        output_pair = quantized_triple(graph, context.names, output.params, before=anchor)[1:]
+        lowered = ir.Node(
+            qdq.MICROSOFT_DOMAIN, self.kernels[node.op_type], self.kernel_inputs(plan, triples, output_pair),
+            self.kernel_attributes(node), name=qdq.derived_name(node, "quant"),
+        )
+        qdq.replace_island(context.model, node, output, lowered, contrib=True)
