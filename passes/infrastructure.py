@@ -54,8 +54,8 @@ from onnx_ir.passes import InPlacePass, PassResult
 
 from qgraph import runtime
 from qgraph.errors import PipelineError
-from qgraph.ir.traversal import iterate_graphs
 from qgraph.ir.naming import NameScope
+from qgraph.ir.traversal import iterate_graphs
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ import logging
 
 import onnx_ir as ir
 
-from qgraph.passes.canonicalize._batch_norm_math import BatchNormAffine, batch_norm_affine, plan_fold
 from qgraph.passes._rewrite_support import (
     FLOATING_DTYPES,
     drop_unused_initializers,
@@ -31,11 +30,8 @@ from qgraph.passes._rewrite_support import (
     new_initializer,
     new_output_name,
 )
-from qgraph.passes.infrastructure import RewritePass
-from qgraph.passes.infrastructure import Refusal
-from qgraph.passes.infrastructure import RewriteContext
-from qgraph.passes.infrastructure import Phase
-from qgraph.passes.infrastructure import register
+from qgraph.passes.canonicalize._batch_norm_math import BatchNormAffine, batch_norm_affine, plan_fold
+from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
 
 logger = logging.getLogger(__name__)
 

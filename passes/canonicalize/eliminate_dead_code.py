@@ -31,9 +31,7 @@ from onnx_ir.passes import PassResult
 
 from qgraph.ir.edit import drop_unused_initializers, release_captures
 from qgraph.ir.traversal import node_subgraphs
-from qgraph.passes.infrastructure import QGraphPass
-from qgraph.passes.infrastructure import Phase
-from qgraph.passes.infrastructure import register
+from qgraph.passes.infrastructure import Phase, QGraphPass, register
 
 logger = logging.getLogger(__name__)
 

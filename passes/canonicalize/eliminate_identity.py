@@ -31,11 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.ir.values import DEFAULT_DOMAINS, constant_array, node_default_opset, static_shape
-from qgraph.passes.infrastructure import RewritePass
-from qgraph.passes.infrastructure import Refusal
-from qgraph.passes.infrastructure import RewriteContext
-from qgraph.passes.infrastructure import Phase
-from qgraph.passes.infrastructure import register
+from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,6 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.passes.canonicalize._batch_norm_math import FoldPlan, matmul_bias_operand, plan_fold
 from qgraph.passes._rewrite_support import (
     NameScope,
     constant_array,
@@ -46,11 +45,8 @@ from qgraph.passes._rewrite_support import (
     new_initializer,
     new_output_name,
 )
-from qgraph.passes.infrastructure import RewritePass
-from qgraph.passes.infrastructure import Refusal
-from qgraph.passes.infrastructure import RewriteContext
-from qgraph.passes.infrastructure import Phase
-from qgraph.passes.infrastructure import register
+from qgraph.passes.canonicalize._batch_norm_math import FoldPlan, matmul_bias_operand, plan_fold
+from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
 
 logger = logging.getLogger(__name__)
 

@@ -46,9 +46,7 @@ from qgraph.ir.edit import drop_unused_initializers, release_captures
 from qgraph.ir.naming import NameScope, names_in_graph, names_in_model
 from qgraph.ir.traversal import iterate_graphs
 from qgraph.ir.values import constant_array, is_op
-from qgraph.passes.infrastructure import QGraphPass
-from qgraph.passes.infrastructure import Phase
-from qgraph.passes.infrastructure import register
+from qgraph.passes.infrastructure import Phase, QGraphPass, register
 
 logger = logging.getLogger(__name__)
 

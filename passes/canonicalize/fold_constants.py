@@ -46,9 +46,7 @@ from onnx_ir.passes import PassResult
 
 from qgraph.ir.edit import drop_unused_initializers
 from qgraph.ir.values import DEFAULT_DOMAINS, constant_refusal, default_opset, static_shape
-from qgraph.passes.infrastructure import QGraphPass
-from qgraph.passes.infrastructure import Phase
-from qgraph.passes.infrastructure import register
+from qgraph.passes.infrastructure import Phase, QGraphPass, register
 
 logger = logging.getLogger(__name__)
 

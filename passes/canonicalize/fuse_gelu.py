@@ -39,6 +39,7 @@ import math
 
 import onnx_ir as ir
 
+from qgraph.passes._rewrite_support import constant_array, drop_unused_initializers, known_rank_and_dtype
 from qgraph.passes.canonicalize._pattern_matching import (
     MICROSOFT_DOMAIN,
     close_to,
@@ -53,12 +54,7 @@ from qgraph.passes.canonicalize._pattern_matching import (
     sole_consumer_refusal,
     split_constant_operand,
 )
-from qgraph.passes._rewrite_support import constant_array, drop_unused_initializers, known_rank_and_dtype
-from qgraph.passes.infrastructure import RewritePass
-from qgraph.passes.infrastructure import Refusal
-from qgraph.passes.infrastructure import RewriteContext
-from qgraph.passes.infrastructure import Phase
-from qgraph.passes.infrastructure import register
+from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
 
 logger = logging.getLogger(__name__)
 

@@ -36,9 +36,7 @@ import onnx_ir as ir
 from onnx_ir.passes import PassResult
 
 from qgraph.ir.values import is_op
-from qgraph.passes.infrastructure import QGraphPass
-from qgraph.passes.infrastructure import Phase
-from qgraph.passes.infrastructure import register
+from qgraph.passes.infrastructure import Phase, QGraphPass, register
 
 logger = logging.getLogger(__name__)
 

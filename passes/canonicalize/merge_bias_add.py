@@ -36,18 +36,14 @@ from qgraph.passes._rewrite_support import (
     FLOATING_DTYPES,
     constant_array,
     constant_refusal,
-    dtype_refusal,
     drop_unused_initializers,
+    dtype_refusal,
     known_rank_and_dtype,
     new_initializer,
     same_graph_refusal,
     sole_consumer_refusal,
 )
-from qgraph.passes.infrastructure import RewritePass
-from qgraph.passes.infrastructure import Refusal
-from qgraph.passes.infrastructure import RewriteContext
-from qgraph.passes.infrastructure import Phase
-from qgraph.passes.infrastructure import register
+from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
 
 logger = logging.getLogger(__name__)
 

@@ -27,12 +27,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
 from qgraph.passes.lower import _qdq_patterns as qdq
-from qgraph.passes.infrastructure import RewritePass
-from qgraph.passes.infrastructure import Refusal
-from qgraph.passes.infrastructure import RewriteContext
-from qgraph.passes.infrastructure import Phase
-from qgraph.passes.infrastructure import register
 
 logger = logging.getLogger(__name__)
 

@@ -33,9 +33,7 @@ from qgraph.ir.naming import NameScope
 from qgraph.ir.subgraphs import quantized_graphs
 from qgraph.ir.traversal import defined_values
 from qgraph.ir.values import default_opset, is_constant
-from qgraph.passes.infrastructure import QGraphPass
-from qgraph.passes.infrastructure import Phase
-from qgraph.passes.infrastructure import register
+from qgraph.passes.infrastructure import Phase, QGraphPass, register
 
 logger = logging.getLogger(__name__)
 

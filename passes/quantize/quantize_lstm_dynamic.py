@@ -34,9 +34,7 @@ from qgraph.ir.edit import drop_unused_initializers, new_initializer
 from qgraph.ir.naming import NameScope
 from qgraph.ir.traversal import iterate_graphs
 from qgraph.ir.values import MICROSOFT_DOMAIN, ensure_microsoft_domain
-from qgraph.passes.infrastructure import QGraphPass
-from qgraph.passes.infrastructure import Phase
-from qgraph.passes.infrastructure import register
+from qgraph.passes.infrastructure import Phase, QGraphPass, register
 
 logger = logging.getLogger(__name__)
 
