@@ -19,7 +19,6 @@ from collections.abc import Sequence
 
 import onnx_ir as ir
 
-from qgraph.ir.naming import NameScope
 from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass
 from qgraph.passes.lower import _qdq_patterns as qdq
 
@@ -31,13 +30,6 @@ class IslandPlan:
     node: ir.Node
     inputs: tuple[qdq.QuantParams, ...]
     output: qdq.OutputQuantize
-
-
-def quantized_triple(
-    graph: ir.Graph | ir.Function, names: NameScope, params: qdq.QuantParams, *, before: ir.Node
-) -> list[ir.Value]:
-    """The ``(integer tensor, scale, zero point)`` inputs a QLinear kernel reads for one quantized tensor."""
-    return [params.integer_value, params.scale, qdq.zero_point_or_new(graph, names, params, before=before)]
 
 
 class ContribIslandLowering(RewritePass):
@@ -91,8 +83,8 @@ class ContribIslandLowering(RewritePass):
     def rewrite(self, plan: IslandPlan, context: RewriteContext) -> None:
         node, output = plan.node, plan.output
         graph, anchor = node.graph, output.quantize
-        triples = [quantized_triple(graph, context.names, params, before=anchor) for params in plan.inputs]
-        output_pair = quantized_triple(graph, context.names, output.params, before=anchor)[1:]
+        triples = [qdq.quantized_triple(graph, context.names, params, before=anchor) for params in plan.inputs]
+        output_pair = qdq.scale_and_zero_point(graph, context.names, output.params, before=anchor)
         lowered = ir.Node(
             qdq.MICROSOFT_DOMAIN, self.kernels[node.op_type], self.kernel_inputs(plan, triples, output_pair),
             self.kernel_attributes(node), name=qdq.derived_name(node, "quant"),

@@ -164,12 +164,22 @@ def dequantize_of(value: ir.Value | None) -> ir.Node | None:
     return producer if is_op(producer, DEQUANTIZE) else None
 
 
-def activation_input(value: ir.Value, *, dtype: ir.DataType = ir.DataType.UINT8) -> QuantParams | str:
-    """Params of the per-tensor DQ producing an activation input of integer type ``dtype``, or a reason."""
+def inputs_dequantized(node: ir.Node, count: int) -> bool:
+    """Whether ``node`` has at least ``count`` inputs and each of its first ``count`` is produced by a DQ."""
+    return len(node.inputs) >= count and all(dequantize_of(value) is not None for value in node.inputs[:count])
+
+
+def dequantized_params(value: ir.Value) -> QuantParams | str:
+    """Params of the DQ producing ``value``, or why there are none."""
     dequantize = dequantize_of(value)
     if dequantize is None:
         return f"input {value.name} is not produced by a DequantizeLinear"
-    params = read_params(dequantize)
+    return read_params(dequantize)
+
+
+def activation_input(value: ir.Value, *, dtype: ir.DataType = ir.DataType.UINT8) -> QuantParams | str:
+    """Params of the per-tensor DQ producing an activation input of integer type ``dtype``, or a reason."""
+    params = dequantized_params(value)
     if isinstance(params, str):
         return params
     if params.integer_type != dtype:
@@ -474,6 +484,20 @@ def zero_point_or_new(
                         np.zeros(params.scale_array.shape, dtype), before=before)
 
 
+def scale_and_zero_point(
+    graph: ir.Graph | ir.Function, names: NameScope, params: QuantParams, *, before: ir.Node
+) -> list[ir.Value]:
+    """The ``(scale, zero point)`` inputs a QLinear kernel reads for its output (a new zero constant if omitted)."""
+    return [params.scale, zero_point_or_new(graph, names, params, before=before)]
+
+
+def quantized_triple(
+    graph: ir.Graph | ir.Function, names: NameScope, params: QuantParams, *, before: ir.Node
+) -> list[ir.Value]:
+    """The ``(integer tensor, scale, zero point)`` inputs a QLinear kernel reads for one quantized input."""
+    return [params.integer_value, *scale_and_zero_point(graph, names, params, before=before)]
+
+
 def replace_island(
     model: ir.Model,
     op: ir.Node,
@@ -508,10 +532,7 @@ class MatMulOperand:
 
 
 def matmul_right_operand(value: ir.Value, *, guard_saturation: bool) -> MatMulOperand | str:
-    dequantize = dequantize_of(value)
-    if dequantize is None:
-        return f"input {value.name} is not produced by a DequantizeLinear"
-    params = read_params(dequantize)
+    params = dequantized_params(value)
     if isinstance(params, str):
         return params
     array = constant_array(params.integer_value)
@@ -533,6 +554,17 @@ def matmul_right_operand(value: ir.Value, *, guard_saturation: bool) -> MatMulOp
     if isinstance(weight, str):
         return weight
     return MatMulOperand(params, weight)
+
+
+def matmul_operands(matmul: ir.Node, *, guard_saturation: bool) -> tuple[QuantParams, MatMulOperand] | str:
+    """The activation (left) and right operand of a quantized MatMul, or why the integer kernels cannot take them."""
+    left = activation_input(matmul.inputs[0])
+    if isinstance(left, str):
+        return left
+    right = matmul_right_operand(matmul.inputs[1], guard_saturation=guard_saturation)
+    if isinstance(right, str):
+        return right
+    return left, right
 
 
 def operand_values(

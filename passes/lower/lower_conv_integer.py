@@ -52,9 +52,7 @@ class LowerConvInteger(RewritePass):
     summary = "DQ → Conv → float becomes ConvInteger → Cast → Mul(scale) → Add(bias)"
 
     def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
-        if not qdq.is_op(node, "Conv") or len(node.inputs) < 2:
-            return None
-        if qdq.dequantize_of(node.inputs[0]) is None or qdq.dequantize_of(node.inputs[1]) is None:
+        if not qdq.is_op(node, "Conv") or not qdq.inputs_dequantized(node, 2):
             return None
         if qdq.output_is_quantized_only(node.outputs[0]):
             return None  # LowerQLinearConv's pattern

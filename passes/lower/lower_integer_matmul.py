@@ -53,21 +53,17 @@ class LowerIntegerMatMul(RewritePass):
         self.guard_saturation = guard_saturation
 
     def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
-        if not qdq.is_op(node, "MatMul"):
-            return None
-        if qdq.dequantize_of(node.inputs[0]) is None or qdq.dequantize_of(node.inputs[1]) is None:
+        if not qdq.is_op(node, "MatMul") or not qdq.inputs_dequantized(node, 2):
             return None
         if qdq.output_is_quantized_only(node.outputs[0]):
             return None  # LowerQLinearMatMul's pattern
         return node
 
     def check(self, matmul: ir.Node, context: RewriteContext) -> _IntegerMatMulPlan | Refusal:
-        left = qdq.activation_input(matmul.inputs[0])
-        if isinstance(left, str):
-            return Refusal(left)
-        right = qdq.matmul_right_operand(matmul.inputs[1], guard_saturation=self.guard_saturation)
-        if isinstance(right, str):
-            return Refusal(right)
+        operands = qdq.matmul_operands(matmul, guard_saturation=self.guard_saturation)
+        if isinstance(operands, str):
+            return Refusal(operands)
+        left, right = operands
         return _IntegerMatMulPlan(matmul, left, right)
 
     def rewrite(self, plan: _IntegerMatMulPlan, context: RewriteContext) -> None:

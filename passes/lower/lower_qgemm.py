@@ -63,9 +63,7 @@ class LowerQGemm(RewritePass):
         self.guard_saturation = guard_saturation
 
     def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
-        if not qdq.is_op(node, "Gemm"):
-            return None
-        if qdq.dequantize_of(node.inputs[0]) is None or qdq.dequantize_of(node.inputs[1]) is None:
+        if not qdq.is_op(node, "Gemm") or not qdq.inputs_dequantized(node, 2):
             return None
         return node
 
@@ -130,7 +128,7 @@ class LowerQGemm(RewritePass):
         operand = qdq.MatMulOperand(plan.right, plan.weight)
         right_value, right_zero_point = qdq.operand_values(graph, context.names, operand, before=anchor)
         inputs = [
-            plan.left.integer_value, plan.left.scale, qdq.zero_point_or_new(graph, context.names, plan.left, before=anchor),
+            *qdq.quantized_triple(graph, context.names, plan.left, before=anchor),
             right_value, plan.right.scale, right_zero_point,
         ]
         if plan.bias is not None:

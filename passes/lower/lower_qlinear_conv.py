@@ -64,9 +64,7 @@ class LowerQLinearConv(RewritePass):
         self.guard_saturation = guard_saturation
 
     def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
-        if not qdq.is_op(node, "Conv") or qdq.dequantize_of(node.inputs[0]) is None:
-            return None
-        if len(node.inputs) < 2 or qdq.dequantize_of(node.inputs[1]) is None:
+        if not qdq.is_op(node, "Conv") or not qdq.inputs_dequantized(node, 2):
             return None
         return node
 
@@ -114,18 +112,13 @@ class LowerQLinearConv(RewritePass):
         graph = conv.graph
         weight_params, weight = plan.weight_params, plan.weight
         anchor = output.quantize
-        weight_value = weight_params.integer_value
-        if weight.widened:
-            weight_value = qdq.add_constant(graph, context.names, f"{weight_value.name}_uint8", weight.weight, before=anchor)
-        weight_zero_point = qdq.existing_or_new_constant(
-            graph, context.names, weight_params.zero_point, weight.zero_point.reshape(weight_params.scale_array.shape),
-            f"{weight_value.name}_zero_point", before=anchor,
+        weight_value, weight_zero_point = qdq.operand_values(
+            graph, context.names, qdq.MatMulOperand(weight_params, weight), before=anchor
         )
         inputs = [
-            plan.input_params.integer_value, plan.input_params.scale,
-            qdq.zero_point_or_new(graph, context.names, plan.input_params, before=anchor),
+            *qdq.quantized_triple(graph, context.names, plan.input_params, before=anchor),
             weight_value, weight_params.scale, weight_zero_point,
-            output.params.scale, qdq.zero_point_or_new(graph, context.names, output.params, before=anchor),
+            *qdq.scale_and_zero_point(graph, context.names, output.params, before=anchor),
         ]
         if plan.bias is not None:
             bias_producer = qdq.dequantize_of(conv.inputs[2])

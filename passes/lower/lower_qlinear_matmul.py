@@ -54,21 +54,17 @@ class LowerQLinearMatMul(RewritePass):
         self.guard_saturation = guard_saturation
 
     def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
-        if not qdq.is_op(node, "MatMul"):
-            return None
-        if qdq.dequantize_of(node.inputs[0]) is None or qdq.dequantize_of(node.inputs[1]) is None:
+        if not qdq.is_op(node, "MatMul") or not qdq.inputs_dequantized(node, 2):
             return None
         return node
 
     def check(self, matmul: ir.Node, context: RewriteContext) -> _MatMulPlan | Refusal:
         if not qdq.output_is_quantized_only(matmul.outputs[0]):
             return Refusal("the MatMul output is read as float; LowerIntegerMatMul owns it")
-        left = qdq.activation_input(matmul.inputs[0])
-        if isinstance(left, str):
-            return Refusal(left)
-        right = qdq.matmul_right_operand(matmul.inputs[1], guard_saturation=self.guard_saturation)
-        if isinstance(right, str):
-            return Refusal(right)
+        operands = qdq.matmul_operands(matmul, guard_saturation=self.guard_saturation)
+        if isinstance(operands, str):
+            return Refusal(operands)
+        left, right = operands
         output = qdq.output_quantize(matmul.outputs[0])
         if output is None or isinstance(output, str):
             return Refusal(output or "the MatMul output is not quantized")
@@ -79,9 +75,9 @@ class LowerQLinearMatMul(RewritePass):
         graph, anchor = matmul.graph, output.quantize
         right_value, right_zero_point = qdq.operand_values(graph, context.names, plan.right, before=anchor)
         inputs = [
-            plan.left.integer_value, plan.left.scale, qdq.zero_point_or_new(graph, context.names, plan.left, before=anchor),
+            *qdq.quantized_triple(graph, context.names, plan.left, before=anchor),
             right_value, plan.right.params.scale, right_zero_point,
-            output.params.scale, qdq.zero_point_or_new(graph, context.names, output.params, before=anchor),
+            *qdq.scale_and_zero_point(graph, context.names, output.params, before=anchor),
         ]
         lowered = ir.Node("", "QLinearMatMul", inputs, name=qdq.derived_name(matmul, "quant"))
         qdq.replace_island(context.model, matmul, output, lowered)
