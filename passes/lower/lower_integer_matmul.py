@@ -26,8 +26,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
+from qgraph.passes.infrastructure import Refusal, RewriteContext, register
 from qgraph.passes.lower import _qdq_patterns as qdq
+from qgraph.passes.lower._lowering_bases import WeightLowering
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +43,10 @@ class _IntegerMatMulPlan:
 
 
 @register
-class LowerIntegerMatMul(RewritePass):
+class LowerIntegerMatMul(WeightLowering):
     """Lower a QDQ MatMul whose output stays float to MatMulInteger and a float rescale."""
 
-    phase = Phase.LOWER
     summary = "DQ → MatMul → float becomes MatMulInteger → Cast → Mul(scale)"
-
-    def __init__(self, *, guard_saturation: bool = True) -> None:
-        super().__init__()
-        self.guard_saturation = guard_saturation
 
     def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
         if not qdq.is_op(node, "MatMul") or not qdq.inputs_dequantized(node, 2):

@@ -31,8 +31,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
+from qgraph.passes.infrastructure import Refusal, RewriteContext, register
 from qgraph.passes.lower import _qdq_patterns as qdq
+from qgraph.passes.lower._lowering_bases import WeightLowering
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +53,10 @@ class _GemmPlan:
 
 
 @register
-class LowerQGemm(RewritePass):
+class LowerQGemm(WeightLowering):
     """Lower a QDQ Gemm (quantized or float output) to com.microsoft QGemm."""
 
-    phase = Phase.LOWER
     summary = "DQ → Gemm → [Q] becomes com.microsoft QGemm (per-column B, int32 C, float or uint8 output)"
-
-    def __init__(self, *, guard_saturation: bool = True) -> None:
-        super().__init__()
-        self.guard_saturation = guard_saturation
 
     def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
         if not qdq.is_op(node, "Gemm") or not qdq.inputs_dequantized(node, 2):

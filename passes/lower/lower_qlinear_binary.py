@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import onnx_ir as ir
 
 from qgraph.passes.infrastructure import register
-from qgraph.passes.lower._contrib_island import ContribIslandLowering
+from qgraph.passes.lower._lowering_bases import ContribIslandLowering
 
 
 @register

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from qgraph.passes.infrastructure import register
 from qgraph.passes.lower import _qdq_patterns as qdq
-from qgraph.passes.lower._contrib_island import ContribIslandLowering, IslandPlan
+from qgraph.passes.lower._lowering_bases import ContribIslandLowering, IslandPlan
 
 
 @register

@@ -32,8 +32,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
+from qgraph.passes.infrastructure import Refusal, RewriteContext, register
 from qgraph.passes.lower import _qdq_patterns as qdq
+from qgraph.passes.lower._lowering_bases import WeightLowering
 
 logger = logging.getLogger(__name__)
 
@@ -53,15 +54,10 @@ class _ConvPlan:
 
 
 @register
-class LowerQLinearConv(RewritePass):
+class LowerQLinearConv(WeightLowering):
     """Lower a QDQ Conv island (with an implied Relu/Clip) to QLinearConv."""
 
-    phase = Phase.LOWER
     summary = "DQ → Conv → [Relu|Clip] → Q becomes QLinearConv (per-channel weights, bias int32)"
-
-    def __init__(self, *, guard_saturation: bool = True) -> None:
-        super().__init__()
-        self.guard_saturation = guard_saturation
 
     def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
         if not qdq.is_op(node, "Conv") or not qdq.inputs_dequantized(node, 2):

@@ -26,8 +26,9 @@ import logging
 
 import onnx_ir as ir
 
-from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
+from qgraph.passes.infrastructure import Refusal, RewriteContext, register
 from qgraph.passes.lower import _qdq_patterns as qdq
+from qgraph.passes.lower._lowering_bases import WeightLowering
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +44,10 @@ class _MatMulPlan:
 
 
 @register
-class LowerQLinearMatMul(RewritePass):
+class LowerQLinearMatMul(WeightLowering):
     """Lower a QDQ MatMul island with a quantized output to QLinearMatMul."""
 
-    phase = Phase.LOWER
     summary = "DQ → MatMul → [Relu|Clip] → Q becomes QLinearMatMul (per-column weights)"
-
-    def __init__(self, *, guard_saturation: bool = True) -> None:
-        super().__init__()
-        self.guard_saturation = guard_saturation
 
     def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
         if not qdq.is_op(node, "MatMul") or not qdq.inputs_dequantized(node, 2):

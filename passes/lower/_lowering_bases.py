@@ -1,4 +1,11 @@
-"""The shape shared by the LOWER passes that turn a QDQ island into one com.microsoft ``QLinear*`` kernel.
+"""The base classes of the LOWER passes: what every integer-weight lowering and every com.microsoft island shares.
+
+:class:`WeightLowering` holds the one option of the lowerings that feed a stored weight to a u8·s8 kernel:
+``guard_saturation`` (see :mod:`qgraph.passes.lower._qdq_patterns`: on CPUs without VNNI a weight wider than
+7 bits is stored as uint8 so the kernel cannot saturate).
+
+:class:`ContribIslandLowering` is the shape shared by the passes that turn a QDQ island into one com.microsoft
+``QLinear*`` kernel.
 
 An island ``DQ(x₁), …, DQ(xₙ) → op → Q(y)`` becomes one kernel that reads every input as the triple
 ``(xq, sx, zx)`` of its integer tensor, scale and zero point, and writes ``yq`` with the output's ``(sy, zy)``:
@@ -30,6 +37,16 @@ class IslandPlan:
     node: ir.Node
     inputs: tuple[qdq.QuantParams, ...]
     output: qdq.OutputQuantize
+
+
+class WeightLowering(RewritePass):
+    """A LOWER pass that hands a stored weight to an integer kernel, guarding the u8·s8 kernels against saturation."""
+
+    phase = Phase.LOWER
+
+    def __init__(self, *, guard_saturation: bool = True) -> None:
+        super().__init__()
+        self.guard_saturation = guard_saturation
 
 
 class ContribIslandLowering(RewritePass):
