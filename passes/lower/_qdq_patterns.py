@@ -556,6 +556,22 @@ def matmul_right_operand(value: ir.Value, *, guard_saturation: bool) -> MatMulOp
     return MatMulOperand(params, weight)
 
 
+def conv_weight(conv: ir.Node, kernel: str) -> tuple[QuantParams, np.ndarray] | str:
+    """The params and stored integer array of a Conv's quantized weight, or why ``kernel`` cannot take it: the
+    weight must be a constant, quantized per tensor or per output channel (axis 0), with one zero point."""
+    params = dequantized_params(conv.inputs[1])
+    if isinstance(params, str):
+        return params
+    array = constant_array(params.integer_value)
+    if array is None:
+        return "the weight is not a constant initializer"
+    if not params.per_tensor and params.axis not in (0, -array.ndim):
+        return f"the weight is quantized per channel along axis {params.axis}, not 0 ({kernel} needs axis 0)"
+    if len(np.unique(params.zero_point_array)) != 1:
+        return f"the weight zero points differ across channels; onnxruntime's {kernel} takes one zero point"
+    return params, array
+
+
 def matmul_operands(matmul: ir.Node, *, guard_saturation: bool) -> tuple[QuantParams, MatMulOperand] | str:
     """The activation (left) and right operand of a quantized MatMul, or why the integer kernels cannot take them."""
     left = activation_input(matmul.inputs[0])

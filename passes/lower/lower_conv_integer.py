@@ -62,18 +62,10 @@ class LowerConvInteger(RewritePass):
         input_params = qdq.activation_input(conv.inputs[0])
         if isinstance(input_params, str):
             return Refusal(input_params)
-        weight_params = qdq.read_params(qdq.dequantize_of(conv.inputs[1]))
-        if isinstance(weight_params, str):
-            return Refusal(weight_params)
-        weight_array = qdq.constant_array(weight_params.integer_value)
-        if weight_array is None:
-            return Refusal("the weight is not a constant initializer")
-        if not weight_params.per_tensor and weight_params.axis not in (0, -weight_array.ndim):
-            return Refusal(f"the weight is quantized per channel along axis {weight_params.axis}, not 0")
-        if len(np.unique(weight_params.zero_point_array)) != 1:
-            return Refusal(
-                "the weight zero points differ across channels; onnxruntime's ConvInteger takes one zero point"
-            )
+        stored_weight = qdq.conv_weight(conv, "ConvInteger")
+        if isinstance(stored_weight, str):
+            return Refusal(stored_weight)
+        weight_params, weight_array = stored_weight
         weight = qdq.kernel_weight(weight_params, guard_saturation=True, force_uint8=True)
         if isinstance(weight, str):
             return Refusal(weight)

@@ -72,19 +72,11 @@ class LowerQLinearConv(WeightLowering):
         input_params = qdq.activation_input(conv.inputs[0])
         if isinstance(input_params, str):
             return Refusal(input_params)
-        weight_params = qdq.read_params(qdq.dequantize_of(conv.inputs[1]))
-        if isinstance(weight_params, str):
-            return Refusal(weight_params)
-        weight_array = qdq.constant_array(weight_params.integer_value)
-        if weight_array is None:
-            return Refusal("the weight is not a constant initializer")
+        stored_weight = qdq.conv_weight(conv, "QLinearConv")
+        if isinstance(stored_weight, str):
+            return Refusal(stored_weight)
+        weight_params, weight_array = stored_weight
         output_channels = weight_array.shape[0]
-        if not weight_params.per_tensor and weight_params.axis not in (0, -weight_array.ndim):
-            return Refusal(
-                f"the weight is quantized per channel along axis {weight_params.axis}, QLinearConv needs axis 0"
-            )
-        if len(np.unique(weight_params.zero_point_array)) != 1:
-            return Refusal("the weight zero points differ across channels, which onnxruntime's QLinearConv refuses")
         output = qdq.output_quantize(conv.outputs[0])
         if output is None or isinstance(output, str):
             return Refusal(output or "the Conv output is not quantized")
