@@ -102,6 +102,20 @@ def per_channel_finite_min_max(array: np.ndarray, axis: int) -> tuple[np.ndarray
     return low, high, int(np.count_nonzero(finite))
 
 
+def batch_min_max(array: np.ndarray, axis: int | None, earlier: Any) -> tuple[Any, Any, int]:
+    """One batch's finite (minimum, maximum, count): floats per tensor (``axis`` None), per-channel arrays along
+    ``axis`` otherwise. ``earlier`` is the running per-channel minimum (None before data); a batch with another
+    channel count is refused, since its ranges cannot be merged with the earlier ones."""
+    if axis is None:
+        return finite_min_max(array)
+    low, high, count = per_channel_finite_min_max(array, axis)
+    if earlier is not None and low.shape != np.shape(earlier):
+        raise ValueError(
+            f"batch has {low.shape[0]} channels on axis {axis}, earlier batches had {np.shape(earlier)[0]}"
+        )
+    return low, high, count
+
+
 def empty_to_zero(low: Any, high: Any) -> tuple[Any, Any]:
     """Replace the (inf, -inf) of an empty observation with (0, 0), element-wise for per-channel ranges."""
     low = np.asarray(low, dtype=np.float64)

@@ -19,10 +19,9 @@ import numpy as np
 from qgraph.calibrate.observers.base import (
     Observer,
     as_float_array,
+    batch_min_max,
     check_state_kind,
     empty_to_zero,
-    finite_min_max,
-    per_channel_finite_min_max,
     spec_from_state,
     spec_to_state,
 )
@@ -43,25 +42,17 @@ class MinMaxObserver(Observer):
         self.count = 0
 
     def update(self, array: Any) -> None:
-        array = as_float_array(array)
+        low, high, count = batch_min_max(as_float_array(array), self.spec.axis, self.minimum)
         if self.spec.axis is None:
-            low, high, count = finite_min_max(array)
             if count == 0:
                 return
             self.minimum = low if self.minimum is None else min(self.minimum, low)
             self.maximum = high if self.maximum is None else max(self.maximum, high)
+        elif self.minimum is None:
+            self.minimum, self.maximum = low, high
         else:
-            low, high, count = per_channel_finite_min_max(array, self.spec.axis)
-            if self.minimum is None:
-                self.minimum, self.maximum = low, high
-            else:
-                if low.shape != self.minimum.shape:
-                    raise ValueError(
-                        f"batch has {low.shape[0]} channels on axis {self.spec.axis}, "
-                        f"earlier batches had {self.minimum.shape[0]}"
-                    )
-                self.minimum = np.minimum(self.minimum, low)
-                self.maximum = np.maximum(self.maximum, high)
+            self.minimum = np.minimum(self.minimum, low)
+            self.maximum = np.maximum(self.maximum, high)
         self.count += count
 
     def kernel_bins(self) -> int | None:

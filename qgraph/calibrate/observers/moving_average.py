@@ -23,9 +23,8 @@ import numpy as np
 from qgraph.calibrate.observers.base import (
     Observer,
     as_float_array,
+    batch_min_max,
     check_state_kind,
-    finite_min_max,
-    per_channel_finite_min_max,
     spec_from_state,
     spec_to_state,
 )
@@ -51,22 +50,12 @@ class MovingAverageMinMaxObserver(Observer):
         self.batches = 0
 
     def update(self, array: Any) -> None:
-        array = as_float_array(array)
+        low_value, high_value, count = batch_min_max(as_float_array(array), self.spec.axis, self.minimum)
+        if count == 0:
+            return
         if self.spec.axis is None:
-            low, high, count = finite_min_max(array)
-            if count == 0:
-                return
-            low_value: Any = np.float64(low)
-            high_value: Any = np.float64(high)
+            low_value, high_value = np.float64(low_value), np.float64(high_value)
         else:
-            low_value, high_value, count = per_channel_finite_min_max(array, self.spec.axis)
-            if count == 0:
-                return
-            if self.minimum is not None and low_value.shape != np.shape(self.minimum):
-                raise ValueError(
-                    f"batch has {low_value.shape[0]} channels on axis {self.spec.axis}, "
-                    f"earlier batches had {np.shape(self.minimum)[0]}"
-                )
             # A channel without finite values in this batch keeps its running value.
             empty = low_value > high_value
             if empty.any():
