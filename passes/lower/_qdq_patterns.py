@@ -182,11 +182,16 @@ def activation_input(value: ir.Value, *, dtype: ir.DataType = ir.DataType.UINT8)
     params = dequantized_params(value)
     if isinstance(params, str):
         return params
+    return _per_tensor_refusal(params, dtype, f"input {value.name}", "takes") or params
+
+
+def _per_tensor_refusal(params: QuantParams, dtype: ir.DataType, subject: str, verb: str) -> str | None:
+    """Why a per-tensor ``dtype`` kernel cannot take (or write) ``subject`` quantized by ``params``, or None."""
     if params.integer_type != dtype:
-        return f"input {value.name} is quantized to {params.integer_type}, the kernel takes {dtype}"
+        return f"{subject} is quantized to {params.integer_type}, the kernel {verb} {dtype}"
     if not params.per_tensor:
-        return f"input {value.name} is quantized per channel, the kernel takes one scale"
-    return params
+        return f"{subject} is quantized per channel, the kernel {verb} one scale"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,15 +225,10 @@ def output_quantize(
     params = read_params(consumer)
     if isinstance(params, str):
         return params
-    if params.integer_type != dtype:
-        return f"the output is quantized to {params.integer_type}, the kernel writes {dtype}"
-    if not params.per_tensor:
-        return "the output is quantized per channel, the kernel writes one scale"
-    if activation is not None:
+    reason = _per_tensor_refusal(params, dtype, "the output", "writes")
+    if reason is None and activation is not None:
         reason = activation_implied(activation, params)
-        if reason is not None:
-            return reason
-    return OutputQuantize(activation, consumer, params)
+    return reason or OutputQuantize(activation, consumer, params)
 
 
 def output_is_quantized_only(output: ir.Value) -> bool:
