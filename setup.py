@@ -7,12 +7,8 @@
   kernels of QAT's learnable activation quantizers (``qgraph.train.fused_gradients``). Without it QAT graphs keep
   onnxruntime's kernels, with the same values, slower.
 
-- ``qgraph/native/observe_kernel.c``: an onnxruntime custom-operator library too, the calibration
-  observers' per-batch work run inside the probe graph (``qgraph.calibrate.observe_kernel``). Without it the probe
-  returns every activation and the observers read them afterwards, with the same results, slower.
-
 Every C source and header is in ``qgraph/native/``: ``macros.h`` (the macros all share: CPU multiversioning, the
-exported symbol), ``ort_custom_op.h`` (the part of onnxruntime's C API the libraries use) and ``bin_loops.h`` (the
+exported symbol), ``ort_custom_op.h`` (the part of onnxruntime's C API the library uses) and ``bin_loops.h`` (the
 binning loops). All are optional: where no C compiler is available the build carries on without them.
 """
 
@@ -40,22 +36,12 @@ setup(
             depends=["qgraph/native/bin_loops.h", "qgraph/native/macros.h"],
             optional=True,
         ),
-        # not Python modules: onnxruntime custom-operator libraries (qgraph.train.fused_gradients and
-        # qgraph.calibrate.observe_kernel load them)
+        # not a Python module: an onnxruntime custom-operator library (qgraph.train.fused_gradients loads it)
         Extension(
             "qgraph.native._quantizer_gradient",
             sources=["qgraph/native/quantizer_gradient.c"],
             include_dirs=["qgraph/native"],
             depends=["qgraph/native/ort_custom_op.h", "qgraph/native/macros.h"],
-            optional=True,
-        ),
-        Extension(
-            "qgraph.native._observe_kernel",
-            sources=["qgraph/native/observe_kernel.c"],
-            include_dirs=["qgraph/native"],
-            depends=["qgraph/native/ort_custom_op.h", "qgraph/native/bin_loops.h", "qgraph/native/macros.h"],
-            libraries=["m"],
-            extra_link_args=["-pthread"],
             optional=True,
         ),
     ],

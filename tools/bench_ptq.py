@@ -147,19 +147,12 @@ FAST_PATH_GOAL = 0.05
 
 def _fast_path_switches() -> dict[str, object]:
     """Each optional fast path of calibrate() by name: a function that switches it on (True) or off (False)."""
-    from qgraph.calibrate import blocked_outputs, probes
+    from qgraph.calibrate import probes
 
     def flag(key: str):
         return lambda on: probes._FAST_PATHS.__setitem__(key, on)
 
-    def in_place(on: bool) -> None:
-        blocked_outputs._IN_PLACE_EDIT = on
-
-    return {
-        "Observe kernel in the probe graph (observe_kernel)": flag("observe_kernel"),
-        "blocked NCHWc outputs (blocked_outputs)": flag("blocked_outputs"),
-        "in-place wire edit of the saved probe (probe_edit; off: edited in onnx-ir)": in_place,
-    }
+    return {"blocked NCHWc outputs (blocked_outputs)": flag("blocked_outputs")}
 
 
 def _fast_path_table(pairs: dict[str, list[tuple[float, float, float, float]]], rounds: int, load: str) -> None:
@@ -188,7 +181,6 @@ def command_speed(arguments: argparse.Namespace) -> None:
 
     from qgraph.calibrate.driver import CalibrationConfig, calibrate
     from qgraph.annotate.annotator import annotate
-    from qgraph.calibrate import observe_kernel
     from qgraph.calibrate.observers.base import NATIVE
     from qgraph.ptq import QuantizeOptions, quantize
     from qgraph.targets import TargetOptions, get_target
@@ -320,8 +312,7 @@ def command_speed(arguments: argparse.Namespace) -> None:
     whole_ratio = support.median(wall["calibrate"]) / fp32
     notes = [
         f"samples {arguments.samples}, batch {arguments.batch_size}, {arguments.threads} threads, method "
-        f"{arguments.method}, native observer loops {'on' if NATIVE else 'OFF (numpy)'}, Observe kernel in the probe "
-        f"graph {'on' if observe_kernel.library_path() else 'OFF (activations returned)'}; medians of "
+        f"{arguments.method}, native observer loops {'on' if NATIVE else 'OFF (numpy)'}; medians of "
         f"{arguments.rounds} alternating rounds; load average before: {load_before}, after: {support.load_average()} "
         "(2 shared cores).",
         f"first batch: FP32 {first['fp32'] * 1000:.0f} ms, calibrate {first['calibrate'] * 1000:.0f} ms (a new "

@@ -1,16 +1,12 @@
 """CALIBRATE: stream the user's batches through onnxruntime once and observe every annotated activation.
 
-A *probe* model is the model made to yield what the observers need in one session run; If branches get probe
-models of their own, run on the batches that took them (:mod:`qgraph.calibrate.probes`). Where qgraph's observer kernel
-was built (:mod:`qgraph.calibrate.observe_kernel`), a per-tensor observer's activation is summarised inside the graph by
-an Observe node right after it is computed (its extremes and its histogram, a few kilobytes), and the observer adds
-the summary up with the same result as observing the activation itself. Otherwise, and for per-channel observers,
-the activation is a graph output, observed after the run. Either way memory is one batch of activations plus the
-observers' fixed-size state, whatever the number of samples (onnxruntime's ``quantize_static`` keeps every batch's
-activations until the end, which grows linearly).
+A *probe* model is the model made to yield what the observers need in one session run: every annotated activation
+is a graph output, observed after the run; If branches get probe models of their own, run on the batches that took
+them (:mod:`qgraph.calibrate.probes`). Memory is one batch of activations plus the observers' fixed-size state,
+whatever the number of samples (onnxruntime's ``quantize_static`` keeps every batch's activations until the end, which
+grows linearly).
 
-Scheduling: onnxruntime runs a batch on all its threads (the Observe kernel spreads each activation over as many),
-then the activations returned run through their observers on as many worker threads, the tensors dealt out largest
+Scheduling: onnxruntime runs a batch on all its threads, then the activations returned run through their observers on as many worker threads, the tensors dealt out largest
 first to the least loaded worker (the native observer loops and numpy's reductions release the GIL), then the range
 searches likewise. The phases alternate rather than overlap: onnxruntime keeps every core busy, and an observer
 thread beside its threads takes a core from one of them, whose parallel loops then wait for the descheduled thread.
@@ -33,7 +29,6 @@ import onnx
 import onnx_ir as ir
 
 from qgraph.errors import DataError
-from qgraph.calibrate.observe_kernel import BatchStatistics
 from qgraph.calibrate.observers.factory import OBSERVER_METHODS as METHODS
 from qgraph.calibrate.observers.histogram import DEFAULT_PERCENTILE
 from qgraph.quant.plan import QuantPlan
@@ -153,11 +148,7 @@ def calibrate(
     order_free = [tensor for tensor in tensors if plan.activation_spec_of(tensor).axis is None]
     make_observer = _observer_factory(config, plan, bounded)
     observers = {tensor: make_observer(tensor) for tensor in tensors}
-    # what a per-tensor observer needs of a batch is computed inside the probe graph where the kernel exists
-    in_graph = {tensor: bins for tensor, observer in observers.items() if (bins := observer.kernel_bins()) is not None}
-    probe = build_probes(
-        model, tensors, threads=config.threads, spinning=False, order_free=order_free, in_graph=in_graph
-    )
+    probe = build_probes(model, tensors, threads=config.threads, spinning=False, order_free=order_free)
     input_names = list(probe.inputs)
     seen: set[str] = set()
     start = time.perf_counter()
@@ -264,12 +255,9 @@ def observer_threads(threads: int | None) -> int:
     return max(1, threads if threads is not None else (os.cpu_count() or 1))
 
 
-def _observe(observers: Mapping[str, object], activations: Iterable[tuple[str, object]]) -> None:
+def _observe(observers: Mapping[str, object], activations: Iterable[tuple[str, np.ndarray]]) -> None:
     for tensor, value in activations:
-        if isinstance(value, BatchStatistics):
-            observers[tensor].update_statistics(value)
-        else:
-            observers[tensor].update(value)
+        observers[tensor].update(value)
 
 
 def _observe_in_parallel(
@@ -281,10 +269,7 @@ def _observe_in_parallel(
     """Update every observer once, the tensors dealt largest first to the least loaded of ``workers`` threads.
 
     Each observer is updated by one thread only, so observers need no locks; an observer's error is re-raised here.
-    Statistics the probe computed in the graph take microseconds: they are added here, on this thread.
     """
-    _observe(observers, [item for item in activations if isinstance(item[1], BatchStatistics)])
-    activations = [item for item in activations if not isinstance(item[1], BatchStatistics)]
     if workers == 1 or len(activations) < 2:
         _observe(observers, activations)
         return

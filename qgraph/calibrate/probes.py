@@ -16,23 +16,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from qgraph import runtime
-from qgraph.calibrate import observe_kernel
 from qgraph.calibrate.blocked_outputs import create_blocked_probe_session
 from qgraph.ir.traversal import branches, captured_values, defined_values
 from qgraph.ir.values import is_constant, is_op
 
 logger = logging.getLogger(__name__)
 
-#: The optional fast paths behind the probe, each switched off alone by ``tools/bench_ptq.py speed --fast-paths``.
-_FAST_PATHS = {"observe_kernel": True, "blocked_outputs": True}
+#: The optional fast path behind the probe, switched off by ``tools/bench_ptq.py speed --fast-paths`` to measure it.
+_FAST_PATHS = {"blocked_outputs": True}
 
 
 @dataclasses.dataclass
@@ -59,20 +57,14 @@ class Probe:
     session_outputs: list[str] = dataclasses.field(default_factory=list)
     #: Tensors returned in onnxruntime's blocked layout (:mod:`qgraph.calibrate.blocked_outputs`): their channel count.
     blocked: dict[str, int] = dataclasses.field(default_factory=dict)
-    #: Tensors observed inside the graph by the Observe kernel (:mod:`qgraph.calibrate.observe_kernel`): the outputs
-    #: that carry their statistics, fetched after ``fetched``.
-    statistics: dict[str, observe_kernel.ObservedOutputs] = dataclasses.field(default_factory=dict)
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray | observe_kernel.BatchStatistics]]:
-        """``(tensor, array)`` for every tensor observed in this probe and in the branches the batch took; a tensor
-        observed in the graph comes as ``(tensor, BatchStatistics)``.
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+        """``(tensor, array)`` for every tensor observed in this probe and in the branches the batch took.
 
         A tensor in ``blocked`` holds its values in another order than the plain tensor.
         """
-        available: dict[str, object] = dict(feeds)
+        available: dict[str, np.ndarray] = dict(feeds)
         names = [*(self.session_outputs or self.fetched)]
-        for outputs in self.statistics.values():
-            names += [outputs.counts, outputs.summary]
         if names:
             values = run_without_copies(self.session, names, feeds)
             available.update(zip(self.fetched, values))
@@ -80,9 +72,6 @@ class Probe:
                 shape = available[tensor].shape
                 if len(shape) < 2 or shape[1] != channels:  # padding channels would add zeros to its values
                     raise RuntimeError(f"blocked probe output {tensor!r} has shape {shape}, not {channels} channels")
-            summaries = iter(values[len(self.fetched):])
-            for tensor in self.statistics:
-                available[tensor] = observe_kernel.BatchStatistics.from_outputs(next(summaries), next(summaries))
         collected = [(tensor, available[tensor]) for tensor in self.observed]
         for child in self.children:
             if bool(np.asarray(available[child.condition]).reshape(-1)[0]) != child.taken_when:
@@ -113,85 +102,32 @@ def value_info(value: ir.Value) -> onnx.ValueInfoProto:
     return onnx.helper.make_tensor_value_info(value.name, element, shape)
 
 
-def untyped_output(value: ir.Value) -> onnx.ValueInfoProto:
-    """A graph output for ``value`` with its type where known, else none (onnxruntime infers it)."""
-    return value_info(value) if value.dtype is not None else onnx.ValueInfoProto(name=value.name)
-
-
 class _Builder:
     def __init__(
-        self,
-        model: ir.Model,
-        tensors: Iterable[str],
-        threads: int | None,
-        spinning: bool,
-        order_free: Iterable[str],
-        in_graph: Mapping[str, int],
+        self, model: ir.Model, tensors: Iterable[str], threads: int | None, spinning: bool, order_free: Iterable[str]
     ) -> None:
         self.model = model
         self.tensors = set(tensors)
         self.threads = threads
         self.spinning = spinning
         self.order_free = frozenset(order_free)
-        self.library = observe_kernel.library_path() if in_graph and _FAST_PATHS["observe_kernel"] else None
-        self.in_graph = dict(in_graph) if self.library is not None else {}
-
-    def kernel_observed(self, observed: list[str], needed: Iterable[str], values: Mapping[str, ir.Value]) -> dict[str, int]:
-        """The observed tensors (of ``values``, defined in this graph) that the Observe kernel takes: name -> bins.
-
-        A tensor that the probe must return anyway (an If's condition or captured value) is observed from the output.
-        """
-        returned = set(needed)
-        return {
-            name: self.in_graph[name] for name in observed
-            if name in self.in_graph and name not in returned and name in values
-            and values[name].dtype in (None, ir.DataType.FLOAT)
-        }
 
     def probe(
         self, proto: onnx.ModelProto, inputs: list[str], fetched: list[str], observed: list[str],
-        children: list[BranchProbe], in_graph: Mapping[str, int], output_info: Callable[[str], onnx.ValueInfoProto],
+        children: list[BranchProbe],
     ) -> Probe:
-        """A probe on a session of ``proto``, with ``in_graph`` observed by Observe nodes and the order-free observed
-        tensors read in the blocked layout if it helps.
-
-        Should onnxruntime refuse the Observe nodes (a tensor whose type the model does not state turns out not to be
-        float32, say), the tensors in ``in_graph`` become graph outputs (``output_info`` describes one) instead.
-        """
-        if in_graph:
-            try:
-                return self.session_probe(proto, inputs, fetched, observed, children, in_graph)
-            except Exception as error:  # noqa: BLE001 - onnxruntime's refusal; the probe can return the tensors
-                logger.warning("observing activations inside the probe failed (%s): the probe returns them instead",
-                               str(error).strip().splitlines()[0][:200])
-                observe_kernel.remove_observe_nodes(proto)
-                present = {output.name for output in proto.graph.output}
-                proto.graph.output.extend(output_info(name) for name in in_graph if name not in present)
-                fetched = [*fetched, *in_graph]
-        return self.session_probe(proto, inputs, fetched, observed, children, {})
-
-    def session_probe(
-        self, proto: onnx.ModelProto, inputs: list[str], fetched: list[str], observed: list[str],
-        children: list[BranchProbe], in_graph: Mapping[str, int],
-    ) -> Probe:
-        """:meth:`probe` without the fallback."""
-        # the kernel spreads its work over as many threads as onnxruntime's pool has (all cores by default)
-        threads = self.threads or os.cpu_count() or 1
-        statistics = observe_kernel.add_observe_nodes(proto, in_graph, threads=threads) if in_graph else {}
-        library = self.library if statistics else None
+        """A probe on a session of ``proto``, with the order-free observed tensors read in the blocked layout if it
+        helps."""
         blocked = create_blocked_probe_session(
-            proto, self.order_free.intersection(observed), threads=self.threads, spinning=self.spinning,
-            custom_operators=library,
+            proto, self.order_free.intersection(observed), threads=self.threads, spinning=self.spinning
         ) if _FAST_PATHS["blocked_outputs"] else None
         if blocked is None:
-            session = runtime.create_session(
-                proto, optimize=True, threads=self.threads, spinning=self.spinning, custom_operators=library
-            )
-            return Probe(session, inputs, fetched, observed, children, statistics=statistics)
+            session = runtime.create_session(proto, optimize=True, threads=self.threads, spinning=self.spinning)
+            return Probe(session, inputs, fetched, observed, children)
         renamed = {output.tensor: output.name for output in blocked.blocked}
         channels = {output.tensor: output.channels for output in blocked.blocked}
         names = [renamed.get(name, name) for name in fetched]
-        return Probe(blocked.session, inputs, fetched, observed, children, names, channels, statistics)
+        return Probe(blocked.session, inputs, fetched, observed, children, names, channels)
 
     def main(self) -> Probe:
         graph = self.model.graph
@@ -199,21 +135,16 @@ class _Builder:
         children, needed = self.children_of(graph)
         inputs = [value.name for value in graph.inputs]
         values = defined_values(graph)
-        in_graph = self.kernel_observed([name for name in observed if name not in inputs], needed, values)
         wanted = list(dict.fromkeys([*observed, *needed]))
         proto = ir.serde.serialize_model(self.model)
         present = {output.name for output in proto.graph.output}
         known = {info.name: info for info in proto.graph.value_info}
         for name in wanted:
-            if name in present or name in inputs or name in in_graph:
+            if name in present or name in inputs:
                 continue
             proto.graph.output.append(known[name] if name in known else value_info(values[name]))
-        fetched = [name for name in wanted if name not in inputs and name not in in_graph]
-
-        def output_info(name: str) -> onnx.ValueInfoProto:
-            return known[name] if name in known else untyped_output(values[name])
-
-        return self.probe(proto, inputs, fetched, sorted(observed, key=wanted.index), children, in_graph, output_info)
+        fetched = [name for name in wanted if name not in inputs]
+        return self.probe(proto, inputs, fetched, sorted(observed, key=wanted.index), children)
 
     def children_of(self, graph: ir.Graph) -> tuple[list[BranchProbe], list[str]]:
         """Branch probes of the Ifs directly in ``graph`` and the names ``graph`` must provide them."""
@@ -252,15 +183,13 @@ class _Builder:
                 proto_graph.input.append(value_info(value))
                 inputs.append(value.name)
         own_needed = [name for name in needed if name not in captured_names]
-        in_graph = self.kernel_observed(observed, own_needed, values)
-        wanted = list(dict.fromkeys([*observed, *own_needed]))
-        fetched = [name for name in wanted if name not in in_graph]
+        fetched = list(dict.fromkeys([*observed, *own_needed]))
         for name in fetched:
             proto_graph.output.append(value_info(values[name]))
         opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in self.model.opset_imports.items()]
         proto = onnx.helper.make_model(proto_graph, opset_imports=opsets, ir_version=self.model.ir_version)
         # what the children need from outside this branch arrives as this branch's inputs
-        return self.probe(proto, inputs, fetched, observed, children, in_graph, lambda name: untyped_output(values[name]))
+        return self.probe(proto, inputs, fetched, observed, children)
 
 
 def build_probes(
@@ -270,7 +199,6 @@ def build_probes(
     threads: int | None = None,
     spinning: bool = True,
     order_free: Iterable[str] = (),
-    in_graph: Mapping[str, int] | None = None,
 ) -> Probe:
     """The probe tree that observes ``tensors`` (names of annotated activations anywhere in main graph and Ifs).
 
@@ -278,17 +206,11 @@ def build_probes(
     ``order_free``: tensors whose observers ignore the order of values (per-tensor ones); these may be returned in
     onnxruntime's blocked NCHWc layout, which spares the probe a reorder of each (see
     :mod:`qgraph.calibrate.blocked_outputs`).
-    ``in_graph``: tensors to observe inside the graph with the Observe kernel (:mod:`qgraph.calibrate.observe_kernel`),
-    name -> histogram bins (0 for the extremes only); float32 ones that the probe needs not return otherwise are, where
-    the kernel library was built. ``Probe.run`` gives their :class:`~qgraph.calibrate.observe_kernel.BatchStatistics`.
     """
-    probe = _Builder(model, tensors, threads, spinning, order_free, in_graph or {}).main()
+    probe = _Builder(model, tensors, threads, spinning, order_free).main()
     count = len(_tree(probe)) - 1
     if count:
         logger.info("calibration probes: the main graph and %d If branch(es)", count)
-    in_kernel = sum(len(node.statistics) for node in _tree(probe))
-    if in_kernel:
-        logger.info("%d activation(s) observed inside the probe graph by qgraph's Observe kernel", in_kernel)
     return probe
 
 

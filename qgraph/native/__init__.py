@@ -1,12 +1,11 @@
-"""qgraph's onnxruntime custom-operator libraries: found, loaded once for the life of the process, and named.
+"""qgraph's onnxruntime custom-operator library: found, loaded once for the life of the process, and named.
 
-Two libraries are built with the package where a C compiler is available (see ``setup.py``): the fused QAT quantizer
-kernels (``qgraph.native._quantizer_gradient``) and the calibration observer kernel
-(``qgraph.native._observe_kernel``). They are shared objects named like Python extension modules, so that
-the build places them in the package, but they hold no Python module: onnxruntime loads them through
+The fused QAT quantizer kernels (``qgraph.native._quantizer_gradient``) are built with the package where a C
+compiler is available (see ``setup.py``). The library is a shared object named like a Python extension module, so
+that the build places it in the package, but it holds no Python module: onnxruntime loads it through
 ``SessionOptions.register_custom_ops_library``.
 
-Each is also loaded here with ``ctypes`` and never unloaded: every ``register_custom_ops_library`` opens the library
+It is also loaded here with ``ctypes`` and never unloaded: every ``register_custom_ops_library`` opens the library
 once more and closes it when its options object is collected, which, with no other reference, unmapped the kernels
 of sessions still running (a segmentation fault, seen in QAT).
 """

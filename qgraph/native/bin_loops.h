@@ -1,6 +1,5 @@
 /*
- * The observers' per-value loops, shared by the Python extension (observer_loops.c) and the onnxruntime custom operator
- * that observes inside the probe graph (observe_kernel.c), so that both count every value in the same bin.
+ * The observers' per-value loops, used by the Python extension (observer_loops.c).
  *
  * bin_counts_*(values, size, scale, offset, bins, checked, low_value, high_value, lanes, counts) adds to ``counts``
  * (int64, length ``bins``) the count of each bin: value x lands at index floor(x * scale) + offset with scale =

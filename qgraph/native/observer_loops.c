@@ -21,8 +21,7 @@
  * (ReLU outputs are often half exact zeros) do not serialise on one counter, the bin holding zero spread further
  * over spare counters; the scatter loop takes eight values a turn, their indices loaded before any counter is
  * touched (5-10% faster than one value at a time here).  The GIL is released, so observers of different tensors run
- * in parallel.  The loops themselves are in bin_loops.h, shared with the calibration probe's Observe kernel
- * (observe_kernel.c), so that both count every value in the same bin.
+ * in parallel.  The loops themselves are in bin_loops.h.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -158,23 +158,6 @@ class Observer(abc.ABC):
     def from_state(cls: type[ObserverT], state: dict[str, Any]) -> ObserverT:
         """Rebuild an observer from ``state_dict()``."""
 
-    def kernel_bins(self) -> int | None:
-        """What this observer needs of the in-graph Observe kernel (:mod:`qgraph.calibrate.observe_kernel`): the
-        histogram's bins, 0 for the extremes only, None when it must see the tensor itself (per channel, say)."""
-        return None
-
-    def update_statistics(self, statistics: Any) -> None:
-        """Observe one batch summarised by the Observe kernel (a ``BatchStatistics`` of :meth:`kernel_bins`'s kind);
-        the state becomes what :meth:`update` of the batch itself gives."""
-        raise TypeError(f"{type(self).__name__} observes tensors, not kernel statistics")
-
-    def _takes_statistics(self, statistics: Any) -> bool:
-        """For per-tensor observers' :meth:`update_statistics`: refuses a per-channel spec; False for a batch with
-        no finite value (nothing to add)."""
-        if self.spec.axis is not None:
-            raise TypeError(f"a per-channel {type(self).__name__} observes tensors, not kernel statistics")
-        return statistics.count > 0
-
     def compute_quant_params(self) -> QuantParams:
         """Scale and zero point for the observed range under ``self.spec``."""
         low, high = self.compute_range()

@@ -40,10 +40,6 @@ a ReLU output is often half exact zeros, and one counter incremented back to bac
 ``np.bincount`` ~1.5× slower on such data than on spread values. The state is the counts (int64), the
 exponent, the layout flag, the exact finite minimum and maximum, and the count: O(B) whatever the number of batches.
 
-During calibration the batch is usually binned inside the probe graph instead (:mod:`qgraph.calibrate.observe_kernel`,
-through the same loops): ``update_statistics`` adds that batch histogram, in whatever layout it has, by the same
-exact re-binning, so the state is the one ``update`` of the batch would give, count for count.
-
 Ranges (:mod:`qgraph.calibrate.observers.histogram_ranges`) are derived by the entropy (KL), percentile or MSE method and
 always clamped to the exact observed [minimum, maximum].
 """
@@ -193,25 +189,6 @@ class HistogramObserver(Observer):
         self.minimum = min(self.minimum, low)
         self.maximum = max(self.maximum, high)
         self.count += flat.size
-
-    def kernel_bins(self) -> int | None:
-        return self.bins
-
-    def update_statistics(self, statistics: Any) -> None:
-        """Add a batch the Observe kernel binned: its histogram re-binned exactly into the wider of the two layouts."""
-        if statistics.count == 0:
-            return
-        if statistics.counts is None or statistics.counts.shape != (self.bins,):
-            raise ValueError(f"kernel statistics hold no histogram of {self.bins} bins")
-        exponent = statistics.exponent if self.exponent is None else max(self.exponent, statistics.exponent)
-        self._rebin(exponent, self.signed_layout or statistics.signed_layout)
-        self.counts += rebinned_counts(
-            statistics.counts, statistics.exponent, statistics.signed_layout, self.exponent, self.signed_layout,
-            self._log2_bins,
-        )
-        self.minimum = min(self.minimum, statistics.minimum)
-        self.maximum = max(self.maximum, statistics.maximum)
-        self.count += statistics.count
 
     def _accumulate(self, flat: np.ndarray, *, native: bool | None = None) -> None:
         """Add the bin counts of ``flat`` (finite, within the current layout); ``native`` forces a path (tests)."""

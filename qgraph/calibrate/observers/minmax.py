@@ -55,16 +55,6 @@ class MinMaxObserver(Observer):
             self.maximum = np.maximum(self.maximum, high)
         self.count += count
 
-    def kernel_bins(self) -> int | None:
-        return 0 if self.spec.axis is None else None
-
-    def update_statistics(self, statistics: Any) -> None:
-        if not self._takes_statistics(statistics):
-            return
-        self.minimum = statistics.minimum if self.minimum is None else min(self.minimum, statistics.minimum)
-        self.maximum = statistics.maximum if self.maximum is None else max(self.maximum, statistics.maximum)
-        self.count += statistics.count
-
     def compute_range(self) -> tuple[Any, Any]:
         if self.minimum is None:
             if self.spec.axis is not None:

@@ -76,14 +76,6 @@ class MovingAverageMinMaxObserver(Observer):
             self.maximum = keep * self.maximum + (1.0 - keep) * high_value
         self.batches += 1
 
-    def kernel_bins(self) -> int | None:
-        return 0 if self.spec.axis is None else None
-
-    def update_statistics(self, statistics: Any) -> None:
-        if not self._takes_statistics(statistics):
-            return
-        self._fold(np.float64(statistics.minimum), np.float64(statistics.maximum))
-
     def compute_range(self) -> tuple[Any, Any]:
         if self.minimum is None:
             if self.spec.axis is not None:
