@@ -8,7 +8,9 @@ so each consumer computes on ``s · (clamp(round(t / s) + z, qmin, qmax) − z)`
 will see. A graph output keeps its name and its float value. A weight ``W`` becomes ``Wq = clamp(round(W / s_w) +
 z_w)`` stored as int8 and read through one DequantizeLinear on its channel axis; a bias becomes
 ``bq = round(b / (s_x · s_w))`` stored as int32 (scale ``s_x · s_w``, zero point 0), so that the integer accumulator
-of ``x_q · W_q`` and ``bq`` share one scale. The pass is idempotent: a tensor already followed by a
+of ``x_q · W_q`` and ``bq`` share one scale. A weight that several planned consumers read (tied weights) is stored
+once per consumer, each copy behind its own DequantizeLinear, as the QDQ form wants one DequantizeLinear per reader.
+The pass is idempotent: a tensor already followed by a
 QuantizeLinear → DequantizeLinear pair, or a weight already read through a DequantizeLinear, is left alone.
 
 If branches are quantized too (see :mod:`qgraph.ir.subgraphs`): the pass visits the main graph and then every
@@ -76,17 +78,17 @@ class InsertQuantizeDequantize(QGraphPass):
             raise ir.passes.PreconditionError(f"QDQ with per-channel weights needs opset >= 13, the model has {opset}")
 
     def call(self, model: ir.Model) -> PassResult:
-        self.names = NameScope(model)
+        names = NameScope(model, node_names=True)
         modified = False
         graphs = list(quantized_graphs(model.graph))
         for graph in graphs:
-            modified = self._quantize_graph(graph) or modified
+            modified = self._quantize_graph(graph, names) or modified
         if modified:
             for graph in graphs:
                 drop_unused_initializers(graph.initializers.values())
         return PassResult(model, modified)
 
-    def _quantize_graph(self, graph: ir.Graph) -> bool:
+    def _quantize_graph(self, graph: ir.Graph, names: NameScope) -> bool:
         values = defined_values(graph)
         modified = False
         for tensor in self.plan.activations:
@@ -95,7 +97,7 @@ class InsertQuantizeDequantize(QGraphPass):
                 continue
             if tensor not in self.parameters or _is_quantized(value):
                 continue
-            self._quantize_activation(graph, value, self.parameters[tensor])
+            self._quantize_activation(graph, names, value, self.parameters[tensor])
             modified = True
         nodes = {node.name: node for node in graph}
         for weight in self.plan.weights:
@@ -103,7 +105,7 @@ class InsertQuantizeDequantize(QGraphPass):
             value = _input_named(consumer, weight.name) if consumer is not None else None
             if not is_constant(value) or weight.name not in self.parameters:
                 continue
-            self._quantize_weight(graph, consumer, value, weight.axis, self.parameters[weight.name])
+            self._quantize_weight(graph, names, consumer, value, weight.axis, self.parameters[weight.name])
             modified = True
         for bias in self.plan.biases:
             consumer = nodes.get(bias.consumer)
@@ -112,14 +114,16 @@ class InsertQuantizeDequantize(QGraphPass):
                 continue
             if bias.activation not in self.parameters or bias.weight not in self.parameters:
                 continue
-            self._quantize_bias(graph, consumer, value, self.parameters[bias.activation], self.parameters[bias.weight])
+            self._quantize_bias(
+                graph, names, consumer, value, self.parameters[bias.activation], self.parameters[bias.weight]
+            )
             modified = True
         return modified
 
-    def _quantize_activation(self, graph: ir.Graph, value: ir.Value, params) -> None:
+    def _quantize_activation(self, graph: ir.Graph, names: NameScope, value: ir.Value, params) -> None:
         scale, zero_point = _parameter_arrays(params)
-        scale_value = new_initializer(graph, self.names, f"{value.name}_scale", scale.reshape(()))
-        zero_value = new_initializer(graph, self.names, f"{value.name}_zero_point", zero_point.reshape(()))
+        scale_value = new_initializer(graph, names, f"{value.name}_scale", scale.reshape(()))
+        zero_value = new_initializer(graph, names, f"{value.name}_zero_point", zero_point.reshape(()))
         uses = [(node, index) for node, index in value.uses()]
         quantize = ir.node("QuantizeLinear", [value, scale_value, zero_value], name=f"{value.name}_QuantizeLinear")
         quantize.outputs[0].name = f"{value.name}_quantized"
@@ -139,25 +143,28 @@ class InsertQuantizeDequantize(QGraphPass):
         for node, index in uses:
             node.replace_input_with(index, dequantize.outputs[0])
 
-    def _quantize_weight(self, graph: ir.Graph, consumer: ir.Node, value: ir.Value, axis, params) -> None:
+    def _quantize_weight(
+        self, graph: ir.Graph, names: NameScope, consumer: ir.Node, value: ir.Value, axis, params
+    ) -> None:
         from qgraph.quant.numerics import quantize
 
         scale, zero_point = _parameter_arrays(params)
         weights = value.const_value.numpy()
         quantized = quantize(weights, params, clip_to_spec=True)
-        quantized_value = new_initializer(graph, self.names, f"{value.name}_quantized", quantized)
+        quantized_value = new_initializer(graph, names, f"{value.name}_quantized", quantized)
         per_channel = scale.ndim == 1 and scale.size > 1
         scale_value = new_initializer(
-            graph, self.names, f"{value.name}_scale", scale if per_channel else scale.reshape(())
+            graph, names, f"{value.name}_scale", scale if per_channel else scale.reshape(())
         )
         zero_value = new_initializer(
-            graph, self.names, f"{value.name}_zero_point", zero_point if per_channel else zero_point.reshape(())
+            graph, names, f"{value.name}_zero_point", zero_point if per_channel else zero_point.reshape(())
         )
         attributes = {"axis": axis} if per_channel else {}
         dequantize = ir.node(
-            "DequantizeLinear", [quantized_value, scale_value, zero_value], attributes, name=f"{value.name}_DequantizeLinear"
+            "DequantizeLinear", [quantized_value, scale_value, zero_value], attributes,
+            name=names.fresh(f"{value.name}_DequantizeLinear"),
         )
-        dequantize.outputs[0].name = f"{value.name}_dequantized"
+        dequantize.outputs[0].name = names.fresh(f"{value.name}_dequantized")
         dequantize.outputs[0].shape = ir.Shape(weights.shape)
         dequantize.outputs[0].type = value.type
         graph.insert_before(consumer, dequantize)
@@ -165,7 +172,9 @@ class InsertQuantizeDequantize(QGraphPass):
             if current is value:
                 consumer.replace_input_with(index, dequantize.outputs[0])
 
-    def _quantize_bias(self, graph: ir.Graph, consumer: ir.Node, value: ir.Value, activation, weight) -> None:
+    def _quantize_bias(
+        self, graph: ir.Graph, names: NameScope, consumer: ir.Node, value: ir.Value, activation, weight
+    ) -> None:
         activation_scale, _ = _parameter_arrays(activation)
         weight_scale, _ = _parameter_arrays(weight)
         bias = value.const_value.numpy().astype(np.float64)
@@ -173,13 +182,14 @@ class InsertQuantizeDequantize(QGraphPass):
         if scale.size == 1:
             scale = np.full(bias.shape, scale[0])
         quantized = np.clip(np.rint(bias / scale), -_INT32_LIMIT, _INT32_LIMIT).astype(np.int32)
-        quantized_value = new_initializer(graph, self.names, f"{value.name}_quantized", quantized)
-        scale_value = new_initializer(graph, self.names, f"{value.name}_scale", scale.astype(np.float32))
-        zero_value = new_initializer(graph, self.names, f"{value.name}_zero_point", np.zeros(bias.shape, np.int32))
+        quantized_value = new_initializer(graph, names, f"{value.name}_quantized", quantized)
+        scale_value = new_initializer(graph, names, f"{value.name}_scale", scale.astype(np.float32))
+        zero_value = new_initializer(graph, names, f"{value.name}_zero_point", np.zeros(bias.shape, np.int32))
         dequantize = ir.node(
-            "DequantizeLinear", [quantized_value, scale_value, zero_value], {"axis": 0}, name=f"{value.name}_DequantizeLinear"
+            "DequantizeLinear", [quantized_value, scale_value, zero_value], {"axis": 0},
+            name=names.fresh(f"{value.name}_DequantizeLinear"),
         )
-        dequantize.outputs[0].name = f"{value.name}_dequantized"
+        dequantize.outputs[0].name = names.fresh(f"{value.name}_dequantized")
         dequantize.outputs[0].shape = ir.Shape(bias.shape)
         dequantize.outputs[0].type = value.type
         graph.insert_before(consumer, dequantize)
