@@ -17,8 +17,13 @@ If branches are quantized too (see :mod:`qgraph.ir.subgraphs`): the pass visits 
 branch, recursively. An activation is quantized in the graph that defines it, so when a branch reads (captures) a
 quantized outer value, its readers inside the branch read the outer DequantizeLinear output like any other reader.
 A weight or bias is found among its consumer's inputs (a branch may read an initializer of an enclosing graph) and
-stored quantized in the consumer's graph. New initializer names are unique across the whole model, since ONNX
-forbids a branch to reuse a name of an enclosing scope.
+stored quantized in the consumer's graph.
+
+Every name the pass writes (initializers, Q/DQ outputs, nodes) comes from one model-wide
+:class:`~qgraph.ir.naming.NameScope`, since ONNX forbids a branch to reuse a name of an enclosing scope and the model
+may already hold a name such as ``t_quantized``: ``t_quantized``/``t_dequantized`` when free, else with a suffix. So
+code that looks for the DequantizeLinear of a planned tensor asks :func:`dequantized_tensors`, which follows the
+graph, instead of building the name.
 """
 
 from __future__ import annotations
@@ -48,11 +53,59 @@ def _input_named(node: ir.Node, name: str) -> ir.Value | None:
     return next((value for value in node.inputs if value is not None and value.name == name), None)
 
 
-def _is_quantized(value: ir.Value) -> bool:
+def _pair_dequantizer(value: ir.Value) -> ir.Node | None:
+    """The DequantizeLinear of the QuantizeLinear → DequantizeLinear pair that reads ``value`` (None: no pair)."""
     for consumer in value.consumers():
         if consumer.op_type == "QuantizeLinear":
-            return any(next_node.op_type == "DequantizeLinear" for next_node in consumer.outputs[0].consumers())
-    return False
+            return next((node for node in consumer.outputs[0].consumers() if node.op_type == "DequantizeLinear"), None)
+    return None
+
+
+def _constant_dequantizers(consumer: ir.Node, *, bias: bool) -> list[ir.Node]:
+    """The DequantizeLinear nodes of stored constants that ``consumer`` reads: int32 biases, or the other weights."""
+    found = []
+    for value in consumer.inputs:
+        dequantize = value.producer() if value is not None else None
+        if dequantize is None or dequantize.op_type != "DequantizeLinear" or not is_constant(dequantize.inputs[0]):
+            continue
+        if (dequantize.inputs[0].const_value.dtype == ir.DataType.INT32) == bias:
+            found.append(dequantize)
+    return found
+
+
+def dequantized_tensors(model: ir.Model, plan) -> dict[ir.Node, str]:
+    """Each DequantizeLinear that this pass wrote into ``model`` for ``plan``, and the planned tensor it stands for.
+
+    The answer follows the graph, not the names the pass chose (a fresh name may carry a suffix): an activation
+    ``t`` is the input of the QuantizeLinear whose DequantizeLinear is its pair; a weight (bias) is the stored
+    non-int32 (int32) constant whose DequantizeLinear its planned consumer reads. The annotator plans at most one
+    weight and one bias per consumer; a consumer with several planned weights (or biases) cannot be told apart
+    from the graph, and those are left out with a warning.
+    """
+    found: dict[ir.Node, str] = {}
+    for graph in quantized_graphs(model.graph):
+        values = defined_values(graph)
+        for tensor in plan.activations:
+            value = values.get(tensor)
+            dequantize = _pair_dequantizer(value) if value is not None else None
+            if dequantize is not None:
+                found.setdefault(dequantize, tensor)
+        nodes = {node.name: node for node in graph if node.name}
+        for entries, bias in ((plan.weights, False), (plan.biases, True)):
+            by_consumer: dict[str, list[str]] = {}
+            for entry in entries:
+                if entry.consumer in nodes:
+                    by_consumer.setdefault(entry.consumer, []).append(entry.name)
+            for consumer, tensors in by_consumer.items():
+                dequantizers = _constant_dequantizers(nodes[consumer], bias=bias)
+                if len(set(tensors)) > 1 or len(dequantizers) > 1:
+                    logger.warning("%s: node %r reads %d stored %s for the planned %s; they are not told apart",
+                                   InsertQuantizeDequantize.__name__, consumer, len(dequantizers),
+                                   "biases" if bias else "weights", ", ".join(sorted(set(tensors))))
+                    continue
+                for dequantize in dequantizers:
+                    found.setdefault(dequantize, tensors[0])
+    return found
 
 
 def _parameter_arrays(params) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +148,7 @@ class InsertQuantizeDequantize(QGraphPass):
             value = values.get(tensor)
             if value is None or value.is_initializer() and value.graph is not graph:
                 continue
-            if tensor not in self.parameters or _is_quantized(value):
+            if tensor not in self.parameters or _pair_dequantizer(value) is not None:
                 continue
             self._quantize_activation(graph, names, value, self.parameters[tensor])
             modified = True
@@ -125,14 +178,17 @@ class InsertQuantizeDequantize(QGraphPass):
         scale_value = new_initializer(graph, names, f"{value.name}_scale", scale.reshape(()))
         zero_value = new_initializer(graph, names, f"{value.name}_zero_point", zero_point.reshape(()))
         uses = [(node, index) for node, index in value.uses()]
-        quantize = ir.node("QuantizeLinear", [value, scale_value, zero_value], name=f"{value.name}_QuantizeLinear")
-        quantize.outputs[0].name = f"{value.name}_quantized"
+        quantize = ir.node(
+            "QuantizeLinear", [value, scale_value, zero_value], name=names.fresh(f"{value.name}_QuantizeLinear")
+        )
+        quantize.outputs[0].name = names.fresh(f"{value.name}_quantized")
         quantize.outputs[0].shape = value.shape
         quantize.outputs[0].type = ir.TensorType(zero_value.const_value.dtype)
         dequantize = ir.node(
-            "DequantizeLinear", [quantize.outputs[0], scale_value, zero_value], name=f"{value.name}_DequantizeLinear"
+            "DequantizeLinear", [quantize.outputs[0], scale_value, zero_value],
+            name=names.fresh(f"{value.name}_DequantizeLinear"),
         )
-        dequantize.outputs[0].name = f"{value.name}_dequantized"
+        dequantize.outputs[0].name = names.fresh(f"{value.name}_dequantized")
         dequantize.outputs[0].shape = value.shape
         dequantize.outputs[0].type = value.type
         producer = value.producer()
