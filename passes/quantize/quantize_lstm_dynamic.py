@@ -21,7 +21,9 @@ which the kernel runs on its exact u8·u8 path. Attributes (direction, hidden_si
 clip, input_forget, …) carry over; ``layout`` is not among them, the contrib schema lacks it.
 
 Refused (logged at INFO; the LSTM stays FP32 as it is): W or R not a constant initializer (fed at run time, or a
-graph input a caller can override: there is nothing to quantize ahead of time).
+graph input a caller can override: there is nothing to quantize ahead of time), and ``layout=1`` (batch-first:
+DynamicQuantizeLSTM would read ``[batch, seq, features]`` as ``[seq, batch, features]``; the annotator does not
+plan such an LSTM either, the pass does not rely on it).
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ def _refusal(node: ir.Node) -> Refusal | None:
         reason = constant_refusal(node.inputs[index] if len(node.inputs) > index else None, role)
         if reason is not None:
             return Refusal(reason)
+    layout = node.attributes.get("layout")
+    if layout is not None and layout.as_int() != 0:
+        return Refusal(f"layout={layout.as_int()} (batch first): DynamicQuantizeLSTM has no layout attribute")
     return None
 
 
