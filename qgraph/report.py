@@ -20,7 +20,7 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ import onnx
 from qgraph import runtime
 from qgraph.calibrate.driver import build_probe
 from qgraph.errors import QGraphError
+from qgraph.passes.quantize.insert_quantize_dequantize import dequantized_tensors
 from qgraph.quant.numerics import sqnr_db
 from qgraph.sensitivity import SensitivityResult
 
@@ -133,21 +134,24 @@ def output_names(node: onnx.NodeProto) -> list[str]:
 
 
 def layer_errors(
-    float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, tensors: Iterable[str], batches: list[Mapping]
+    float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, plan, batches: list[Mapping]
 ) -> tuple[LayerError, ...]:
-    """SQNR of each tensor's dequantized value in ``qdq_model`` against its value in ``float_model``."""
-    qdq_names = {output for node in qdq_model.graph.node for output in node.output}
-    pairs = [(tensor, f"{tensor}_dequantized") for tensor in tensors if f"{tensor}_dequantized" in qdq_names]
+    """SQNR of each planned activation's dequantized value in ``qdq_model`` against its value in ``float_model``."""
+    import onnx_ir as ir
+
+    qdq = ir.serde.deserialize_model(qdq_model)
+    dequantized = {tensor: node.outputs[0].name for node, tensor in dequantized_tensors(qdq, plan).items()
+                   if node.graph is qdq.graph and tensor in plan.activations}
+    pairs = [(tensor, dequantized[tensor]) for tensor in plan.activations if tensor in dequantized]
     float_names = {output for node in float_model.graph.node for output in node.output} | {
         value.name for value in float_model.graph.input
     }
     pairs = [(tensor, dequantized) for tensor, dequantized in pairs if tensor in float_names]
     if not pairs:
         return ()
-    import onnx_ir as ir
 
     float_probe = build_probe(ir.serde.deserialize_model(float_model), [tensor for tensor, _ in pairs])
-    qdq_probe = build_probe(ir.serde.deserialize_model(qdq_model), [dequantized for _, dequantized in pairs])
+    qdq_probe = build_probe(qdq, [dequantized for _, dequantized in pairs])
     float_session = runtime.create_session(float_probe, optimize=True)
     qdq_session = runtime.create_session(qdq_probe)
     signal = np.zeros(len(pairs))
@@ -231,7 +235,7 @@ def build_report(
     latency: bool = True,
 ) -> QuantizationReport:
     """The report for a ``qgraph.ptq.QuantizeResult`` on a few calibration ``batches``."""
-    layers = layer_errors(float_model, result.qdq_model, result.plan.activations, batches) if result.qdq_model else ()
+    layers = layer_errors(float_model, result.qdq_model, result.plan, batches) if result.qdq_model else ()
     outputs = output_errors(float_model, quantized_model, batches)
     before = after = None
     if latency and batches:

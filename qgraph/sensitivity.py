@@ -67,7 +67,7 @@ from qgraph import runtime
 from qgraph.errors import QGraphError
 from qgraph.ir.edit import new_initializer
 from qgraph.ir.naming import NameScope
-from qgraph.passes.quantize.insert_quantize_dequantize import InsertQuantizeDequantize
+from qgraph.passes.quantize.insert_quantize_dequantize import InsertQuantizeDequantize, dequantized_tensors
 from qgraph.quant.plan import QuantPlan
 
 logger = logging.getLogger(__name__)
@@ -283,12 +283,13 @@ def build_switchable_model(
         return node.outputs[0]
 
     constant_names = {entry.name for entry in (*plan.weights, *plan.biases)}
+    planned = dequantized_tensors(working, plan)
     unowned = []
     # Every graph: If branches hold quantized tensors too; the flags, computed in the main graph, reach them as
     # outer-scope values.
     for dequantize in [node for node in graph.all_nodes() if node.op_type == "DequantizeLinear"]:
         dequantized = dequantize.outputs[0]
-        name = dequantized.name.removesuffix("_dequantized")
+        name = planned.get(dequantize)
         if name in constant_names:
             float_value = _float_constant(dequantize.graph, model, name)
         elif name in plan.activations:

@@ -5,7 +5,9 @@ For an integer tensor ``q`` in range and identical parameters (integer type, sca
     Q(DQ(q)) = saturate(round(((q - z)·s) / s) + z) = q
 
 so a QuantizeLinear whose input is a DequantizeLinear with the same parameters is an identity on the integer
-tensor: its readers read the DQ's input instead. This collapses ``Q → DQ → Q`` chains and the ``DQ → Q`` pairs
+tensor: its readers read the DQ's input instead. The integer tensor takes the Q output's name only when it is a
+node output that is not a graph output; a graph input, an initializer or a graph output keeps its own name (the
+model's interface does not change). This collapses ``Q → DQ → Q`` chains and the ``DQ → Q`` pairs
 left between two integer operators after lowering; the DQ goes too when nothing else reads it. A QuantizeLinear or
 DequantizeLinear whose outputs are read by nobody (and are not graph outputs) is dead and is removed, together with
 the constants only it read, so a final run of this pass leaves no orphan Q/DQ.
@@ -30,6 +32,11 @@ logger = logging.getLogger(__name__)
 
 def _is_dead(node: ir.Node) -> bool:
     return not any(output.uses() or output.is_graph_output() for output in node.outputs)
+
+
+def _may_be_renamed(value: ir.Value) -> bool:
+    """Whether ``value`` may take another name: a node output that is not part of the graph's interface."""
+    return value.producer() is not None and not value.is_graph_output()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +83,7 @@ class RemoveRedundantQuantization(RewritePass):
                 return Refusal(params)
         if not quantize_params.same_as(dequantize_params):
             return Refusal("the DQ and Q parameters differ: this pair requantizes")
-        integer = dequantize.inputs[0]
-        if node.outputs[0].is_graph_output() and (
-            integer.is_graph_input() or integer.is_initializer() or integer.is_graph_output()
-        ):
+        if node.outputs[0].is_graph_output() and not _may_be_renamed(dequantize.inputs[0]):
             return Refusal("the Q output is a graph output and its replacement cannot take its name")
         return match
 
@@ -87,7 +91,11 @@ class RemoveRedundantQuantization(RewritePass):
         if isinstance(plan, _DeadNode):
             self._remove_dead_chain(plan.node)
             return
-        qdq.take_over(plan.quantize.outputs[0], plan.dequantize.inputs[0])
+        integer = plan.dequantize.inputs[0]
+        if _may_be_renamed(integer):
+            qdq.take_over(plan.quantize.outputs[0], integer)
+        else:  # check made sure the Q output is no graph output: only its readers move
+            plan.quantize.outputs[0].replace_all_uses_with(integer)
         qdq.remove_if_unused([plan.quantize, plan.dequantize])
 
     @staticmethod

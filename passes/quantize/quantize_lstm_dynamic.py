@@ -18,8 +18,12 @@ without VNNI, whose u8·s8 kernels can saturate) ``qmax = 63``. Saturation is re
 8-bit int8 weights gave an LSTM output SQNR of 11–20 dB against 40–42 dB with 7-bit ones. So, as the integer
 lowering passes do (``guard_saturation``), codes wider than 64 are stored as uint8 ``w + 128`` with zero point 128,
 which the kernel runs on its exact u8·u8 path. Attributes (direction, hidden_size, activations,
-clip, input_forget, …) carry over, except ``layout``, which the contrib schema lacks (an LSTM with ``layout=1`` is
-refused by the annotator and stays FP32).
+clip, input_forget, …) carry over; ``layout`` is not among them, the contrib schema lacks it.
+
+Refused (logged at INFO; the LSTM stays FP32 as it is): W or R not a constant initializer (fed at run time, or a
+graph input a caller can override: there is nothing to quantize ahead of time), and ``layout=1`` (batch-first:
+DynamicQuantizeLSTM would read ``[batch, seq, features]`` as ``[seq, batch, features]``; the annotator does not
+plan such an LSTM either, the pass does not rely on it).
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ from onnx_ir.passes import PassResult
 from qgraph.ir.edit import drop_unused_initializers, new_initializer
 from qgraph.ir.naming import NameScope
 from qgraph.ir.traversal import iterate_graphs
-from qgraph.ir.values import MICROSOFT_DOMAIN, ensure_microsoft_domain
-from qgraph.passes.infrastructure import Phase, QGraphPass, register
+from qgraph.ir.values import MICROSOFT_DOMAIN, constant_refusal, ensure_microsoft_domain
+from qgraph.passes.infrastructure import Phase, QGraphPass, Refusal, register
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +69,18 @@ def quantize_recurrent_weight(
     return codes, scale, np.zeros(scale.shape, np.int8)
 
 
+def _refusal(node: ir.Node) -> Refusal | None:
+    """Why ``node`` (an LSTM) cannot run as DynamicQuantizeLSTM (see the module docstring), ``None`` when it can."""
+    for index, role in ((1, "the LSTM weight W"), (2, "the LSTM recurrence weight R")):
+        reason = constant_refusal(node.inputs[index] if len(node.inputs) > index else None, role)
+        if reason is not None:
+            return Refusal(reason)
+    layout = node.attributes.get("layout")
+    if layout is not None and layout.as_int() != 0:
+        return Refusal(f"layout={layout.as_int()} (batch first): DynamicQuantizeLSTM has no layout attribute")
+    return None
+
+
 @register
 class QuantizeLSTMDynamic(QGraphPass):
     """Replace planned LSTM nodes by com.microsoft DynamicQuantizeLSTM with int8 transposed weights."""
@@ -91,6 +107,10 @@ class QuantizeLSTMDynamic(QGraphPass):
                 continue
             for node in list(graph):
                 if node.op_type != "LSTM" or node.domain not in ("", "ai.onnx") or node.name not in self.nodes:
+                    continue
+                refusal = _refusal(node)
+                if refusal is not None:
+                    logger.info("%s: leaving %s (LSTM): %s", self.pass_name(), node.name, refusal.reason)
                     continue
                 self._replace(graph, node, names)
                 replaced += 1

@@ -139,3 +139,29 @@ def test_a_graph_input_keeps_its_name_when_its_pair_collapses():
     before, after = run_both(model, lowered)
     np.testing.assert_array_equal(before["y"], after["y"])
     assert not RemoveRedundantQuantization()(result.model).modified
+
+
+def test_an_integer_graph_output_keeps_its_name_when_its_pair_collapses():
+    """The integer tensor of the pair is itself a graph output (and read by the DQ): the Q output's readers read it,
+    and the interface keeps both names."""
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    zero = numpy_helper.from_array(np.array(1, np.uint8), "z")
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+         helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["d"]),
+         helper.make_node("QuantizeLinear", ["d", "s", "z"], ["yq"]),
+         helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("xq", TensorProto.UINT8, [3]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], [scale, zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    result = RemoveRedundantQuantization()(ir.serde.deserialize_model(model))
+    assert result.modified
+    lowered = ir.serde.serialize_model(result.model)
+    onnx.checker.check_model(lowered, full_check=True)
+    assert [value.name for value in lowered.graph.output] == ["xq", "y"]
+    assert [node.op_type for node in lowered.graph.node] == ["QuantizeLinear", "DequantizeLinear"]
+    before, after = run_both(model, lowered)
+    for name in ("xq", "y"):
+        np.testing.assert_array_equal(before[name], after[name])
+    assert not RemoveRedundantQuantization()(result.model).modified

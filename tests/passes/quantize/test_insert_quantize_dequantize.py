@@ -145,7 +145,7 @@ def test_an_activation_gets_one_pair_right_after_its_producer():
     assert op_types(graph) == ["Relu", "QuantizeLinear", "DequantizeLinear", "Sigmoid", "Tanh"]
     quantize_node, dequantize_node = graph.node[1], graph.node[2]
     assert list(quantize_node.input) == ["h", "h_scale", "h_zero_point"]
-    # the pair shares one scale and one zero point; sensitivity and the report find the pair as "<t>_dequantized"
+    # the pair shares one scale and one zero point; its outputs are "<t>_quantized"/"<t>_dequantized" when free
     assert list(dequantize_node.input) == [quantize_node.output[0], "h_scale", "h_zero_point"]
     assert quantize_node.output[0] == "h_quantized" and dequantize_node.output[0] == "h_dequantized"
     assert [list(node.input) for node in graph.node[3:]] == [["h_dequantized"], ["h_dequantized"]]
@@ -638,3 +638,57 @@ def test_new_value_names_never_clash_with_existing_ones():
     x = seeded((2, 4), seed=73)
     expected = 1.0 / (1.0 + np.exp(-np.maximum(fake_quantize(x, parameters["x"]), 0.0)))
     np.testing.assert_allclose(run(proto, {"x": x})["y"], expected, rtol=1e-6)
+
+
+def test_the_dequantizers_are_found_by_the_graph_when_their_names_carry_a_suffix():
+    """Sensitivity and the report ask ``dequantized_tensors`` for the DequantizeLinear of a planned tensor. In a model
+    that already holds ``x_quantized`` and ``x_dequantized``, and whose weight W two MatMuls share, the names get a
+    suffix; the lookup must still find every pair and weight, so that the switchable graph disables each of them
+    (all off is the float model bit for bit) and the report measures every activation."""
+    from qgraph.passes.quantize.insert_quantize_dequantize import dequantized_tensors
+    from qgraph.report import layer_errors
+    from qgraph.sensitivity import ENABLE_INPUT, build_switchable_model, find_layers
+
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["x_quantized"], name="first"),
+         helper.make_node("Relu", ["x_quantized"], ["x_dequantized"], name="relu"),
+         helper.make_node("MatMul", ["x_dequantized", "W"], ["t"], name="second"),
+         helper.make_node("Gemm", ["t", "W2", "b"], ["y"], transB=1, name="gemm")],
+        [floats("x", [2, 4])], [floats("y", [2, 3])],
+        [constant("W", seeded((4, 4), seed=80)), constant("W2", seeded((3, 4), seed=81)),
+         constant("b", seeded((3,), seed=82))],
+    )
+    batches = [{"x": seeded((2, 4), seed=83 + index, scale=2.0)} for index in range(3)]
+    options = QuantizeOptions(target_options=TargetOptions(format="qdq", reduce_range="off"), min_sqnr=None,
+                              calibration=CalibrationConfig(method="minmax"))
+    float_model = ir.serde.deserialize_model(model)
+    result = quantize_model(ir.serde.deserialize_model(model), iter(batches), options, lower=False)
+    plan = result.plan
+    assert "x" in plan.activations and [entry.consumer for entry in plan.weights if entry.name == "W"] == [
+        "first", "second"]
+    qdq = ir.serde.deserialize_model(result.qdq_model)
+    found = dequantized_tensors(qdq, plan)
+    dequantizers = [node for node in qdq.graph if node.op_type == "DequantizeLinear"]
+    assert set(found) == set(dequantizers)
+    assert sorted(found.values()) == sorted([*plan.activations, "W", "W", "W2", "b"])
+    by_tensor = {tensor: node.outputs[0].name for node, tensor in found.items()}
+    assert by_tensor["x"] != "x_dequantized"  # the convention's name is taken: the pair's output has a suffix
+    for node, tensor in found.items():
+        if tensor in plan.activations:
+            assert node.inputs[0].producer().inputs[0].name == tensor
+
+    layers = find_layers(float_model, plan)
+    switchable = build_switchable_model(float_model, plan, result.parameters, layers)
+    onnx.checker.check_model(switchable, full_check=True)
+    assert sum(node.op_type == "Where" for node in switchable.graph.node) == len(dequantizers)
+    session = runtime.create_session(switchable)
+    for batch in batches:
+        on = session.run(None, {**batch, ENABLE_INPUT: np.ones(len(layers), bool)})[0]
+        off = session.run(None, {**batch, ENABLE_INPUT: np.zeros(len(layers), bool)})[0]
+        np.testing.assert_array_equal(on, run(result.qdq_model, batch)["y"])
+        np.testing.assert_array_equal(off, run(model, batch)["y"])
+        assert not np.array_equal(on, off)
+
+    errors = layer_errors(model, result.qdq_model, plan, batches)
+    assert [error.tensor for error in errors] == list(plan.activations)
+    assert all(np.isfinite(error.sqnr_db) for error in errors)

@@ -300,3 +300,13 @@ def test_a_batch_first_lstm_is_left_alone():
     assert not result.modified
     node = ir.serde.serialize_model(result.model).graph.node[0]
     assert node.op_type == "LSTM" and [attribute.name for attribute in node.attribute if attribute.name == "layout"]
+
+
+def test_a_recurrence_weight_fed_as_a_graph_input_is_refused_with_the_reason(caplog):
+    """R is an initializer that is also a graph input (a caller can override it): the LSTM stays, and the log says why."""
+    model = lstm_model()
+    model.graph.input.append(helper.make_tensor_value_info("R", TensorProto.FLOAT, [1, 4 * HIDDEN, HIDDEN]))
+    with caplog.at_level("INFO", logger="qgraph.passes.quantize.quantize_lstm_dynamic"):
+        proto = replace(model, QuantizeLSTMDynamic(nodes=("lstm",)), expect_modified=False)
+    assert [node.op_type for node in proto.graph.node] == ["LSTM"]
+    assert "leaving lstm (LSTM): the LSTM recurrence weight R 'R' is a graph input" in caplog.text
