@@ -214,17 +214,7 @@ class InsertQuantizeDequantize(QGraphPass):
             graph, names, f"{value.name}_zero_point", zero_point if per_channel else zero_point.reshape(())
         )
         attributes = {"axis": axis} if per_channel else {}
-        dequantize = ir.node(
-            "DequantizeLinear", [quantized_value, scale_value, zero_value], attributes,
-            name=names.fresh(f"{value.name}_DequantizeLinear"),
-        )
-        dequantize.outputs[0].name = names.fresh(f"{value.name}_dequantized")
-        dequantize.outputs[0].shape = ir.Shape(weights.shape)
-        dequantize.outputs[0].type = value.type
-        graph.insert_before(consumer, dequantize)
-        for index, current in enumerate(consumer.inputs):
-            if current is value:
-                consumer.replace_input_with(index, dequantize.outputs[0])
+        _dequantize_for(graph, names, consumer, value, [quantized_value, scale_value, zero_value], attributes)
 
     def _quantize_bias(
         self, graph: ir.Graph, names: NameScope, consumer: ir.Node, value: ir.Value, activation, weight
@@ -239,14 +229,22 @@ class InsertQuantizeDequantize(QGraphPass):
         quantized_value = new_initializer(graph, names, f"{value.name}_quantized", quantized)
         scale_value = new_initializer(graph, names, f"{value.name}_scale", scale.astype(np.float32))
         zero_value = new_initializer(graph, names, f"{value.name}_zero_point", np.zeros(bias.shape, np.int32))
-        dequantize = ir.node(
-            "DequantizeLinear", [quantized_value, scale_value, zero_value], {"axis": 0},
-            name=names.fresh(f"{value.name}_DequantizeLinear"),
-        )
-        dequantize.outputs[0].name = names.fresh(f"{value.name}_dequantized")
-        dequantize.outputs[0].shape = ir.Shape(bias.shape)
-        dequantize.outputs[0].type = value.type
-        graph.insert_before(consumer, dequantize)
-        for index, current in enumerate(consumer.inputs):
-            if current is value:
-                consumer.replace_input_with(index, dequantize.outputs[0])
+        _dequantize_for(graph, names, consumer, value, [quantized_value, scale_value, zero_value], {"axis": 0})
+
+
+def _dequantize_for(
+    graph: ir.Graph, names: NameScope, consumer: ir.Node, value: ir.Value, inputs: list[ir.Value],
+    attributes: dict[str, int],
+) -> None:
+    """A DequantizeLinear of the stored constant ``inputs`` (integers, scale, zero point) standing for the float
+    constant ``value`` in ``consumer`` only (another consumer of ``value`` gets a DequantizeLinear of its own)."""
+    dequantize = ir.node(
+        "DequantizeLinear", inputs, attributes, name=names.fresh(f"{value.name}_DequantizeLinear")
+    )
+    output = dequantize.outputs[0]
+    output.name = names.fresh(f"{value.name}_dequantized")
+    output.shape, output.type = ir.Shape(value.const_value.shape), value.type
+    graph.insert_before(consumer, dequantize)
+    for index, current in enumerate(consumer.inputs):
+        if current is value:
+            consumer.replace_input_with(index, output)
