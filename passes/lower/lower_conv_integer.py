@@ -22,15 +22,12 @@ weight zero points that differ across channels.
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import numpy as np
 import onnx_ir as ir
 
 from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
 from qgraph.passes.lower import _qdq_patterns as qdq
-
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,6 @@ non-constant right operand, per-channel weights on another axis or rank.
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import numpy as np
 import onnx_ir as ir
@@ -29,8 +28,6 @@ import onnx_ir as ir
 from qgraph.passes.infrastructure import Refusal, RewriteContext, register
 from qgraph.passes.lower import _qdq_patterns as qdq
 from qgraph.passes.lower._lowering_bases import WeightLowering
-
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)

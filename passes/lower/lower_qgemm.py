@@ -26,7 +26,6 @@ something other than uint8 per tensor, an activation between Gemm and Q that the
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import numpy as np
 import onnx_ir as ir
@@ -34,8 +33,6 @@ import onnx_ir as ir
 from qgraph.passes.infrastructure import Refusal, RewriteContext, register
 from qgraph.passes.lower import _qdq_patterns as qdq
 from qgraph.passes.lower._lowering_bases import WeightLowering
-
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)

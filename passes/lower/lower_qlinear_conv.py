@@ -27,7 +27,6 @@ anything other than the one Q or being a graph output, a bias that does not fit 
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import numpy as np
 import onnx_ir as ir
@@ -35,8 +34,6 @@ import onnx_ir as ir
 from qgraph.passes.infrastructure import Refusal, RewriteContext, register
 from qgraph.passes.lower import _qdq_patterns as qdq
 from qgraph.passes.lower._lowering_bases import WeightLowering
-
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)

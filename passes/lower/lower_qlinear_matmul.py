@@ -22,15 +22,12 @@ implied by the output range.
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import onnx_ir as ir
 
 from qgraph.passes.infrastructure import Refusal, RewriteContext, register
 from qgraph.passes.lower import _qdq_patterns as qdq
 from qgraph.passes.lower._lowering_bases import WeightLowering
-
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)

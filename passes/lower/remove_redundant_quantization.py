@@ -20,14 +20,11 @@ model's interface).
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import onnx_ir as ir
 
 from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
 from qgraph.passes.lower import _qdq_patterns as qdq
-
-logger = logging.getLogger(__name__)
 
 
 def _is_dead(node: ir.Node) -> bool:
