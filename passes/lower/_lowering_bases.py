@@ -39,6 +39,17 @@ class IslandPlan:
     output: qdq.OutputQuantize
 
 
+@dataclasses.dataclass(frozen=True)
+class MatMulPlan:
+    """An accepted quantized MatMul: its activation (left) and right operand, and the Q of its output when the
+    output is quantized (None when it stays float)."""
+
+    matmul: ir.Node
+    left: qdq.QuantParams
+    right: qdq.MatMulOperand
+    output: qdq.OutputQuantize | None = None
+
+
 class WeightLowering(RewritePass):
     """A LOWER pass that hands a stored weight to an integer kernel, guarding the u8·s8 kernels against saturation."""
 

@@ -20,23 +20,12 @@ non-constant right operand, per-channel weights on another axis or rank.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import onnx_ir as ir
 
 from qgraph.passes.infrastructure import Refusal, RewriteContext, register
 from qgraph.passes.lower import _qdq_patterns as qdq
-from qgraph.passes.lower._lowering_bases import WeightLowering
-
-
-@dataclasses.dataclass(frozen=True)
-class _IntegerMatMulPlan:
-    """An accepted MatMul: the quantization of its activation (left) and its right operand."""
-
-    matmul: ir.Node
-    left: qdq.QuantParams
-    right: qdq.MatMulOperand
+from qgraph.passes.lower._lowering_bases import MatMulPlan, WeightLowering
 
 
 @register
@@ -52,14 +41,14 @@ class LowerIntegerMatMul(WeightLowering):
             return None  # LowerQLinearMatMul's pattern
         return node
 
-    def check(self, matmul: ir.Node, context: RewriteContext) -> _IntegerMatMulPlan | Refusal:
+    def check(self, matmul: ir.Node, context: RewriteContext) -> MatMulPlan | Refusal:
         operands = qdq.matmul_operands(matmul, guard_saturation=self.guard_saturation)
         if isinstance(operands, str):
             return Refusal(operands)
         left, right = operands
-        return _IntegerMatMulPlan(matmul, left, right)
+        return MatMulPlan(matmul, left, right)
 
-    def rewrite(self, plan: _IntegerMatMulPlan, context: RewriteContext) -> None:
+    def rewrite(self, plan: MatMulPlan, context: RewriteContext) -> None:
         matmul = plan.matmul
         graph = matmul.graph
         right_value, right_zero_point = qdq.operand_values(graph, context.names, plan.right, before=matmul)

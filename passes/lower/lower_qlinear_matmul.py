@@ -21,23 +21,11 @@ implied by the output range.
 
 from __future__ import annotations
 
-import dataclasses
-
 import onnx_ir as ir
 
 from qgraph.passes.infrastructure import Refusal, RewriteContext, register
 from qgraph.passes.lower import _qdq_patterns as qdq
-from qgraph.passes.lower._lowering_bases import WeightLowering
-
-
-@dataclasses.dataclass(frozen=True)
-class _MatMulPlan:
-    """An accepted MatMul island: its activation (left) and right operand, and the Q of its output."""
-
-    matmul: ir.Node
-    left: qdq.QuantParams
-    right: qdq.MatMulOperand
-    output: qdq.OutputQuantize
+from qgraph.passes.lower._lowering_bases import MatMulPlan, WeightLowering
 
 
 @register
@@ -51,7 +39,7 @@ class LowerQLinearMatMul(WeightLowering):
             return None
         return node
 
-    def check(self, matmul: ir.Node, context: RewriteContext) -> _MatMulPlan | Refusal:
+    def check(self, matmul: ir.Node, context: RewriteContext) -> MatMulPlan | Refusal:
         if not qdq.output_is_quantized_only(matmul.outputs[0]):
             return Refusal("the MatMul output is read as float; LowerIntegerMatMul owns it")
         operands = qdq.matmul_operands(matmul, guard_saturation=self.guard_saturation)
@@ -61,9 +49,9 @@ class LowerQLinearMatMul(WeightLowering):
         output = qdq.output_quantize(matmul.outputs[0])
         if output is None or isinstance(output, str):
             return Refusal(output or "the MatMul output is not quantized")
-        return _MatMulPlan(matmul, left, right, output)
+        return MatMulPlan(matmul, left, right, output)
 
-    def rewrite(self, plan: _MatMulPlan, context: RewriteContext) -> None:
+    def rewrite(self, plan: MatMulPlan, context: RewriteContext) -> None:
         matmul, output = plan.matmul, plan.output
         graph, anchor = matmul.graph, output.quantize
         right_value, right_zero_point = qdq.operand_values(graph, context.names, plan.right, before=anchor)
