@@ -1,6 +1,7 @@
 """The base classes of the LOWER passes: what every integer-weight lowering and every com.microsoft island shares.
 
-:class:`WeightLowering` holds the one option of the lowerings that feed a stored weight to a u8·s8 kernel:
+:class:`QuantizedOperandsLowering` matches an op whose first two inputs are dequantized (Conv, MatMul, Gemm), the
+integer-kernel-plus-rescale lowerings only where the float output is read as float. :class:`WeightLowering` adds the one option of the lowerings that feed a stored weight to a u8·s8 kernel:
 ``guard_saturation`` (see :mod:`qgraph.passes.lower._qdq_patterns`: on CPUs without VNNI a weight wider than
 7 bits is stored as uint8 so the kernel cannot saturate).
 
@@ -50,10 +51,25 @@ class MatMulPlan:
     output: qdq.OutputQuantize | None = None
 
 
-class WeightLowering(RewritePass):
-    """A LOWER pass that hands a stored weight to an integer kernel, guarding the u8·s8 kernels against saturation."""
+class QuantizedOperandsLowering(RewritePass):
+    """A LOWER pass for an :attr:`op_type` node whose first two inputs (activation, weight or second operand) are
+    both dequantized; with :attr:`float_output_only`, only where the float output is read as float (an integer
+    kernel plus a float rescale), the case the QLinear lowering of the same op leaves."""
 
     phase = Phase.LOWER
+    op_type = ""
+    float_output_only = False
+
+    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
+        if not qdq.is_op(node, self.op_type) or not qdq.inputs_dequantized(node, 2):
+            return None
+        if self.float_output_only and qdq.output_is_quantized_only(node.outputs[0]):
+            return None  # the QLinear lowering's pattern
+        return node
+
+
+class WeightLowering(QuantizedOperandsLowering):
+    """A LOWER pass that hands a stored weight to an integer kernel, guarding the u8·s8 kernels against saturation."""
 
     def __init__(self, *, guard_saturation: bool = True) -> None:
         super().__init__()

@@ -26,8 +26,9 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
+from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, register
 from qgraph.passes.lower import _qdq_patterns as qdq
+from qgraph.passes.lower._lowering_bases import QuantizedOperandsLowering
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,18 +43,13 @@ class _ConvIntegerPlan:
 
 
 @register
-class LowerConvInteger(RewritePass):
+class LowerConvInteger(QuantizedOperandsLowering):
     """Lower a QDQ Conv whose output stays float to ConvInteger and a float rescale."""
 
     phase = Phase.LOWER
     summary = "DQ → Conv → float becomes ConvInteger → Cast → Mul(scale) → Add(bias)"
-
-    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
-        if not qdq.is_op(node, "Conv") or not qdq.inputs_dequantized(node, 2):
-            return None
-        if qdq.output_is_quantized_only(node.outputs[0]):
-            return None  # LowerQLinearConv's pattern
-        return node
+    op_type = "Conv"
+    float_output_only = True
 
     def check(self, conv: ir.Node, context: RewriteContext) -> _ConvIntegerPlan | Refusal:
         input_params = qdq.activation_input(conv.inputs[0])

@@ -33,13 +33,8 @@ class LowerIntegerMatMul(WeightLowering):
     """Lower a QDQ MatMul whose output stays float to MatMulInteger and a float rescale."""
 
     summary = "DQ → MatMul → float becomes MatMulInteger → Cast → Mul(scale)"
-
-    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
-        if not qdq.is_op(node, "MatMul") or not qdq.inputs_dequantized(node, 2):
-            return None
-        if qdq.output_is_quantized_only(node.outputs[0]):
-            return None  # LowerQLinearMatMul's pattern
-        return node
+    op_type = "MatMul"
+    float_output_only = True
 
     def check(self, matmul: ir.Node, context: RewriteContext) -> MatMulPlan | Refusal:
         operands = qdq.matmul_operands(matmul, guard_saturation=self.guard_saturation)

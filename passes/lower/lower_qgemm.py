@@ -54,11 +54,7 @@ class LowerQGemm(WeightLowering):
     """Lower a QDQ Gemm (quantized or float output) to com.microsoft QGemm."""
 
     summary = "DQ → Gemm → [Q] becomes com.microsoft QGemm (per-column B, int32 C, float or uint8 output)"
-
-    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
-        if not qdq.is_op(node, "Gemm") or not qdq.inputs_dequantized(node, 2):
-            return None
-        return node
+    op_type = "Gemm"
 
     def check(self, gemm: ir.Node, context: RewriteContext) -> _GemmPlan | Refusal:
         left = qdq.activation_input(gemm.inputs[0])

@@ -55,11 +55,7 @@ class LowerQLinearConv(WeightLowering):
     """Lower a QDQ Conv island (with an implied Relu/Clip) to QLinearConv."""
 
     summary = "DQ → Conv → [Relu|Clip] → Q becomes QLinearConv (per-channel weights, bias int32)"
-
-    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
-        if not qdq.is_op(node, "Conv") or not qdq.inputs_dequantized(node, 2):
-            return None
-        return node
+    op_type = "Conv"
 
     def check(self, conv: ir.Node, context: RewriteContext) -> _ConvPlan | Refusal:
         if not qdq.output_is_quantized_only(conv.outputs[0]):

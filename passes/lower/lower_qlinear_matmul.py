@@ -33,11 +33,7 @@ class LowerQLinearMatMul(WeightLowering):
     """Lower a QDQ MatMul island with a quantized output to QLinearMatMul."""
 
     summary = "DQ → MatMul → [Relu|Clip] → Q becomes QLinearMatMul (per-column weights)"
-
-    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
-        if not qdq.is_op(node, "MatMul") or not qdq.inputs_dequantized(node, 2):
-            return None
-        return node
+    op_type = "MatMul"
 
     def check(self, matmul: ir.Node, context: RewriteContext) -> MatMulPlan | Refusal:
         if not qdq.output_is_quantized_only(matmul.outputs[0]):
