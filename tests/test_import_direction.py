@@ -40,7 +40,7 @@ LAYERS = (
     ("passes", ("qgraph.passes",)),
     ("annotate, targets", ("qgraph.annotate", "qgraph.targets")),
     ("calibrate", ("qgraph.calibrate",)),
-    ("sensitivity, ptq", ("qgraph.sensitivity", "qgraph.ptq")),
+    ("sensitivity, ptq, weight_only", ("qgraph.sensitivity", "qgraph.ptq", "qgraph.weight_only")),
     ("train, qat, data", ("qgraph.train", "qgraph.qat", "qgraph.data")),
     ("report, summary", ("qgraph.report", "qgraph.summary")),
     ("pipeline", ("qgraph.pipeline",)),
