@@ -33,7 +33,7 @@ import onnx_ir as ir
 
 from qgraph.ir.edit import drop_unused_initializers, new_initializer
 from qgraph.ir.values import constant_array, constant_refusal, default_opset, is_op
-from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
+from qgraph.passes.infrastructure import Phase, QGraphPass, Refusal, RewriteContext, RewritePass, register
 from qgraph.quant.blockwise import BlockQuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -65,11 +65,15 @@ def _attribute(node: ir.Node, name: str, default):
 
 
 @register
-class QuantizeWeightsBlockwise(RewritePass):
+class QuantizeWeightsBlockwise(QGraphPass):
     """Replace the constant weights of the named MatMul/Gemm/Gather nodes by blocked int4/int8 DequantizeLinear."""
 
     phase = Phase.QUANTIZE
     summary = "constant weights of MatMul/Gemm/Gather become blocked int4 (or int8) codes behind DequantizeLinear"
+
+    #: Driven by the data given at construction (as InsertQuantizeDequantize is by its plan), so not a RewritePass
+    #: of the registry's no-argument protocol; it runs the same match / check / rewrite loop.
+    call = RewritePass.call
 
     def __init__(self, *, weights: Mapping[str, BlockQuantizedWeight]) -> None:
         super().__init__()
