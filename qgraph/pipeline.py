@@ -37,6 +37,8 @@ from qgraph.passes.infrastructure import PassManager, PassRecord, QGraphPass
 from qgraph.passes.infrastructure import get_pass
 from qgraph.ptq import QuantizeOptions, QuantizeResult
 from qgraph.qat.options import QATOptions
+from qgraph.weight_only.driver import WeightOnlyResult, quantize_weight_only
+from qgraph.weight_only.options import WeightOnlyOptions
 
 if TYPE_CHECKING:
     from qgraph.qat.driver import QATResult
@@ -96,6 +98,9 @@ class OptimizeOptions:
     #: Graph inputs to turn into constants before canonicalisation (``--fix-input NAME=VALUE``): name -> array,
     #: or text parsed as on the command line (see :mod:`qgraph.ir.fix_inputs`).
     fixed_inputs: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    #: Weight-only quantization of the MatMul/Gemm weights (block-wise 4/8 bits, activations float; see
+    #: :mod:`qgraph.weight_only`) instead of ``quantization``; GPTQ and AWQ need calibration prompts.
+    weight_only: WeightOnlyOptions | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +113,8 @@ class OptimizeResult:
     float_model: onnx.ModelProto | None = None
     #: How quantization-aware training went (only with ``options.qat``).
     qat: QATResult | None = None
+    #: The weight-only quantization's per-layer report (only with ``options.weight_only``).
+    weight_only: WeightOnlyResult | None = None
 
 
 def build_pipeline(options: OptimizeOptions) -> PassManager:
@@ -177,6 +184,13 @@ def optimize(
                                                training_progress)
         result = dataclasses.replace(result, model=quantized.model)
         records = records + quantized.records
+    weight_only = None
+    if options.weight_only is not None:
+        if options.quantization is not None or options.qat is not None:
+            raise QGraphError("weight-only quantization replaces static quantization and QAT: choose one")
+        weight_only = quantize_weight_only(result.model, calibration_data, options.weight_only, progress=progress)
+        result = dataclasses.replace(result, model=weight_only.model)
+        records = records + weight_only.records
     saved = None
     if output is not None:
         saved = save_model(
@@ -186,7 +200,7 @@ def optimize(
             external_data=options.output.external_data,
             allow_overwrite_input=options.output.allow_overwrite_input,
         )
-    return OptimizeResult(result.model, records, saved, quantized, float_model, qat_result)
+    return OptimizeResult(result.model, records, saved, quantized, float_model, qat_result, weight_only)
 
 
 def _fine_tune(quantized: QuantizeResult, float_model: onnx.ModelProto, options: OptimizeOptions, train_data,

@@ -41,7 +41,7 @@ LAYERS = (
     ("annotate, targets", ("qgraph.annotate", "qgraph.targets")),
     ("calibrate", ("qgraph.calibrate",)),
     ("sensitivity, ptq", ("qgraph.sensitivity", "qgraph.ptq")),
-    ("train, qat, data", ("qgraph.train", "qgraph.qat", "qgraph.data")),
+    ("train, qat, data, weight_only", ("qgraph.train", "qgraph.qat", "qgraph.data", "qgraph.weight_only")),
     ("report, summary", ("qgraph.report", "qgraph.summary")),
     ("pipeline", ("qgraph.pipeline",)),
     ("cli", ("qgraph.cli",)),

@@ -31,6 +31,7 @@ from qgraph.ptq import WEIGHT_METHODS, QuantizeOptions
 from qgraph.qat.options import QATOptions
 from qgraph.sensitivity import DEFAULT_MIN_SQNR_DB, validate_min_sqnr
 from qgraph.targets import AUTO_CHOICES, FORMATS, TARGET_NAMES, WEIGHT_BITS, TargetOptions
+from qgraph.weight_only.options import ALGORITHMS, WeightOnlyOptions
 
 
 def _default(options_class: type, name: str) -> Any:
@@ -199,13 +200,46 @@ def _qat_options(values: Mapping[str, Any]) -> QATOptions | None:
         raise click.UsageError("--resume needs --qat-dir, the folder of the run to resume")
     return QATOptions(**_fields(values, "qat"))
 
+# --- weight-only quantization (LLMs): its own option object, built from these options ----------------------------
+
+def _weight_only_options(values: Mapping[str, Any]) -> WeightOnlyOptions | None:
+    """``--weight-only`` and its options as :class:`~qgraph.weight_only.options.WeightOnlyOptions` (None without it;
+    its options are refused without it)."""
+    own = (("block_size", "--block-size"), ("algorithm", "--algorithm"), ("symmetric", "--symmetric"),
+           ("quantize_embeddings", "--quantize-embeddings"), ("sequential", "--sequential"),
+           ("mse_clip", "--mse-clip"), ("accuracy_level", "--accuracy-level"))
+    if not values["weight_only"]:
+        given = [flag for option, flag in own if values[option] is not None and values[option] is not False]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only apply to --weight-only")
+        return None
+    if values["qat"]:
+        raise click.UsageError("--weight-only and --qat do not combine: weight-only quantization keeps float "
+                               "activations and needs no training")
+    fields = {option: values[option] for option, _ in own if values[option] is not None}
+    context = click.get_current_context(silent=True)
+    if context is None or context.get_parameter_source("weight_bits") != click.core.ParameterSource.DEFAULT:
+        fields["bits"] = int(values["weight_bits"])
+    if values["output_format"] == "qdq" or values["target"] == "tensorrt":
+        fields["format"] = "qdq"
+    if values["calib_samples"]:
+        fields["samples"] = values["calib_samples"]
+    fields["batch_size"] = values["batch_size"]
+    if values["exclude"]:
+        fields["exclude"] = frozenset(_split_list(values["exclude"]))
+    options = WeightOnlyOptions(**fields)
+    if options.needs_calibration and values["calib"] is None:
+        raise click.UsageError(f"--algorithm {options.algorithm} needs calibration prompts: add --calib DATA")
+    return options
+
 
 def _optimize_options(values: Mapping[str, Any]) -> OptimizeOptions:
     """Every option object the command's option ``values`` describe, checked in the order a user reads them."""
-    quantization = _quantize_options(values)
+    weight_only = _weight_only_options(values)
+    quantization = _quantize_options(values) if weight_only is None else None
     qat = _qat_options(values)
     return OptimizeOptions(quantization=quantization, qat=qat, output=OutputOptions(**_fields(values, "output")),
-                           **_fields(values, "optimize"))
+                           weight_only=weight_only, **_fields(values, "optimize"))
 
 
 @click.command()
@@ -305,6 +339,25 @@ def _optimize_options(values: Mapping[str, Any]) -> OptimizeOptions:
 @click.option("--qat-dir", type=click.Path(path_type=Path),
               help="Keep QAT artifacts and checkpoints here (default: a temporary folder).")
 @click.option("--resume", is_flag=True, help="Resume QAT from the last checkpoint in --qat-dir.")
+@click.option("--weight-only", is_flag=True,
+              help="LLM weight-only quantization: every MatMul/Gemm with a constant weight gets block-wise 4-bit "
+              "(or --weight-bits 8) weights, activations stay float; written as com.microsoft MatMulNBits for "
+              "ort-cpu, blocked int4 DequantizeLinear -> MatMul (opset 21) for --target tensorrt or --format qdq.")
+@click.option("--block-size", type=int, default=None,
+              help=f"--weight-only: inputs per quantization block, a power of two 16..256 "
+              f"(default {_default(WeightOnlyOptions, 'block_size')}).")
+@click.option("--algorithm", type=click.Choice(ALGORITHMS), default=None,
+              help="--weight-only: rtn (no data), gptq or awq (need --calib prompts; default rtn).")
+@click.option("--symmetric/--asymmetric", default=None,
+              help="--weight-only: codes without zero points, or a zero point per block (default asymmetric).")
+@click.option("--quantize-embeddings", is_flag=True, default=None,
+              help="--weight-only: quantize Gather tables (token embeddings) too, blocked along the hidden axis.")
+@click.option("--sequential", is_flag=True, default=None,
+              help="--weight-only GPTQ: each layer's inputs from the model whose earlier layers are quantized.")
+@click.option("--mse-clip", is_flag=True, default=None,
+              help="--weight-only: search a clipping ratio per block for the least squared weight error.")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="--weight-only: MatMulNBits accuracy_level (4: int8 activations inside the kernel; 0: unset).")
 def optimize(**values: Any) -> None:
     """Optimize MODEL and write the result to OUTPUT.
 
@@ -328,12 +381,17 @@ def optimize(**values: Any) -> None:
     """
     from qgraph.ir import load_model
     from qgraph.summary import summarize
+    from qgraph.weight_only.driver import describe as describe_weight_only
 
     options = _optimize_options(values)
     model, calib = values["model"], values["calib"]
     loaded = load_model(model)
     before = summarize(loaded)
-    if options.quantization is None:
+    if options.weight_only is not None:
+        result = pipeline.optimize(loaded, values["output"], options, input_path=model, calibration_data=calib)
+        for line in describe_weight_only(result.weight_only):
+            click.echo(line)
+    elif options.quantization is None:
         result = pipeline.optimize(loaded, values["output"], options, input_path=model)
     else:
         total = _calibration_length(calib, options.quantization.calibration.samples)

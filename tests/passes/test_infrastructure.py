@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 from onnx_ir.passes import PassResult
 
 from qgraph.errors import PipelineError, QGraphError
@@ -306,7 +306,23 @@ def protocol_corpus() -> list[onnx.ModelProto]:
     return [
         ir.serde.serialize_model(model()), conv_batch_norm, lone_batch_norm, conv_bias,
         gelu_erf(), gelu_tanh(opset=20), layer_norm("tf2onnx"), cnn.model(), float_output_islands(),
+        blocked_int4_matmul(),
     ]
+
+
+def blocked_int4_matmul() -> onnx.ModelProto:
+    """MatMul over a blocked int4 DequantizeLinear weight (opset 21), for LowerMatMulNBits."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(7)
+    codes = ir.serde.serialize_tensor(ir.tensor(rng.integers(-8, 8, (32, 3)).astype(ml_dtypes.int4), name="q"))
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["q", "s"], ["w"], axis=0, block_size=16),
+         helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "blocked", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 32])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
+        [codes, numpy_helper.from_array(rng.uniform(0.1, 1, (2, 3)).astype(np.float32), "s")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
 
 
 def float_output_islands() -> onnx.ModelProto:
