@@ -60,8 +60,8 @@ def _memory_child(arguments: argparse.Namespace) -> None:
     batches = support.random_image_batches(arguments.samples, batch_size, support.input_shape_of(model))
     start = time.perf_counter()
     if arguments.quantizer == "qgraph":
-        from qgraph.calibrate.driver import CalibrationConfig, calibrate
         from qgraph.annotate.annotator import annotate
+        from qgraph.calibrate.driver import CalibrationConfig, calibrate
         from qgraph.targets import get_target
 
         ir_model = ir.serde.deserialize_model(model)
@@ -179,8 +179,8 @@ def _fast_path_table(pairs: dict[str, list[tuple[float, float, float, float]]], 
 def command_speed(arguments: argparse.Namespace) -> None:
     import onnx_ir as ir
 
-    from qgraph.calibrate.driver import CalibrationConfig, calibrate
     from qgraph.annotate.annotator import annotate
+    from qgraph.calibrate.driver import CalibrationConfig, calibrate
     from qgraph.calibrate.observers.base import NATIVE
     from qgraph.ptq import QuantizeOptions, quantize
     from qgraph.targets import TargetOptions, get_target

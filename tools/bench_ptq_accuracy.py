@@ -18,10 +18,9 @@ import argparse
 import logging
 from pathlib import Path
 
+import bench_ptq_support as support
 import numpy as np
 import onnx
-
-import bench_ptq_support as support
 
 logger = logging.getLogger("bench_ptq")
 

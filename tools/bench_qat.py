@@ -39,8 +39,8 @@ from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.data import dataset_from_arrays, load_fashion_mnist
 from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.ptq import QuantizeOptions
-from qgraph.targets import TargetOptions
 from qgraph.qat import QATOptions
+from qgraph.targets import TargetOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINED = ROOT / "models" / "trained"
@@ -106,9 +106,9 @@ def run_setting(path: Path, setting: str, data: dict, arguments) -> list[dict]:
 def step_cost(path: Path, arguments) -> dict:
     """Seconds per training step: QAT graph (w4; learnable or fixed scales) vs FP32 canonical and FP32 with BatchNorm."""
     from qgraph.ptq import quantize
+    from qgraph.qat import build_fake_quant_graph
     from qgraph.train import TrainingConfig
     from qgraph.train.artifacts import build_training_artifacts
-    from qgraph.qat import build_fake_quant_graph
     from qgraph.train.session import TrainingSession
 
     original = onnx.load(path)

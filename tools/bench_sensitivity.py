@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 from qgraph import runtime  # noqa: E402
 from qgraph.calibrate.driver import CalibrationConfig  # noqa: E402
 from qgraph.pipeline import OptimizeOptions, optimize  # noqa: E402
-from qgraph.sensitivity import DEFAULT_MIN_SQNR_DB  # noqa: E402
 from qgraph.ptq import QuantizeOptions  # noqa: E402
 from qgraph.report import output_errors  # noqa: E402
+from qgraph.sensitivity import DEFAULT_MIN_SQNR_DB  # noqa: E402
 from qgraph.targets import TargetOptions  # noqa: E402
 from tools.sensitivity_models import feature_batches, outlier_mlp  # noqa: E402
 

@@ -135,8 +135,8 @@ def build(folder: Path, *, blocks: int, channels: int, seed: int = 0) -> Path:
 
 
 def canonical_pass_names() -> tuple[str, ...]:
-    from qgraph.pipeline import CANONICAL_PASSES
     from qgraph.passes.infrastructure import available_passes
+    from qgraph.pipeline import CANONICAL_PASSES
 
     available = available_passes()
     missing = [name for name in CANONICAL_PASSES if name not in available]
@@ -176,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from qgraph.ir import load_model, save_model
-    from qgraph.passes.infrastructure import PassManager
-    from qgraph.passes.infrastructure import get_pass
+    from qgraph.passes.infrastructure import PassManager, get_pass
 
     folder: Path = arguments.folder
     if folder.exists():

@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
+from qgraph.annotate.config_file import ConfigError
 from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.cli import cli
-from qgraph.annotate.config_file import ConfigError
 from qgraph.ptq import QuantizeOptions, quantize
 from qgraph.targets import TargetOptions
 from tests.ptq.small_models import calibration_batches, residual_cnn

@@ -13,7 +13,7 @@ from qgraph.passes.canonicalize.fold_constant_if import FoldConstantIf
 from qgraph.passes.canonicalize.fold_constants import FoldConstants
 from qgraph.passes.infrastructure import PassManager
 from qgraph.testing import check_pass, op_types
-from tests.controlflow.models import SEQUENCE, FEATURES, speech_batches, speech_model
+from tests.controlflow.models import FEATURES, SEQUENCE, speech_batches, speech_model
 
 
 def _fixed(model: onnx.ModelProto, **values) -> onnx.ModelProto:

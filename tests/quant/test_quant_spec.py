@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import TensorProto
 
 from qgraph.quant.numerics import dequantize, quantize
 from qgraph.quant.spec import MINIMUM_SCALE, QuantParams, QuantSpec, compute_quant_params, representable_range
-from onnx import TensorProto
 
 
 @pytest.mark.parametrize(

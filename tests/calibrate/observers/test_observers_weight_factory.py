@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qgraph.quant.numerics import fake_quantize
 from qgraph.calibrate.observers import (
     OBSERVER_METHODS,
     HistogramObserver,
@@ -15,6 +14,7 @@ from qgraph.calibrate.observers import (
     create_observer,
     observer_from_state,
 )
+from qgraph.quant.numerics import fake_quantize
 from qgraph.quant.spec import QuantSpec, compute_quant_params
 
 

@@ -7,6 +7,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+from qgraph.passes.infrastructure import PassManager
 from qgraph.passes.lower.lower_conv_integer import LowerConvInteger
 from qgraph.passes.lower.lower_integer_matmul import LowerIntegerMatMul
 from qgraph.passes.lower.lower_integer_passthrough import LowerIntegerPassThrough
@@ -18,9 +19,7 @@ from qgraph.passes.lower.lower_qlinear_matmul import LowerQLinearMatMul
 from qgraph.passes.lower.lower_qlinear_pool import LowerQLinearPool
 from qgraph.passes.lower.lower_qlinear_unary import LowerQLinearUnary
 from qgraph.passes.lower.remove_redundant_quantization import RemoveRedundantQuantization
-from qgraph.passes.infrastructure import PassManager
 from tests.passes.qdq_builders import QDQBuilder, count_ops, run_both
-
 
 LOWERING = (
     LowerQLinearConv, LowerConvInteger, LowerQLinearMatMul, LowerIntegerMatMul, LowerQGemm, LowerQLinearBinary,
