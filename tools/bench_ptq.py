@@ -349,7 +349,7 @@ def command_latency(arguments: argparse.Namespace) -> None:
         float_model = support.build_reference_model(name)
         shape = support.input_shape_of(float_model)
 
-        def calibration():
+        def calibration(shape=shape):
             return support.random_image_batches(arguments.calibration_samples, 8, shape, seed=1)
 
         qgraph_model = _qgraph_proto(support.qgraph_quantize(float_model, calibration(), method="minmax", batch_size=8))

@@ -142,7 +142,8 @@ def command_accuracy(arguments: argparse.Namespace) -> None:
 
         calibration_batch = support.even_batch_size(len(calibration_images), 32)
 
-        def calibration():
+        def calibration(input_name=input_name, calibration_images=calibration_images,
+                        calibration_batch=calibration_batch):
             return support.array_batches({input_name: calibration_images}, calibration_batch)
 
         goal = TRANSFORMER_GOAL_POINTS if _is_transformer(float_model) else CNN_GOAL_POINTS

@@ -104,7 +104,8 @@ def run_setting(path: Path, setting: str, data: dict, arguments) -> list[dict]:
 
 
 def step_cost(path: Path, arguments) -> dict:
-    """Seconds per training step: QAT graph (w4; learnable or fixed scales) vs FP32 canonical and FP32 with BatchNorm."""
+    """Seconds per training step: QAT graph (w4; learnable or fixed scales) vs FP32 canonical and FP32 with
+    BatchNorm."""
     from qgraph.ptq import quantize
     from qgraph.qat import build_fake_quant_graph
     from qgraph.train import TrainingConfig

@@ -1,15 +1,15 @@
 """Build a synthetic model over 2 GB and push it through qgraph, measuring time and peak memory per phase.
 
 The model is a chain of 1×1 Conv + BatchNormalization + Relu blocks with ``channels``² float32 weights each
-(defaults: 9 blocks of 8192 channels: 2.25 GiB, 2.42 GB of weights, over protobuf's 2 GiB limit). Its tensors are written straight into one external data
-file, one tensor at a time, and the graph proto refers to them by offset: no protobuf over 2 GB ever exists in memory,
-and at most one weight is held while building.
+(defaults: 9 blocks of 8192 channels: 2.25 GiB, 2.42 GB of weights, over protobuf's 2 GiB limit). Its tensors are
+written straight into one external data file, one tensor at a time, and the graph proto refers to them by offset: no
+protobuf over 2 GB ever exists in memory, and at most one weight is held while building.
 
 Then, in this process: ``load_model`` (external tensors memory-mapped), the canonical pipeline (BatchNorm must fold
 into every Conv), and ``save_model`` with external data. Peak resident memory is measured per phase from
 ``/proc/self/status`` (VmHWM, reset between phases through ``/proc/self/clear_refs``); the whole-process peak is the
-largest of them (``ru_maxrss`` follows the same reset on Linux, so it only covers the last phase). ``--verify`` runs the original and the result in onnxruntime in a child process (its own peak
-reported) and compares the outputs.
+largest of them (``ru_maxrss`` follows the same reset on Linux, so it only covers the last phase). ``--verify`` runs the
+original and the result in onnxruntime in a child process (its own peak reported) and compares the outputs.
 
 Usage::
 

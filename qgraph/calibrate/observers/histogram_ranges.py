@@ -18,11 +18,12 @@ every threshold of i bins, L ≤ i ≤ (last occupied bin + 1), is scored:
 
 Bin 0 (|x| < w) is left out first: its values quantize to zero whatever the threshold, and the exact zeros of
 a ReLU output (often half the tensor) would otherwise dominate the divergence through the first group, pulling the
-threshold down until that group is a single bin. The threshold ``i·w`` with the smallest KL wins (the largest i among exact
-ties). Q spreads each group's mass over the bins where P is non-zero, so the clipped mass in P[i-1] gets its group's
-share; when that whole group of h is empty, q[i-1] is smoothed to 1e-4 instead of 0 (an infinite divergence would
-forbid every threshold between the bulk and a few far outliers). Everything is vectorised over all thresholds with cumulative sums:
-per group, Σ_j P_j log Q_j = (Σ_g P) · log(S_g / n_g) with S_g the group mass of h and n_g its non-empty bins of P.
+threshold down until that group is a single bin. The threshold ``i·w`` with the smallest KL wins (the largest i among
+exact ties). Q spreads each group's mass over the bins where P is non-zero, so the clipped mass in P[i-1] gets its
+group's share; when that whole group of h is empty, q[i-1] is smoothed to 1e-4 instead of 0 (an infinite divergence
+would forbid every threshold between the bulk and a few far outliers). Everything is vectorised over all thresholds with
+cumulative sums: per group, Σ_j P_j log Q_j = (Σ_g P) · log(S_g / n_g) with S_g the group mass of h and n_g its
+non-empty bins of P.
 
 Percentile
 ----------
