@@ -183,7 +183,7 @@ def get_pass(name: str) -> type:
     return passes[name]
 
 
-# --- pass manager and verifier -----------------------------------------------------------------------------------------
+# --- pass manager and verifier ----------------------------------------------------------------------------------------
 
 class PassVerificationError(RuntimeError):
     """A pass produced an invalid model or changed its outputs (a qgraph bug)."""

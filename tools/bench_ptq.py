@@ -342,8 +342,9 @@ def command_latency(arguments: argparse.Namespace) -> None:
     notes = [f"quantize_static settings: {support.ORT_SETTINGS}, CalibrationMethod.MinMax, after quant_pre_process; "
              f"qgraph: ort-cpu QOperator, per-channel, reduce-range auto, method minmax. Both calibrated on the same "
              f"{arguments.calibration_samples} seeded random images; batch 1, {arguments.threads} threads, "
-             f"ORT_ENABLE_ALL, intra-op spinning {'on' if arguments.spinning else 'off'}, {arguments.iterations} rounds "
-             f"of one run per model in shuffled order; load average {support.load_average()}."]
+             f"ORT_ENABLE_ALL, intra-op spinning {'on' if arguments.spinning else 'off'}, "
+             f"{arguments.iterations} rounds of one run per model in shuffled order; "
+             f"load average {support.load_average()}."]
     histograms = {}
     for name in arguments.models:
         float_model = support.build_reference_model(name)
@@ -406,7 +407,9 @@ def _qgraph_proto(result):
 
 # ------------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="Log qgraph's info messages.")
     commands = parser.add_subparsers(dest="command", required=True)
 

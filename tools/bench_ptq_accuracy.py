@@ -162,8 +162,9 @@ def command_accuracy(arguments: argparse.Namespace) -> None:
         for label, weights, options, quantizer in variants:
             try:
                 if quantizer == "qgraph":
-                    quantized = _quantized_proto(support.qgraph_quantize(float_model, calibration(), batch_size=calibration_batch,
-                                                                         threads=arguments.threads, **options))
+                    quantized = _quantized_proto(support.qgraph_quantize(
+                        float_model, calibration(), batch_size=calibration_batch, threads=arguments.threads, **options
+                    ))
                 else:
                     quantized = support.ort_quantize_static(float_model, calibration(), **options)
                 accuracy = _top1(quantized, test_images, test_labels, arguments.threads)

@@ -167,7 +167,8 @@ def load_data(arguments) -> dict:
 
 
 def markdown(rows: list[dict], costs: list[dict]) -> str:
-    lines = ["| model | setting | method | top-1 % | Δ vs FP32 | epochs | wall s |", "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| model | setting | method | top-1 % | Δ vs FP32 | epochs | wall s |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     fp32 = {(row["model"], row["setting"]): row["top1"] for row in rows if row["method"] == "FP32"}
     for row in rows:
         delta = row["top1"] - fp32[(row["model"], row["setting"])]
@@ -175,7 +176,8 @@ def markdown(rows: list[dict], costs: list[dict]) -> str:
                      f"{row['epochs']} | {row['seconds']:.0f} |")
     if costs:
         lines += ["", "| model | batch | FP32+BN step ms | FP32 folded step ms | QAT step ms | QAT / FP32 folded | "
-                  "QAT / FP32+BN | QAT fixed scales / FP32 folded |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "QAT / FP32+BN | QAT fixed scales / FP32 folded |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for cost in costs:
             lines.append(f"| {cost['model']} | {cost['batch']} | {cost['fp32_batchnorm_ms']:.1f} | "
                          f"{cost['fp32_canonical_ms']:.1f} | {cost['qat_ms']:.1f} | "

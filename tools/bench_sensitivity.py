@@ -98,7 +98,8 @@ def run(name: str, model: onnx.ModelProto, batches, setting: str, arguments, tra
           f"({len(sensitivity.layers)} layers) of {seconds:.2f} s for canonicalize + quantize")
     if trained:
         off, _ = quantize_with(None)
-        print(f"- top-1 on {arguments.test_samples} test images: FP32 {top1(result.float_model, arguments.test_samples):.4f}, "
+        print(f"- top-1 on {arguments.test_samples} test images: "
+              f"FP32 {top1(result.float_model, arguments.test_samples):.4f}, "
               f"int8 without fallback {top1(ir.serde.serialize_model(off.model), arguments.test_samples):.4f}, "
               f"with fallback {top1(lowered, arguments.test_samples):.4f}")
 

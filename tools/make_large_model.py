@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         source = phases.run("build (external data, streamed)", build, folder / "source",
                             blocks=arguments.blocks, channels=arguments.channels)
         data_bytes = (folder / "source" / "model.onnx.data").stat().st_size
-        print(f"  model.onnx: {source.stat().st_size} bytes, model.onnx.data: {data_bytes / 2**30:.2f} GiB ({data_bytes / 1e9:.2f} GB)")
+        print(f"  model.onnx: {source.stat().st_size} bytes, "
+              f"model.onnx.data: {data_bytes / 2**30:.2f} GiB ({data_bytes / 1e9:.2f} GB)")
 
         import onnx_ir
 
@@ -237,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'qgraph process peak RSS (max of phases)':<38} {'':>9} {peak:>15.2f}")
     print(f"{'largest child peak RSS (ru_maxrss)':<38} {'':>9} {children:>15.2f}")
     print(f"{'total wall time (s)':<38} {time.perf_counter() - total_start:>9.1f}")
-    print(f"data: {data_bytes / 2**30:.2f} GiB ({data_bytes:,} bytes) of tensors; BatchNormalization {batch_norms_before} -> {batch_norms_after}")
+    print(f"data: {data_bytes / 2**30:.2f} GiB ({data_bytes:,} bytes) of tensors; "
+          f"BatchNormalization {batch_norms_before} -> {batch_norms_after}")
     return 1 if batch_norms_after else 0
 
 

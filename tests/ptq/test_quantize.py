@@ -193,7 +193,9 @@ def test_entropy_keeps_the_full_range_of_bounded_activations():
         images = (np.abs(generator.standard_normal((16, 3, 32, 32))) * 0.3).astype(np.float32)
         images.reshape(-1)[generator.choice(images.size, 5, replace=False)] = 10.0  # rare, saturating at 6
         batches.append({"input": images})
-    options = QuantizeOptions(target_options=TargetOptions(format="qdq"), calibration=CalibrationConfig(method="entropy"))
+    options = QuantizeOptions(
+        target_options=TargetOptions(format="qdq"), calibration=CalibrationConfig(method="entropy")
+    )
     result = quantize(ir.serde.deserialize_model(model), batches, options)
     low_bound, high_bound = result.calibration.ranges["relu6"]
     assert 0.0 <= low_bound < 0.01

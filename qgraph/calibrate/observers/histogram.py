@@ -98,7 +98,9 @@ class HistogramObserver(Observer):
     ) -> None:
         super().__init__(spec)
         if self.spec.axis is not None:
-            raise ValueError("HistogramObserver is per tensor; per-channel specs use MinMaxObserver or the MSE weight observer")
+            raise ValueError(
+                "HistogramObserver is per tensor; per-channel specs use MinMaxObserver or the MSE weight observer"
+            )
         if method not in METHODS:
             raise ValueError(f"unknown histogram method {method!r}; valid methods: {', '.join(METHODS)}")
         if not (isinstance(bins, (int, np.integer)) and bins >= 16 and bins & (bins - 1) == 0):
@@ -197,7 +199,9 @@ class HistogramObserver(Observer):
             _native.bin_counts(np.ascontiguousarray(flat), width_exponent, self.offset, self.counts, False)
             return
         # x · 2^-width_exponent is exact when the factor is a normal number of the working type.
-        work_dtype = np.float32 if (flat.dtype == np.float32 and -width_exponent in _FLOAT32_NORMAL_EXPONENTS) else np.float64
+        work_dtype = (
+            np.float32 if (flat.dtype == np.float32 and -width_exponent in _FLOAT32_NORMAL_EXPONENTS) else np.float64
+        )
         inverse_width = work_dtype(math.ldexp(1.0, -width_exponent))
         offset = work_dtype(self.offset)
         # Non-negative layout: every value is >= 0 (or -0.0), so truncation is the floor and lanes are cheap.

@@ -214,7 +214,9 @@ def expected_squared_error(
     view: HistogramView, spec: QuantSpec, lows: np.ndarray, highs: np.ndarray
 ) -> np.ndarray:
     """Σ over bins of count · mean squared fake-quantization error, for each candidate range (lows[k], highs[k])."""
-    params = compute_quant_params(spec.with_axis(0), np.asarray(lows, dtype=np.float64), np.asarray(highs, dtype=np.float64))
+    params = compute_quant_params(
+        spec.with_axis(0), np.asarray(lows, dtype=np.float64), np.asarray(highs, dtype=np.float64)
+    )
     scale = params.scale.astype(np.float64)[:, None]
     zero_point = params.zero_point.astype(np.float64)[:, None]
     clip_low = (spec.qmin - zero_point) * scale
@@ -224,7 +226,9 @@ def expected_squared_error(
     # edges are cut to the observed extremes, so the end bins' widths shrink to what the data cover.
     occupied = np.flatnonzero(view.counts)
     first, last = int(occupied[0]), int(occupied[-1]) + 1
-    edges = np.clip(view.first_edge + np.arange(first, last + 1, dtype=np.float64) * view.width, view.minimum, view.maximum)
+    edges = np.clip(
+        view.first_edge + np.arange(first, last + 1, dtype=np.float64) * view.width, view.minimum, view.maximum
+    )
     weights = view.counts[first:last].astype(np.float64)
     widths = np.diff(edges)
     spread = widths > 0
