@@ -17,7 +17,8 @@ from setuptools.command.build_ext import build_ext
 
 
 class BuildExtension(build_ext):
-    """-O3; -fno-trapping-math (float clamps as vector min/max) and -fopenmp-simd (the min/max reductions), GCC and Clang."""
+    """-O3; -fno-trapping-math (float clamps as vector min/max) and -fopenmp-simd (the min/max reductions), GCC and
+    Clang."""
 
     def build_extensions(self) -> None:
         if self.compiler.compiler_type == "unix":

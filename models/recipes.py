@@ -138,7 +138,8 @@ def mobilenet_v2_recipe() -> Recipe:
 
 
 def vit_recipe() -> Recipe:
-    """ViT-style transformer (0.14M parameters): AdamW, seven epochs (about 25 minutes on one thread of a shared CPU)."""
+    """ViT-style transformer (0.14M parameters): AdamW, seven epochs (about 25 minutes on one thread of a shared
+    CPU)."""
     return Recipe(name="vit", builder=build_vit, builder_arguments=_architecture(),
                   epochs=7, batch_size=128, learning_rate=1.5e-3, weight_decay=5e-2, warmup_epochs=0.5,
                   horizontal_flip=True, goal_accuracy=87.0)

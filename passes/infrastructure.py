@@ -183,7 +183,7 @@ def get_pass(name: str) -> type:
     return passes[name]
 
 
-# --- pass manager and verifier -----------------------------------------------------------------------------------------
+# --- pass manager and verifier ----------------------------------------------------------------------------------------
 
 class PassVerificationError(RuntimeError):
     """A pass produced an invalid model or changed its outputs (a qgraph bug)."""
@@ -281,7 +281,7 @@ class PassManager:
         )
         records: list[PassRecord] = []
         any_modified = False
-        for iteration in range(self.max_iterations if self.fixed_point else 1):
+        for _ in range(self.max_iterations if self.fixed_point else 1):
             round_modified = False
             for current in self.passes:
                 before = count_nodes(model)
@@ -294,7 +294,8 @@ class PassManager:
                     PassRecord(current.pass_name(), current.phase, seconds, before, after, result.modified)
                 )
                 logger.debug(
-                    "%s: %.3fs, nodes %d -> %d, modified=%s", current.pass_name(), seconds, before, after, result.modified
+                    "%s: %.3fs, nodes %d -> %d, modified=%s",
+                    current.pass_name(), seconds, before, after, result.modified,
                 )
                 if verifier is not None and result.modified:
                     verifier(model, current.pass_name(), current.phase)

@@ -236,7 +236,9 @@ def test_a_lazy_upward_import_inside_a_function_is_reported(modules):
 
 def test_a_low_layer_importing_outside_its_list_is_reported(modules):
     # calibrate/observers is in the calibrate layer, but may not import the rest of calibrate
-    problems = layer_violations(_with(modules, "qgraph.calibrate.observers.bad", "from qgraph.calibrate import probes\n"))
+    problems = layer_violations(
+        _with(modules, "qgraph.calibrate.observers.bad", "from qgraph.calibrate import probes\n")
+    )
     assert any("outside what its layer may import" in problem for problem in problems)
     # a relative import resolves like an absolute one
     problems = layer_violations(_with(modules, "qgraph.native.bad", "from .. import ptq\n"))

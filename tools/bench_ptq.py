@@ -60,8 +60,8 @@ def _memory_child(arguments: argparse.Namespace) -> None:
     batches = support.random_image_batches(arguments.samples, batch_size, support.input_shape_of(model))
     start = time.perf_counter()
     if arguments.quantizer == "qgraph":
-        from qgraph.calibrate.driver import CalibrationConfig, calibrate
         from qgraph.annotate.annotator import annotate
+        from qgraph.calibrate.driver import CalibrationConfig, calibrate
         from qgraph.targets import get_target
 
         ir_model = ir.serde.deserialize_model(model)
@@ -179,8 +179,8 @@ def _fast_path_table(pairs: dict[str, list[tuple[float, float, float, float]]], 
 def command_speed(arguments: argparse.Namespace) -> None:
     import onnx_ir as ir
 
-    from qgraph.calibrate.driver import CalibrationConfig, calibrate
     from qgraph.annotate.annotator import annotate
+    from qgraph.calibrate.driver import CalibrationConfig, calibrate
     from qgraph.calibrate.observers.base import NATIVE
     from qgraph.ptq import QuantizeOptions, quantize
     from qgraph.targets import TargetOptions, get_target
@@ -342,14 +342,15 @@ def command_latency(arguments: argparse.Namespace) -> None:
     notes = [f"quantize_static settings: {support.ORT_SETTINGS}, CalibrationMethod.MinMax, after quant_pre_process; "
              f"qgraph: ort-cpu QOperator, per-channel, reduce-range auto, method minmax. Both calibrated on the same "
              f"{arguments.calibration_samples} seeded random images; batch 1, {arguments.threads} threads, "
-             f"ORT_ENABLE_ALL, intra-op spinning {'on' if arguments.spinning else 'off'}, {arguments.iterations} rounds "
-             f"of one run per model in shuffled order; load average {support.load_average()}."]
+             f"ORT_ENABLE_ALL, intra-op spinning {'on' if arguments.spinning else 'off'}, "
+             f"{arguments.iterations} rounds of one run per model in shuffled order; "
+             f"load average {support.load_average()}."]
     histograms = {}
     for name in arguments.models:
         float_model = support.build_reference_model(name)
         shape = support.input_shape_of(float_model)
 
-        def calibration():
+        def calibration(shape=shape):
             return support.random_image_batches(arguments.calibration_samples, 8, shape, seed=1)
 
         qgraph_model = _qgraph_proto(support.qgraph_quantize(float_model, calibration(), method="minmax", batch_size=8))
@@ -406,7 +407,9 @@ def _qgraph_proto(result):
 
 # ------------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="Log qgraph's info messages.")
     commands = parser.add_subparsers(dest="command", required=True)
 

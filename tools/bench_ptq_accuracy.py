@@ -18,10 +18,9 @@ import argparse
 import logging
 from pathlib import Path
 
+import bench_ptq_support as support
 import numpy as np
 import onnx
-
-import bench_ptq_support as support
 
 logger = logging.getLogger("bench_ptq")
 
@@ -143,7 +142,8 @@ def command_accuracy(arguments: argparse.Namespace) -> None:
 
         calibration_batch = support.even_batch_size(len(calibration_images), 32)
 
-        def calibration():
+        def calibration(input_name=input_name, calibration_images=calibration_images,
+                        calibration_batch=calibration_batch):
             return support.array_batches({input_name: calibration_images}, calibration_batch)
 
         goal = TRANSFORMER_GOAL_POINTS if _is_transformer(float_model) else CNN_GOAL_POINTS
@@ -162,8 +162,9 @@ def command_accuracy(arguments: argparse.Namespace) -> None:
         for label, weights, options, quantizer in variants:
             try:
                 if quantizer == "qgraph":
-                    quantized = _quantized_proto(support.qgraph_quantize(float_model, calibration(), batch_size=calibration_batch,
-                                                                         threads=arguments.threads, **options))
+                    quantized = _quantized_proto(support.qgraph_quantize(
+                        float_model, calibration(), batch_size=calibration_batch, threads=arguments.threads, **options
+                    ))
                 else:
                     quantized = support.ort_quantize_static(float_model, calibration(), **options)
                 accuracy = _top1(quantized, test_images, test_labels, arguments.threads)

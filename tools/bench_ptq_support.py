@@ -291,7 +291,9 @@ def format_value(value: object, digits: int = 2) -> str:
     return str(value)
 
 
-def print_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[object]], *, notes: Sequence[str] = ()) -> None:
+def print_table(
+    title: str, headers: Sequence[str], rows: Iterable[Sequence[object]], *, notes: Sequence[str] = ()
+) -> None:
     """A Markdown table on stdout (tools may print; the library never does)."""
     cells = [[format_value(value) for value in row] for row in rows]
     widths = [max(len(header), *(len(row[index]) for row in cells)) if cells else len(header)

@@ -39,8 +39,8 @@ from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.data import dataset_from_arrays, load_fashion_mnist
 from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.ptq import QuantizeOptions
-from qgraph.targets import TargetOptions
 from qgraph.qat import QATOptions
+from qgraph.targets import TargetOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINED = ROOT / "models" / "trained"
@@ -104,11 +104,12 @@ def run_setting(path: Path, setting: str, data: dict, arguments) -> list[dict]:
 
 
 def step_cost(path: Path, arguments) -> dict:
-    """Seconds per training step: QAT graph (w4; learnable or fixed scales) vs FP32 canonical and FP32 with BatchNorm."""
+    """Seconds per training step: QAT graph (w4; learnable or fixed scales) vs FP32 canonical and FP32 with
+    BatchNorm."""
     from qgraph.ptq import quantize
+    from qgraph.qat import build_fake_quant_graph
     from qgraph.train import TrainingConfig
     from qgraph.train.artifacts import build_training_artifacts
-    from qgraph.qat import build_fake_quant_graph
     from qgraph.train.session import TrainingSession
 
     original = onnx.load(path)
@@ -166,7 +167,8 @@ def load_data(arguments) -> dict:
 
 
 def markdown(rows: list[dict], costs: list[dict]) -> str:
-    lines = ["| model | setting | method | top-1 % | Δ vs FP32 | epochs | wall s |", "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| model | setting | method | top-1 % | Δ vs FP32 | epochs | wall s |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     fp32 = {(row["model"], row["setting"]): row["top1"] for row in rows if row["method"] == "FP32"}
     for row in rows:
         delta = row["top1"] - fp32[(row["model"], row["setting"])]
@@ -174,7 +176,8 @@ def markdown(rows: list[dict], costs: list[dict]) -> str:
                      f"{row['epochs']} | {row['seconds']:.0f} |")
     if costs:
         lines += ["", "| model | batch | FP32+BN step ms | FP32 folded step ms | QAT step ms | QAT / FP32 folded | "
-                  "QAT / FP32+BN | QAT fixed scales / FP32 folded |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "QAT / FP32+BN | QAT fixed scales / FP32 folded |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for cost in costs:
             lines.append(f"| {cost['model']} | {cost['batch']} | {cost['fp32_batchnorm_ms']:.1f} | "
                          f"{cost['fp32_canonical_ms']:.1f} | {cost['qat_ms']:.1f} | "

@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 from qgraph import runtime  # noqa: E402
 from qgraph.calibrate.driver import CalibrationConfig  # noqa: E402
 from qgraph.pipeline import OptimizeOptions, optimize  # noqa: E402
-from qgraph.sensitivity import DEFAULT_MIN_SQNR_DB  # noqa: E402
 from qgraph.ptq import QuantizeOptions  # noqa: E402
 from qgraph.report import output_errors  # noqa: E402
+from qgraph.sensitivity import DEFAULT_MIN_SQNR_DB  # noqa: E402
 from qgraph.targets import TargetOptions  # noqa: E402
 from tools.sensitivity_models import feature_batches, outlier_mlp  # noqa: E402
 
@@ -98,7 +98,8 @@ def run(name: str, model: onnx.ModelProto, batches, setting: str, arguments, tra
           f"({len(sensitivity.layers)} layers) of {seconds:.2f} s for canonicalize + quantize")
     if trained:
         off, _ = quantize_with(None)
-        print(f"- top-1 on {arguments.test_samples} test images: FP32 {top1(result.float_model, arguments.test_samples):.4f}, "
+        print(f"- top-1 on {arguments.test_samples} test images: "
+              f"FP32 {top1(result.float_model, arguments.test_samples):.4f}, "
               f"int8 without fallback {top1(ir.serde.serialize_model(off.model), arguments.test_samples):.4f}, "
               f"with fallback {top1(lowered, arguments.test_samples):.4f}")
 

@@ -14,12 +14,12 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph import runtime
+from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.data import load_fashion_mnist
 from qgraph.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from qgraph.ir import load_model
 from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.ptq import QuantizeOptions
-from qgraph.calibrate.driver import CalibrationConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,15 +1,15 @@
 """Build a synthetic model over 2 GB and push it through qgraph, measuring time and peak memory per phase.
 
 The model is a chain of 1×1 Conv + BatchNormalization + Relu blocks with ``channels``² float32 weights each
-(defaults: 9 blocks of 8192 channels: 2.25 GiB, 2.42 GB of weights, over protobuf's 2 GiB limit). Its tensors are written straight into one external data
-file, one tensor at a time, and the graph proto refers to them by offset: no protobuf over 2 GB ever exists in memory,
-and at most one weight is held while building.
+(defaults: 9 blocks of 8192 channels: 2.25 GiB, 2.42 GB of weights, over protobuf's 2 GiB limit). Its tensors are
+written straight into one external data file, one tensor at a time, and the graph proto refers to them by offset: no
+protobuf over 2 GB ever exists in memory, and at most one weight is held while building.
 
 Then, in this process: ``load_model`` (external tensors memory-mapped), the canonical pipeline (BatchNorm must fold
 into every Conv), and ``save_model`` with external data. Peak resident memory is measured per phase from
 ``/proc/self/status`` (VmHWM, reset between phases through ``/proc/self/clear_refs``); the whole-process peak is the
-largest of them (``ru_maxrss`` follows the same reset on Linux, so it only covers the last phase). ``--verify`` runs the original and the result in onnxruntime in a child process (its own peak
-reported) and compares the outputs.
+largest of them (``ru_maxrss`` follows the same reset on Linux, so it only covers the last phase). ``--verify`` runs the
+original and the result in onnxruntime in a child process (its own peak reported) and compares the outputs.
 
 Usage::
 
@@ -135,8 +135,8 @@ def build(folder: Path, *, blocks: int, channels: int, seed: int = 0) -> Path:
 
 
 def canonical_pass_names() -> tuple[str, ...]:
-    from qgraph.pipeline import CANONICAL_PASSES
     from qgraph.passes.infrastructure import available_passes
+    from qgraph.pipeline import CANONICAL_PASSES
 
     available = available_passes()
     missing = [name for name in CANONICAL_PASSES if name not in available]
@@ -176,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from qgraph.ir import load_model, save_model
-    from qgraph.passes.infrastructure import PassManager
-    from qgraph.passes.infrastructure import get_pass
+    from qgraph.passes.infrastructure import PassManager, get_pass
 
     folder: Path = arguments.folder
     if folder.exists():
@@ -189,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         source = phases.run("build (external data, streamed)", build, folder / "source",
                             blocks=arguments.blocks, channels=arguments.channels)
         data_bytes = (folder / "source" / "model.onnx.data").stat().st_size
-        print(f"  model.onnx: {source.stat().st_size} bytes, model.onnx.data: {data_bytes / 2**30:.2f} GiB ({data_bytes / 1e9:.2f} GB)")
+        print(f"  model.onnx: {source.stat().st_size} bytes, "
+              f"model.onnx.data: {data_bytes / 2**30:.2f} GiB ({data_bytes / 1e9:.2f} GB)")
 
         import onnx_ir
 
@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'qgraph process peak RSS (max of phases)':<38} {'':>9} {peak:>15.2f}")
     print(f"{'largest child peak RSS (ru_maxrss)':<38} {'':>9} {children:>15.2f}")
     print(f"{'total wall time (s)':<38} {time.perf_counter() - total_start:>9.1f}")
-    print(f"data: {data_bytes / 2**30:.2f} GiB ({data_bytes:,} bytes) of tensors; BatchNormalization {batch_norms_before} -> {batch_norms_after}")
+    print(f"data: {data_bytes / 2**30:.2f} GiB ({data_bytes:,} bytes) of tensors; "
+          f"BatchNormalization {batch_norms_before} -> {batch_norms_after}")
     return 1 if batch_norms_after else 0
 
 

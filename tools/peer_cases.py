@@ -183,7 +183,8 @@ def _difference(actual, expected, *, shapes_only: bool = False) -> str | None:
         return None
     if isinstance(expected, list):
         if not isinstance(actual, list) or len(actual) != len(expected):
-            return f"sequence length {len(actual) if isinstance(actual, list) else type(actual).__name__} vs {len(expected)}"
+            length = len(actual) if isinstance(actual, list) else type(actual).__name__
+            return f"sequence length {length} vs {len(expected)}"
         for index, (item, wanted) in enumerate(zip(actual, expected)):
             found = _difference(item, wanted, shapes_only=shapes_only)
             if found:

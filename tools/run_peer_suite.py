@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     shown = {outcome.strip() for outcome in arguments.list.split(",") if outcome.strip()}
     for result in results:
         if result.outcome in shown:
-            note = " (onnxruntime runs the original)" if result.outcome == "refused" and result.original_runnable else ""
-            print(f"{result.outcome:<16} {result.name:<60} {result.reason.splitlines()[0] if result.reason else ''}{note}")
+            runs_the_original = result.outcome == "refused" and result.original_runnable
+            note = " (onnxruntime runs the original)" if runs_the_original else ""
+            reason = result.reason.splitlines()[0] if result.reason else ""
+            print(f"{result.outcome:<16} {result.name:<60} {reason}{note}")
     print()
     print(peer_cases.format_table(results, seconds))
 

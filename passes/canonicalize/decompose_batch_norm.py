@@ -11,8 +11,8 @@ k + 2 — so that numpy/ONNX broadcasting (aligned from the right) lines them up
 before it; when it is unknown the BatchNorm is left alone, because a wrong rank would broadcast on the wrong axis.
 
 This pass is for BatchNorms that no producer can absorb. A BatchNorm that FoldBatchNorm can fold (the shared
-predicate :func:`qgraph.passes.canonicalize._batch_norm_math.plan_fold`) is refused with "foldable into producer", so that in
-the canonical pipeline (… FoldBatchNorm, DecomposeBatchNorm …) this pass never steals a fold. Training-mode
+predicate :func:`qgraph.passes.canonicalize._batch_norm_math.plan_fold`) is refused with "foldable into producer", so
+that in the canonical pipeline (… FoldBatchNorm, DecomposeBatchNorm …) this pass never steals a fold. Training-mode
 BatchNorms and non-constant parameters are refused as in FoldBatchNorm.
 """
 

@@ -27,8 +27,8 @@ only this producer read is dropped. A BatchNorm is refused (logged, graph unchan
 (``training_mode=1`` or extra statistics outputs), its parameters or the producer's weights are not constants
 (graph inputs count as non-constant), the producer's output has another reader or is a graph output, the element
 type is not float/double/float16, or — for MatMul — the input is not 2-D, because then BatchNormalization's channel
-axis 1 is not the MatMul's output-feature axis. :mod:`qgraph.passes.canonicalize._batch_norm_math` holds that predicate, which
-DecomposeBatchNorm shares.
+axis 1 is not the MatMul's output-feature axis. :mod:`qgraph.passes.canonicalize._batch_norm_math` holds that predicate,
+which DecomposeBatchNorm shares.
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""LOWER: Q/DQ islands rewritten into onnxruntime's integer operators; numerics change by at most one quantization step."""
+"""LOWER: Q/DQ islands rewritten into onnxruntime's integer operators; numerics change by at most one quantization
+step."""

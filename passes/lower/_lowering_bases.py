@@ -33,7 +33,8 @@ from qgraph.passes.lower import _qdq_patterns as qdq
 
 @dataclasses.dataclass(frozen=True)
 class IslandPlan:
-    """An accepted island: the op, the quantization of each of its quantized inputs in order, and the Q of its output."""
+    """An accepted island: the op, the quantization of each of its quantized inputs in order, and the Q of its
+    output."""
 
     node: ir.Node
     inputs: tuple[qdq.QuantParams, ...]

@@ -80,7 +80,8 @@ class LowerConvInteger(QuantizedOperandsLowering):
             graph, context.names, plan.weight_params.integer_value, weight_array, f"{base}_weight_uint8", before=conv
         )
         zero_point = qdq.add_constant(
-            graph, context.names, f"{base}_weight_zero_point", plan.weight.zero_point.reshape(-1)[:1].reshape(()), before=conv
+            graph, context.names, f"{base}_weight_zero_point", plan.weight.zero_point.reshape(-1)[:1].reshape(()),
+            before=conv,
         )
         integer = ir.Node(
             "", "ConvInteger",

@@ -55,5 +55,8 @@ class LowerIntegerMatMul(WeightLowering):
         )
         scale = np.float64(plan.left.scalar_scale()) * plan.right.params.scale_array.astype(np.float64)
         scale = scale.reshape(-1) if not plan.right.params.per_tensor else scale.reshape(())
-        nodes = [integer, *qdq.rescale_nodes(graph, context.names, integer.outputs[0], scale, None, before=matmul, base_name=base)]
+        nodes = [
+            integer,
+            *qdq.rescale_nodes(graph, context.names, integer.outputs[0], scale, None, before=matmul, base_name=base),
+        ]
         qdq.replace_float_op(matmul, nodes)

@@ -124,7 +124,9 @@ class LowerQGemm(WeightLowering):
             if plan.bias_unchanged:
                 inputs.append(qdq.dequantize_of(gemm.inputs[2]).inputs[0])
             else:
-                inputs.append(qdq.add_constant(graph, context.names, f"{gemm.name or 'gemm'}_bias_int32", plan.bias, before=anchor))
+                inputs.append(qdq.add_constant(
+                    graph, context.names, f"{gemm.name or 'gemm'}_bias_int32", plan.bias, before=anchor
+                ))
         else:
             inputs.append(None)
         if output is not None:

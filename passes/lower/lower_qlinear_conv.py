@@ -106,7 +106,9 @@ class LowerQLinearConv(WeightLowering):
             if plan.bias_unchanged:
                 inputs.append(bias_producer.inputs[0])
             else:
-                inputs.append(qdq.add_constant(graph, context.names, f"{conv.name or 'conv'}_bias_int32", plan.bias, before=anchor))
+                inputs.append(qdq.add_constant(
+                    graph, context.names, f"{conv.name or 'conv'}_bias_int32", plan.bias, before=anchor
+                ))
         lowered = ir.Node("", "QLinearConv", inputs, qdq.copy_attributes(conv), name=qdq.derived_name(conv, "quant"))
         qdq.replace_island(context.model, conv, output, lowered)
 

@@ -36,11 +36,11 @@ import numpy as np
 import onnx
 
 from qgraph.errors import DataError, QGraphError
-from qgraph.train.config import CosineSchedule, TrainingConfig
 from qgraph.qat.distill import BatchSource, Teacher
 from qgraph.qat.export import export_qdq, read_checkpoint_parameters
 from qgraph.qat.fake_quant_graph import FakeQuantGraph, build_fake_quant_graph
 from qgraph.qat.options import QATOptions
+from qgraph.train.config import CosineSchedule, TrainingConfig
 from qgraph.train.trainer import ProgressEvent, Trainer, TrainingDivergedError
 
 logger = logging.getLogger(__name__)

@@ -348,7 +348,9 @@ def build_fake_quant_graph(
             if stored.data_type in _INTEGER_WEIGHT_TYPES:
                 plan_name = weight_names.get(node.name or node.output[0])
                 if plan_name is None or plan_name not in parameters:
-                    raise UnsupportedModelError(f"weight DequantizeLinear {node.name!r} is not in the quantization plan")
+                    raise UnsupportedModelError(
+                        f"weight DequantizeLinear {node.name!r} is not in the quantization plan"
+                    )
                 quantizer, new_nodes = _weight_nodes(builder, node, initializers, float_initializers, plan_name,
                                                      parameters[plan_name], learn_scales)
                 weights.append(quantizer)

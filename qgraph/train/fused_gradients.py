@@ -9,10 +9,10 @@ gradient, for the input and the scale, is
 
 which onnxruntime-training builds from nine kernels: ``Clip``, ``Equal``, ``FakeQuantGrad``, ``Identity``, two
 ``Mul``, ``Sub``, ``ReduceSum`` and ``Div``, each a pass over the tensor (about 280 µs for 200,704 values here,
-``FakeQuantGrad`` alone 105 µs). ``qgraph/native/quantizer_gradient.c``, an onnxruntime custom-operator library built with the
-package, holds ``qgraph.training::QuantizerGradient``, which computes both in one pass (about 50 µs), and
-``qgraph.training::FakeQuantize``, the QuantizeLinear → DequantizeLinear pair in one pass, bit for bit (31 against
-21 µs).
+``FakeQuantGrad`` alone 105 µs). ``qgraph/native/quantizer_gradient.c``, an onnxruntime custom-operator library built
+with the package, holds ``qgraph.training::QuantizerGradient``, which computes both in one pass (about 50 µs), and
+``qgraph.training::FakeQuantize``, the QuantizeLinear → DequantizeLinear pair in one pass, bit for bit (31
+against 21 µs).
 
 ``generate_artifacts`` cannot emit them: its gradient builder resolves every node against onnxruntime's registered
 schemas, and a custom operator has none there ("is not a registered function/op"). So the graph is generated with

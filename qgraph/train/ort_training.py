@@ -104,10 +104,10 @@ def register_gradient_overrides() -> None:
     CPU kernel is float32 only, like the models qgraph trains.
 
     **PassThrough.** ``com.microsoft::PassThrough(t̂, t, S, low, high)`` — outputs alias inputs, no kernel work —
-    stands for ``t̂ = DequantizeLinear(QuantizeLinear(t, S, z), S, z)`` in the QAT graph (see below for its gradient); the
-    ``com.microsoft::DequantizeLinear`` feeding it gets an empty gradient. onnxruntime-training 1.19 cannot build
-    this custom gradient when ``S`` needs none (it rejects the definition's intermediates), so such a quantizer's
-    scale must be trained.
+    stands for ``t̂ = DequantizeLinear(QuantizeLinear(t, S, z), S, z)`` in the QAT graph (see below for its gradient);
+    the ``com.microsoft::DequantizeLinear`` feeding it gets an empty gradient. onnxruntime-training 1.19 cannot build
+    this custom gradient when ``S`` needs none (it rejects the definition's intermediates), so such a quantizer's scale
+    must be trained.
 
     The registry is process-wide and read while ``generate_artifacts`` builds the gradient graph; the written
     training model holds ordinary nodes, so sessions need nothing registered.

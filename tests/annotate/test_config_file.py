@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
+from qgraph.annotate.config_file import ConfigError
 from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.cli import cli
-from qgraph.annotate.config_file import ConfigError
 from qgraph.ptq import QuantizeOptions, quantize
 from qgraph.targets import TargetOptions
 from tests.ptq.small_models import calibration_batches, residual_cnn
@@ -47,7 +47,9 @@ def test_overrides_reach_plan_parameters_and_model(tmp_path):
     assert result.parameters["conv1.weight"].scale.shape == (8,)  # the others stay per channel
     proto = ir.serde.serialize_model(result.model)
     codes = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    quantized = next(value for name, value in codes.items() if name.startswith("conv2.weight") and value.dtype == np.int8)
+    quantized = next(
+        value for name, value in codes.items() if name.startswith("conv2.weight") and value.dtype == np.int8
+    )
     assert quantized.min() >= -8 and quantized.max() <= 7
     onnx.checker.check_model(proto, full_check=True)
 
@@ -85,4 +87,5 @@ def test_cli_config_errors_exit_2(tmp_path):
     result = runner.invoke(cli, ["optimize", str(model), "-o", str(tmp_path / "out.onnx"), "--calib", str(calib),
                                  "--config", str(good)])
     assert result.exit_code == 0, result.output
-    assert runner.invoke(cli, ["optimize", str(model), "-o", str(tmp_path / "o.onnx"), "--config", str(good)]).exit_code == 2
+    result = runner.invoke(cli, ["optimize", str(model), "-o", str(tmp_path / "o.onnx"), "--config", str(good)])
+    assert result.exit_code == 2

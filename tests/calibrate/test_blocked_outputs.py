@@ -13,13 +13,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qgraph.calibrate.probes as probes
-from qgraph.calibrate.driver import CalibrationConfig, calibrate
-from qgraph.pipeline import OptimizeOptions, optimize
+from models.resnet import build_resnet
 from qgraph.annotate.annotator import annotate
 from qgraph.calibrate.blocked_outputs import create_blocked_probe_session, edit_model
+from qgraph.calibrate.driver import CalibrationConfig, calibrate
 from qgraph.calibrate.probes import Probe, build_probes
+from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.targets import get_target
-from models.resnet import build_resnet
 
 
 def _optimized(model: onnx.ModelProto) -> bytes:

@@ -6,8 +6,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from qgraph.calibrate.driver import CalibrationConfig, _observe_in_parallel, calibrate, observer_threads
 from qgraph.annotate.annotator import annotate
+from qgraph.calibrate.driver import CalibrationConfig, _observe_in_parallel, calibrate, observer_threads
 from qgraph.targets import get_target
 from tests.ptq.small_models import calibration_batches, residual_cnn
 

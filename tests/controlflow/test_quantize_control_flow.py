@@ -13,11 +13,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from qgraph.annotate.annotator import RECURRENT_FP32_REASON
 from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.pipeline import OptimizeOptions, optimize
-from qgraph.annotate.annotator import RECURRENT_FP32_REASON
-from qgraph.quant.numerics import sqnr_db
 from qgraph.ptq import QuantizeOptions, quantize
+from qgraph.quant.numerics import sqnr_db
 from qgraph.targets import TargetOptions
 from qgraph.testing import run_model
 from tests.controlflow.models import differing_shapes_model, speech_batches, speech_model

@@ -11,7 +11,8 @@ from qgraph.ir import values
 
 MODEL = """
 <ir_version: 10, opset_import: ["" : 17, "local" : 1]>
-main (float[2] x, float[N] default) => (float[2] y, float[2] out) <float[2] w = {1.0, 2.0}, float[2] default = {3.0, 4.0}> {
+main (float[2] x, float[N] default) => (float[2] y, float[2] out)
+    <float[2] w = {1.0, 2.0}, float[2] default = {3.0, 4.0}> {
     c = Constant <value = float[2] {5.0, 6.0}> ()
     a = Add(x, w)
     out = Relu(a)
@@ -57,7 +58,9 @@ def test_a_graph_input_with_a_default_is_not_a_constant(model):
     assert default.is_initializer() and default.is_graph_input()
     assert not values.is_constant(default)
     assert values.constant_array(default) is None
-    assert values.constant_refusal(default, "the bias") == "the bias 'default' is a graph input (a caller can override it)"
+    assert values.constant_refusal(default, "the bias") == (
+        "the bias 'default' is a graph input (a caller can override it)"
+    )
 
 
 def test_a_constant_node_output_and_an_activation_are_not_constants(model):
@@ -147,7 +150,8 @@ def test_default_opset_of_an_ir_model_and_of_a_proto(model):
     proto = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []),
                                    opset_imports=[onnx.helper.make_opsetid("ai.onnx", 13)])
     assert values.default_opset(proto) == 13
-    assert values.default_opset(ir.Model(ir.Graph([], [], nodes=[], opset_imports={"ai.onnx": 12}), ir_version=10)) == 12
+    empty = ir.Model(ir.Graph([], [], nodes=[], opset_imports={"ai.onnx": 12}), ir_version=10)
+    assert values.default_opset(empty) == 12
 
 
 def test_a_model_importing_no_default_domain_has_opset_0(model):

@@ -175,7 +175,8 @@ def test_vit_structure(layout):
 
 def test_vit_gelu_matches_erf_formula():
     model = built("vit", "small")
-    from math import erf as error_function, sqrt
+    from math import erf as error_function
+    from math import sqrt
 
     # The first MLP activation: Div → Erf → Add → Mul(x, ·) → Mul(·, 0.5), evaluated on a probe input.
     def consumer(value: str, op_type: str) -> onnx.NodeProto:

@@ -13,12 +13,20 @@ from onnx import helper, numpy_helper
 from onnx_ir.passes import PassResult
 
 from qgraph.errors import PipelineError, QGraphError
-from qgraph.passes.infrastructure import QGraphPass, RewritePass
-from qgraph.passes.infrastructure import Refusal, RewriteContext
-from qgraph.passes.infrastructure import PassManager, PassVerificationError, check_phase_order, count_nodes
+from qgraph.passes.infrastructure import (
+    PassManager,
+    PassVerificationError,
+    Phase,
+    QGraphPass,
+    Refusal,
+    RewriteContext,
+    RewritePass,
+    available_passes,
+    check_phase_order,
+    count_nodes,
+    get_pass,
+)
 from qgraph.pipeline import OptimizeOptions, build_pipeline
-from qgraph.passes.infrastructure import Phase
-from qgraph.passes.infrastructure import available_passes, get_pass
 from tests.passes.batch_norm_builders import batch_norm_node, batch_norm_parameters, make_model, weights
 from tests.passes.exporter_spellings import gelu_erf, gelu_tanh, layer_norm
 from tests.passes.lower.test_lower_end_to_end import small_cnn

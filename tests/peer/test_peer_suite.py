@@ -1,10 +1,10 @@
 """The peer suite: every ONNX node test case through qgraph's load → canonicalize → save, checked in onnxruntime.
 
 The classification is in ``tools/peer_cases.py`` (shared with ``tools/run_peer_suite.py``, which prints the same
-table for a full run). Every case runs twice: as shipped (inputs fed at run time) and as its ``@constant`` variant (inputs
-turned into initializers, so that FoldConstants evaluates every operator ahead of time). This test runs them in two
-worker processes (about 45 s on two shared cores; ``QGRAPH_PEER_EVERY=N`` samples every N-th case), writes the counts
-and every case's outcome to ``peer_suite.json`` under pytest's temporary folder, prints the table even without
+table for a full run). Every case runs twice: as shipped (inputs fed at run time) and as its ``@constant`` variant
+(inputs turned into initializers, so that FoldConstants evaluates every operator ahead of time). This test runs them in
+two worker processes (about 45 s on two shared cores; ``QGRAPH_PEER_EVERY=N`` samples every N-th case), writes the
+counts and every case's outcome to ``peer_suite.json`` under pytest's temporary folder, prints the table even without
 ``-s``, and fails on a failing case that ``baseline.json`` does not list, or on a listed case that now passes.
 """
 

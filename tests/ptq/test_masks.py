@@ -20,8 +20,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qgraph import runtime
-from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.annotate.annotator import AnnotationRules, annotate
+from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.ptq import QuantizeOptions, quantize
 from qgraph.targets import TargetOptions, get_target
 

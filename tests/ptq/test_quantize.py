@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 from qgraph import runtime
 from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.errors import DataError, UnsupportedModelError
-from qgraph.quant.numerics import fake_quantize, sqnr_db
 from qgraph.ptq import QuantizeOptions, quantize
+from qgraph.quant.numerics import fake_quantize, sqnr_db
 from qgraph.targets import TargetOptions
 from tests.ptq.small_models import calibration_batches, residual_cnn
 
@@ -135,8 +135,8 @@ def test_already_quantized_model_is_refused_unless_asked():
 
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_mse_weight_ranges_never_lose_to_min_max(per_channel):
-    from qgraph.quant.numerics import fake_quantize
     from qgraph.ptq import weight_range
+    from qgraph.quant.numerics import fake_quantize
     from qgraph.quant.spec import QuantSpec, compute_quant_params
 
     generator = np.random.default_rng(4)
@@ -193,7 +193,9 @@ def test_entropy_keeps_the_full_range_of_bounded_activations():
         images = (np.abs(generator.standard_normal((16, 3, 32, 32))) * 0.3).astype(np.float32)
         images.reshape(-1)[generator.choice(images.size, 5, replace=False)] = 10.0  # rare, saturating at 6
         batches.append({"input": images})
-    options = QuantizeOptions(target_options=TargetOptions(format="qdq"), calibration=CalibrationConfig(method="entropy"))
+    options = QuantizeOptions(
+        target_options=TargetOptions(format="qdq"), calibration=CalibrationConfig(method="entropy")
+    )
     result = quantize(ir.serde.deserialize_model(model), batches, options)
     low_bound, high_bound = result.calibration.ranges["relu6"]
     assert 0.0 <= low_bound < 0.01

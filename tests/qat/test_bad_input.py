@@ -10,9 +10,9 @@ from onnx import helper
 
 from qgraph.cli import cli
 from qgraph.errors import DataError
+from qgraph.qat import QATOptions, run_qat
 from qgraph.testing import run_model
 from qgraph.train import TrainingDivergedError
-from qgraph.qat import QATOptions, run_qat
 from tests.ptq.small_models import residual_cnn
 from tests.qat.helpers import CLASSES, dataset, labelled_data, quantized
 

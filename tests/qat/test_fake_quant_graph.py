@@ -7,9 +7,9 @@ import onnx
 import onnxruntime
 import pytest
 
+from qgraph.qat import build_fake_quant_graph
 from qgraph.train import TrainingConfig
 from qgraph.train.artifacts import build_training_artifacts
-from qgraph.qat import build_fake_quant_graph
 from qgraph.train.session import TrainingSession
 from tests.ptq.small_models import calibration_batches
 from tests.qat.helpers import quantized, two_layer_mlp

@@ -12,10 +12,10 @@ import pytest
 from onnx import TensorProto, helper
 
 import qgraph.train.artifacts as artifacts_module
+from qgraph.qat import build_fake_quant_graph
 from qgraph.train import TrainingConfig
 from qgraph.train.artifacts import build_training_artifacts
 from qgraph.train.fused_gradients import DOMAIN, FORWARD_OPERATOR, OPERATOR, fuse_quantizers, library_path
-from qgraph.qat import build_fake_quant_graph
 from qgraph.train.session import TrainingSession
 from tests.ptq.small_models import calibration_batches
 from tests.qat.helpers import quantized

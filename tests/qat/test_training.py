@@ -6,10 +6,10 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from qgraph.testing import run_model
-from qgraph.train import ConstantSchedule, Trainer, TrainingConfig
 from qgraph.qat import QATOptions, build_fake_quant_graph, export_qdq, lower_qdq, run_qat
 from qgraph.qat.export import learned_scales, read_checkpoint_parameters
+from qgraph.testing import run_model
+from qgraph.train import ConstantSchedule, Trainer, TrainingConfig
 from tests.qat.helpers import dataset, labelled_data, quantized
 
 

@@ -54,7 +54,12 @@ def _test_data(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     return x
 
 
-SPECS = [QuantSpec.int8(), QuantSpec.uint8(), QuantSpec.int8(symmetric=False), QuantSpec(bits=8, signed=False, symmetric=True)]
+SPECS = [
+    QuantSpec.int8(),
+    QuantSpec.uint8(),
+    QuantSpec.int8(symmetric=False),
+    QuantSpec(bits=8, signed=False, symmetric=True),
+]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=["int8_sym", "uint8_asym", "int8_asym", "uint8_sym"])

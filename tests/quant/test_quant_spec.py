@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import TensorProto
 
 from qgraph.quant.numerics import dequantize, quantize
 from qgraph.quant.spec import MINIMUM_SCALE, QuantParams, QuantSpec, compute_quant_params, representable_range
-from onnx import TensorProto
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,9 @@ def test_per_channel_params() -> None:
         compute_quant_params(QuantSpec(), np.array([-1.0]), np.array([1.0]))
 
 
-@pytest.mark.parametrize("spec", [QuantSpec.int8(), QuantSpec.uint8(), QuantSpec(bits=4, signed=False, symmetric=False)])
+@pytest.mark.parametrize(
+    "spec", [QuantSpec.int8(), QuantSpec.uint8(), QuantSpec(bits=4, signed=False, symmetric=False)]
+)
 @pytest.mark.parametrize(
     ("minimum", "maximum"),
     [(0.0, 0.0), (3.0, 3.0), (-2.5, -2.5), (1e-30, 1e-30), (-1e-38, 1e-38), (1e-45, 2e-45), (0.0, 1e-20)],

@@ -12,8 +12,8 @@ them should not be quantized at all, and silently dropping them would hide that.
 the state unchanged; an observer that never saw a finite value reports the range (0, 0), which gives scale 1.0.
 
 The reductions here avoid extra passes and copies: per-tensor min/max is one pass of the native loop
-(``qgraph/native/observer_loops.c``, built with the package; ``NATIVE`` tells whether it is) or two numpy reductions without it, and only
-when the batch holds NaN or ±Inf is it filtered with ``np.isfinite``.
+(``qgraph/native/observer_loops.c``, built with the package; ``NATIVE`` tells whether it is) or two numpy reductions
+without it, and only when the batch holds NaN or ±Inf is it filtered with ``np.isfinite``.
 """
 
 from __future__ import annotations

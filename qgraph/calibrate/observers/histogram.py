@@ -28,20 +28,20 @@ or interpolated. Consequences:
 * the price is resolution: the data fill between half and all of their side of the histogram (at least B/4 bins for
   the larger side of a signed histogram, at least B/2 for a non-negative one).
 
-With the native loops (``qgraph/native/observer_loops.c``, built with the package) an update is one pass over the batch: the values are
-binned in the current layout while their extremes and the layout's extent are checked block by block; at the first
-block that does not fit (the range grew, a negative value arrived, a NaN) the loop stops, and the rest of the batch
-takes the general path below (extremes, re-binning, then binning unchecked). About 1 ns a value, with the GIL
+With the native loops (``qgraph/native/observer_loops.c``, built with the package) an update is one pass over the batch:
+the values are binned in the current layout while their extremes and the layout's extent are checked block by block; at
+the first block that does not fit (the range grew, a negative value arrived, a NaN) the loop stops, and the rest of the
+batch takes the general path below (extremes, re-binning, then binning unchecked). About 1 ns a value, with the GIL
 released so that observers of different tensors run in parallel. Without them, numpy bins in blocks of 2^16 values
-through a reused float32 buffer (multiply by 1/w, floor, convert to int32,
-``np.bincount``), so an update makes no full-size temporary copy of the batch. In the non-negative layout the floor is
-a plain truncation, and the block is counted into 4 interleaved sub-histograms (index + lane·B, summed at the end):
-a ReLU output is often half exact zeros, and one counter incremented back to back stalls on its own store, which made
-``np.bincount`` ~1.5× slower on such data than on spread values. The state is the counts (int64), the
-exponent, the layout flag, the exact finite minimum and maximum, and the count: O(B) whatever the number of batches.
+through a reused float32 buffer (multiply by 1/w, floor, convert to int32, ``np.bincount``), so an update makes no
+full-size temporary copy of the batch. In the non-negative layout the floor is a plain truncation, and the block is
+counted into 4 interleaved sub-histograms (index + lane·B, summed at the end): a ReLU output is often half exact zeros,
+and one counter incremented back to back stalls on its own store, which made ``np.bincount`` ~1.5× slower on such data
+than on spread values. The state is the counts (int64), the exponent, the layout flag, the exact finite minimum and
+maximum, and the count: O(B) whatever the number of batches.
 
-Ranges (:mod:`qgraph.calibrate.observers.histogram_ranges`) are derived by the entropy (KL), percentile or MSE method and
-always clamped to the exact observed [minimum, maximum].
+Ranges (:mod:`qgraph.calibrate.observers.histogram_ranges`) are derived by the entropy (KL), percentile or MSE method
+and always clamped to the exact observed [minimum, maximum].
 """
 
 from __future__ import annotations
@@ -98,7 +98,9 @@ class HistogramObserver(Observer):
     ) -> None:
         super().__init__(spec)
         if self.spec.axis is not None:
-            raise ValueError("HistogramObserver is per tensor; per-channel specs use MinMaxObserver or the MSE weight observer")
+            raise ValueError(
+                "HistogramObserver is per tensor; per-channel specs use MinMaxObserver or the MSE weight observer"
+            )
         if method not in METHODS:
             raise ValueError(f"unknown histogram method {method!r}; valid methods: {', '.join(METHODS)}")
         if not (isinstance(bins, (int, np.integer)) and bins >= 16 and bins & (bins - 1) == 0):
@@ -197,7 +199,9 @@ class HistogramObserver(Observer):
             _native.bin_counts(np.ascontiguousarray(flat), width_exponent, self.offset, self.counts, False)
             return
         # x · 2^-width_exponent is exact when the factor is a normal number of the working type.
-        work_dtype = np.float32 if (flat.dtype == np.float32 and -width_exponent in _FLOAT32_NORMAL_EXPONENTS) else np.float64
+        work_dtype = (
+            np.float32 if (flat.dtype == np.float32 and -width_exponent in _FLOAT32_NORMAL_EXPONENTS) else np.float64
+        )
         inverse_width = work_dtype(math.ldexp(1.0, -width_exponent))
         offset = work_dtype(self.offset)
         # Non-negative layout: every value is >= 0 (or -0.0), so truncation is the floor and lanes are cheap.
@@ -312,7 +316,8 @@ class HistogramObserver(Observer):
 
 @functools.lru_cache(maxsize=8)
 def _lane_offsets(bins: int, lanes: int) -> np.ndarray:
-    """``(i mod lanes) · bins`` for i < _BLOCK (int32, read-only): element i of a block counts in sub-histogram i mod lanes."""
+    """``(i mod lanes) · bins`` for i < _BLOCK (int32, read-only): element i of a block counts in sub-histogram i mod
+    lanes."""
     offsets = (np.arange(_BLOCK, dtype=np.int32) % lanes) * np.int32(bins)
     offsets.flags.writeable = False
     return offsets

@@ -18,11 +18,12 @@ every threshold of i bins, L ≤ i ≤ (last occupied bin + 1), is scored:
 
 Bin 0 (|x| < w) is left out first: its values quantize to zero whatever the threshold, and the exact zeros of
 a ReLU output (often half the tensor) would otherwise dominate the divergence through the first group, pulling the
-threshold down until that group is a single bin. The threshold ``i·w`` with the smallest KL wins (the largest i among exact
-ties). Q spreads each group's mass over the bins where P is non-zero, so the clipped mass in P[i-1] gets its group's
-share; when that whole group of h is empty, q[i-1] is smoothed to 1e-4 instead of 0 (an infinite divergence would
-forbid every threshold between the bulk and a few far outliers). Everything is vectorised over all thresholds with cumulative sums:
-per group, Σ_j P_j log Q_j = (Σ_g P) · log(S_g / n_g) with S_g the group mass of h and n_g its non-empty bins of P.
+threshold down until that group is a single bin. The threshold ``i·w`` with the smallest KL wins (the largest i among
+exact ties). Q spreads each group's mass over the bins where P is non-zero, so the clipped mass in P[i-1] gets its
+group's share; when that whole group of h is empty, q[i-1] is smoothed to 1e-4 instead of 0 (an infinite divergence
+would forbid every threshold between the bulk and a few far outliers). Everything is vectorised over all thresholds with
+cumulative sums: per group, Σ_j P_j log Q_j = (Σ_g P) · log(S_g / n_g) with S_g the group mass of h and n_g its
+non-empty bins of P.
 
 Percentile
 ----------
@@ -213,7 +214,9 @@ def expected_squared_error(
     view: HistogramView, spec: QuantSpec, lows: np.ndarray, highs: np.ndarray
 ) -> np.ndarray:
     """Σ over bins of count · mean squared fake-quantization error, for each candidate range (lows[k], highs[k])."""
-    params = compute_quant_params(spec.with_axis(0), np.asarray(lows, dtype=np.float64), np.asarray(highs, dtype=np.float64))
+    params = compute_quant_params(
+        spec.with_axis(0), np.asarray(lows, dtype=np.float64), np.asarray(highs, dtype=np.float64)
+    )
     scale = params.scale.astype(np.float64)[:, None]
     zero_point = params.zero_point.astype(np.float64)[:, None]
     clip_low = (spec.qmin - zero_point) * scale
@@ -223,7 +226,9 @@ def expected_squared_error(
     # edges are cut to the observed extremes, so the end bins' widths shrink to what the data cover.
     occupied = np.flatnonzero(view.counts)
     first, last = int(occupied[0]), int(occupied[-1]) + 1
-    edges = np.clip(view.first_edge + np.arange(first, last + 1, dtype=np.float64) * view.width, view.minimum, view.maximum)
+    edges = np.clip(
+        view.first_edge + np.arange(first, last + 1, dtype=np.float64) * view.width, view.minimum, view.maximum
+    )
     weights = view.counts[first:last].astype(np.float64)
     widths = np.diff(edges)
     spread = widths > 0

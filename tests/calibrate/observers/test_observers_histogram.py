@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from qgraph.calibrate.observers import HistogramObserver, observer_from_state
-from qgraph.calibrate.observers import histogram
+from qgraph.calibrate.observers import HistogramObserver, histogram, observer_from_state
 from qgraph.calibrate.observers.histogram import rebinned_counts
 from qgraph.quant.spec import QuantSpec
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qgraph.quant.numerics import fake_quantize
 from qgraph.calibrate.observers import HistogramObserver
 from qgraph.calibrate.observers.histogram_ranges import histogram_quantile, kl_threshold_bins
+from qgraph.quant.numerics import fake_quantize
 from qgraph.quant.spec import QuantSpec, compute_quant_params
 
 METHODS = ("entropy", "percentile", "mse")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qgraph.quant.numerics import fake_quantize
 from qgraph.calibrate.observers import (
     OBSERVER_METHODS,
     HistogramObserver,
@@ -15,11 +14,14 @@ from qgraph.calibrate.observers import (
     create_observer,
     observer_from_state,
 )
+from qgraph.quant.numerics import fake_quantize
 from qgraph.quant.spec import QuantSpec, compute_quant_params
 
 
 def _weight(rng: np.random.Generator) -> np.ndarray:
-    weight = rng.standard_normal((16, 8, 3, 3)).astype(np.float32) * rng.uniform(0.1, 2.0, (16, 1, 1, 1)).astype(np.float32)
+    weight = (
+        rng.standard_normal((16, 8, 3, 3)).astype(np.float32) * rng.uniform(0.1, 2.0, (16, 1, 1, 1)).astype(np.float32)
+    )
     weight[3, 0, 0, 0] = 25.0  # one channel with an outlier
     weight[5] = 0.0  # a dead channel
     return weight

@@ -18,6 +18,7 @@ from tests.passes.batch_norm_builders import (
     with_element_type,
 )
 
+
 def conv_bn_model(*, channels_in=4, channels_out=6, group=1, spatial=(5, 5), bias=True) -> onnx.ModelProto:
     kernel = (3,) * len(spatial)
     initializers = {"W": weights((channels_out, channels_in // group) + kernel, 1)}

@@ -7,6 +7,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+from qgraph.passes.infrastructure import PassManager
 from qgraph.passes.lower.lower_conv_integer import LowerConvInteger
 from qgraph.passes.lower.lower_integer_matmul import LowerIntegerMatMul
 from qgraph.passes.lower.lower_integer_passthrough import LowerIntegerPassThrough
@@ -18,9 +19,7 @@ from qgraph.passes.lower.lower_qlinear_matmul import LowerQLinearMatMul
 from qgraph.passes.lower.lower_qlinear_pool import LowerQLinearPool
 from qgraph.passes.lower.lower_qlinear_unary import LowerQLinearUnary
 from qgraph.passes.lower.remove_redundant_quantization import RemoveRedundantQuantization
-from qgraph.passes.infrastructure import PassManager
 from tests.passes.qdq_builders import QDQBuilder, count_ops, run_both
-
 
 LOWERING = (
     LowerQLinearConv, LowerConvInteger, LowerQLinearMatMul, LowerIntegerMatMul, LowerQGemm, LowerQLinearBinary,
@@ -70,8 +69,8 @@ def test_small_cnn_lowers_fully(order):
     onnx.checker.check_model(lowered, full_check=True)
     counts = count_ops(lowered)
     assert counts == {
-        "QuantizeLinear": 1, "QLinearConv": 2, "Transpose": 2, "NhwcMaxPool": 1, "QLinearAdd": 1, "QLinearGlobalAveragePool": 1,
-        "Flatten": 1, "QGemm": 1,
+        "QuantizeLinear": 1, "QLinearConv": 2, "Transpose": 2, "NhwcMaxPool": 1, "QLinearAdd": 1,
+        "QLinearGlobalAveragePool": 1, "Flatten": 1, "QGemm": 1,
     }, counts
     assert [output.name for output in lowered.graph.output] == [logits]
     differences = []

@@ -13,7 +13,9 @@ from tests.passes.qdq_builders import QDQBuilder, count_ops, lower_and_check, qu
 
 def test_conv_relu_lowers_to_one_qlinearconv():
     builder, out = conv_island()
-    model, lowered, _, _ = lower_and_check(builder.model(), LowerQLinearConv(), output_scales={out: builder.scales[out]})
+    model, lowered, _, _ = lower_and_check(
+        builder.model(), LowerQLinearConv(), output_scales={out: builder.scales[out]}
+    )
     counts = count_ops(lowered)
     assert counts == {"QuantizeLinear": 1, "QLinearConv": 1, "DequantizeLinear": 1}
     # 8-bit weights exceed |w| <= 64: stored as uint8 so the AVX2 u8·s8 kernel cannot saturate
