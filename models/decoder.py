@@ -37,8 +37,9 @@ The math, for hidden size H, h heads of size d = H / h and a sequence of S new t
 Weights are stored in MatMul orientation ``[in, out]`` (an exporter writes ``Linear.weight`` transposed into the
 MatMul initializer). :func:`random_weights` draws them deterministically from a seed; with ``structured=True``
 (the default) they look like a trained model's where it matters to quantization: embeddings ``N(0, 1/16)``,
-weights ``N(0, 1/fan_in)`` with a few heavy-tailed entries per column, and norm gains with a handful of large "outlier" channels, which give the
-activations feeding the projections the per-channel magnitude spread that AWQ exploits.
+weights ``N(0, 1/fan_in)`` with a few heavy-tailed entries per column, and norm gains with a handful of large
+"outlier" channels, which give the activations feeding the projections the per-channel magnitude spread that AWQ
+exploits.
 """
 
 from __future__ import annotations
@@ -429,13 +430,15 @@ def reference_logits(config: DecoderConfig, weights: Mapping[str, np.ndarray], i
     for layer in range(config.num_layers):
         prefix = f"model.layers.{layer}"
         normed = norm(x, f"{prefix}.input_layernorm")
-        split = [linear(normed, f"{prefix}.self_attn.{p}").reshape(batch, sequence, heads, head_dim).transpose(0, 2, 1, 3)
-                 for p in ("q_proj", "k_proj", "v_proj")]
+        split = [
+            linear(normed, f"{prefix}.self_attn.{p}").reshape(batch, sequence, heads, head_dim).transpose(0, 2, 1, 3)
+            for p in ("q_proj", "k_proj", "v_proj")
+        ]
         q, k, v = split
         if config.positions == "rotary":
             half = head_dim // 2
 
-            def rope(t):
+            def rope(t, cos=cos, sin=sin, half=half):
                 return t * cos + np.concatenate([-t[..., half:], t[..., :half]], -1) * sin
 
             q, k = rope(q), rope(k)

@@ -138,8 +138,10 @@ def quantize_variant(variant, block, source, output, calib_path):
 
         options = WeightOnlyOptions(algorithm=variant, block_size=block, samples=None, batch_size=8)
         calibration = dict(np.load(calib_path)) if options.needs_calibration else None
-        batches = ([{"input_ids": calibration["input_ids"][i:i + 8]} for i in range(0, len(calibration["input_ids"]), 8)]
-                   if calibration is not None else None)
+        batches = None
+        if calibration is not None:
+            ids = calibration["input_ids"]
+            batches = [{"input_ids": ids[i:i + 8]} for i in range(0, len(ids), 8)]
         optimize(source, output, OptimizeOptions(weight_only=options), calibration_data=batches)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"peak_rss_mb": peak, "seconds": time.perf_counter() - started}))
@@ -172,7 +174,6 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_llm_"))
     work.mkdir(parents=True, exist_ok=True)
-    import onnx_ir as ir
 
     from qgraph.pipeline import optimize
 
@@ -180,7 +181,8 @@ def main() -> None:
         from qgraph.models.decoder import DecoderConfig, build_decoder, random_weights
 
         config = DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
-                               num_heads=max(1, args.hidden // 64), intermediate_size=int(args.hidden * 2.75) // 16 * 16,
+                               num_heads=max(1, args.hidden // 64),
+                               intermediate_size=int(args.hidden * 2.75) // 16 * 16,
                                max_positions=max(args.prefill, args.length) + args.decode + 32)
         source = work / "decoder.fp32.onnx"
         onnx.save(build_decoder(config, random_weights(config, seed=0)), source)
@@ -223,7 +225,8 @@ def main() -> None:
               "neural_compressor, which is not installed here")
     speed = timings(paths, args.prefill, args.decode, args.repeats, vocab)
     base_size = os.path.getsize(paths["fp32"])
-    print(f"\n{'model':<18}{'ppl':>10}{'size':>8}{'prefill ms':>12}{'decode tok/s':>14}{'quant s':>9}{'peak RSS MB':>13}")
+    print(f"\n{'model':<18}{'ppl':>10}{'size':>8}{'prefill ms':>12}{'decode tok/s':>14}"
+          f"{'quant s':>9}{'peak RSS MB':>13}")
     for name, path in paths.items():
         ppl = perplexity(path, evaluation)
         prefill, decode = speed[name]

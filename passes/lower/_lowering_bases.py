@@ -1,9 +1,10 @@
 """The base classes of the LOWER passes: what every integer-weight lowering and every com.microsoft island shares.
 
 :class:`QuantizedOperandsLowering` matches an op whose first two inputs are dequantized (Conv, MatMul, Gemm), the
-integer-kernel-plus-rescale lowerings only where the float output is read as float. :class:`WeightLowering` adds the one option of the lowerings that feed a stored weight to a u8·s8 kernel:
-``guard_saturation`` (see :mod:`qgraph.passes.lower._qdq_patterns`: on CPUs without VNNI a weight wider than
-7 bits is stored as uint8 so the kernel cannot saturate).
+integer-kernel-plus-rescale lowerings only where the float output is read as float. :class:`WeightLowering` adds
+the one option of the lowerings that feed a stored weight to a u8·s8 kernel: ``guard_saturation`` (see
+:mod:`qgraph.passes.lower._qdq_patterns`: on CPUs without VNNI a weight wider than 7 bits is stored as uint8 so the
+kernel cannot saturate).
 
 :class:`ContribIslandLowering` is the shape shared by the passes that turn a QDQ island into one com.microsoft
 ``QLinear*`` kernel.

@@ -140,7 +140,9 @@ class QuantizeWeightsBlockwise(QGraphPass):
             new_nodes = [matmul]
             output = matmul.outputs[0]
             if len(node.inputs) > 2 and node.inputs[2] is not None:
-                add = ir.Node("", "Add", [matmul.outputs[0], node.inputs[2]], name=context.names.fresh(f"{node.name}_bias"))
+                add = ir.Node(
+                    "", "Add", [matmul.outputs[0], node.inputs[2]], name=context.names.fresh(f"{node.name}_bias")
+                )
                 new_nodes.append(add)
                 output = add.outputs[0]
             matmul.outputs[0].name = context.names.fresh(f"{node.name}_matmul")

@@ -1,4 +1,6 @@
-"""Block-wise quantization (weight-only LLM quantization, :mod:`qgraph.weight_only`) of a weight ``W [K, N]`` along its input axis, and its packed storage.
+"""Block-wise quantization of a weight ``W [K, N]`` along its input axis, and its packed storage.
+
+(Used by weight-only LLM quantization, :mod:`qgraph.weight_only`.)
 
 **Blocks.** With block size B, column n of W is cut into ``n_blocks = ceil(K / B)`` blocks of B consecutive rows;
 block j holds ``W[jB : (j+1)B, n]``. Each block has its own scale ``s[j, n]`` (and zero point ``z[j, n]``):

@@ -1,7 +1,8 @@
 """Weight-only quantization of decoder LLMs: block-wise 4-bit (or 8-bit) weights, activations stay float.
 
 Every MatMul/Gemm with a constant 2-D weight ``W [K, N]`` (MatMul orientation: K inputs, N outputs) is quantized in
-blocks of ``block_size`` consecutive inputs per output column (:mod:`qgraph.quant.blockwise`), by one of three algorithms:
+blocks of ``block_size`` consecutive inputs per output column (:mod:`qgraph.quant.blockwise`), by one of three
+algorithms:
 
 - :mod:`.rtn`: round to nearest, optionally with a per-block clipping ratio searched for the least squared error;
 - :mod:`.gptq`: GPTQ, which rounds one input row at a time and spreads each row's rounding error over the rows not

@@ -55,7 +55,9 @@ class WeightOnlyOptions:
             raise QGraphError(f"--weight-bits must be 4 or 8 for weight-only quantization, got {self.bits}")
         check_block_size(self.block_size)
         if self.algorithm not in ALGORITHMS:
-            raise QGraphError(f"unknown weight-only algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+            raise QGraphError(
+                f"unknown weight-only algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}"
+            )
         if self.format not in WEIGHT_ONLY_FORMATS:
             raise QGraphError(f"unknown weight-only format {self.format!r}; choose one of "
                               f"{', '.join(WEIGHT_ONLY_FORMATS)}")

@@ -16,10 +16,8 @@ from qgraph.passes.quantize.quantize_weights_blockwise import QuantizeWeightsBlo
 from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.quant.blockwise import (
     BlockSpec,
-    block_view,
     dequantize_matmul_nbits,
     pack_matmul_nbits,
-    parameters_from_range,
 )
 from qgraph.testing import to_ir
 from qgraph.weight_only.awq import output_error, search_scales
@@ -236,7 +234,8 @@ def test_eight_bit_weights_stay_dequantize_linear():
     ir_model = ir.serde.deserialize_model(model)
     QuantizeWeightsBlockwise(weights={"mm": quantized})(ir_model)
     assert not LowerMatMulNBits()(ir_model).modified
-    out = runtime.run(runtime.create_session(ir.serde.serialize_model(ir_model)), {"x": np.eye(3, 64, dtype=np.float32)})
+    session = runtime.create_session(ir.serde.serialize_model(ir_model))
+    out = runtime.run(session, {"x": np.eye(3, 64, dtype=np.float32)})
     np.testing.assert_allclose(out["y"], quantized.dequantize()[:3], rtol=1e-6)
 
 

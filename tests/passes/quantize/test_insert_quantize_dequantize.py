@@ -20,7 +20,8 @@ from qgraph import runtime
 from qgraph.annotate.annotator import annotate
 from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.passes.quantize.insert_quantize_dequantize import InsertQuantizeDequantize
-from qgraph.ptq import QuantizeOptions, quantize as quantize_model
+from qgraph.ptq import QuantizeOptions
+from qgraph.ptq import quantize as quantize_model
 from qgraph.quant.numerics import dequantize, fake_quantize, quantization_step, quantize
 from qgraph.quant.plan import BiasPlan, QuantPlan, WeightPlan
 from qgraph.quant.spec import QuantSpec, compute_quant_params

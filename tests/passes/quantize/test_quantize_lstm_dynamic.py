@@ -266,7 +266,7 @@ def test_qmax_outside_the_int8_grid_is_refused(qmax):
         QuantizeLSTMDynamic(nodes=("lstm",), qmax=qmax)
 
 
-# --- LSTMs the kernel cannot run -----------------------------------------------------------------------------------------
+# --- LSTMs the kernel cannot run --------------------------------------------------------------------------------------
 
 def test_an_lstm_whose_weights_are_not_constants_is_left_alone():
     """W fed at run time: there is nothing to quantize ahead of time, so the LSTM stays as it is (today the pass
@@ -303,7 +303,7 @@ def test_a_batch_first_lstm_is_left_alone():
 
 
 def test_a_recurrence_weight_fed_as_a_graph_input_is_refused_with_the_reason(caplog):
-    """R is an initializer that is also a graph input (a caller can override it): the LSTM stays, and the log says why."""
+    """R is an initializer that is also a graph input (a caller can override it): the LSTM stays; the log says why."""
     model = lstm_model()
     model.graph.input.append(helper.make_tensor_value_info("R", TensorProto.FLOAT, [1, 4 * HIDDEN, HIDDEN]))
     with caplog.at_level("INFO", logger="qgraph.passes.quantize.quantize_lstm_dynamic"):
