@@ -15,9 +15,10 @@ or shared text) is skipped, so no text appears twice in the corpus, and in parti
 
 **Parts and splits.** A module's place depends only on its name: ``b = sha256(name)[0]``; the module belongs to the
 ``"encoder"`` part when ``b`` is even and to the ``"decoder"`` part when it is odd, and within its part to the
-``"validation"`` split when ``(b // 2) % 8 == 0`` (one module in eight, held out), else to ``"train"``. The two parts
-are disjoint by module and by text: the encoder of issue 15 and the decoder of issue 16 never see each other's
-text, and neither sees its own validation modules during training.
+``"test"`` split when ``(b // 2) % 8 == 0`` (one module in eight: held out, the reported metric), to the
+``"validation"`` split when ``(b // 2) % 8 == 1`` (another one in eight: held out, selects the checkpoint), else to
+``"train"``. The two parts are disjoint by module and by text: the encoder of issue 15 and the decoder of issue 16
+never see each other's text, and neither trains on its own held-out modules.
 
 **Vocabulary.** Character level: five special tokens ``[PAD] = 0, [UNK] = 1, [CLS] = 2, [SEP] = 3, [MASK] = 4``,
 then every character that occurs at least ``minimum_count`` times in the training splits of both parts, in code
@@ -54,11 +55,11 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 PARTS = ("encoder", "decoder")
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
-VALIDATION_BUCKETS = 8
+HELD_OUT_BUCKETS = 8
 
 #: Standard-library modules whose docstrings make the corpus, in corpus order. Modules deprecated by PEP 594 are left
 #: out (importing them warns); a module that does not import on this interpreter is skipped (logged).
@@ -115,8 +116,9 @@ def module_part(module: str) -> str:
 
 
 def module_split(module: str) -> str:
-    """``"train"`` or ``"validation"`` (one module in :data:`VALIDATION_BUCKETS` is held out)."""
-    return "validation" if (module_bucket(module) // 2) % VALIDATION_BUCKETS == 0 else "train"
+    """``"train"``, ``"validation"`` or ``"test"`` (one module in :data:`HELD_OUT_BUCKETS` for each held-out split)."""
+    bucket = (module_bucket(module) // 2) % HELD_OUT_BUCKETS
+    return {0: "test", 1: "validation"}.get(bucket, "train")
 
 
 def _is_member_routine(value: object) -> bool:
@@ -174,7 +176,7 @@ def standard_library_documents(modules: tuple[str, ...] = STANDARD_LIBRARY_MODUL
 
 def corpus_documents(part: str, split: str, *, modules: tuple[str, ...] = STANDARD_LIBRARY_MODULES
                      ) -> tuple[Document, ...]:
-    """The documents of one part (``"encoder"``/``"decoder"``) and split (``"train"``/``"validation"``)."""
+    """The documents of one part (``"encoder"``/``"decoder"``) and split (``"train"``/``"validation"``/``"test"``)."""
     if part not in PARTS or split not in SPLITS:
         raise ValueError(f"part must be one of {PARTS} and split one of {SPLITS}, got {part!r}, {split!r}")
     return tuple(document for document in standard_library_documents(modules)

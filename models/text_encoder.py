@@ -21,7 +21,8 @@ projections; the position ids ``Slice``d from the ``bert.embeddings.position_ids
 
 Task and metric: masked-token accuracy. Training sequences (:func:`qgraph.models.text_corpus.packed_sequences`
 over the ``"encoder"`` part) are masked afresh every epoch (seeded by epoch); held-out sequences of the validation
-modules are masked once with a fixed seed (:func:`validation_batches`), and :func:`masked_token_accuracy` measures
+and test modules are masked once with a fixed seed (:func:`held_out_batches`); the validation split picks the
+checkpoint, the test split gives the reported metric; :func:`masked_token_accuracy` measures
 any ONNX model with the inference interface (FP32 or quantized) on them: the fraction of masked positions whose
 arg-max logit is the original character. The corpus is the PSF-licensed standard-library docstrings; see
 :mod:`qgraph.models.text_corpus`.
@@ -255,10 +256,13 @@ def _trainer_batch(batch: MaskedBatch) -> tuple[dict[str, np.ndarray], np.ndarra
     return {POSITIONS_INPUT: batch.positions, **batch.feeds}, batch.labels
 
 
-def validation_batches(sequence_length: int, *, batch_size: int = 64, limit: int | None = None,
-                       rate: float = 0.15) -> list[MaskedBatch]:
-    """The held-out evaluation set: validation-module sequences masked once with :data:`VALIDATION_MASK_SEED`."""
-    input_ids, attention_mask = encoder_sequences("validation", sequence_length, limit=limit)
+def held_out_batches(split: str, sequence_length: int, *, batch_size: int = 64, limit: int | None = None,
+                     rate: float = 0.15) -> list[MaskedBatch]:
+    """A held-out evaluation set (``"validation"`` or ``"test"`` modules), masked once with
+    :data:`VALIDATION_MASK_SEED`."""
+    if split == "train":
+        raise ValueError("held-out batches come from the 'validation' or 'test' split")
+    input_ids, attention_mask = encoder_sequences(split, sequence_length, limit=limit)
     return masked_batches(input_ids, attention_mask, batch_size, seed=VALIDATION_MASK_SEED, rate=rate)
 
 
@@ -293,7 +297,7 @@ def reference_recipe() -> TextTrainingRecipe:
     """The reference encoder: 4 layers, hidden 256, 4 heads, FFN 1024, sequence 64 (see models/trained/README.md)."""
     config = TextEncoderConfig(vocab_size=text_corpus.corpus_vocabulary().size, hidden_size=256, num_layers=4,
                                num_heads=4, intermediate_size=1024, max_positions=64)
-    return TextTrainingRecipe(name="text_encoder", architecture=config, sequence_length=64, epochs=4,
+    return TextTrainingRecipe(name="text_encoder", architecture=config, sequence_length=64, epochs=3,
                               batch_size=32, learning_rate=1e-3, weight_decay=0.01, warmup_fraction=0.06)
 
 
@@ -314,8 +318,9 @@ def train_text_encoder(recipe: TextTrainingRecipe, output_path: str | os.PathLik
 
     config: TextEncoderConfig = recipe.architecture
     input_ids, attention_mask = encoder_sequences("train", recipe.sequence_length, limit=recipe.train_limit)
-    validation = validation_batches(recipe.sequence_length, batch_size=recipe.batch_size,
-                                    limit=recipe.validation_limit, rate=recipe.mask_rate)
+    validation = held_out_batches("validation", recipe.sequence_length, batch_size=recipe.batch_size,
+                                  limit=recipe.validation_limit, rate=recipe.mask_rate)
+    test = held_out_batches("test", recipe.sequence_length, limit=recipe.validation_limit, rate=recipe.mask_rate)
     epoch_counter = [0]
 
     def training_batches() -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
@@ -336,15 +341,16 @@ def train_text_encoder(recipe: TextTrainingRecipe, output_path: str | os.PathLik
     training_seconds = time.perf_counter() - started
     output_path = Path(output_path)
     onnx.save(build_text_encoder(trained, config, form="inference"), os.fspath(output_path))
-    metric = masked_token_accuracy(output_path, validation, threads=threads)
-    logger.info("text encoder: masked-token accuracy %.4f (loss %.4f) on %d held-out masked tokens, %.0f s",
+    metric = masked_token_accuracy(output_path, test, threads=threads)
+    selection = masked_token_accuracy(output_path, validation, threads=threads)
+    logger.info("text encoder: masked-token accuracy %.4f (loss %.4f) on %d masked test tokens, %.0f s",
                 metric.accuracy, metric.loss, metric.masked_tokens, training_seconds)
     return {
         "seconds": training_seconds, "steps": result.steps, "epochs": result.epochs_completed,
         "best_epoch": result.best_epoch, "train_sequences": int(len(input_ids)),
         "train_tokens": int(attention_mask.sum()) * recipe.epochs,
-        "validation_masked_tokens": metric.masked_tokens, "masked_token_accuracy": metric.accuracy,
-        "validation_loss": metric.loss, "parameters": int(sum(math.prod(s) for s in parameter_shapes(config).values())),
+        "test_masked_tokens": metric.masked_tokens, "masked_token_accuracy": metric.accuracy,
+        "test_loss": metric.loss, "validation_masked_token_accuracy": selection.accuracy, "parameters": int(sum(math.prod(s) for s in parameter_shapes(config).values())),
         "history": [[record.epoch, record.train_loss, record.validation_loss, record.validation_accuracy]
                     for record in result.history],
     }
