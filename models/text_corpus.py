@@ -127,13 +127,11 @@ def _is_member_routine(value: object) -> bool:
 
 
 def _module_documents(module_name: str, seen: set[str]) -> list[Document]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as error:
-            logger.info("standard-library module %s does not import here (%s); skipped", module_name, error)
-            return []
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        logger.info("standard-library module %s does not import here (%s); skipped", module_name, error)
+        return []
     documents: list[Document] = []
 
     def take(name: str, value: object) -> None:
@@ -166,8 +164,10 @@ def standard_library_documents(modules: tuple[str, ...] = STANDARD_LIBRARY_MODUL
     """Every document of the corpus, in corpus order (see the module docstring)."""
     seen: set[str] = set()
     documents: list[Document] = []
-    for module_name in modules:
-        documents.extend(_module_documents(module_name, seen))
+    with warnings.catch_warnings():  # importing some modules, and reading typing.io's docstring, warn
+        warnings.simplefilter("ignore")
+        for module_name in modules:
+            documents.extend(_module_documents(module_name, seen))
     logger.info("text corpus: %d docstrings, %d characters, from %d modules of Python %s", len(documents),
                 sum(len(document.text) for document in documents), len({document.module for document in documents}),
                 sys.version.split()[0])
