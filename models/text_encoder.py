@@ -7,6 +7,8 @@ Architecture (Devlin et al., 2019; Hugging Face ``BertForMaskedLM``), post-norm:
                 x = LN(a + W2 · GELU(W1 · a + b1) + b2)
     logits = LN(GELU(Wt · x + bt)) · E_wordᵀ + b_vocab   (tied output embedding)
 
+(``pre_norm=True`` gives Megatron-BERT's pre-norm order instead: no embedding LayerNorm,
+``a = x + Wo · Attention(LN(x))``, ``x = a + W2 · GELU(W1 · LN(a) + b1) + b2``, one final LayerNorm before the head),
 with learned position embeddings, GELU in its exact Erf form, and the additive mask computed from the int64
 ``attention_mask`` as Hugging Face does and torch.onnx exports it:
 ``M = (1 - Cast(Unsqueeze(Unsqueeze(attention_mask, 1), 2), float)) · finfo(float32).min`` (0 on tokens, about
@@ -77,6 +79,8 @@ class TextEncoderConfig:
     max_positions: int = 64
     type_vocab_size: int = 2
     layer_norm_epsilon: float = 1e-12
+    #: ``False``: BERT's post-norm; ``True``: Megatron-BERT's pre-norm (module docstring).
+    pre_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -101,9 +105,8 @@ def parameter_shapes(config: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
         "bert.embeddings.word_embeddings.weight": (vocab, hidden),
         "bert.embeddings.position_embeddings.weight": (config.max_positions, hidden),
         "bert.embeddings.token_type_embeddings.weight": (config.type_vocab_size, hidden),
-        "bert.embeddings.LayerNorm.weight": (hidden,),
-        "bert.embeddings.LayerNorm.bias": (hidden,),
     }
+    norms = ["bert.encoder.ln"] if config.pre_norm else ["bert.embeddings.LayerNorm"]
     for index in range(config.num_layers):
         layer = _layer(index)
         dense = {f"{layer}.attention.self.query": (hidden, hidden), f"{layer}.attention.self.key": (hidden, hidden),
@@ -113,9 +116,11 @@ def parameter_shapes(config: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
         for prefix, shape in dense.items():
             shapes[f"{prefix}.weight"] = shape
             shapes[f"{prefix}.bias"] = (shape[1],)
-        for norm in (f"{layer}.attention.output.LayerNorm", f"{layer}.output.LayerNorm"):
-            shapes[f"{norm}.weight"] = (hidden,)
-            shapes[f"{norm}.bias"] = (hidden,)
+        norms += ([f"{layer}.attention.ln", f"{layer}.ln"] if config.pre_norm
+                  else [f"{layer}.attention.output.LayerNorm", f"{layer}.output.LayerNorm"])
+    for norm in norms:
+        shapes[f"{norm}.weight"] = (hidden,)
+        shapes[f"{norm}.bias"] = (hidden,)
     shapes.update({
         "cls.predictions.transform.dense.weight": (hidden, hidden),
         "cls.predictions.transform.dense.bias": (hidden,),
@@ -131,7 +136,7 @@ def initial_weights(config: TextEncoderConfig, *, seed: int = 0) -> dict[str, np
     generator = np.random.default_rng(seed)
     weights = {}
     for name, shape in parameter_shapes(config).items():
-        if name.endswith("LayerNorm.weight"):
+        if name.endswith(("LayerNorm.weight", "ln.weight")):
             weights[name] = np.ones(shape, np.float32)
         elif name.endswith("bias"):
             weights[name] = np.zeros(shape, np.float32)
@@ -160,8 +165,9 @@ def build_text_encoder(weights: dict[str, np.ndarray], config: TextEncoderConfig
                                          writer.constant([1], np.int64), writer.constant([1], np.int64)], scope)
     positions = writer.node("Gather", [writer.parameter("bert.embeddings.position_embeddings.weight"), position_ids],
                             f"{scope}/position_embeddings", axis=0)
-    embeddings = writer.node("Add", [writer.node("Add", [words, types], scope), positions], scope)
-    x = writer.layer_norm(embeddings, "bert.embeddings.LayerNorm", f"{scope}/LayerNorm", epsilon)
+    x = writer.node("Add", [writer.node("Add", [words, types], scope), positions], scope)
+    if not config.pre_norm:
+        x = writer.layer_norm(x, "bert.embeddings.LayerNorm", f"{scope}/LayerNorm", epsilon)
 
     scope = "/bert"
     extended = writer.unsqueeze(writer.unsqueeze(attention_mask, [1], scope), [2], scope)
@@ -172,24 +178,34 @@ def build_text_encoder(weights: dict[str, np.ndarray], config: TextEncoderConfig
     for index in range(config.num_layers):
         layer, scope = _layer(index), f"/bert/encoder/layer.{index}"
         attention = f"{scope}/attention/self"
-        query = writer.split_heads(writer.linear(x, f"{layer}.attention.self.query", f"{attention}/query"),
+        normed = (writer.layer_norm(x, f"{layer}.attention.ln", f"{scope}/attention/ln", epsilon)
+                  if config.pre_norm else x)
+        query = writer.split_heads(writer.linear(normed, f"{layer}.attention.self.query", f"{attention}/query"),
                                    heads, head_dim, attention)
-        key = writer.split_heads(writer.linear(x, f"{layer}.attention.self.key", f"{attention}/key"),
+        key = writer.split_heads(writer.linear(normed, f"{layer}.attention.self.key", f"{attention}/key"),
                                  heads, head_dim, attention)
-        value = writer.split_heads(writer.linear(x, f"{layer}.attention.self.value", f"{attention}/value"),
+        value = writer.split_heads(writer.linear(normed, f"{layer}.attention.self.value", f"{attention}/value"),
                                    heads, head_dim, attention)
         key_transposed = writer.node("Transpose", [key], attention, perm=[0, 1, 3, 2])
         probabilities = writer.attention_scores(query, key_transposed, additive_mask, head_dim, attention)
         context = writer.merge_heads(writer.node("MatMul", [probabilities, value], attention), hidden, attention)
         output = f"{scope}/attention/output"
         projected = writer.linear(context, f"{layer}.attention.output.dense", f"{output}/dense")
-        attended = writer.layer_norm(writer.node("Add", [projected, x], output),
-                                     f"{layer}.attention.output.LayerNorm", f"{output}/LayerNorm", epsilon)
-        inner = writer.gelu_erf(writer.linear(attended, f"{layer}.intermediate.dense", f"{scope}/intermediate/dense"),
+        attended = writer.node("Add", [projected, x], output)
+        if config.pre_norm:
+            normed = writer.layer_norm(attended, f"{layer}.ln", f"{scope}/ln", epsilon)
+        else:
+            attended = writer.layer_norm(attended, f"{layer}.attention.output.LayerNorm", f"{output}/LayerNorm",
+                                         epsilon)
+            normed = attended
+        inner = writer.gelu_erf(writer.linear(normed, f"{layer}.intermediate.dense", f"{scope}/intermediate/dense"),
                                 f"{scope}/intermediate/intermediate_act_fn")
         projected = writer.linear(inner, f"{layer}.output.dense", f"{scope}/output/dense")
-        x = writer.layer_norm(writer.node("Add", [projected, attended], f"{scope}/output"),
-                              f"{layer}.output.LayerNorm", f"{scope}/output/LayerNorm", epsilon)
+        x = writer.node("Add", [projected, attended], f"{scope}/output")
+        if not config.pre_norm:
+            x = writer.layer_norm(x, f"{layer}.output.LayerNorm", f"{scope}/output/LayerNorm", epsilon)
+    if config.pre_norm:
+        x = writer.layer_norm(x, "bert.encoder.ln", "/bert/encoder/ln", epsilon)
 
     scope = "/cls/predictions"
     if writer.training:
@@ -298,7 +314,7 @@ def reference_recipe() -> TextTrainingRecipe:
     config = TextEncoderConfig(vocab_size=text_corpus.corpus_vocabulary().size, hidden_size=256, num_layers=4,
                                num_heads=4, intermediate_size=1024, max_positions=64)
     return TextTrainingRecipe(name="text_encoder", architecture=config, sequence_length=64, epochs=3,
-                              batch_size=32, learning_rate=1e-3, weight_decay=0.01, warmup_fraction=0.06)
+                              batch_size=16, learning_rate=1e-3, weight_decay=0.01, warmup_fraction=0.06)
 
 
 def tiny_recipe(*, epochs: int = 1, train_limit: int = 96, validation_limit: int = 32) -> TextTrainingRecipe:

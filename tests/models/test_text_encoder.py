@@ -52,7 +52,8 @@ def reference_logits(weights, config, input_ids, attention_mask, token_type_ids)
     x = (w["bert.embeddings.word_embeddings.weight"][input_ids]
          + w["bert.embeddings.token_type_embeddings.weight"][token_type_ids]
          + w["bert.embeddings.position_embeddings.weight"][np.arange(length)][None])
-    x = layer_norm(x, w["bert.embeddings.LayerNorm.weight"], w["bert.embeddings.LayerNorm.bias"], epsilon)
+    if not config.pre_norm:
+        x = layer_norm(x, w["bert.embeddings.LayerNorm.weight"], w["bert.embeddings.LayerNorm.bias"], epsilon)
     mask = (1.0 - attention_mask[:, None, None, :]) * np.finfo(np.float32).min
 
     def dense(h, prefix):
@@ -63,17 +64,26 @@ def reference_logits(weights, config, input_ids, attention_mask, token_type_ids)
 
     for index in range(config.num_layers):
         layer = f"bert.encoder.layer.{index}"
-        q, k, v = (split(dense(x, f"{layer}.attention.self.{name}")) for name in ("query", "key", "value"))
+
+        def norm(h, name):
+            return layer_norm(h, w[f"{layer}.{name}.weight"], w[f"{layer}.{name}.bias"], epsilon)
+
+        h = norm(x, "attention.ln") if config.pre_norm else x
+        q, k, v = (split(dense(h, f"{layer}.attention.self.{name}")) for name in ("query", "key", "value"))
         scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(head_dim) + mask
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         context = (scores / scores.sum(-1, keepdims=True)) @ v
         context = context.transpose(0, 2, 1, 3).reshape(batch, length, -1)
-        attended = layer_norm(dense(context, f"{layer}.attention.output.dense") + x,
-                              w[f"{layer}.attention.output.LayerNorm.weight"],
-                              w[f"{layer}.attention.output.LayerNorm.bias"], epsilon)
-        inner = gelu(dense(attended, f"{layer}.intermediate.dense"))
-        x = layer_norm(dense(inner, f"{layer}.output.dense") + attended, w[f"{layer}.output.LayerNorm.weight"],
-                       w[f"{layer}.output.LayerNorm.bias"], epsilon)
+        attended = dense(context, f"{layer}.attention.output.dense") + x
+        if config.pre_norm:
+            x = attended + dense(gelu(dense(norm(attended, "ln"), f"{layer}.intermediate.dense")),
+                                 f"{layer}.output.dense")
+        else:
+            attended = norm(attended, "attention.output.LayerNorm")
+            inner = gelu(dense(attended, f"{layer}.intermediate.dense"))
+            x = norm(dense(inner, f"{layer}.output.dense") + attended, "output.LayerNorm")
+    if config.pre_norm:
+        x = layer_norm(x, w["bert.encoder.ln.weight"], w["bert.encoder.ln.bias"], epsilon)
     t = gelu(dense(x, "cls.predictions.transform.dense"))
     t = layer_norm(t, w["cls.predictions.transform.LayerNorm.weight"], w["cls.predictions.transform.LayerNorm.bias"],
                    epsilon)
@@ -129,12 +139,16 @@ def test_inference_graph_has_the_torch_onnx_layout():
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(initializers[decoder.input[1]]), word.T)
 
 
-def test_inference_graph_matches_the_numpy_reference():
-    weights = perturbed_weights(CONFIG)
+@pytest.mark.parametrize("pre_norm", [False, True], ids=["post-norm", "pre-norm"])
+def test_inference_graph_matches_the_numpy_reference(pre_norm):
+    config = dataclasses.replace(CONFIG, pre_norm=pre_norm)
+    weights = perturbed_weights(config)
+    assert ("bert.encoder.ln.weight" in weights) == pre_norm
+    assert ("bert.embeddings.LayerNorm.weight" in weights) != pre_norm
     input_ids, attention_mask, token_type_ids = sample_inputs()
-    session = create_session(build_text_encoder(weights, CONFIG), optimize=False)
+    session = create_session(build_text_encoder(weights, config), optimize=False)
     logits = session.run(None, dict(zip(INPUT_NAMES, (input_ids, attention_mask, token_type_ids))))[0]
-    expected = reference_logits(weights, CONFIG, input_ids, attention_mask, token_type_ids)
+    expected = reference_logits(weights, config, input_ids, attention_mask, token_type_ids)
     assert logits.shape == (3, 10, CONFIG.vocab_size)
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
