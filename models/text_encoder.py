@@ -314,7 +314,7 @@ def reference_recipe() -> TextTrainingRecipe:
     config = TextEncoderConfig(vocab_size=text_corpus.corpus_vocabulary().size, hidden_size=256, num_layers=4,
                                num_heads=4, intermediate_size=1024, max_positions=64)
     return TextTrainingRecipe(name="text_encoder", architecture=config, sequence_length=64, epochs=3,
-                              batch_size=16, learning_rate=1e-3, weight_decay=0.01, warmup_fraction=0.06)
+                              batch_size=32, learning_rate=1e-3, weight_decay=0.01, warmup_fraction=0.06)
 
 
 def tiny_recipe(*, epochs: int = 1, train_limit: int = 96, validation_limit: int = 32) -> TextTrainingRecipe:

@@ -24,7 +24,7 @@ bias 0; the decoder scales the residual output projections by ``1 / sqrt(2 · la
 
 Training (:func:`train_cached`): a :class:`TextTrainingRecipe` is trained once with :class:`qgraph.train.Trainer`
 (AdamW, linear warm-up then cosine decay, gradient clipping, validation after every epoch, best checkpoint kept);
-the trained parameters are read from the exported training-form model and written into the inference form. The
+the trained parameters are read from the best checkpoint and written into the inference form. The
 result is cached in ``<cache>/text_models/<name>-<key>/`` where ``key`` is the first 16 hex digits of the sha256 of
 the recipe (every field, architecture included), the corpus fingerprint (:func:`qgraph.models.text_corpus.
 corpus_fingerprint`: interpreter version, documents, splits, vocabulary) and :data:`CACHE_FORMAT`; ``<cache>`` is
@@ -233,17 +233,6 @@ def positions_input() -> onnx.ValueInfoProto:
     return tensor_input(POSITIONS_INPUT, TensorProto.INT64, ["selected_tokens"])
 
 
-def weights_of(model: onnx.ModelProto | str | os.PathLike, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """The initializers ``names`` of a model (a trained training-form export) as numpy arrays."""
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(os.fspath(model))
-    found = {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
-    missing = [name for name in names if name not in found]
-    if missing:
-        raise KeyError(f"the model lacks parameters {', '.join(missing[:5])}")
-    return {name: np.array(found[name], dtype=np.float32) for name in names}
-
-
 # ------------------------------------------------------------------------------------------------------- training
 @dataclass(frozen=True)
 class TextTrainingRecipe:
@@ -362,12 +351,15 @@ def train_and_export(model: onnx.ModelProto, recipe: TextTrainingRecipe, trainin
                      ) -> tuple[dict[str, np.ndarray], Any]:
     """Train a training-form ``model`` on ``training_batches`` (a callable giving one epoch of ``steps`` batches);
     return the best checkpoint's parameters and the :class:`TrainingResult`."""
-    from qgraph.train import Trainer
+    from qgraph.train import Trainer, training_api
 
     config = training_config(recipe, steps, threads)
     logger.info("training %s: %d epochs of %d steps, batch %d, %s", recipe.name, recipe.epochs, steps,
                 recipe.batch_size, config.schedule)
     trainer = Trainer(model, config, work / "training", progress=progress)
     result = trainer.fit(training_batches, validation_batches).raise_for_status()
-    exported = trainer.export(work / "trained_training_form.onnx", checkpoint="best")
-    return weights_of(exported, parameter_names), result
+    # The parameters are read from the best checkpoint itself rather than through Trainer.export, which opens a
+    # second training module: with onnxruntime-training 1.19.2 a process that did so twice died once after the
+    # export (heap corruption), losing the run.
+    state = training_api().api.CheckpointState.load_checkpoint(os.fspath(result.best_checkpoint))
+    return {name: np.array(state.parameters[name].data, dtype=np.float32) for name in parameter_names}, result
