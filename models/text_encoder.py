@@ -1,0 +1,383 @@
+"""A BERT-style text encoder with a masked-language-model head, trained on standard-library docstrings.
+
+Architecture (Devlin et al., 2019; Hugging Face ``BertForMaskedLM``), post-norm:
+
+    e = LN(E_word[input_ids] + E_type[token_type_ids] + E_pos[0 … T-1])
+    per layer:  a = LN(x + Wo · Attention(x))          Attention(x) = Softmax(q·kᵀ/√d + M) · v, per head
+                x = LN(a + W2 · GELU(W1 · a + b1) + b2)
+    logits = LN(GELU(Wt · x + bt)) · E_wordᵀ + b_vocab   (tied output embedding)
+
+(``pre_norm=True`` gives Megatron-BERT's pre-norm order instead: no embedding LayerNorm,
+``a = x + Wo · Attention(LN(x))``, ``x = a + W2 · GELU(W1 · LN(a) + b1) + b2``, one final LayerNorm before the head),
+with learned position embeddings, GELU in its exact Erf form, and the additive mask computed from the int64
+``attention_mask`` as Hugging Face does and torch.onnx exports it:
+``M = (1 - Cast(Unsqueeze(Unsqueeze(attention_mask, 1), 2), float)) · finfo(float32).min`` (0 on tokens, about
+-3.4·10³⁸ on padding), broadcast over heads and queries.
+
+The inference graph (:func:`build_text_encoder` with ``form="inference"``) is what ``torch.onnx.export`` writes for
+that model at opset 17 with dynamic ``batch_size`` and ``sequence_length``: inputs ``input_ids``,
+``attention_mask``, ``token_type_ids`` (int64 ``batch_size × sequence_length``), output ``logits``
+(``batch_size × sequence_length × vocabulary``); fused ``LayerNormalization``; 3-D ``MatMul`` + ``Add``
+projections; the position ids ``Slice``d from the ``bert.embeddings.position_ids`` buffer; see
+:mod:`qgraph.models.text_transformer` for the naming and the training form.
+
+Task and metric: masked-token accuracy. Training sequences (:func:`qgraph.models.text_corpus.packed_sequences`
+over the ``"encoder"`` part) are masked afresh every epoch (seeded by epoch); held-out sequences of the validation
+and test modules are masked once with a fixed seed (:func:`held_out_batches`); the validation split picks the
+checkpoint, the test split gives the reported metric; :func:`masked_token_accuracy` measures
+any ONNX model with the inference interface (FP32 or quantized) on them: the fraction of masked positions whose
+arg-max logit is the original character. The corpus is the PSF-licensed standard-library docstrings; see
+:mod:`qgraph.models.text_corpus`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from qgraph.models import text_corpus
+from qgraph.models.text_transformer import (
+    MASK_FILL_VALUE,
+    POSITIONS_INPUT,
+    CachedModel,
+    TextTrainingRecipe,
+    TransformerGraphWriter,
+    normal_weight,
+    positions_input,
+    tensor_input,
+    train_and_export,
+    train_cached,
+)
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUT_NAME = "logits"
+BATCH_AXIS, SEQUENCE_AXIS = "batch_size", "sequence_length"
+VALIDATION_MASK_SEED = 1234
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """Sizes of the encoder (BERT's names)."""
+
+    vocab_size: int
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 1024
+    max_positions: int = 64
+    type_vocab_size: int = 2
+    layer_norm_epsilon: float = 1e-12
+    #: ``False``: BERT's post-norm; ``True``: Megatron-BERT's pre-norm (module docstring).
+    pre_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if min(self.vocab_size, self.hidden_size, self.num_layers, self.num_heads, self.intermediate_size,
+               self.max_positions, self.type_vocab_size) < 1:
+            raise ValueError(f"invalid encoder config {self}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def _layer(index: int) -> str:
+    return f"bert.encoder.layer.{index}"
+
+
+def parameter_shapes(config: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape, dense weights as ``(in, out)``."""
+    hidden, inner, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "bert.embeddings.word_embeddings.weight": (vocab, hidden),
+        "bert.embeddings.position_embeddings.weight": (config.max_positions, hidden),
+        "bert.embeddings.token_type_embeddings.weight": (config.type_vocab_size, hidden),
+    }
+    norms = ["bert.encoder.ln"] if config.pre_norm else ["bert.embeddings.LayerNorm"]
+    for index in range(config.num_layers):
+        layer = _layer(index)
+        dense = {f"{layer}.attention.self.query": (hidden, hidden), f"{layer}.attention.self.key": (hidden, hidden),
+                 f"{layer}.attention.self.value": (hidden, hidden),
+                 f"{layer}.attention.output.dense": (hidden, hidden),
+                 f"{layer}.intermediate.dense": (hidden, inner), f"{layer}.output.dense": (inner, hidden)}
+        for prefix, shape in dense.items():
+            shapes[f"{prefix}.weight"] = shape
+            shapes[f"{prefix}.bias"] = (shape[1],)
+        norms += ([f"{layer}.attention.ln", f"{layer}.ln"] if config.pre_norm
+                  else [f"{layer}.attention.output.LayerNorm", f"{layer}.output.LayerNorm"])
+    for norm in norms:
+        shapes[f"{norm}.weight"] = (hidden,)
+        shapes[f"{norm}.bias"] = (hidden,)
+    shapes.update({
+        "cls.predictions.transform.dense.weight": (hidden, hidden),
+        "cls.predictions.transform.dense.bias": (hidden,),
+        "cls.predictions.transform.LayerNorm.weight": (hidden,),
+        "cls.predictions.transform.LayerNorm.bias": (hidden,),
+        "cls.predictions.bias": (vocab,),
+    })
+    return shapes
+
+
+def initial_weights(config: TextEncoderConfig, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """BERT's initialisation (see :mod:`qgraph.models.text_transformer`), seeded."""
+    generator = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in parameter_shapes(config).items():
+        if name.endswith(("LayerNorm.weight", "ln.weight")):
+            weights[name] = np.ones(shape, np.float32)
+        elif name.endswith("bias"):
+            weights[name] = np.zeros(shape, np.float32)
+        else:
+            weights[name] = normal_weight(generator, shape)
+    return weights
+
+
+def build_text_encoder(weights: dict[str, np.ndarray], config: TextEncoderConfig, *, form: str = "inference"
+                       ) -> onnx.ModelProto:
+    """The encoder graph over ``weights`` (see the module docstring; ``form`` is ``"inference"`` or
+    ``"training"``, the latter with a first input ``target_positions`` and ``M × vocabulary`` logits)."""
+    writer = TransformerGraphWriter(form, weights)
+    hidden, heads, head_dim, epsilon = config.hidden_size, config.num_heads, config.head_dim, config.layer_norm_epsilon
+    input_ids, attention_mask, token_type_ids = INPUT_NAMES
+
+    scope = "/bert/embeddings"
+    words = writer.node("Gather", [writer.parameter("bert.embeddings.word_embeddings.weight"), input_ids],
+                        f"{scope}/word_embeddings", axis=0)
+    types = writer.node("Gather", [writer.parameter("bert.embeddings.token_type_embeddings.weight"),
+                                   token_type_ids], f"{scope}/token_type_embeddings", axis=0)
+    sequence_length = writer.dimension(input_ids, 1, scope)
+    position_buffer = writer.constant(np.arange(config.max_positions, dtype=np.int64)[None, :], np.int64)
+    position_ids = writer.node("Slice", [position_buffer, writer.constant([0], np.int64),
+                                         writer.unsqueeze(sequence_length, [0], scope),
+                                         writer.constant([1], np.int64), writer.constant([1], np.int64)], scope)
+    positions = writer.node("Gather", [writer.parameter("bert.embeddings.position_embeddings.weight"), position_ids],
+                            f"{scope}/position_embeddings", axis=0)
+    x = writer.node("Add", [writer.node("Add", [words, types], scope), positions], scope)
+    if not config.pre_norm:
+        x = writer.layer_norm(x, "bert.embeddings.LayerNorm", f"{scope}/LayerNorm", epsilon)
+
+    scope = "/bert"
+    extended = writer.unsqueeze(writer.unsqueeze(attention_mask, [1], scope), [2], scope)
+    extended = writer.node("Cast", [extended], scope, to=TensorProto.FLOAT)
+    inverted = writer.node("Sub", [writer.constant(1.0), extended], scope)
+    additive_mask = writer.node("Mul", [inverted, writer.constant(MASK_FILL_VALUE)], scope)
+
+    for index in range(config.num_layers):
+        layer, scope = _layer(index), f"/bert/encoder/layer.{index}"
+        attention = f"{scope}/attention/self"
+        normed = (writer.layer_norm(x, f"{layer}.attention.ln", f"{scope}/attention/ln", epsilon)
+                  if config.pre_norm else x)
+        query = writer.split_heads(writer.linear(normed, f"{layer}.attention.self.query", f"{attention}/query"),
+                                   heads, head_dim, attention)
+        key = writer.split_heads(writer.linear(normed, f"{layer}.attention.self.key", f"{attention}/key"),
+                                 heads, head_dim, attention)
+        value = writer.split_heads(writer.linear(normed, f"{layer}.attention.self.value", f"{attention}/value"),
+                                   heads, head_dim, attention)
+        key_transposed = writer.node("Transpose", [key], attention, perm=[0, 1, 3, 2])
+        probabilities = writer.attention_scores(query, key_transposed, additive_mask, head_dim, attention)
+        context = writer.merge_heads(writer.node("MatMul", [probabilities, value], attention), hidden, attention)
+        output = f"{scope}/attention/output"
+        projected = writer.linear(context, f"{layer}.attention.output.dense", f"{output}/dense")
+        attended = writer.node("Add", [projected, x], output)
+        if config.pre_norm:
+            normed = writer.layer_norm(attended, f"{layer}.ln", f"{scope}/ln", epsilon)
+        else:
+            attended = writer.layer_norm(attended, f"{layer}.attention.output.LayerNorm", f"{output}/LayerNorm",
+                                         epsilon)
+            normed = attended
+        inner = writer.gelu_erf(writer.linear(normed, f"{layer}.intermediate.dense", f"{scope}/intermediate/dense"),
+                                f"{scope}/intermediate/intermediate_act_fn")
+        projected = writer.linear(inner, f"{layer}.output.dense", f"{scope}/output/dense")
+        x = writer.node("Add", [projected, attended], f"{scope}/output")
+        if not config.pre_norm:
+            x = writer.layer_norm(x, f"{layer}.output.LayerNorm", f"{scope}/output/LayerNorm", epsilon)
+    if config.pre_norm:
+        x = writer.layer_norm(x, "bert.encoder.ln", "/bert/encoder/ln", epsilon)
+
+    scope = "/cls/predictions"
+    if writer.training:
+        x = writer.select_positions(x, POSITIONS_INPUT, hidden, scope)
+    transformed = writer.gelu_erf(writer.linear(x, "cls.predictions.transform.dense", f"{scope}/transform/dense"),
+                                  f"{scope}/transform/transform_act_fn")
+    transformed = writer.layer_norm(transformed, "cls.predictions.transform.LayerNorm",
+                                    f"{scope}/transform/LayerNorm", epsilon)
+    scores = writer.node("MatMul", [transformed, writer.transposed_weight("bert.embeddings.word_embeddings.weight",
+                                                                          f"{scope}/decoder")], f"{scope}/decoder")
+    writer.node("Add", [writer.parameter("cls.predictions.bias"), scores], f"{scope}/decoder", output=OUTPUT_NAME)
+
+    sequence_inputs = [tensor_input(name, TensorProto.INT64, [BATCH_AXIS, SEQUENCE_AXIS]) for name in INPUT_NAMES]
+    if writer.training:
+        inputs = [positions_input(), *sequence_inputs]
+        outputs = [tensor_input(OUTPUT_NAME, TensorProto.FLOAT, ["selected_tokens", config.vocab_size])]
+    else:
+        inputs = sequence_inputs
+        outputs = [tensor_input(OUTPUT_NAME, TensorProto.FLOAT, [BATCH_AXIS, SEQUENCE_AXIS, config.vocab_size])]
+    return writer.build_model(inputs, outputs, "text_encoder",
+                              f"BERT-style masked language model ({config}), {form} form")
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+def encoder_sequences(split: str, sequence_length: int, *, limit: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Packed ``(input_ids, attention_mask)`` of the encoder part's ``split``."""
+    vocabulary = text_corpus.corpus_vocabulary()
+    input_ids, attention_mask = text_corpus.packed_sequences(text_corpus.corpus_documents("encoder", split),
+                                                             vocabulary, sequence_length)
+    return input_ids[:limit], attention_mask[:limit]
+
+
+def _feeds(input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "token_type_ids": np.zeros_like(input_ids)}
+
+
+@dataclass(frozen=True)
+class MaskedBatch:
+    """One masked batch: model feeds, the flat masked positions and the original tokens there."""
+
+    feeds: dict[str, np.ndarray]
+    positions: np.ndarray
+    labels: np.ndarray
+
+
+def masked_batches(input_ids: np.ndarray, attention_mask: np.ndarray, batch_size: int, *, seed: int | tuple[int, ...],
+                   rate: float = 0.15, shuffle: bool = False) -> list[MaskedBatch]:
+    """Batches masked with ``numpy.random.default_rng(seed)`` (rows in a seeded random order when ``shuffle``)."""
+    vocabulary = text_corpus.corpus_vocabulary()
+    generator = np.random.default_rng(seed)
+    order = generator.permutation(len(input_ids)) if shuffle else np.arange(len(input_ids))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        rows = np.sort(order[start:start + batch_size])
+        masked, positions, labels = text_corpus.mask_tokens(input_ids[rows], attention_mask[rows], vocabulary,
+                                                            generator, rate=rate)
+        batches.append(MaskedBatch(_feeds(masked, attention_mask[rows]), positions, labels))
+    return batches
+
+
+def _trainer_batch(batch: MaskedBatch) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    return {POSITIONS_INPUT: batch.positions, **batch.feeds}, batch.labels
+
+
+def held_out_batches(split: str, sequence_length: int, *, batch_size: int = 64, limit: int | None = None,
+                     rate: float = 0.15) -> list[MaskedBatch]:
+    """A held-out evaluation set (``"validation"`` or ``"test"`` modules), masked once with
+    :data:`VALIDATION_MASK_SEED`."""
+    if split == "train":
+        raise ValueError("held-out batches come from the 'validation' or 'test' split")
+    input_ids, attention_mask = encoder_sequences(split, sequence_length, limit=limit)
+    return masked_batches(input_ids, attention_mask, batch_size, seed=VALIDATION_MASK_SEED, rate=rate)
+
+
+@dataclass(frozen=True)
+class MaskedAccuracy:
+    accuracy: float
+    loss: float
+    masked_tokens: int
+
+
+def masked_token_accuracy(model: str | os.PathLike | onnx.ModelProto, batches: list[MaskedBatch], *,
+                          threads: int | None = None) -> MaskedAccuracy:
+    """Masked-token accuracy and mean cross-entropy of an inference-form encoder (any file with its interface)."""
+    from qgraph.runtime import create_session
+
+    session = create_session(model, optimize=True, threads=threads)
+    names = {value.name for value in session.get_inputs()}
+    correct, loss_sum, count = 0, 0.0, 0
+    for batch in batches:
+        logits = session.run([OUTPUT_NAME], {name: value for name, value in batch.feeds.items() if name in names})[0]
+        selected = logits.reshape(-1, logits.shape[-1])[batch.positions].astype(np.float64)
+        correct += int(np.count_nonzero(selected.argmax(axis=1) == batch.labels))
+        shifted = selected - selected.max(axis=1, keepdims=True)
+        log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        loss_sum += float(-log_probabilities[np.arange(len(batch.labels)), batch.labels].sum())
+        count += len(batch.labels)
+    return MaskedAccuracy(correct / max(count, 1), loss_sum / max(count, 1), count)
+
+
+# -------------------------------------------------------------------------------------------------------- training
+def reference_recipe() -> TextTrainingRecipe:
+    """The reference encoder: 4 layers, hidden 256, 4 heads, FFN 1024, sequence 64 (see models/trained/README.md)."""
+    config = TextEncoderConfig(vocab_size=text_corpus.corpus_vocabulary().size, hidden_size=256, num_layers=4,
+                               num_heads=4, intermediate_size=1024, max_positions=64)
+    return TextTrainingRecipe(name="text_encoder", architecture=config, sequence_length=64, epochs=3,
+                              batch_size=32, learning_rate=1e-3, weight_decay=0.01, warmup_fraction=0.06)
+
+
+def tiny_recipe(*, epochs: int = 1, train_limit: int = 96, validation_limit: int = 32) -> TextTrainingRecipe:
+    """A seconds-long recipe for tests: 1 layer, hidden 32, sequence 32."""
+    config = TextEncoderConfig(vocab_size=text_corpus.corpus_vocabulary().size, hidden_size=32, num_layers=1,
+                               num_heads=2, intermediate_size=64, max_positions=32)
+    return TextTrainingRecipe(name="text_encoder_tiny", architecture=config, sequence_length=32, epochs=epochs,
+                              batch_size=16, learning_rate=3e-3, train_limit=train_limit,
+                              validation_limit=validation_limit)
+
+
+def train_text_encoder(recipe: TextTrainingRecipe, output_path: str | os.PathLike, *, threads: int | None = None,
+                       work_directory: str | os.PathLike | None = None,
+                       progress: Callable | None = None) -> dict[str, Any]:
+    """Train ``recipe``, write the inference-form model to ``output_path`` and return the measurements."""
+    import tempfile
+
+    config: TextEncoderConfig = recipe.architecture
+    input_ids, attention_mask = encoder_sequences("train", recipe.sequence_length, limit=recipe.train_limit)
+    validation = held_out_batches("validation", recipe.sequence_length, batch_size=recipe.batch_size,
+                                  limit=recipe.validation_limit, rate=recipe.mask_rate)
+    test = held_out_batches("test", recipe.sequence_length, limit=recipe.validation_limit, rate=recipe.mask_rate)
+    epoch_counter = [0]
+
+    def training_batches() -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        seed = (recipe.seed, epoch_counter[0])
+        epoch_counter[0] += 1
+        for batch in masked_batches(input_ids, attention_mask, recipe.batch_size, seed=seed,
+                                    rate=recipe.mask_rate, shuffle=True):
+            yield _trainer_batch(batch)
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="qgraph-text-encoder-") as scratch:
+        work = Path(work_directory) if work_directory is not None else Path(scratch)
+        training_model = build_text_encoder(initial_weights(config, seed=recipe.seed), config, form="training")
+        steps = math.ceil(len(input_ids) / recipe.batch_size)
+        trained, result = train_and_export(training_model, recipe, training_batches, steps,
+                                           [_trainer_batch(batch) for batch in validation],
+                                           list(parameter_shapes(config)), work, threads=threads, progress=progress)
+    training_seconds = time.perf_counter() - started
+    output_path = Path(output_path)
+    onnx.save(build_text_encoder(trained, config, form="inference"), os.fspath(output_path))
+    metric = masked_token_accuracy(output_path, test, threads=threads)
+    selection = masked_token_accuracy(output_path, validation, threads=threads)
+    logger.info("text encoder: masked-token accuracy %.4f (loss %.4f) on %d masked test tokens, %.0f s",
+                metric.accuracy, metric.loss, metric.masked_tokens, training_seconds)
+    return {
+        "seconds": training_seconds, "steps": result.steps, "epochs": result.epochs_completed,
+        "best_epoch": result.best_epoch, "train_sequences": int(len(input_ids)),
+        "train_tokens": int(attention_mask.sum()) * recipe.epochs,
+        "test_masked_tokens": metric.masked_tokens, "masked_token_accuracy": metric.accuracy,
+        "test_loss": metric.loss, "validation_masked_token_accuracy": selection.accuracy, "parameters": int(sum(math.prod(s) for s in parameter_shapes(config).values())),
+        "history": [[record.epoch, record.train_loss, record.validation_loss, record.validation_accuracy]
+                    for record in result.history],
+    }
+
+
+def trained_text_encoder(recipe: TextTrainingRecipe | None = None, *, cache_dir: str | os.PathLike | None = None,
+                         retrain: bool = False, train_if_missing: bool = True, threads: int | None = 1,
+                         progress: Callable | None = None) -> CachedModel:
+    """The trained encoder of ``recipe`` (default: :func:`reference_recipe`) from the cache, trained if missing."""
+    recipe = recipe or reference_recipe()
+    return train_cached(recipe, text_corpus.corpus_fingerprint(),
+                        lambda entry: train_text_encoder(recipe, entry / "model.onnx", threads=threads,
+                                                         progress=progress),
+                        cache_dir=cache_dir, retrain=retrain, train_if_missing=train_if_missing)

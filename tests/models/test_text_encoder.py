@@ -1,0 +1,257 @@
+"""The BERT-style text encoder: torch.onnx layout, numpy reference, training form, tiny training and the cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+
+from qgraph.models import text_encoder
+from qgraph.models.text_encoder import (
+    INPUT_NAMES,
+    TextEncoderConfig,
+    build_text_encoder,
+    held_out_batches,
+    initial_weights,
+    masked_batches,
+    masked_token_accuracy,
+)
+from qgraph.runtime import create_session
+
+CONFIG = TextEncoderConfig(vocab_size=40, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+                           max_positions=12)
+
+
+def perturbed_weights(config: TextEncoderConfig, seed: int = 3) -> dict[str, np.ndarray]:
+    """Initial weights with noise on every tensor, so LayerNorm affine terms and biases matter too."""
+    generator = np.random.default_rng(seed)
+    return {name: (value + 0.3 * generator.standard_normal(value.shape)).astype(np.float32)
+            for name, value in initial_weights(config, seed=seed).items()}
+
+
+def layer_norm(x, weight, bias, epsilon):
+    mean = x.mean(-1, keepdims=True)
+    variance = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(variance + epsilon) * weight + bias
+
+
+def gelu(x):
+    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+def reference_logits(weights, config, input_ids, attention_mask, token_type_ids):
+    """BertForMaskedLM in float64 numpy."""
+    w = {name: value.astype(np.float64) for name, value in weights.items()}
+    batch, length = input_ids.shape
+    heads, head_dim, epsilon = config.num_heads, config.head_dim, config.layer_norm_epsilon
+    x = (w["bert.embeddings.word_embeddings.weight"][input_ids]
+         + w["bert.embeddings.token_type_embeddings.weight"][token_type_ids]
+         + w["bert.embeddings.position_embeddings.weight"][np.arange(length)][None])
+    if not config.pre_norm:
+        x = layer_norm(x, w["bert.embeddings.LayerNorm.weight"], w["bert.embeddings.LayerNorm.bias"], epsilon)
+    mask = (1.0 - attention_mask[:, None, None, :]) * np.finfo(np.float32).min
+
+    def dense(h, prefix):
+        return h @ w[f"{prefix}.weight"] + w[f"{prefix}.bias"]
+
+    def split(h):
+        return h.reshape(batch, length, heads, head_dim).transpose(0, 2, 1, 3)
+
+    for index in range(config.num_layers):
+        layer = f"bert.encoder.layer.{index}"
+
+        def norm(h, name):
+            return layer_norm(h, w[f"{layer}.{name}.weight"], w[f"{layer}.{name}.bias"], epsilon)
+
+        h = norm(x, "attention.ln") if config.pre_norm else x
+        q, k, v = (split(dense(h, f"{layer}.attention.self.{name}")) for name in ("query", "key", "value"))
+        scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(head_dim) + mask
+        scores = np.exp(scores - scores.max(-1, keepdims=True))
+        context = (scores / scores.sum(-1, keepdims=True)) @ v
+        context = context.transpose(0, 2, 1, 3).reshape(batch, length, -1)
+        attended = dense(context, f"{layer}.attention.output.dense") + x
+        if config.pre_norm:
+            x = attended + dense(gelu(dense(norm(attended, "ln"), f"{layer}.intermediate.dense")),
+                                 f"{layer}.output.dense")
+        else:
+            attended = norm(attended, "attention.output.LayerNorm")
+            inner = gelu(dense(attended, f"{layer}.intermediate.dense"))
+            x = norm(dense(inner, f"{layer}.output.dense") + attended, "output.LayerNorm")
+    if config.pre_norm:
+        x = layer_norm(x, w["bert.encoder.ln.weight"], w["bert.encoder.ln.bias"], epsilon)
+    t = gelu(dense(x, "cls.predictions.transform.dense"))
+    t = layer_norm(t, w["cls.predictions.transform.LayerNorm.weight"], w["cls.predictions.transform.LayerNorm.bias"],
+                   epsilon)
+    return t @ w["bert.embeddings.word_embeddings.weight"].T + w["cls.predictions.bias"]
+
+
+def sample_inputs(batch=3, length=10, seed=0):
+    generator = np.random.default_rng(seed)
+    input_ids = generator.integers(0, CONFIG.vocab_size, size=(batch, length))
+    attention_mask = np.ones((batch, length), np.int64)
+    attention_mask[1, 6:] = 0
+    attention_mask[2, 3:] = 0
+    token_type_ids = generator.integers(0, 2, size=(batch, length))
+    return input_ids, attention_mask, token_type_ids
+
+
+def test_inference_graph_has_the_torch_onnx_layout():
+    model = build_text_encoder(perturbed_weights(CONFIG), CONFIG)
+    onnx.checker.check_model(model, full_check=True)
+    graph = model.graph
+    assert [value.name for value in graph.input] == list(INPUT_NAMES)
+    assert all(value.type.tensor_type.elem_type == TensorProto.INT64 for value in graph.input)
+    assert [dimension.dim_param for dimension in graph.input[0].type.tensor_type.shape.dim] == [
+        "batch_size", "sequence_length"]
+    assert [value.name for value in graph.output] == ["logits"]
+    ops = Counter(node.op_type for node in graph.node)
+    layers = CONFIG.num_layers
+    assert ops["LayerNormalization"] == 1 + 2 * layers + 1
+    assert ops["MatMul"] == 6 * layers + 2 * layers + 2  # projections, two attention products, head, decoder
+    assert ops["Erf"] == layers + 1 and ops["Softmax"] == layers
+    assert ops["Gather"] >= 3 and ops["Slice"] == 1
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in initializers:  # a dense layer on 3-D activations
+            assert node.input[1].startswith("onnx::MatMul_")
+            consumer = [other for other in graph.node if node.output[0] in other.input]
+            assert consumer[0].op_type == "Add" and consumer[0].input[0] in initializers  # Add(bias, MatMul)
+    # the additive mask: Unsqueeze → Unsqueeze → Cast(float) → Sub(1, ·) → Mul(·, finfo.min) from the int64 mask
+    mask_mul = next(node for node in graph.node if node.name == "/bert/Mul")
+    chain = [mask_mul.op_type]
+    tensor = mask_mul.input[0]
+    while tensor in producers:
+        node = producers[tensor]
+        chain.append(node.op_type)
+        tensor = node.input[1] if node.op_type == "Sub" else node.input[0]
+    assert chain == ["Mul", "Sub", "Cast", "Unsqueeze", "Unsqueeze"] and tensor == "attention_mask"
+    fill = onnx.numpy_helper.to_array(initializers[mask_mul.input[1]])
+    assert fill == np.finfo(np.float32).min
+    # the tied output embedding is stored a second time, transposed (constant folding)
+    decoder = next(node for node in graph.node if node.name == "/cls/predictions/decoder/MatMul")
+    word = onnx.numpy_helper.to_array(initializers["bert.embeddings.word_embeddings.weight"])
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(initializers[decoder.input[1]]), word.T)
+
+
+@pytest.mark.parametrize("pre_norm", [False, True], ids=["post-norm", "pre-norm"])
+def test_inference_graph_matches_the_numpy_reference(pre_norm):
+    config = dataclasses.replace(CONFIG, pre_norm=pre_norm)
+    weights = perturbed_weights(config)
+    assert ("bert.encoder.ln.weight" in weights) == pre_norm
+    assert ("bert.embeddings.LayerNorm.weight" in weights) != pre_norm
+    input_ids, attention_mask, token_type_ids = sample_inputs()
+    session = create_session(build_text_encoder(weights, config), optimize=False)
+    logits = session.run(None, dict(zip(INPUT_NAMES, (input_ids, attention_mask, token_type_ids))))[0]
+    expected = reference_logits(weights, config, input_ids, attention_mask, token_type_ids)
+    assert logits.shape == (3, 10, CONFIG.vocab_size)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_padding_does_not_change_the_real_tokens_and_lengths_are_dynamic():
+    session = create_session(build_text_encoder(perturbed_weights(CONFIG), CONFIG), optimize=True)
+    input_ids, attention_mask, token_type_ids = sample_inputs(length=7)
+    short = session.run(None, dict(zip(INPUT_NAMES, (input_ids, attention_mask, token_type_ids))))[0]
+    padding = np.zeros((3, 4), np.int64)
+    padded = session.run(None, dict(zip(INPUT_NAMES, (
+        np.concatenate([input_ids, padding + 5], 1), np.concatenate([attention_mask, padding], 1),
+        np.concatenate([token_type_ids, padding], 1)))))[0]
+    real = attention_mask.astype(bool)
+    np.testing.assert_allclose(padded[:, :7][real], short[real], rtol=1e-5, atol=1e-5)
+
+
+def test_training_form_computes_the_inference_logits_at_the_selected_positions():
+    weights = perturbed_weights(CONFIG)
+    training = build_text_encoder(weights, CONFIG, form="training")
+    assert [value.name for value in training.graph.input][0] == "target_positions"
+    assert not any(tensor.name.startswith("onnx::MatMul_") for tensor in training.graph.initializer)
+    assert {tensor.name for tensor in training.graph.initializer} >= set(weights)
+    input_ids, attention_mask, token_type_ids = sample_inputs()
+    feeds = dict(zip(INPUT_NAMES, (input_ids, attention_mask, token_type_ids)))
+    positions = np.array([0, 4, 11, 29], np.int64)
+    selected = create_session(training, optimize=False).run(None, {"target_positions": positions, **feeds})[0]
+    full = create_session(build_text_encoder(weights, CONFIG), optimize=False).run(None, feeds)[0]
+    np.testing.assert_allclose(selected, full.reshape(-1, CONFIG.vocab_size)[positions], rtol=1e-5, atol=1e-5)
+
+
+def test_builder_refuses_missing_or_unused_weights_and_bad_configs():
+    weights = perturbed_weights(CONFIG)
+    with pytest.raises(KeyError, match="cls.predictions.bias"):
+        build_text_encoder({k: v for k, v in weights.items() if k != "cls.predictions.bias"}, CONFIG)
+    with pytest.raises(ValueError, match="not used"):
+        build_text_encoder({**weights, "extra": np.zeros(3, np.float32)}, CONFIG)
+    with pytest.raises(ValueError, match="divisible"):
+        TextEncoderConfig(vocab_size=10, hidden_size=10, num_heads=3)
+    with pytest.raises(ValueError, match="form"):
+        build_text_encoder(weights, CONFIG, form="export")
+
+
+def test_masked_token_accuracy_counts_argmax_hits():
+    config = dataclasses.replace(CONFIG, vocab_size=text_encoder.text_corpus.corpus_vocabulary().size,
+                                 max_positions=16)
+    weights = perturbed_weights(config)
+    batches = held_out_batches("test", 16, batch_size=8, limit=16)
+    model = build_text_encoder(weights, config)
+    result = masked_token_accuracy(model, batches)
+    session = create_session(model, optimize=False)
+    correct = count = 0
+    for batch in batches:
+        logits = session.run(None, batch.feeds)[0].reshape(-1, config.vocab_size)[batch.positions]
+        correct += int((logits.argmax(1) == batch.labels).sum())
+        count += batch.labels.size
+    assert result.masked_tokens == count and result.accuracy == pytest.approx(correct / count)
+    # the held-out masking is fixed: the same batches twice
+    again = held_out_batches("test", 16, batch_size=8, limit=16)
+    assert all((a.positions == b.positions).all() and (a.feeds["input_ids"] == b.feeds["input_ids"]).all()
+               for a, b in zip(batches, again))
+    with pytest.raises(ValueError, match="held-out"):
+        held_out_batches("train", 16)
+
+
+def test_masked_batches_shuffle_rows_and_keep_masks_aligned():
+    input_ids, attention_mask = text_encoder.encoder_sequences("train", 16, limit=20)
+    batches = masked_batches(input_ids, attention_mask, 8, seed=(0, 1), shuffle=True)
+    assert [len(batch.feeds["input_ids"]) for batch in batches] == [8, 8, 4]
+    rows = {tuple(row) for batch in batches for row in batch.feeds["attention_mask"]}
+    assert rows <= {tuple(row) for row in attention_mask}
+    for batch in batches:
+        flat = batch.feeds["input_ids"].reshape(-1)
+        assert (batch.feeds["token_type_ids"] == 0).all()
+        assert batch.positions.max() < flat.size
+
+
+def test_tiny_training_learns_and_the_cache_is_reused(tmp_path, monkeypatch):
+    recipe = text_encoder.tiny_recipe(epochs=2, train_limit=128, validation_limit=32)
+    cached = text_encoder.trained_text_encoder(recipe, cache_dir=tmp_path, threads=1)
+    assert cached.trained_now and cached.path.is_file()
+    result = cached.result
+    assert result["steps"] == 2 * math.ceil(128 / recipe.batch_size)
+    assert result["test_loss"] < math.log(recipe.architecture.vocab_size) - 0.2  # learned beyond uniform
+    assert result["history"][-1][1] < result["history"][0][1]  # training loss went down
+    test = held_out_batches("test", recipe.sequence_length, limit=recipe.validation_limit)
+    assert masked_token_accuracy(cached.path, test).accuracy == pytest.approx(result["masked_token_accuracy"])
+    model = onnx.load(str(cached.path))
+    assert [value.name for value in model.graph.input] == list(INPUT_NAMES)
+
+    def refuse(*arguments, **keywords):
+        raise AssertionError("the cached model should have been used")
+
+    monkeypatch.setattr(text_encoder, "train_text_encoder", refuse)
+    again = text_encoder.trained_text_encoder(recipe, cache_dir=tmp_path)
+    assert not again.trained_now and again.path == cached.path and again.result == result
+    other = dataclasses.replace(recipe, learning_rate=1e-3)
+    with pytest.raises(FileNotFoundError, match="no cached"):
+        text_encoder.trained_text_encoder(other, cache_dir=tmp_path, train_if_missing=False)
+
+
+def test_reference_recipe_meets_the_issue_sizes():
+    recipe = text_encoder.reference_recipe()
+    config = recipe.architecture
+    assert config.num_layers >= 4 and config.hidden_size >= 256 and recipe.sequence_length == config.max_positions
+    parameters = sum(math.prod(shape) for shape in text_encoder.parameter_shapes(config).values())
+    assert 3_000_000 < parameters < 4_000_000
