@@ -239,7 +239,7 @@ def corpus_fingerprint(minimum_count: int = 3) -> str:
     digest = hashlib.sha256(sys.version.encode("utf-8"))
     for document in standard_library_documents():
         digest.update(f"{module_part(document.module)}/{module_split(document.module)}/{document.name}\x00"
-                      .encode("utf-8"))
+                      .encode())
         digest.update(document.text.encode("utf-8"))
     digest.update(corpus_vocabulary(minimum_count).fingerprint().encode("ascii"))
     return digest.hexdigest()

@@ -28,9 +28,10 @@ predicts the next token.
 
 **Metric.** Perplexity ``exp(−(1/N) Σ log p(w_{t+1} | w_≤t))`` over the next-token targets of the held-out windows
 (:func:`qgraph.models.text_corpus.token_windows` over the ``"decoder"`` part's test modules, each window a fresh
-context; the validation modules pick the checkpoint, by next-token accuracy); :func:`perplexity` computes it for any ONNX model with the interface above (FP32 or quantized) in
-onnxruntime, feeding an empty past. The corpus (PSF-licensed standard-library docstrings, disjoint from the
-encoder's) is described in :mod:`qgraph.models.text_corpus`.
+context; the validation modules pick the checkpoint, by next-token accuracy); :func:`perplexity` computes it for
+any ONNX model with the interface above (FP32 or quantized) in onnxruntime, feeding an empty past. The corpus
+(PSF-licensed standard-library docstrings, disjoint from the encoder's) is described in
+:mod:`qgraph.models.text_corpus`.
 """
 
 from __future__ import annotations

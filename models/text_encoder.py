@@ -366,7 +366,8 @@ def train_text_encoder(recipe: TextTrainingRecipe, output_path: str | os.PathLik
         "best_epoch": result.best_epoch, "train_sequences": int(len(input_ids)),
         "train_tokens": int(attention_mask.sum()) * recipe.epochs,
         "test_masked_tokens": metric.masked_tokens, "masked_token_accuracy": metric.accuracy,
-        "test_loss": metric.loss, "validation_masked_token_accuracy": selection.accuracy, "parameters": int(sum(math.prod(s) for s in parameter_shapes(config).values())),
+        "test_loss": metric.loss, "validation_masked_token_accuracy": selection.accuracy,
+        "parameters": int(sum(math.prod(s) for s in parameter_shapes(config).values())),
         "history": [[record.epoch, record.train_loss, record.validation_loss, record.validation_accuracy]
                     for record in result.history],
     }

@@ -65,7 +65,7 @@ def reference_logits(weights, config, input_ids, attention_mask, token_type_ids)
     for index in range(config.num_layers):
         layer = f"bert.encoder.layer.{index}"
 
-        def norm(h, name):
+        def norm(h, name, layer=layer):
             return layer_norm(h, w[f"{layer}.{name}.weight"], w[f"{layer}.{name}.bias"], epsilon)
 
         h = norm(x, "attention.ln") if config.pre_norm else x
