@@ -27,20 +27,30 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import numpy as np
 import onnx_ir as ir
-from qgraph.passes.infrastructure import Phase, RewritePass, register
+
+from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
 from qgraph.passes.lower import _qdq_patterns as qdq
 
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _FloatNodeMatch:
     node: ir.Node
     #: (input index, DQ node) for each constant input read through a DQ.
-    constant_inputs: list[tuple[int, ir.Node]]
+    constant_inputs: tuple[tuple[int, ir.Node], ...]
     #: (Q node, DQ node) pairs on an output of the node whose DQ only nodes of the region read.
-    interior_pairs: list[tuple[ir.Node, ir.Node]]
+    interior_pairs: tuple[tuple[ir.Node, ir.Node], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _FloatNodePlan:
+    node: ir.Node
+    #: (input index, DQ node, the float constant ``(Wq - z)·s`` that replaces the DQ's output).
+    float_constants: tuple[tuple[int, ir.Node, np.ndarray], ...]
+    interior_pairs: tuple[tuple[ir.Node, ir.Node], ...]
 
 
 @register
@@ -54,42 +64,46 @@ class KeepFloatNodes(RewritePass):
         super().__init__()
         self.nodes = frozenset(nodes)
 
-    def match(self, node: ir.Node) -> _FloatNodeMatch | None:
+    def match(self, node: ir.Node, context: RewriteContext) -> _FloatNodeMatch | None:
         if node.name not in self.nodes or qdq.is_op(node, qdq.QUANTIZE, qdq.DEQUANTIZE):
             return None
-        constant_inputs = [
+        constant_inputs = tuple(
             (index, dequantize)
             for index, value in enumerate(node.inputs)
             if (dequantize := qdq.dequantize_of(value)) is not None
             and qdq.constant_array(dequantize.inputs[0]) is not None
-        ]
+        )
         interior = list(node.outputs)
         interior += [value for value in node.inputs if value is not None and self._reads_graph_input(value)]
-        interior_pairs = [pair for value in interior for pair in self._interior_pairs(value)]
+        interior_pairs = tuple(pair for value in interior for pair in self._interior_pairs(value))
         return _FloatNodeMatch(node, constant_inputs, interior_pairs)
 
-    def check(self, match: _FloatNodeMatch) -> str | None:
-        if match.constant_inputs or match.interior_pairs:
-            return None
-        if any(qdq.dequantize_of(value) is not None for value in match.node.inputs):
-            return ("no constant DQ input and no output read only inside the region: the lowering would fuse its "
-                    "Q/DQ again, so it stays as the plan made it")
-        return "already float"
-
-    def rewrite(self, match: _FloatNodeMatch) -> None:
-        node = match.node
-        graph = node.graph
+    def check(self, match: _FloatNodeMatch, context: RewriteContext) -> _FloatNodePlan | Refusal:
+        float_constants = []
         for index, dequantize in match.constant_inputs:
             params = qdq.read_params(dequantize)
             array = None if isinstance(params, str) else qdq.dequantized_constant(params)
-            if array is None:  # parameters that are not constants: leave this input as it is
-                logger.info("%s: %s input %d keeps its DQ (%s)", self.pass_name(), qdq.describe_node(node), index,
-                            params if isinstance(params, str) else "its integer input is not a constant")
+            if array is None:  # parameters that are not constants: this input keeps its DQ
+                logger.info("%s: %s input %d keeps its DQ (%s)", self.pass_name(), qdq.describe_node(match.node),
+                            index, params if isinstance(params, str) else "its integer input is not a constant")
                 continue
-            constant = qdq.add_constant(graph, f"{dequantize.outputs[0].name}_float", array, before=node)
+            float_constants.append((index, dequantize, array))
+        if float_constants or match.interior_pairs:
+            return _FloatNodePlan(match.node, tuple(float_constants), match.interior_pairs)
+        if any(qdq.dequantize_of(value) is not None for value in match.node.inputs):
+            return Refusal("no constant DQ input and no output read only inside the region: the lowering would fuse "
+                           "its Q/DQ again, so it stays as the plan made it")
+        return Refusal("already float")
+
+    def rewrite(self, plan: _FloatNodePlan, context: RewriteContext) -> None:
+        node = plan.node
+        graph = node.graph
+        for index, dequantize, array in plan.float_constants:
+            constant = qdq.add_constant(graph, context.names, f"{dequantize.outputs[0].name}_float", array,
+                                        before=node)
             node.replace_input_with(index, constant)
             qdq.remove_if_unused([dequantize])
-        for quantize, dequantize in match.interior_pairs:
+        for quantize, dequantize in plan.interior_pairs:
             dequantize.outputs[0].replace_all_uses_with(quantize.inputs[0])
             qdq.remove_if_unused([dequantize, quantize])
 
