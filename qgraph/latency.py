@@ -17,6 +17,10 @@ taken in the same moment do. The measurement:
   are the ones closest to the model's own speed: with the load average at 8 on two cores the paired medians of one
   model pair here scattered over 1.5–3.1× between batch sizes, the fast quartiles did not. Decisions use it.
 
+A time budget (``budget_seconds``) bounds what a measurement costs: the first round of each batch size is timed and
+the number of rounds set so that all rounds of that batch size fit in its share of the budget, never fewer than
+``min_rounds`` nor more than ``rounds`` (the warm-up runs and the sessions' creation come on top).
+
 Inputs are seeded random tensors matching each model's input signature, with every symbolic dimension set to the
 batch size (see :func:`qgraph.runtime.random_inputs`); integer inputs hold small values.
 """
@@ -50,6 +54,10 @@ class LatencyOptions:
     rounds: int = 20
     warmup: int = 3
     seed: int = 0
+    #: Seconds that the rounds of one measurement may take, shared equally by the batch sizes; None: all ``rounds``.
+    budget_seconds: float | None = None
+    #: Rounds run whatever the budget says (the quartiles need a few).
+    min_rounds: int = 3
 
     def __post_init__(self) -> None:
         if self.threads < 1:
@@ -58,6 +66,18 @@ class LatencyOptions:
             raise QGraphError(f"batch sizes must be positive, got {self.batch_sizes}")
         if self.rounds < 1 or self.warmup < 0:
             raise QGraphError(f"rounds must be at least 1 and warmup not negative, got {self.rounds}, {self.warmup}")
+        if self.budget_seconds is not None and self.budget_seconds <= 0:
+            raise QGraphError(f"the latency budget must be positive seconds or None, got {self.budget_seconds}")
+        if not 1 <= self.min_rounds:
+            raise QGraphError(f"min_rounds must be at least 1, got {self.min_rounds}")
+
+    def rounds_within_budget(self, round_seconds: float) -> int:
+        """Rounds of one batch size when one round (every model once) takes ``round_seconds``."""
+        if self.budget_seconds is None:
+            return self.rounds
+        share = self.budget_seconds / len(self.batch_sizes)
+        affordable = int(share / max(round_seconds, 1e-9))
+        return max(min(self.rounds, affordable), min(self.min_rounds, self.rounds))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,13 +158,18 @@ def measure_latency(
             for _ in range(options.warmup):
                 session.run(None, batch_feeds)
         times: dict[str, list[float]] = {name: [] for name in sessions}
-        for _ in range(options.rounds):
+        rounds = options.rounds
+        completed = 0
+        while completed < rounds:
             order = list(sessions)
             shuffler.shuffle(order)
             for name in order:
                 start = time.perf_counter()
                 sessions[name].run(None, batch_feeds)
                 times[name].append(time.perf_counter() - start)
+            completed += 1
+            if completed == 1:  # the first round tells what a round costs
+                rounds = options.rounds_within_budget(sum(values[0] for values in times.values()))
         samples[batch_size] = {name: tuple(values) for name, values in times.items()}
         logger.info("batch %d: %s", batch_size, ", ".join(
             f"{name} {np.median(values) * 1e3:.2f} ms" for name, values in times.items()))

@@ -8,7 +8,8 @@ scales stay the same in all of them):
 
 1. the whole-model formats: QOperator (the target's lowering) and QDQ (onnxruntime fuses the pairs itself);
 2. per *region class*, the fastest format with the class kept FP32 (:class:`~qgraph.passes.lower.keep_float_nodes.
-   KeepFloatNodes`): ``stem`` (a convolution reading the graph input), ``depthwise`` (convolutions with one input
+   KeepFloatNodes`): ``stem`` (a convolution reading the graph input, directly or through layout operators such
+   as the Unsqueeze before a Conv1d front end), ``depthwise`` (convolutions with one input
    channel per group), ``squeeze-excite`` (GlobalAveragePool → … → gate → Mul back onto the pooled tensor),
    ``small-matmul`` (MatMul/Gemm whose constant weight has at most ``small_matmul_weights`` elements); each with the
    elementwise nodes that only it feeds (ReLU6, HardSwish in any spelling) and the float-only elementwise nodes
@@ -19,7 +20,13 @@ With ``t_c(b)`` the first quartile of candidate ``c``'s run times at batch size 
 ``r_c(b) = t_base(b) / t_c(b)`` its speed-up over the current best (see :mod:`qgraph.latency` for why quartiles),
 a class is taken when ``r_c(b) >= 1`` at every measured batch size and the geometric mean over batch sizes is at
 least ``1 + margin``. The result is the chosen candidate if its speed-up over FP32 is at least ``1 - tolerance`` at
-every batch size, else the FP32 model, with the reason either way.
+every batch size, else the FP32 model (``keep_float_when_slower``) or, when an integer model was asked for whatever
+its speed (:func:`qgraph.ptq.quantize`), the fastest integer candidate marked ``slower_than_float``, with the
+reason either way.
+
+Cost: every measurement is one :func:`qgraph.latency.measure_latency` table (FP32 and the formats; then FP32, the
+best format and one candidate per region class present; then, when two or more classes were taken, their
+combination), each bounded by the latency options' budget, plus one session and one lowering per candidate.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -65,6 +73,9 @@ class SpeedChoiceOptions:
     tolerance: float = 0.0
     #: MatMul/Gemm weights with at most this many elements form the ``small-matmul`` class.
     small_matmul_weights: int = 16384
+    #: When the fastest integer candidate is still slower than FP32: return the FP32 model (True), or that
+    #: integer candidate marked ``slower_than_float`` (False).
+    keep_float_when_slower: bool = True
 
     def __post_init__(self) -> None:
         unknown = set(self.region_classes) - set(REGION_CLASSES)
@@ -103,6 +114,21 @@ class SpeedChoice:
     tables: tuple[LatencyTable, ...]
     #: region class -> number of nodes found in the model
     regions: Mapping[str, int]
+    #: The chosen integer model is slower than FP32 (only with ``keep_float_when_slower=False``).
+    slower_than_float: bool = False
+
+    def describe(self) -> str:
+        """One line: the candidate, its speed-up over FP32 per batch size, and a warning when it is slower."""
+        sizes = "/".join(str(size) for size in self.speedup)
+        ratios = "/".join(f"{value:.2f}x" for value in self.speedup.values())
+        text = f"{self.candidate.name} at {ratios} FP32 (batch {sizes})"
+        if self.float_nodes:
+            text += f", {len(self.float_nodes)} nodes kept FP32 for speed"
+        if self.slower_than_float:
+            text = f"WARNING: the integer model runs SLOWER than FP32 on this machine: {text}"
+        elif self.candidate.format == FLOAT:
+            text = f"FP32 kept: every integer candidate was slower ({self.reason})"
+        return text
 
 
 # ------------------------------------------------------------------------------------------------ regions
@@ -177,6 +203,28 @@ def _feeders(node: ir.Node) -> set[str]:
     return {producer.name}
 
 
+#: Operators that only move a tensor's values (a stem may read the graph input through them).
+_LAYOUT_OPS = frozenset({"Unsqueeze", "Squeeze", "Reshape", "Transpose", "Flatten", "Identity"})
+
+
+def _layout_path_to_input(value: ir.Value | None) -> set[str] | None:
+    """The layout nodes between a graph input and ``value`` (``Unsqueeze(input)`` feeding a Conv1d front end), or
+    None when ``value`` is not the graph input moved about."""
+    names: set[str] = set()
+    for _ in range(_GATE_DEPTH):
+        value = _source(value)
+        if value is None:
+            return None
+        if value.is_graph_input():
+            return names
+        producer = value.producer()
+        if producer is None or producer.op_type not in _LAYOUT_OPS or producer.domain != "":
+            return None
+        names.add(producer.name)
+        value = producer.inputs[0]
+    return None
+
+
 def _is_depthwise(node: ir.Node) -> bool:
     group = node.attributes.get("group")
     weight = _weight_shape(node)
@@ -228,9 +276,9 @@ def find_regions(model: ir.Model, *, small_matmul_weights: int = 16384) -> dict[
     regions: dict[str, set[str]] = {name: set() for name in REGION_CLASSES}
     for node in graph:
         if node.op_type == "Conv" and node.domain == "":
-            data = _source(node.inputs[0])
-            if data is not None and data.is_graph_input():
-                regions["stem"] |= {node.name} | _followers(node)
+            layout_nodes = _layout_path_to_input(node.inputs[0])
+            if layout_nodes is not None:
+                regions["stem"] |= {node.name} | _followers(node) | layout_nodes
             if _is_depthwise(node):
                 regions["depthwise"] |= {node.name} | _followers(node) | _feeders(node)
         elif node.op_type in ("MatMul", "Gemm") and node.domain == "":
@@ -293,12 +341,15 @@ def choose_speed(
     options: SpeedChoiceOptions | None = None,
     *,
     measure: Measure = measure_latency,
+    feeds: Mapping[int, Mapping[str, np.ndarray]] | None = None,
 ) -> SpeedChoice:
     """Measure the candidates built from ``qdq_model`` against ``float_model`` and return the fastest one that is
     not slower than FP32 (the FP32 model itself when none is), with the measurements and the reason.
 
     ``lower`` is the target's lowering (:func:`target_lowering`; None when only QDQ is tried). ``measure`` times a
-    set of named models (:func:`qgraph.latency.measure_latency` by default)."""
+    set of named models (:func:`qgraph.latency.measure_latency` by default); ``feeds`` (batch size -> inputs, for
+    every batch size of the latency options) replaces its seeded random inputs: real data where random shapes cannot
+    tell a symbolic length from the batch."""
     options = options or SpeedChoiceOptions()
     regions = find_regions(ir.serde.deserialize_model(qdq_model), small_matmul_weights=options.small_matmul_weights)
     built: dict[str, onnx.ModelProto] = {FLOAT: float_model}
@@ -314,7 +365,11 @@ def choose_speed(
         return candidate.name
 
     def measured(names: Sequence[str]) -> LatencyTable:
-        table = measure({name: built[name] for name in names}, options.latency, reference=FLOAT)
+        chosen = {name: built[name] for name in names}
+        if feeds is None:
+            table = measure(chosen, options.latency, reference=FLOAT)
+        else:
+            table = measure(chosen, options.latency, reference=FLOAT, feeds=feeds)
         tables.append(table)
         return table
 
@@ -347,7 +402,15 @@ def choose_speed(
             reasons.append(f"{best} fastest of the combinations")
     speedup = _speedups(table, best, FLOAT)
     if min(speedup.values()) < 1 - options.tolerance:
-        reasons.append(f"{best} runs at {'/'.join(f'{value:.2f}×' for value in speedup.values())} FP32: FP32 kept")
+        ratios = "/".join(f"{value:.2f}×" for value in speedup.values())
+        if not options.keep_float_when_slower:
+            reasons.append(f"{best} runs at {ratios} FP32: the fastest integer model is slower than FP32")
+            logger.warning("speed choice: the fastest integer model (%s) runs at %s FP32 on this machine; %s",
+                           best, ratios, "; ".join(reasons))
+            return SpeedChoice(built[best], candidates[best], nodes_of[best], "; ".join(reasons), speedup,
+                               tuple(tables), {name: len(nodes) for name, nodes in regions.items()},
+                               slower_than_float=True)
+        reasons.append(f"{best} runs at {ratios} FP32: FP32 kept")
         return SpeedChoice(float_model, candidates[FLOAT], frozenset(), "; ".join(reasons),
                            {size: 1.0 for size in speedup}, tuple(tables), {k: len(v) for k, v in regions.items()})
     reasons.append(f"{best}: {'/'.join(f'{value:.2f}×' for value in speedup.values())} FP32 at batch "

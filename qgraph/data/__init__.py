@@ -17,7 +17,7 @@ from qgraph.data.fashion_mnist import (
     write_fashion_mnist_npz,
 )
 from qgraph.data.layout import DataLayout, is_state_name, parse_batch_axis
-from qgraph.data.readers import Dataset, ShardedDataset, dataset_from_arrays, open_dataset
+from qgraph.data.readers import Dataset, ShardedDataset, batch_axes_of, dataset_from_arrays, open_dataset
 from qgraph.data.storage import ArrayInfo
 from qgraph.data.validate import (
     CastingDataset,
@@ -39,6 +39,7 @@ __all__ = [
     "InputSpec",
     "KeysLeftOut",
     "ShardedDataset",
+    "batch_axes_of",
     "dataset_from_arrays",
     "input_signature",
     "is_state_name",

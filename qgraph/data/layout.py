@@ -101,6 +101,19 @@ class DataLayout:
         """This layout, with ``names`` (inputs ``--fix-input`` removed) added to the keys left out."""
         return dataclasses.replace(self, removed_inputs=self.removed_inputs | frozenset(names))
 
+    @property
+    def is_default(self) -> bool:
+        """No batch axis named and none inferred (every key counts along axis 0; removed inputs aside)."""
+        return not self.batch_axes and not self.infer_state_axes
+
+    def for_dataset(self, dataset) -> DataLayout:
+        """The layout to read an already opened ``dataset`` with: this one, unless this one is the default and the
+        dataset carries a layout of its own, which is kept, with this one's removed inputs added."""
+        own = getattr(dataset, "layout", None)
+        if self.is_default and isinstance(own, DataLayout):
+            return own.with_removed_inputs(self.removed_inputs)
+        return self
+
     def batch_axis(self, key: str, shape: Sequence[int], source: str) -> int | None:
         """The axis along which ``key`` (arrays of ``shape``, as in ``source``) counts samples; None: a constant."""
         rank = len(shape)

@@ -281,6 +281,12 @@ class ShardedDataset:
         return batch
 
 
+def batch_axes_of(dataset: Dataset) -> dict[str, int | None]:
+    """Input name -> the axis along which ``dataset``'s batches hold that input's samples (None: a constant), as the
+    batches' consumers count samples (calibration, training)."""
+    return {key: dataset.array_info(key).batch_axis for key in dataset.input_names}
+
+
 def dataset_from_arrays(arrays: Mapping[str, np.ndarray], *, label_key: str | None = None,
                         layout: DataLayout | None = None) -> ShardedDataset:
     """A dataset over in-memory arrays keyed by input name (plus an optional label key)."""
