@@ -261,6 +261,22 @@ def quantize(
     return QuantizeResult(model, plan, calibration, parameters, tuple(records), qdq_model, fallback, speed)
 
 
+def _timing_axes(model: onnx.ModelProto, batch_axes: BatchAxes | None) -> dict[str, int | None]:
+    """Per graph input, the axis that holds the batch for timing: the data's batch axis where the model leaves that
+    dimension free, else the input's first free dimension (``[6, batch, features]``: axis 1), else None (a fixed
+    shape, timed as it is)."""
+    axes: dict[str, int | None] = {}
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        free = [index for index, dimension in enumerate(value.type.tensor_type.shape.dim)
+                if not dimension.HasField("dim_value")]
+        given = batch_axes.get(value.name) if batch_axes is not None else None
+        axes[value.name] = given if given in free else (free[0] if free else None)
+    return axes
+
+
 def speed_choice_applies(options: QuantizeOptions, target: Target) -> bool:
     """The speed choice runs for target ort-cpu (what onnxruntime on this CPU runs is what it measures)."""
     return options.speed_choice and target.name == "ort-cpu"
@@ -273,10 +289,10 @@ def choose_output_speed(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto
     ``float_model`` on a calibration ``batch`` (its inputs along ``batch_axes``) and on its first sample, never
     replaced by FP32: when even the fastest is slower than FP32 it is kept, marked ``slower_than_float`` and a
     warning says so."""
-    names = {value.name for value in float_model.graph.input}
-    batch = {name: np.asarray(array) for name, array in batch.items() if name in names}
-    feeds = {1: first_samples(batch, 1, batch_axes)}
-    batch_size = batch_samples(batch, batch_axes)
+    axes = _timing_axes(float_model, batch_axes)
+    batch = {name: np.asarray(array) for name, array in batch.items() if name in axes}
+    feeds = {1: first_samples(batch, 1, axes)}
+    batch_size = batch_samples(batch, axes) if any(axis is not None for axis in axes.values()) else 1
     if batch_size > 1:
         feeds[batch_size] = batch
     batch_sizes = tuple(feeds)

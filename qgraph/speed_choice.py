@@ -18,8 +18,9 @@ scales stay the same in all of them):
 
 With ``t_c(b)`` the first quartile of candidate ``c``'s run times at batch size ``b`` and
 ``r_c(b) = t_base(b) / t_c(b)`` its speed-up over the current best (see :mod:`qgraph.latency` for why quartiles),
-a class is taken when ``r_c(b) >= 1`` at every measured batch size and the geometric mean over batch sizes is at
-least ``1 + margin``. The result is the chosen candidate if its speed-up over FP32 is at least ``1 - tolerance`` at
+a class is taken when ``r_c(b) >= 1`` at every measured batch size, the geometric mean over batch sizes is at
+least ``1 + margin``, and the candidate won at least three of four rounds (paired ratios' lower quartile ``>= 1``)
+at every batch size; the first format (the target's lowering) gives way to another by the same test. The result is the chosen candidate if its speed-up over FP32 is at least ``1 - tolerance`` at
 every batch size, else the FP32 model (``keep_float_when_slower``) or, when an integer model was asked for whatever
 its speed (:func:`qgraph.ptq.quantize`), the fastest integer candidate marked ``slower_than_float``, with the
 reason either way.
@@ -334,6 +335,16 @@ def _speedups(table: LatencyTable, name: str, reference: str) -> dict[int, float
     return {size: table.speedup(name, size, reference=reference).fast_quartile for size in table.batch_sizes}
 
 
+def _clearly_faster(table: LatencyTable, name: str, than: str, margin: float) -> bool:
+    """``name`` beats ``than`` beyond the noise: its fast-quartile speed-up is at least 1 at every batch size and
+    ``1 + margin`` in geometric mean, and it won at least three rounds in four (the paired ratios' lower quartile is
+    at least 1) at every batch size, so that timing noise on a model of microseconds does not flip the choice."""
+    gains = _speedups(table, name, than)
+    if min(gains.values()) < 1.0 or _geometric_mean(list(gains.values())) < 1 + margin:
+        return False
+    return all(table.speedup(name, size, reference=than).low >= 1.0 for size in table.batch_sizes)
+
+
 def choose_speed(
     float_model: onnx.ModelProto,
     qdq_model: onnx.ModelProto,
@@ -376,7 +387,10 @@ def choose_speed(
     tables: list[LatencyTable] = []
     formats = [add(Candidate(output_format)) for output_format in options.formats]
     table = measured([FLOAT, *formats])
-    best = max(formats, key=lambda name: _geometric_mean(list(_speedups(table, name, FLOAT).values())))
+    best = formats[0]  # the first format (the target's lowering) unless another is clearly faster
+    for name in formats[1:]:
+        if _clearly_faster(table, name, best, options.margin):
+            best = name
     reasons = [f"{best} fastest of {', '.join(formats)}"]
     trial_classes = [name for name in options.region_classes if regions[name]]
     taken: list[str] = []
@@ -385,7 +399,7 @@ def choose_speed(
         table = measured([FLOAT, best, *trials.values()])
         for region, name in trials.items():
             gains = _speedups(table, name, best)
-            accepted = min(gains.values()) >= 1.0 and _geometric_mean(list(gains.values())) >= 1 + options.margin
+            accepted = _clearly_faster(table, name, best, options.margin)
             reasons.append(f"fp32 {region} ({len(regions[region])} nodes): "
                            f"{'/'.join(f'{gain:.2f}×' for gain in gains.values())} vs {best}"
                            f"{' taken' if accepted else ''}")

@@ -1,22 +1,30 @@
 """Is INT8 ever slower than FP32 here? Latency of qgraph's and onnxruntime's integer models against FP32.
 
 For each reference model (random weights, 3×224×224, batch dimension symbolic) the same seeded calibration images
-quantize it five ways, and all models run side by side in alternating rounds in one process (see
+quantize it several ways, and all models run side by side in alternating rounds in one process (see
 :mod:`qgraph.latency`), at batch 1 and at the calibration batch size, on ``--threads`` intra-op threads:
 
 - ``fp32``: the model as exported (onnxruntime applies its own FP32 fusions, NCHWc layouts included);
-- ``qgraph``: ``qgraph.pipeline.optimize`` with target ort-cpu, its default QOperator format, per-channel weights,
-  MinMax calibration (as ``tools/bench_ptq_support.py`` drives it);
-- ``qgraph-qdq``: the same with ``--format qdq`` (onnxruntime fuses the pairs at session creation);
+- ``qgraph``: the *default* output of ``qgraph optimize --calib`` (``qgraph.pipeline.optimize`` with default
+  :class:`~qgraph.ptq.QuantizeOptions`: target ort-cpu, MinMax, per-channel weights, the sensitivity fallback and
+  the speed choice on, which picks QOperator or QDQ and the regions kept FP32 by timing them on this machine);
+- ``qgraph-plain``: the same with ``--no-speed-choice`` (the target's QOperator lowering as it is);
+- ``qgraph-qdq``: plain with ``--format qdq`` (onnxruntime fuses the pairs at session creation);
 - ``ort-qoperator`` / ``ort-qdq``: onnxruntime's ``quantize_static`` (after ``quant_pre_process``; QUInt8
   activations, QInt8 per-channel weights, MinMax);
-- ``qgraph-choice``: :func:`qgraph.speed_choice.choose_speed` on qgraph's QDQ graph: the fastest of QOperator,
-  QDQ and per-region FP32 variants as measured here, FP32 when none is faster (the reason is printed).
+- ``qgraph-choice`` (``--with-choice``): :func:`qgraph.speed_choice.choose_speed` called alone on qgraph's QDQ
+  graph with this tool's rounds, FP32 when no integer candidate is faster (the reason is printed).
+
+The notes give, per model, what the default's speed choice chose and the wall time of the default run beside the
+plain one (their difference is what the speed choice costs).
 
 ``--reduce-range on`` builds the model meant for CPUs without VNNI (7-bit weights in both quantizers);
 ``auto`` follows this CPU, as qgraph's default does (quantize_static gets the same setting).
 
-Models: ``resnet18``, ``mobilenet_v2``, ``mobilenet_v3`` (MobileNetV3-Large: depthwise 3x3/5x5, ReLU and
+Models: ``resnet18``, ``mobilenet_v2``, ``stream_vad`` (the LSTM stand-in of :mod:`qgraph.models.stream_vad`: FP32
+is its canonical model with ``sr`` fixed to 16000, calibration and timing feeds are chunks of
+:func:`~qgraph.models.stream_vad.synthetic_speech` with the state carried, batched along the state's axis 1),
+``mobilenet_v3`` (MobileNetV3-Large: depthwise 3x3/5x5, ReLU and
 HardSwish as the opset-14 operator, squeeze-and-excitation blocks, BatchNorm kept), ``mobilenet_v3_hardsigmoid`` and
 ``mobilenet_v3_relu6`` (HardSwish spelled ``x·HardSigmoid(x)`` and ``x·Relu6(x+3)/6``), ``mobilenet_v3_folded``
 (BatchNorm folded into the convolutions, as torch.onnx exports in eval mode), ``mobilenet_v3_small``.
@@ -29,7 +37,8 @@ squeeze-excite) matched in execution order. Examples::
 
     python tools/bench_latency.py --models mobilenet_v3 mobilenet_v2 resnet18
     python tools/bench_latency.py --models mobilenet_v3 --reduce-range on --rounds 30
-    python tools/bench_latency.py --models mobilenet_v3 --profile --skip-choice
+    python tools/bench_latency.py --models resnet18 mobilenet_v2 mobilenet_v3 stream_vad --skip-qdq
+    python tools/bench_latency.py --models mobilenet_v3 --profile
 """
 
 from __future__ import annotations
@@ -58,8 +67,9 @@ from qgraph.latency import LatencyOptions, LatencyTable, measure_latency
 
 logger = logging.getLogger("bench_latency")
 
-MODELS = ("resnet18", "mobilenet_v2", "mobilenet_v3", "mobilenet_v3_hardsigmoid", "mobilenet_v3_relu6",
-          "mobilenet_v3_folded", "mobilenet_v3_small")
+MODELS = ("resnet18", "mobilenet_v2", "stream_vad", "mobilenet_v3", "mobilenet_v3_hardsigmoid",
+          "mobilenet_v3_relu6", "mobilenet_v3_folded", "mobilenet_v3_small")
+STREAM_VAD_LAYOUT = {"state": 1}
 CONV_KINDS = ("stem", "depthwise", "pointwise", "squeeze-excite", "other")
 
 
@@ -69,6 +79,8 @@ def build_model(name: str) -> onnx.ModelProto:
 
     if name in ("resnet18", "mobilenet_v2"):
         return support.build_reference_model(name)
+    if name == "stream_vad":
+        return stream_vad_float_model()
     spellings = {"mobilenet_v3": "op", "mobilenet_v3_hardsigmoid": "hardsigmoid", "mobilenet_v3_relu6": "relu6",
                  "mobilenet_v3_folded": "op", "mobilenet_v3_small": "op"}
     if name not in spellings:
@@ -77,8 +89,50 @@ def build_model(name: str) -> onnx.ModelProto:
     return build_mobilenet_v3(layout, hardswish=spellings[name], fold_batch_norm=name == "mobilenet_v3_folded")
 
 
-def qgraph_quantize(model: onnx.ModelProto, batches, *, output_format: str, reduce_range: str, batch_size: int):
-    """qgraph's PTQ as ``qgraph optimize --calib … --target ort-cpu --format F --reduce-range R`` runs it."""
+def stream_vad_float_model() -> onnx.ModelProto:
+    """The LSTM stream VAD canonicalised with ``sr`` fixed to 16000 (the If folded into its 16 kHz branch)."""
+    import onnx_ir as ir
+
+    from qgraph.models.stream_vad import build_stream_vad
+    from qgraph.pipeline import OptimizeOptions, optimize
+
+    result = optimize(ir.serde.deserialize_model(build_stream_vad("LSTM")), None,
+                      OptimizeOptions(fixed_inputs={"sr": 16000}))
+    return ir.serde.serialize_model(result.model)
+
+
+def stream_vad_arrays(samples: int, seed: int) -> dict[str, np.ndarray]:
+    """``samples`` streamed chunks of synthetic speech: input [N, 512] and state [2, N, 64] (sr left out)."""
+    from qgraph.models.stream_vad import CHUNK_SAMPLES, build_stream_vad, stream_feeds, synthetic_speech
+
+    seconds = (samples + 1) * CHUNK_SAMPLES[16000] / 16000
+    feeds = list(stream_feeds(build_stream_vad("LSTM"), synthetic_speech(seconds, seed=seed)))[:samples]
+    return {"input": np.concatenate([feed["input"] for feed in feeds]),
+            "state": np.concatenate([feed["state"] for feed in feeds], axis=1)}
+
+
+def calibration_source(name: str, arguments: argparse.Namespace, shape):
+    """A fresh iterable of calibration batches for ``name`` (qgraph reads a dataset that knows the batch axes)."""
+    if name == "stream_vad":
+        from qgraph.data import DataLayout, dataset_from_arrays
+
+        return dataset_from_arrays(stream_vad_arrays(arguments.calibration_samples, seed=1),
+                                   layout=DataLayout(STREAM_VAD_LAYOUT))
+    return support.random_image_batches(arguments.calibration_samples, arguments.batch_size, shape, seed=1)
+
+
+def timing_feeds(name: str, batch_sizes) -> dict[int, dict[str, np.ndarray]] | None:
+    """Feeds per batch size where random inputs cannot stand in (the VAD's chunk length is symbolic)."""
+    if name != "stream_vad":
+        return None
+    arrays = stream_vad_arrays(max(batch_sizes), seed=5)
+    return {size: {"input": arrays["input"][:size], "state": arrays["state"][:, :size]} for size in batch_sizes}
+
+
+def qgraph_quantize(model: onnx.ModelProto, batches, *, output_format: str | None, reduce_range: str,
+                    batch_size: int, speed_choice: bool = True):
+    """qgraph's PTQ as ``qgraph optimize --calib … --target ort-cpu [--format F] --reduce-range R
+    [--no-speed-choice]`` runs it (all other options at their defaults)."""
     import onnx_ir as ir
 
     from qgraph.calibrate.driver import CalibrationConfig
@@ -90,6 +144,7 @@ def qgraph_quantize(model: onnx.ModelProto, batches, *, output_format: str, redu
         target="ort-cpu",
         target_options=TargetOptions(format=output_format, reduce_range=reduce_range),
         calibration=CalibrationConfig(method="minmax", batch_size=batch_size, threads=2),
+        speed_choice=speed_choice,
     ))
     return optimize(ir.serde.deserialize_model(model), None, options, calibration_data=batches)
 
@@ -104,23 +159,37 @@ def quantize_all(name: str, arguments: argparse.Namespace, notes: list[str]) -> 
     shape = support.input_shape_of(float_model)
 
     def calibration():
-        return support.random_image_batches(arguments.calibration_samples, arguments.batch_size, shape, seed=1)
+        return calibration_source(name, arguments, shape)
+
+    def ort_calibration():
+        source = calibration()
+        return source.iter_batches(arguments.batch_size) if hasattr(source, "iter_batches") else source
 
     reduce_range = arguments.reduce_range == "on" or (arguments.reduce_range == "auto" and needs_reduce_range())
     models = {"fp32": float_model}
-    seconds, result = support.timed(lambda: qgraph_quantize(float_model, calibration(), output_format="qoperator",
-                                                            reduce_range=arguments.reduce_range,
-                                                            batch_size=arguments.batch_size))
-    models["qgraph"] = ir.serde.serialize_model(result.model)
-    logger.info("%s: qgraph %.1f s", name, seconds)
-    qdq = qgraph_quantize(float_model, calibration(), output_format="qdq", reduce_range=arguments.reduce_range,
-                          batch_size=arguments.batch_size)
-    models["qgraph-qdq"] = ir.serde.serialize_model(qdq.model)
+    seconds, default = support.timed(lambda: qgraph_quantize(float_model, calibration(), output_format=None,
+                                                             reduce_range=arguments.reduce_range,
+                                                             batch_size=arguments.batch_size))
+    models["qgraph"] = ir.serde.serialize_model(default.model)
+    plain_seconds, result = support.timed(lambda: qgraph_quantize(
+        float_model, calibration(), output_format="qoperator", reduce_range=arguments.reduce_range,
+        batch_size=arguments.batch_size, speed_choice=False))
+    models["qgraph-plain"] = ir.serde.serialize_model(result.model)
+    speed = default.quantization.speed
+    notes.append(f"{name}: default qgraph run {seconds:.1f} s, with --no-speed-choice {plain_seconds:.1f} s; "
+                 f"speed choice: {speed.describe() if speed else 'off'}"
+                 + (f" [{speed.reason}]" if speed else ""))
+    logger.info("%s: qgraph %.1f s, plain %.1f s", name, seconds, plain_seconds)
+    if not arguments.skip_qdq:
+        qdq = qgraph_quantize(float_model, calibration(), output_format="qdq", reduce_range=arguments.reduce_range,
+                              batch_size=arguments.batch_size, speed_choice=False)
+        models["qgraph-qdq"] = ir.serde.serialize_model(qdq.model)
     if not arguments.skip_ort:
         for quant_format in ("qoperator", "qdq"):
             models[f"ort-{quant_format}"] = support.ort_quantize_static(
-                float_model, calibration(), method="minmax", quant_format=quant_format, reduce_range=reduce_range)
-    if not arguments.skip_choice:
+                float_model, ort_calibration(), method="minmax", quant_format=quant_format,
+                reduce_range=reduce_range)
+    if arguments.with_choice:
         from qgraph.speed_choice import SpeedChoiceOptions, choose_speed, target_lowering
         from qgraph.targets import TargetOptions, get_target
 
@@ -128,8 +197,9 @@ def quantize_all(name: str, arguments: argparse.Namespace, notes: list[str]) -> 
         options = SpeedChoiceOptions(latency=LatencyOptions(threads=arguments.threads,
                                                             batch_sizes=(1, arguments.batch_size),
                                                             rounds=arguments.choice_rounds))
-        seconds, choice = support.timed(lambda: choose_speed(result.float_model, result.quantization.qdq_model,
-                                                             target_lowering(target), options))
+        seconds, choice = support.timed(lambda: choose_speed(
+            result.float_model, result.quantization.qdq_model, target_lowering(target), options,
+            feeds=timing_feeds(name, (1, arguments.batch_size))))
         models["qgraph-choice"] = choice.model
         notes.append(f"{name}: qgraph-choice = {choice.candidate.name} ({seconds:.0f} s to choose): {choice.reason}")
     return models
@@ -243,7 +313,7 @@ def print_latency(name: str, table: LatencyTable) -> None:
 def time_models(name: str, models: dict[str, onnx.ModelProto | str], arguments: argparse.Namespace) -> LatencyTable:
     options = LatencyOptions(threads=arguments.threads, batch_sizes=(1, arguments.batch_size),
                              rounds=arguments.rounds, warmup=arguments.warmup)
-    return measure_latency(models, options, reference="fp32")
+    return measure_latency(models, options, reference="fp32", feeds=timing_feeds(name, options.batch_sizes))
 
 
 def environment_note(arguments: argparse.Namespace) -> str:
@@ -291,7 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--choice-rounds", type=int, default=12, help="Rounds of each speed-choice measurement.")
     parser.add_argument("--skip-ort", action="store_true", help="Leave out quantize_static.")
-    parser.add_argument("--skip-choice", action="store_true", help="Leave out qgraph-choice.")
+    parser.add_argument("--with-choice", action="store_true", help="Add qgraph-choice (choose_speed called alone).")
+    parser.add_argument("--skip-qdq", action="store_true", help="Leave out qgraph-qdq.")
     parser.add_argument("--profile", action="store_true", help="Add onnxruntime's per-operator profiles.")
     parser.add_argument("--profile-runs", type=int, default=30)
     parser.add_argument("--save-models", metavar="DIR")
