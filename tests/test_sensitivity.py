@@ -27,7 +27,6 @@ def _quantize(model: onnx.ModelProto, batches, *, lower: bool = True, **options)
     quantize_options = QuantizeOptions(
         target_options=TargetOptions(format="qdq", reduce_range="off"),
         calibration=CalibrationConfig(method="minmax"),
-        speed_choice=False,  # which layers are quantized is the fallback's to say, not the speed choice's
         **options,
     )
     return quantize(ir.serde.deserialize_model(model), iter(batches), quantize_options, lower=lower)

@@ -22,6 +22,8 @@ from qgraph.ptq import QuantizeOptions, quantize
 from qgraph.speed_choice import FLOAT, QDQ, QOPERATOR, Candidate, choose_speed
 from qgraph.targets import TargetOptions
 
+pytestmark = pytest.mark.speed_choice
+
 TARGET_OPTIONS = TargetOptions(reduce_range="off", saturation_guard="off")
 
 

@@ -31,8 +31,7 @@ def _cosine(reference: np.ndarray, approximation: np.ndarray) -> float:
 
 
 def _quantize(model, batches, *, fixed=None, **options):
-    # the operators these tests expect are the plain lowering's (the speed choice may keep tiny MatMuls FP32)
-    quantization = QuantizeOptions(min_sqnr=None, speed_choice=False, **options)
+    quantization = QuantizeOptions(min_sqnr=None, **options)
     return optimize(ir.serde.deserialize_model(model), options=OptimizeOptions(
         quantization=quantization, fixed_inputs=fixed or {}), calibration_data=batches)
 

@@ -143,6 +143,7 @@ def stream_folders(tmp_path_factory):
     return made
 
 
+@pytest.mark.speed_choice  # the default run as a user meets it: timed on the state-first feeds too
 @pytest.mark.parametrize("kind, layout_options", [
     ("LSTM", ["--batch-axis", "state=1"]),
     ("GRU", ["--infer-state-axes"]),
@@ -157,6 +158,7 @@ def test_cli_quantizes_the_stream_model_from_a_per_sample_folder(kind, layout_op
                                           *layout_options, "--fix-input", "sr=16000", "--report", str(report)])
     assert result.exit_code == 0, result.output
     assert f"calibrated on {count} samples" in result.output
+    assert "FP32 (batch 1/16)" in result.output  # the speed choice timed the first batch of 16 and one sample
     assert any("ignoring key(s) sr: no longer inputs of the model" in record.getMessage()
                for record in caplog.records)
     quantized = onnx.load(output)
