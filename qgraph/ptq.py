@@ -67,7 +67,7 @@ QUANTIZED_OPERATORS = frozenset(
 )
 WEIGHT_METHODS = ("minmax", "mse")
 #: The speed choice's timing budget: at most three latency tables (formats, region classes, their combination).
-DEFAULT_SPEED_CHOICE_SECONDS = 12.0
+DEFAULT_SPEED_CHOICE_SECONDS = 6.0
 #: Latency tables the speed choice measures at most; each gets an equal share of the budget.
 _SPEED_CHOICE_TABLES = 3
 
@@ -297,7 +297,7 @@ def choose_output_speed(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto
         feeds[batch_size] = batch
     batch_sizes = tuple(feeds)
     latency = LatencyOptions(threads=options.calibration.threads or LatencyOptions.threads, batch_sizes=batch_sizes,
-                             rounds=50, warmup=2, budget_seconds=options.speed_choice_seconds / _SPEED_CHOICE_TABLES)
+                             rounds=50, warmup=1, budget_seconds=options.speed_choice_seconds / _SPEED_CHOICE_TABLES)
     formats = (target.options.format,) if options.target_options.format is not None else (QOPERATOR, QDQ)
     choice_options = SpeedChoiceOptions(latency=latency, formats=formats, keep_float_when_slower=False)
     started = time.perf_counter()
