@@ -297,7 +297,8 @@ def choose_output_speed(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto
         feeds[batch_size] = batch
     batch_sizes = tuple(feeds)
     latency = LatencyOptions(threads=options.calibration.threads or LatencyOptions.threads, batch_sizes=batch_sizes,
-                             rounds=50, warmup=1, budget_seconds=options.speed_choice_seconds / _SPEED_CHOICE_TABLES)
+                             rounds=50, warmup=1, min_rounds=2,
+                             budget_seconds=options.speed_choice_seconds / _SPEED_CHOICE_TABLES)
     formats = (target.options.format,) if options.target_options.format is not None else (QOPERATOR, QDQ)
     choice_options = SpeedChoiceOptions(latency=latency, formats=formats, keep_float_when_slower=False)
     started = time.perf_counter()
