@@ -12,8 +12,9 @@ scales stay the same in all of them):
    as the Unsqueeze before a Conv1d front end), ``depthwise`` (convolutions with one input
    channel per group), ``squeeze-excite`` (GlobalAveragePool → … → gate → Mul back onto the pooled tensor),
    ``small-matmul`` (MatMul/Gemm whose constant weight has at most ``small_matmul_weights`` elements); each with the
-   elementwise nodes that only it feeds (ReLU6, HardSwish in any spelling) and the float-only elementwise nodes
-   that only feed it, so that a float region does not pay a Q/DQ pair per activation;
+   elementwise nodes that only it feeds (ReLU6, HardSwish in any spelling) and, for depthwise convolutions and small
+   MatMuls, the float-only elementwise node that only feeds it (an unfused HardSwish, the Relu before a decoder), so
+   that a float region does not pay a Q/DQ pair per activation;
 3. the union of the classes that were faster on their own.
 
 With ``t_c(b)`` the first quartile of candidate ``c``'s run times at batch size ``b`` and
@@ -285,7 +286,7 @@ def find_regions(model: ir.Model, *, small_matmul_weights: int = 16384) -> dict[
         elif node.op_type in ("MatMul", "Gemm") and node.domain == "":
             shape = _weight_shape(node)
             if shape is not None and math.prod(shape) <= small_matmul_weights:
-                regions["small-matmul"] |= {node.name} | _followers(node)
+                regions["small-matmul"] |= {node.name} | _followers(node) | _feeders(node)
         elif node.op_type == "Mul" and node.domain == "":
             block = _squeeze_excite(node)
             if block is not None:

@@ -162,3 +162,23 @@ def test_cli_reports_the_speed_choice_and_can_turn_it_off(tmp_path):
     assert result.exit_code != 0 and "--calib" in result.output
     help_text = runner.invoke(cli, ["optimize", "--help"]).output
     assert "--speed-choice / --no-speed-choice" in help_text and "slower" in help_text
+
+
+def test_the_stream_models_regions_reach_through_layout_operators_and_feeders():
+    from qgraph.data import DataLayout, dataset_from_arrays
+    from qgraph.models.stream_vad import build_stream_vad, stream_feeds, synthetic_speech
+    from qgraph.pipeline import OptimizeOptions, optimize
+    from qgraph.speed_choice import find_regions
+
+    float_model = build_stream_vad("LSTM")
+    feeds = list(stream_feeds(float_model, synthetic_speech(0.5)))
+    data = dataset_from_arrays({"input": np.concatenate([feed["input"] for feed in feeds]),
+                                "state": np.concatenate([feed["state"] for feed in feeds], axis=1)},
+                               layout=DataLayout({"state": 1}))
+    options = OptimizeOptions(quantization=QuantizeOptions(min_sqnr=None, speed_choice=False),
+                              fixed_inputs={"sr": 16000})
+    result = optimize(ir.serde.deserialize_model(float_model), None, options, calibration_data=data)
+    regions = find_regions(ir.serde.deserialize_model(result.quantization.qdq_model))
+    # the Conv1d front end reads the audio through an Unsqueeze; the decoder Gemm is fed by a Relu of its own
+    assert {"front_end_16k.conv", "front_end_16k.unsqueeze"} <= regions["stem"]
+    assert {"decoder_matmul", "decoder_relu"} <= regions["small-matmul"]
