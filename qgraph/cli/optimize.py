@@ -5,7 +5,8 @@ one fills (through a conversion where the command line says it differently: ``--
 ``per_channel=False``). The option objects are the Python API's: :class:`~qgraph.calibrate.driver.CalibrationConfig`,
 :class:`~qgraph.targets.TargetOptions`, :class:`~qgraph.annotate.annotator.AnnotationOverrides`,
 :class:`~qgraph.ptq.QuantizeOptions`, :class:`~qgraph.qat.options.QATOptions`, :class:`~qgraph.pipeline.OutputOptions`
-and :class:`~qgraph.pipeline.OptimizeOptions`. Defaults and choices are read from them and from the modules that
+and :class:`~qgraph.pipeline.OptimizeOptions`, whose ``data_layout`` is a :class:`~qgraph.data.layout.DataLayout`.
+Defaults and choices are read from them and from the modules that
 own the choices, never written here.
 """
 
@@ -145,9 +146,9 @@ _DESTINATIONS: dict[str, tuple[str, Conversion]] = {
     "max_grad_norm": ("qat", _to("max_grad_norm", lambda norm: norm or None)),
     "qat_dir": ("qat", _to("work_directory")),
     "resume": ("qat", _to("resume")),
-    # data layout: where each key of --calib/--train-data/--val-data holds its samples (qgraph.data.layout)
     # speed choice: never slower than FP32 by default (qgraph.speed_choice)
     "speed_choice": ("quantization", _to("speed_choice")),
+    # data layout: where each key of --calib/--train-data/--val-data holds its samples (qgraph.data.layout)
     "batch_axis": ("layout", lambda texts: {"batch_axes": DataLayout.from_command_line(texts).batch_axes}),
     "infer_state_axes": ("layout", _to("infer_state_axes")),
 }
@@ -173,7 +174,8 @@ def _quantize_options(values: Mapping[str, Any]) -> QuantizeOptions | None:
         if (values["output_format"] or values["exclude"] or values["keep_fp32"] or values["calib_samples"]
                 or values["report_path"] or values["config_path"]
                 or values["quantize_recurrent"] != _default(QuantizeOptions, "recurrent")
-                or values["speed_choice"] != _default(QuantizeOptions, "speed_choice")):
+                or values["speed_choice"] != _default(QuantizeOptions, "speed_choice")
+                or values["batch_axis"] or values["infer_state_axes"]):
             raise click.UsageError("quantization options need calibration data: add --calib DATA")
         if values["min_sqnr"] is not None:
             raise click.UsageError("--min-sqnr applies to quantization: add --calib DATA")

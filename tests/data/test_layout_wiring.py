@@ -186,6 +186,13 @@ def test_cli_refuses_a_bad_batch_axis(arguments, message, stream_folders, tmp_pa
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
 
 
+def test_cli_refuses_a_layout_without_data(stream_folders, tmp_path):
+    model_path, _, _ = stream_folders["LSTM"]
+    result = CliRunner().invoke(cli, ["optimize", str(model_path), "-o", str(tmp_path / "out.onnx"),
+                                      "--batch-axis", "state=1"])
+    assert result.exit_code != 0 and "--calib" in result.output
+
+
 def test_cli_refuses_qat_on_the_stream_model_instead_of_crashing(stream_folders, tmp_path):
     model_path, folder, _ = stream_folders["GRU"]
     result = CliRunner().invoke(cli, ["optimize", str(model_path), "-o", str(tmp_path / "out.onnx"),
