@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import onnx
 import onnx_ir as ir
 
-from qgraph.calibrate.driver import CalibrationConfig
+from qgraph.calibrate.driver import BatchAxes, CalibrationConfig
+from qgraph.data.layout import DataLayout
 from qgraph.errors import QGraphError
 from qgraph.ptq import quantize
 
@@ -35,7 +36,9 @@ from qgraph.passes.canonicalize.lift_constants import LiftConstants
 from qgraph.passes.canonicalize.merge_bias_add import MergeBiasAdd
 from qgraph.passes.infrastructure import PassManager, PassRecord, QGraphPass
 from qgraph.passes.infrastructure import get_pass
-from qgraph.ptq import QuantizeOptions, QuantizeResult
+from qgraph.ptq import QuantizeOptions, QuantizeResult, choose_output_speed, speed_choice_applies
+from qgraph.speed_choice import Candidate
+from qgraph.targets import get_target
 from qgraph.qat.options import QATOptions
 from qgraph.weight_only.driver import WeightOnlyResult, quantize_weight_only
 from qgraph.weight_only.options import WeightOnlyOptions
@@ -101,6 +104,11 @@ class OptimizeOptions:
     #: Weight-only quantization of the MatMul/Gemm weights (block-wise 4/8 bits, activations float; see
     #: :mod:`qgraph.weight_only`) instead of ``quantization``; GPTQ and AWQ need calibration prompts.
     weight_only: WeightOnlyOptions | None = None
+    #: Where each key of the calibration and training data holds its samples (``--batch-axis KEY=AXIS``,
+    #: ``--infer-state-axes``; see :mod:`qgraph.data.layout`). The inputs of ``fixed_inputs`` are added to its removed
+    #: inputs, so their keys are left out of the data. A dataset given with a layout of its own keeps it while this
+    #: one is the default.
+    data_layout: DataLayout = dataclasses.field(default_factory=DataLayout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,9 +175,12 @@ def optimize(
         raise QGraphError("quantization-aware training starts from a quantized model: add calibration data (--calib)")
     if options.qat is not None and train_data is None:
         raise QGraphError("quantization-aware training needs training data (--train-data)")
-    batches = None
+    if options.qat is not None:
+        _refuse_recurrent_training(model)
+    layout = options.data_layout.with_removed_inputs(options.fixed_inputs)
+    batches = batch_axes = None
     if options.quantization is not None:
-        batches = calibration_batches(model, calibration_data, options.quantization.calibration)
+        batches, batch_axes = laid_out_batches(model, calibration_data, options.quantization.calibration, layout)
     result = build_pipeline(options).run(model)
     records = result.records
     quantized = None
@@ -178,10 +189,10 @@ def optimize(
     if options.quantization is not None:
         float_model = ir.serde.serialize_model(result.model)
         quantized = quantize(result.model, batches, options.quantization, progress=progress,
-                             lower=options.qat is None)
+                             lower=options.qat is None, batch_axes=batch_axes, float_model=float_model)
         if options.qat is not None:
             qat_result, quantized = _fine_tune(quantized, float_model, options, train_data, validation_data,
-                                               training_progress)
+                                               training_progress, layout, calibration_data)
         result = dataclasses.replace(result, model=quantized.model)
         records = records + quantized.records
     weight_only = None
@@ -203,18 +214,52 @@ def optimize(
     return OptimizeResult(result.model, records, saved, quantized, float_model, qat_result, weight_only)
 
 
+#: Operators whose gradients onnxruntime-training (1.19) crashes on (a segmentation fault in the training session).
+UNTRAINABLE_OPERATORS = frozenset({"LSTM", "GRU", "RNN"})
+
+
+def _refuse_recurrent_training(model: ir.Model) -> None:
+    """Refuse QAT on a model with recurrent layers before any work, rather than let the training session crash."""
+    from qgraph.errors import UnsupportedModelError
+    from qgraph.ir.traversal import iterate_graphs
+
+    found = [f"{node.name or '(unnamed)'} ({node.op_type})" for graph in iterate_graphs(model) for node in graph
+             if node.domain in ("", "ai.onnx") and node.op_type in UNTRAINABLE_OPERATORS]
+    if found:
+        raise UnsupportedModelError(
+            f"quantization-aware training cannot run on this model: it holds recurrent layers "
+            f"({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}), on whose gradients onnxruntime-training "
+            f"crashes; quantize it without --qat (post-training quantization)")
+
+
 def _fine_tune(quantized: QuantizeResult, float_model: onnx.ModelProto, options: OptimizeOptions, train_data,
-               validation_data, training_progress) -> tuple[QATResult, QuantizeResult]:
-    """QAT on the QDQ graph, then the target's lowering of the learned QDQ graph (as quantize would lower it)."""
+               validation_data, training_progress, layout: DataLayout,
+               calibration_data) -> tuple[QATResult, QuantizeResult]:
+    """QAT on the QDQ graph, then the target's lowering of the learned QDQ graph (as quantize would lower it), and
+    the speed choice as after PTQ, timed on the first calibration batch read again (none left in a one-shot
+    iterator: then the plain lowering is kept, as logged)."""
     from qgraph.qat import lower_qdq, run_qat
 
     qat_result = run_qat(
         quantized.qdq_model, quantized.plan, quantized.parameters, float_model=float_model, train_data=train_data,
-        validation_data=validation_data, options=options.qat, progress=training_progress,
+        validation_data=validation_data, options=options.qat, progress=training_progress, layout=layout,
     )
     lowered, lowering_records = lower_qdq(qat_result.qdq_model, options.quantization)
+    speed = None
+    target = get_target(options.quantization.target, options.quantization.target_options)
+    if speed_choice_applies(options.quantization, target):
+        batches, batch_axes = laid_out_batches(float_model, calibration_data, options.quantization.calibration,
+                                               layout)
+        first = next(iter(batches), None)
+        if first is None:
+            logger.info("speed choice skipped after QAT: the calibration batches were read once already")
+        else:
+            speed = choose_output_speed(float_model, qat_result.qdq_model, target, options.quantization, first,
+                                        batch_axes)
+            if speed.candidate != Candidate(target.options.format):
+                lowered = ir.serde.deserialize_model(speed.model)
     return qat_result, dataclasses.replace(quantized, model=lowered, records=quantized.records + lowering_records,
-                                           qdq_model=qat_result.qdq_model)
+                                           qdq_model=qat_result.qdq_model, speed=speed)
 
 
 #: Keys that hold labels in a calibration/training file when they are not model inputs.
@@ -232,24 +277,42 @@ def model_input_signature(model: ir.Model | onnx.ModelProto):
     return input_signature(onnx.helper.make_graph([], "inputs", inputs, []))
 
 
-def calibration_batches(model: ir.Model | onnx.ModelProto, data, config: CalibrationConfig):
+def calibration_batches(model: ir.Model | onnx.ModelProto, data, config: CalibrationConfig,
+                        layout: DataLayout | None = None):
     """Batches of ``data`` checked against ``model``'s inputs (names, ranks, fixed dimensions, dtypes).
 
-    A ``label``/``labels`` key that is not a model input is treated as labels and never fed to the model.
+    A ``label``/``labels`` key that is not a model input is treated as labels and never fed to the model. ``layout``
+    says where each key holds its samples and which keys belong to inputs the model no longer takes
+    (:mod:`qgraph.data.layout`).
     """
-    from qgraph.data import open_dataset
+    return laid_out_batches(model, data, config, layout)[0]
+
+
+def laid_out_batches(model: ir.Model | onnx.ModelProto, data, config: CalibrationConfig,
+                     layout: DataLayout | None = None) -> tuple[object, BatchAxes]:
+    """:func:`calibration_batches`, and the batch axis of each input (what calibration counts samples along).
+
+    ``data`` is a path (opened with ``layout``), a dataset (read with ``layout`` unless that is the default and the
+    dataset has a layout of its own, to which the removed inputs are added), or an iterable of batches, whose inputs
+    count along the axes ``layout`` names explicitly and axis 0 otherwise.
+    """
+    from qgraph.data import batch_axes_of, open_dataset
     from qgraph.data.validate import validate_dataset
 
+    layout = layout if layout is not None else DataLayout()
     signature = model_input_signature(model)
     if isinstance(data, (str, os.PathLike)):
         input_names = {spec.name for spec in signature}
-        probe = open_dataset(data)
+        probe = open_dataset(data, layout=layout)
         label_key = next((key for key in LABEL_KEYS if key in probe.keys and key not in input_names), None)
-        data = open_dataset(data, label_key=label_key) if label_key else probe
+        data = open_dataset(data, label_key=label_key, layout=layout) if label_key else probe
+    elif hasattr(data, "iter_batches"):
+        layout = layout.for_dataset(data)
     if hasattr(data, "iter_batches"):
-        dataset = validate_dataset(data, signature, check_values=False, cast_float64=True)
-        return dataset.iter_batches(config.batch_size, limit=config.samples, include_labels=False)
-    return data
+        dataset = validate_dataset(data, signature, layout=layout, check_values=False, cast_float64=True)
+        batches = dataset.iter_batches(config.batch_size, limit=config.samples, include_labels=False)
+        return batches, batch_axes_of(dataset)
+    return data, dict(layout.batch_axes)
 
 
 def _check_output_before_work(output: Path, input_path: Path | None, options: OutputOptions) -> None:

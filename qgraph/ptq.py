@@ -13,13 +13,22 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qgraph.calibrate.driver import CalibrationConfig, CalibrationResult, calibrate, merge_group_ranges
+from qgraph.calibrate.driver import (
+    BatchAxes,
+    CalibrationConfig,
+    CalibrationResult,
+    batch_samples,
+    calibrate,
+    first_samples,
+    merge_group_ranges,
+)
 from qgraph.errors import QGraphError, UnsupportedModelError
 from qgraph.ir.versions import convert_opset
 from qgraph.ir.traversal import iterate_graphs
@@ -42,6 +51,8 @@ from qgraph.sensitivity import (
 )
 from qgraph.quant.spec import QuantParams, compute_quant_params
 from qgraph.targets import Target, TargetOptions, get_target
+from qgraph.latency import LatencyOptions
+from qgraph.speed_choice import QDQ, QOPERATOR, Candidate, SpeedChoice, SpeedChoiceOptions, choose_speed, target_lowering
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +66,10 @@ QUANTIZED_OPERATORS = frozenset(
     }
 )
 WEIGHT_METHODS = ("minmax", "mse")
+#: The speed choice's timing budget: at most three latency tables (formats, region classes, their combination).
+DEFAULT_SPEED_CHOICE_SECONDS = 6.0
+#: Latency tables the speed choice measures at most; each gets an equal share of the budget.
+_SPEED_CHOICE_TABLES = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +93,14 @@ class QuantizeOptions:
     sensitivity_batches: int = DEFAULT_SENSITIVITY_BATCHES
     #: Measure the per-layer sensitivity table even when the bound is met (for a report).
     sensitivity_table: bool = False
+    # --- speed choice (qgraph.speed_choice): never slower than FP32 by default
+    #: On target ort-cpu, time the integer candidates against FP32 on this machine (batch 1 and the calibration
+    #: batch size): QOperator or QDQ (unless ``target_options.format`` names one), and FP32 for the region classes
+    #: (stem, depthwise, squeeze-excite, small MatMuls) where integer kernels are slower; the fastest is written.
+    #: False: the target's lowering as it is, unmeasured.
+    speed_choice: bool = True
+    #: Seconds the speed choice's timing rounds may take in all (sessions, warm-up runs and lowerings come on top).
+    speed_choice_seconds: float = DEFAULT_SPEED_CHOICE_SECONDS
 
     def __post_init__(self) -> None:
         from qgraph.annotate.annotator import RECURRENT_MODES
@@ -89,6 +112,8 @@ class QuantizeOptions:
             raise QGraphError(f"sensitivity_batches must be at least 1, got {self.sensitivity_batches}")
         if self.weight_method not in WEIGHT_METHODS:
             raise QGraphError(f"unknown weight method {self.weight_method!r}; choose one of {', '.join(WEIGHT_METHODS)}")
+        if self.speed_choice_seconds <= 0:
+            raise QGraphError(f"speed_choice_seconds must be positive, got {self.speed_choice_seconds}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +127,8 @@ class QuantizeResult:
     qdq_model: onnx.ModelProto | None = None
     #: Output SQNR, per-layer sensitivity and the layers that fell back (None with ``min_sqnr=None``).
     sensitivity: SensitivityResult | None = None
+    #: What the speed choice measured and chose (None when it was off, not applicable, or the model not lowered).
+    speed: SpeedChoice | None = None
 
 
 def quantized_operators(model: ir.Model) -> list[str]:
@@ -166,8 +193,15 @@ def quantize(
     *,
     progress: Callable[[int], None] | None = None,
     lower: bool = True,
+    batch_axes: BatchAxes | None = None,
+    float_model: onnx.ModelProto | None = None,
 ) -> QuantizeResult:
-    """Quantize a canonical FP32 model with calibration ``batches``; ``lower=False`` stops at the QDQ graph."""
+    """Quantize a canonical FP32 model with calibration ``batches``; ``lower=False`` stops at the QDQ graph.
+
+    ``batch_axes`` (input name -> the axis holding a batch's samples, None for a constant; default axis 0) counts
+    the calibration samples where an input such as a ``[layers, batch, hidden]`` state is not batch-first.
+    ``float_model`` is the FP32 model the speed choice times the integer candidates against (by default ``model``
+    as it is before quantization)."""
     options = options or QuantizeOptions()
     found = quantized_operators(model)
     if found and not options.requantize:
@@ -196,27 +230,83 @@ def quantize(
             f"{target.name} ({len(plan.fp32_nodes)} nodes stay FP32)"
         )
     kept: list[Mapping[str, np.ndarray]] = []
-    if options.min_sqnr is not None:
-        batches = retain_batches(batches, options.sensitivity_batches, kept)
-    calibration = calibrate(model, plan, batches, options.calibration, progress=progress)
+    timing = lower and speed_choice_applies(options, target)
+    if options.min_sqnr is not None or timing:  # the speed choice times the first batch
+        batches = retain_batches(batches, options.sensitivity_batches if options.min_sqnr is not None else 1, kept)
+    calibration = calibrate(model, plan, batches, options.calibration, progress=progress, batch_axes=batch_axes)
     per_channel = target.options.per_channel
     parameters = compute_parameters(model, plan, calibration.ranges, per_channel=per_channel,
                                     weight_method=options.weight_method)
     fallback = None
     if options.min_sqnr is not None:
         plan, parameters, calibration, fallback = _fall_back(model, rules, plan, parameters, calibration, kept,
-                                                             options, per_channel)
+                                                             options, per_channel, batch_axes)
     quantize_passes = [InsertQuantizeDequantize(plan=plan, parameters=parameters)]
     if plan.dynamic_nodes:
         quantize_passes.append(QuantizeLSTMDynamic(
             nodes=plan.dynamic_nodes, qmax=rules.weight_spec.qmax, per_channel=per_channel,
             guard_saturation=target.saturation_guard(),
         ))
+    if timing and float_model is None:
+        float_model = ir.serde.serialize_model(model)
     records = list(PassManager(quantize_passes).run(model).records)
     qdq_model = ir.serde.serialize_model(model)
+    speed = None
     if lower:
         records.extend(lower_to_target(model, target))
-    return QuantizeResult(model, plan, calibration, parameters, tuple(records), qdq_model, fallback)
+        if timing:
+            speed = choose_output_speed(float_model, qdq_model, target, options, kept[0], batch_axes)
+            if speed.candidate != Candidate(target.options.format):
+                model = ir.serde.deserialize_model(speed.model)
+    return QuantizeResult(model, plan, calibration, parameters, tuple(records), qdq_model, fallback, speed)
+
+
+def _timing_axes(model: onnx.ModelProto, batch_axes: BatchAxes | None) -> dict[str, int | None]:
+    """Per graph input, the axis that holds the batch for timing: the data's batch axis where the model leaves that
+    dimension free, else the input's first free dimension (``[6, batch, features]``: axis 1), else None (a fixed
+    shape, timed as it is)."""
+    axes: dict[str, int | None] = {}
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        free = [index for index, dimension in enumerate(value.type.tensor_type.shape.dim)
+                if not dimension.HasField("dim_value")]
+        given = batch_axes.get(value.name) if batch_axes is not None else None
+        axes[value.name] = given if given in free else (free[0] if free else None)
+    return axes
+
+
+def speed_choice_applies(options: QuantizeOptions, target: Target) -> bool:
+    """The speed choice runs for target ort-cpu (what onnxruntime on this CPU runs is what it measures)."""
+    return options.speed_choice and target.name == "ort-cpu"
+
+
+def choose_output_speed(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, target: Target,
+                        options: QuantizeOptions, batch: Mapping[str, np.ndarray],
+                        batch_axes: BatchAxes | None = None) -> SpeedChoice:
+    """The fastest integer model built from ``qdq_model`` (see :mod:`qgraph.speed_choice`), timed against
+    ``float_model`` on a calibration ``batch`` (its inputs along ``batch_axes``) and on its first sample, never
+    replaced by FP32: when even the fastest is slower than FP32 it is kept, marked ``slower_than_float`` and a
+    warning says so."""
+    axes = _timing_axes(float_model, batch_axes)
+    batch = {name: np.asarray(array) for name, array in batch.items() if name in axes}
+    feeds = {1: first_samples(batch, 1, axes)}
+    batch_size = batch_samples(batch, axes) if any(axis is not None for axis in axes.values()) else 1
+    if batch_size > 1:
+        feeds[batch_size] = batch
+    batch_sizes = tuple(feeds)
+    latency = LatencyOptions(threads=options.calibration.threads or LatencyOptions.threads, batch_sizes=batch_sizes,
+                             rounds=50, warmup=1, min_rounds=2,
+                             budget_seconds=options.speed_choice_seconds / _SPEED_CHOICE_TABLES)
+    formats = (target.options.format,) if options.target_options.format is not None else (QOPERATOR, QDQ)
+    choice_options = SpeedChoiceOptions(latency=latency, formats=formats, keep_float_when_slower=False)
+    started = time.perf_counter()
+    logger.info("speed choice: timing %s against FP32 at batch %s", " and ".join(formats),
+                "/".join(str(size) for size in batch_sizes))
+    choice = choose_speed(float_model, qdq_model, target_lowering(target), choice_options, feeds=feeds)
+    logger.info("speed choice in %.1f s: %s", time.perf_counter() - started, choice.describe())
+    return choice
 
 
 def lower_to_target(model: ir.Model, target: Target) -> tuple[PassRecord, ...]:
@@ -242,6 +332,7 @@ def _fall_back(
     batches: list[Mapping[str, np.ndarray]],
     options: QuantizeOptions,
     per_channel: bool,
+    batch_axes: BatchAxes | None = None,
 ) -> tuple[QuantPlan, Mapping[str, QuantParams], CalibrationResult, SensitivityResult]:
     """Automatic fallback by sensitivity (see :mod:`qgraph.sensitivity`): the analysis ranks the layers and says
     how many to exclude; each fallback plan reuses the calibrated ranges and is measured as a real QDQ graph until
@@ -254,7 +345,7 @@ def _fall_back(
     fallback_plan, fallback_parameters, fallback_ranges = plan, parameters, None
     while count:
         fallback_plan, ranges, fallback_ranges = _replan(model, rules, options, analysis.excluded(count), ranges,
-                                                         batches)
+                                                         batches, batch_axes)
         fallback_parameters = compute_parameters(model, fallback_plan, fallback_ranges, per_channel=per_channel,
                                                  weight_method=options.weight_method)
         final = sensitivity.verify(model, fallback_plan, fallback_parameters, batches, analysis, threads=threads)
@@ -275,6 +366,7 @@ def _replan(
     excluded: frozenset[str],
     ranges: Mapping[str, tuple[float, float]],
     batches: list[Mapping[str, np.ndarray]],
+    batch_axes: BatchAxes | None = None,
 ) -> tuple[QuantPlan, dict[str, tuple[float, float]], dict[str, tuple[float, float]]]:
     """The plan with ``excluded`` nodes in FP32, every range calibrated so far, and the plan's ranges.
 
@@ -288,5 +380,5 @@ def _replan(
     if missing:
         logger.info("calibrating %d tensors that the fallback plan quantizes anew", len(missing))
         restricted = dataclasses.replace(plan, activations=tuple(missing), groups=())
-        calibrated.update(calibrate(model, restricted, batches, options.calibration).ranges)
+        calibrated.update(calibrate(model, restricted, batches, options.calibration, batch_axes=batch_axes).ranges)
     return plan, calibrated, merge_group_ranges(calibrated, plan)

@@ -190,8 +190,9 @@ def output_errors(float_model: onnx.ModelProto, quantized: onnx.ModelProto, batc
             names, float_session.run(names, feeds), quantized_session.run(names, feeds)
         ):
             collected[name].append((reference, approximation))
+    # flattened: an output such as a [layers, batch, hidden] state has its batch on another axis than 0
     return {
-        name: sqnr_db(np.concatenate([r for r, _ in pairs]), np.concatenate([a for _, a in pairs]))
+        name: sqnr_db(np.concatenate([r.ravel() for r, _ in pairs]), np.concatenate([a.ravel() for _, a in pairs]))
         for name, pairs in collected.items()
     }
 
@@ -213,9 +214,15 @@ def measure_latency(
     return {name: statistics.median(values) for name, values in timings.items()}
 
 
-def single_sample_feeds(model: onnx.ModelProto, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One sample of ``batch`` per input: the first axis is cut to 1 only where it is a symbolic batch dimension
-    (a time-major sequence input keeps its fixed first axis)."""
+def single_sample_feeds(model: onnx.ModelProto, batch: Mapping[str, np.ndarray],
+                        batch_axes: Mapping[str, int | None] | None = None) -> dict[str, np.ndarray]:
+    """One sample of ``batch`` per input: each input cut to 1 along its batch axis where ``batch_axes`` (the data
+    layout's) is known; otherwise the first axis is cut to 1 only where it is a symbolic batch dimension (a
+    time-major sequence input keeps its fixed first axis)."""
+    if batch_axes is not None:
+        from qgraph.calibrate.driver import first_samples
+
+        return first_samples({name: np.asarray(array) for name, array in batch.items()}, 1, batch_axes)
     symbolic_batch = {}
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim
@@ -233,14 +240,16 @@ def build_report(
     batches: list[Mapping],
     *,
     latency: bool = True,
+    batch_axes: Mapping[str, int | None] | None = None,
 ) -> QuantizationReport:
-    """The report for a ``qgraph.ptq.QuantizeResult`` on a few calibration ``batches``."""
+    """The report for a ``qgraph.ptq.QuantizeResult`` on a few calibration ``batches`` (whose inputs hold their
+    samples along ``batch_axes``, axis 0 by default)."""
     layers = layer_errors(float_model, result.qdq_model, result.plan, batches) if result.qdq_model else ()
     outputs = output_errors(float_model, quantized_model, batches)
     before = after = None
     if latency and batches:
         first = batches[0]
-        single = single_sample_feeds(float_model, first)
+        single = single_sample_feeds(float_model, first, batch_axes)
         timings = measure_latency({"fp32": float_model, "quantized": quantized_model}, single)
         before, after = timings["fp32"], timings["quantized"]
     return QuantizationReport(

@@ -7,7 +7,7 @@ is an edge; ``from package import name`` is an edge to ``package.name`` when tha
 The layers, lowest first, follow the layout of the tree:
 
     ground (qgraph/__init__, errors, runtime, native) < ir < quant < passes infrastructure < passes
-    < annotate, targets < calibrate < sensitivity, ptq < train, qat, data < report, summary < pipeline < cli
+    < annotate, targets < calibrate < sensitivity, ptq (with latency, speed_choice) < train, qat, data < report, summary < pipeline < cli
     < testing
 
 (data, listed after qat in the layout, is a reader of numpy batches on the ground floor that QAT's driver uses, so it
@@ -40,7 +40,7 @@ LAYERS = (
     ("passes", ("qgraph.passes",)),
     ("annotate, targets", ("qgraph.annotate", "qgraph.targets")),
     ("calibrate", ("qgraph.calibrate",)),
-    ("sensitivity, ptq", ("qgraph.sensitivity", "qgraph.ptq")),
+    ("sensitivity, ptq", ("qgraph.sensitivity", "qgraph.ptq", "qgraph.latency", "qgraph.speed_choice")),
     ("train, qat, data, weight_only", ("qgraph.train", "qgraph.qat", "qgraph.data", "qgraph.weight_only")),
     ("report, summary", ("qgraph.report", "qgraph.summary")),
     ("pipeline", ("qgraph.pipeline",)),

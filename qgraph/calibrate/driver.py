@@ -131,6 +131,42 @@ def _observer_factory(
     return make
 
 
+#: Input name -> the axis along which its arrays hold the batch's samples; None: a constant (no samples).
+BatchAxes = Mapping[str, int | None]
+
+
+def _axis_of(key: str, array, batch_axes: BatchAxes | None) -> int | None:
+    """The axis that counts ``key``'s samples: ``batch_axes[key]`` when given, else 0 (None for a scalar)."""
+    if batch_axes is not None and key in batch_axes:
+        return batch_axes[key]
+    return 0 if np.ndim(array) > 0 else None
+
+
+def batch_samples(feeds: Mapping[str, np.ndarray], batch_axes: BatchAxes | None = None) -> int:
+    """Samples in one batch: the length of the first key that counts samples along its batch axis.
+
+    ``batch_axes`` (from the data's :class:`~qgraph.data.layout.DataLayout`) names each key's axis; a key it does not
+    name counts along axis 0, a scalar counts none. A batch of constants only (an If's flag) counts one sample; an
+    empty batch none. Without ``batch_axes`` a ``[layers, batch, hidden]`` state given before the batch-first input
+    would count its layers, which is why the pipeline passes the dataset's axes down.
+    """
+    for key, array in feeds.items():
+        axis = _axis_of(key, array, batch_axes)
+        if axis is not None:
+            return int(np.shape(array)[axis])
+    return 1 if feeds else 0
+
+
+def first_samples(feeds: Mapping[str, np.ndarray], count: int,
+                  batch_axes: BatchAxes | None = None) -> dict[str, np.ndarray]:
+    """The first ``count`` samples of a batch, each key cut along its own batch axis (constants as they are)."""
+    kept = {}
+    for key, array in feeds.items():
+        axis = _axis_of(key, array, batch_axes)
+        kept[key] = array if axis is None else array[(slice(None),) * axis + (slice(0, count),)]
+    return kept
+
+
 def calibrate(
     model: ir.Model,
     plan: QuantPlan,
@@ -138,8 +174,13 @@ def calibrate(
     config: CalibrationConfig | None = None,
     *,
     progress: Callable[[int], None] | None = None,
+    batch_axes: BatchAxes | None = None,
 ) -> CalibrationResult:
-    """Observe every activation of ``plan`` over ``batches``; ``progress`` receives the samples of each batch."""
+    """Observe every activation of ``plan`` over ``batches``; ``progress`` receives the samples of each batch.
+
+    ``batch_axes`` says along which axis each input holds a batch's samples (see :func:`batch_samples`): it counts
+    the samples and cuts the last batch at ``config.samples``.
+    """
     config = config or CalibrationConfig()
     bounded = bounded_tensors(model)
     aliases = value_aliases(model, plan, config, bounded)
@@ -155,7 +196,7 @@ def calibrate(
     workers = observer_threads(config.threads)
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qgraph-observe") as executor:
         samples, batches_seen = _stream(probe, input_names, batches, config, executor, workers, observers, seen,
-                                        progress)
+                                        progress, batch_axes)
         if samples == 0:
             raise DataError("the calibration set is empty: no sample reached the model")
         unseen = [tensor for tensor in tensors if tensor not in seen]
@@ -188,6 +229,7 @@ def _stream(
     observers: Mapping[str, object],
     seen: set[str],
     progress: Callable[[int], None] | None,
+    batch_axes: BatchAxes | None = None,
 ) -> tuple[int, int]:
     """Each batch through the probe, then its activations through the observers; returns (samples, batches).
 
@@ -196,11 +238,11 @@ def _stream(
     samples = batches_seen = 0
     for batch in batches:
         feeds = {name: batch[name] for name in input_names}
-        # a scalar control input (an If's mode flag) has no sample axis
-        count = next((len(array) for array in feeds.values() if np.ndim(array) > 0), 1 if feeds else 0)
+        # each input counts its samples along its own batch axis; a scalar control input (an If's flag) has none
+        count = batch_samples(feeds, batch_axes)
         if config.samples is not None and samples + count > config.samples:
             keep = config.samples - samples
-            feeds = {name: array[:keep] if np.ndim(array) > 0 else array for name, array in feeds.items()}
+            feeds = first_samples(feeds, keep, batch_axes)
             count = keep
         if count <= 0:
             break

@@ -5,7 +5,8 @@ one fills (through a conversion where the command line says it differently: ``--
 ``per_channel=False``). The option objects are the Python API's: :class:`~qgraph.calibrate.driver.CalibrationConfig`,
 :class:`~qgraph.targets.TargetOptions`, :class:`~qgraph.annotate.annotator.AnnotationOverrides`,
 :class:`~qgraph.ptq.QuantizeOptions`, :class:`~qgraph.qat.options.QATOptions`, :class:`~qgraph.pipeline.OutputOptions`
-and :class:`~qgraph.pipeline.OptimizeOptions`. Defaults and choices are read from them and from the modules that
+and :class:`~qgraph.pipeline.OptimizeOptions`, whose ``data_layout`` is a :class:`~qgraph.data.layout.DataLayout`.
+Defaults and choices are read from them and from the modules that
 own the choices, never written here.
 """
 
@@ -24,6 +25,7 @@ from qgraph import pipeline
 from qgraph.annotate.annotator import RECURRENT_MODES, AnnotationOverrides
 from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.calibrate.observers.factory import OBSERVER_METHODS
+from qgraph.data.layout import DataLayout
 from qgraph.cli import output as printing
 from qgraph.errors import QGraphError
 from qgraph.pipeline import OptimizeOptions, OutputOptions
@@ -145,6 +147,11 @@ _DESTINATIONS: dict[str, tuple[str, Conversion]] = {
     "max_grad_norm": ("qat", _to("max_grad_norm", lambda norm: norm or None)),
     "qat_dir": ("qat", _to("work_directory")),
     "resume": ("qat", _to("resume")),
+    # speed choice: never slower than FP32 by default (qgraph.speed_choice)
+    "speed_choice": ("quantization", _to("speed_choice")),
+    # data layout: where each key of --calib/--train-data/--val-data holds its samples (qgraph.data.layout)
+    "batch_axis": ("layout", lambda texts: {"batch_axes": DataLayout.from_command_line(texts).batch_axes}),
+    "infer_state_axes": ("layout", _to("infer_state_axes")),
 }
 #: Options that only quantization-aware training reads (refused without --qat).
 _QAT_ONLY = (("train_data", "--train-data"), ("label_key", "--labels"), ("distill", "--distill"),
@@ -167,7 +174,9 @@ def _quantize_options(values: Mapping[str, Any]) -> QuantizeOptions | None:
     if values["calib"] is None:
         if (values["output_format"] or values["exclude"] or values["keep_fp32"] or values["calib_samples"]
                 or values["report_path"] or values["config_path"]
-                or values["quantize_recurrent"] != _default(QuantizeOptions, "recurrent")):
+                or values["quantize_recurrent"] != _default(QuantizeOptions, "recurrent")
+                or values["speed_choice"] != _default(QuantizeOptions, "speed_choice")
+                or values["batch_axis"] or values["infer_state_axes"]):
             raise click.UsageError("quantization options need calibration data: add --calib DATA")
         if values["min_sqnr"] is not None:
             raise click.UsageError("--min-sqnr applies to quantization: add --calib DATA")
@@ -239,7 +248,8 @@ def _optimize_options(values: Mapping[str, Any]) -> OptimizeOptions:
     quantization = _quantize_options(values) if weight_only is None else None
     qat = _qat_options(values)
     return OptimizeOptions(quantization=quantization, qat=qat, output=OutputOptions(**_fields(values, "output")),
-                           weight_only=weight_only, **_fields(values, "optimize"))
+                          weight_only=weight_only, data_layout=DataLayout(**_fields(values, "layout")),
+                          **_fields(values, "optimize"))
 
 
 @click.command()
@@ -358,6 +368,21 @@ def _optimize_options(values: Mapping[str, Any]) -> OptimizeOptions:
               help="--weight-only: search a clipping ratio per block for the least squared weight error.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="--weight-only: MatMulNBits accuracy_level (4: int8 activations inside the kernel; 0: unset).")
+@click.option("--speed-choice/--no-speed-choice", default=_default(QuantizeOptions, "speed_choice"), show_default=True,
+              help="Time the quantized model against FP32 on this machine (onnxruntime, batch 1 and --batch-size, "
+              f"at most ~{_default(QuantizeOptions, 'speed_choice_seconds'):g} s of timing runs) and write the "
+              "fastest: QOperator or QDQ (unless --format names one), with FP32 kept where integer kernels are "
+              "slower here (stem, depthwise convolutions, squeeze-excite blocks, small MatMuls). The summary says "
+              "what was chosen, and warns when even the fastest integer model is slower than FP32. Target "
+              "ort-cpu only; --no-speed-choice writes the plain lowering, unmeasured (for another CPU, say).")
+@click.option("--batch-axis", "batch_axis", multiple=True, metavar="KEY=AXIS",
+              help="Data key KEY holds its samples along AXIS (repeatable), e.g. state=1 for a recurrent state "
+              "[layers, batch, hidden]; KEY=none: a constant fed with every batch. Other keys: axis 0, scalars are "
+              "constants. A folder of per-sample .npz feeds (batch 1 each, exactly what the model takes) is batched "
+              "along these axes; keys of inputs removed by --fix-input are ignored.")
+@click.option("--infer-state-axes", is_flag=True,
+              help="Rank-3 data keys named like a recurrent state (state, h0, c0, hidden, initial_h, ...) hold "
+              "their samples along axis 1, ONNX's [layers, batch, hidden]; only when asked, since a name is a hint.")
 def optimize(**values: Any) -> None:
     """Optimize MODEL and write the result to OUTPUT.
 
@@ -394,7 +419,8 @@ def optimize(**values: Any) -> None:
     elif options.quantization is None:
         result = pipeline.optimize(loaded, values["output"], options, input_path=model)
     else:
-        total = _calibration_length(calib, options.quantization.calibration.samples)
+        layout = options.data_layout.with_removed_inputs(options.fixed_inputs)
+        total = _calibration_length(calib, options.quantization.calibration.samples, layout)
         with click.progressbar(length=total, label="calibrating", file=sys.stderr, show_pos=True) as bar:
             result = pipeline.optimize(
                 loaded, values["output"], options, input_path=model, calibration_data=calib, progress=bar.update,
@@ -407,14 +433,16 @@ def optimize(**values: Any) -> None:
         if result.qat is not None:
             click.echo(printing.qat_line(result.qat))
         if values["report_path"] is not None:
-            printing.write_report(values["report_path"], result, calib, options.quantization.calibration.batch_size)
+            printing.write_report(values["report_path"], result, calib, options.quantization.calibration.batch_size,
+                                  options.data_layout.with_removed_inputs(options.fixed_inputs))
     if values["stats"]:
         click.echo(printing.stats_table(result.records))
 
 
-def _calibration_length(calib: Path, limit: int | None) -> int:
-    """Samples the progress bar counts; opening the data here also refuses a missing or unreadable file first."""
+def _calibration_length(calib: Path, limit: int | None, layout: DataLayout | None = None) -> int:
+    """Samples the progress bar counts (along each key's batch axis, as ``layout`` says); opening the data here also
+    refuses a missing or unreadable file first."""
     from qgraph.data import open_dataset
 
-    count = open_dataset(calib).num_samples
+    count = open_dataset(calib, layout=layout).num_samples
     return min(count, limit) if limit else count

@@ -29,6 +29,7 @@ def quantization_line(quantization) -> str:
         f"({plan.coverage:.0%} coverage), {len(plan.fp32_nodes)} kept FP32; "
         f"calibrated on {quantization.calibration.samples} samples "
         f"in {quantization.calibration.seconds:.1f} s" + fallback_summary(quantization.sensitivity)
+        + (f"; speed: {quantization.speed.describe()}" if getattr(quantization, "speed", None) else "")
     )
 
 
@@ -53,19 +54,20 @@ def echo_epoch(event) -> None:
                err=True)
 
 
-def write_report(path: Path, result, calib: Path, batch_size: int) -> None:
+def write_report(path: Path, result, calib: Path, batch_size: int, layout=None) -> None:
     import itertools
 
     import onnx_ir as ir
 
     from qgraph.calibrate.driver import CalibrationConfig
-    from qgraph.pipeline import calibration_batches
+    from qgraph.pipeline import laid_out_batches
     from qgraph.report import build_report
 
     float_model = result.float_model
-    batches = calibration_batches(float_model, calib, CalibrationConfig(batch_size=batch_size))
+    batches, batch_axes = laid_out_batches(float_model, calib, CalibrationConfig(batch_size=batch_size), layout)
     report = build_report(
-        float_model, ir.serde.serialize_model(result.model), result.quantization, list(itertools.islice(batches, 2))
+        float_model, ir.serde.serialize_model(result.model), result.quantization, list(itertools.islice(batches, 2)),
+        batch_axes=batch_axes,
     )
     report.write(path)
     speed = f", {report.speedup:.2f}x faster at batch 1" if report.speedup else ""

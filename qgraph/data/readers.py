@@ -1,15 +1,19 @@
 """Datasets that stream calibration, training and evaluation batches from disk.
 
 Every reader satisfies the :class:`Dataset` protocol: ``num_samples``, ``input_names`` (the keys that feed the model,
-in file order), ``label_key``, ``array_info(key)`` (shape and dtype from file headers, without reading data),
-``labels()`` and ``iter_batches(batch_size, limit=None, shuffle=False, seed=0)``, which yields
-``dict[str, numpy.ndarray]`` batches whose first axis counts samples. When the dataset has a label key, each batch
-also carries the labels under that key (``include_labels=False`` leaves them out).
+in file order), ``label_key``, ``array_info(key)`` (shape, dtype and batch axis from file headers and the layout,
+without reading data), ``labels()`` and ``iter_batches(batch_size, limit=None, shuffle=False, seed=0)``, which yields
+``dict[str, numpy.ndarray]`` batches in which each key holds its samples along its own batch axis (axis 0 unless a
+:class:`~qgraph.data.layout.DataLayout` says otherwise) and each constant (a scalar, or a key without a batch axis)
+is the same array in every batch. When the dataset has a label key, each batch also carries the labels under that
+key (``include_labels=False`` leaves them out).
 
 :class:`ShardedDataset` is the one implementation: a list of shards (see :mod:`qgraph.data.storage`) concatenated
-along the sample axis. A batch is gathered row by row from the shards it spans, then copied into a plain
+along each key's batch axis, so a folder of per-sample feeds (batch 1 each, exactly what the model takes) yields
+batches of any size. A batch is gathered sample by sample from the shards it spans, then copied into a plain
 ``numpy.ndarray``; only the shard currently being read keeps its arrays open, so memory holds one batch plus, at
-worst, the inflated members of one compressed ``.npz`` shard.
+worst, the inflated members of one compressed ``.npz`` shard, plus one copy of each constant (whatever the number of
+samples). Opening checks every shard's headers and reads its constants, to refuse shards that disagree.
 
 Order and ``limit``: without shuffling, batches walk samples 0, 1, 2, … and ``limit`` keeps the first ``limit``
 samples. With ``shuffle=True``, the order is ``numpy.random.default_rng(seed).permutation(num_samples)`` and
@@ -28,6 +32,7 @@ last batch holds the remainder and may be smaller than ``batch_size``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -37,6 +42,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from qgraph.data.layout import DataLayout
 from qgraph.data.storage import (
     ArrayInfo,
     Shard,
@@ -78,37 +84,86 @@ def _check_batching(batch_size: int, limit: int | None) -> None:
         raise DataError(f"limit must be a non-negative integer or None, got {limit!r}")
 
 
-class ShardedDataset:
-    """Shards concatenated along the sample axis; see the module docstring for order, limit and memory."""
+def _laid_out(info: ArrayInfo, axis: int | None) -> ArrayInfo:
+    """``info`` with its samples along ``axis``, or as read from the header where its rank has no such axis."""
+    if axis is not None and axis >= len(info.shape):
+        return info
+    return dataclasses.replace(info, batch_axis=axis)
 
-    def __init__(self, shards: Sequence[Shard], *, label_key: str | None = None, source: str = "<memory>") -> None:
+
+class ShardedDataset:
+    """Shards concatenated along each key's batch axis; see the module docstring for order, limit and memory, and
+    :mod:`qgraph.data.layout` for batch axes, constants and the keys of removed inputs."""
+
+    def __init__(self, shards: Sequence[Shard], *, label_key: str | None = None, source: str = "<memory>",
+                 layout: DataLayout | None = None) -> None:
         if not shards:
             raise DataError(f"{source}: no data found")
         self.source = source
+        self.layout = layout if layout is not None else DataLayout()
         self._shards = list(shards)
-        keys = list(self._shards[0].infos)
+        first = self._shards[0]
+        all_keys = list(first.infos)
         for shard in self._shards[1:]:
-            if set(shard.infos) != set(keys):
-                missing = sorted(set(keys) - set(shard.infos)) or sorted(set(shard.infos) - set(keys))
-                raise DataError(f"{shard.source}: keys {sorted(shard.infos)} differ from {sorted(keys)} in "
-                                f"{self._shards[0].source} (key '{missing[0]}')")
-        if label_key is not None and label_key not in keys:
-            raise DataError(f"{source}: label key '{label_key}' not found; keys are {', '.join(keys)}")
+            if set(shard.infos) != set(all_keys):
+                missing = sorted(set(all_keys) - set(shard.infos)) or sorted(set(shard.infos) - set(all_keys))
+                raise DataError(f"{shard.source}: keys {sorted(shard.infos)} differ from {sorted(all_keys)} in "
+                                f"{first.source} (key '{missing[0]}')")
+        for key, axis in self.layout.batch_axes.items():
+            if key not in all_keys:
+                axis_text = "none" if axis is None else axis
+                raise DataError(f"{source}: --batch-axis {key}={axis_text} names no key of the data; keys are "
+                                f"{', '.join(all_keys)}")
+        if label_key is not None and label_key not in all_keys:
+            raise DataError(f"{source}: label key '{label_key}' not found; keys are {', '.join(all_keys)}")
+        #: Keys of inputs the model no longer takes (``layout.removed_inputs``): never read.
+        self.skipped_keys = tuple(key for key in all_keys if key in self.layout.removed_inputs and key != label_key)
+        keys = [key for key in all_keys if key not in self.skipped_keys]
+        if not keys:
+            raise DataError(f"{source}: every key ({', '.join(all_keys)}) belongs to an input the model no longer "
+                            f"takes; there is nothing to feed")
         self._label_key = label_key
         self._input_names = tuple(key for key in keys if key != label_key)
+        self._axes = {key: self.layout.batch_axis(key, first.infos[key].shape, first.source) for key in keys}
+        if all(axis is None for axis in self._axes.values()):
+            raise DataError(f"{source}: no key counts samples: {', '.join(keys)} are constants (scalars, or "
+                            f"--batch-axis KEY=none), so there are no batches to take")
+        self._constants: dict[str, np.ndarray] = {}
+        counts = []
+        for shard in self._shards:
+            self._check_shard(shard, first, keys)
+            counts.append(shard.count_samples(self._axes, explicit=self.layout.batch_axes))
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._infos: dict[str, ArrayInfo] = {}
         for key in keys:
-            first = self._shards[0].infos[key]
-            for shard in self._shards[1:]:
-                info = shard.infos[key]
-                if info.shape[1:] != first.shape[1:] or info.dtype != first.dtype:
-                    raise DataError(f"{shard.source}: key '{key}' is {info.dtype}{list(info.shape[1:])} per sample "
-                                    f"but {first.dtype}{list(first.shape[1:])} in {self._shards[0].source}")
-            total = sum(shard.num_samples for shard in self._shards)
-            self._infos[key] = ArrayInfo((total, *first.shape[1:]), first.dtype)
-        counts = [shard.num_samples for shard in self._shards]
-        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            reference = dataclasses.replace(first.infos[key], batch_axis=self._axes[key])
+            shape = reference.with_samples(int(self._starts[-1]))
+            self._infos[key] = ArrayInfo(shape, reference.dtype, reference.batch_axis)
+        if len(self._shards) > 1 or any(axis != 0 for axis in self._axes.values()):
+            logger.debug("%s: %d shard(s), batch axes %s", source, len(self._shards), self._axes)
         self._current: Shard | None = None
+
+    def _check_shard(self, shard: Shard, first: Shard, keys: Sequence[str]) -> None:
+        """Per-sample shapes and dtypes as in the first shard; constants holding the first shard's values."""
+        for key in keys:
+            axis = self._axes[key]
+            info, reference = _laid_out(shard.infos[key], axis), _laid_out(first.infos[key], axis)
+            if (info.batch_axis != reference.batch_axis or info.dtype != reference.dtype
+                    or info.with_samples(0) != reference.with_samples(0)):
+                raise DataError(f"{shard.source}: key '{key}' is {info.describe()} but {reference.describe()} in "
+                                f"{first.source}")
+            if self._axes[key] is not None:
+                continue
+            value = np.array(shard.array(key))
+            if key not in self._constants:
+                self._constants[key] = value
+            elif not np.array_equal(value, self._constants[key], equal_nan=value.dtype.kind in "fc"):
+                raise DataError(
+                    f"{shard.source}: key '{key}' is a constant (fed with every batch) but holds "
+                    f"{np.array2string(value, threshold=8)} here and "
+                    f"{np.array2string(self._constants[key], threshold=8)} in {first.source}; one batch feeds "
+                    f"one value, so keep the samples of each value in a data set of their own")
+        shard.release()
 
     # ------------------------------------------------------------------------------------------- protocol
     @property
@@ -137,7 +192,7 @@ class ShardedDataset:
         """All labels in sample order (labels are small: one integer per sample), or ``None``."""
         if self._label_key is None:
             return None
-        return self._gather_range(self._label_key, 0, self.num_samples)
+        return self._gather_range([self._label_key], 0, self.num_samples)[self._label_key]
 
     def iter_batches(self, batch_size: int, limit: int | None = None, shuffle: bool = False, seed: int = 0,
                      *, include_labels: bool = True) -> Iterator[dict[str, np.ndarray]]:
@@ -149,11 +204,15 @@ class ShardedDataset:
             for start in range(0, count, batch_size):
                 stop = min(start + batch_size, count)
                 if order is None:
-                    yield {key: self._gather_range(key, start, stop) for key in keys}
+                    yield self._gather_range(keys, start, stop)
                 else:
-                    yield {key: self._gather_indices(key, order[start:stop]) for key in keys}
+                    yield self._gather_indices(keys, order[start:stop])
         finally:
             self._switch_to(None)
+
+    def with_layout(self, layout: DataLayout) -> ShardedDataset:
+        """The same shards read with another layout (file headers are not read again)."""
+        return ShardedDataset(self._shards, label_key=self._label_key, source=self.source, layout=layout)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -169,38 +228,69 @@ class ShardedDataset:
         self._current = shard
         return shard
 
-    def _gather_range(self, key: str, start: int, stop: int) -> np.ndarray:
-        info = self._infos[key]
-        parts = []
+    def _gather_range(self, keys: Sequence[str], start: int, stop: int) -> dict[str, np.ndarray]:
+        """Samples ``start … stop-1`` of ``keys``, each shard they span opened once for all keys."""
+        counted = [key for key in keys if self._infos[key].batch_axis is not None]
+        parts: dict[str, list[np.ndarray]] = {key: [] for key in counted}
         first = int(np.searchsorted(self._starts, start, side="right")) - 1
         for index in range(first, len(self._shards)):
             shard_start = int(self._starts[index])
             if shard_start >= stop:
                 break
+            local_start = max(start - shard_start, 0)
+            local_stop = min(stop - shard_start, int(self._starts[index + 1]) - shard_start)
+            if local_stop <= local_start:
+                continue
             shard = self._switch_to(self._shards[index])
-            local_start, local_stop = max(start - shard_start, 0), min(stop - shard_start, shard.num_samples)
-            if local_stop > local_start:
-                parts.append(shard.array(key)[local_start:local_stop])
-        if not parts:
-            return np.empty((0, *info.shape[1:]), info.dtype)
-        return np.array(parts[0]) if len(parts) == 1 else np.concatenate(parts)
+            for key in counted:
+                window = (slice(None),) * self._infos[key].batch_axis + (slice(local_start, local_stop),)
+                parts[key].append(shard.array(key)[window])
+        batch = {}
+        for key in keys:
+            info = self._infos[key]
+            if info.batch_axis is None:
+                batch[key] = self._constants[key].copy()
+            elif not parts[key]:
+                batch[key] = np.empty(info.with_samples(0), info.dtype)
+            elif len(parts[key]) == 1:
+                batch[key] = np.array(parts[key][0])  # a copy, detached from the file
+            else:
+                batch[key] = np.concatenate(parts[key], axis=info.batch_axis)
+        return batch
 
-    def _gather_indices(self, key: str, indices: np.ndarray) -> np.ndarray:
-        info = self._infos[key]
-        result = np.empty((len(indices), *info.shape[1:]), info.dtype)
+    def _gather_indices(self, keys: Sequence[str], indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Samples ``indices`` (in that order) of ``keys``; each shard is opened once and read in ascending order."""
+        batch = {}
+        samples_first = {}
+        for key in keys:
+            info = self._infos[key]
+            if info.batch_axis is None:
+                batch[key] = self._constants[key].copy()
+            else:
+                batch[key] = np.empty(info.with_samples(len(indices)), info.dtype)
+                samples_first[key] = np.moveaxis(batch[key], info.batch_axis, 0)  # a view: writing it fills the batch
         shard_of = np.searchsorted(self._starts, indices, side="right") - 1
         for index in np.unique(shard_of):
             positions = np.flatnonzero(shard_of == index)
             local = indices[positions] - self._starts[index]
             ascending = np.argsort(local, kind="stable")
             shard = self._switch_to(self._shards[int(index)])
-            result[positions[ascending]] = shard.array(key)[local[ascending]]
-        return result
+            for key, target in samples_first.items():
+                source = np.moveaxis(shard.array(key), self._infos[key].batch_axis, 0)
+                target[positions[ascending]] = source[local[ascending]]
+        return batch
 
 
-def dataset_from_arrays(arrays: Mapping[str, np.ndarray], *, label_key: str | None = None) -> ShardedDataset:
+def batch_axes_of(dataset: Dataset) -> dict[str, int | None]:
+    """Input name -> the axis along which ``dataset``'s batches hold that input's samples (None: a constant), as the
+    batches' consumers count samples (calibration, training)."""
+    return {key: dataset.array_info(key).batch_axis for key in dataset.input_names}
+
+
+def dataset_from_arrays(arrays: Mapping[str, np.ndarray], *, label_key: str | None = None,
+                        layout: DataLayout | None = None) -> ShardedDataset:
     """A dataset over in-memory arrays keyed by input name (plus an optional label key)."""
-    return ShardedDataset([memory_shard(arrays)], label_key=label_key, source="<memory>")
+    return ShardedDataset([memory_shard(arrays)], label_key=label_key, source="<memory>", layout=layout)
 
 
 _TEST_DATA_SET = re.compile(r"test_data_set_(\d+)$")
@@ -213,11 +303,12 @@ def _test_data_set_directories(directory: Path) -> list[Path]:
 
 
 def open_dataset(path: str | os.PathLike, *, label_key: str | None = None,
-                 input_names: Sequence[str] | None = None) -> ShardedDataset:
+                 input_names: Sequence[str] | None = None, layout: DataLayout | None = None) -> ShardedDataset:
     """Open ``path`` with the reader its form calls for (see the module docstring).
 
     ``input_names`` is needed only for ONNX test data sets whose TensorProtos carry no names: ``input_i.pb`` then
-    feeds ``input_names[i]``. ``label_key`` names the key that holds labels (not a model input).
+    feeds ``input_names[i]``. ``label_key`` names the key that holds labels (not a model input). ``layout`` says
+    along which axis each key counts samples and which keys belong to removed inputs (:mod:`qgraph.data.layout`).
     """
     path = Path(path)
     source = os.fspath(path)
@@ -231,7 +322,7 @@ def open_dataset(path: str | os.PathLike, *, label_key: str | None = None,
         else:
             raise DataError(f"{source}: unknown data format; expected .npz, .npy, or a directory of them "
                             f"or of ONNX test_data_set_* folders")
-        return ShardedDataset(shards, label_key=label_key, source=source)
+        return ShardedDataset(shards, label_key=label_key, source=source, layout=layout)
 
     entries = sorted(path.iterdir())
     if any(entry.name.startswith("input_") and entry.suffix == ".pb" for entry in entries):
@@ -250,4 +341,4 @@ def open_dataset(path: str | os.PathLike, *, label_key: str | None = None,
         else:
             raise DataError(f"{source}: no .npz, .npy, input_*.pb or test_data_set_* entries in this directory")
     logger.debug("opened %s as %d shard(s)", source, len(shards))
-    return ShardedDataset(shards, label_key=label_key, source=source)
+    return ShardedDataset(shards, label_key=label_key, source=source, layout=layout)

@@ -24,7 +24,7 @@ import os
 import re
 import struct
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,14 +42,36 @@ _ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
 
 @dataclass(frozen=True)
 class ArrayInfo:
-    """Shape and dtype of one key; the first axis counts samples."""
+    """Shape and dtype of one key, and the axis that counts its samples (``None``: a constant, fed with every batch).
+
+    Read from a file header, ``batch_axis`` is 0 (a scalar's is ``None``); a dataset's layout sets the real one.
+    """
 
     shape: tuple[int, ...]
     dtype: np.dtype
+    batch_axis: int | None = 0
+
+    def __post_init__(self) -> None:
+        if not self.shape and self.batch_axis == 0:
+            object.__setattr__(self, "batch_axis", None)  # a scalar has no axis to count samples along
+        if self.batch_axis is not None and not 0 <= self.batch_axis < len(self.shape):
+            raise DataError(f"batch axis {self.batch_axis} is beyond shape {self.shape}")
 
     @property
-    def num_samples(self) -> int:
-        return self.shape[0] if self.shape else 0
+    def num_samples(self) -> int | None:
+        """Samples along the batch axis; ``None`` for a constant, which counts none."""
+        return None if self.batch_axis is None else self.shape[self.batch_axis]
+
+    def with_samples(self, count: int) -> tuple[int, ...]:
+        """The shape of ``count`` samples of this key (a constant's shape is its own)."""
+        if self.batch_axis is None:
+            return self.shape
+        return self.shape[:self.batch_axis] + (count,) + self.shape[self.batch_axis + 1:]
+
+    def describe(self) -> str:
+        """dtype and shape with the batch axis written ``N``: ``float32[2, N, 128]``; a constant's shape as is."""
+        sizes = ["N" if axis == self.batch_axis else str(size) for axis, size in enumerate(self.shape)]
+        return f"{self.dtype}[{', '.join(sizes)}]"
 
 
 def _read_npy_header(stream, source: str) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -68,13 +90,12 @@ def _read_npy_header(stream, source: str) -> tuple[tuple[int, ...], bool, np.dty
     return tuple(int(size) for size in shape), bool(fortran_order), dtype
 
 
-def _check_samples_axis(source: str, info: ArrayInfo) -> None:
-    if not info.shape:
-        raise DataError(f"{source}: is a scalar; the first axis of every array must count samples")
-
-
 class Shard:
-    """One contiguous run of samples with all keys; arrays open lazily through ``open_array``."""
+    """One contiguous run of samples with all keys; arrays open lazily through ``open_array``.
+
+    ``infos`` hold what the file headers say (batch axis 0); :meth:`count_samples` counts the samples once a
+    layout has said along which axis each key holds them.
+    """
 
     def __init__(self, source: str, infos: Mapping[str, ArrayInfo],
                  open_array: Callable[[str], np.ndarray]) -> None:
@@ -82,15 +103,41 @@ class Shard:
         self.infos = dict(infos)
         self._open_array = open_array
         self._opened: dict[str, np.ndarray] = {}
-        for key, info in self.infos.items():
-            _check_samples_axis(f"{source}: key '{key}'", info)
-        counts = {key: info.num_samples for key, info in self.infos.items()}
-        if len(set(counts.values())) > 1:
-            reference, reference_count = next(iter(counts.items()))
-            key, count = next((key, count) for key, count in counts.items() if count != reference_count)
-            raise DataError(f"{source}: key '{key}' has {count} samples but key '{reference}' has "
-                            f"{reference_count}; every key must have the same first dimension")
-        self.num_samples = next(iter(counts.values()), 0)
+
+    def count_samples(self, axes: Mapping[str, int | None], explicit: Collection[str] = ()) -> int:
+        """The samples every key of ``axes`` holds along its axis (constants, ``None``, count none).
+
+        Raises :class:`DataError` when two keys count differently; ``explicit`` names the keys whose axis the user
+        gave, so that the message suggests ``--batch-axis`` only for the others.
+        """
+        counts = {key: self.infos[key].shape[axis] for key, axis in axes.items() if axis is not None}
+        if not counts:
+            return 0
+        values = list(counts.values())
+        majority = max(values, key=values.count)  # on a tie, the count of the first key
+        reference = next(key for key, count in counts.items() if count == majority)
+        mismatched = next((key for key, count in counts.items() if count != majority), None)
+        if mismatched is None:
+            return majority
+        message = (f"{self.source}: key '{mismatched}' has {counts[mismatched]} samples but key '{reference}' has "
+                   f"{counts[reference]}")
+        if axes[mismatched] == axes[reference] == 0:
+            message += "; every key must have the same first dimension"
+        else:
+            message += (f" (counted along axis {axes[mismatched]} of {self.infos[mismatched].shape} and axis "
+                        f"{axes[reference]} of {self.infos[reference].shape})")
+        for hinted, other in ((mismatched, reference), (reference, mismatched)):
+            shape = self.infos[hinted].shape
+            if hinted in explicit or axes[hinted] != 0 or len(shape) < 2:
+                continue
+            # the first other axis whose size is the other key's count is the likely batch axis
+            axis = next((axis for axis in range(1, len(shape)) if shape[axis] == counts[other]), None)
+            if axis is None:
+                continue
+            message += (f"; if '{hinted}' holds its batch on another axis, say which (--batch-axis {hinted}={axis}, "
+                        f"or --infer-state-axes for recurrent states [layers, batch, hidden])")
+            break
+        raise DataError(message)
 
     def array(self, key: str) -> np.ndarray:
         if key not in self._opened:

@@ -95,27 +95,29 @@ def check_logits_output(model: onnx.ModelProto, output_name: str) -> None:
                         f"{node.op_type} or use --distill")
 
 
-def _open(data: Any, role: str, *, label_key: str | None, required_label: bool, input_names: set[str]):
-    """A dataset from a path or a dataset, with ``label_key`` checked (required with labels, optional otherwise)."""
+def _open(data: Any, role: str, *, label_key: str | None, required_label: bool, input_names: set[str],
+          layout=None):
+    """A dataset from a path (opened with ``layout``, a :class:`qgraph.data.DataLayout`) or a dataset, with
+    ``label_key`` checked (required with labels, optional otherwise)."""
     from qgraph.data import open_dataset
 
     if not isinstance(data, (str, Path)):
         if required_label and getattr(data, "label_key", None) != label_key:
             raise DataError(f"the {role} data has no label key {label_key!r}")
         return data
-    probe = open_dataset(data)
+    probe = open_dataset(data, layout=layout)
     keys = list(probe.input_names)
     if required_label:
         if label_key not in keys:
             raise DataError(f"{data}: the {role} data has no label key {label_key!r} (keys: {', '.join(keys)}); "
                             "name the labels with --labels KEY, or use --distill to train without labels")
-        return open_dataset(data, label_key=label_key)
+        return open_dataset(data, label_key=label_key, layout=layout)
     # Distillation needs no labels: one key that is not a model input (labels kept for evaluation) is left aside.
     extra = [key for key in keys if key not in input_names]
     if len(extra) > 1:
         raise DataError(f"{data}: keys {', '.join(extra)} are not inputs of the model; distillation reads only the "
                         f"model inputs ({', '.join(sorted(input_names))}) and can leave one extra key aside")
-    return open_dataset(data, label_key=extra[0]) if extra else probe
+    return open_dataset(data, label_key=extra[0], layout=layout) if extra else probe
 
 
 def _check_labels(dataset, num_classes: int | None, role: str) -> None:
@@ -149,11 +151,17 @@ def run_qat(
     validation_data: Any = None,
     options: QATOptions | None = None,
     progress: Callable[[ProgressEvent], None] | None = None,
+    layout=None,
 ) -> QATResult:
-    """Fine-tune the calibrated ``qdq_model`` and return it with the learned weights and scales."""
+    """Fine-tune the calibrated ``qdq_model`` and return it with the learned weights and scales.
+
+    ``layout`` (a :class:`qgraph.data.DataLayout`) says where each key of the training and validation data holds
+    its samples and which keys belong to inputs ``--fix-input`` removed."""
+    from qgraph.data import DataLayout, batch_axes_of
     from qgraph.data.validate import input_signature, validate_dataset
 
     options = options or QATOptions()
+    layout = layout if layout is not None else DataLayout()
     started = time.perf_counter()
     output_name = qdq_model.graph.output[0].name
     labelled = options.loss == "labels"
@@ -168,8 +176,9 @@ def run_qat(
             datasets.append(None)
             continue
         dataset = _open(data, role, label_key=options.label_key, required_label=labelled,
-                        input_names=set(input_names))
-        dataset = validate_dataset(dataset, signature, check_values=False, cast_float64=True)
+                        input_names=set(input_names), layout=layout)
+        dataset = validate_dataset(dataset, signature, layout=layout.for_dataset(dataset), check_values=False,
+                                   cast_float64=True)
         if labelled:
             _check_labels(dataset, num_classes, role)
         datasets.append(dataset)
@@ -199,7 +208,7 @@ def run_qat(
     work = Path(tempfile.mkdtemp(prefix="qgraph-qat-")) if temporary else Path(options.work_directory)
     work.mkdir(parents=True, exist_ok=True)
     monitor = _Monitor(options, higher_is_better=labelled and validation_source is not None, forward=progress)
-    trainer = Trainer(graph.model, config, work, progress=monitor)
+    trainer = Trainer(graph.model, config, work, progress=monitor, batch_axes=batch_axes_of(datasets[0]))
     monitor.trainer = trainer
     monitor.frozen_names = (graph.activation_scale_parameters if options.freeze_activation_scales_after else ())
     logger.info("QAT: %d trainable tensors, %s loss, %d epochs of %d steps, lr %g, work directory %s",

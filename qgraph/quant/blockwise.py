@@ -78,7 +78,8 @@ class BlockQuantizedWeight:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.codes.shape  # type: ignore[return-value]
+        rows, columns = self.codes.shape
+        return rows, columns
 
     @property
     def n_blocks(self) -> int:

@@ -13,7 +13,10 @@ number of batches per epoch: a Dataset and a sized collection tell it, a callabl
 
 Every batch is checked before it reaches onnxruntime, so bad data fails with a one-line :class:`DataError` instead of
 a runtime status: model inputs present, targets present, equal batch sizes; for cross-entropy, integer labels of
-shape ``[batch]`` inside ``[0, classes)``; for MSE, float targets with the batch as first axis.
+shape ``[batch]`` inside ``[0, classes)``; for MSE, float targets with the batch as first axis. An input's samples
+lie along its own batch axis (a ``[layers, batch, hidden]`` state along axis 1; see :mod:`qgraph.data.layout`): a
+Dataset's batches are counted along its keys' axes, other sources along the axes the checker was given (axis 0
+where it was given none).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from qgraph.calibrate.driver import BatchAxes, batch_samples
+from qgraph.data.readers import batch_axes_of
 from qgraph.errors import DataError, QGraphError
 
 logger = logging.getLogger(__name__)
@@ -79,12 +84,23 @@ def raw_batches(data: Any, *, batch_size: int, shuffle: bool, seed: int) -> Iter
 class BatchChecker:
     """Validates and converts batches for one model signature and loss."""
 
-    def __init__(self, input_names: tuple[str, ...], *, loss: str, num_classes: int | None) -> None:
+    def __init__(self, input_names: tuple[str, ...], *, loss: str, num_classes: int | None,
+                 batch_axes: BatchAxes | None = None) -> None:
         self.input_names = input_names
         self.loss = loss
         self.num_classes = num_classes
+        #: Input name -> the axis holding a batch's samples (None: a constant); unnamed inputs: axis 0.
+        self.batch_axes = dict(batch_axes) if batch_axes is not None else None
 
-    def __call__(self, item: Any, index: int) -> Batch:
+    def batch_size(self, feeds: Mapping[str, np.ndarray], batch_axes: BatchAxes | None = None) -> int | None:
+        """Samples in ``feeds`` along each input's batch axis (``batch_axes``, else the checker's); None when every
+        input is a constant."""
+        axes = batch_axes if batch_axes is not None else self.batch_axes
+        counted = {name: array for name, array in feeds.items()
+                   if (axes.get(name, 0) if axes is not None else 0) is not None and np.ndim(array) > 0}
+        return batch_samples(counted, axes) if counted else None
+
+    def __call__(self, item: Any, index: int, batch_axes: BatchAxes | None = None) -> Batch:
         if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], Mapping):
             raise DataError(f"batch {index} is not an (inputs dict, targets) pair")
         inputs, targets = item
@@ -92,8 +108,7 @@ class BatchChecker:
         if missing:
             raise DataError(f"batch {index} lacks model input(s) {', '.join(missing)}")
         feeds = {name: np.asarray(inputs[name]) for name in self.input_names}
-        first = feeds[self.input_names[0]]
-        batch_size = first.shape[0] if first.ndim else None
+        batch_size = self.batch_size(feeds, batch_axes)
         if targets is None:
             expected = "int64 class labels" if self.loss == "cross_entropy" else "float targets"
             raise DataError(f"batch {index} has no labels; the {self.loss} loss needs {expected}")
@@ -130,8 +145,10 @@ def checked_batches(
 ) -> Iterator[Batch]:
     """One epoch of checked batches; raises :class:`DataError` if the source yields none."""
     count = 0
+    # a Dataset knows where each key holds its samples; other sources rely on the checker's axes
+    axes = batch_axes_of(data) if _is_dataset(data) else None
     for count, item in enumerate(raw_batches(data, batch_size=batch_size, shuffle=shuffle, seed=seed), start=1):
-        yield checker(item, count - 1)
+        yield checker(item, count - 1, axes)
     if count == 0:
         raise DataError(f"the {role} data yielded no batches (empty dataset)")
 

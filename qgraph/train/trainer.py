@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,14 +126,17 @@ class Trainer:
         work_directory: str | os.PathLike,
         *,
         progress: ProgressCallback | None = None,
+        batch_axes: Mapping[str, int | None] | None = None,
     ) -> None:
+        """``batch_axes``: input name -> the axis holding a batch's samples, for sources that are not a Dataset
+        (a Dataset's own axes count its batches; see :mod:`qgraph.train.batches`)."""
         self.config = config
         self.work_directory = Path(work_directory)
         self.progress = progress
         self.artifacts: TrainingArtifacts = build_training_artifacts(model, self.work_directory / "artifacts", config)
         self.checker = BatchChecker(
             tuple(name for name in self.artifacts.input_names if name != self.artifacts.target_input_name),
-            loss=config.loss, num_classes=self.artifacts.num_classes,
+            loss=config.loss, num_classes=self.artifacts.num_classes, batch_axes=batch_axes,
         )
         self.session: TrainingSession | None = None
 
@@ -189,11 +192,11 @@ class Trainer:
     def predict(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The trained output for one batch in eval mode (dummy targets feed the loss, which is ignored)."""
         session = self._session()
-        first = np.asarray(feeds[self.checker.input_names[0]])
+        samples = self.checker.batch_size({name: np.asarray(feeds[name]) for name in self.checker.input_names}) or 1
         if self.config.loss == "cross_entropy":
-            targets = np.zeros(first.shape[0], dtype=np.int64)
+            targets = np.zeros(samples, dtype=np.int64)
         else:
-            shape = [first.shape[0]] + [d if isinstance(d, int) else None for d in self.artifacts.output_shape[1:]]
+            shape = [samples] + [d if isinstance(d, int) else None for d in self.artifacts.output_shape[1:]]
             if any(d is None for d in shape):
                 raise QGraphError("predict needs a static output shape for the mse loss")
             targets = np.zeros(shape, dtype=np.float32)

@@ -1,0 +1,435 @@
+"""Speed choice: the integer model that onnxruntime runs fastest on this machine, and never one slower than FP32.
+
+Whether an integer kernel beats its FP32 counterpart depends on the CPU, the onnxruntime release and the layer: on
+an AVX-512 VNNI EPYC with onnxruntime 1.19.2, QLinearConv ran 1x1 convolutions twice as fast as FP32 but stride-1
+depthwise 3x3/5x5 convolutions 1.5–3× slower, and the 3-channel stem 2× slower (docs/runtime-facts.md). So the
+choice is measured (:mod:`qgraph.latency`), not predicted, among candidates built from one QDQ graph (the plan's
+scales stay the same in all of them):
+
+1. the whole-model formats: QOperator (the target's lowering) and QDQ (onnxruntime fuses the pairs itself);
+2. per *region class*, the fastest format with the class kept FP32 (:class:`~qgraph.passes.lower.keep_float_nodes.
+   KeepFloatNodes`): ``stem`` (a convolution reading the graph input, directly or through layout operators such
+   as the Unsqueeze before a Conv1d front end), ``depthwise`` (convolutions with one input
+   channel per group), ``squeeze-excite`` (GlobalAveragePool → … → gate → Mul back onto the pooled tensor),
+   ``small-matmul`` (MatMul/Gemm whose constant weight has at most ``small_matmul_weights`` elements); each with the
+   elementwise nodes that only it feeds (ReLU6, HardSwish in any spelling) and, for depthwise convolutions and small
+   MatMuls, the float-only elementwise node that only feeds it (an unfused HardSwish, the Relu before a decoder), so
+   that a float region does not pay a Q/DQ pair per activation;
+3. the union of the classes that were faster on their own.
+
+With ``t_c(b)`` the first quartile of candidate ``c``'s run times at batch size ``b`` and
+``r_c(b) = t_base(b) / t_c(b)`` its speed-up over the current best (see :mod:`qgraph.latency` for why quartiles),
+a class is taken when ``r_c(b) >= 1`` at every measured batch size, the geometric mean over batch sizes is at
+least ``1 + margin``, and the candidate won at least three of four rounds (paired ratios' lower quartile ``>= 1``)
+at every batch size; the first format (the target's lowering) gives way to another by the same test. The result is the chosen candidate if its speed-up over FP32 is at least ``1 - tolerance`` at
+every batch size, else the FP32 model (``keep_float_when_slower``) or, when an integer model was asked for whatever
+its speed (:func:`qgraph.ptq.quantize`), the fastest integer candidate marked ``slower_than_float``, with the
+reason either way.
+
+Cost: every measurement is one :func:`qgraph.latency.measure_latency` table (FP32 and the formats; then FP32, the
+best format and one candidate per region class present; then, when two or more classes were taken, their
+combination), each bounded by the latency options' budget, plus one session and one lowering per candidate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qgraph.errors import QGraphError
+from qgraph.latency import LatencyOptions, LatencyTable, measure_latency
+
+logger = logging.getLogger(__name__)
+
+FLOAT = "fp32"
+QOPERATOR = "qoperator"
+QDQ = "qdq"
+REGION_CLASSES = ("stem", "depthwise", "squeeze-excite", "small-matmul")
+
+_QUANTIZE_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+#: Elementwise activations and arithmetic that a float region takes along (they hold no weights).
+_ELEMENTWISE_OPS = frozenset({"Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "LeakyRelu", "Tanh",
+                              "Add", "Sub", "Mul", "Div"})
+#: What may lie between a GlobalAveragePool and the gate Mul of a squeeze-and-excitation block.
+_GATE_OPS = _ELEMENTWISE_OPS | {"Conv", "Gemm", "MatMul", "Flatten", "Reshape", "Unsqueeze"}
+_POOL_OPS = frozenset({"GlobalAveragePool", "ReduceMean"})
+_GATE_DEPTH = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedChoiceOptions:
+    latency: LatencyOptions = dataclasses.field(default_factory=lambda: LatencyOptions(batch_sizes=(1,)))
+    #: Region classes to try FP32 (a subset of REGION_CLASSES); empty: whole-model formats only.
+    region_classes: tuple[str, ...] = REGION_CLASSES
+    #: Formats to try (the target's lowering and/or explicit QDQ).
+    formats: tuple[str, ...] = (QOPERATOR, QDQ)
+    #: A region class must make the model at least this much faster (geometric mean over batch sizes).
+    margin: float = 0.03
+    #: The chosen integer model may be this much slower than FP32 before FP32 is returned instead (noise).
+    tolerance: float = 0.0
+    #: MatMul/Gemm weights with at most this many elements form the ``small-matmul`` class.
+    small_matmul_weights: int = 16384
+    #: When the fastest integer candidate is still slower than FP32: return the FP32 model (True), or that
+    #: integer candidate marked ``slower_than_float`` (False).
+    keep_float_when_slower: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = set(self.region_classes) - set(REGION_CLASSES)
+        if unknown:
+            raise QGraphError(f"unknown region classes {sorted(unknown)}; choose from {', '.join(REGION_CLASSES)}")
+        if not self.formats or set(self.formats) - {QOPERATOR, QDQ}:
+            raise QGraphError(f"formats must be among {QOPERATOR}, {QDQ}, got {self.formats}")
+        if self.margin < 0 or not 0 <= self.tolerance < 1:
+            raise QGraphError(f"margin must be >= 0 and tolerance in [0, 1), got {self.margin}, {self.tolerance}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One way to run the model: a format and the region classes kept FP32 (``format`` FLOAT: the FP32 model)."""
+
+    format: str
+    float_classes: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        if self.format == FLOAT or not self.float_classes:
+            return self.format
+        return f"{self.format}+fp32[{','.join(self.float_classes)}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedChoice:
+    """The chosen model and why; ``tables`` are the latency measurements the decision was made on, in order."""
+
+    model: onnx.ModelProto
+    candidate: Candidate
+    float_nodes: frozenset[str]
+    reason: str
+    #: speed-up over FP32 per batch size (fast quartiles) of the chosen candidate
+    speedup: Mapping[int, float]
+    tables: tuple[LatencyTable, ...]
+    #: region class -> number of nodes found in the model
+    regions: Mapping[str, int]
+    #: The chosen integer model is slower than FP32 (only with ``keep_float_when_slower=False``).
+    slower_than_float: bool = False
+
+    def describe(self) -> str:
+        """One line: the candidate, its speed-up over FP32 per batch size, and a warning when it is slower."""
+        sizes = "/".join(str(size) for size in self.speedup)
+        ratios = "/".join(f"{value:.2f}x" for value in self.speedup.values())
+        text = f"{self.candidate.name} at {ratios} FP32 (batch {sizes})"
+        if self.float_nodes:
+            text += f", {len(self.float_nodes)} nodes kept FP32 for speed"
+        if self.slower_than_float:
+            text = f"WARNING: the integer model runs SLOWER than FP32 on this machine: {text}"
+        elif self.candidate.format == FLOAT:
+            text = f"FP32 kept: every integer candidate was slower ({self.reason})"
+        return text
+
+
+# ------------------------------------------------------------------------------------------------ regions
+def _source(value: ir.Value | None) -> ir.Value | None:
+    """The float tensor behind ``DQ(Q(t))`` (``t``), or ``value`` itself."""
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        quantize = producer.inputs[0].producer()
+        if quantize is not None and quantize.op_type == "QuantizeLinear":
+            return quantize.inputs[0]
+    return value
+
+
+def _float_readers(value: ir.Value) -> list[ir.Node]:
+    """Nodes reading ``value`` directly or through ``Q → DQ``."""
+    readers = []
+    for node, _ in value.uses():
+        if node.op_type == "QuantizeLinear":
+            for dequantize, _ in node.outputs[0].uses():
+                if dequantize.op_type == "DequantizeLinear":
+                    readers += [reader for reader, _ in dequantize.outputs[0].uses()]
+        elif node.op_type != "DequantizeLinear":
+            readers.append(node)
+    return readers
+
+
+def _activation_inputs(node: ir.Node) -> list[ir.Value]:
+    """Inputs that are not constants (initializers, or DQ of initializers)."""
+    inputs = []
+    for value in node.inputs:
+        if value is None or (value.const_value is not None and not value.is_graph_input()):
+            continue
+        producer = value.producer()
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            integer = producer.inputs[0]
+            if integer.const_value is not None and not integer.is_graph_input():
+                continue
+        inputs.append(value)
+    return inputs
+
+
+def _followers(node: ir.Node) -> set[str]:
+    """Elementwise nodes fed only by ``node``'s output and by each other (ReLU6, HardSwish in any spelling)."""
+    reached = {id(node.outputs[0])}
+    taken: set[str] = set()
+    frontier = [node.outputs[0]]
+    while frontier:
+        value = frontier.pop()
+        for reader in _float_readers(value):
+            if reader.name in taken or reader.op_type not in _ELEMENTWISE_OPS:
+                continue
+            if all(id(_source(operand)) in reached for operand in _activation_inputs(reader)):
+                taken.add(reader.name)
+                reached.add(id(reader.outputs[0]))
+                frontier.append(reader.outputs[0])
+    return taken
+
+
+def _feeders(node: ir.Node) -> set[str]:
+    """The elementwise node producing ``node``'s data input when it reads only dequantized integers (a float
+    island of its own, such as an unfused HardSwish) and feeds nothing else."""
+    data = _source(node.inputs[0])
+    producer = data.producer() if data is not None else None
+    if producer is None or producer.op_type not in _ELEMENTWISE_OPS:
+        return set()
+    operands = _activation_inputs(producer)
+    if not operands or any(operand.producer() is None or operand.producer().op_type != "DequantizeLinear"
+                           for operand in operands):
+        return set()
+    if any(reader is not node for reader in _float_readers(data)):
+        return set()
+    return {producer.name}
+
+
+#: Operators that only move a tensor's values (a stem may read the graph input through them).
+_LAYOUT_OPS = frozenset({"Unsqueeze", "Squeeze", "Reshape", "Transpose", "Flatten", "Identity"})
+
+
+def _layout_path_to_input(value: ir.Value | None) -> set[str] | None:
+    """The layout nodes between a graph input and ``value`` (``Unsqueeze(input)`` feeding a Conv1d front end), or
+    None when ``value`` is not the graph input moved about."""
+    names: set[str] = set()
+    for _ in range(_GATE_DEPTH):
+        value = _source(value)
+        if value is None:
+            return None
+        if value.is_graph_input():
+            return names
+        producer = value.producer()
+        if producer is None or producer.op_type not in _LAYOUT_OPS or producer.domain != "":
+            return None
+        names.add(producer.name)
+        value = producer.inputs[0]
+    return None
+
+
+def _is_depthwise(node: ir.Node) -> bool:
+    group = node.attributes.get("group")
+    weight = _weight_shape(node)
+    return group is not None and group.as_int() > 1 and weight is not None and len(weight) == 4 and weight[1] == 1
+
+
+def _weight_shape(node: ir.Node) -> tuple[int, ...] | None:
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    weight = node.inputs[1]
+    producer = weight.producer()
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        weight = producer.inputs[0]
+    if weight.const_value is None:
+        return None
+    return tuple(int(size) for size in weight.const_value.shape)
+
+
+def _squeeze_excite(mul: ir.Node) -> set[str] | None:
+    """The nodes of a squeeze-and-excitation block ending in ``mul``: pool → … → gate → Mul(x, gate)."""
+    operands = [_source(value) for value in mul.inputs]
+    if len(operands) != 2 or any(value is None for value in operands):
+        return None
+    for gate_index in (0, 1):
+        gated = operands[1 - gate_index]
+        found: set[str] = set()
+        value = operands[gate_index]
+        for _ in range(_GATE_DEPTH):
+            producer = value.producer() if value is not None else None
+            if producer is None:
+                break
+            if producer.op_type in _POOL_OPS:
+                if _source(producer.inputs[0]) is gated:
+                    return found | {producer.name, mul.name}
+                break
+            if producer.op_type not in _GATE_OPS:
+                break
+            activation = _activation_inputs(producer)
+            if len(activation) != 1:
+                break
+            found.add(producer.name)
+            value = _source(activation[0])
+    return None
+
+
+def find_regions(model: ir.Model, *, small_matmul_weights: int = 16384) -> dict[str, frozenset[str]]:
+    """The node names of each region class in ``model``'s main graph (QDQ or FP32 form; names are shared)."""
+    graph = model.graph
+    regions: dict[str, set[str]] = {name: set() for name in REGION_CLASSES}
+    for node in graph:
+        if node.op_type == "Conv" and node.domain == "":
+            layout_nodes = _layout_path_to_input(node.inputs[0])
+            if layout_nodes is not None:
+                regions["stem"] |= {node.name} | _followers(node) | layout_nodes
+            if _is_depthwise(node):
+                regions["depthwise"] |= {node.name} | _followers(node) | _feeders(node)
+        elif node.op_type in ("MatMul", "Gemm") and node.domain == "":
+            shape = _weight_shape(node)
+            if shape is not None and math.prod(shape) <= small_matmul_weights:
+                regions["small-matmul"] |= {node.name} | _followers(node) | _feeders(node)
+        elif node.op_type == "Mul" and node.domain == "":
+            block = _squeeze_excite(node)
+            if block is not None:
+                regions["squeeze-excite"] |= block
+    return {name: frozenset(nodes) for name, nodes in regions.items()}
+
+
+# --------------------------------------------------------------------------------------------- candidates
+Lowering = Callable[[ir.Model], None]
+Measure = Callable[..., LatencyTable]
+
+
+def build_candidate(qdq_model: onnx.ModelProto, output_format: str, float_nodes: frozenset[str],
+                    lower: Lowering | None) -> onnx.ModelProto:
+    """The QDQ model with ``float_nodes`` kept FP32, lowered by ``lower`` when the format is QOperator (as
+    :func:`qgraph.ptq.quantize` lowers: the target's passes, then dead-code elimination)."""
+    from qgraph.passes.infrastructure import PassManager, get_pass
+
+    model = ir.serde.deserialize_model(qdq_model)
+    if float_nodes:
+        PassManager([get_pass("KeepFloatNodes")(nodes=float_nodes)]).run(model)
+    if output_format == QOPERATOR:
+        if lower is None:
+            raise QGraphError("a QOperator candidate needs the target's lowering")
+        lower(model)
+    PassManager([get_pass("EliminateDeadCode")()]).run(model)
+    return ir.serde.serialize_model(model)
+
+
+def target_lowering(target) -> Lowering:
+    """The lowering that :func:`qgraph.ptq.quantize` runs for ``target`` (a :class:`qgraph.targets.Target`)."""
+    from qgraph.passes.infrastructure import PassManager
+
+    def lower(model: ir.Model) -> None:
+        PassManager(target.lowering_pipeline(), fixed_point=True).run(model)
+
+    return lower
+
+
+# ----------------------------------------------------------------------------------------------- choosing
+def _geometric_mean(values: Sequence[float]) -> float:
+    return math.exp(sum(math.log(value) for value in values) / len(values))
+
+
+def _speedups(table: LatencyTable, name: str, reference: str) -> dict[int, float]:
+    """Fast-quartile speed-up of ``name`` over ``reference`` per batch size (see :mod:`qgraph.latency`)."""
+    return {size: table.speedup(name, size, reference=reference).fast_quartile for size in table.batch_sizes}
+
+
+def _clearly_faster(table: LatencyTable, name: str, than: str, margin: float) -> bool:
+    """``name`` beats ``than`` beyond the noise: its fast-quartile speed-up is at least 1 at every batch size and
+    ``1 + margin`` in geometric mean, and it won at least three rounds in four (the paired ratios' lower quartile is
+    at least 1) at every batch size, so that timing noise on a model of microseconds does not flip the choice."""
+    gains = _speedups(table, name, than)
+    if min(gains.values()) < 1.0 or _geometric_mean(list(gains.values())) < 1 + margin:
+        return False
+    return all(table.speedup(name, size, reference=than).low >= 1.0 for size in table.batch_sizes)
+
+
+def choose_speed(
+    float_model: onnx.ModelProto,
+    qdq_model: onnx.ModelProto,
+    lower: Lowering | None,
+    options: SpeedChoiceOptions | None = None,
+    *,
+    measure: Measure = measure_latency,
+    feeds: Mapping[int, Mapping[str, np.ndarray]] | None = None,
+) -> SpeedChoice:
+    """Measure the candidates built from ``qdq_model`` against ``float_model`` and return the fastest one that is
+    not slower than FP32 (the FP32 model itself when none is), with the measurements and the reason.
+
+    ``lower`` is the target's lowering (:func:`target_lowering`; None when only QDQ is tried). ``measure`` times a
+    set of named models (:func:`qgraph.latency.measure_latency` by default); ``feeds`` (batch size -> inputs, for
+    every batch size of the latency options) replaces its seeded random inputs: real data where random shapes cannot
+    tell a symbolic length from the batch."""
+    options = options or SpeedChoiceOptions()
+    regions = find_regions(ir.serde.deserialize_model(qdq_model), small_matmul_weights=options.small_matmul_weights)
+    built: dict[str, onnx.ModelProto] = {FLOAT: float_model}
+    nodes_of: dict[str, frozenset[str]] = {FLOAT: frozenset()}
+    candidates: dict[str, Candidate] = {FLOAT: Candidate(FLOAT)}
+
+    def add(candidate: Candidate) -> str:
+        float_nodes = frozenset().union(*(regions[name] for name in candidate.float_classes))
+        if candidate.name not in built:
+            built[candidate.name] = build_candidate(qdq_model, candidate.format, float_nodes, lower)
+            nodes_of[candidate.name] = float_nodes
+            candidates[candidate.name] = candidate
+        return candidate.name
+
+    def measured(names: Sequence[str]) -> LatencyTable:
+        chosen = {name: built[name] for name in names}
+        if feeds is None:
+            table = measure(chosen, options.latency, reference=FLOAT)
+        else:
+            table = measure(chosen, options.latency, reference=FLOAT, feeds=feeds)
+        tables.append(table)
+        return table
+
+    tables: list[LatencyTable] = []
+    formats = [add(Candidate(output_format)) for output_format in options.formats]
+    table = measured([FLOAT, *formats])
+    best = formats[0]  # the first format (the target's lowering) unless another is clearly faster
+    for name in formats[1:]:
+        if _clearly_faster(table, name, best, options.margin):
+            best = name
+    reasons = [f"{best} fastest of {', '.join(formats)}"]
+    trial_classes = [name for name in options.region_classes if regions[name]]
+    taken: list[str] = []
+    if trial_classes:
+        trials = {name: add(Candidate(candidates[best].format, (name,))) for name in trial_classes}
+        table = measured([FLOAT, best, *trials.values()])
+        for region, name in trials.items():
+            gains = _speedups(table, name, best)
+            accepted = _clearly_faster(table, name, best, options.margin)
+            reasons.append(f"fp32 {region} ({len(regions[region])} nodes): "
+                           f"{'/'.join(f'{gain:.2f}×' for gain in gains.values())} vs {best}"
+                           f"{' taken' if accepted else ''}")
+            if accepted:
+                taken.append(region)
+        if len(taken) == 1:
+            best = trials[taken[0]]
+        elif len(taken) > 1:
+            combined = add(Candidate(candidates[best].format, tuple(taken)))
+            singles = [trials[region] for region in taken]
+            table = measured([FLOAT, best, *singles, combined])
+            best = max([combined, *singles], key=lambda name: _geometric_mean(list(_speedups(table, name, FLOAT)
+                                                                                    .values())))
+            reasons.append(f"{best} fastest of the combinations")
+    speedup = _speedups(table, best, FLOAT)
+    if min(speedup.values()) < 1 - options.tolerance:
+        ratios = "/".join(f"{value:.2f}×" for value in speedup.values())
+        if not options.keep_float_when_slower:
+            reasons.append(f"{best} runs at {ratios} FP32: the fastest integer model is slower than FP32")
+            logger.warning("speed choice: the fastest integer model (%s) runs at %s FP32 on this machine; %s",
+                           best, ratios, "; ".join(reasons))
+            return SpeedChoice(built[best], candidates[best], nodes_of[best], "; ".join(reasons), speedup,
+                               tuple(tables), {name: len(nodes) for name, nodes in regions.items()},
+                               slower_than_float=True)
+        reasons.append(f"{best} runs at {ratios} FP32: FP32 kept")
+        return SpeedChoice(float_model, candidates[FLOAT], frozenset(), "; ".join(reasons),
+                           {size: 1.0 for size in speedup}, tuple(tables), {k: len(v) for k, v in regions.items()})
+    reasons.append(f"{best}: {'/'.join(f'{value:.2f}×' for value in speedup.values())} FP32 at batch "
+                   f"{'/'.join(str(size) for size in speedup)}")
+    logger.info("speed choice: %s", "; ".join(reasons))
+    return SpeedChoice(built[best], candidates[best], nodes_of[best], "; ".join(reasons), speedup, tuple(tables),
+                       {name: len(nodes) for name, nodes in regions.items()})
