@@ -36,9 +36,11 @@ from qgraph import sensitivity
 from qgraph.sensitivity import (
     DEFAULT_MIN_SQNR_DB,
     DEFAULT_SENSITIVITY_BATCHES,
+    SensitivityOptions,
     SensitivityResult,
     retain_batches,
     validate_min_sqnr,
+    validate_search_budget,
 )
 from qgraph.quant.spec import QuantParams, compute_quant_params
 from qgraph.targets import Target, TargetOptions, get_target
@@ -78,6 +80,8 @@ class QuantizeOptions:
     sensitivity_batches: int = DEFAULT_SENSITIVITY_BATCHES
     #: Measure the per-layer sensitivity table even when the bound is met (for a report).
     sensitivity_table: bool = False
+    #: Seconds the sensitivity search may take; None: automatic (see :func:`qgraph.sensitivity.automatic_budget`).
+    search_budget: float | None = None
 
     def __post_init__(self) -> None:
         from qgraph.annotate.annotator import RECURRENT_MODES
@@ -85,6 +89,7 @@ class QuantizeOptions:
         if self.recurrent not in RECURRENT_MODES:
             raise QGraphError(f"unknown recurrent mode {self.recurrent!r}; choose one of {', '.join(RECURRENT_MODES)}")
         validate_min_sqnr(self.min_sqnr)
+        validate_search_budget(self.search_budget)
         if self.sensitivity_batches < 1:
             raise QGraphError(f"sensitivity_batches must be at least 1, got {self.sensitivity_batches}")
         if self.weight_method not in WEIGHT_METHODS:
@@ -243,29 +248,26 @@ def _fall_back(
     options: QuantizeOptions,
     per_channel: bool,
 ) -> tuple[QuantPlan, Mapping[str, QuantParams], CalibrationResult, SensitivityResult]:
-    """Automatic fallback by sensitivity (see :mod:`qgraph.sensitivity`): the analysis ranks the layers and says
-    how many to exclude; each fallback plan reuses the calibrated ranges and is measured as a real QDQ graph until
-    it meets the bound or no candidate is left."""
-    threads = options.calibration.threads
-    analysis = sensitivity.analyse(model, plan, parameters, batches, min_sqnr=options.min_sqnr,
-                                   full_table=options.sensitivity_table, threads=threads)
-    ranges: Mapping[str, tuple[float, float]] = calibration.ranges
-    count, final = analysis.estimated_count, analysis.output_sqnr_db
-    fallback_plan, fallback_parameters, fallback_ranges = plan, parameters, None
-    while count:
-        fallback_plan, ranges, fallback_ranges = _replan(model, rules, options, analysis.excluded(count), ranges,
-                                                         batches)
+    """Automatic fallback by sensitivity (see :mod:`qgraph.sensitivity`): the search ranks the layers within its
+    budget and measures each fallback plan, which reuses the calibrated ranges, as a real QDQ graph."""
+    ranges: dict[str, Mapping[str, tuple[float, float]]] = {"calibrated": calibration.ranges}
+
+    def replan(excluded: frozenset[str]):
+        fallback_plan, ranges["calibrated"], fallback_ranges = _replan(model, rules, options, excluded,
+                                                                       ranges["calibrated"], batches)
         fallback_parameters = compute_parameters(model, fallback_plan, fallback_ranges, per_channel=per_channel,
                                                  weight_method=options.weight_method)
-        final = sensitivity.verify(model, fallback_plan, fallback_parameters, batches, analysis, threads=threads)
-        logger.info("with %d layers in FP32 the output SQNR is %.1f dB", count, final)
-        if analysis.settled(count, final):
-            break
-        count += 1
-    fallback_plan, result = sensitivity.conclude(analysis, fallback_plan, count, final)
-    if fallback_ranges is not None:
-        calibration = dataclasses.replace(calibration, ranges=fallback_ranges)
-    return fallback_plan, fallback_parameters, calibration, result
+        return fallback_plan, fallback_parameters, fallback_ranges
+
+    search_options = SensitivityOptions(
+        min_sqnr=options.min_sqnr, batches=options.sensitivity_batches, budget_seconds=options.search_budget,
+        full_table=options.sensitivity_table, threads=options.calibration.threads,
+    )
+    outcome = sensitivity.search(model, plan, parameters, batches, search_options, replan,
+                                 calibration_seconds=calibration.seconds)
+    if outcome.extra is not None:
+        calibration = dataclasses.replace(calibration, ranges=outcome.extra)
+    return outcome.plan, outcome.parameters, calibration, outcome.result
 
 
 def _replan(
