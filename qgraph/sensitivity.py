@@ -100,12 +100,12 @@ logger = logging.getLogger(__name__)
 #: trade coverage for accuracy.
 DEFAULT_MIN_SQNR_DB = 10.0
 #: Calibration batches kept for the analysis (the decision and the final SQNR).
-DEFAULT_SENSITIVITY_BATCHES = 4
+DEFAULT_SENSITIVITY_BATCHES = 2
 #: Samples of the first batch that the ranking runs on.
 DEFAULT_RANKING_SAMPLES = 8
 #: The automatic search budget: this many seconds plus this factor times the calibration time.
-AUTO_BUDGET_SECONDS = 15.0
-AUTO_BUDGET_CALIBRATION_FACTOR = 1.5
+AUTO_BUDGET_SECONDS = 20.0
+AUTO_BUDGET_CALIBRATION_FACTOR = 2.0
 #: Largest accepted bound: int8 cannot reach it, so a higher value only means "everything FP32".
 MAXIMUM_MIN_SQNR_DB = 100.0
 #: Safety margin (dB) of the ranking subset's measurement over the bound before a plan is verified.
@@ -434,8 +434,8 @@ class OutputComparison:
 
     def __init__(self, proto: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]], *,
                  threads: int | None = None, extra_feeds: Mapping[str, np.ndarray] | None = None,
-                 output_names: Sequence[str] | None = None) -> None:
-        self.session = runtime.create_session(proto, threads=threads)
+                 output_names: Sequence[str] | None = None, optimize: bool = False) -> None:
+        self.session = runtime.create_session(proto, threads=threads, optimize=optimize)
         self.output_names = list(output_names) if output_names is not None else [
             output.name for output in self.session.get_outputs() if output.type in _FLOAT_OUTPUT_TYPES]
         names = [model_input.name for model_input in self.session.get_inputs()]
@@ -555,7 +555,9 @@ class _Search:
         reference = OutputComparison(float_proto, batches, threads=options.threads)
         self.output_names = reference.output_names
         bar.update(note="reference")
+        started = time.perf_counter()
         self.reference = reference.outputs()
+        reference_seconds = time.perf_counter() - started
         self.runs += len(batches)
         self.ranking_feeds = [_first_samples(batches[0], options.ranking_samples)]
         reference.feeds = [{name: feeds[name] for name in reference.feeds[0]} for feeds in self.ranking_feeds]
@@ -563,9 +565,11 @@ class _Search:
         self.runs += 1
         bar.update(note="switchable graph")
         probes: dict[str, tuple[str, str]] = {}
+        started = time.perf_counter()
         switchable = build_switchable_model(model, plan, parameters, self.layers, probes=probes)
+        self.build_seconds = time.perf_counter() - started
         self.comparison = OutputComparison(switchable, batches, threads=options.threads,
-                                           output_names=self.output_names)
+                                           output_names=self.output_names, optimize=True)
         self.ranking_inputs = [{name: feeds[name] for name in self.comparison.feeds[0]}
                                for feeds in self.ranking_feeds]
         # the fully quantized model on every retained batch; its first run also returns the local errors
@@ -573,20 +577,26 @@ class _Search:
         started = time.perf_counter()
         enabled = {ENABLE_INPUT: np.ones(count, bool)}
         probe_names = [name for pair in probes.values() for name in pair]
-        outputs, probe_values = [], []
+        outputs, probe_values, seconds = [], [], []
         for index, feeds in enumerate(self.comparison.feeds):
             values, extra = self.comparison.run(feeds, enabled, probe_names if index == 0 else ())
             outputs.append(values)
             probe_values = probe_values or extra
+            seconds.append(time.perf_counter() - started)
+            started = time.perf_counter()
         self.runs += len(batches)
-        self.batch_seconds = (time.perf_counter() - started) / len(batches)
+        # the first run warms the session up and computes the probes: the others tell what a batch costs
+        self.batch_seconds = float(np.median(seconds[1:] if len(seconds) > 1 else seconds))
         self.whole_ratios = noise_ratios(self.reference, outputs)
         self.whole_db = ratio_db(self.whole_ratios)
+        logger.debug("search set-up: reference %.1f s, switchable graph %.1f s, fully quantized %.1f s per batch",
+                     reference_seconds, self.build_seconds, self.batch_seconds)
         powers = dict(zip(probe_names, (float(value) for value in probe_values)))
         self.local = {tensor: powers[error] / powers[signal] if powers[signal] > 0 else 0.0
                       for tensor, (error, signal) in probes.items()}
         self.local.update(_weight_errors(model, plan, parameters))
         self.measured_seconds: list[float] = []
+        self.verify_seconds: float | None = None
         self.singles: dict[int, np.ndarray] = {}
         self.group_bounds: dict[int, np.ndarray] = {}
         names = [layer.node for layer in self.layers]
@@ -620,9 +630,11 @@ class _Search:
         return noise_ratios(self.ranking_reference, outputs)
 
     def reserve(self) -> float:
-        """Seconds kept back for one verification of a real QDQ plan."""
-        return self.verify_seconds if hasattr(self, "verify_seconds") else 3.0 * self.batch_seconds * len(
-            self.comparison.feeds)
+        """Seconds kept back for one verification of a real QDQ plan: as long as the last one, or as building the
+        switchable graph and running it on every retained batch (a QDQ graph costs about as much)."""
+        if self.verify_seconds is not None:
+            return self.verify_seconds
+        return self.build_seconds + self.batch_seconds * len(self.comparison.feeds)
 
     def only(self, members: Iterable[int]) -> np.ndarray:
         enabled = np.zeros(len(self.layers), bool)
@@ -692,11 +704,11 @@ class _Search:
             return False
         correction = np.zeros_like(self.ranking_whole)
         while True:
-            predicted = self.ranking_whole - sum((self.singles[index] for index in self.candidates),
+            predicted = self.ranking_whole - sum((self.singles[index] for index in self.candidates
+                                                  if index in self.singles),
                                                  np.zeros_like(self.ranking_whole)) + correction
             if self.candidates and np.all(predicted <= target):
                 measured = self.measure(self.without(self.candidates), self._note())
-                logger.debug("predicted %s measured %s target %s", predicted, measured, target)
                 if measured is None:
                     return False
                 if np.all(measured <= target):
@@ -705,16 +717,29 @@ class _Search:
             index = self.next_candidate()
             if index is None:
                 return False
-            self.candidates.append(index)
-            logger.debug("candidate %s (prior %.2e): alone %.1f dB", self.layers[index].node, self.prior[index],
-                         ratio_db(self.singles[index]))
+            coupled = [other for other in self.co_owners(index) if other not in self.candidates]
+            self.candidates.extend([index, *coupled])
+            logger.debug("candidate %s (prior %.2e): alone %.1f dB%s", self.layers[index].node, self.prior[index],
+                         ratio_db(self.singles[index]),
+                         f", with {', '.join(self.layers[other].node for other in coupled)}" if coupled else "")
+
+    def co_owners(self, index: int) -> list[int]:
+        """The other candidates that own the dominant activations of layer ``index`` (local error at least half its
+        largest): a shared activation stays quantized while any owner is, so excluding ``index`` alone would leave
+        its worst error in place."""
+        tensors = self.layers[index].tensors
+        largest = max((self.local.get(tensor, 0.0) for tensor in tensors), default=0.0)
+        dominant = {tensor for tensor in tensors if largest > 0 and self.local.get(tensor, 0.0) >= 0.5 * largest}
+        return [other for other in self.order if other != index and dominant & set(self.layers[other].inputs
+                                                                                   + self.layers[other].outputs)]
 
     def coarse_completion(self, target: np.ndarray) -> list[int]:
         """The candidates plus the noisiest unexplored groups as a whole, until the prediction meets ``target``."""
         chosen = list(self.candidates)
         if self.ranking_whole is None:
             return chosen
-        remaining = self.ranking_whole - sum((self.singles[index] for index in chosen), np.zeros_like(target))
+        remaining = self.ranking_whole - sum((self.singles[index] for index in chosen if index in self.singles),
+                                             np.zeros_like(target))
         for _, _, group in sorted(self.heap, key=lambda entry: entry[0]):
             if np.all(remaining <= target):
                 break
