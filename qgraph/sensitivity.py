@@ -32,10 +32,14 @@ batches (the earlier search: 117 layers, >15 min). Instead the search leans on t
 1. *Noise adds up.* Quantization errors of different layers are nearly uncorrelated, so for a set ``G`` of enabled
    layers ``r(G) ≈ Σ_{k∈G} r(k)`` (per output). One run with ``G`` enabled measures the whole group, so a group
    whose noise is small clears all its members at once.
-2. *Local error is a prior.* The run that measures the fully quantized model also returns, for every quantized
-   activation, its own rounding and clipping error ``ρ_x = Σ(DQ(Q(x̂)) − x̂)² / Σ x̂²`` (two ReduceSumSquare outputs
-   per tensor, computed in the graph); weights' ``ρ_W`` come from the parameters. A layer's prior is the sum over
-   its tensors. It does not know how the error propagates to the output, so it only orders the search.
+2. *Local error is a prior.* One run of the float model (flags off) on the ranking subset also returns, for every
+   quantized activation, its own rounding and clipping error ``ρ_x = Σ(DQ(Q(x)) − x)² / Σ x²`` (two
+   ReduceSumSquare outputs per tensor, computed in the graph); weights' ``ρ_W`` come from the parameters. A
+   layer's prior is the sum over its tensors. It does not know how the error propagates to the output, so it only
+   orders the search. (Measured in the quantized model instead, an activation after a destroyed layer looks
+   destroyed too.) A candidate is excluded together with the other owners of its dominant activations (local error
+   at least half its largest and ``OUTLIER_ERROR_FACTOR`` times the median activation's): while any owner is
+   quantized, so is the activation.
 
 The search is best-first group testing over the candidates sorted by prior: a max-heap of groups (contiguous runs
 of that order) keyed by their measured noise, starting from all candidates. The top group is split in two, the
@@ -110,6 +114,9 @@ AUTO_BUDGET_CALIBRATION_FACTOR = 2.0
 MAXIMUM_MIN_SQNR_DB = 100.0
 #: Safety margin (dB) of the ranking subset's measurement over the bound before a plan is verified.
 RANKING_MARGIN_DB = 0.3
+#: An activation whose local error is this many times the median activation's is an outlier (its range is
+#: dominated by a few values): its other owners are excluded with a candidate that it dominates.
+OUTLIER_ERROR_FACTOR = 10.0
 #: Verifications of real QDQ plans at most.
 MAXIMUM_VERIFICATIONS = 4
 
@@ -577,11 +584,9 @@ class _Search:
         started = time.perf_counter()
         enabled = {ENABLE_INPUT: np.ones(count, bool)}
         probe_names = [name for pair in probes.values() for name in pair]
-        outputs, probe_values, seconds = [], [], []
-        for index, feeds in enumerate(self.comparison.feeds):
-            values, extra = self.comparison.run(feeds, enabled, probe_names if index == 0 else ())
-            outputs.append(values)
-            probe_values = probe_values or extra
+        outputs, seconds = [], []
+        for feeds in self.comparison.feeds:
+            outputs.append(self.comparison.run(feeds, enabled)[0])
             seconds.append(time.perf_counter() - started)
             started = time.perf_counter()
         self.runs += len(batches)
@@ -591,9 +596,15 @@ class _Search:
         self.whole_db = ratio_db(self.whole_ratios)
         logger.debug("search set-up: reference %.1f s, switchable graph %.1f s, fully quantized %.1f s per batch",
                      reference_seconds, self.build_seconds, self.batch_seconds)
+        # each activation's own error, in the float model (flags off): an upstream layer's damage does not count
+        _, probe_values = self.comparison.run(self.ranking_inputs[0], {ENABLE_INPUT: np.zeros(count, bool)},
+                                              probe_names)
+        self.runs += 1
         powers = dict(zip(probe_names, (float(value) for value in probe_values)))
         self.local = {tensor: powers[error] / powers[signal] if powers[signal] > 0 else 0.0
                       for tensor, (error, signal) in probes.items()}
+        activation_errors = list(self.local.values())
+        self.typical_error = float(np.median(activation_errors)) if activation_errors else 0.0
         self.local.update(_weight_errors(model, plan, parameters))
         self.measured_seconds: list[float] = []
         self.verify_seconds: float | None = None
@@ -729,7 +740,9 @@ class _Search:
         its worst error in place."""
         tensors = self.layers[index].tensors
         largest = max((self.local.get(tensor, 0.0) for tensor in tensors), default=0.0)
-        dominant = {tensor for tensor in tensors if largest > 0 and self.local.get(tensor, 0.0) >= 0.5 * largest}
+        floor = max(0.5 * largest, OUTLIER_ERROR_FACTOR * self.typical_error)
+        dominant = {tensor for tensor in self.layers[index].inputs + self.layers[index].outputs
+                    if largest > 0 and self.local.get(tensor, 0.0) >= floor}
         return [other for other in self.order if other != index and dominant & set(self.layers[other].inputs
                                                                                    + self.layers[other].outputs)]
 
