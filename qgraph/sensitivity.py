@@ -63,7 +63,8 @@ misses the bound, the margin grows by the miss and the search finds more candida
 **Budget.** The whole search — switchable graph, runs and verifications — keeps to ``budget_seconds`` (default:
 ``AUTO_BUDGET_SECONDS + AUTO_BUDGET_CALIBRATION_FACTOR ×`` the calibration time). When it runs out, the search stops
 where it is and keeps the best plan found so far: the best verified one, or, when the search did not reach the
-bound, the candidates found plus the noisiest unexplored groups as a whole (predicted to meet it), verified once;
+bound, the candidates found plus the noisiest unexplored groups as a whole (predicted to meet it, at most an eighth
+of the layers), verified once;
 a warning says so and the result records it (``budget_exhausted``). A progress bar shows each step.
 
 With ``full_table`` (a report) the ``S_k`` of every layer is measured on the ranking subset, within the budget;
@@ -117,6 +118,8 @@ RANKING_MARGIN_DB = 0.3
 #: An activation whose local error is this many times the median activation's is an outlier (its range is
 #: dominated by a few values): its other owners are excluded with a candidate that it dominates.
 OUTLIER_ERROR_FACTOR = 10.0
+#: When the budget runs out, unexplored groups go to FP32 as a whole only up to this fraction (1/n) of the layers.
+COARSE_FRACTION = 8
 #: Verifications of real QDQ plans at most.
 MAXIMUM_VERIFICATIONS = 4
 
@@ -753,12 +756,15 @@ class _Search:
             return chosen
         remaining = self.ranking_whole - sum((self.singles[index] for index in chosen if index in self.singles),
                                              np.zeros_like(target))
+        limit = max(1, len(self.order) // COARSE_FRACTION)
         for _, _, group in sorted(self.heap, key=lambda entry: entry[0]):
             if np.all(remaining <= target):
                 break
+            if len(chosen) + group.size > limit:
+                return list(self.candidates)  # more than that in FP32 would cost more than the bound is worth
             chosen.extend(self.order[group.start:group.end])
             remaining = remaining - group.ratios
-        return chosen
+        return chosen if np.all(remaining <= target) else list(self.candidates)
 
     def table(self, fell_back: Sequence[str], everything: bool) -> tuple[LayerSensitivity, ...]:
         """The per-layer rows: measured singles, and with ``everything`` all layers (measured within the budget)."""
