@@ -578,8 +578,14 @@ class _Search:
         started = time.perf_counter()
         switchable = build_switchable_model(model, plan, parameters, self.layers, probes=probes)
         self.build_seconds = time.perf_counter() - started
-        self.comparison = OutputComparison(switchable, batches, threads=options.threads,
-                                           output_names=self.output_names, optimize=True)
+        try:
+            self.comparison = OutputComparison(switchable, batches, threads=options.threads,
+                                               output_names=self.output_names, optimize=True)
+        except Exception as error:  # onnxruntime's optimiser refuses some graphs (initializers named alike in If
+            # branches): the unoptimised session measures the same thing, a little slower
+            logger.debug("optimised session refused (%s); running the switchable graph unoptimised", error)
+            self.comparison = OutputComparison(switchable, batches, threads=options.threads,
+                                               output_names=self.output_names)
         self.ranking_inputs = [{name: feeds[name] for name in self.comparison.feeds[0]}
                                for feeds in self.ranking_feeds]
         # the fully quantized model on every retained batch; its first run also returns the local errors
