@@ -45,9 +45,11 @@ from qgraph import sensitivity
 from qgraph.sensitivity import (
     DEFAULT_MIN_SQNR_DB,
     DEFAULT_SENSITIVITY_BATCHES,
+    SensitivityOptions,
     SensitivityResult,
     retain_batches,
     validate_min_sqnr,
+    validate_search_budget,
 )
 from qgraph.quant.spec import QuantParams, compute_quant_params
 from qgraph.targets import Target, TargetOptions, get_target
@@ -101,6 +103,8 @@ class QuantizeOptions:
     speed_choice: bool = True
     #: Seconds the speed choice's timing rounds may take in all (sessions, warm-up runs and lowerings come on top).
     speed_choice_seconds: float = DEFAULT_SPEED_CHOICE_SECONDS
+    #: Seconds the sensitivity search may take; None: automatic (see :func:`qgraph.sensitivity.automatic_budget`).
+    search_budget: float | None = None
 
     def __post_init__(self) -> None:
         from qgraph.annotate.annotator import RECURRENT_MODES
@@ -108,6 +112,7 @@ class QuantizeOptions:
         if self.recurrent not in RECURRENT_MODES:
             raise QGraphError(f"unknown recurrent mode {self.recurrent!r}; choose one of {', '.join(RECURRENT_MODES)}")
         validate_min_sqnr(self.min_sqnr)
+        validate_search_budget(self.search_budget)
         if self.sensitivity_batches < 1:
             raise QGraphError(f"sensitivity_batches must be at least 1, got {self.sensitivity_batches}")
         if self.weight_method not in WEIGHT_METHODS:
@@ -334,29 +339,27 @@ def _fall_back(
     per_channel: bool,
     batch_axes: BatchAxes | None = None,
 ) -> tuple[QuantPlan, Mapping[str, QuantParams], CalibrationResult, SensitivityResult]:
-    """Automatic fallback by sensitivity (see :mod:`qgraph.sensitivity`): the analysis ranks the layers and says
-    how many to exclude; each fallback plan reuses the calibrated ranges and is measured as a real QDQ graph until
-    it meets the bound or no candidate is left."""
-    threads = options.calibration.threads
-    analysis = sensitivity.analyse(model, plan, parameters, batches, min_sqnr=options.min_sqnr,
-                                   full_table=options.sensitivity_table, threads=threads)
-    ranges: Mapping[str, tuple[float, float]] = calibration.ranges
-    count, final = analysis.estimated_count, analysis.output_sqnr_db
-    fallback_plan, fallback_parameters, fallback_ranges = plan, parameters, None
-    while count:
-        fallback_plan, ranges, fallback_ranges = _replan(model, rules, options, analysis.excluded(count), ranges,
-                                                         batches, batch_axes)
+    """Automatic fallback by sensitivity (see :mod:`qgraph.sensitivity`): the search ranks the layers within its
+    budget and measures each fallback plan, which reuses the calibrated ranges, as a real QDQ graph."""
+    ranges: dict[str, Mapping[str, tuple[float, float]]] = {"calibrated": calibration.ranges}
+
+    def replan(excluded: frozenset[str]):
+        fallback_plan, ranges["calibrated"], fallback_ranges = _replan(model, rules, options, excluded,
+                                                                       ranges["calibrated"], batches,
+                                                                       batch_axes)
         fallback_parameters = compute_parameters(model, fallback_plan, fallback_ranges, per_channel=per_channel,
                                                  weight_method=options.weight_method)
-        final = sensitivity.verify(model, fallback_plan, fallback_parameters, batches, analysis, threads=threads)
-        logger.info("with %d layers in FP32 the output SQNR is %.1f dB", count, final)
-        if analysis.settled(count, final):
-            break
-        count += 1
-    fallback_plan, result = sensitivity.conclude(analysis, fallback_plan, count, final)
-    if fallback_ranges is not None:
-        calibration = dataclasses.replace(calibration, ranges=fallback_ranges)
-    return fallback_plan, fallback_parameters, calibration, result
+        return fallback_plan, fallback_parameters, fallback_ranges
+
+    search_options = SensitivityOptions(
+        min_sqnr=options.min_sqnr, batches=options.sensitivity_batches, budget_seconds=options.search_budget,
+        full_table=options.sensitivity_table, threads=options.calibration.threads,
+    )
+    outcome = sensitivity.search(model, plan, parameters, batches, search_options, replan,
+                                 calibration_seconds=calibration.seconds, batch_axes=batch_axes)
+    if outcome.extra is not None:
+        calibration = dataclasses.replace(calibration, ranges=outcome.extra)
+    return outcome.plan, outcome.parameters, calibration, outcome.result
 
 
 def _replan(

@@ -10,9 +10,8 @@ Relu/Clip fused into its producer belongs to its producer's layer. A layer ``N``
 
 An activation read or written by several layers (a residual branch, a Concat input) is owned by each of them and is
 quantized — for every reader, as in the QDQ graph — when any owner is. "Only layer ``N`` quantized" is then the plan
-with every other layer excluded: ``N``'s inputs, weight, bias and output as the plan says, everything else FP32, scale
-groups with their shared (scale, zero point). Excluding ``N`` (``AnnotationOverrides.exclude``) likewise leaves one of
-its tensors quantized exactly when another layer still owns it.
+with every other layer excluded. Excluding ``N`` (``AnnotationOverrides.exclude``) likewise leaves one of its tensors
+quantized exactly when another layer still owns it.
 
 **One switchable graph.** ONNX has no switch, so the enable flags become a graph input ``e ∈ {0,1}^L`` (bool) and the
 QDQ graph that ``InsertQuantizeDequantize`` writes gets a selection after every DequantizeLinear::
@@ -21,32 +20,56 @@ QDQ graph that ``InsertQuantizeDequantize`` writes gets a selection after every 
     W̃ = Where(e_N, DQ(W_q; s_w, z_w), W)            weight (and likewise bias) of layer N
 
 ``Where`` selects without arithmetic, so ``e = 1`` is the QDQ model bit for bit and ``e = 0`` the FP32 model bit for
-bit (``x + e·(DQ(Q(x)) − x)`` would be off by an ulp). With outputs ``y_o`` (FP32) and ``ŷ_o(e)`` over ``B``
-calibration batches, the output SQNR is the worst float output::
+bit. With outputs ``y_o`` (FP32) and ``ŷ_o(e)``, the noise-to-signal ratio of output ``o`` and the output SQNR are::
 
-    SQNR(e) = min_o 10·log10( Σ y_o² / Σ (y_o − ŷ_o(e))² )      (sums over the B batches, float64)
+    r_o(e) = Σ (y_o − ŷ_o(e))² / Σ y_o²        SQNR(e) = min_o −10·log10 r_o(e)      (float64 sums)
 
-and the sensitivity of layer ``k`` is ``S_k = SQNR(one_hot(k))``. (LSTMs planned for DynamicQuantizeLSTM are not
-Q/DQ and stay FP32 in the analysis.)
+and the sensitivity of layer ``k`` is ``S_k = SQNR(one_hot(k))``.
 
-**Cost.** One graph copy, one onnxruntime session, and ``(L + 2)·B`` runs (reference, fully quantized, one per layer)
-of a graph that costs about as much as the QDQ model (every Q/DQ and Where is computed whatever the flags). One QDQ
-model per layer would need ``L`` graph copies, serialisations and session initialisations for the same runs. When
-the fully quantized model already meets the bound the per-layer runs are skipped (``2·B`` runs in all) unless the
-table is asked for (a report).
+**Cost model: a search that stays near one calibration pass.** Measuring every ``S_k`` costs ``L`` runs over the
+batches (the earlier search: 117 layers, >15 min). Instead the search leans on two facts:
 
-**Fallback.** When ``SQNR(1) < bound``: order the layers by ``S_k`` ascending (most damaging first), then
+1. *Noise adds up.* Quantization errors of different layers are nearly uncorrelated, so for a set ``G`` of enabled
+   layers ``r(G) ≈ Σ_{k∈G} r(k)`` (per output). One run with ``G`` enabled measures the whole group, so a group
+   whose noise is small clears all its members at once.
+2. *Local error is a prior.* One run of the float model (flags off) on the ranking subset also returns, for every
+   quantized activation, its own rounding and clipping error ``ρ_x = Σ(DQ(Q(x)) − x)² / Σ x²`` (two
+   ReduceSumSquare outputs per tensor, computed in the graph); weights' ``ρ_W`` come from the parameters. A
+   layer's prior is the sum over its tensors. It does not know how the error propagates to the output, so it only
+   orders the search. (Measured in the quantized model instead, an activation after a destroyed layer looks
+   destroyed too.) A candidate is excluded together with the other owners of its dominant activations (local error
+   at least half its largest and ``OUTLIER_ERROR_FACTOR`` times the median activation's): while any owner is
+   quantized, so is the activation.
 
-1. *estimate* in the same session: disable them one at a time, cumulatively, until ``SQNR(e) ≥ bound`` (``≤ L·B`` runs);
-2. *verify*: re-annotate with those nodes excluded, reuse the calibrated ranges (a tensor that stays annotated keeps
-   its range; a scale group keeps the union of its former ranges, which still contains every member's values; a
-   tensor the new plan annotates for the first time is calibrated on the retained batches), recompute parameters,
-   write the real QDQ graph and measure it; while it misses the bound, exclude the next layer and measure again.
+The search is best-first group testing over the candidates sorted by prior: a max-heap of groups (contiguous runs
+of that order) keyed by their measured noise, starting from all candidates. The top group is split in two, the
+half with the larger prior is measured and the other half's noise inferred as the parent's minus it (measured in
+turn when it reaches the top); a single layer at the top is the next most damaging layer and becomes a candidate
+for exclusion, with its ``S_k`` measured. After each candidate the remaining noise is predicted as
+``r(all) − Σ r(candidates)``; once it is under the bound (with a 0.3 dB margin) the model with the candidates
+disabled is measured, and the search continues (the prediction corrected by the measured difference) until the
+measurement meets the bound. With ``m`` damaging layers among ``L`` this takes about ``m·log₂ L`` runs instead of
+``2·L``, and each of them runs on a *ranking subset*: the first ``ranking_samples`` samples of the first batch
+(default 8), enough to order layers whose effects differ by decibels, while the decision and the final number use
+all ``batches`` retained batches. onnxruntime's graph optimisations are not used for the switchable graph: they
+measure the same thing, but measured on the OCR stand-in (:mod:`qgraph.models.paddle_recognizer`) the optimised
+session ran it slower (2.8 s against 2.0 s per batch of 16: its layout changes around every ``Where``).
 
-This module measures and decides, the PTQ driver (:mod:`qgraph.ptq`) plans: :func:`analyse` returns the per-layer
-table and the candidates in exclusion order with the estimated count (step 1); for step 2 the driver re-plans
-with :meth:`SensitivityAnalysis.excluded`, measures with :func:`verify` and asks
-:meth:`SensitivityAnalysis.settled`; :func:`conclude` writes the :class:`SensitivityResult` and the FP32 reasons.
+**Verification.** The driver re-plans with the candidates excluded (:mod:`qgraph.ptq`: a tensor that stays annotated
+keeps its range, a scale group keeps the union of its former ranges, a tensor annotated for the first time is
+calibrated on the retained batches) and this module measures the real QDQ graph on all retained batches. While it
+misses the bound, the margin grows by the miss and the search finds more candidates.
+
+**Budget.** The whole search — switchable graph, runs and verifications — keeps to ``budget_seconds`` (default:
+``AUTO_BUDGET_SECONDS + AUTO_BUDGET_CALIBRATION_FACTOR ×`` the calibration time). When it runs out, the search stops
+where it is and keeps the best plan found so far: the best verified one, or, when the search did not reach the
+bound, the candidates found plus the noisiest unexplored groups as a whole (predicted to meet it, at most an eighth
+of the layers), verified once;
+a warning says so and the result records it (``budget_exhausted``). A progress bar shows each step.
+
+With ``full_table`` (a report) the ``S_k`` of every layer is measured on the ranking subset, within the budget;
+a layer left unmeasured gets the SQNR of the smallest measured group that holds it (a lower bound on its own,
+marked ``measured=False``).
 
 Layers without a name (or sharing one) cannot be excluded by name and are never candidates.
 """
@@ -54,20 +77,23 @@ Layers without a name (or sharing one) cannot be excluded by name and are never 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from qgraph import runtime
+from qgraph.calibrate.driver import BatchAxes, batch_samples, first_samples
 from qgraph.errors import QGraphError
 from qgraph.ir.edit import new_initializer
 from qgraph.ir.naming import NameScope
 from qgraph.passes.quantize.insert_quantize_dequantize import InsertQuantizeDequantize, dequantized_tensors
+from qgraph.progress import Progress
 from qgraph.quant.plan import QuantPlan
 
 logger = logging.getLogger(__name__)
@@ -79,16 +105,28 @@ logger = logging.getLogger(__name__)
 #: changes nothing on healthy models and rescues a model that one layer breaks. Ask for more (``--min-sqnr 25``) to
 #: trade coverage for accuracy.
 DEFAULT_MIN_SQNR_DB = 10.0
-#: Calibration batches kept for the analysis.
-DEFAULT_SENSITIVITY_BATCHES = 4
+#: Calibration batches kept for the analysis (the decision and the final SQNR).
+DEFAULT_SENSITIVITY_BATCHES = 2
+#: Samples of the first batch that the ranking runs on.
+DEFAULT_RANKING_SAMPLES = 8
+#: The automatic search budget: this many seconds plus this factor times the calibration time.
+AUTO_BUDGET_SECONDS = 20.0
+AUTO_BUDGET_CALIBRATION_FACTOR = 2.0
 #: Largest accepted bound: int8 cannot reach it, so a higher value only means "everything FP32".
 MAXIMUM_MIN_SQNR_DB = 100.0
+#: Safety margin (dB) of the ranking subset's measurement over the bound before a plan is verified.
+RANKING_MARGIN_DB = 0.3
+#: An activation whose local error is this many times the median activation's is an outlier (its range is
+#: dominated by a few values): its other owners are excluded with a candidate that it dominates.
+OUTLIER_ERROR_FACTOR = 10.0
+#: When the budget runs out, unexplored groups go to FP32 as a whole only up to this fraction (1/n) of the layers.
+COARSE_FRACTION = 8
+#: Verifications of real QDQ plans at most.
+MAXIMUM_VERIFICATIONS = 4
 
 ENABLE_INPUT = "qgraph_sensitivity_enable"
 _FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 _FLOAT_OUTPUT_TYPES = frozenset({"tensor(float)", "tensor(double)", "tensor(float16)"})
-
-
 def validate_min_sqnr(value: float | None) -> float | None:
     """``value`` as a bound in dB, or None (off); refuses NaN, infinities and values outside (0, 100]."""
     if value is None:
@@ -102,6 +140,48 @@ def validate_min_sqnr(value: float | None) -> float | None:
             f"--min-sqnr must be a finite bound in (0, {MAXIMUM_MIN_SQNR_DB:g}] dB or 'off', got {value!r}"
         )
     return bound
+
+
+def validate_search_budget(value: float | None) -> float | None:
+    """``value`` as a budget in seconds, or None (automatic); refuses NaN and values that are not positive."""
+    if value is None:
+        return None
+    try:
+        budget = float(value)
+    except (TypeError, ValueError):
+        raise QGraphError(f"--search-budget must be a number of seconds or 'auto', got {value!r}") from None
+    if math.isnan(budget) or budget <= 0.0:
+        raise QGraphError(f"--search-budget must be a positive number of seconds or 'auto', got {value!r}")
+    return budget
+
+
+def automatic_budget(calibration_seconds: float) -> float:
+    """The default search budget for a calibration that took ``calibration_seconds``."""
+    return AUTO_BUDGET_SECONDS + AUTO_BUDGET_CALIBRATION_FACTOR * max(0.0, calibration_seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityOptions:
+    """How the fallback search runs (the PTQ driver builds it from :class:`qgraph.ptq.QuantizeOptions`)."""
+
+    min_sqnr: float = DEFAULT_MIN_SQNR_DB
+    #: Retained calibration batches: the decision and the final output SQNR are measured on them.
+    batches: int = DEFAULT_SENSITIVITY_BATCHES
+    #: Samples (of the first batch) the ranking runs on.
+    ranking_samples: int = DEFAULT_RANKING_SAMPLES
+    #: Seconds the whole search may take; None: :func:`automatic_budget` of the calibration time.
+    budget_seconds: float | None = None
+    #: Measure every layer's single-layer SQNR (for a report), even when the bound is met.
+    full_table: bool = False
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        validate_min_sqnr(self.min_sqnr)
+        validate_search_budget(self.budget_seconds)
+        if self.batches < 1:
+            raise QGraphError(f"sensitivity_batches must be at least 1, got {self.batches}")
+        if self.ranking_samples < 1:
+            raise QGraphError(f"ranking_samples must be at least 1, got {self.ranking_samples}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,9 +204,11 @@ class LayerSensitivity:
     node: str
     op_type: str
     tensors: tuple[str, ...]
-    #: Output SQNR (dB) of the model with only this layer quantized.
+    #: Output SQNR (dB) of the model with only this layer quantized (on the ranking subset); when not ``measured``,
+    #: the SQNR of the smallest measured group holding the layer, a lower bound.
     output_sqnr_db: float
     fell_back: bool
+    measured: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,61 +218,51 @@ class SensitivityResult:
     output_sqnr_db: float
     #: Output SQNR (dB) of the model as finally quantized (after fallback).
     final_output_sqnr_db: float
-    #: Per-layer sensitivity in graph order (empty when the bound was met and no table was asked for).
+    #: Per-layer sensitivity in graph order (the layers the search measured, or all with a table; empty when the
+    #: bound was met and no table was asked for).
     layers: tuple[LayerSensitivity, ...]
     #: Nodes put back to FP32, most damaging first.
     fell_back: tuple[str, ...]
     batches: int
     seconds: float
+    #: Model runs of the search (the switchable graph and the verifications), and verifications of real plans.
+    runs: int = 0
+    verifications: int = 0
+    budget_seconds: float | None = None
+    #: The search stopped at its budget and kept the best plan found so far.
+    budget_exhausted: bool = False
 
     @property
     def bound_met(self) -> bool:
         return self.final_output_sqnr_db >= self.min_sqnr_db
 
     def reason(self, node: str) -> str:
-        sqnr = next(layer.output_sqnr_db for layer in self.layers if layer.node == node)
+        row = next((layer for layer in self.layers if layer.node == node), None)
+        if row is None or not row.measured:
+            alone = "its group of layers" if row is not None else "the search"
+            detail = (f"{alone} brought output SQNR to {row.output_sqnr_db:.1f} dB" if row is not None
+                      else f"{alone} ran out of budget before measuring it alone")
+        else:
+            detail = f"alone it brought output SQNR to {row.output_sqnr_db:.1f} dB"
         return (
-            f"fell back to FP32: alone it brought output SQNR to {sqnr:.1f} dB (bound {self.min_sqnr_db:g} dB; "
+            f"fell back to FP32: {detail} (bound {self.min_sqnr_db:g} dB; "
             f"fully quantized {self.output_sqnr_db:.1f} dB)"
         )
 
 
 @dataclasses.dataclass(frozen=True)
-class SensitivityAnalysis:
-    """What the switchable graph measured: the per-layer table and the layers to exclude, most damaging first.
+class SearchOutcome:
+    """What :func:`search` chose: the plan to write, its parameters, what ``replan`` returned with it, the result."""
 
-    The caller re-plans with :meth:`excluded` nodes, measures the real QDQ graph with :func:`verify` and asks
-    :meth:`settled` whether to stop or to exclude one layer more; :func:`conclude` then writes the result.
-    """
+    plan: QuantPlan
+    parameters: Mapping[str, object]
+    #: ``replan``'s third value for the chosen plan (None when the plan is the original one).
+    extra: object
+    result: SensitivityResult
 
-    layers: tuple[Layer, ...]
-    #: Output SQNR (dB) with only layer ``k`` quantized, per layer (empty when the bound was met and no table was
-    #: asked for).
-    single_layer_sqnr_db: tuple[float, ...]
-    min_sqnr_db: float
-    #: Output SQNR (dB) of the fully quantized model.
-    output_sqnr_db: float
-    #: The FP32 outputs on the retained batches (the flags all off), the reference of every measurement.
-    reference: list[list[np.ndarray]]
-    #: Indices of the layers that can be excluded, most damaging first.
-    candidates: tuple[int, ...]
-    #: How many candidates the estimate excludes (0 when the bound is met).
-    estimated_count: int
-    batches: int
-    #: ``time.perf_counter()`` when the analysis started.
-    started: float
 
-    @property
-    def needed(self) -> bool:
-        return self.output_sqnr_db < self.min_sqnr_db
-
-    def excluded(self, count: int) -> frozenset[str]:
-        """The nodes of the ``count`` most damaging candidates."""
-        return frozenset(self.layers[index].node for index in self.candidates[:count])
-
-    def settled(self, count: int, final_sqnr_db: float) -> bool:
-        """Whether the fallback stops with ``count`` layers excluded: the bound is met or no candidate is left."""
-        return final_sqnr_db >= self.min_sqnr_db or count == len(self.candidates)
+#: The driver's re-planning: excluded nodes -> (plan, parameters, anything the driver keeps with them).
+Replan = Callable[[frozenset[str]], tuple[QuantPlan, Mapping[str, object], object]]
 
 
 def retain_batches(batches: Iterable[Mapping[str, np.ndarray]], count: int, kept: list) -> Iterator:
@@ -199,8 +271,6 @@ def retain_batches(batches: Iterable[Mapping[str, np.ndarray]], count: int, kept
         if index < count:
             kept.append({name: np.array(array) for name, array in batch.items()})
         yield batch
-
-
 def find_layers(model: ir.Model, plan: QuantPlan) -> tuple[Layer, ...]:
     """The layers of ``plan`` in graph order (fused activations folded into their producer)."""
     quantized = set(plan.quantized_nodes)
@@ -244,9 +314,15 @@ def build_qdq(model: ir.Model, plan: QuantPlan, parameters: Mapping[str, object]
 
 
 def build_switchable_model(
-    model: ir.Model, plan: QuantPlan, parameters: Mapping[str, object], layers: Sequence[Layer]
+    model: ir.Model, plan: QuantPlan, parameters: Mapping[str, object], layers: Sequence[Layer],
+    *, probes: dict[str, tuple[str, str]] | None = None,
 ) -> onnx.ModelProto:
-    """The QDQ graph of ``plan`` whose quantization is selected per layer by the bool input ``ENABLE_INPUT``."""
+    """The QDQ graph of ``plan`` whose quantization is selected per layer by the bool input ``ENABLE_INPUT``.
+
+    With a ``probes`` dict, every switched activation ``x`` also gets two scalar graph outputs, the squared error
+    of its own quantization and its squared value, ``Σ(DQ(Q(x)) − x)²`` and ``Σx²``; ``probes`` receives
+    ``{x: (error output, signal output)}``.
+    """
     working = build_qdq(model, plan, parameters)
     graph = working.graph
     names = NameScope(working)
@@ -311,6 +387,8 @@ def build_switchable_model(
         dequantize.graph.insert_after(dequantize, where)
         for user, index in uses:
             user.replace_input_with(index, where.outputs[0])
+        if probes is not None and name in plan.activations and dequantize.graph is graph:
+            probes[name] = _add_error_probe(graph, names, where, dequantized, float_value)
     if unowned:
         logger.warning("%d quantized tensors belong to no layer and stay quantized in the analysis: %s",
                        len(unowned), ", ".join(unowned[:5]))
@@ -318,6 +396,24 @@ def build_switchable_model(
         graph.insert_before(graph[0], flag_nodes)
     logger.debug("switchable model: %d layers, %d flags", len(layers), len(flags))
     return ir.serde.serialize_model(working)
+
+
+def _add_error_probe(graph: ir.Graph, names: NameScope, after: ir.Node, dequantized: ir.Value,
+                     float_value: ir.Value) -> tuple[str, str]:
+    """Scalar outputs ``Σ(dequantized − float)²`` and ``Σ float²`` (float32 sums), computed after ``after``."""
+    difference = ir.node("Sub", [dequantized, float_value], name=names.fresh(f"{dequantized.name}_error"))
+    error = ir.node("ReduceSumSquare", [difference.outputs[0]], {"keepdims": 0},
+                    name=names.fresh(f"{dequantized.name}_error_power"))
+    signal = ir.node("ReduceSumSquare", [float_value], {"keepdims": 0},
+                     name=names.fresh(f"{dequantized.name}_signal_power"))
+    for node in (difference, error, signal):
+        node.outputs[0].name = node.name
+        node.outputs[0].type = float_value.type
+    graph.insert_after(after, [difference, error, signal])
+    for node in (error, signal):
+        node.outputs[0].shape = ir.Shape([])
+        graph.outputs.append(node.outputs[0])
+    return error.outputs[0].name, signal.outputs[0].name
 
 
 def _float_constant(graph: ir.Graph, model: ir.Model, name: str) -> ir.Value:
@@ -334,12 +430,17 @@ def _float_constant(graph: ir.Graph, model: ir.Model, name: str) -> ir.Value:
 
 
 class OutputComparison:
-    """Float outputs of a session on fixed batches, compared with reference outputs as one SQNR (worst output)."""
+    """Float outputs of a session on fixed batches, compared with reference outputs as one SQNR (worst output).
+
+    ``output_names`` are the float outputs of the model (by default all; a switchable model's probes excluded).
+    """
 
     def __init__(self, proto: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]], *,
-                 threads: int | None = None, extra_feeds: Mapping[str, np.ndarray] | None = None) -> None:
-        self.session = runtime.create_session(proto, threads=threads)
-        self.output_names = [output.name for output in self.session.get_outputs() if output.type in _FLOAT_OUTPUT_TYPES]
+                 threads: int | None = None, extra_feeds: Mapping[str, np.ndarray] | None = None,
+                 output_names: Sequence[str] | None = None, optimize: bool = False) -> None:
+        self.session = runtime.create_session(proto, threads=threads, optimize=optimize)
+        self.output_names = list(output_names) if output_names is not None else [
+            output.name for output in self.session.get_outputs() if output.type in _FLOAT_OUTPUT_TYPES]
         names = [model_input.name for model_input in self.session.get_inputs()]
         self.feeds = [{name: batch[name] for name in names if name in batch} for batch in batches]
         self.extra_feeds = dict(extra_feeds or {})
@@ -347,6 +448,12 @@ class OutputComparison:
     def outputs(self, extra: Mapping[str, np.ndarray] | None = None) -> list[list[np.ndarray]]:
         return [self.session.run(self.output_names, {**feeds, **self.extra_feeds, **(extra or {})})
                 for feeds in self.feeds]
+
+    def run(self, feeds: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray] | None = None,
+            also: Sequence[str] = ()) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The float outputs and the outputs ``also`` of one run on ``feeds``."""
+        values = self.session.run([*self.output_names, *also], {**feeds, **self.extra_feeds, **(extra or {})})
+        return values[:len(self.output_names)], values[len(self.output_names):]
 
     def sqnr(self, reference: list[list[np.ndarray]], extra: Mapping[str, np.ndarray] | None = None) -> float:
         return output_sqnr(reference, self.outputs(extra))
@@ -356,6 +463,14 @@ def output_sqnr(reference: list[list[np.ndarray]], approximation: list[list[np.n
     """The worst float output's SQNR (dB), each output's signal and noise summed over all batches."""
     if not reference or not reference[0]:
         return float("inf")
+    signal, noise = _signal_and_noise(reference, approximation)
+    values = [_ratio_db(s, n) for s, n in zip(signal, noise)]
+    return min(values)
+
+
+def _signal_and_noise(reference: list[list[np.ndarray]],
+                      approximation: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per output, ``Σ y²`` and ``Σ (y − ŷ)²`` over the batches (noise +inf where ŷ is not finite)."""
     signal = np.zeros(len(reference[0]))
     noise = np.zeros(len(reference[0]))
     for expected_batch, actual_batch in zip(reference, approximation):
@@ -364,8 +479,25 @@ def output_sqnr(reference: list[list[np.ndarray]], approximation: list[list[np.n
             error = expected - np.asarray(actual, dtype=np.float64)
             signal[index] += float(np.sum(np.square(expected)))
             noise[index] += float(np.sum(np.square(error))) if np.all(np.isfinite(error)) else float("inf")
-    values = [_ratio_db(s, n) for s, n in zip(signal, noise)]
-    return min(values)
+    return signal, noise
+
+
+def noise_ratios(reference: list[list[np.ndarray]], approximation: list[list[np.ndarray]]) -> np.ndarray:
+    """Per output, the noise-to-signal ratio ``r_o`` (0 when both are 0, +inf for noise on a zero signal)."""
+    signal, noise = _signal_and_noise(reference, approximation)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(noise == 0.0, 0.0, noise / signal)
+    return np.where(np.isnan(ratios), np.inf, ratios)
+
+
+def ratio_db(ratios: np.ndarray) -> float:
+    """The output SQNR (dB) of per-output noise ratios: the worst output's."""
+    worst = float(np.max(ratios)) if np.size(ratios) else 0.0
+    if worst <= 0.0:
+        return float("inf")
+    if math.isinf(worst):
+        return float("-inf")
+    return -10.0 * math.log10(worst)
 
 
 def _ratio_db(signal: float, noise: float) -> float:
@@ -376,94 +508,386 @@ def _ratio_db(signal: float, noise: float) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-def analyse(
+@dataclasses.dataclass
+class _Group:
+    """A run ``order[start:end]`` of candidates and its noise ratios (measured, or inferred from its parent)."""
+
+    start: int
+    end: int
+    ratios: np.ndarray
+    measured: bool
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+class _Clock:
+    """The search's budget: seconds left, and what a step has cost so far."""
+
+    def __init__(self, started: float, budget: float) -> None:
+        self.started = started
+        self.budget = budget
+        self.exhausted = False
+
+    def left(self) -> float:
+        return self.budget - (time.perf_counter() - self.started)
+
+    def allows(self, seconds: float) -> bool:
+        if seconds <= self.left():
+            return True
+        self.exhausted = True
+        return False
+
+
+class _Search:
+    """The switchable graph, its measurements on the ranking subset, and the best-first group testing."""
+
+    def __init__(self, model: ir.Model, plan: QuantPlan, parameters: Mapping[str, object],
+                 batches: Sequence[Mapping[str, np.ndarray]], options: SensitivityOptions, clock: _Clock,
+                 bar: Progress, batch_axes: BatchAxes | None = None) -> None:
+        self.model = model
+        self.options = options
+        self.clock = clock
+        self.bar = bar
+        self.layers = find_layers(model, plan)
+        self.runs = 0
+        self.verifications = 0
+        count = len(self.layers)
+        float_proto = ir.serde.serialize_model(model)
+        reference = OutputComparison(float_proto, batches, threads=options.threads)
+        self.output_names = reference.output_names
+        bar.update(note="reference")
+        started = time.perf_counter()
+        self.reference = reference.outputs()
+        reference_seconds = time.perf_counter() - started
+        self.runs += len(batches)
+        self.batch_axes = batch_axes
+        self.ranking_feeds = [first_samples(batches[0], options.ranking_samples, batch_axes)]
+        reference.feeds = [{name: feeds[name] for name in reference.feeds[0]} for feeds in self.ranking_feeds]
+        self.ranking_reference = reference.outputs()
+        self.runs += 1
+        bar.update(note="switchable graph")
+        probes: dict[str, tuple[str, str]] = {}
+        started = time.perf_counter()
+        switchable = build_switchable_model(model, plan, parameters, self.layers, probes=probes)
+        self.build_seconds = time.perf_counter() - started
+        try:
+            self.comparison = OutputComparison(switchable, batches, threads=options.threads,
+                                               output_names=self.output_names, optimize=True)
+        except Exception as error:  # onnxruntime's optimiser refuses some graphs (initializers named alike in If
+            # branches): the unoptimised session measures the same thing, a little slower
+            logger.debug("optimised session refused (%s); running the switchable graph unoptimised", error)
+            self.comparison = OutputComparison(switchable, batches, threads=options.threads,
+                                               output_names=self.output_names)
+        self.ranking_inputs = [{name: feeds[name] for name in self.comparison.feeds[0]}
+                               for feeds in self.ranking_feeds]
+        # the fully quantized model on every retained batch; its first run also returns the local errors
+        bar.update(note="fully quantized")
+        started = time.perf_counter()
+        enabled = {ENABLE_INPUT: np.ones(count, bool)}
+        probe_names = [name for pair in probes.values() for name in pair]
+        outputs, seconds = [], []
+        for feeds in self.comparison.feeds:
+            outputs.append(self.comparison.run(feeds, enabled)[0])
+            seconds.append(time.perf_counter() - started)
+            started = time.perf_counter()
+        self.runs += len(batches)
+        # the first run warms the session up and computes the probes: the others tell what a batch costs
+        self.batch_seconds = float(np.median(seconds[1:] if len(seconds) > 1 else seconds))
+        self.whole_ratios = noise_ratios(self.reference, outputs)
+        self.whole_db = ratio_db(self.whole_ratios)
+        logger.debug("search set-up: reference %.1f s, switchable graph %.1f s, fully quantized %.1f s per batch",
+                     reference_seconds, self.build_seconds, self.batch_seconds)
+        # each activation's own error, in the float model (flags off): an upstream layer's damage does not count
+        _, probe_values = self.comparison.run(self.ranking_inputs[0], {ENABLE_INPUT: np.zeros(count, bool)},
+                                              probe_names)
+        self.runs += 1
+        powers = dict(zip(probe_names, (float(value) for value in probe_values)))
+        self.local = {tensor: powers[error] / powers[signal] if powers[signal] > 0 else 0.0
+                      for tensor, (error, signal) in probes.items()}
+        activation_errors = list(self.local.values())
+        self.typical_error = float(np.median(activation_errors)) if activation_errors else 0.0
+        self.local.update(_weight_errors(model, plan, parameters))
+        self.measured_seconds: list[float] = []
+        self.verify_seconds: float | None = None
+        self.singles: dict[int, np.ndarray] = {}
+        self.group_bounds: dict[int, np.ndarray] = {}
+        names = [layer.node for layer in self.layers]
+        eligible = [index for index, layer in enumerate(self.layers)
+                    if layer.tensors and layer.node and names.count(layer.node) == 1]
+        self.prior = {index: sum(self.local.get(tensor, 0.0) for tensor in self.layers[index].tensors)
+                      for index in eligible}
+        self.order = sorted(eligible, key=lambda index: (-self.prior[index], index))
+        self.ranking_whole: np.ndarray | None = None
+        self.heap: list[tuple[float, int, _Group]] = []
+        self.pushed = 0
+        self.candidates: list[int] = []
+
+    # -- measurements on the ranking subset ---------------------------------------------------------------------
+    def run_seconds(self) -> float:
+        """The expected cost of one ranking measurement."""
+        if self.measured_seconds:
+            return float(np.median(self.measured_seconds[-8:]))
+        fraction = min(1.0, self.options.ranking_samples / max(1, batch_samples(self.comparison.feeds[0], self.batch_axes)))
+        return self.batch_seconds * fraction
+
+    def measure(self, enabled: np.ndarray, note: str) -> np.ndarray | None:
+        """Noise ratios on the ranking subset with ``enabled`` layers quantized (None: no budget left)."""
+        if not self.clock.allows(self.run_seconds() + self.reserve()):
+            return None
+        started = time.perf_counter()
+        outputs = [self.comparison.run(feeds, {ENABLE_INPUT: enabled})[0] for feeds in self.ranking_inputs]
+        self.measured_seconds.append(time.perf_counter() - started)
+        self.runs += len(self.ranking_inputs)
+        self.bar.update(note=note)
+        return noise_ratios(self.ranking_reference, outputs)
+
+    def reserve(self) -> float:
+        """Seconds kept back for one verification of a real QDQ plan: as long as the last one, or as building the
+        switchable graph and running it on every retained batch (a QDQ graph costs about as much)."""
+        if self.verify_seconds is not None:
+            return self.verify_seconds
+        return self.build_seconds + self.batch_seconds * len(self.comparison.feeds)
+
+    def only(self, members: Iterable[int]) -> np.ndarray:
+        enabled = np.zeros(len(self.layers), bool)
+        enabled[list(members)] = True
+        return enabled
+
+    def without(self, members: Iterable[int]) -> np.ndarray:
+        enabled = np.ones(len(self.layers), bool)
+        enabled[list(members)] = False
+        return enabled
+
+    # -- best-first group testing --------------------------------------------------------------------------------
+    def push(self, group: _Group) -> None:
+        self.pushed += 1
+        heapq.heappush(self.heap, (-float(np.max(group.ratios)), self.pushed, group))
+        if group.measured:  # groups only shrink as the search descends: the latest measured one is the smallest
+            for index in self.order[group.start:group.end]:
+                self.group_bounds[index] = group.ratios
+
+    def start(self) -> None:
+        """The fully quantized model and the group of all candidates on the ranking subset: the search's root."""
+        self.ranking_whole = self.measure(self.without(()), "fully quantized, ranking subset")
+        if not self.order or self.ranking_whole is None:
+            return
+        if len(self.order) == len(self.layers):
+            root = _Group(0, len(self.order), self.ranking_whole, True)
+        else:
+            ratios = self.measure(self.only(self.order), "measuring the candidates")
+            if ratios is None:
+                return
+            root = _Group(0, len(self.order), ratios, True)
+        self.push(root)
+
+    def next_candidate(self) -> int | None:
+        """The next most damaging layer (its single-layer ratios measured), or None (none left, or no budget)."""
+        while self.heap:
+            _, _, group = self.heap[0]
+            if not group.measured:
+                ratios = self.measure(self.only(self.order[group.start:group.end]), self._note())
+                if ratios is None:
+                    return None
+                heapq.heappop(self.heap)
+                self.push(_Group(group.start, group.end, ratios, True))
+                continue
+            if group.size == 1:
+                heapq.heappop(self.heap)
+                index = self.order[group.start]
+                self.singles[index] = group.ratios
+                return index
+            middle = group.start + group.size // 2
+            ratios = self.measure(self.only(self.order[group.start:middle]), self._note())
+            if ratios is None:
+                return None
+            heapq.heappop(self.heap)
+            self.push(_Group(group.start, middle, ratios, True))
+            self.push(_Group(middle, group.end, np.maximum(group.ratios - ratios, 0.0), False))
+        return None
+
+    def _note(self) -> str:
+        return f"{len(self.candidates)} candidates, {self.runs} runs, {max(0.0, self.clock.left()):.0f} s left"
+
+    def find(self, target: np.ndarray) -> bool:
+        """Add candidates until the ranking subset's measurement with them disabled is under ``target`` ratios.
+
+        Returns whether it got there (False: no candidate or no budget left)."""
+        if self.ranking_whole is None:
+            return False
+        correction = np.zeros_like(self.ranking_whole)
+        while True:
+            predicted = self.ranking_whole - sum((self.singles[index] for index in self.candidates
+                                                  if index in self.singles),
+                                                 np.zeros_like(self.ranking_whole)) + correction
+            if self.candidates and np.all(predicted <= target):
+                measured = self.measure(self.without(self.candidates), self._note())
+                if measured is None:
+                    return False
+                if np.all(measured <= target):
+                    return True
+                correction = correction + (measured - predicted)
+            index = self.next_candidate()
+            if index is None:
+                return False
+            coupled = [other for other in self.co_owners(index) if other not in self.candidates]
+            self.candidates.extend([index, *coupled])
+            logger.debug("candidate %s (prior %.2e): alone %.1f dB%s", self.layers[index].node, self.prior[index],
+                         ratio_db(self.singles[index]),
+                         f", with {', '.join(self.layers[other].node for other in coupled)}" if coupled else "")
+
+    def co_owners(self, index: int) -> list[int]:
+        """The other candidates that own the dominant activations of layer ``index`` (local error at least half its
+        largest): a shared activation stays quantized while any owner is, so excluding ``index`` alone would leave
+        its worst error in place."""
+        tensors = self.layers[index].tensors
+        largest = max((self.local.get(tensor, 0.0) for tensor in tensors), default=0.0)
+        floor = max(0.5 * largest, OUTLIER_ERROR_FACTOR * self.typical_error)
+        dominant = {tensor for tensor in self.layers[index].inputs + self.layers[index].outputs
+                    if largest > 0 and self.local.get(tensor, 0.0) >= floor}
+        return [other for other in self.order if other != index and dominant & set(self.layers[other].inputs
+                                                                                   + self.layers[other].outputs)]
+
+    def coarse_completion(self, target: np.ndarray) -> list[int]:
+        """The candidates plus the noisiest unexplored groups as a whole, until the prediction meets ``target``."""
+        chosen = list(self.candidates)
+        if self.ranking_whole is None:
+            return chosen
+        remaining = self.ranking_whole - sum((self.singles[index] for index in chosen if index in self.singles),
+                                             np.zeros_like(target))
+        limit = max(1, len(self.order) // COARSE_FRACTION)
+        for _, _, group in sorted(self.heap, key=lambda entry: entry[0]):
+            if np.all(remaining <= target):
+                break
+            if len(chosen) + group.size > limit:
+                return list(self.candidates)  # more than that in FP32 would cost more than the bound is worth
+            chosen.extend(self.order[group.start:group.end])
+            remaining = remaining - group.ratios
+        return chosen if np.all(remaining <= target) else list(self.candidates)
+
+    def table(self, fell_back: Sequence[str], everything: bool) -> tuple[LayerSensitivity, ...]:
+        """The per-layer rows: measured singles, and with ``everything`` all layers (measured within the budget)."""
+        if everything:
+            for index in range(len(self.layers)):
+                if index in self.singles:
+                    continue
+                ratios = self.measure(self.only([index]), f"table: layer {index + 1}/{len(self.layers)}")
+                if ratios is None:
+                    break
+                self.singles[index] = ratios
+        rows = []
+        for index, layer in enumerate(self.layers):
+            if index in self.singles:
+                rows.append(LayerSensitivity(layer.node, layer.op_type, layer.tensors, ratio_db(self.singles[index]),
+                                             layer.node in fell_back))
+            elif everything or layer.node in fell_back:
+                bound = self.group_bounds.get(index, self.whole_ratios)
+                rows.append(LayerSensitivity(layer.node, layer.op_type, layer.tensors, ratio_db(bound),
+                                             layer.node in fell_back, measured=False))
+        return tuple(rows)
+
+
+def _weight_errors(model: ir.Model, plan: QuantPlan, parameters: Mapping[str, object]) -> dict[str, float]:
+    """``Σ(DQ(Q(W)) − W)² / Σ W²`` of every planned weight, from its parameters (numpy)."""
+    from qgraph.quant.numerics import fake_quantize
+
+    initializers = {name: value for graph in model.graphs() for name, value in graph.initializers.items()}
+    errors = {}
+    for weight in plan.weights:
+        params = parameters.get(weight.name)
+        if params is None or weight.name not in initializers:
+            continue
+        array = initializers[weight.name].const_value.numpy().astype(np.float64)
+        power = float(np.sum(np.square(array)))
+        if power == 0.0:
+            continue
+        error = fake_quantize(array, params) - array
+        errors[weight.name] = float(np.sum(np.square(error))) / power
+    return errors
+
+
+def search(
     model: ir.Model,
     plan: QuantPlan,
     parameters: Mapping[str, object],
     batches: Sequence[Mapping[str, np.ndarray]],
+    options: SensitivityOptions,
+    replan: Replan,
     *,
-    min_sqnr: float,
-    full_table: bool = False,
-    threads: int | None = None,
-) -> SensitivityAnalysis:
-    """Measure ``plan`` against ``min_sqnr`` and, when it misses, rank the layers and estimate how many go back.
+    calibration_seconds: float = 0.0,
+    batch_axes: BatchAxes | None = None,
+) -> SearchOutcome:
+    """Measure ``plan`` against ``options.min_sqnr`` and, when it misses, fall back within the budget.
 
-    With ``full_table`` the per-layer sensitivity is measured even when the fully quantized model meets the bound.
+    ``replan(excluded)`` is the driver's plan with those nodes in FP32 (see the module docstring); the chosen plan,
+    its parameters and what ``replan`` returned with them come back in the outcome.
     """
-    start = time.perf_counter()
+    started = time.perf_counter()
     if not batches:
         raise QGraphError("sensitivity analysis needs at least one calibration batch")
-    layers = find_layers(model, plan)
-    switchable = build_switchable_model(model, plan, parameters, layers)
-    comparison = OutputComparison(switchable, batches, threads=threads)
-
-    def run_with(enabled: np.ndarray) -> dict[str, np.ndarray]:
-        return {ENABLE_INPUT: enabled.astype(bool)}
-
-    reference = comparison.outputs(run_with(np.zeros(len(layers), bool)))
-    whole = comparison.sqnr(reference, run_with(np.ones(len(layers), bool)))
-    needed = whole < min_sqnr
-    logger.info("output SQNR of the fully quantized model: %.1f dB (bound %g dB)", whole, min_sqnr)
-    single: list[float] = []
-    if needed or full_table:
-        for index in range(len(layers)):
-            one_hot = np.zeros(len(layers), bool)
-            one_hot[index] = True
-            single.append(comparison.sqnr(reference, run_with(one_hot)))
-    candidates: list[int] = []
-    count = 0
+    budget = options.budget_seconds if options.budget_seconds is not None else automatic_budget(calibration_seconds)
+    clock = _Clock(started, budget)
+    with Progress(None, "sensitivity search", unit="steps") as bar:
+        state = _Search(model, plan, parameters, batches, options, clock, bar, batch_axes)
+        bound = options.min_sqnr
+        logger.info("output SQNR of the fully quantized model: %.1f dB (bound %g dB)", state.whole_db, bound)
+        needed = state.whole_db < bound
+        chosen = (plan, parameters, None, 0, state.whole_db)
+        fallen: tuple[str, ...] = ()
+        if needed:
+            chosen = _fall_back(state, plan, parameters, batches, replan, bound)
+            fallen = tuple(state.layers[index].node for index in chosen[3])
+        rows = state.table(fallen, options.full_table) if (needed or options.full_table) else ()
+    final_plan, final_parameters, extra, excluded, final_db = chosen
+    if clock.exhausted:
+        logger.warning("the sensitivity search reached its budget of %.0f s after %d runs: keeping the best plan "
+                       "found so far (%d layers in FP32, output SQNR %.1f dB, bound %g dB); --search-budget "
+                       "SECONDS gives it more time", budget, state.runs, len(fallen), final_db, bound)
+    result = SensitivityResult(bound, state.whole_db, final_db, rows, fallen, len(batches),
+                               time.perf_counter() - started, state.runs, state.verifications, budget,
+                               clock.exhausted)
     if needed:
-        names = [layer.node for layer in layers]
-        candidates = sorted(
-            (index for index, layer in enumerate(layers)
-             if layer.tensors and layer.node and names.count(layer.node) == 1),
-            key=lambda index: (single[index], index),
-        )
-        enabled = np.ones(len(layers), bool)
-        for index in candidates:
-            enabled[index] = False
-            count += 1
-            estimate = comparison.sqnr(reference, run_with(enabled))
-            logger.debug("estimate without %d most damaging layers: %.1f dB", count, estimate)
-            if estimate >= min_sqnr:
-                break
-    return SensitivityAnalysis(layers, tuple(single), min_sqnr, whole, reference, tuple(candidates), count,
-                               len(batches), start)
+        if final_db < bound:
+            logger.warning("output SQNR %.1f dB is still below the bound of %g dB after the fallback", final_db, bound)
+        reasons = dict(final_plan.fp32_nodes)
+        for node in fallen:
+            reasons[node] = result.reason(node)
+        final_plan = dataclasses.replace(final_plan, fp32_nodes=reasons)
+        logger.info("%d layers fell back to FP32 (%s): output SQNR %.1f -> %.1f dB in %.1f s (%d runs)",
+                    len(fallen), ", ".join(fallen), state.whole_db, final_db, result.seconds, state.runs)
+    return SearchOutcome(final_plan, final_parameters, extra, result)
 
 
-def verify(
-    model: ir.Model,
-    plan: QuantPlan,
-    parameters: Mapping[str, object],
-    batches: Sequence[Mapping[str, np.ndarray]],
-    analysis: SensitivityAnalysis,
-    *,
-    threads: int | None = None,
-) -> float:
-    """Output SQNR (dB) of the real QDQ graph of ``plan`` (a fallback plan) against the analysis's reference."""
-    qdq = ir.serde.serialize_model(build_qdq(model, plan, parameters))
-    return OutputComparison(qdq, batches, threads=threads).sqnr(analysis.reference)
+def _fall_back(state: _Search, plan: QuantPlan, parameters: Mapping[str, object],
+               batches: Sequence[Mapping[str, np.ndarray]], replan: Replan, bound: float):
+    """Find candidates, verify real plans, widen the margin by each miss; the best verified plan wins."""
+    best = (plan, parameters, None, (), state.whole_db)
+    margin_db = RANKING_MARGIN_DB
+    state.start()
+    for _ in range(MAXIMUM_VERIFICATIONS):
+        target = np.full_like(state.whole_ratios, 10.0 ** (-(bound + margin_db) / 10.0))
+        reached = state.find(target)
+        excluded = list(state.candidates)
+        if not reached and state.clock.exhausted:
+            excluded = state.coarse_completion(target)
+        if not excluded or (best[3] and set(excluded) == set(best[3])):
+            break
+        started = time.perf_counter()
+        names = frozenset(state.layers[index].node for index in excluded)
+        new_plan, new_parameters, extra = replan(names)
+        state.bar.update(note=f"verifying {len(excluded)} layers in FP32")
+        qdq = ir.serde.serialize_model(build_qdq(state.model, new_plan, new_parameters))
+        measured = OutputComparison(qdq, batches, threads=state.options.threads,
+                                    output_names=state.output_names).sqnr(state.reference)
+        state.runs += len(batches)
+        state.verifications += 1
+        state.verify_seconds = time.perf_counter() - started
+        logger.info("with %d layers in FP32 the output SQNR is %.1f dB", len(excluded), measured)
+        if measured > best[4] or (measured >= bound and (best[4] < bound or len(excluded) < len(best[3]))):
+            best = (new_plan, new_parameters, extra, tuple(excluded), measured)
+        if measured >= bound or len(excluded) >= len(state.order) or state.clock.exhausted:
+            break
+        margin_db += bound - measured + RANKING_MARGIN_DB
+    return best
 
-
-def conclude(
-    analysis: SensitivityAnalysis, plan: QuantPlan, count: int, final_sqnr_db: float
-) -> tuple[QuantPlan, SensitivityResult]:
-    """The result of a fallback that excluded ``count`` candidates, and ``plan`` with their FP32 reasons."""
-    fallen = tuple(analysis.layers[index].node for index in analysis.candidates[:count])
-    rows = tuple(
-        LayerSensitivity(layer.node, layer.op_type, layer.tensors, value, layer.node in fallen)
-        for layer, value in zip(analysis.layers, analysis.single_layer_sqnr_db)
-    )
-    result = SensitivityResult(analysis.min_sqnr_db, analysis.output_sqnr_db, final_sqnr_db, rows, fallen,
-                               analysis.batches, time.perf_counter() - analysis.started)
-    if not analysis.needed:
-        return plan, result
-    if final_sqnr_db < analysis.min_sqnr_db:
-        logger.warning("output SQNR %.1f dB is still below the bound of %g dB with every layer candidate in FP32",
-                       final_sqnr_db, analysis.min_sqnr_db)
-    reasons = dict(plan.fp32_nodes)
-    for node in fallen:
-        reasons[node] = result.reason(node)
-    logger.info("%d layers fell back to FP32 (%s): output SQNR %.1f -> %.1f dB",
-                len(fallen), ", ".join(fallen), analysis.output_sqnr_db, final_sqnr_db)
-    return dataclasses.replace(plan, fp32_nodes=reasons), result

@@ -30,7 +30,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TREES = (("qgraph", ROOT / "qgraph"), ("qgraph.passes", ROOT / "passes"))
 
-GROUND = ("qgraph", "qgraph.errors", "qgraph.runtime", "qgraph.native")
+GROUND = ("qgraph", "qgraph.errors", "qgraph.runtime", "qgraph.native", "qgraph.progress")
 #: (layer, module prefixes), lowest first; the most specific prefix decides a module's layer.
 LAYERS = (
     ("ground", GROUND),

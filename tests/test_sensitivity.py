@@ -54,8 +54,12 @@ def test_the_destructive_layer_and_only_it_falls_back_with_the_default_bound():
     assert analysis.fell_back == ("fc2",)
     assert analysis.output_sqnr_db < 3.0  # the fully quantized model's output is noise
     assert analysis.final_output_sqnr_db >= DEFAULT_MIN_SQNR_DB and analysis.bound_met
-    singles = {layer.node: layer for layer in analysis.layers}
-    assert list(singles) == ["fc1", "fc2", "fc3"]
+    # the search measures only the layers it has to (fc2 alone); a table (a report) measures them all
+    assert [layer.node for layer in analysis.layers] == ["fc2"]
+    table = _quantize(model, batches, sensitivity_table=True).sensitivity
+    assert table.fell_back == ("fc2",)
+    singles = {layer.node: layer for layer in table.layers}
+    assert list(singles) == ["fc1", "fc2", "fc3"] and all(layer.measured for layer in table.layers)
     assert singles["fc2"].output_sqnr_db < 3.0 and singles["fc2"].fell_back
     assert singles["fc1"].output_sqnr_db > 25.0 and not singles["fc1"].fell_back
     assert singles["fc3"].output_sqnr_db > 25.0 and not singles["fc3"].fell_back
@@ -69,7 +73,8 @@ def test_the_destructive_layer_and_only_it_falls_back_with_the_default_bound():
     # the model as written meets the bound, measured independently on other batches
     fresh = feature_batches(count=2, seed=7)
     assert _output_sqnr(model, result.model, fresh) >= DEFAULT_MIN_SQNR_DB
-    assert math.isclose(_output_sqnr(model, result.qdq_model, batches), analysis.final_output_sqnr_db, abs_tol=1e-6)
+    retained = batches[:analysis.batches]  # the search measures on the first calibration batches it retained
+    assert math.isclose(_output_sqnr(model, result.qdq_model, retained), analysis.final_output_sqnr_db, abs_tol=1e-6)
 
 
 def test_lowered_model_meets_the_bound_too():
@@ -83,7 +88,7 @@ def test_lowered_model_meets_the_bound_too():
 def test_a_hurt_but_acceptable_layer_stays_quantized_and_a_higher_bound_takes_it_too():
     # fc3's mild outlier leaves it about 16 dB alone: above the default bound, so only fc2 falls back
     model, batches = outlier_mlp(mild_outlier=20.0), feature_batches()
-    default = _quantize(model, batches).sensitivity
+    default = _quantize(model, batches, sensitivity_table=True).sensitivity
     assert default.fell_back == ("fc2",)
     singles = {layer.node: layer.output_sqnr_db for layer in default.layers}
     assert DEFAULT_MIN_SQNR_DB < singles["fc3"] < 20.0 < singles["fc1"]

@@ -18,6 +18,7 @@ separately and their ranges merged afterwards as the union of the ranges.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
@@ -29,6 +30,7 @@ import onnx
 import onnx_ir as ir
 
 from qgraph.errors import DataError
+from qgraph.progress import Progress
 from qgraph.calibrate.observers.factory import OBSERVER_METHODS as METHODS
 from qgraph.calibrate.observers.histogram import DEFAULT_PERCENTILE
 from qgraph.quant.plan import QuantPlan
@@ -194,7 +196,11 @@ def calibrate(
     seen: set[str] = set()
     start = time.perf_counter()
     workers = observer_threads(config.threads)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qgraph-observe") as executor:
+    with contextlib.ExitStack() as stack:
+        if progress is None:  # a caller that counts the samples itself draws its own bar (the command line does)
+            progress = stack.enter_context(Progress(config.samples, "calibrating", unit="samples")).update
+        executor = stack.enter_context(
+            concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qgraph-observe"))
         samples, batches_seen = _stream(probe, input_names, batches, config, executor, workers, observers, seen,
                                         progress, batch_axes)
         if samples == 0:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,11 @@ from qgraph.data.layout import DataLayout
 from qgraph.cli import output as printing
 from qgraph.errors import QGraphError
 from qgraph.pipeline import OptimizeOptions, OutputOptions
+from qgraph.progress import Progress
 from qgraph.ptq import WEIGHT_METHODS, QuantizeOptions
 from qgraph.qat.options import QATOptions
-from qgraph.sensitivity import DEFAULT_MIN_SQNR_DB, validate_min_sqnr
+from qgraph.sensitivity import (AUTO_BUDGET_CALIBRATION_FACTOR, AUTO_BUDGET_SECONDS, DEFAULT_MIN_SQNR_DB,
+                                 validate_min_sqnr, validate_search_budget)
 from qgraph.targets import AUTO_CHOICES, FORMATS, TARGET_NAMES, WEIGHT_BITS, TargetOptions
 from qgraph.weight_only.options import ALGORITHMS, WeightOnlyOptions
 
@@ -79,6 +80,20 @@ class _MinSqnr(click.ParamType):
             return validate_min_sqnr(value)
         except QGraphError as error:
             self.fail(str(error).removeprefix("--min-sqnr "), param, ctx)
+
+
+class _SearchBudget(click.ParamType):
+    """``--search-budget``: seconds, or ``auto``."""
+
+    name = "search-budget"
+
+    def convert(self, value, param, ctx):
+        if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+            return "auto"
+        try:
+            return validate_search_budget(value)
+        except QGraphError as error:
+            self.fail(str(error).removeprefix("--search-budget "), param, ctx)
 
 
 # --- where each option goes ---------------------------------------------------------------------------------------
@@ -134,6 +149,7 @@ _DESTINATIONS: dict[str, tuple[str, Conversion]] = {
     "config_path": ("quantization", _to("config")),
     "quantize_recurrent": ("quantization", _to("recurrent")),
     "min_sqnr": ("quantization", _min_sqnr),
+    "search_budget": ("quantization", _to("search_budget", lambda value: None if value == "auto" else value)),
     "report_path": ("quantization", _to("sensitivity_table", lambda path: path is not None)),
     "distill": ("qat", _to("loss", lambda distill: "distill" if distill else "labels")),
     "label_key": ("qat", _to_given("label_key")),
@@ -315,6 +331,10 @@ def _optimize_options(values: Mapping[str, Any]) -> OptimizeOptions:
               "below DB, the layers that damage it most go back to FP32 until it is not "
               f"(default {DEFAULT_MIN_SQNR_DB:g} dB: rescues a model that one layer breaks, leaves healthy models "
               "alone). 'off' disables it.")
+@click.option("--search-budget", type=_SearchBudget(), default="auto", metavar="SECONDS|auto",
+              help="Longest time the automatic fallback may search (default auto: "
+              f"{AUTO_BUDGET_SECONDS:g} s + {AUTO_BUDGET_CALIBRATION_FACTOR:g}x the calibration time). When it runs "
+              "out, the best plan found so far is kept and a warning says so.")
 @click.option("--qat", is_flag=True,
               help="Quantization-aware training: fine-tune the quantized model (fake quantization with learnable "
               "scales) on --train-data before lowering. Needs --calib and --labels KEY or --distill.")
@@ -421,7 +441,7 @@ def optimize(**values: Any) -> None:
     else:
         layout = options.data_layout.with_removed_inputs(options.fixed_inputs)
         total = _calibration_length(calib, options.quantization.calibration.samples, layout)
-        with click.progressbar(length=total, label="calibrating", file=sys.stderr, show_pos=True) as bar:
+        with Progress(total, "calibrating", unit="samples") as bar:
             result = pipeline.optimize(
                 loaded, values["output"], options, input_path=model, calibration_data=calib, progress=bar.update,
                 train_data=values["train_data"], validation_data=values["val_data"],
