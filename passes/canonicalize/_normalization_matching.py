@@ -116,7 +116,7 @@ def analysis_of(node: ir.Node, model: ir.Model, *, centred: bool) -> Analysis | 
     """
     if not (is_op(node, "Mul") or is_op(node, "Div")) or len(node.inputs) != 2:
         return None
-    if any(value is None or value.producer() is None for value in node.inputs):
+    if any(value is None for value in node.inputs) or all(value.producer() is None for value in node.inputs):
         return None
     try:
         found = analyse(node, model)
