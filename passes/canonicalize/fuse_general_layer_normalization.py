@@ -38,7 +38,7 @@ import onnx_ir as ir
 
 from qgraph.passes.canonicalize import _normalization_matching as normalization
 from qgraph.passes._rewrite_support import drop_unused_initializers, new_initializer
-from qgraph.passes.canonicalize._pattern_matching import default_opset
+from qgraph.passes.canonicalize._pattern_matching import OpsetRefusal, default_opset
 from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
 
 logger = logging.getLogger(__name__)
@@ -82,9 +82,10 @@ class FuseGeneralLayerNormalization(RewritePass):
         found = match.result
         opset = default_opset(context.model)
         if opset < MINIMUM_OPSET:
-            return Refusal(
+            return OpsetRefusal(
                 f"the model imports default-domain opset {opset}; LayerNormalization needs opset {MINIMUM_OPSET} "
-                "(UpgradeOpsetForFusions converts the model when the conversion is exact)"
+                "(UpgradeOpsetForFusions converts the model when the conversion is exact)",
+                MINIMUM_OPSET,
             )
         shape = found.normalized_shape
         scale = normalization.broadcast_parameter(found.scale, shape, 1.0)
