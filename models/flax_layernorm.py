@@ -65,7 +65,6 @@ def layer_norm(builder: GraphBuilder, x: str, features: int, spelling: str, *, n
     beta = (0.1 * builder.generator.standard_normal(features)).astype(np.float32)
     gamma_name = builder.add_initializer(f"{name}.scale", gamma)
     beta_name = builder.add_initializer(f"{name}.bias", beta)
-    full_shape = builder.constant([1, TOKENS, features], np.int64)
     mean = _mean(builder, x, features, spelling)
     if spelling == "sum_div":
         square = builder.node("Pow", [x, builder.constant(2.0)])
@@ -78,6 +77,7 @@ def layer_norm(builder: GraphBuilder, x: str, features: int, spelling: str, *, n
         variance = builder.node("Max", [variance, builder.constant(0.0)])
     shifted = builder.node("Add", [variance, builder.constant(LAYER_NORM_EPSILON)])
     if spelling == "flax":
+        full_shape = builder.constant([1, TOKENS, features], np.int64)
         inverse = builder.node("Reciprocal", [builder.node("Sqrt", [shifted])])
         inverse = builder.node("Expand", [inverse, full_shape])
         factor = builder.node("Mul", [inverse, gamma_name])

@@ -60,6 +60,10 @@ class Refused(Exception):
     """Raised inside the analysis with the reason a fusion is refused."""
 
 
+class NotANormalization(Refused):
+    """Raised when the node is no normalisation at all (no log line: most Muls of a model are not one)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class NormalizationMatch:
     """A recognised normalisation: ``centred`` (LayerNorm) or not (RMSNorm), the data x, the output, the nodes."""
@@ -104,10 +108,6 @@ class Analysis:
     result: NormalizationMatch | str
 
 
-#: Reasons that only say "this Mul is no normalisation at all": not worth a log line for every Mul of a model.
-_NOT_A_NORMALIZATION = ("not a reciprocal square root", "not a square root", "rank of the normalised input")
-
-
 def analysis_of(node: ir.Node, model: ir.Model, *, centred: bool) -> Analysis | None:
     """The LayerNorm (``centred``) or RMSNorm whose product with the reciprocal root is ``node``.
 
@@ -120,10 +120,10 @@ def analysis_of(node: ir.Node, model: ir.Model, *, centred: bool) -> Analysis | 
         return None
     try:
         found = analyse(node, model)
+    except NotANormalization:
+        return None
     except Refused as refusal:
         reasons = str(refusal).split("; ")
-        if all(any(phrase in reason for phrase in _NOT_A_NORMALIZATION) for reason in reasons):
-            return None
         other = "an RMSNorm numerator" if centred else "a LayerNorm numerator"
         if all(other in reason for reason in reasons):
             return None
@@ -141,13 +141,18 @@ def analyse(product: ir.Node, model: ir.Model) -> NormalizationMatch:
     candidates = [(product.inputs[0], product.inputs[1])]
     if is_op(product, "Mul"):
         candidates.append((product.inputs[1], product.inputs[0]))
-    reasons = []
+    refusals: list[Refused] = []
     for numerator, factor in candidates:
         try:
+            if constant_array(numerator) is not None:
+                raise NotANormalization("the numerator is a constant")
             return _analyse(product, numerator, factor, opset)
         except Refused as refusal:
-            reasons.append(str(refusal))
-    raise Refused(reasons[0] if len(reasons) == 1 else "; ".join(dict.fromkeys(reasons)))
+            refusals.append(refusal)
+    near_misses = [str(refusal) for refusal in refusals if not isinstance(refusal, NotANormalization)]
+    if not near_misses:
+        raise NotANormalization("; ".join(str(refusal) for refusal in refusals))
+    raise Refused("; ".join(dict.fromkeys(near_misses)))
 
 
 def _analyse(product: ir.Node, numerator: ir.Value, factor: ir.Value, opset: int) -> NormalizationMatch:
@@ -159,7 +164,7 @@ def _analyse(product: ir.Node, numerator: ir.Value, factor: ir.Value, opset: int
         data, centred = numerator, False
     rank, dtype = known_rank_and_dtype(data)
     if rank is None:
-        raise Refused("the rank of the normalised input is unknown")
+        raise NotANormalization("the rank of the normalised input is unknown")
     if dtype is not None and dtype != ir.DataType.FLOAT:
         raise Refused(f"element type {dtype.name}: only float32 normalisations are fused")
     context = _Context(rank, data, opset, [product])
@@ -256,7 +261,7 @@ def _reciprocal_square_root(value: ir.Value, context: _Context) -> tuple[ir.Valu
         context.take(producer)
         return _plus_epsilon(producer.inputs[0], context)
     kind = producer.op_type if producer is not None else "a graph input"
-    raise Refused(f"the factor is {kind}, not a reciprocal square root")
+    raise NotANormalization(f"the factor is {kind}, not a reciprocal square root")
 
 
 def _square_root(value: ir.Value, context: _Context) -> tuple[ir.Value, float]:
@@ -264,7 +269,7 @@ def _square_root(value: ir.Value, context: _Context) -> tuple[ir.Value, float]:
     producer = value.producer()
     if not is_op(producer, "Sqrt"):
         kind = producer.op_type if producer is not None else "a graph input"
-        raise Refused(f"the divisor is {kind}, not a square root")
+        raise NotANormalization(f"the divisor is {kind}, not a square root")
     context.take(producer)
     return _plus_epsilon(producer.inputs[0], context)
 

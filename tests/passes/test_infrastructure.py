@@ -306,7 +306,16 @@ def protocol_corpus() -> list[onnx.ModelProto]:
     return [
         ir.serde.serialize_model(model()), conv_batch_norm, lone_batch_norm, conv_bias,
         gelu_erf(), gelu_tanh(opset=20), layer_norm("tf2onnx"), cnn.model(), float_output_islands(),
+        *exporter_spelling_corpus(),
     ]
+
+
+def exporter_spelling_corpus() -> list[onnx.ModelProto]:
+    """flax LayerNorm, RMSNorm, SiLU and HardSwish spellings (for the fusions of issue 14)."""
+    from tests.passes.canonicalize.activation_spellings import hard_swish, sigmoid_gate
+    from tests.passes.canonicalize.normalization_spellings import flax_layer_norm, rms_norm
+
+    return [flax_layer_norm("flax"), rms_norm("pow_div"), sigmoid_gate(1.702), hard_swish("clip")]
 
 
 def float_output_islands() -> onnx.ModelProto:
