@@ -98,3 +98,27 @@ def test_split_with_a_float_reader_is_refused(caplog):
 def test_selection_with_different_params_is_refused(op_type, caplog):
     builder, _ = _island(op_type, same_params=False, **({"axis": 1} if op_type == "Gather" else {}))
     assert_refused(builder.model(), LowerIntegerPassThrough(), caplog, "requantization")
+
+
+@pytest.mark.parametrize(("mode", "shared"), [("nearest", True), ("linear", False)])
+def test_annotation_shares_a_nearest_resize_s_quantization_so_the_lowering_applies(mode, shared):
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qgraph.annotate.annotator import annotate
+    from qgraph.targets import get_target
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Resize", ["c", "", "scales"], ["r"], mode=mode),
+         helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])],
+        "resize", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [weight, scales, numpy_helper.from_array(np.ones((2, 4, 3, 3), np.float32), "w2")],
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    plan = annotate(model, get_target("ort-cpu").rules())
+    assert {"c", "r"} <= set(plan.activations)
+    assert ({"c", "r"} <= plan.group_of("r")) == shared
