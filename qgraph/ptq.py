@@ -26,6 +26,7 @@ from qgraph.ir.traversal import iterate_graphs
 from qgraph.ir.values import default_opset
 from qgraph.passes.canonicalize.eliminate_dead_code import EliminateDeadCode
 from qgraph.passes.infrastructure import PassManager, PassRecord
+from qgraph.passes.quantize.correct_bias import CorrectBias
 from qgraph.passes.quantize.insert_quantize_dequantize import InsertQuantizeDequantize
 from qgraph.passes.quantize.quantize_lstm_dynamic import QuantizeLSTMDynamic
 from qgraph.annotate.annotator import AnnotationOverrides, AnnotationRules, annotate
@@ -55,6 +56,7 @@ QUANTIZED_OPERATORS = frozenset(
     }
 )
 WEIGHT_METHODS = ("minmax", "mse")
+BIAS_CORRECTION_MODES = ("auto", "on", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,10 @@ class QuantizeOptions:
     sensitivity_batches: int = DEFAULT_SENSITIVITY_BATCHES
     #: Measure the per-layer sensitivity table even when the bound is met (for a report).
     sensitivity_table: bool = False
+    #: Per-channel bias correction (see :mod:`qgraph.passes.quantize.correct_bias`): "auto" corrects when the
+    #: output SQNR on the sensitivity batches is below ``min_sqnr`` and the correction raises it; "on" always;
+    #: "off" never.
+    bias_correction: str = "auto"
 
     def __post_init__(self) -> None:
         from qgraph.annotate.annotator import RECURRENT_MODES
@@ -87,6 +93,9 @@ class QuantizeOptions:
         validate_min_sqnr(self.min_sqnr)
         if self.sensitivity_batches < 1:
             raise QGraphError(f"sensitivity_batches must be at least 1, got {self.sensitivity_batches}")
+        if self.bias_correction not in BIAS_CORRECTION_MODES:
+            raise QGraphError(f"unknown bias correction {self.bias_correction!r}; choose one of "
+                              f"{', '.join(BIAS_CORRECTION_MODES)}")
         if self.weight_method not in WEIGHT_METHODS:
             raise QGraphError(f"unknown weight method {self.weight_method!r}; choose one of {', '.join(WEIGHT_METHODS)}")
 
@@ -196,16 +205,18 @@ def quantize(
             f"{target.name} ({len(plan.fp32_nodes)} nodes stay FP32)"
         )
     kept: list[Mapping[str, np.ndarray]] = []
-    if options.min_sqnr is not None:
+    if options.min_sqnr is not None or options.bias_correction == "on":
         batches = retain_batches(batches, options.sensitivity_batches, kept)
     calibration = calibrate(model, plan, batches, options.calibration, progress=progress)
     per_channel = target.options.per_channel
     parameters = compute_parameters(model, plan, calibration.ranges, per_channel=per_channel,
                                     weight_method=options.weight_method)
+    original_biases = _correct_biases(model, plan, parameters, kept, options)
     fallback = None
     if options.min_sqnr is not None:
         plan, parameters, calibration, fallback = _fall_back(model, rules, plan, parameters, calibration, kept,
                                                              options, per_channel)
+        _restore_biases(model, original_biases, plan)
     quantize_passes = [InsertQuantizeDequantize(plan=plan, parameters=parameters)]
     if plan.dynamic_nodes:
         quantize_passes.append(QuantizeLSTMDynamic(
@@ -231,6 +242,50 @@ def lower_to_target(model: ir.Model, target: Target) -> tuple[PassRecord, ...]:
     records = list(PassManager(passes, fixed_point=True).run(model).records)
     records.extend(PassManager([EliminateDeadCode()]).run(model).records)
     return tuple(records)
+
+
+def _correct_biases(model: ir.Model, plan: QuantPlan, parameters: Mapping[str, QuantParams],
+                    batches: list[Mapping[str, np.ndarray]], options: QuantizeOptions) -> dict[str, np.ndarray]:
+    """Apply CorrectBias when ``options.bias_correction`` asks for it (in "auto": when the QDQ output's SQNR on
+    ``batches`` is below ``options.min_sqnr`` and the correction raises it); the original biases it replaced."""
+    if options.bias_correction == "off" or not batches or not plan.biases:
+        return {}
+    values = {value.name: value for value in model.graph.initializers.values()}
+    originals = {bias.name: values[bias.name].const_value.numpy().copy() for bias in plan.biases
+                 if bias.name in values and values[bias.name].const_value is not None}
+    if options.bias_correction == "auto":
+        threads = options.calibration.threads
+        reference = sensitivity.OutputComparison(ir.serde.serialize_model(model), batches, threads=threads).outputs()
+
+        def output_sqnr(correct: bool) -> float:
+            candidate = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+            passes = [InsertQuantizeDequantize(plan=plan, parameters=parameters)]
+            if correct:
+                passes.insert(0, CorrectBias(plan=plan, parameters=parameters, batches=batches))
+            PassManager(passes).run(candidate)
+            comparison = sensitivity.OutputComparison(ir.serde.serialize_model(candidate), batches, threads=threads)
+            return comparison.sqnr(reference)
+
+        plain = output_sqnr(False)
+        if options.min_sqnr is None or plain >= options.min_sqnr:
+            return {}
+        corrected = output_sqnr(True)
+        logger.info("bias correction: output SQNR %.2f dB without, %.2f dB with", plain, corrected)
+        if corrected <= plain:
+            return {}
+    if not CorrectBias(plan=plan, parameters=parameters, batches=batches)(model).modified:
+        return {}
+    return originals
+
+
+def _restore_biases(model: ir.Model, originals: Mapping[str, np.ndarray], plan: QuantPlan) -> None:
+    """Give back their float bias to the layers that fell back to FP32 after their bias was corrected."""
+    planned = {bias.name for bias in plan.biases}
+    for name, array in originals.items():
+        value = model.graph.initializers.get(name)
+        if name not in planned and value is not None:
+            value.const_value = ir.tensor(array, name=name)
+            value.shape = ir.Shape(array.shape)
 
 
 def _fall_back(

@@ -15,6 +15,7 @@ model that needs nothing, or is already new enough, is not touched (no conversio
 from __future__ import annotations
 
 import logging
+import sys
 
 import onnx_ir as ir
 from onnx_ir.passes import PassResult
@@ -32,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 #: The fusions whose operator needs a minimum opset (FuseGelu and FuseQuickGelu fall back to com.microsoft ops).
 OPSET_FUSIONS = (FuseLayerNormalization, FuseGeneralLayerNormalization, FuseHardSwish)
+#: Their modules, each of which names the opset its operator needs (MINIMUM_OPSET).
+_FUSION_MODULES = tuple(sys.modules[fusion.__module__] for fusion in OPSET_FUSIONS)
 
 
 def needed_opset(model: ir.Model, fusions=OPSET_FUSIONS) -> int:
@@ -60,6 +63,8 @@ class UpgradeOpsetForFusions(QGraphPass):
 
     def call(self, model: ir.Model) -> PassResult:
         current = default_opset(model)
+        if current >= max(fusion.MINIMUM_OPSET for fusion in _FUSION_MODULES):
+            return PassResult(model, False)  # every fusion's operator exists already: nothing to ask
         needed = needed_opset(model)
         if needed <= current:
             return PassResult(model, False)
