@@ -80,9 +80,9 @@ class QuantizeOptions:
     sensitivity_batches: int = DEFAULT_SENSITIVITY_BATCHES
     #: Measure the per-layer sensitivity table even when the bound is met (for a report).
     sensitivity_table: bool = False
-    #: Per-channel bias correction (see :mod:`qgraph.passes.quantize.correct_bias`): "auto" corrects when the
-    #: output SQNR on the sensitivity batches is below ``min_sqnr`` and the correction raises it; "on" always;
-    #: "off" never.
+    #: Per-channel bias correction of the final plan, after the fallback search (see
+    #: :mod:`qgraph.passes.quantize.correct_bias`): "auto" corrects when the output SQNR on the sensitivity batches
+    #: is still below ``min_sqnr`` and the correction raises it; "on" always; "off" never.
     bias_correction: str = "auto"
 
     def __post_init__(self) -> None:
@@ -211,12 +211,12 @@ def quantize(
     per_channel = target.options.per_channel
     parameters = compute_parameters(model, plan, calibration.ranges, per_channel=per_channel,
                                     weight_method=options.weight_method)
-    original_biases = _correct_biases(model, plan, parameters, kept, options)
     fallback = None
     if options.min_sqnr is not None:
         plan, parameters, calibration, fallback = _fall_back(model, rules, plan, parameters, calibration, kept,
                                                              options, per_channel)
-        _restore_biases(model, original_biases, plan)
+    _correct_biases(model, plan, parameters, kept, options,
+                    measured=fallback.final_output_sqnr_db if fallback is not None else None)
     quantize_passes = [InsertQuantizeDequantize(plan=plan, parameters=parameters)]
     if plan.dynamic_nodes:
         quantize_passes.append(QuantizeLSTMDynamic(
@@ -245,15 +245,17 @@ def lower_to_target(model: ir.Model, target: Target) -> tuple[PassRecord, ...]:
 
 
 def _correct_biases(model: ir.Model, plan: QuantPlan, parameters: Mapping[str, QuantParams],
-                    batches: list[Mapping[str, np.ndarray]], options: QuantizeOptions) -> dict[str, np.ndarray]:
-    """Apply CorrectBias when ``options.bias_correction`` asks for it (in "auto": when the QDQ output's SQNR on
-    ``batches`` is below ``options.min_sqnr`` and the correction raises it); the original biases it replaced."""
+                    batches: list[Mapping[str, np.ndarray]], options: QuantizeOptions, *,
+                    measured: float | None = None) -> bool:
+    """Apply CorrectBias to the final plan when ``options.bias_correction`` asks for it; whether it did.
+
+    "auto": when the QDQ output's SQNR on ``batches`` (``measured`` by the fallback search, or measured here) is
+    below ``options.min_sqnr`` and the correction raises it."""
     if options.bias_correction == "off" or not batches or not plan.biases:
-        return {}
-    values = {value.name: value for value in model.graph.initializers.values()}
-    originals = {bias.name: values[bias.name].const_value.numpy().copy() for bias in plan.biases
-                 if bias.name in values and values[bias.name].const_value is not None}
+        return False
     if options.bias_correction == "auto":
+        if options.min_sqnr is None or (measured is not None and measured >= options.min_sqnr):
+            return False
         threads = options.calibration.threads
         reference = sensitivity.OutputComparison(ir.serde.serialize_model(model), batches, threads=threads).outputs()
 
@@ -266,26 +268,14 @@ def _correct_biases(model: ir.Model, plan: QuantPlan, parameters: Mapping[str, Q
             comparison = sensitivity.OutputComparison(ir.serde.serialize_model(candidate), batches, threads=threads)
             return comparison.sqnr(reference)
 
-        plain = output_sqnr(False)
-        if options.min_sqnr is None or plain >= options.min_sqnr:
-            return {}
+        plain = measured if measured is not None else output_sqnr(False)
+        if plain >= options.min_sqnr:
+            return False
         corrected = output_sqnr(True)
         logger.info("bias correction: output SQNR %.2f dB without, %.2f dB with", plain, corrected)
         if corrected <= plain:
-            return {}
-    if not CorrectBias(plan=plan, parameters=parameters, batches=batches)(model).modified:
-        return {}
-    return originals
-
-
-def _restore_biases(model: ir.Model, originals: Mapping[str, np.ndarray], plan: QuantPlan) -> None:
-    """Give back their float bias to the layers that fell back to FP32 after their bias was corrected."""
-    planned = {bias.name for bias in plan.biases}
-    for name, array in originals.items():
-        value = model.graph.initializers.get(name)
-        if name not in planned and value is not None:
-            value.const_value = ir.tensor(array, name=name)
-            value.shape = ir.Shape(array.shape)
+            return False
+    return CorrectBias(plan=plan, parameters=parameters, batches=batches)(model).modified
 
 
 def _fall_back(
