@@ -31,7 +31,12 @@ from qgraph.passes.canonicalize.fold_batch_norm import FoldBatchNorm
 from qgraph.passes.canonicalize.fold_constant_if import FoldConstantIf
 from qgraph.passes.canonicalize.fold_constants import FoldConstants
 from qgraph.passes.canonicalize.fuse_gelu import FuseGelu
+from qgraph.passes.canonicalize.fuse_general_layer_normalization import FuseGeneralLayerNormalization
+from qgraph.passes.canonicalize.fuse_hard_swish import FuseHardSwish
 from qgraph.passes.canonicalize.fuse_layer_normalization import FuseLayerNormalization
+from qgraph.passes.canonicalize.fuse_quick_gelu import FuseQuickGelu
+from qgraph.passes.canonicalize.fuse_rms_normalization import FuseRmsNormalization
+from qgraph.passes.canonicalize.upgrade_opset_for_fusions import UpgradeOpsetForFusions
 from qgraph.passes.canonicalize.lift_constants import LiftConstants
 from qgraph.passes.canonicalize.merge_bias_add import MergeBiasAdd
 from qgraph.passes.infrastructure import PassManager, PassRecord, QGraphPass
@@ -56,14 +61,21 @@ logger = logging.getLogger(__name__)
 #: touches a node with an activation input, so it cannot break a pattern), and before MergeBiasAdd and the
 #: BatchNorm passes, which write Mul/Add nodes of their own. FoldConstantIf follows FoldConstants, which turns a
 #: condition computed from constants (or from an input fixed with ``fixed_inputs``) into an initializer; the inlined
-#: branch's constants then fold in the next round.
+#: branch's constants then fold in the next round. UpgradeOpsetForFusions comes just before the fusions: when one of
+#: them refuses only for the model's opset (LayerNormalization 17, HardSwish 14) it converts the model, checked
+#: numerically, and the fusions after it fuse in the same round.
 CANONICAL_PIPELINE: tuple[type[QGraphPass], ...] = (
     LiftConstants,
     EliminateIdentity,
     FoldConstants,
     FoldConstantIf,
+    UpgradeOpsetForFusions,
     FuseLayerNormalization,
+    FuseGeneralLayerNormalization,
+    FuseRmsNormalization,
     FuseGelu,
+    FuseQuickGelu,
+    FuseHardSwish,
     MergeBiasAdd,
     FoldBatchNorm,
     DecomposeBatchNorm,

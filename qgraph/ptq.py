@@ -35,6 +35,7 @@ from qgraph.ir.traversal import iterate_graphs
 from qgraph.ir.values import default_opset
 from qgraph.passes.canonicalize.eliminate_dead_code import EliminateDeadCode
 from qgraph.passes.infrastructure import PassManager, PassRecord
+from qgraph.passes.quantize.correct_bias import CorrectBias
 from qgraph.passes.quantize.insert_quantize_dequantize import InsertQuantizeDequantize
 from qgraph.passes.quantize.quantize_lstm_dynamic import QuantizeLSTMDynamic
 from qgraph.annotate.annotator import AnnotationOverrides, AnnotationRules, annotate
@@ -72,6 +73,7 @@ WEIGHT_METHODS = ("minmax", "mse")
 DEFAULT_SPEED_CHOICE_SECONDS = 6.0
 #: Latency tables the speed choice measures at most; each gets an equal share of the budget.
 _SPEED_CHOICE_TABLES = 3
+BIAS_CORRECTION_MODES = ("auto", "on", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +107,10 @@ class QuantizeOptions:
     speed_choice_seconds: float = DEFAULT_SPEED_CHOICE_SECONDS
     #: Seconds the sensitivity search may take; None: automatic (see :func:`qgraph.sensitivity.automatic_budget`).
     search_budget: float | None = None
+    #: Per-channel bias correction of the final plan, after the fallback search (see
+    #: :mod:`qgraph.passes.quantize.correct_bias`): "auto" corrects when the output SQNR on the sensitivity batches
+    #: is still below ``min_sqnr`` and the correction raises it; "on" always; "off" never.
+    bias_correction: str = "auto"
 
     def __post_init__(self) -> None:
         from qgraph.annotate.annotator import RECURRENT_MODES
@@ -115,6 +121,9 @@ class QuantizeOptions:
         validate_search_budget(self.search_budget)
         if self.sensitivity_batches < 1:
             raise QGraphError(f"sensitivity_batches must be at least 1, got {self.sensitivity_batches}")
+        if self.bias_correction not in BIAS_CORRECTION_MODES:
+            raise QGraphError(f"unknown bias correction {self.bias_correction!r}; choose one of "
+                              f"{', '.join(BIAS_CORRECTION_MODES)}")
         if self.weight_method not in WEIGHT_METHODS:
             raise QGraphError(f"unknown weight method {self.weight_method!r}; choose one of {', '.join(WEIGHT_METHODS)}")
         if self.speed_choice_seconds <= 0:
@@ -236,8 +245,9 @@ def quantize(
         )
     kept: list[Mapping[str, np.ndarray]] = []
     timing = lower and speed_choice_applies(options, target)
-    if options.min_sqnr is not None or timing:  # the speed choice times the first batch
-        batches = retain_batches(batches, options.sensitivity_batches if options.min_sqnr is not None else 1, kept)
+    measuring = options.min_sqnr is not None or options.bias_correction == "on"
+    if measuring or timing:  # the speed choice times the first batch
+        batches = retain_batches(batches, options.sensitivity_batches if measuring else 1, kept)
     calibration = calibrate(model, plan, batches, options.calibration, progress=progress, batch_axes=batch_axes)
     per_channel = target.options.per_channel
     parameters = compute_parameters(model, plan, calibration.ranges, per_channel=per_channel,
@@ -246,6 +256,8 @@ def quantize(
     if options.min_sqnr is not None:
         plan, parameters, calibration, fallback = _fall_back(model, rules, plan, parameters, calibration, kept,
                                                              options, per_channel, batch_axes)
+    _correct_biases(model, plan, parameters, kept, options,
+                    measured=fallback.final_output_sqnr_db if fallback is not None else None)
     quantize_passes = [InsertQuantizeDequantize(plan=plan, parameters=parameters)]
     if plan.dynamic_nodes:
         quantize_passes.append(QuantizeLSTMDynamic(
@@ -326,6 +338,40 @@ def lower_to_target(model: ir.Model, target: Target) -> tuple[PassRecord, ...]:
     records = list(PassManager(passes, fixed_point=True).run(model).records)
     records.extend(PassManager([EliminateDeadCode()]).run(model).records)
     return tuple(records)
+
+
+def _correct_biases(model: ir.Model, plan: QuantPlan, parameters: Mapping[str, QuantParams],
+                    batches: list[Mapping[str, np.ndarray]], options: QuantizeOptions, *,
+                    measured: float | None = None) -> bool:
+    """Apply CorrectBias to the final plan when ``options.bias_correction`` asks for it; whether it did.
+
+    "auto": when the QDQ output's SQNR on ``batches`` (``measured`` by the fallback search, or measured here) is
+    below ``options.min_sqnr`` and the correction raises it."""
+    if options.bias_correction == "off" or not batches or not plan.biases:
+        return False
+    if options.bias_correction == "auto":
+        if options.min_sqnr is None or (measured is not None and measured >= options.min_sqnr):
+            return False
+        threads = options.calibration.threads
+        reference = sensitivity.OutputComparison(ir.serde.serialize_model(model), batches, threads=threads).outputs()
+
+        def output_sqnr(correct: bool) -> float:
+            candidate = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+            passes = [InsertQuantizeDequantize(plan=plan, parameters=parameters)]
+            if correct:
+                passes.insert(0, CorrectBias(plan=plan, parameters=parameters, batches=batches))
+            PassManager(passes).run(candidate)
+            comparison = sensitivity.OutputComparison(ir.serde.serialize_model(candidate), batches, threads=threads)
+            return comparison.sqnr(reference)
+
+        plain = measured if measured is not None else output_sqnr(False)
+        if plain >= options.min_sqnr:
+            return False
+        corrected = output_sqnr(True)
+        logger.info("bias correction: output SQNR %.2f dB without, %.2f dB with", plain, corrected)
+        if corrected <= plain:
+            return False
+    return CorrectBias(plan=plan, parameters=parameters, batches=batches)(model).modified
 
 
 def _fall_back(

@@ -8,7 +8,8 @@ also reads, or that is a graph output, would lose its producer when the chain be
   order);
 - is a constant a single number close to an expected one (relative tolerance, since exporters print constants with
   six to eight significant digits: ``1.4142135``, ``0.70710678``, ``0.7978845608``);
-- is a value read by exactly the expected nodes of the chain and by nothing else (fan-out refuses a fusion).
+- is a value read by exactly the expected nodes of the chain and by nothing else (fan-out refuses a fusion);
+- a refusal that only the model's opset causes (:class:`OpsetRefusal`, which UpgradeOpsetForFusions looks for).
 
 The questions every pass asks — is a node a default-domain ``op_type`` node, which node is the sole consumer of a
 value and why there is none, which default-domain opset the model imports (the fused operator's availability
@@ -17,11 +18,13 @@ depends on it), importing com.microsoft — are answered in :mod:`qgraph.ir.valu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.passes.infrastructure import Refusal
 from qgraph.ir.values import (  # noqa: F401 - re-exported for the fusions
     MICROSOFT_DOMAIN,
     constant_array,
@@ -88,3 +91,10 @@ def other_operand(node: ir.Node, value: ir.Value) -> ir.Value | None:
     if node.inputs[1] is value:
         return node.inputs[0]
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class OpsetRefusal(Refusal):
+    """A fusion that would be made but for the model's default-domain opset, which must be at least ``needed``."""
+
+    needed: int = 0

@@ -32,8 +32,9 @@ What is refused, with the reason logged:
   determine statically (LayerNormalization's Scale needs it), an element type other than float32;
 - a model whose default-domain opset is below 17. LayerNormalization does not exist there, and onnxruntime 1.19.2
   has no ``com.microsoft::LayerNormalization`` (measured: "not a registered function/op"; its contrib kernel is
-  registered in the default domain for opsets 1–16, which onnx.checker rejects). Convert such a model to opset 17
-  first.
+  registered in the default domain for opsets 1–16, which onnx.checker rejects). The refusal is an OpsetRefusal:
+  UpgradeOpsetForFusions, before this pass in the canonical pipeline, converts such a model to opset 17 (checked
+  numerically) when it finds one.
 
 The fused node computes in float32 with its own reduction (onnxruntime: one pass over E[x] and E[x²]), so its output
 matches the decomposed graph to float32 rounding (~1e-6 relative), not bit for bit.
@@ -54,6 +55,7 @@ from qgraph.passes._rewrite_support import (
     new_initializer,
 )
 from qgraph.passes.canonicalize._pattern_matching import (
+    OpsetRefusal,
     default_opset,
     is_op,
     private_value_refusal,
@@ -110,7 +112,17 @@ class FuseLayerNormalization(RewritePass):
 
     def check(self, match: ir.Node, context: RewriteContext) -> LayerNormPlan | Refusal:
         result = self._analyse(match, context.model)
-        return Refusal(result) if isinstance(result, str) else result
+        if isinstance(result, str):
+            return Refusal(result)
+        opset = default_opset(context.model)
+        if opset < MINIMUM_OPSET:
+            return OpsetRefusal(
+                f"the model imports default-domain opset {opset}; LayerNormalization needs opset {MINIMUM_OPSET} "
+                "(onnxruntime 1.19 has no com.microsoft LayerNormalization; UpgradeOpsetForFusions converts the "
+                "model when the conversion is exact)",
+                MINIMUM_OPSET,
+            )
+        return result
 
     def rewrite(self, plan: LayerNormPlan, context: RewriteContext) -> None:
         names = context.names
@@ -321,12 +333,6 @@ class FuseLayerNormalization(RewritePass):
                 refusal = private_value_refusal(value, readers, f"{node.op_type} output")
                 if refusal:
                     return refusal
-
-        if opset < MINIMUM_OPSET:
-            return (
-                f"the model imports default-domain opset {opset}; LayerNormalization needs opset {MINIMUM_OPSET} "
-                "(onnxruntime 1.19 has no com.microsoft LayerNormalization); convert the model to opset 17 first"
-            )
 
         replaced = [value for node in nodes for value in node.inputs if value is not None and value.is_initializer()]
         mean_node = nodes[0]  # _analyse lists the first ReduceMean first

@@ -12,7 +12,8 @@ One walk over the main graph in topological order classifies every node:
 - *pass-through* ops (MaxPool, Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Split, Slice, …) quantize their
   output with the input's parameters when the input is already quantized: input and output join one scale group.
   Concat joins all its inputs and its output in one group.
-- *own-range* ops (AveragePool, GlobalAveragePool, Sigmoid, HardSigmoid, LeakyRelu, Resize) quantize input and output.
+- *own-range* ops (AveragePool, GlobalAveragePool, Sigmoid, HardSigmoid, LeakyRelu, Resize) quantize input and output;
+  a Resize in nearest mode copies elements and is a pass-through instead.
 - LayerNormalization and Softmax stay float by default, as do operators without an integer kernel on the target;
   each such node is recorded with the reason.
 - An additive attention mask stays float: an Add with a constant operand holding non-finite or huge (|x| >= 1e4)
@@ -108,6 +109,14 @@ def weight_axis(node: ir.Node) -> int:
     weight = node.inputs[1]
     rank = len(weight.shape) if weight is not None and weight.shape is not None else 2
     return rank - 1
+
+
+def _copies_elements(node: ir.Node) -> bool:
+    """A Resize in nearest mode only copies input elements: it shares its input's quantization (a pass-through)."""
+    if node.op_type != "Resize":
+        return False
+    mode = node.attributes.get("mode")
+    return mode is None or mode.as_string() == "nearest"
 
 
 def _fusable_activation(node: ir.Node, value: ir.Value) -> ir.Node | None:
@@ -247,7 +256,7 @@ class _Annotator:
                 self.binary(node)
             elif node.op_type == "Concat":
                 self.concat(node)
-            elif node.op_type in PASS_THROUGH_OPS:
+            elif node.op_type in PASS_THROUGH_OPS or _copies_elements(node):
                 self.pass_through(node)
             elif node.op_type in OWN_RANGE_OPS:
                 self.own_range(node)

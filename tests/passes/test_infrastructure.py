@@ -315,6 +315,7 @@ def protocol_corpus() -> list[onnx.ModelProto]:
         ir.serde.serialize_model(model()), conv_batch_norm, lone_batch_norm, conv_bias,
         gelu_erf(), gelu_tanh(opset=20), layer_norm("tf2onnx"), cnn.model(), float_output_islands(),
         blocked_int4_matmul(),
+        *exporter_spelling_corpus(),
     ]
 
 
@@ -331,6 +332,14 @@ def blocked_int4_matmul() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
         [codes, numpy_helper.from_array(rng.uniform(0.1, 1, (2, 3)).astype(np.float32), "s")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def exporter_spelling_corpus() -> list[onnx.ModelProto]:
+    """flax LayerNorm, RMSNorm, SiLU and HardSwish spellings (for the fusions of issue 14)."""
+    from tests.passes.canonicalize.activation_spellings import hard_swish, sigmoid_gate
+    from tests.passes.canonicalize.normalization_spellings import flax_layer_norm, rms_norm
+
+    return [flax_layer_norm("flax"), rms_norm("pow_div"), sigmoid_gate(1.702), hard_swish("clip")]
 
 
 def float_output_islands() -> onnx.ModelProto:
