@@ -4,26 +4,40 @@ where the installed onnxruntime has no training API (the ``onnxruntime`` wheel o
 Every test under ``tests/qat/`` and ``tests/train/`` needs it and is marked here; a test elsewhere that trains says
 so itself with ``@pytest.mark.qat``. ``pytest -m "not qat"`` runs the rest, as ``tools/check_latest_runtime.py``
 does in its second environment.
+
+The peer suite (``tests/peer/``) reads the ONNX node test cases that the onnx wheel installs; recent onnx wheels
+(1.23.2) ship none, and there it is skipped with that reason. Its baseline is classified against the training
+environment's onnx and onnxruntime, which run it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
 import pytest
 
 from qgraph.runtime import training_unavailable_reason
+from tools.peer_cases import node_cases_folder
 
 TESTS = Path(__file__).resolve().parent
 #: Folders whose every test fine-tunes through onnxruntime-training.
 TRAINING_FOLDERS = ("qat", "train")
+PEER_FOLDER = "peer"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     reason = training_unavailable_reason()
+    peer_cases = node_cases_folder()
+    no_peer_cases = None if peer_cases.is_dir() else pytest.mark.skip(
+        reason=f"onnx {onnx.__version__} installs no node test cases ({peer_cases} is missing); the training "
+               "environment runs the peer suite")
     for item in items:
-        relative = item.path.resolve().relative_to(TESTS) if item.path.resolve().is_relative_to(TESTS) else None
-        if relative is not None and relative.parts[0] in TRAINING_FOLDERS:
+        path = item.path.resolve()
+        folder = path.relative_to(TESTS).parts[0] if path.is_relative_to(TESTS) else None
+        if folder in TRAINING_FOLDERS:
             item.add_marker(pytest.mark.qat)
         if reason is not None and item.get_closest_marker("qat") is not None:
             item.add_marker(pytest.mark.skip(reason=reason))
+        if folder == PEER_FOLDER and no_peer_cases is not None:
+            item.add_marker(no_peer_cases)
