@@ -17,6 +17,8 @@ from pathlib import Path
 import onnx
 import pytest
 
+from qgraph import runtime
+from qgraph.ir import versions
 from qgraph.runtime import training_unavailable_reason
 from tools.peer_cases import node_cases_folder
 
@@ -41,3 +43,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=reason))
         if folder == PEER_FOLDER and no_peer_cases is not None:
             item.add_marker(no_peer_cases)
+
+
+@pytest.fixture()
+def fresh_runtime_caches():
+    """The installed runtime and its versions are looked up once per process; a test that fakes them starts and
+    ends with empty caches."""
+    runtime.installed_onnxruntime.cache_clear()
+    versions.supported_versions.cache_clear()
+    yield
+    runtime.installed_onnxruntime.cache_clear()
+    versions.supported_versions.cache_clear()

@@ -20,7 +20,6 @@ import qgraph.native
 from qgraph import runtime
 from qgraph.cli import cli
 from qgraph.errors import QGraphError, RuntimeNotInstalledError, UnsupportedRuntimeError
-from qgraph.ir import versions
 from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.qat.options import QATOptions
 from qgraph.train.ort_training import TrainingUnavailableError, require_training_api
@@ -46,17 +45,6 @@ def _requirements(entries: list[str], python: str) -> dict[str, Requirement]:
         if requirement.marker is None or requirement.marker.evaluate({"python_version": python}):
             found[requirement.name] = requirement
     return found
-
-
-@pytest.fixture()
-def fresh_runtime_caches():
-    """The installed runtime and its versions are looked up once per process; a test that fakes them starts and
-    ends with empty caches."""
-    runtime.installed_onnxruntime.cache_clear()
-    versions.supported_versions.cache_clear()
-    yield
-    runtime.installed_onnxruntime.cache_clear()
-    versions.supported_versions.cache_clear()
 
 
 @pytest.fixture()

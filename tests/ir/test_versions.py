@@ -15,17 +15,6 @@ from qgraph.ir import supported_versions, versions
 from tests.ir.runtime_probe import failure
 
 
-@pytest.fixture()
-def fresh_runtime_caches():
-    """The installed runtime and its versions are looked up once per process; a test that fakes them starts and
-    ends with empty caches."""
-    runtime.installed_onnxruntime.cache_clear()
-    versions.supported_versions.cache_clear()
-    yield
-    runtime.installed_onnxruntime.cache_clear()
-    versions.supported_versions.cache_clear()
-
-
 def test_the_table_starts_at_the_oldest_supported_release_and_rises():
     rows = versions.RUNTIME_LIMITS
     assert rows[0].release == runtime.MINIMUM_ONNXRUNTIME == (1, 19)
