@@ -17,7 +17,7 @@ class ModelLoadError(QGraphError):
 
 
 class UnsupportedModelError(QGraphError):
-    """The model is valid ONNX but uses something the bundled runtime or a pass cannot handle."""
+    """The model is valid ONNX but uses something the installed runtime or a pass cannot handle."""
 
 
 class OutputPathError(QGraphError):
@@ -30,3 +30,11 @@ class DataError(QGraphError):
 
 class PipelineError(QGraphError):
     """A pass pipeline was assembled wrongly (unknown pass, phases out of order)."""
+
+
+class RuntimeNotInstalledError(QGraphError, ImportError):
+    """No ``onnxruntime`` module is installed: qgraph's runtime comes with the ``cpu`` or the ``qat`` extra."""
+
+
+class UnsupportedRuntimeError(QGraphError):
+    """The installed onnxruntime is older than qgraph supports, or cannot do what was asked (train, for QAT)."""

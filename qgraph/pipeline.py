@@ -168,6 +168,10 @@ def optimize(
     ``validation_data`` picks the best epoch; ``training_progress`` receives the trainer's progress events.
     """
     options = options or OptimizeOptions()
+    if options.qat is not None:  # before any work: an onnxruntime without training says what to install
+        from qgraph.train.ort_training import require_training_api
+
+        require_training_api()
     if input_path is None and isinstance(model, ir.Model) and "qgraph.source_path" in model.meta:
         input_path = model.meta["qgraph.source_path"]
     input_path = Path(input_path) if input_path is not None else None

@@ -223,6 +223,9 @@ def _qat_options(values: Mapping[str, Any]) -> QATOptions | None:
         raise click.UsageError("--qat needs --train-data DATA")
     if values["resume"] and values["qat_dir"] is None:
         raise click.UsageError("--resume needs --qat-dir, the folder of the run to resume")
+    from qgraph.train.ort_training import require_training_api
+
+    require_training_api()  # before the model is read: what to install where the runtime cannot train
     return QATOptions(**_fields(values, "qat"))
 
 # --- weight-only quantization (LLMs): its own option object, built from these options ----------------------------

@@ -8,6 +8,8 @@ Also the one vocabulary that passes and graph builders ask their questions in, e
 
 from qgraph.ir.load import load_model
 from qgraph.ir.save import save_model
-from qgraph.ir.versions import MAX_IR_VERSION, MAX_OPSET, SUPPORTED_DOMAINS, convert_opset
+from qgraph.ir.versions import SUPPORTED_DOMAINS, SupportedVersions, convert_opset, supported_versions
 
-__all__ = ["MAX_IR_VERSION", "MAX_OPSET", "SUPPORTED_DOMAINS", "convert_opset", "load_model", "save_model"]
+__all__ = [
+    "SUPPORTED_DOMAINS", "SupportedVersions", "convert_opset", "load_model", "save_model", "supported_versions",
+]

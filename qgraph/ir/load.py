@@ -2,8 +2,8 @@
 
 Order of work: the file is parsed without its external data (so models over 2 GB never pass through a single
 protobuf), every external-data reference is checked to lie inside the model's folder and to exist, versions are
-brought within what the bundled runtime executes, shapes are inferred where onnx can, and the proto becomes an
-onnx-ir model whose external tensors are memory-mapped, not read.
+brought within what the installed onnxruntime executes (:func:`qgraph.ir.versions.fit_to_runtime`), shapes are
+inferred where onnx can, and the proto becomes an onnx-ir model whose external tensors are memory-mapped, not read.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from google.protobuf.message import DecodeError
 
 from qgraph.errors import ModelLoadError, UnsupportedModelError
 from qgraph.ir import versions
-from qgraph.ir.values import default_opset
 
 logger = logging.getLogger(__name__)
 
@@ -98,17 +97,10 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
 
 
 def _normalize_versions(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
-    opset = default_opset(proto)
-    if opset > versions.MAX_OPSET:
-        proto = versions.convert_opset(proto, versions.MAX_OPSET)
-    if proto.ir_version > versions.MAX_IR_VERSION:
-        logger.info("%s: lowering IR version %d -> %d", path, proto.ir_version, versions.MAX_IR_VERSION)
-        proto.ir_version = versions.MAX_IR_VERSION
-    for entry in proto.opset_import:
-        if entry.domain == "ai.onnx.ml" and entry.version > 5:
-            raise UnsupportedModelError(f"{path}: ai.onnx.ml opset {entry.version} is newer than the runtime's 5")
-    versions.check_runtime_support(proto)
-    return proto
+    try:
+        return versions.fit_to_runtime(proto)
+    except UnsupportedModelError as error:
+        raise UnsupportedModelError(f"{path}: {error}") from None
 
 
 def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -123,7 +115,7 @@ def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, normalize: bool = True) -> ir.Model:
-    """Load, check and normalise an ONNX model for the bundled runtime.
+    """Load, check and normalise an ONNX model for the installed onnxruntime.
 
     ``normalize=False`` keeps the versions as written (for inspection); external data is checked either way.
 

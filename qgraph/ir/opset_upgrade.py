@@ -39,7 +39,7 @@ ATOL = 1e-6
 
 def runtime_opset_cap() -> int:
     """The newest default-domain opset the installed onnxruntime runs (a model is never upgraded beyond it)."""
-    return versions.MAX_OPSET
+    return versions.supported_versions().opset
 
 
 def upgrade_opset(

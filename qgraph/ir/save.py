@@ -4,6 +4,10 @@ The model (and its external data file, if any) is first written into a temporary
 then moved into place with ``os.replace``: a failure half-way leaves the destination as it was, never half-written.
 Protobuf cannot hold more than 2 GB, so a model whose tensors exceed :data:`EXTERNAL_DATA_THRESHOLD` is saved with
 its tensors in ``<name>.data`` unless the caller forbids external data, which is then refused with the size.
+
+What is written runs in the installed onnxruntime (:func:`qgraph.ir.versions.supported_versions`): an IR version
+above the runtime's is written as the runtime's (the model object is left as it was), and a default-domain opset
+above it is refused naming both, since converting it is :func:`qgraph.ir.load_model`'s work.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from qgraph.errors import OutputPathError
+from qgraph.errors import OutputPathError, UnsupportedModelError
+from qgraph.ir import versions
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,21 @@ def _same_file(first: Path, second: Path) -> bool:
         return False
 
 
+def _runtime_ir_version(model: ir.Model, destination: Path) -> int:
+    """The IR version to write ``model`` with; refuses an opset newer than the installed onnxruntime runs."""
+    supported = versions.supported_versions()
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if opset > supported.opset:
+        raise UnsupportedModelError(
+            f"{destination}: the model's opset {opset} is newer than the installed {supported.describe()} runs; "
+            "load it with qgraph.ir.load_model, which converts it down"
+        )
+    if model.ir_version > supported.ir_version:
+        logger.info("writing IR version %d instead of %d for %s", supported.ir_version, model.ir_version,
+                    supported.describe())
+    return min(model.ir_version, supported.ir_version)
+
+
 def save_model(
     model: ir.Model,
     path: str | os.PathLike,
@@ -75,6 +95,7 @@ def save_model(
     if not destination.parent.exists():
         raise OutputPathError(f"{destination.parent}: output folder does not exist")
 
+    ir_version = _runtime_ir_version(model, destination)
     size = tensor_bytes(model)
     use_external = external_data if external_data is not None else size > EXTERNAL_DATA_THRESHOLD
     if not use_external and size > PROTOBUF_LIMIT:
@@ -89,6 +110,7 @@ def save_model(
             raise OutputPathError(f"{destination}: its external data would overwrite the input's {data_name}")
 
     temporary = Path(tempfile.mkdtemp(prefix=".qgraph-", dir=destination.parent))
+    model_ir_version, model.ir_version = model.ir_version, ir_version
     try:
         staged = temporary / destination.name
         if use_external:
@@ -102,6 +124,7 @@ def save_model(
             os.replace(temporary / data_name, destination.parent / data_name)
         os.replace(staged, destination)
     finally:
+        model.ir_version = model_ir_version
         shutil.rmtree(temporary, ignore_errors=True)
     logger.info("saved %s (%.1f MB of tensors%s)", destination, size / 1e6, ", external data" if use_external else "")
     return destination

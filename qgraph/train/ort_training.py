@@ -30,6 +30,7 @@ import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from qgraph import runtime
 from qgraph.errors import QGraphError
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ _TRAINING_PACKAGE = "onnxruntime.training"
 
 
 class TrainingUnavailableError(QGraphError):
-    """The installed onnxruntime has no training support (install ``onnxruntime-training-cpu``)."""
+    """The installed onnxruntime has no training API (install ``qgraph[qat]``: onnxruntime-training-cpu)."""
 
 
 @dataclass(frozen=True)
@@ -50,18 +51,18 @@ class TrainingApi:
     onnxblock: types.ModuleType
 
 
+def require_training_api() -> None:
+    """Refuse, naming exactly what to install, an onnxruntime without the training API (before any work starts)."""
+    reason = runtime.training_unavailable_reason()
+    if reason is not None:
+        raise TrainingUnavailableError(reason)
+
+
 def _register_training_package() -> None:
     if _TRAINING_PACKAGE in sys.modules:
         return
-    onnxruntime_spec = importlib.util.find_spec("onnxruntime")
-    if onnxruntime_spec is None or onnxruntime_spec.origin is None:
-        raise TrainingUnavailableError("onnxruntime is not installed; install onnxruntime-training-cpu==1.19.2")
-    training_directory = os.path.join(os.path.dirname(onnxruntime_spec.origin), "training")
-    if not os.path.isfile(os.path.join(training_directory, "artifacts.py")):
-        raise TrainingUnavailableError(
-            "the installed onnxruntime has no training API (onnxruntime/training/artifacts.py is missing); "
-            "install onnxruntime-training-cpu==1.19.2 instead of onnxruntime"
-        )
+    require_training_api()
+    training_directory = runtime.training_directory()
     package = types.ModuleType(_TRAINING_PACKAGE)
     package.__path__ = [training_directory]
     package.__package__ = _TRAINING_PACKAGE
@@ -82,7 +83,8 @@ def training_api() -> TrainingApi:
         onnxblock = importlib.import_module("onnxruntime.training.onnxblock")
     except ImportError as error:
         raise TrainingUnavailableError(
-            f"onnxruntime-training could not be imported ({error}); install onnxruntime-training-cpu==1.19.2"
+            f"onnxruntime-training could not be imported ({error}); reinstall it: "
+            f'pip install --force-reinstall "qgraph[qat]" ({runtime.TRAINING_RUNTIME})'
         ) from error
     logger.debug("onnxruntime training API imported from %s", sys.modules[_TRAINING_PACKAGE].__path__)
     return TrainingApi(artifacts=artifacts, api=api, onnxblock=onnxblock)

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qgraph.ir.save as save_module
 from qgraph import runtime
 from qgraph.errors import ModelLoadError, OutputPathError, QGraphError, UnsupportedModelError
-from qgraph.ir import MAX_IR_VERSION, MAX_OPSET, load_model, save_model
+from qgraph.ir import load_model, save_model, supported_versions, versions
 
 
 def add_relu_model(opset: int = 17, ir_version: int = 8, width: int = 64) -> onnx.ModelProto:
@@ -57,6 +57,16 @@ def expected_add_relu(x: np.ndarray) -> np.ndarray:
 
 def run_saved(path: Path, x: np.ndarray) -> np.ndarray:
     return runtime.run(runtime.create_session(path), {"x": x})["y"]
+
+
+@pytest.fixture()
+def runtime_of_release_1_19(monkeypatch) -> versions.SupportedVersions:
+    """What onnxruntime 1.19 runs (IR <= 10, opset <= 21), whichever release is installed: every later one runs
+    that too, and onnx's converter refusals below are written for opset 22 -> 21."""
+    row = versions.limits_of_release((1, 19))
+    pinned = versions.SupportedVersions("1.19.2", onnx.__version__, row.ir_version, row.opset)
+    monkeypatch.setattr(versions, "supported_versions", lambda: pinned)
+    return pinned
 
 
 def external_model(folder: Path, location: str, *, length: int | None = None) -> Path:
@@ -141,23 +151,45 @@ def test_operator_newer_than_the_models_opset(tmp_path):
         load_model(path)
 
 
-def test_opset_22_converts_down_to_21_and_runs(tmp_path):
+def test_opset_newer_than_the_installed_runtime_converts_down_and_runs(tmp_path):
+    supported = supported_versions()
+    if supported.opset >= onnx.defs.onnx_opset_version():
+        pytest.skip(f"onnx {onnx.__version__} knows no opset above the runtime's {supported.opset}")
+    newer = supported.opset + 1
+    path = write(add_relu_model(opset=newer, ir_version=min(supported.ir_version, 10)), tmp_path / "m.onnx")
+    model = load_model(path)
+    assert model.opset_imports[""] == supported.opset
+    saved = save_model(model, tmp_path / "out.onnx")
+    assert onnx.load(saved).opset_import[0].version == supported.opset
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_allclose(run_saved(saved, x), expected_add_relu(x), rtol=1e-6)
+
+
+def test_opset_22_converts_down_to_21_for_onnxruntime_1_19_and_runs(tmp_path, runtime_of_release_1_19):
     path = write(add_relu_model(opset=22, ir_version=10), tmp_path / "m.onnx")
     model = load_model(path)
-    assert model.opset_imports[""] == MAX_OPSET == 21
+    assert model.opset_imports[""] == runtime_of_release_1_19.opset == 21
     saved = save_model(model, tmp_path / "out.onnx")
     assert onnx.load(saved).opset_import[0].version == 21
     x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
     np.testing.assert_allclose(run_saved(saved, x), expected_add_relu(x), rtol=1e-6)
 
 
-def test_opset_22_without_a_down_converter_is_refused(tmp_path):
+def test_opset_the_runtime_runs_is_kept(tmp_path):
+    supported = supported_versions()
+    path = write(add_relu_model(opset=supported.opset, ir_version=min(supported.ir_version, 10)), tmp_path / "m.onnx")
+    assert load_model(path).opset_imports[""] == supported.opset
+
+
+def test_opset_22_without_a_down_converter_is_refused_naming_both_versions(tmp_path, runtime_of_release_1_19):
     path = write(single_node_model("GlobalMaxPool", opset=22), tmp_path / "m.onnx")
-    with pytest.raises(UnsupportedModelError, match="cannot convert the model from opset 22 to opset 21"):
+    with pytest.raises(UnsupportedModelError, match="cannot convert the model from opset 22 to opset 21") as error:
         load_model(path)
+    assert "the model's opset 22 is newer than the installed onnxruntime 1.19.2 (IR <= 10, opset <= 21)" in str(
+        error.value)
 
 
-def test_opset_22_conversion_that_would_change_the_model_is_refused(tmp_path):
+def test_opset_22_conversion_that_would_change_the_model_is_refused(tmp_path, runtime_of_release_1_19):
     """MaxPool's ceil_mode output size changed in opset 22: at opset 21 this model would compute 2x2, not 1x1."""
     graph = helper.make_graph(
         [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[1, 1], strides=[2, 2], ceil_mode=1)],
@@ -174,14 +206,41 @@ def test_opset_22_conversion_that_would_change_the_model_is_refused(tmp_path):
     load_model(write(proto, tmp_path / "floor.onnx"))
 
 
-def test_ir_version_11_lowered_to_10(tmp_path):
+def test_ir_version_11_lowered_to_10_for_onnxruntime_1_19(tmp_path, runtime_of_release_1_19):
     path = write(add_relu_model(opset=21, ir_version=11), tmp_path / "m.onnx")
     model = load_model(path)
-    assert model.ir_version == MAX_IR_VERSION == 10
+    assert model.ir_version == runtime_of_release_1_19.ir_version == 10
     saved = save_model(model, tmp_path / "out.onnx")
     assert onnx.load(saved).ir_version == 10
     x = np.ones((2, 64), np.float32)
     np.testing.assert_allclose(run_saved(saved, x), expected_add_relu(x), rtol=1e-6)
+
+
+def test_ir_version_newer_than_the_installed_runtime_is_lowered(tmp_path):
+    supported = supported_versions()
+    path = write(add_relu_model(opset=17, ir_version=supported.ir_version + 1), tmp_path / "m.onnx")
+    model = load_model(path)
+    assert model.ir_version == supported.ir_version
+    saved = save_model(model, tmp_path / "out.onnx")
+    assert onnx.load(saved).ir_version == supported.ir_version
+    x = np.ones((2, 64), np.float32)
+    np.testing.assert_allclose(run_saved(saved, x), expected_add_relu(x), rtol=1e-6)
+
+
+def test_save_writes_the_runtimes_ir_version_and_leaves_the_model_as_it_was(tmp_path, runtime_of_release_1_19):
+    model = ir.serde.deserialize_model(add_relu_model(opset=17, ir_version=11))
+    saved = save_model(model, tmp_path / "out.onnx")
+    assert onnx.load(saved).ir_version == 10 and model.ir_version == 11
+    np.testing.assert_allclose(run_saved(saved, np.ones((2, 64), np.float32)),
+                               expected_add_relu(np.ones((2, 64), np.float32)), rtol=1e-6)
+
+
+def test_save_refuses_an_opset_newer_than_the_runtime_naming_both(tmp_path, runtime_of_release_1_19):
+    model = ir.serde.deserialize_model(add_relu_model(opset=22, ir_version=10))
+    with pytest.raises(UnsupportedModelError, match=r"opset 22 is newer than the installed onnxruntime 1\.19\.2 "
+                                                     r"\(IR <= 10, opset <= 21\)"):
+        save_model(model, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_every_refusal_is_a_qgraph_error(tmp_path):

@@ -35,7 +35,7 @@ def test_a_model_already_new_enough_is_returned_as_it_is():
 
 
 def test_the_cap_is_the_runtime_s_and_is_never_exceeded(monkeypatch, caplog):
-    assert opset_upgrade.runtime_opset_cap() == versions.MAX_OPSET
+    assert opset_upgrade.runtime_opset_cap() == versions.supported_versions().opset
     monkeypatch.setattr(opset_upgrade, "runtime_opset_cap", lambda: 16)
     with caplog.at_level(logging.INFO):
         assert opset_upgrade.upgrade_opset(_model(), 17) is None

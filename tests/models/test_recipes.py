@@ -109,6 +109,7 @@ def test_bundled_data_path_names_what_exists():
 
 # ------------------------------------------------------------------------------------------------ a short run
 @pytest.mark.slow
+@pytest.mark.qat
 @needs_fashion_mnist
 def test_short_resnet_run_learns_and_exports_a_plain_onnxruntime_model(tmp_path):
     recipe = dataclasses.replace(resnet_recipe(), batch_size=32)
