@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 from pathlib import Path
 
 import click
@@ -53,7 +54,9 @@ def echo_epoch(event) -> None:
                err=True)
 
 
-def write_report(path: Path, result, calib: Path, batch_size: int) -> None:
+def write_report(path: Path, result, calib: Path, batch_size: int, tuning=None) -> None:
+    """The report of ``result`` on two calibration batches (with QAT's history and ``tuning``, a
+    :meth:`qgraph.tuning.TuningResult.summary`, when given) written to ``path`` (.md, .json or .html)."""
     import itertools
 
     import onnx_ir as ir
@@ -67,6 +70,8 @@ def write_report(path: Path, result, calib: Path, batch_size: int) -> None:
     report = build_report(
         float_model, ir.serde.serialize_model(result.model), result.quantization, list(itertools.islice(batches, 2))
     )
+    history = tuple(dataclasses.asdict(event) for event in result.qat.history) if result.qat is not None else ()
+    report = dataclasses.replace(report, qat_history=history, tuning=tuning)
     report.write(path)
     speed = f", {report.speedup:.2f}x faster at batch 1" if report.speedup else ""
     worst = min(report.outputs.values()) if report.outputs else float("nan")
