@@ -93,7 +93,7 @@ class ParityResult:
             lines += [f"All {len(self.tensors)} compared tensors within {self.tolerance_steps} step.", ""]
         lines += ["| tensor | written by | max steps | differing | SQNR (dB) | end to end: max steps | SQNR (dB) "
                   "| flagged |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | :---: |"]
-        lines += [f"| {t.tensor} | {t.producer} | {t.max_steps} | {t.mismatch_fraction:.2%} | {t.sqnr_db:.1f} | "
+        lines += [f"| {t.tensor} | {t.producer} | {t.max_steps} | {t.mismatch_fraction:.3%} | {t.sqnr_db:.1f} | "
                   f"{t.end_to_end_max_steps} | {t.end_to_end_sqnr_db:.1f} | {'**yes**' if t.flagged else 'no'} |"
                   for t in self.tensors]
         return lines

@@ -1,9 +1,9 @@
 """The quantization report as one self-contained HTML file: tables and inline SVG plots, nothing fetched at view time.
 
 The plots are drawn here as SVG elements (no plotting library): every coordinate is a linear map
-``x ↦ left + (x − x₀)/(x₁ − x₀)·width`` of the data range onto the plot box, the y axis flipped so that larger values
-are higher. Each plot is an ``<svg class="plot" data-plot="KIND">`` with a ``<title>`` (a tooltip and a name for
-screen readers), so a browser test can find every plot in the rendered page:
+``x ↦ left + (x − x₀)/(x₁ − x₀)·width`` of the data range onto the plot box, the y axis flipped so that larger
+values are higher. Each plot is an ``<svg class="plot" data-plot="KIND">`` with a ``<title>`` (a tooltip and a name
+for screen readers), so a browser test can find every plot in the rendered page:
 
 - ``layer-sqnr``: per-layer SQNR bars (quantized activation vs FP32, dB);
 - ``histogram``: one per quantized tensor, its values on the report batches with the chosen range ``[low, high]``
@@ -89,7 +89,8 @@ def _axes(x: _Scale, y: _Scale, x_label: str, y_label: str, height: int = HEIGHT
         value = y.low + fraction * (y.high - y.low)
         position = y(value)
         body.append(f'<text x="{x.start - 4}" y="{position + 3:.1f}" text-anchor="end">{value:.3g}</text>')
-    body.append(f'<text x="{(x.start + x.end) / 2:.1f}" y="{height - 6}" text-anchor="middle">{_escape(x_label)}</text>')
+    body.append(f'<text x="{(x.start + x.end) / 2:.1f}" y="{height - 6}" text-anchor="middle">'
+                f'{_escape(x_label)}</text>')
     body.append(f'<text x="12" y="{(y.start + y.end) / 2:.1f}" text-anchor="middle" '
                 f'transform="rotate(-90 12 {(y.start + y.end) / 2:.1f})">{_escape(y_label)}</text>')
     return body
@@ -271,7 +272,7 @@ def _parity(parity) -> list[str]:
         parts.append(_table(
             ["tensor", "written by", "max steps", "differing", "SQNR (dB)", "end to end: max steps", "SQNR (dB)",
              "flagged"],
-            ((_escape(t.tensor), _escape(t.producer), t.max_steps, f"{t.mismatch_fraction:.2%}", _number(t.sqnr_db),
+            ((_escape(t.tensor), _escape(t.producer), t.max_steps, f"{t.mismatch_fraction:.3%}", _number(t.sqnr_db),
               t.end_to_end_max_steps, _number(t.end_to_end_sqnr_db),
               '<span class="flag">yes</span>' if t.flagged else "no") for t in parity.tensors)))
     return parts

@@ -40,7 +40,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from qgraph.errors import QGraphError
+from qgraph.errors import OutputPathError, QGraphError
 from qgraph.pipeline import OptimizeOptions, OptimizeResult, calibration_batches, optimize
 from qgraph.ptq import QuantizeOptions
 
@@ -252,6 +252,10 @@ def tune(
     model, output = Path(model), Path(output)
     base = base or OptimizeOptions()
     base_quantization = base.quantization or QuantizeOptions()
+    if not output.parent.exists():
+        raise OutputPathError(f"{output.parent}: output folder does not exist")
+    if output.exists() and output.resolve() == model.resolve():
+        raise OutputPathError(f"{output}: the output path is the input model; choose another output path")
     fp32_score = _score(evaluate, model, "FP32 model")
     report_batches = list(_first_batches(model, calibration_data, base_quantization))
     fp32_latency = _latency(model, report_batches, options.latency_runs)

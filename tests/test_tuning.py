@@ -129,3 +129,40 @@ def test_bad_tuning_arguments():
         command_evaluator("python score.py")
     result = CliRunner().invoke(cli, ["optimize", "m.onnx", "-o", "o.onnx", "--calib", "c.npz", "--max-drop", "1"])
     assert result.exit_code != 0 and "--eval" in result.output
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[quantization]\nmethod = "best"\n', "method must be one of"),
+    ('[quantization]\nper_channel = "yes"\n', "per_channel must be true or false"),
+    ('[quantization]\nmin_sqnr = 0\n', "min_sqnr must be a bound"),
+    ('[quantization]\nbits = 4\n', "unknown setting 'bits'"),
+    ('quantization = 3\n', "must be a table"),
+])
+def test_bad_recipe_settings_are_refused(tmp_path, text, message):
+    from qgraph.annotate.config_file import ConfigError, load_quantization_settings
+
+    (tmp_path / "r.toml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_quantization_settings(tmp_path / "r.toml")
+
+
+def test_recipe_settings_override_the_options(tmp_path):
+    from qgraph.pipeline import with_config_settings
+
+    (tmp_path / "r.toml").write_text('[quantization]\nmethod = "entropy"\nper_channel = false\nmin_sqnr = 25\n')
+    options = with_config_settings(QuantizeOptions(config=tmp_path / "r.toml"))
+    assert options.calibration.method == "entropy" and options.target_options.per_channel is False
+    assert options.min_sqnr == 25.0
+    onnx.save(residual_cnn(), tmp_path / "m.onnx")
+    options = OptimizeOptions(quantization=QuantizeOptions(config=tmp_path / "r.toml"))
+    result = optimize(tmp_path / "m.onnx", None, options, calibration_data=calibration_batches(count=2))
+    assert all(np.ndim(result.quantization.parameters[weight.name].scale) == 0
+               for weight in result.quantization.plan.weights if weight.name.endswith("weight"))
+
+
+def test_a_missing_output_folder_is_refused_before_scoring(files):
+    calls = []
+    with pytest.raises(Exception, match="output folder does not exist"):
+        tune(files / "m.onnx", files / "missing" / "out.onnx", calibration_batches(count=1),
+             lambda path: calls.append(path) or 1.0, TuningOptions(max_drop=1))
+    assert calls == []

@@ -20,9 +20,10 @@
     per_channel = true                             # weights per output channel (false: per tensor)
     min_sqnr = "off"                               # the automatic fallback's bound in dB, or "off"
 
-Unset fields keep the target's choice (the ``[quantization]`` settings override the command line's). Every name must be a tensor that the target quantizes; a name that is not
-(misspelt, or kept in FP32) is refused after annotation with the list of what can be named. An integer kernel that
-cannot take an overridden format leaves that island in QDQ form rather than failing.
+Unset fields keep the target's choice (the ``[quantization]`` settings override the command line's). Every name
+must be a tensor that the target quantizes; a name that is not (misspelt, or kept in FP32) is refused after
+annotation with the list of what can be named. An integer kernel that cannot take an overridden format leaves that
+island in QDQ form rather than failing.
 """
 
 from __future__ import annotations
