@@ -187,6 +187,8 @@ def optimize(
         model = fix_inputs(model, options.fixed_inputs)
     if options.quantization is not None and calibration_data is None:
         raise QGraphError("quantization needs calibration data (--calib)")
+    if options.quantization is not None and options.quantization.config is not None:
+        options = dataclasses.replace(options, quantization=with_config_settings(options.quantization))
     if options.qat is not None and options.quantization is None:
         raise QGraphError("quantization-aware training starts from a quantized model: add calibration data (--calib)")
     if options.qat is not None and train_data is None:
@@ -246,6 +248,22 @@ def _refuse_recurrent_training(model: ir.Model) -> None:
             f"quantization-aware training cannot run on this model: it holds recurrent layers "
             f"({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}), on whose gradients onnxruntime-training "
             f"crashes; quantize it without --qat (post-training quantization)")
+
+
+def with_config_settings(quantization: QuantizeOptions) -> QuantizeOptions:
+    """``quantization`` with the ``[quantization]`` settings of its ``--config`` file (a tuning recipe) applied."""
+    from qgraph.annotate.config_file import load_quantization_settings
+
+    settings = load_quantization_settings(quantization.config)
+    if "method" in settings:
+        quantization = dataclasses.replace(
+            quantization, calibration=dataclasses.replace(quantization.calibration, method=settings["method"]))
+    if "per_channel" in settings:
+        quantization = dataclasses.replace(quantization, target_options=dataclasses.replace(
+            quantization.target_options, per_channel=settings["per_channel"]))
+    if "min_sqnr" in settings:
+        quantization = dataclasses.replace(quantization, min_sqnr=settings["min_sqnr"])
+    return quantization
 
 
 def _fine_tune(quantized: QuantizeResult, float_model: onnx.ModelProto, options: OptimizeOptions, train_data,

@@ -11,6 +11,9 @@
   that went back to FP32, most damaging first.
 - **Size** of the serialized model before and after; **latency**: median batch-1 run time in onnxruntime with full
   graph optimisation, both models measured in the same process, alternating, to keep machine noise out of the ratio.
+- **Deploy parity** (:mod:`qgraph.parity`): the lowered model on the integer kernels against the QDQ simulation.
+- **Histograms** of each quantized activation on the report batches (64 bins) with the chosen range, for the HTML
+  report (:mod:`qgraph.report_html`), which also shows tuning trials and QAT curves where the caller adds them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import onnx
 from qgraph import runtime
 from qgraph.calibrate.driver import build_probe
 from qgraph.errors import QGraphError
+from qgraph.parity import ParityResult, check_parity
 from qgraph.passes.quantize.insert_quantize_dequantize import dequantized_tensors
 from qgraph.quant.numerics import sqnr_db
 from qgraph.sensitivity import SensitivityResult
@@ -44,6 +48,22 @@ class LayerError:
 
 
 @dataclasses.dataclass(frozen=True)
+class TensorHistogram:
+    """A quantized activation's values on the report batches: ``counts[i]`` values in ``[edges[i], edges[i+1])``,
+    and the range ``[low, high]`` its quantization parameters cover."""
+
+    tensor: str
+    counts: tuple[int, ...]
+    edges: tuple[float, ...]
+    low: float
+    high: float
+
+
+#: Bins of a report histogram.
+HISTOGRAM_BINS = 64
+
+
+@dataclasses.dataclass(frozen=True)
 class QuantizationReport:
     target: str
     layers: tuple[LayerError, ...]
@@ -56,6 +76,13 @@ class QuantizationReport:
     latency_after_ms: float | None
     #: Sensitivity analysis and automatic fallback (None when --min-sqnr is off).
     sensitivity: SensitivityResult | None = None
+    #: Deploy parity of the lowered model (None for a model that was not lowered).
+    parity: ParityResult | None = None
+    histograms: tuple[TensorHistogram, ...] = ()
+    #: Accuracy-driven tuning (see qgraph.tuning: fp32_score, bound_text, trials, chosen), when it ran.
+    tuning: Mapping | None = None
+    #: QAT progress events as mappings (kind, epoch, step, loss, metric_name, metric), when QAT ran.
+    qat_history: tuple[Mapping, ...] = ()
 
     @property
     def speedup(self) -> float | None:
@@ -88,6 +115,8 @@ class QuantizationReport:
             lines += [f"| {name} | {reason} |" for name, reason in self.fp32_nodes.items()]
         if self.sensitivity is not None:
             lines += ["", *sensitivity_markdown(self.sensitivity)]
+        if self.parity is not None:
+            lines += ["", *self.parity.to_markdown()]
         lines += ["", "## Per-layer SQNR (quantized activation vs FP32)", "", "| tensor | producer | SQNR (dB) |",
                   "| --- | --- | ---: |"]
         lines += [f"| {layer.tensor} | {layer.producer} | {layer.sqnr_db:.1f} |" for layer in self.layers]
@@ -95,9 +124,14 @@ class QuantizationReport:
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)
-        if path.suffix not in (".md", ".json"):
-            raise QGraphError(f"{path}: the report must be a .md or .json file")
-        path.write_text(self.to_json() if path.suffix == ".json" else self.to_markdown())
+        if path.suffix not in (".md", ".json", ".html"):
+            raise QGraphError(f"{path}: the report must be a .md, .json or .html file")
+        if path.suffix == ".html":
+            from qgraph.report_html import render
+
+            path.write_text(render(self), encoding="utf-8")
+        else:
+            path.write_text(self.to_json() if path.suffix == ".json" else self.to_markdown())
         return path
 
 
@@ -241,10 +275,15 @@ def build_report(
     *,
     latency: bool = True,
     batch_axes: Mapping[str, int | None] | None = None,
+    parity: bool = True,
 ) -> QuantizationReport:
     """The report for a ``qgraph.ptq.QuantizeResult`` on a few calibration ``batches`` (whose inputs hold their
-    samples along ``batch_axes``, axis 0 by default)."""
+    samples along ``batch_axes``, axis 0 by default); ``parity`` compares the lowered model with the QDQ simulation
+    (skipped when nothing was lowered)."""
     layers = layer_errors(float_model, result.qdq_model, result.plan, batches) if result.qdq_model else ()
+    deploy_parity = None
+    if parity and result.qdq_model is not None and _is_lowered(quantized_model):
+        deploy_parity = check_parity(result.qdq_model, quantized_model, batches)
     outputs = output_errors(float_model, quantized_model, batches)
     before = after = None
     if latency and batches:
@@ -263,4 +302,47 @@ def build_report(
         latency_before_ms=before,
         latency_after_ms=after,
         sensitivity=getattr(result, "sensitivity", None),
+        parity=deploy_parity,
+        histograms=tensor_histograms(float_model, result.plan, result.calibration.ranges, batches),
     )
+
+
+def _is_lowered(model: onnx.ModelProto) -> bool:
+    """Whether the lowering wrote integer kernels (a QDQ-format model is its own simulation)."""
+    return any(node.op_type in _INTEGER_KERNELS for node in model.graph.node)
+
+
+_INTEGER_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd",
+                              "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool",
+                              "QLinearSigmoid", "QLinearLeakyRelu", "MatMulNBits", "MatMulIntegerToFloat"})
+
+
+def tensor_histograms(float_model: onnx.ModelProto, plan, ranges: Mapping[str, tuple[float, float]],
+                      batches: list[Mapping]) -> tuple[TensorHistogram, ...]:
+    """Each planned activation's values in the FP32 model on ``batches``, binned over the union of the values'
+    span and the chosen range (so the range lines always fall inside the plot)."""
+    import onnx_ir as ir
+
+    produced = {output for node in float_model.graph.node for output in node.output} | {
+        value.name for value in float_model.graph.input}
+    tensors = [tensor for tensor in plan.activations if tensor in ranges and tensor in produced]
+    if not tensors or not batches:
+        return ()
+    session = runtime.create_session(build_probe(ir.serde.deserialize_model(float_model), tensors), optimize=True)
+    values: dict[str, list[np.ndarray]] = {tensor: [] for tensor in tensors}
+    input_names = [model_input.name for model_input in session.get_inputs()]
+    for batch in batches:
+        for tensor, array in zip(tensors, session.run(tensors, {name: batch[name] for name in input_names})):
+            values[tensor].append(np.asarray(array, dtype=np.float64).ravel())
+    histograms = []
+    for tensor in tensors:
+        data = np.concatenate(values[tensor])
+        data = data[np.isfinite(data)]
+        low, high = (float(bound) for bound in ranges[tensor])
+        span = (min(low, float(data.min(initial=low))), max(high, float(data.max(initial=high))))
+        if span[1] <= span[0]:
+            span = (span[0] - 0.5, span[1] + 0.5)
+        counts, edges = np.histogram(data, bins=HISTOGRAM_BINS, range=span)
+        histograms.append(TensorHistogram(tensor, tuple(int(count) for count in counts),
+                                          tuple(float(edge) for edge in edges), low, high))
+    return tuple(histograms)

@@ -42,8 +42,8 @@ LAYERS = (
     ("calibrate", ("qgraph.calibrate",)),
     ("sensitivity, ptq", ("qgraph.sensitivity", "qgraph.ptq", "qgraph.latency", "qgraph.speed_choice")),
     ("train, qat, data, weight_only", ("qgraph.train", "qgraph.qat", "qgraph.data", "qgraph.weight_only")),
-    ("report, summary", ("qgraph.report", "qgraph.summary")),
-    ("pipeline", ("qgraph.pipeline",)),
+    ("report, summary", ("qgraph.report", "qgraph.summary", "qgraph.parity", "qgraph.report_html")),
+    ("pipeline", ("qgraph.pipeline", "qgraph.tuning")),
     ("cli", ("qgraph.cli",)),
     ("testing", ("qgraph.testing",)),
 )

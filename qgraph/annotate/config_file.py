@@ -15,9 +15,15 @@
     per_channel = false
     symmetric = true
 
-Unset fields keep the target's choice. Every name must be a tensor that the target quantizes; a name that is not
-(misspelt, or kept in FP32) is refused after annotation with the list of what can be named. An integer kernel that
-cannot take an overridden format leaves that island in QDQ form rather than failing.
+    [quantization]                                 # whole-model settings (what a tuning recipe records)
+    method = "entropy"                             # the calibration method of every activation
+    per_channel = true                             # weights per output channel (false: per tensor)
+    min_sqnr = "off"                               # the automatic fallback's bound in dB, or "off"
+
+Unset fields keep the target's choice (the ``[quantization]`` settings override the command line's). Every name
+must be a tensor that the target quantizes; a name that is not (misspelt, or kept in FP32) is refused after
+annotation with the list of what can be named. An integer kernel that cannot take an overridden format leaves that
+island in QDQ form rather than failing.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ else:  # pragma: no cover - Python 3.10
 
 METHODS = ("minmax", "ema", "entropy", "percentile", "mse")
 _DTYPES = {"uint8": (8, False), "int8": (8, True), "uint16": (16, False), "int16": (16, True)}
-_TOP_LEVEL = {"exclude", "keep_fp32", "activation", "weight"}
+_TOP_LEVEL = {"exclude", "keep_fp32", "activation", "weight", "quantization"}
+_QUANTIZATION_KEYS = {"method", "per_channel", "min_sqnr"}
 _ACTIVATION_KEYS = {"dtype", "symmetric", "method"}
 _WEIGHT_KEYS = {"bits", "per_channel", "symmetric"}
 
@@ -97,19 +104,52 @@ def _weight_spec(entry: dict, base: QuantSpec, where: str, path: Path) -> QuantS
     return spec
 
 
-def load_overrides(
-    path: str | Path, *, base: AnnotationOverrides, activation_spec: QuantSpec, weight_spec: QuantSpec
-) -> AnnotationOverrides:
-    """``base`` extended by the overrides in the TOML file at ``path`` (weight specs: axis None = per tensor)."""
+def load_quantization_settings(path: str | Path) -> dict[str, object]:
+    """The ``[quantization]`` table of the config file at ``path``, checked: ``method`` (a calibration method),
+    ``per_channel`` (bool), ``min_sqnr`` (None for ``"off"``, else a bound in dB)."""
     path = Path(path)
+    data = _read(path)
+    settings = data.get("quantization", {})
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path}: [quantization] must be a table of settings")
+    _check_keys(settings, _QUANTIZATION_KEYS, "[quantization]", path)
+    checked: dict[str, object] = {}
+    if "method" in settings:
+        if settings["method"] not in METHODS:
+            raise ConfigError(f"{path}: [quantization]: method must be one of {', '.join(METHODS)}")
+        checked["method"] = settings["method"]
+    if "per_channel" in settings:
+        if not isinstance(settings["per_channel"], bool):
+            raise ConfigError(f"{path}: [quantization]: per_channel must be true or false")
+        checked["per_channel"] = settings["per_channel"]
+    if "min_sqnr" in settings:
+        bound = settings["min_sqnr"]
+        if bound == "off":
+            checked["min_sqnr"] = None
+        elif isinstance(bound, (int, float)) and not isinstance(bound, bool) and 0 < bound <= 100:
+            checked["min_sqnr"] = float(bound)
+        else:
+            raise ConfigError(f'{path}: [quantization]: min_sqnr must be a bound in (0, 100] dB or "off"')
+    return checked
+
+
+def _read(path: Path) -> dict:
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot read the config file ({error})") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({error})") from None
+
+
+def load_overrides(
+    path: str | Path, *, base: AnnotationOverrides, activation_spec: QuantSpec, weight_spec: QuantSpec
+) -> AnnotationOverrides:
+    """``base`` extended by the overrides in the TOML file at ``path`` (weight specs: axis None = per tensor)."""
+    path = Path(path)
+    data = _read(path)
     unknown = sorted(set(data) - _TOP_LEVEL)
     if unknown:
         raise ConfigError(f"{path}: unknown section or key {unknown[0]!r}; allowed: {', '.join(sorted(_TOP_LEVEL))}")

@@ -168,6 +168,9 @@ _DESTINATIONS: dict[str, tuple[str, Conversion]] = {
     # data layout: where each key of --calib/--train-data/--val-data holds its samples (qgraph.data.layout)
     "batch_axis": ("layout", lambda texts: {"batch_axes": DataLayout.from_command_line(texts).batch_axes}),
     "infer_state_axes": ("layout", _to("infer_state_axes")),
+    "max_drop": ("tuning", _to("max_drop")),
+    "higher_is_better": ("tuning", _to("higher_is_better")),
+    "tune_budget": ("tuning", _to("budget")),
 }
 #: Options that only quantization-aware training reads (refused without --qat).
 _QAT_ONLY = (("train_data", "--train-data"), ("label_key", "--labels"), ("distill", "--distill"),
@@ -328,7 +331,16 @@ def _optimize_options(values: Mapping[str, Any]) -> OptimizeOptions:
               help="LSTM/GRU/RNN: keep FP32, or (ort-cpu) run LSTMs as com.microsoft DynamicQuantizeLSTM with int8 "
               "weights; GRU and RNN stay FP32 either way.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
-              help="Write a quantization report (.md or .json): per-layer SQNR, coverage, size, latency.")
+              help="Write a quantization report (.md, .json, or .html with plots): per-layer SQNR, coverage, size, "
+              "latency, deploy parity of the integer kernels.")
+@click.option("--eval", "eval_command", metavar="'CMD {model}'",
+              help="Accuracy-driven tuning: CMD scores a model file and prints the score on its last line; the "
+              "FP32 model is scored first, then configurations cheapest first until one meets --max-drop. Writes "
+              "OUTPUT, its recipe OUTPUT.toml (replay with --config) and the trials OUTPUT.trials.json.")
+@click.option("--max-drop", type=float, help="--eval: the largest acceptable score drop from the FP32 model's.")
+@click.option("--higher-is-better/--lower-is-better", default=True, show_default=True,
+              help="--eval: which way the score improves.")
+@click.option("--tune-budget", type=click.IntRange(min=1), help="--eval: at most N trials.")
 @click.option("--min-sqnr", type=_MinSqnr(), default=None, metavar="DB|off",
               help="Automatic fallback: if the quantized model's output SQNR on the first calibration batches is "
               "below DB, the layers that damage it most go back to FP32 until it is not "
@@ -433,6 +445,8 @@ def optimize(**values: Any) -> None:
 
     options = _optimize_options(values)
     model, calib = values["model"], values["calib"]
+    if values["eval_command"] is not None or values["max_drop"] is not None:
+        return _tune(values, options)
     loaded = load_model(model)
     before = summarize(loaded)
     if options.weight_only is not None:
@@ -460,6 +474,27 @@ def optimize(**values: Any) -> None:
                                   options.data_layout.with_removed_inputs(options.fixed_inputs))
     if values["stats"]:
         click.echo(printing.stats_table(result.records))
+
+
+def _tune(values: Mapping[str, Any], options: OptimizeOptions) -> None:
+    """``--eval``: the accuracy-driven search (see :mod:`qgraph.tuning`), then its report."""
+    from qgraph import tuning
+
+    if values["eval_command"] is None or values["max_drop"] is None:
+        raise click.UsageError("accuracy-driven tuning needs both --eval 'CMD {model}' and --max-drop X")
+    if options.quantization is None or options.qat is not None:
+        raise click.UsageError("--eval tunes post-training quantization: add --calib DATA (and no --qat)")
+    evaluate = tuning.command_evaluator(values["eval_command"])
+    result = tuning.tune(values["model"], values["output"], values["calib"], evaluate,
+                         tuning.TuningOptions(**_fields(values, "tuning")), options)
+    for line in tuning.describe_trials(result.trials, result.chosen):
+        click.echo(line)
+    click.echo(f"tuning: {len(result.trials)} trials in {result.seconds:.1f} s; wrote {values['output']} "
+               f"(trial #{result.chosen}), recipe {result.recipe_path}, trials {result.trials_path}")
+    if values["report_path"] is not None:
+        printing.write_report(values["report_path"], result.result, values["calib"],
+                              options.quantization.calibration.batch_size, tuning=result.summary())
+    tuning.check_bound(result)
 
 
 def _calibration_length(calib: Path, limit: int | None, layout: DataLayout | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 from pathlib import Path
 
 import click
@@ -54,7 +55,9 @@ def echo_epoch(event) -> None:
                err=True)
 
 
-def write_report(path: Path, result, calib: Path, batch_size: int, layout=None) -> None:
+def write_report(path: Path, result, calib: Path, batch_size: int, layout=None, tuning=None) -> None:
+    """The report of ``result`` on two calibration batches (with QAT's history and ``tuning``, a
+    :meth:`qgraph.tuning.TuningResult.summary`, when given) written to ``path`` (.md, .json or .html)."""
     import itertools
 
     import onnx_ir as ir
@@ -69,6 +72,8 @@ def write_report(path: Path, result, calib: Path, batch_size: int, layout=None) 
         float_model, ir.serde.serialize_model(result.model), result.quantization, list(itertools.islice(batches, 2)),
         batch_axes=batch_axes,
     )
+    history = tuple(dataclasses.asdict(event) for event in result.qat.history) if result.qat is not None else ()
+    report = dataclasses.replace(report, qat_history=history, tuning=tuning)
     report.write(path)
     speed = f", {report.speedup:.2f}x faster at batch 1" if report.speedup else ""
     worst = min(report.outputs.values()) if report.outputs else float("nan")
