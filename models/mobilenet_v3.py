@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+
 from qgraph.models.common import GraphBuilder, validate_input_shape
 from qgraph.models.mobilenet_v2 import make_divisible
 

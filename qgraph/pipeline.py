@@ -21,8 +21,6 @@ import onnx_ir as ir
 from qgraph.calibrate.driver import BatchAxes, CalibrationConfig
 from qgraph.data.layout import DataLayout
 from qgraph.errors import QGraphError
-from qgraph.ptq import quantize
-
 from qgraph.ir import load_model, save_model
 from qgraph.passes.canonicalize.decompose_batch_norm import DecomposeBatchNorm
 from qgraph.passes.canonicalize.eliminate_dead_code import EliminateDeadCode
@@ -36,15 +34,14 @@ from qgraph.passes.canonicalize.fuse_hard_swish import FuseHardSwish
 from qgraph.passes.canonicalize.fuse_layer_normalization import FuseLayerNormalization
 from qgraph.passes.canonicalize.fuse_quick_gelu import FuseQuickGelu
 from qgraph.passes.canonicalize.fuse_rms_normalization import FuseRmsNormalization
-from qgraph.passes.canonicalize.upgrade_opset_for_fusions import UpgradeOpsetForFusions
 from qgraph.passes.canonicalize.lift_constants import LiftConstants
 from qgraph.passes.canonicalize.merge_bias_add import MergeBiasAdd
-from qgraph.passes.infrastructure import PassManager, PassRecord, QGraphPass
-from qgraph.passes.infrastructure import get_pass
-from qgraph.ptq import QuantizeOptions, QuantizeResult, choose_output_speed, speed_choice_applies
+from qgraph.passes.canonicalize.upgrade_opset_for_fusions import UpgradeOpsetForFusions
+from qgraph.passes.infrastructure import PassManager, PassRecord, QGraphPass, get_pass
+from qgraph.ptq import QuantizeOptions, QuantizeResult, choose_output_speed, quantize, speed_choice_applies
+from qgraph.qat.options import QATOptions
 from qgraph.speed_choice import Candidate
 from qgraph.targets import get_target
-from qgraph.qat.options import QATOptions
 from qgraph.weight_only.driver import WeightOnlyResult, quantize_weight_only
 from qgraph.weight_only.options import WeightOnlyOptions
 

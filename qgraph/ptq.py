@@ -11,15 +11,18 @@ biases from ``s_input · s_weight`` (see :mod:`qgraph.passes.quantize.insert_qua
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
+from qgraph import sensitivity
+from qgraph.annotate.annotator import AnnotationOverrides, AnnotationRules, annotate
+from qgraph.annotate.config_file import check_override_names, load_overrides
 from qgraph.calibrate.driver import (
     BatchAxes,
     CalibrationConfig,
@@ -30,19 +33,18 @@ from qgraph.calibrate.driver import (
     merge_group_ranges,
 )
 from qgraph.errors import QGraphError, UnsupportedModelError
-from qgraph.ir.versions import convert_opset
+from qgraph.ir.subgraphs import make_names_unique
 from qgraph.ir.traversal import iterate_graphs
 from qgraph.ir.values import default_opset
+from qgraph.ir.versions import convert_opset
+from qgraph.latency import LatencyOptions
 from qgraph.passes.canonicalize.eliminate_dead_code import EliminateDeadCode
 from qgraph.passes.infrastructure import PassManager, PassRecord
 from qgraph.passes.quantize.correct_bias import CorrectBias
 from qgraph.passes.quantize.insert_quantize_dequantize import InsertQuantizeDequantize
 from qgraph.passes.quantize.quantize_lstm_dynamic import QuantizeLSTMDynamic
-from qgraph.annotate.annotator import AnnotationOverrides, AnnotationRules, annotate
-from qgraph.annotate.config_file import check_override_names, load_overrides
 from qgraph.quant.plan import QuantPlan
-from qgraph.ir.subgraphs import make_names_unique
-from qgraph import sensitivity
+from qgraph.quant.spec import QuantParams, compute_quant_params
 from qgraph.sensitivity import (
     DEFAULT_MIN_SQNR_DB,
     DEFAULT_SENSITIVITY_BATCHES,
@@ -52,10 +54,16 @@ from qgraph.sensitivity import (
     validate_min_sqnr,
     validate_search_budget,
 )
-from qgraph.quant.spec import QuantParams, compute_quant_params
+from qgraph.speed_choice import (
+    QDQ,
+    QOPERATOR,
+    Candidate,
+    SpeedChoice,
+    SpeedChoiceOptions,
+    choose_speed,
+    target_lowering,
+)
 from qgraph.targets import Target, TargetOptions, get_target
-from qgraph.latency import LatencyOptions
-from qgraph.speed_choice import QDQ, QOPERATOR, Candidate, SpeedChoice, SpeedChoiceOptions, choose_speed, target_lowering
 
 logger = logging.getLogger(__name__)
 

@@ -10,17 +10,16 @@ import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
 
-from qgraph import runtime
+from qgraph import runtime, sensitivity
 from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.cli import cli
 from qgraph.errors import QGraphError
-from qgraph import sensitivity
-from qgraph.sensitivity import DEFAULT_MIN_SQNR_DB, ENABLE_INPUT, build_switchable_model, find_layers
 from qgraph.ptq import QuantizeOptions, quantize
 from qgraph.report import build_report
+from qgraph.sensitivity import DEFAULT_MIN_SQNR_DB, ENABLE_INPUT, build_switchable_model, find_layers
 from qgraph.targets import TargetOptions
-from tools.sensitivity_models import feature_batches, outlier_mlp
 from tests.ptq.small_models import calibration_batches, residual_cnn
+from tools.sensitivity_models import feature_batches, outlier_mlp
 
 
 def _quantize(model: onnx.ModelProto, batches, *, lower: bool = True, **options):

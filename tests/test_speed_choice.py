@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from qgraph.models.mobilenet_v3 import build_mobilenet_v3
 
 from qgraph import runtime
 from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.errors import QGraphError
 from qgraph.latency import LatencyOptions, LatencyTable
+from qgraph.models.mobilenet_v3 import build_mobilenet_v3
 from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.ptq import QuantizeOptions
 from qgraph.speed_choice import (

@@ -36,6 +36,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.passes._rewrite_support import constant_array, known_rank_and_dtype
 from qgraph.passes.canonicalize._pattern_matching import (
     close_to,
     default_opset,
@@ -44,7 +45,6 @@ from qgraph.passes.canonicalize._pattern_matching import (
     scalar_constant,
     split_constant_operand,
 )
-from qgraph.passes._rewrite_support import constant_array, known_rank_and_dtype
 
 #: Relative tolerance on 1/n, n, 2, −0.5 and 0 constants (exporters print 1/n with 7–9 significant digits).
 CONSTANT_TOLERANCE = 1e-5

@@ -24,7 +24,6 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.passes.infrastructure import Refusal
 from qgraph.ir.values import (  # noqa: F401 - re-exported for the fusions
     MICROSOFT_DOMAIN,
     constant_array,
@@ -35,6 +34,7 @@ from qgraph.ir.values import (  # noqa: F401 - re-exported for the fusions
     sole_consumer,
     sole_consumer_refusal,
 )
+from qgraph.passes.infrastructure import Refusal
 
 
 def producer_if(value: ir.Value | None, op_type: str) -> ir.Node | None:

@@ -36,8 +36,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.passes.canonicalize import _normalization_matching as normalization
 from qgraph.passes._rewrite_support import drop_unused_initializers, new_initializer
+from qgraph.passes.canonicalize import _normalization_matching as normalization
 from qgraph.passes.canonicalize._pattern_matching import OpsetRefusal, default_opset
 from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
 

@@ -27,6 +27,7 @@ import logging
 
 import onnx_ir as ir
 
+from qgraph.passes._rewrite_support import constant_array, drop_unused_initializers, known_rank_and_dtype
 from qgraph.passes.canonicalize._pattern_matching import (
     OpsetRefusal,
     close_to,
@@ -38,7 +39,6 @@ from qgraph.passes.canonicalize._pattern_matching import (
     sole_consumer,
     split_constant_operand,
 )
-from qgraph.passes._rewrite_support import constant_array, drop_unused_initializers, known_rank_and_dtype
 from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
 
 logger = logging.getLogger(__name__)

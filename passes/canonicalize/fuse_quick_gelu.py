@@ -31,6 +31,7 @@ import math
 
 import onnx_ir as ir
 
+from qgraph.passes._rewrite_support import constant_array, drop_unused_initializers, known_rank_and_dtype
 from qgraph.passes.canonicalize._pattern_matching import (
     MICROSOFT_DOMAIN,
     ensure_microsoft_domain,
@@ -40,7 +41,6 @@ from qgraph.passes.canonicalize._pattern_matching import (
     scalar_constant,
     split_constant_operand,
 )
-from qgraph.passes._rewrite_support import constant_array, drop_unused_initializers, known_rank_and_dtype
 from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
 
 logger = logging.getLogger(__name__)

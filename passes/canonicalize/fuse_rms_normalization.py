@@ -40,10 +40,10 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
+from qgraph.passes._rewrite_support import new_initializer
 from qgraph.passes.canonicalize import _normalization_matching as normalization
 from qgraph.passes.canonicalize._pattern_matching import default_opset
 from qgraph.passes.canonicalize.fuse_general_layer_normalization import replace_with
-from qgraph.passes._rewrite_support import new_initializer
 from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
 
 logger = logging.getLogger(__name__)

@@ -44,9 +44,9 @@ from onnx_ir.passes import PassResult
 
 from qgraph import runtime
 from qgraph.ir.values import constant_array, default_opset
-from qgraph.quant.numerics import fake_quantize
 from qgraph.passes.infrastructure import Phase, QGraphPass, register
 from qgraph.passes.quantize.insert_quantize_dequantize import InsertQuantizeDequantize
+from qgraph.quant.numerics import fake_quantize
 
 logger = logging.getLogger(__name__)
 

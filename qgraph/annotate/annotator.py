@@ -39,9 +39,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.quant.plan import BiasPlan, QuantPlan, WeightPlan, merge_groups
 from qgraph.ir.subgraphs import LOOP_OPERATORS, loop_reason, quantized_graphs
 from qgraph.ir.values import is_constant, sole_consumer
+from qgraph.quant.plan import BiasPlan, QuantPlan, WeightPlan, merge_groups
 
 logger = logging.getLogger(__name__)
 

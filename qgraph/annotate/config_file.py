@@ -32,8 +32,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from qgraph.errors import QGraphError
 from qgraph.annotate.annotator import AnnotationOverrides
+from qgraph.errors import QGraphError
 from qgraph.quant.spec import QuantSpec
 
 if sys.version_info >= (3, 11):

@@ -29,13 +29,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qgraph.errors import DataError
-from qgraph.progress import Progress
 from qgraph.calibrate.observers.factory import OBSERVER_METHODS as METHODS
 from qgraph.calibrate.observers.histogram import DEFAULT_PERCENTILE
-from qgraph.quant.plan import QuantPlan
 from qgraph.calibrate.probes import build_probes
+from qgraph.errors import DataError
 from qgraph.ir.values import is_constant, is_op
+from qgraph.progress import Progress
+from qgraph.quant.plan import QuantPlan
 
 logger = logging.getLogger(__name__)
 

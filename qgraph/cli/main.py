@@ -131,8 +131,8 @@ def inspect(model: Path, as_json: bool) -> None:
 @cli.command("passes")
 def list_passes() -> None:
     """List the passes qgraph can run, by phase, with one line each."""
-    from qgraph.pipeline import CANONICAL_PASSES
     from qgraph.passes.infrastructure import available_passes
+    from qgraph.pipeline import CANONICAL_PASSES
 
     passes = available_passes()
     width = max((len(name) for name in passes), default=0)

@@ -24,15 +24,20 @@ from qgraph import pipeline
 from qgraph.annotate.annotator import RECURRENT_MODES, AnnotationOverrides
 from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.calibrate.observers.factory import OBSERVER_METHODS
-from qgraph.data.layout import DataLayout
 from qgraph.cli import output as printing
+from qgraph.data.layout import DataLayout
 from qgraph.errors import QGraphError
 from qgraph.pipeline import OptimizeOptions, OutputOptions
 from qgraph.progress import Progress
 from qgraph.ptq import WEIGHT_METHODS, QuantizeOptions
 from qgraph.qat.options import QATOptions
-from qgraph.sensitivity import (AUTO_BUDGET_CALIBRATION_FACTOR, AUTO_BUDGET_SECONDS, DEFAULT_MIN_SQNR_DB,
-                                 validate_min_sqnr, validate_search_budget)
+from qgraph.sensitivity import (
+    AUTO_BUDGET_CALIBRATION_FACTOR,
+    AUTO_BUDGET_SECONDS,
+    DEFAULT_MIN_SQNR_DB,
+    validate_min_sqnr,
+    validate_search_budget,
+)
 from qgraph.targets import AUTO_CHOICES, FORMATS, TARGET_NAMES, WEIGHT_BITS, TargetOptions
 from qgraph.weight_only.options import ALGORITHMS, WeightOnlyOptions
 

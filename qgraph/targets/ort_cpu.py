@@ -15,9 +15,15 @@ from __future__ import annotations
 
 import logging
 
+from qgraph.annotate.annotator import (
+    BINARY_OPS,
+    COMPUTE_OPS,
+    FUSABLE_ACTIVATIONS,
+    OWN_RANGE_OPS,
+    PASS_THROUGH_OPS,
+    AnnotationRules,
+)
 from qgraph.errors import QGraphError
-from qgraph.annotate.annotator import BINARY_OPS, COMPUTE_OPS, FUSABLE_ACTIVATIONS, OWN_RANGE_OPS, PASS_THROUGH_OPS
-from qgraph.annotate.annotator import AnnotationRules
 from qgraph.passes.infrastructure import QGraphPass
 from qgraph.passes.lower.lower_conv_integer import LowerConvInteger
 from qgraph.passes.lower.lower_integer_matmul import LowerIntegerMatMul

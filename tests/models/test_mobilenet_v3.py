@@ -7,10 +7,10 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-from qgraph.models.common import count_parameters
-from qgraph.models.mobilenet_v3 import HARDSWISH_SPELLINGS, build_mobilenet_v3
 
 from qgraph import runtime
+from qgraph.models.common import count_parameters
+from qgraph.models.mobilenet_v3 import HARDSWISH_SPELLINGS, build_mobilenet_v3
 
 
 def _ops(model: onnx.ModelProto) -> Counter:

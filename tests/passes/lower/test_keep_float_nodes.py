@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-from qgraph.passes.infrastructure import PassManager
-from qgraph.passes.lower.keep_float_nodes import KeepFloatNodes
 
 from qgraph import runtime
+from qgraph.passes.infrastructure import PassManager
+from qgraph.passes.lower.keep_float_nodes import KeepFloatNodes
 from qgraph.targets import TargetOptions, get_target
 from tests.passes.qdq_builders import QDQBuilder, count_ops, run_both
 
