@@ -200,15 +200,20 @@ def _streamed(model: ir.Model, layers: list[Layer], groups: Mapping[str, list[La
               options: WeightOnlyOptions, progress) -> tuple[list[LayerReport], list[PassRecord]]:
     """The streamed flow of :mod:`.streaming`: each layer read, rounded, rewritten and spilled on its own."""
     spill = SpillFile(model)
+    model.meta["qgraph.streamed_external_data"] = "true"  # save_model keeps it external (see qgraph.ir.save)
     reports: dict[str, LayerReport] = {}
     records: list[PassRecord] = []
     by_node = {layer.node: layer for layer in layers}
 
     def quantize_layer(layer: Layer, accumulator: HessianAccumulator | None) -> None:
         method = _method(options, layer)
-        result = _round(layer.weight(), accumulator, spec, options, method)
-        reports[layer.node.name] = _report(layer, result, accumulator, method, None)
         old_weight = layer.node.inputs[0 if is_op(layer.node, "Gather") else 1]
+        weight = layer.weight()  # a float32 copy: the mapped pages can go at once
+        release(old_weight)
+        result = _round(weight, accumulator, spec, options, method)
+        del weight
+        reports[layer.node.name] = _report(layer, result, accumulator, method, None)
+        release(old_weight)
         records.extend(PassManager([QuantizeWeightsBlockwise(weights={layer.node.name: result})]).run(model).records)
         if options.format == "matmulnbits":
             records.extend(PassManager([LowerMatMulNBits(accuracy_level=options.accuracy_level)]).run(model).records)
