@@ -97,7 +97,10 @@ def save_model(
 
     ir_version = _runtime_ir_version(model, destination)
     size = tensor_bytes(model)
-    use_external = external_data if external_data is not None else size > EXTERNAL_DATA_THRESHOLD
+    # A model whose tensors were streamed to external data (weight-only quantization of a model with external
+    # data) stays external: inlining would read every tensor into memory at once.
+    streamed = model.meta.get("qgraph.streamed_external_data") == "true"
+    use_external = external_data if external_data is not None else (size > EXTERNAL_DATA_THRESHOLD or streamed)
     if not use_external and size > PROTOBUF_LIMIT:
         raise OutputPathError(
             f"{destination}: the model holds {size / 2**30:.2f} GiB of tensors, over protobuf's 2 GiB limit; "

@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.errors import QGraphError, UnsupportedModelError
-from qgraph.ir.values import constant_array, is_op
+from qgraph.ir.values import constant_array, default_opset, is_op
 from qgraph.passes.canonicalize.eliminate_dead_code import EliminateDeadCode
 from qgraph.passes.infrastructure import PassManager, PassRecord
 from qgraph.passes.lower.lower_matmul_nbits import LowerMatMulNBits
@@ -40,6 +40,7 @@ from qgraph.weight_only.gptq import HessianAccumulator, quantize_gptq
 from qgraph.weight_only.options import WeightOnlyOptions
 from qgraph.weight_only.rtn import quantize_rtn
 from qgraph.weight_only.statistics import collect_statistics
+from qgraph.weight_only.streaming import SpillFile, check_streamable, has_external_data, release, run_by_segments
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,13 @@ class Layer:
     input_name: str | None
     weight_name: str
     transposed: bool
+
+    @property
+    def rows(self) -> int:
+        """K, read from the weight's shape (a memory-mapped weight is not touched)."""
+        index = 0 if is_op(self.node, "Gather") else 1
+        shape = constant_array(self.node.inputs[index]).shape
+        return shape[1] if self.transposed else shape[0]
 
     def weight(self) -> np.ndarray:
         index = 0 if is_op(self.node, "Gather") else 1
@@ -133,6 +141,13 @@ def quantize_weight_only(model: ir.Model, calibration_data=None, options: Weight
     if options.needs_calibration and calibration_data is None:
         raise QGraphError(f"--algorithm {options.algorithm} needs calibration data: add --calib DATA "
                           "(prompts as input_ids; the empty past is built for KV-cache graphs)")
+    streamed = options.streaming if options.streaming is not None else has_external_data(model)
+    if streamed:
+        check_streamable(options)
+        if default_opset(model) < MINIMUM_OPSET:
+            raise UnsupportedModelError(f"a model with external data is quantized at opset {MINIMUM_OPSET} or later "
+                                        f"(the opset converter would read every weight into memory); this one has "
+                                        f"opset {default_opset(model)}")
     model = ensure_opset(model, MINIMUM_OPSET)
     layers = find_layers(model, options)
     if not layers:
@@ -145,6 +160,12 @@ def quantize_weight_only(model: ir.Model, calibration_data=None, options: Weight
             groups.setdefault(layer.input_name, []).append(layer)
     logger.info("weight-only %s, %d bits, blocks of %d: %d layers in %d input groups", options.algorithm,
                 options.bits, options.block_size, len(layers), len(groups))
+
+    if streamed:
+        reports_list, records = _streamed(model, layers, groups, batches, spec, options, progress)
+        seconds = time.perf_counter() - started
+        logger.info("streamed weight-only quantization of %d layers took %.1f s", len(layers), seconds)
+        return WeightOnlyResult(model, tuple(records), tuple(reports_list), seconds)
 
     statistics: dict[str, HessianAccumulator] = {}
     quantized: dict[str, BlockQuantizedWeight] = {}
@@ -175,6 +196,54 @@ def quantize_weight_only(model: ir.Model, calibration_data=None, options: Weight
     return WeightOnlyResult(model, tuple(records), tuple(reports[layer.node.name] for layer in layers), seconds)
 
 
+def _streamed(model: ir.Model, layers: list[Layer], groups: Mapping[str, list[Layer]], batches, spec: BlockSpec,
+              options: WeightOnlyOptions, progress) -> tuple[list[LayerReport], list[PassRecord]]:
+    """The streamed flow of :mod:`.streaming`: each layer read, rounded, rewritten and spilled on its own."""
+    spill = SpillFile(model)
+    model.meta["qgraph.streamed_external_data"] = "true"  # save_model keeps it external (see qgraph.ir.save)
+    reports: dict[str, LayerReport] = {}
+    records: list[PassRecord] = []
+    by_node = {layer.node: layer for layer in layers}
+
+    def quantize_layer(layer: Layer, accumulator: HessianAccumulator | None) -> None:
+        method = _method(options, layer)
+        old_weight = layer.node.inputs[0 if is_op(layer.node, "Gather") else 1]
+        weight = layer.weight()  # a float32 copy: the mapped pages can go at once
+        release(old_weight)
+        result = _round(weight, accumulator, spec, options, method)
+        del weight
+        reports[layer.node.name] = _report(layer, result, accumulator, method, None)
+        release(old_weight)
+        records.extend(PassManager([QuantizeWeightsBlockwise(weights={layer.node.name: result})]).run(model).records)
+        if options.format == "matmulnbits":
+            records.extend(PassManager([LowerMatMulNBits(accuracy_level=options.accuracy_level)]).run(model).records)
+        release(old_weight)
+        spill.spill(model.graph)
+
+    if options.needs_calibration:
+        sizes = {name: members[0].rows for name, members in groups.items()}
+        remaining = {name: len(members) for name, members in groups.items()}
+
+        def on_segment(nodes: list[ir.Node], accumulators: dict[str, HessianAccumulator]) -> None:
+            for node in nodes:
+                layer = by_node.get(node)
+                if layer is None:
+                    continue
+                quantize_layer(layer, accumulators.get(layer.input_name) if layer.input_name else None)
+                if layer.input_name is not None:
+                    remaining[layer.input_name] -= 1
+                    if not remaining[layer.input_name]:
+                        accumulators.pop(layer.input_name, None)  # the Hessian's last reader is done
+
+        run_by_segments(model, sizes, batches, on_segment, progress=progress)
+    else:
+        for layer in layers:
+            quantize_layer(layer, None)
+    records.extend(PassManager([EliminateDeadCode()]).run(model).records)
+    logger.info("spilled %.1f MB of quantized weights to %s", spill.bytes / 1e6, spill.folder)
+    return [reports[layer.node.name] for layer in layers], records
+
+
 def _method(options: WeightOnlyOptions, layer: Layer) -> str:
     if layer.input_name is None:
         return "rtn"  # embedding tables have no layer input to calibrate on
@@ -183,24 +252,53 @@ def _method(options: WeightOnlyOptions, layer: Layer) -> str:
     return options.algorithm
 
 
+#: Columns quantized together: every column of a weight is rounded independently (RTN per block column, GPTQ's
+#: columns are separate quadratic problems sharing H), so a wide weight (an LM head of 32000 columns) is rounded in
+#: slices of at most this many elements, which bounds the float64 working copies of GPTQ.
+COLUMN_SLICE_ELEMENTS = 1 << 23
+
+
+def column_slices(shape: tuple[int, int]) -> list[slice]:
+    rows, columns = shape
+    width = max(1, COLUMN_SLICE_ELEMENTS // max(rows, 1))
+    return [slice(start, min(start + width, columns)) for start in range(0, columns, width)]
+
+
 def _round(weight: np.ndarray, accumulator: HessianAccumulator | None, spec: BlockSpec, options: WeightOnlyOptions,
            method: str, hessian: np.ndarray | None = None) -> BlockQuantizedWeight:
     if method == "gptq":
         hessian = hessian if hessian is not None else accumulator.hessian
-        return quantize_gptq(weight, hessian, spec, dampening=options.dampening, act_order=options.act_order,
-                             lazy_batch=options.lazy_batch, mse_clip=options.mse_clip)
-    return quantize_rtn(weight, spec, mse_clip=options.mse_clip)
+    parts = []
+    for columns in column_slices(weight.shape):
+        if method == "gptq":
+            parts.append(quantize_gptq(weight[:, columns], hessian, spec, dampening=options.dampening,
+                                       act_order=options.act_order, lazy_batch=options.lazy_batch,
+                                       mse_clip=options.mse_clip))
+        else:
+            parts.append(quantize_rtn(weight[:, columns], spec, mse_clip=options.mse_clip))
+    if len(parts) == 1:
+        return parts[0]
+    zero_points = None if parts[0].zero_points is None else np.concatenate([part.zero_points for part in parts], 1)
+    return BlockQuantizedWeight(np.concatenate([part.codes for part in parts], 1),
+                                np.concatenate([part.scales for part in parts], 1), zero_points, spec)
 
 
 def _report(layer: Layer, quantized: BlockQuantizedWeight, accumulator: HessianAccumulator | None, method: str,
             alpha: float | None) -> LayerReport:
     error = None
     if accumulator is not None:
-        weight = layer.weight().astype(np.float64)
-        delta = weight - quantized.dequantize()
         hessian = accumulator.hessian
-        reference = float(np.einsum("kn,kn->", weight, hessian @ weight))
-        error = float(np.einsum("kn,kn->", delta, hessian @ delta)) / reference if reference > 0 else 0.0
+        weight_all = layer.weight()
+        reference = difference = 0.0
+        for columns in column_slices(weight_all.shape):  # float64 copies of one slice at a time
+            weight = weight_all[:, columns].astype(np.float64)
+            part = BlockQuantizedWeight(quantized.codes[:, columns], quantized.scales[:, columns],
+                                        None if quantized.zero_points is None else quantized.zero_points[:, columns],
+                                        quantized.spec)
+            delta = weight - part.dequantize()
+            reference += float(np.einsum("kn,kn->", weight, hessian @ weight))
+            difference += float(np.einsum("kn,kn->", delta, hessian @ delta))
+        error = difference / reference if reference > 0 else 0.0
     logger.info("%s %s %s: %s%s", layer.node.name, layer.node.op_type, quantized.shape, method,
                 "" if error is None else f", relative output error {error:.2e}")
     return LayerReport(layer.node.name, layer.node.op_type, quantized.shape, method, error, alpha)

@@ -47,6 +47,9 @@ class WeightOnlyOptions:
     #: Calibration: samples (None: all) and batch size.
     samples: int | None = 128
     batch_size: int = 8
+    #: Quantize layer by layer from memory-mapped weights, spilling the results to external data
+    #: (:mod:`qgraph.weight_only.streaming`); None: when the model has external data.
+    streaming: bool | None = None
     #: Node names to keep in float.
     exclude: frozenset[str] = frozenset()
 
