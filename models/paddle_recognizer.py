@@ -32,8 +32,8 @@ the depth, as a trained network's do), Glorot-uniform dense layers. Like trained
 few layers have outliers: one pointwise convolution has two output channels with BN gain ×``outlier_gain``, and the
 second transformer block's MLP output writes two channels ×``outlier_gain`` into the residual stream, so per-tensor
 activation ranges there are dominated by a few channels: fully quantized (int8, minmax) the output SQNR is just
-under the default 10 dB bound (about 9 dB), without the outliers about 11.6 dB. :func:`calibration_images` generates text-line-like
-images (a light background, dark glyph strokes, noise) as the calibration set.
+under the default 10 dB bound (about 9 dB), without the outliers about 11.6 dB. :func:`calibration_images` generates
+text-line-like images (a light background, dark glyph strokes, noise) as the calibration set.
 """
 
 from __future__ import annotations
@@ -213,11 +213,14 @@ def _built(num_classes: int, outlier_gain: float, seed: int) -> bytes:
         x = writer.hard_swish(writer.conv_bn(x, in_channels, in_channels, kernel, stride=stride, group=in_channels))
         if squeeze:
             pooled = writer.node("GlobalAveragePool", [x])
-            weight = writer.generator.standard_normal((in_channels // 4, in_channels, 1, 1)) * math.sqrt(2 / in_channels)
+            weight = (writer.generator.standard_normal((in_channels // 4, in_channels, 1, 1))
+                      * math.sqrt(2 / in_channels))
             reduced = writer.node("Relu", [writer.node("Conv", [pooled, writer.parameter("conv2d.w", weight),
-                                                                writer.parameter("conv2d.b", np.zeros(in_channels // 4))],
+                                                                writer.parameter("conv2d.b",
+                                                                                 np.zeros(in_channels // 4))],
                                                        kernel_shape=[1, 1])])
-            weight = writer.generator.standard_normal((in_channels, in_channels // 4, 1, 1)) * math.sqrt(8 / in_channels)
+            weight = (writer.generator.standard_normal((in_channels, in_channels // 4, 1, 1))
+                      * math.sqrt(8 / in_channels))
             expanded = writer.node("Conv", [reduced, writer.parameter("conv2d.w", weight),
                                             writer.parameter("conv2d.b", np.zeros(in_channels))], kernel_shape=[1, 1])
             x = writer.node("Mul", [x, writer.node("HardSigmoid", [expanded], alpha=0.2, beta=0.5)])
@@ -252,7 +255,8 @@ def _built(num_classes: int, outlier_gain: float, seed: int) -> bytes:
     graph = helper.make_graph(
         writer.nodes, "paddle_recognizer",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["p2o.DynamicDimension.0", *INPUT_SHAPE])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["p2o.DynamicDimension.0", TIMESTEPS, num_classes])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT,
+                                       ["p2o.DynamicDimension.0", TIMESTEPS, num_classes])],
         writer.initializers,
     )
     del logits

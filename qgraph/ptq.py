@@ -133,7 +133,8 @@ class QuantizeOptions:
             raise QGraphError(f"unknown bias correction {self.bias_correction!r}; choose one of "
                               f"{', '.join(BIAS_CORRECTION_MODES)}")
         if self.weight_method not in WEIGHT_METHODS:
-            raise QGraphError(f"unknown weight method {self.weight_method!r}; choose one of {', '.join(WEIGHT_METHODS)}")
+            raise QGraphError(f"unknown weight method {self.weight_method!r}; choose one of "
+                              f"{', '.join(WEIGHT_METHODS)}")
         if self.speed_choice_seconds <= 0:
             raise QGraphError(f"speed_choice_seconds must be positive, got {self.speed_choice_seconds}")
 
@@ -181,7 +182,12 @@ def weight_range(array: np.ndarray, axis: int | None, method: str, spec) -> tupl
 
 
 def compute_parameters(
-    model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], *, per_channel: bool, weight_method: str
+    model: ir.Model,
+    plan: QuantPlan,
+    ranges: Mapping[str, tuple[float, float]],
+    *,
+    per_channel: bool,
+    weight_method: str,
 ) -> dict[str, QuantParams]:
     parameters: dict[str, QuantParams] = {}
     for tensor in plan.activations:

@@ -140,7 +140,8 @@ def sensitivity_markdown(sensitivity: SensitivityResult) -> list[str]:
     lines = [
         f"## Sensitivity and automatic fallback (bound {sensitivity.min_sqnr_db:g} dB)",
         "",
-        f"Output SQNR on {sensitivity.batches} calibration batches: fully quantized {sensitivity.output_sqnr_db:.1f} dB, "
+        f"Output SQNR on {sensitivity.batches} calibration batches: "
+        f"fully quantized {sensitivity.output_sqnr_db:.1f} dB, "
         f"as written {sensitivity.final_output_sqnr_db:.1f} dB"
         + ("" if sensitivity.bound_met else " (still below the bound)") + ".",
         "",
@@ -154,7 +155,8 @@ def sensitivity_markdown(sensitivity: SensitivityResult) -> list[str]:
     if sensitivity.layers:
         lines += ["| layer | op | output SQNR with only this layer quantized (dB) | fell back |",
                   "| --- | --- | ---: | :---: |"]
-        lines += [f"| {layer.node} | {layer.op_type} | {layer.output_sqnr_db:.1f} | {'yes' if layer.fell_back else 'no'} |"
+        lines += [f"| {layer.node} | {layer.op_type} | {layer.output_sqnr_db:.1f} | "
+                  f"{'yes' if layer.fell_back else 'no'} |"
                   for layer in sensitivity.layers]
     return lines
 

@@ -289,7 +289,7 @@ def _tuning(tuning: Mapping) -> list[str]:
              scatter_plot("tuning", "tuning trials: score vs latency (chosen point marked)", points, chosen,
                           x_label="latency at batch 1 (ms)", y_label="score", reference=tuning["fp32_score"]),
              _table(["#", "configuration", "score", "latency (ms)", "size (MB)", "meets bound"],
-                    ((("<b>%d</b>" % index) if index == chosen else index, _escape(trial["description"]),
+                    ((f"<b>{index}</b>" if index == chosen else index, _escape(trial["description"]),
                       f"{trial['score']:.4g}", _number(trial.get("latency_ms"), 2),
                       _number(trial["size_bytes"] / 1e6, 2), "yes" if trial["meets_bound"] else "no")
                      for index, trial in enumerate(trials)))]

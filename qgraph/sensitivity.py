@@ -629,7 +629,8 @@ class _Search:
         """The expected cost of one ranking measurement."""
         if self.measured_seconds:
             return float(np.median(self.measured_seconds[-8:]))
-        fraction = min(1.0, self.options.ranking_samples / max(1, batch_samples(self.comparison.feeds[0], self.batch_axes)))
+        fraction = min(1.0, self.options.ranking_samples
+                       / max(1, batch_samples(self.comparison.feeds[0], self.batch_axes)))
         return self.batch_seconds * fraction
 
     def measure(self, enabled: np.ndarray, note: str) -> np.ndarray | None:

@@ -21,10 +21,10 @@ With ``t_c(b)`` the first quartile of candidate ``c``'s run times at batch size 
 ``r_c(b) = t_base(b) / t_c(b)`` its speed-up over the current best (see :mod:`qgraph.latency` for why quartiles),
 a class is taken when ``r_c(b) >= 1`` at every measured batch size, the geometric mean over batch sizes is at
 least ``1 + margin``, and the candidate won at least three of four rounds (paired ratios' lower quartile ``>= 1``)
-at every batch size; the first format (the target's lowering) gives way to another by the same test. The result is the chosen candidate if its speed-up over FP32 is at least ``1 - tolerance`` at
-every batch size, else the FP32 model (``keep_float_when_slower``) or, when an integer model was asked for whatever
-its speed (:func:`qgraph.ptq.quantize`), the fastest integer candidate marked ``slower_than_float``, with the
-reason either way.
+at every batch size; the first format (the target's lowering) gives way to another by the same test. The result is the
+chosen candidate if its speed-up over FP32 is at least ``1 - tolerance`` at every batch size, else the FP32 model
+(``keep_float_when_slower``) or, when an integer model was asked for whatever its speed (:func:`qgraph.ptq.quantize`),
+the fastest integer candidate marked ``slower_than_float``, with the reason either way.
 
 Cost: every measurement is one :func:`qgraph.latency.measure_latency` table (FP32 and the formats; then FP32, the
 best format and one candidate per region class present; then, when two or more classes were taken, their

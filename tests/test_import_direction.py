@@ -7,7 +7,8 @@ is an edge; ``from package import name`` is an edge to ``package.name`` when tha
 The layers, lowest first, follow the layout of the tree:
 
     ground (qgraph/__init__, errors, runtime, native) < ir < quant < passes infrastructure < passes
-    < annotate, targets < calibrate < sensitivity, ptq (with latency, speed_choice) < train, qat, data < report, summary < pipeline < cli
+    < annotate, targets < calibrate < sensitivity, ptq (with latency, speed_choice) < train, qat, data
+    < report, summary < pipeline < cli
     < testing
 
 (data, listed after qat in the layout, is a reader of numpy batches on the ground floor that QAT's driver uses, so it

@@ -11,7 +11,8 @@ from tools import check_latest_runtime as check
 
 def numbers(onnxruntime: str, fp32_top1: float, int8_top1: float, fp32_ms: float, int8_ms: float) -> dict:
     return {"onnxruntime": onnxruntime, "speedup": fp32_ms / int8_ms,
-            "rows": {"FP32": {"top1": fp32_top1, "latency_ms": fp32_ms}, "INT8": {"top1": int8_top1, "latency_ms": int8_ms}}}
+            "rows": {"FP32": {"top1": fp32_top1, "latency_ms": fp32_ms},
+                     "INT8": {"top1": int8_top1, "latency_ms": int8_ms}}}
 
 
 def test_agreeing_environments_pass():

@@ -65,7 +65,8 @@ def test_the_destructive_layer_and_only_it_falls_back_with_the_default_bound():
     # the plan: fc2 in FP32 with the reason, its neighbours still quantized
     assert "fc2" not in result.plan.quantized_nodes and {"fc1", "fc3"} <= set(result.plan.quantized_nodes)
     reason = result.plan.fp32_nodes["fc2"]
-    assert reason.startswith(f"fell back to FP32: alone it brought output SQNR to {singles['fc2'].output_sqnr_db:.1f} dB")
+    assert reason.startswith(f"fell back to FP32: alone it brought output SQNR to "
+                             f"{singles['fc2'].output_sqnr_db:.1f} dB")
     assert f"(bound {DEFAULT_MIN_SQNR_DB:g} dB" in reason
     assert not _weight_is_quantized(result.model, "fc2.weight")
     assert _weight_is_quantized(result.model, "fc1.weight") and _weight_is_quantized(result.model, "fc3.weight")

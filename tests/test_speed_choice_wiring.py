@@ -44,7 +44,8 @@ def fake_times(monkeypatch):
 
     def measure(models, options: LatencyOptions, *, reference: str, feeds=None) -> LatencyTable:
         calls.append((tuple(models), feeds))
-        samples = {size: {name: tuple(times.get(name, times.get("*", 1.0)) * size for _ in range(options.rounds)) for name in models}
+        samples = {size: {name: tuple(times.get(name, times.get("*", 1.0)) * size for _ in range(options.rounds))
+                          for name in models}
                    for size in options.batch_sizes}
         return LatencyTable(reference, samples, options.threads)
 

@@ -61,9 +61,9 @@ if str(REPOSITORY_ROOT) not in sys.path:
     sys.path.insert(0, str(REPOSITORY_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_ptq_support as support
+import bench_ptq_support as support  # noqa: E402 - after the sys.path setup above
 
-from qgraph.latency import LatencyOptions, LatencyTable, measure_latency
+from qgraph.latency import LatencyOptions, LatencyTable, measure_latency  # noqa: E402 - after the sys.path setup above
 
 logger = logging.getLogger("bench_latency")
 

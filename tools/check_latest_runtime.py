@@ -7,8 +7,8 @@ test command does after the test suite. It
    path), or takes ``--python``;
 2. makes a second virtual environment with it, in ``~/.cache/qgraph/latest-runtime/`` under a name made of that
    Python's version, the latest onnxruntime release on PyPI and a hash of what the install depends on
-   (this checkout's path, ``pyproject.toml``, ``setup.py``, the C sources): a later run with the same key reuses it, so CI pays for the
-   install once. There it installs qgraph's PTQ path, ``pip install -e ".[cpu,test]"`` with
+   (this checkout's path, ``pyproject.toml``, ``setup.py``, the C sources): a later run with the same key reuses it, so
+   CI pays for the install once. There it installs qgraph's PTQ path, ``pip install -e ".[cpu,test]"`` with
    ``onnxruntime==LATEST`` (its own packages, none of this environment's; the editable install builds the native
    libraries for that Python), and runs ``pip check`` there and here;
 3. runs the test suite there without the tests that need onnxruntime-training: ``pytest -m "not qat"``;

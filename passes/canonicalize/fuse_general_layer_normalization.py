@@ -70,7 +70,8 @@ class FuseGeneralLayerNormalization(RewritePass):
     """Fuse LayerNorms spelled with E[x²] − E[x]², ReduceSum/n, Reshape/Expand views, Pow(−0.5) or a folded γ."""
 
     phase = Phase.CANONICALIZE
-    summary = "Fuse flax/Keras/tf2onnx LayerNorm spellings (moments, ReduceSum/n, views, rsqrt forms) into LayerNormalization"
+    summary = ("Fuse flax/Keras/tf2onnx LayerNorm spellings (moments, ReduceSum/n, views, rsqrt forms) "
+               "into LayerNormalization")
 
     def match(self, node: ir.Node, context: RewriteContext) -> normalization.Analysis | None:
         """The Mul (or Div) that applies the reciprocal standard deviation to x − μ, analysed."""

@@ -91,7 +91,8 @@ class FuseHardSwish(RewritePass):
             for node in plan.nodes:
                 for value in node.inputs[1:]:
                     array = constant_array(value)
-                    if array is not None and ((rank is None and array.ndim > 0) or (rank is not None and array.ndim > rank)):
+                    if array is not None and ((rank is None and array.ndim > 0)
+                                              or (rank is not None and array.ndim > rank)):
                         raise _Refused(f"the constant {value.name!r} could broadcast the output")
             for node in plan.nodes:
                 for value in node.outputs:

@@ -117,7 +117,8 @@ class FuseQuickGelu(RewritePass):
         base = plan.product.outputs[0].name or "quick_gelu"
         fused = ir.Node(MICROSOFT_DOMAIN, "QuickGelu", [plan.data], attributes=[ir.AttrFloat32("alpha", plan.alpha)],
                         name=context.names.fresh(f"{base}_quick_gelu"))
-        constants = [value for node in plan.nodes for value in node.inputs if value is not None and value.is_initializer()]
+        constants = [value for node in plan.nodes for value in node.inputs
+                     if value is not None and value.is_initializer()]
         ir.convenience.replace_nodes_and_values(graph, plan.product, list(plan.nodes), [fused],
                                                 [plan.product.outputs[0]], [fused.outputs[0]])
         drop_unused_initializers(constants)

@@ -14,12 +14,12 @@ Why a local function and not an operator: onnxruntime 1.19.2's CPU provider regi
 function"; the default domain runs), where ``onnx.checker`` rejects it as an unknown operator, and ONNX's own
 RMSNormalization arrives in opset 23, beyond what that runtime loads (21). A function node passes the checker, and
 onnxruntime inlines its body, so it runs the same element-wise arithmetic as before (to float32 rounding: the
-body's ``Mul(x, x)`` and ``Reciprocal → Mul`` stand for an exporter's ``Pow(x, 2)`` or ``Div``; measured ≤ 5e-7). What it gains is that annotation sees one node whose op it has no integer kernel for, and keeps it
-FP32 whole, recorded with its reason. Decomposed, the annotator would quantize the product ``x · r`` as a
-multiplication of two activations — which puts the reciprocal root r, a per-row factor whose range over a batch
-spans orders of magnitude, on an 8-bit grid — and the sensitivity search would then have to find that piece and put
-it back by hand. The integer MatMul after the norm still gets its quantized input (the norm's output is quantized
-where its reader is).
+body's ``Mul(x, x)`` and ``Reciprocal → Mul`` stand for an exporter's ``Pow(x, 2)`` or ``Div``; measured ≤ 5e-7). What
+it gains is that annotation sees one node whose op it has no integer kernel for, and keeps it FP32 whole, recorded with
+its reason. Decomposed, the annotator would quantize the product ``x · r`` as a multiplication of two activations —
+which puts the reciprocal root r, a per-row factor whose range over a batch spans orders of magnitude, on an 8-bit grid
+— and the sensitivity search would then have to find that piece and put it back by hand. The integer MatMul after the
+norm still gets its quantized input (the norm's output is quantized where its reader is).
 
 Body (the model's default-domain opset, ReduceMean axes as attribute before opset 18 and as input from 18)::
 

@@ -15,11 +15,12 @@ never does in float.
 Speed: onnxruntime 1.19.2's NCHW MaxPool for uint8 is a slow generic loop — measured 935 µs against 177 µs for
 float on a 1×64×56×56 tensor (one thread) — while ``Transpose → com.microsoft NhwcMaxPool → Transpose`` on uint8
 takes 60 µs and gives identical results. So a 2-D MaxPool becomes that sequence (``channels_last_max_pool=True``,
-the default); other ranks, or ``channels_last_max_pool=False``, keep an NCHW integer MaxPool. Type constraints checked against the model's default opset: MaxPool takes int8/uint8 from
-opset 12, Flatten all types from opset 9, Reshape/Transpose/Squeeze/Unsqueeze/Slice/Gather/Split all types in every
-opset, Resize from opset 11 (onnxruntime 1.19.2's CPU Resize is registered for int8 and uint8, and its nearest mode
-copies elements whatever the type; linear and cubic interpolate, which in integers rounds differently from
-``Q(linear(DQ(x)))``, so only ``nearest`` is lowered, and only without ``antialias``).
+the default); other ranks, or ``channels_last_max_pool=False``, keep an NCHW integer MaxPool. Type constraints checked
+against the model's default opset: MaxPool takes int8/uint8 from opset 12, Flatten all types from opset 9,
+Reshape/Transpose/Squeeze/Unsqueeze/Slice/Gather/Split all types in every opset, Resize from opset 11 (onnxruntime
+1.19.2's CPU Resize is registered for int8 and uint8, and its nearest mode copies elements whatever the type; linear and
+cubic interpolate, which in integers rounds differently from ``Q(linear(DQ(x)))``, so only ``nearest`` is lowered, and
+only without ``antialias``).
 
 Speed of the selection ops (onnxruntime 1.19.2, AMD EPYC Zen 4 shared by 2 cores, one thread, graph optimisation
 on, 1×64×56×56 uint8 island with the outer Q/DQ, median of 2×5 rounds): Slice 112 → 78 µs (1.45×), Gather 44 → 44

@@ -6,13 +6,13 @@ them (:mod:`qgraph.calibrate.probes`). Memory is one batch of activations plus t
 whatever the number of samples (onnxruntime's ``quantize_static`` keeps every batch's activations until the end, which
 grows linearly).
 
-Scheduling: onnxruntime runs a batch on all its threads, then the activations returned run through their observers on as many worker threads, the tensors dealt out largest
-first to the least loaded worker (the native observer loops and numpy's reductions release the GIL), then the range
-searches likewise. The phases alternate rather than overlap: onnxruntime keeps every core busy, and an observer
-thread beside its threads takes a core from one of them, whose parallel loops then wait for the descheduled thread.
-Graph inputs are observed straight from the feeds; the output of a layout operator (Reshape, Transpose, …) takes its
-input's range, since it holds the same values. Tensors that must share parameters (a scale group) are observed
-separately and their ranges merged afterwards as the union of the ranges.
+Scheduling: onnxruntime runs a batch on all its threads, then the activations returned run through their observers on as
+many worker threads, the tensors dealt out largest first to the least loaded worker (the native observer loops and
+numpy's reductions release the GIL), then the range searches likewise. The phases alternate rather than overlap:
+onnxruntime keeps every core busy, and an observer thread beside its threads takes a core from one of them, whose
+parallel loops then wait for the descheduled thread. Graph inputs are observed straight from the feeds; the output of a
+layout operator (Reshape, Transpose, …) takes its input's range, since it holds the same values. Tensors that must share
+parameters (a scale group) are observed separately and their ranges merged afterwards as the union of the ranges.
 """
 
 from __future__ import annotations

@@ -77,7 +77,8 @@ def write_report(path: Path, result, calib: Path, batch_size: int, layout=None, 
     report.write(path)
     speed = f", {report.speedup:.2f}x faster at batch 1" if report.speedup else ""
     worst = min(report.outputs.values()) if report.outputs else float("nan")
-    click.echo(f"report {path}: output SQNR {worst:.1f} dB, {report.size_before / report.size_after:.2f}x smaller{speed}")
+    click.echo(f"report {path}: output SQNR {worst:.1f} dB, "
+               f"{report.size_before / report.size_after:.2f}x smaller{speed}")
 
 
 def change_line(before, after, result) -> str:

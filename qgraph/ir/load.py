@@ -44,8 +44,7 @@ def _read_proto(path: Path) -> onnx.ModelProto:
 
 def _external_tensors(proto: onnx.ModelProto):
     def from_graph(graph: onnx.GraphProto):
-        for tensor in graph.initializer:
-            yield tensor
+        yield from graph.initializer
         for node in graph.node:
             for attribute in node.attribute:
                 if attribute.HasField("t"):

@@ -53,7 +53,8 @@ def upgrade_opset(
         return model
     cap = runtime_opset_cap()
     if target > cap:
-        logger.info("not upgrading opset %d -> %d: the installed onnxruntime runs opsets up to %d", current, target, cap)
+        logger.info("not upgrading opset %d -> %d: the installed onnxruntime runs opsets up to %d",
+                    current, target, cap)
         return None
     logger.info("upgrading the model from opset %d to %d (checked on random inputs before and after)", current, target)
     original = ir.serde.serialize_model(model)

@@ -73,7 +73,9 @@ RUNTIME_LIMITS = (
 MAX_ML_OPSET = 5
 #: Above this many bytes the converted model is not re-checked by strict shape inference (protobuf's 2 GB limit).
 _STRICT_INFERENCE_LIMIT = 1_500_000_000
-SUPPORTED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.training", "ai.onnx.preview.training"})
+SUPPORTED_DOMAINS = frozenset(
+    {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.training", "ai.onnx.preview.training"}
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -133,7 +133,8 @@ def test_truncated_protobuf(tmp_path, good_model):
 
 
 def test_domain_the_runtime_cannot_run(tmp_path):
-    path = write(single_node_model("Frobnicate", domain="com.example", extra_opsets=[("com.example", 1)]), tmp_path / "m.onnx")
+    path = write(single_node_model("Frobnicate", domain="com.example", extra_opsets=[("com.example", 1)]),
+                 tmp_path / "m.onnx")
     with pytest.raises(UnsupportedModelError, match="com.example"):
         load_model(path)
 
@@ -259,7 +260,8 @@ def test_constant_only_model_loads_saves_and_runs(tmp_path):
         [],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
     )
-    path = write(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "c.onnx")
+    path = write(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+                 tmp_path / "c.onnx")
     model = load_model(path)
     assert len(model.graph.inputs) == 0
     saved = save_model(model, tmp_path / "out.onnx")
@@ -281,7 +283,8 @@ def test_constant_only_model_through_the_canonical_pipeline(tmp_path):
         [],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
     )
-    path = write(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "c.onnx")
+    path = write(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+                 tmp_path / "c.onnx")
     result = optimize(path, tmp_path / "out.onnx")
     saved = onnx.load(result.output_path)
     onnx.checker.check_model(saved, full_check=True)

@@ -69,7 +69,8 @@ def test_the_installed_runtime_runs_its_row_and_not_beyond():
 def test_an_onnxruntime_older_than_supported_is_refused_naming_the_version_found(monkeypatch, fresh_runtime_caches):
     monkeypatch.setattr(runtime.ort, "__version__", "1.17.3")
     with pytest.raises(UnsupportedRuntimeError, match=r"^onnxruntime 1\.17\.3 is installed, and qgraph needs "
-                                                      r"onnxruntime 1\.19 or newer: pip install -U \"onnxruntime>=1\.19\""):
+                                                      r"onnxruntime 1\.19 or newer: "
+                                                      r"pip install -U \"onnxruntime>=1\.19\""):
         supported_versions()
 
 

@@ -1,4 +1,5 @@
-"""The streaming VAD stand-in: valid ONNX, a [layers, batch, hidden] state, a sample-rate branch, a state that streams."""
+"""The streaming VAD stand-in: valid ONNX, a [layers, batch, hidden] state, a sample-rate branch, a state that
+streams."""
 
 from __future__ import annotations
 
