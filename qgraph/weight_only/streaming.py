@@ -163,7 +163,9 @@ def _segment_proto(model: ir.Model, segment: _Segment, fetched: Sequence[str],
     graph = onnx.helper.make_graph([ir.serde.serialize_node(node) for node in segment.nodes], "segment", inputs,
                                    outputs, list(initializers.values()))
     opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
-    return onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
+    # the model's local functions (a fused RMSNormalization, say) travel with every segment that may call them
+    functions = [ir.serde.serialize_function(function) for function in model.functions.values()]
+    return onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version, functions=functions)
 
 
 def run_by_segments(model: ir.Model, tensors: Mapping[str, int], batches: Sequence[Mapping[str, np.ndarray]],
