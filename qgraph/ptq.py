@@ -28,6 +28,7 @@ from qgraph.passes.canonicalize.eliminate_dead_code import EliminateDeadCode
 from qgraph.passes.infrastructure import PassManager, PassRecord
 from qgraph.passes.quantize.insert_quantize_dequantize import InsertQuantizeDequantize
 from qgraph.passes.quantize.quantize_lstm_dynamic import QuantizeLSTMDynamic
+from qgraph.passes.quantize.quantize_matmul_dynamic import QuantizeMatMulDynamic
 from qgraph.annotate.annotator import AnnotationOverrides, AnnotationRules, annotate
 from qgraph.annotate.config_file import check_override_names, load_overrides
 from qgraph.quant.plan import QuantPlan
@@ -78,12 +79,21 @@ class QuantizeOptions:
     sensitivity_batches: int = DEFAULT_SENSITIVITY_BATCHES
     #: Measure the per-layer sensitivity table even when the bound is met (for a report).
     sensitivity_table: bool = False
+    #: "static" (calibrated ranges), "dynamic" (MatMul/Gemm with constant weights quantize their activations per
+    #: call, no calibration for them) or "auto" (dynamic where the input comes from a float node); see
+    #: qgraph.annotate.annotator.ACTIVATION_MODES.
+    activations: str = "static"
 
     def __post_init__(self) -> None:
         from qgraph.annotate.annotator import RECURRENT_MODES
 
         if self.recurrent not in RECURRENT_MODES:
             raise QGraphError(f"unknown recurrent mode {self.recurrent!r}; choose one of {', '.join(RECURRENT_MODES)}")
+        from qgraph.annotate.annotator import ACTIVATION_MODES
+
+        if self.activations not in ACTIVATION_MODES:
+            raise QGraphError(f"unknown activations mode {self.activations!r}; choose one of "
+                              f"{', '.join(ACTIVATION_MODES)}")
         validate_min_sqnr(self.min_sqnr)
         if self.sensitivity_batches < 1:
             raise QGraphError(f"sensitivity_batches must be at least 1, got {self.sensitivity_batches}")
@@ -188,7 +198,7 @@ def quantize(
                 weight_spec=target.weight_spec(rules, 0),
             ),
         )
-    plan = annotate(model, rules, options.overrides, recurrent=options.recurrent)
+    plan = annotate(model, rules, options.overrides, recurrent=options.recurrent, activations=options.activations)
     check_override_names(plan)
     if not plan.activations and not plan.weights and not plan.dynamic_nodes:
         raise UnsupportedModelError(
@@ -198,17 +208,24 @@ def quantize(
     kept: list[Mapping[str, np.ndarray]] = []
     if options.min_sqnr is not None:
         batches = retain_batches(batches, options.sensitivity_batches, kept)
-    calibration = calibrate(model, plan, batches, options.calibration, progress=progress)
+    if plan.activations:
+        calibration = calibrate(model, plan, batches, options.calibration, progress=progress)
+    else:  # every quantized node quantizes its activations at run time: nothing to calibrate
+        calibration = CalibrationResult({}, 0, 0, 0.0)
     per_channel = target.options.per_channel
     parameters = compute_parameters(model, plan, calibration.ranges, per_channel=per_channel,
                                     weight_method=options.weight_method)
     fallback = None
-    if options.min_sqnr is not None:
+    if options.min_sqnr is not None and plan.activations:
         plan, parameters, calibration, fallback = _fall_back(model, rules, plan, parameters, calibration, kept,
                                                              options, per_channel)
     quantize_passes = [InsertQuantizeDequantize(plan=plan, parameters=parameters)]
     if plan.dynamic_nodes:
         quantize_passes.append(QuantizeLSTMDynamic(
+            nodes=plan.dynamic_nodes, qmax=rules.weight_spec.qmax, per_channel=per_channel,
+            guard_saturation=target.saturation_guard(),
+        ))
+        quantize_passes.append(QuantizeMatMulDynamic(
             nodes=plan.dynamic_nodes, qmax=rules.weight_spec.qmax, per_channel=per_channel,
             guard_saturation=target.saturation_guard(),
         ))
@@ -282,7 +299,7 @@ def _replan(
     retained ``batches``. A scale group takes the union of its members' ranges (each already a group union: still
     a valid range)."""
     overrides = dataclasses.replace(options.overrides, exclude=options.overrides.exclude | excluded)
-    plan = annotate(model, rules, overrides, recurrent=options.recurrent)
+    plan = annotate(model, rules, overrides, recurrent=options.recurrent, activations=options.activations)
     calibrated = dict(ranges)
     missing = [tensor for tensor in plan.activations if tensor not in calibrated]
     if missing:

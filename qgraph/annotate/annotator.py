@@ -61,6 +61,12 @@ MASK_MAGNITUDE = 1e4
 RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
 RECURRENT_MODES = ("fp32", "dynamic")
 RECURRENT_FP32_REASON = "recurrent layers stay FP32 by default (--quantize-recurrent dynamic quantizes LSTM weights)"
+#: --activations: "static" calibrates every activation range; "dynamic" plans each MatMul/Gemm with a constant
+#: weight for onnxruntime's dynamically quantized kernels (activations quantized per call, no calibration; see
+#: qgraph.passes.quantize.quantize_matmul_dynamic); "auto" does so per layer where the input comes from a node that
+#: stays float (LayerNorm, GELU, a bias Add: a static plan would add a QuantizeLinear there anyway) and keeps the
+#: static plan where the input is already quantized.
+ACTIVATION_MODES = ("static", "dynamic", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,8 +180,10 @@ def _recurrent_refusal(node: ir.Node, rules: AnnotationRules) -> str | None:
 
 class _Annotator:
     def __init__(
-        self, graph: ir.Graph, rules: AnnotationRules, overrides: AnnotationOverrides, recurrent: str = "fp32"
+        self, graph: ir.Graph, rules: AnnotationRules, overrides: AnnotationOverrides, recurrent: str = "fp32",
+        activations: str = "static",
     ) -> None:
+        self.activation_mode = activations
         self.graph = graph
         self.rules = rules
         self.overrides = overrides
@@ -279,6 +287,10 @@ class _Annotator:
         if not is_constant(weight) or weight.dtype not in _FLOAT_TYPES:
             self.keep_float(node, "its weight is not a float constant")
             return
+        if self.runs_dynamic(node, data):
+            self.quantized.append(node.name)
+            self.dynamic.append(node.name)
+            return
         if node.op_type == "Gemm":
             trans_a = node.attributes.get("transA")
             if trans_a is not None and trans_a.as_int() == 1:
@@ -292,6 +304,14 @@ class _Annotator:
                 self.biases.append(BiasPlan(bias.name, node.name, data.name, weight.name))
         self.quantized.append(node.name)
         self.annotate_output(node)
+
+    def runs_dynamic(self, node: ir.Node, data: ir.Value) -> bool:
+        """Whether ``node`` (with a constant weight) is planned for the dynamically quantized kernels."""
+        if self.activation_mode == "static" or self.rules.target != "ort-cpu":
+            return False
+        if node.op_type == "Gemm" and node.attributes.get("transA") is not None and node.attributes["transA"].as_int():
+            return False
+        return self.activation_mode == "dynamic" or not self.is_annotated(data)
 
     def binary(self, node: ir.Node) -> None:
         mask_reason = _additive_mask_reason(node)
@@ -363,11 +383,15 @@ def annotate(
     overrides: AnnotationOverrides | None = None,
     *,
     recurrent: str = "fp32",
+    activations: str = "static",
 ) -> QuantPlan:
     """The quantization plan for ``model``'s main graph and its If branches under ``rules``.
 
     ``recurrent``: ``"fp32"`` keeps LSTM/GRU/RNN in float; ``"dynamic"`` plans LSTMs for DynamicQuantizeLSTM.
+    ``activations``: one of ACTIVATION_MODES (MatMul/Gemm with constant weights planned as ``dynamic_nodes``).
     """
+    if activations not in ACTIVATION_MODES:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, got {activations!r}")
     if recurrent not in RECURRENT_MODES:
         raise ValueError(f"recurrent must be one of {', '.join(RECURRENT_MODES)}, got {recurrent!r}")
     overrides = overrides or AnnotationOverrides()
@@ -380,7 +404,8 @@ def annotate(
     fp32: dict[str, str] = {}
     dynamic: list[str] = []
     for graph in quantized_graphs(model.graph):
-        annotator = _Annotator(graph, rules, overrides if graph is model.graph else branch_overrides, recurrent)
+        annotator = _Annotator(graph, rules, overrides if graph is model.graph else branch_overrides, recurrent,
+                               activations)
         annotator.run()
         activations.update(annotator.activations)
         weights += annotator.weights
