@@ -83,6 +83,8 @@ class QuantizeOptions:
     #: call, no calibration for them) or "auto" (dynamic where the input comes from a float node); see
     #: qgraph.annotate.annotator.ACTIVATION_MODES.
     activations: str = "static"
+    #: SmoothQuant migration strength α in [0, 1] (see qgraph.passes.canonicalize.smooth_quant); None: off.
+    smooth_quant: float | None = None
 
     def __post_init__(self) -> None:
         from qgraph.annotate.annotator import RECURRENT_MODES
@@ -94,6 +96,8 @@ class QuantizeOptions:
         if self.activations not in ACTIVATION_MODES:
             raise QGraphError(f"unknown activations mode {self.activations!r}; choose one of "
                               f"{', '.join(ACTIVATION_MODES)}")
+        if self.smooth_quant is not None and not 0.0 <= self.smooth_quant <= 1.0:
+            raise QGraphError(f"--smooth-quant takes an alpha in [0, 1], got {self.smooth_quant}")
         validate_min_sqnr(self.min_sqnr)
         if self.sensitivity_batches < 1:
             raise QGraphError(f"sensitivity_batches must be at least 1, got {self.sensitivity_batches}")
@@ -198,7 +202,11 @@ def quantize(
                 weight_spec=target.weight_spec(rules, 0),
             ),
         )
-    plan = annotate(model, rules, options.overrides, recurrent=options.recurrent, activations=options.activations)
+    if options.smooth_quant is not None:
+        batches = list(batches)  # read twice: per-channel statistics for SmoothQuant, then the calibration
+        smooth_quant(model, batches, options.smooth_quant, threads=options.calibration.threads)
+    plan = annotate(model, rules, options.overrides, recurrent=options.recurrent,
+                    activation_mode=options.activations)
     check_override_names(plan)
     if not plan.activations and not plan.weights and not plan.dynamic_nodes:
         raise UnsupportedModelError(
@@ -234,6 +242,40 @@ def quantize(
     if lower:
         records.extend(lower_to_target(model, target))
     return QuantizeResult(model, plan, calibration, parameters, tuple(records), qdq_model, fallback)
+
+
+def smooth_quant(model: ir.Model, batches: Iterable[Mapping[str, np.ndarray]], alpha: float, *,
+                 threads: int | None = None) -> PassRecord | None:
+    """SmoothQuant in place: max|X_j| per input channel of every MatMul/Gemm with a constant weight, observed over
+    ``batches``, then :class:`~qgraph.passes.canonicalize.smooth_quant.SmoothQuant` with ``alpha``."""
+    from qgraph import runtime
+    from qgraph.calibrate.driver import build_probe
+    from qgraph.calibrate.observers.channel_abs_max import ChannelAbsMaxObserver
+    from qgraph.passes.canonicalize.smooth_quant import SmoothQuant
+
+    tensors = list(dict.fromkeys(
+        node.inputs[0].name for node in model.graph
+        if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx") and len(node.inputs) > 1
+        and node.inputs[1] is not None and node.inputs[1].const_value is not None and node.inputs[0] is not None
+        and not node.inputs[0].is_graph_output()
+    ))
+    if not tensors:
+        return None
+    session = runtime.create_session(build_probe(model, tensors), threads=threads)
+    feedable = {value.name for value in session.get_inputs()}
+    observers = {tensor: ChannelAbsMaxObserver(-1) for tensor in tensors}
+    count = 0
+    for batch in batches:
+        outputs = session.run(tensors, {name: array for name, array in batch.items() if name in feedable})
+        for tensor, array in zip(tensors, outputs):
+            observers[tensor].update(array)
+        count += 1
+    if count == 0:
+        raise QGraphError("SmoothQuant needs calibration batches; none were given")
+    logger.info("SmoothQuant: per-channel maxima of %d MatMul/Gemm inputs over %d batches", len(tensors), count)
+    statistics = {tensor: observer.channel_abs_max() for tensor, observer in observers.items()}
+    records = PassManager([SmoothQuant(alpha=alpha, statistics=statistics)]).run(model).records
+    return records[0] if records else None
 
 
 def lower_to_target(model: ir.Model, target: Target) -> tuple[PassRecord, ...]:
@@ -299,7 +341,8 @@ def _replan(
     retained ``batches``. A scale group takes the union of its members' ranges (each already a group union: still
     a valid range)."""
     overrides = dataclasses.replace(options.overrides, exclude=options.overrides.exclude | excluded)
-    plan = annotate(model, rules, overrides, recurrent=options.recurrent, activations=options.activations)
+    plan = annotate(model, rules, overrides, recurrent=options.recurrent,
+                    activation_mode=options.activations)
     calibrated = dict(ranges)
     missing = [tensor for tensor in plan.activations if tensor not in calibrated]
     if missing:

@@ -181,9 +181,9 @@ def _recurrent_refusal(node: ir.Node, rules: AnnotationRules) -> str | None:
 class _Annotator:
     def __init__(
         self, graph: ir.Graph, rules: AnnotationRules, overrides: AnnotationOverrides, recurrent: str = "fp32",
-        activations: str = "static",
+        activation_mode: str = "static",
     ) -> None:
-        self.activation_mode = activations
+        self.activation_mode = activation_mode
         self.graph = graph
         self.rules = rules
         self.overrides = overrides
@@ -322,6 +322,11 @@ class _Annotator:
         if not (_is_float_activation(left) and _is_float_activation(right)):
             self.keep_float(node, f"{node.op_type} with a constant operand stays FP32")
             return
+        if self.rules.quantize_outputs and not (self.is_annotated(left) or self.is_annotated(right)):
+            # e.g. a transformer's residual Add of a bias Add and a LayerNorm output: Q, Q, QLinearAdd, DQ would
+            # only add work, and one per-tensor scale over the residual stream's outlier channels costs accuracy
+            self.keep_float(node, f"{node.op_type} of two float activations (neither input is quantized) stays FP32")
+            return
         if self.rules.residual_add_only:
             if node.op_type != "Add":
                 self.keep_float(node, "the target quantizes only residual Adds")
@@ -383,15 +388,15 @@ def annotate(
     overrides: AnnotationOverrides | None = None,
     *,
     recurrent: str = "fp32",
-    activations: str = "static",
+    activation_mode: str = "static",
 ) -> QuantPlan:
     """The quantization plan for ``model``'s main graph and its If branches under ``rules``.
 
     ``recurrent``: ``"fp32"`` keeps LSTM/GRU/RNN in float; ``"dynamic"`` plans LSTMs for DynamicQuantizeLSTM.
-    ``activations``: one of ACTIVATION_MODES (MatMul/Gemm with constant weights planned as ``dynamic_nodes``).
+    ``activation_mode``: one of ACTIVATION_MODES (MatMul/Gemm with constant weights planned as ``dynamic_nodes``).
     """
-    if activations not in ACTIVATION_MODES:
-        raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, got {activations!r}")
+    if activation_mode not in ACTIVATION_MODES:
+        raise ValueError(f"activation_mode must be one of {', '.join(ACTIVATION_MODES)}, got {activation_mode!r}")
     if recurrent not in RECURRENT_MODES:
         raise ValueError(f"recurrent must be one of {', '.join(RECURRENT_MODES)}, got {recurrent!r}")
     overrides = overrides or AnnotationOverrides()
@@ -405,7 +410,7 @@ def annotate(
     dynamic: list[str] = []
     for graph in quantized_graphs(model.graph):
         annotator = _Annotator(graph, rules, overrides if graph is model.graph else branch_overrides, recurrent,
-                               activations)
+                               activation_mode)
         annotator.run()
         activations.update(annotator.activations)
         weights += annotator.weights
