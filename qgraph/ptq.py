@@ -257,7 +257,6 @@ def smooth_quant(model: ir.Model, batches: Iterable[Mapping[str, np.ndarray]], a
         node.inputs[0].name for node in model.graph
         if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx") and len(node.inputs) > 1
         and node.inputs[1] is not None and node.inputs[1].const_value is not None and node.inputs[0] is not None
-        and not node.inputs[0].is_graph_output()
     ))
     if not tensors:
         return None
