@@ -29,7 +29,7 @@ from qgraph.passes.infrastructure import PassManager, PassRecord
 from qgraph.passes.quantize.insert_quantize_dequantize import InsertQuantizeDequantize
 from qgraph.passes.quantize.quantize_lstm_dynamic import QuantizeLSTMDynamic
 from qgraph.passes.quantize.quantize_matmul_dynamic import QuantizeMatMulDynamic
-from qgraph.annotate.annotator import AnnotationOverrides, AnnotationRules, annotate
+from qgraph.annotate.annotator import AnnotationOverrides, AnnotationRules, annotate, fixed_ranges
 from qgraph.annotate.config_file import check_override_names, load_overrides
 from qgraph.quant.plan import QuantPlan
 from qgraph.ir.subgraphs import make_names_unique
@@ -216,10 +216,13 @@ def quantize(
     kept: list[Mapping[str, np.ndarray]] = []
     if options.min_sqnr is not None:
         batches = retain_batches(batches, options.sensitivity_batches, kept)
-    if plan.activations:
-        calibration = calibrate(model, plan, batches, options.calibration, progress=progress)
+    fixed = fixed_ranges(model, plan)  # Softmax probabilities: [0, 1] without calibration
+    observed = dataclasses.replace(plan, activations=tuple(name for name in plan.activations if name not in fixed))
+    if observed.activations:
+        calibration = calibrate(model, observed, batches, options.calibration, progress=progress)
     else:  # every quantized node quantizes its activations at run time: nothing to calibrate
         calibration = CalibrationResult({}, 0, 0, 0.0)
+    calibration = dataclasses.replace(calibration, ranges={**calibration.ranges, **fixed})
     per_channel = target.options.per_channel
     parameters = compute_parameters(model, plan, calibration.ranges, per_channel=per_channel,
                                     weight_method=options.weight_method)

@@ -67,6 +67,21 @@ RECURRENT_FP32_REASON = "recurrent layers stay FP32 by default (--quantize-recur
 #: stays float (LayerNorm, GELU, a bias Add: a static plan would add a QuantizeLinear there anyway) and keeps the
 #: static plan where the input is already quantized.
 ACTIVATION_MODES = ("static", "dynamic", "auto")
+#: Outputs whose range is known without calibration: Softmax's probabilities lie in [0, 1], so with uint8 they get
+#: scale 1/255 and zero point 0 (attention's probabilities · V reads them); the calibrator skips them.
+FIXED_RANGE_OPS = {"Softmax": (0.0, 1.0)}
+
+
+def fixed_ranges(model: ir.Model, plan: QuantPlan) -> dict[str, tuple[float, float]]:
+    """The planned activations (and their scale groups) whose range FIXED_RANGE_OPS gives."""
+    producers = {value.name: node.op_type for graph in quantized_graphs(model.graph) for node in graph
+                 for value in node.outputs}
+    fixed: dict[str, tuple[float, float]] = {}
+    for tensor in plan.activations:
+        if producers.get(tensor) in FIXED_RANGE_OPS and tensor not in plan.activation_overrides:
+            for member in plan.group_of(tensor):
+                fixed[member] = FIXED_RANGE_OPS[producers[tensor]]
+    return fixed
 
 
 @dataclasses.dataclass(frozen=True)
