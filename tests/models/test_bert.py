@@ -127,3 +127,18 @@ def test_smooth_quant_recovers_injected_outlier_channels():
     smoothed = _cosine(reference, _outputs(_quantize(proto, batches, smooth_quant=0.5).model, feeds)["logits"])
     assert plain < 0.95, plain        # measured 0.864
     assert smoothed >= 0.99, smoothed  # measured 0.9999
+
+
+def test_probabilities_get_the_fixed_scale_and_are_not_calibrated():
+    proto = build_bert(LAYOUT)
+    batches = [example_inputs(LAYOUT, 4, 16, seed=seed) for seed in (1, 2)]
+    result = _quantize(proto, batches)
+    softmax_outputs = [node.outputs[0].name for node in ir.serde.deserialize_model(proto).graph
+                       if node.op_type == "Softmax"]
+    for name in softmax_outputs:
+        params = result.quantization.parameters[name]
+        assert float(np.asarray(params.scale)) == pytest.approx(1 / 255) and int(np.asarray(params.zero_point)) == 0
+        assert result.quantization.calibration.ranges[name] == (0.0, 1.0)
+    context = [node for node in result.model.graph if node.op_type == "QLinearMatMul" and "MatMul_1" in node.name]
+    assert len(context) == LAYOUT.layers
+    assert all(float(node.inputs[1].const_value.numpy()) == pytest.approx(1 / 255) for node in context)
