@@ -171,6 +171,22 @@ def _additive_mask_reason(node: ir.Node) -> str | None:
     return None
 
 
+def _feeds_bias_add(node: ir.Node) -> bool:
+    """A MatMul whose output alone feeds ``Add(·, b)`` with a constant 1-D ``b`` (a projection's bias): its output
+    stays float, and lowering writes one MatMulIntegerToFloat that absorbs the Add (faster than QLinearMatMul →
+    DequantizeLinear → Add, and one rounding fewer)."""
+    if node.op_type != "MatMul":
+        return False
+    add = sole_consumer(node.outputs[0])
+    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+        return False
+    other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+    if not (is_constant(other) and other.shape is not None and len(other.shape) == 1):
+        return False
+    # a Relu/Clip after the bias keeps the quantized-output plan (its range is what the next layer reads)
+    return _fusable_activation(add, add.outputs[0]) is None
+
+
 def _compute_node_indices(graph: ir.Graph) -> list[int]:
     return [index for index, node in enumerate(graph) if node.op_type in COMPUTE_OPS]
 
@@ -318,7 +334,8 @@ class _Annotator:
             if bias.shape is not None and len(bias.shape) == 1:
                 self.biases.append(BiasPlan(bias.name, node.name, data.name, weight.name))
         self.quantized.append(node.name)
-        self.annotate_output(node)
+        if not _feeds_bias_add(node):  # x·W + b read as float: one MatMulIntegerToFloat with the bias
+            self.annotate_output(node)
 
     def runs_dynamic(self, node: ir.Node, data: ir.Value) -> bool:
         """Whether ``node`` (with a constant weight) is planned for the dynamically quantized kernels."""
@@ -337,10 +354,11 @@ class _Annotator:
         if not (_is_float_activation(left) and _is_float_activation(right)):
             self.keep_float(node, f"{node.op_type} with a constant operand stays FP32")
             return
-        if self.rules.quantize_outputs and not (self.is_annotated(left) or self.is_annotated(right)):
-            # e.g. a transformer's residual Add of a bias Add and a LayerNorm output: Q, Q, QLinearAdd, DQ would
-            # only add work, and one per-tensor scale over the residual stream's outlier channels costs accuracy
-            self.keep_float(node, f"{node.op_type} of two float activations (neither input is quantized) stays FP32")
+        if self.rules.quantize_outputs and not (self.is_annotated(left) and self.is_annotated(right)):
+            # e.g. a transformer's residual Add of a projection's float output and a LayerNorm output: a
+            # QuantizeLinear for the float input and a DequantizeLinear after QLinearAdd cost as much as the float
+            # Add, and one per-tensor scale over the residual stream's outlier channels costs accuracy
+            self.keep_float(node, f"{node.op_type} with an input that is not quantized stays FP32")
             return
         if self.rules.residual_add_only:
             if node.op_type != "Add":

@@ -99,7 +99,7 @@ def test_tied_embedding_and_decoder_weights_are_quantized_once():
     batches = [example_inputs(LAYOUT, 4, 16, seed=seed) for seed in (1, 2)]
     result = _quantize(proto, batches)
     model = result.model
-    decoder = [node for node in model.graph if "decoder" in node.name and node.op_type == "QLinearMatMul"]
+    decoder = [node for node in model.graph if "decoder" in node.name and node.op_type == "MatMulIntegerToFloat"]
     assert len(decoder) == 1
     gather = next(node for node in model.graph if node.op_type == "Gather" and node.inputs[1].name == "input_ids")
     assert gather.inputs[0].dtype == ir.DataType.FLOAT  # the embedding lookup reads the float table
