@@ -21,7 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from qgraph import sensitivity
-from qgraph.annotate.annotator import AnnotationOverrides, AnnotationRules, annotate
+from qgraph.annotate.annotator import AnnotationOverrides, AnnotationRules, annotate, fixed_ranges
 from qgraph.annotate.config_file import check_override_names, load_overrides
 from qgraph.calibrate.driver import (
     BatchAxes,
@@ -43,6 +43,7 @@ from qgraph.passes.infrastructure import PassManager, PassRecord
 from qgraph.passes.quantize.correct_bias import CorrectBias
 from qgraph.passes.quantize.insert_quantize_dequantize import InsertQuantizeDequantize
 from qgraph.passes.quantize.quantize_lstm_dynamic import QuantizeLSTMDynamic
+from qgraph.passes.quantize.quantize_matmul_dynamic import QuantizeMatMulDynamic
 from qgraph.quant.plan import QuantPlan
 from qgraph.quant.spec import QuantParams, compute_quant_params
 from qgraph.sensitivity import (
@@ -119,12 +120,25 @@ class QuantizeOptions:
     #: :mod:`qgraph.passes.quantize.correct_bias`): "auto" corrects when the output SQNR on the sensitivity batches
     #: is still below ``min_sqnr`` and the correction raises it; "on" always; "off" never.
     bias_correction: str = "auto"
+    #: "static" (calibrated ranges), "dynamic" (MatMul/Gemm with constant weights quantize their activations per
+    #: call, no calibration for them) or "auto" (dynamic where the input comes from a float node); see
+    #: qgraph.annotate.annotator.ACTIVATION_MODES.
+    activations: str = "static"
+    #: SmoothQuant migration strength α in [0, 1] (see qgraph.passes.canonicalize.smooth_quant); None: off.
+    smooth_quant: float | None = None
 
     def __post_init__(self) -> None:
         from qgraph.annotate.annotator import RECURRENT_MODES
 
         if self.recurrent not in RECURRENT_MODES:
             raise QGraphError(f"unknown recurrent mode {self.recurrent!r}; choose one of {', '.join(RECURRENT_MODES)}")
+        from qgraph.annotate.annotator import ACTIVATION_MODES
+
+        if self.activations not in ACTIVATION_MODES:
+            raise QGraphError(f"unknown activations mode {self.activations!r}; choose one of "
+                              f"{', '.join(ACTIVATION_MODES)}")
+        if self.smooth_quant is not None and not 0.0 <= self.smooth_quant <= 1.0:
+            raise QGraphError(f"--smooth-quant takes an alpha in [0, 1], got {self.smooth_quant}")
         validate_min_sqnr(self.min_sqnr)
         validate_search_budget(self.search_budget)
         if self.sensitivity_batches < 1:
@@ -250,7 +264,11 @@ def quantize(
                 weight_spec=target.weight_spec(rules, 0),
             ),
         )
-    plan = annotate(model, rules, options.overrides, recurrent=options.recurrent)
+    if options.smooth_quant is not None:
+        batches = list(batches)  # read twice: per-channel statistics for SmoothQuant, then the calibration
+        smooth_quant(model, batches, options.smooth_quant, threads=options.calibration.threads)
+    plan = annotate(model, rules, options.overrides, recurrent=options.recurrent,
+                    activation_mode=options.activations)
     check_override_names(plan)
     if not plan.activations and not plan.weights and not plan.dynamic_nodes:
         raise UnsupportedModelError(
@@ -262,12 +280,19 @@ def quantize(
     measuring = options.min_sqnr is not None or options.bias_correction == "on"
     if measuring or timing:  # the speed choice times the first batch
         batches = retain_batches(batches, options.sensitivity_batches if measuring else 1, kept)
-    calibration = calibrate(model, plan, batches, options.calibration, progress=progress, batch_axes=batch_axes)
+    fixed = fixed_ranges(model, plan)  # Softmax probabilities: [0, 1] without calibration
+    observed = dataclasses.replace(plan, activations=tuple(name for name in plan.activations if name not in fixed))
+    if observed.activations:
+        calibration = calibrate(model, observed, batches, options.calibration, progress=progress,
+                                batch_axes=batch_axes)
+    else:  # every quantized node quantizes its activations at run time: nothing to calibrate
+        calibration = CalibrationResult({}, 0, 0, 0.0)
+    calibration = dataclasses.replace(calibration, ranges={**calibration.ranges, **fixed})
     per_channel = target.options.per_channel
     parameters = compute_parameters(model, plan, calibration.ranges, per_channel=per_channel,
                                     weight_method=options.weight_method)
     fallback = None
-    if options.min_sqnr is not None:
+    if options.min_sqnr is not None and plan.activations:
         plan, parameters, calibration, fallback = _fall_back(model, rules, plan, parameters, calibration, kept,
                                                              options, per_channel, batch_axes)
     _correct_biases(model, plan, parameters, kept, options,
@@ -275,6 +300,10 @@ def quantize(
     quantize_passes = [InsertQuantizeDequantize(plan=plan, parameters=parameters)]
     if plan.dynamic_nodes:
         quantize_passes.append(QuantizeLSTMDynamic(
+            nodes=plan.dynamic_nodes, qmax=rules.weight_spec.qmax, per_channel=per_channel,
+            guard_saturation=target.saturation_guard(),
+        ))
+        quantize_passes.append(QuantizeMatMulDynamic(
             nodes=plan.dynamic_nodes, qmax=rules.weight_spec.qmax, per_channel=per_channel,
             guard_saturation=target.saturation_guard(),
         ))
@@ -338,6 +367,39 @@ def choose_output_speed(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto
     choice = choose_speed(float_model, qdq_model, target_lowering(target), choice_options, feeds=feeds)
     logger.info("speed choice in %.1f s: %s", time.perf_counter() - started, choice.describe())
     return choice
+
+
+def smooth_quant(model: ir.Model, batches: Iterable[Mapping[str, np.ndarray]], alpha: float, *,
+                 threads: int | None = None) -> PassRecord | None:
+    """SmoothQuant in place: max|X_j| per input channel of every MatMul/Gemm with a constant weight, observed over
+    ``batches``, then :class:`~qgraph.passes.canonicalize.smooth_quant.SmoothQuant` with ``alpha``."""
+    from qgraph import runtime
+    from qgraph.calibrate.driver import build_probe
+    from qgraph.calibrate.observers.channel_abs_max import ChannelAbsMaxObserver
+    from qgraph.passes.canonicalize.smooth_quant import SmoothQuant
+
+    tensors = list(dict.fromkeys(
+        node.inputs[0].name for node in model.graph
+        if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx") and len(node.inputs) > 1
+        and node.inputs[1] is not None and node.inputs[1].const_value is not None and node.inputs[0] is not None
+    ))
+    if not tensors:
+        return None
+    session = runtime.create_session(build_probe(model, tensors), threads=threads)
+    feedable = {value.name for value in session.get_inputs()}
+    observers = {tensor: ChannelAbsMaxObserver(-1) for tensor in tensors}
+    count = 0
+    for batch in batches:
+        outputs = session.run(tensors, {name: array for name, array in batch.items() if name in feedable})
+        for tensor, array in zip(tensors, outputs):
+            observers[tensor].update(array)
+        count += 1
+    if count == 0:
+        raise QGraphError("SmoothQuant needs calibration batches; none were given")
+    logger.info("SmoothQuant: per-channel maxima of %d MatMul/Gemm inputs over %d batches", len(tensors), count)
+    statistics = {tensor: observer.channel_abs_max() for tensor, observer in observers.items()}
+    records = PassManager([SmoothQuant(alpha=alpha, statistics=statistics)]).run(model).records
+    return records[0] if records else None
 
 
 def lower_to_target(model: ir.Model, target: Target) -> tuple[PassRecord, ...]:
@@ -437,7 +499,8 @@ def _replan(
     retained ``batches``. A scale group takes the union of its members' ranges (each already a group union: still
     a valid range)."""
     overrides = dataclasses.replace(options.overrides, exclude=options.overrides.exclude | excluded)
-    plan = annotate(model, rules, overrides, recurrent=options.recurrent)
+    plan = annotate(model, rules, overrides, recurrent=options.recurrent,
+                    activation_mode=options.activations)
     calibrated = dict(ranges)
     missing = [tensor for tensor in plan.activations if tensor not in calibrated]
     if missing:

@@ -62,6 +62,27 @@ MASK_MAGNITUDE = 1e4
 RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
 RECURRENT_MODES = ("fp32", "dynamic")
 RECURRENT_FP32_REASON = "recurrent layers stay FP32 by default (--quantize-recurrent dynamic quantizes LSTM weights)"
+#: --activations: "static" calibrates every activation range; "dynamic" plans each MatMul/Gemm with a constant
+#: weight for onnxruntime's dynamically quantized kernels (activations quantized per call, no calibration; see
+#: qgraph.passes.quantize.quantize_matmul_dynamic); "auto" does so per layer where the input comes from a node that
+#: stays float (LayerNorm, GELU, a bias Add: a static plan would add a QuantizeLinear there anyway) and keeps the
+#: static plan where the input is already quantized.
+ACTIVATION_MODES = ("static", "dynamic", "auto")
+#: Outputs whose range is known without calibration: Softmax's probabilities lie in [0, 1], so with uint8 they get
+#: scale 1/255 and zero point 0 (attention's probabilities · V reads them); the calibrator skips them.
+FIXED_RANGE_OPS = {"Softmax": (0.0, 1.0)}
+
+
+def fixed_ranges(model: ir.Model, plan: QuantPlan) -> dict[str, tuple[float, float]]:
+    """The planned activations (and their scale groups) whose range FIXED_RANGE_OPS gives."""
+    producers = {value.name: node.op_type for graph in quantized_graphs(model.graph) for node in graph
+                 for value in node.outputs}
+    fixed: dict[str, tuple[float, float]] = {}
+    for tensor in plan.activations:
+        if producers.get(tensor) in FIXED_RANGE_OPS and tensor not in plan.activation_overrides:
+            for member in plan.group_of(tensor):
+                fixed[member] = FIXED_RANGE_OPS[producers[tensor]]
+    return fixed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +180,22 @@ def _additive_mask_reason(node: ir.Node) -> str | None:
     return None
 
 
+def _feeds_bias_add(node: ir.Node) -> bool:
+    """A MatMul whose output alone feeds ``Add(·, b)`` with a constant 1-D ``b`` (a projection's bias): its output
+    stays float, and lowering writes one MatMulIntegerToFloat that absorbs the Add (faster than QLinearMatMul →
+    DequantizeLinear → Add, and one rounding fewer)."""
+    if node.op_type != "MatMul":
+        return False
+    add = sole_consumer(node.outputs[0])
+    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+        return False
+    other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+    if not (is_constant(other) and other.shape is not None and len(other.shape) == 1):
+        return False
+    # a Relu/Clip after the bias keeps the quantized-output plan (its range is what the next layer reads)
+    return _fusable_activation(add, add.outputs[0]) is None
+
+
 def _compute_node_indices(graph: ir.Graph) -> list[int]:
     return [index for index, node in enumerate(graph) if node.op_type in COMPUTE_OPS]
 
@@ -183,8 +220,10 @@ def _recurrent_refusal(node: ir.Node, rules: AnnotationRules) -> str | None:
 
 class _Annotator:
     def __init__(
-        self, graph: ir.Graph, rules: AnnotationRules, overrides: AnnotationOverrides, recurrent: str = "fp32"
+        self, graph: ir.Graph, rules: AnnotationRules, overrides: AnnotationOverrides, recurrent: str = "fp32",
+        activation_mode: str = "static",
     ) -> None:
+        self.activation_mode = activation_mode
         self.graph = graph
         self.rules = rules
         self.overrides = overrides
@@ -288,6 +327,10 @@ class _Annotator:
         if not is_constant(weight) or weight.dtype not in _FLOAT_TYPES:
             self.keep_float(node, "its weight is not a float constant")
             return
+        if self.runs_dynamic(node, data):
+            self.quantized.append(node.name)
+            self.dynamic.append(node.name)
+            return
         if node.op_type == "Gemm":
             trans_a = node.attributes.get("transA")
             if trans_a is not None and trans_a.as_int() == 1:
@@ -300,7 +343,16 @@ class _Annotator:
             if bias.shape is not None and len(bias.shape) == 1:
                 self.biases.append(BiasPlan(bias.name, node.name, data.name, weight.name))
         self.quantized.append(node.name)
-        self.annotate_output(node)
+        if not _feeds_bias_add(node):  # x·W + b read as float: one MatMulIntegerToFloat with the bias
+            self.annotate_output(node)
+
+    def runs_dynamic(self, node: ir.Node, data: ir.Value) -> bool:
+        """Whether ``node`` (with a constant weight) is planned for the dynamically quantized kernels."""
+        if self.activation_mode == "static" or self.rules.target != "ort-cpu":
+            return False
+        if node.op_type == "Gemm" and node.attributes.get("transA") is not None and node.attributes["transA"].as_int():
+            return False
+        return self.activation_mode == "dynamic" or not self.is_annotated(data)
 
     def binary(self, node: ir.Node) -> None:
         mask_reason = _additive_mask_reason(node)
@@ -310,6 +362,12 @@ class _Annotator:
         left, right = node.inputs[0], node.inputs[1]
         if not (_is_float_activation(left) and _is_float_activation(right)):
             self.keep_float(node, f"{node.op_type} with a constant operand stays FP32")
+            return
+        if self.rules.quantize_outputs and not (self.is_annotated(left) and self.is_annotated(right)):
+            # e.g. a transformer's residual Add of a projection's float output and a LayerNorm output: a
+            # QuantizeLinear for the float input and a DequantizeLinear after QLinearAdd cost as much as the float
+            # Add, and one per-tensor scale over the residual stream's outlier channels costs accuracy
+            self.keep_float(node, f"{node.op_type} with an input that is not quantized stays FP32")
             return
         if self.rules.residual_add_only:
             if node.op_type != "Add":
@@ -372,11 +430,15 @@ def annotate(
     overrides: AnnotationOverrides | None = None,
     *,
     recurrent: str = "fp32",
+    activation_mode: str = "static",
 ) -> QuantPlan:
     """The quantization plan for ``model``'s main graph and its If branches under ``rules``.
 
     ``recurrent``: ``"fp32"`` keeps LSTM/GRU/RNN in float; ``"dynamic"`` plans LSTMs for DynamicQuantizeLSTM.
+    ``activation_mode``: one of ACTIVATION_MODES (MatMul/Gemm with constant weights planned as ``dynamic_nodes``).
     """
+    if activation_mode not in ACTIVATION_MODES:
+        raise ValueError(f"activation_mode must be one of {', '.join(ACTIVATION_MODES)}, got {activation_mode!r}")
     if recurrent not in RECURRENT_MODES:
         raise ValueError(f"recurrent must be one of {', '.join(RECURRENT_MODES)}, got {recurrent!r}")
     overrides = overrides or AnnotationOverrides()
@@ -389,7 +451,8 @@ def annotate(
     fp32: dict[str, str] = {}
     dynamic: list[str] = []
     for graph in quantized_graphs(model.graph):
-        annotator = _Annotator(graph, rules, overrides if graph is model.graph else branch_overrides, recurrent)
+        annotator = _Annotator(graph, rules, overrides if graph is model.graph else branch_overrides, recurrent,
+                               activation_mode)
         annotator.run()
         activations.update(annotator.activations)
         weights += annotator.weights

@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from qgraph import pipeline
-from qgraph.annotate.annotator import RECURRENT_MODES, AnnotationOverrides
+from qgraph.annotate.annotator import ACTIVATION_MODES, RECURRENT_MODES, AnnotationOverrides
 from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.calibrate.observers.factory import OBSERVER_METHODS
 from qgraph.cli import output as printing
@@ -153,6 +153,8 @@ _DESTINATIONS: dict[str, tuple[str, Conversion]] = {
     "requantize": ("quantization", _to("requantize")),
     "config_path": ("quantization", _to("config")),
     "quantize_recurrent": ("quantization", _to("recurrent")),
+    "activations": ("quantization", _to("activations")),
+    "smooth_quant": ("quantization", _to("smooth_quant")),
     "min_sqnr": ("quantization", _min_sqnr),
     "search_budget": ("quantization", _to("search_budget", lambda value: None if value == "auto" else value)),
     "report_path": ("quantization", _to("sensitivity_table", lambda path: path is not None)),
@@ -200,7 +202,9 @@ def _quantize_options(values: Mapping[str, Any]) -> QuantizeOptions | None:
                 or values["report_path"] or values["config_path"]
                 or values["quantize_recurrent"] != _default(QuantizeOptions, "recurrent")
                 or values["speed_choice"] != _default(QuantizeOptions, "speed_choice")
-                or values["batch_axis"] or values["infer_state_axes"]):
+                or values["batch_axis"] or values["infer_state_axes"]
+                or values["activations"] != _default(QuantizeOptions, "activations")
+                or values["smooth_quant"] is not None):
             raise click.UsageError("quantization options need calibration data: add --calib DATA")
         if values["min_sqnr"] is not None:
             raise click.UsageError("--min-sqnr applies to quantization: add --calib DATA")
@@ -335,6 +339,16 @@ def _optimize_options(values: Mapping[str, Any]) -> OptimizeOptions:
               default=_default(QuantizeOptions, "recurrent"), show_default=True,
               help="LSTM/GRU/RNN: keep FP32, or (ort-cpu) run LSTMs as com.microsoft DynamicQuantizeLSTM with int8 "
               "weights; GRU and RNN stay FP32 either way.")
+@click.option("--activations", type=click.Choice(ACTIVATION_MODES), default=_default(QuantizeOptions, "activations"),
+              show_default=True,
+              help="static: calibrated activation ranges; dynamic (ort-cpu): MatMul/Gemm with constant weights "
+              "quantize their activations per call (com.microsoft DynamicQuantizeMatMul / MatMulIntegerToFloat, "
+              "int8 weights per channel, no calibration for them); auto: dynamic where the input comes from a "
+              "float node (LayerNorm, GELU), static elsewhere.")
+@click.option("--smooth-quant", "smooth_quant", type=click.FloatRange(0.0, 1.0), default=None, metavar="ALPHA",
+              help="SmoothQuant before quantizing: per input channel j of each MatMul/Gemm with outlier channels, "
+              "activations / s_j and weight rows * s_j with s_j = max|X_j|^ALPHA / max|W_j|^(1-ALPHA) "
+              "(0.5 is the usual choice; statistics from the calibration data).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
               help="Write a quantization report (.md, .json, or .html with plots): per-layer SQNR, coverage, size, "
               "latency, deploy parity of the integer kernels.")

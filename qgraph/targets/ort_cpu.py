@@ -28,6 +28,7 @@ from qgraph.passes.infrastructure import QGraphPass
 from qgraph.passes.lower.lower_conv_integer import LowerConvInteger
 from qgraph.passes.lower.lower_integer_matmul import LowerIntegerMatMul
 from qgraph.passes.lower.lower_integer_passthrough import LowerIntegerPassThrough
+from qgraph.passes.lower.lower_matmul_integer_to_float import LowerMatMulIntegerToFloat
 from qgraph.passes.lower.lower_qgemm import LowerQGemm
 from qgraph.passes.lower.lower_qlinear_binary import LowerQLinearBinary
 from qgraph.passes.lower.lower_qlinear_concat import LowerQLinearConcat
@@ -46,6 +47,7 @@ LOWERING_PASSES: tuple[type[QGraphPass], ...] = (
     LowerQLinearConv,
     LowerQLinearMatMul,
     LowerQGemm,
+    LowerMatMulIntegerToFloat,
     LowerIntegerMatMul,
     LowerConvInteger,
     LowerQLinearBinary,
@@ -57,7 +59,7 @@ LOWERING_PASSES: tuple[type[QGraphPass], ...] = (
 )
 #: Lowering passes with integer kernels whose u8s8 form can saturate (they take ``guard_saturation``).
 GUARDED_PASSES: frozenset[type[QGraphPass]] = frozenset({LowerQLinearConv, LowerQLinearMatMul, LowerQGemm,
-                                                         LowerIntegerMatMul})
+                                                         LowerMatMulIntegerToFloat, LowerIntegerMatMul})
 
 
 class OrtCpuTarget(Target):

@@ -1,0 +1,165 @@
+"""BERT-base latency: FP32 against qgraph INT8 (static and dynamic activations) and onnxruntime's quantizers.
+
+The model is :func:`qgraph.models.bert.build_bert` at BERT-base shape (12 layers, hidden 768, 12 heads, intermediate
+3072) with random weights (speed does not depend on them), written as the TorchScript exporter writes it. Every
+variant runs in onnxruntime with full graph optimisation and ``--threads`` intra-op threads; the variants are timed
+side by side (one run of each per round, rounds repeated), so that a machine shared with other work slows them
+alike. The table gives the best and the median time of each and the speed-up over FP32 and over the faster of
+onnxruntime's ``quantize_dynamic`` (int8 weights per tensor, the tool's default) and ``quantize_static`` (QDQ,
+per-channel int8 weights, uint8 activations, min-max calibration), both applied to the same FP32 file.
+
+    python tools/bench_bert.py [--batch 1 8] [--sequence 128] [--threads 2] [--rounds 20] [--reduce-range on]
+                               [--layers 12] [--variants fp32 ort-dynamic ort-static qgraph-static qgraph-dynamic]
+
+``--reduce-range on`` quantizes with 7-bit weights (qgraph's ``--reduce-range on``, onnxruntime's
+``reduce_range=True``): the model for x86 CPUs without VNNI, run here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qgraph import runtime
+from qgraph.calibrate.driver import CalibrationConfig
+from qgraph.models.bert import BERT_LAYOUTS, BertOptions, build_bert, example_inputs
+from qgraph.pipeline import OptimizeOptions, optimize
+from qgraph.ptq import QuantizeOptions
+from qgraph.targets import TargetOptions
+
+logger = logging.getLogger("bench_bert")
+
+VARIANTS = ("fp32", "ort-dynamic", "ort-static", "qgraph-static", "qgraph-dynamic")
+_ORT_VARIANTS = ("ort-dynamic", "ort-static")
+
+
+def calibration_batches(layout, sequence: int, count: int = 4, batch: int = 4) -> list[dict[str, np.ndarray]]:
+    return [example_inputs(layout, batch, sequence, seed=100 + index) for index in range(count)]
+
+
+def qgraph_variant(model: onnx.ModelProto, batches, activations: str, reduce_range: str) -> onnx.ModelProto:
+    options = OptimizeOptions(quantization=QuantizeOptions(
+        target_options=TargetOptions(reduce_range=reduce_range), activations=activations, min_sqnr=None,
+        calibration=CalibrationConfig(method="minmax"),
+    ))
+    result = optimize(ir.serde.deserialize_model(model), None, options, calibration_data=batches)
+    return ir.serde.serialize_model(result.model)
+
+
+def ort_variant(path: str, output: str, kind: str, batches, reduce_range: bool) -> str:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    if kind == "ort-dynamic":
+        quantize_dynamic(path, output, weight_type=QuantType.QInt8, reduce_range=reduce_range)
+        return output
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(batches)
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(path, output, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range)
+    return output
+
+
+def time_side_by_side(sessions: dict, feeds: dict, rounds: int) -> dict[str, list[float]]:
+    for session in sessions.values():
+        for _ in range(2):
+            session.run(None, feeds)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def cosine(reference: np.ndarray, other: np.ndarray) -> float:
+    a, b = reference.reshape(len(reference), -1), other.reshape(len(other), -1)
+    return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)))
+
+
+def build_variants(arguments, layout, folder: str) -> dict[str, str]:
+    model = build_bert(layout, options=BertOptions())
+    paths = {"fp32": os.path.join(folder, "fp32.onnx")}
+    onnx.save(model, paths["fp32"])
+    batches = calibration_batches(layout, arguments.sequence)
+    reduce_range = arguments.reduce_range == "on"
+    builders: dict[str, Callable[[], str]] = {}
+    for kind in _ORT_VARIANTS:
+        builders[kind] = lambda kind=kind: ort_variant(paths["fp32"], os.path.join(folder, f"{kind}.onnx"), kind,
+                                                       batches, reduce_range)
+    for activations in ("static", "dynamic"):
+        def build(activations=activations) -> str:
+            path = os.path.join(folder, f"qgraph-{activations}.onnx")
+            onnx.save(qgraph_variant(model, batches, activations, arguments.reduce_range), path)
+            return path
+        builders[f"qgraph-{activations}"] = build
+    for name in arguments.variants:
+        if name == "fp32":
+            continue
+        start = time.perf_counter()
+        paths[name] = builders[name]()
+        logger.info("built %s in %.1f s", name, time.perf_counter() - start)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--sequence", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--reduce-range", choices=("auto", "on", "off"), default="off")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    arguments = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("qgraph", "root"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    layout = dataclasses.replace(BERT_LAYOUTS["bert_base"], layers=arguments.layers)
+    if "fp32" not in arguments.variants:
+        arguments.variants.insert(0, "fp32")
+    with tempfile.TemporaryDirectory() as folder:
+        paths = build_variants(arguments, layout, folder)
+        sessions = {name: runtime.create_session(path, optimize=True, threads=arguments.threads)
+                    for name, path in paths.items()}
+        print(f"BERT-base shape ({layout.layers} layers, hidden {layout.hidden}, {layout.heads} heads), sequence "
+              f"{arguments.sequence}, {arguments.threads} threads, reduce-range {arguments.reduce_range}, "
+              f"{arguments.rounds} rounds side by side")
+        for batch in arguments.batch:
+            feeds = example_inputs(layout, batch, arguments.sequence, seed=7)
+            reference = sessions["fp32"].run(["last_hidden_state"], feeds)[0]
+            times = time_side_by_side(sessions, feeds, arguments.rounds)
+            best = {name: min(values) for name, values in times.items()}
+            ort_best = min((best[name] for name in _ORT_VARIANTS if name in best), default=None)
+            print(f"\nbatch {batch}")
+            print(f"{'variant':<16} {'best ms':>9} {'median ms':>10} {'× FP32':>7} {'× best ORT':>10} {'cosine':>8}")
+            for name, values in times.items():
+                output = sessions[name].run(["last_hidden_state"], feeds)[0]
+                versus_ort = f"{ort_best / best[name]:>10.2f}" if ort_best else f"{'':>10}"
+                print(f"{name:<16} {best[name] * 1e3:>9.1f} {np.median(values) * 1e3:>10.1f} "
+                      f"{best['fp32'] / best[name]:>7.2f} {versus_ort} {cosine(reference, output):>8.4f}")
+
+
+if __name__ == "__main__":
+    main()
