@@ -53,9 +53,11 @@ def test_canonicalisation_fuses_every_layer_norm_and_keeps_the_outputs(spelling)
                                atol=1e-4)
 
 
-def test_fused_layer_norms_quantize_better_than_their_pieces():
-    """Measured (minmax, no fallback search, 256 calibration / 244 test Fashion-MNIST images): 22.3 dB unfused,
-    25.9 dB fused."""
+def test_fused_layer_norms_quantize_at_least_as_well_as_their_pieces():
+    """Measured (minmax, no fallback search, 256 calibration / 244 test Fashion-MNIST images): 22.3 dB unfused and
+    25.9 dB fused while the annotator quantized the pieces' element-wise arithmetic; since it keeps a binary op whose
+    inputs are not quantized FP32 (the transformer work: residual Adds), both reach 33.2 dB, so fusing costs nothing
+    and the integer model stays close."""
     images = np.load(DATA)["input"].astype(np.float32)
     calibration = [{"input": images[start:start + 32]} for start in range(0, 256, 32)]
     test = {"input": images[256:]}
@@ -66,4 +68,4 @@ def test_fused_layer_norms_quantize_better_than_their_pieces():
     for fuse in (False, True):
         result = quantize(_canonical(proto, fuse=fuse), calibration, options)
         sqnr[fuse] = sqnr_db(reference, run_model(result.model, test)["logits"])
-    assert sqnr[True] > sqnr[False] + 2.0, sqnr
+    assert sqnr[True] >= sqnr[False] - 0.5 and sqnr[True] > 30.0, sqnr
