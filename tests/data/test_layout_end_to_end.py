@@ -136,6 +136,7 @@ def _context_regressor(hidden: int = 4) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+@pytest.mark.qat  # trains through onnxruntime-training (or checks its refusal)
 def test_training_from_a_per_sample_folder_batched_on_axis_1(tmp_path):
     generator = np.random.default_rng(4)
     truth = generator.standard_normal((14, 1)).astype(np.float32)

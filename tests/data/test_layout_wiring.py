@@ -120,6 +120,7 @@ def test_training_batches_are_checked_along_each_inputs_batch_axis():
     assert [target.shape for _, target in pairs] == [(8, 1), (8, 1)]
 
 
+@pytest.mark.qat  # trains through onnxruntime-training (or checks its refusal)
 def test_qat_is_refused_on_a_recurrent_model_before_any_work():
     options = OptimizeOptions(quantization=QuantizeOptions(), qat=QATOptions(loss="distill"),
                               fixed_inputs={"sr": 16000})
@@ -193,6 +194,7 @@ def test_cli_refuses_a_layout_without_data(stream_folders, tmp_path):
     assert result.exit_code != 0 and "--calib" in result.output
 
 
+@pytest.mark.qat  # trains through onnxruntime-training (or checks its refusal)
 def test_cli_refuses_qat_on_the_stream_model_instead_of_crashing(stream_folders, tmp_path):
     model_path, folder, _ = stream_folders["GRU"]
     result = CliRunner().invoke(cli, ["optimize", str(model_path), "-o", str(tmp_path / "out.onnx"),

@@ -189,6 +189,7 @@ def test_cache_layout_refuses_incomplete_past_inputs(weights):
         cache_layout(FakeSession())
 
 
+@pytest.mark.qat  # trains through onnxruntime-training (or checks its refusal)
 def test_tiny_training_learns_and_is_cached(tmp_path):
     recipe = text_decoder.tiny_recipe(epochs=2, train_limit=64, validation_limit=16)
     cached = text_decoder.trained_text_decoder(recipe, cache_dir=tmp_path, threads=1)

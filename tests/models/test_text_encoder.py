@@ -225,6 +225,7 @@ def test_masked_batches_shuffle_rows_and_keep_masks_aligned():
         assert batch.positions.max() < flat.size
 
 
+@pytest.mark.qat  # trains through onnxruntime-training (or checks its refusal)
 def test_tiny_training_learns_and_the_cache_is_reused(tmp_path, monkeypatch):
     recipe = text_encoder.tiny_recipe(epochs=2, train_limit=128, validation_limit=32)
     cached = text_encoder.trained_text_encoder(recipe, cache_dir=tmp_path, threads=1)
