@@ -38,7 +38,8 @@ from qgraph.ir.edit import drop_unused_initializers, new_initializer
 from qgraph.ir.naming import NameScope
 from qgraph.ir.traversal import iterate_graphs
 from qgraph.ir.values import MICROSOFT_DOMAIN, constant_refusal, ensure_microsoft_domain
-from qgraph.passes.infrastructure import Phase, QGraphPass, Refusal, register
+from qgraph.passes.infrastructure import Refusal, register
+from qgraph.passes.quantize._dynamic_weights import DynamicWeightPass
 
 logger = logging.getLogger(__name__)
 
@@ -82,22 +83,10 @@ def _refusal(node: ir.Node) -> Refusal | None:
 
 
 @register
-class QuantizeLSTMDynamic(QGraphPass):
+class QuantizeLSTMDynamic(DynamicWeightPass):
     """Replace planned LSTM nodes by com.microsoft DynamicQuantizeLSTM with int8 transposed weights."""
 
-    phase = Phase.QUANTIZE
     summary = "run LSTMs as com.microsoft DynamicQuantizeLSTM with int8 weights (--quantize-recurrent dynamic)"
-
-    def __init__(
-        self, *, nodes: tuple[str, ...] = (), qmax: int = 127, per_channel: bool = True, guard_saturation: bool = True
-    ) -> None:
-        super().__init__()
-        if not 1 <= qmax <= 127:
-            raise ValueError(f"qmax must lie in [1, 127], got {qmax}")
-        self.nodes = frozenset(nodes)
-        self.qmax = qmax
-        self.per_channel = per_channel
-        self.guard_saturation = guard_saturation
 
     def call(self, model: ir.Model) -> PassResult:
         names = NameScope(model)

@@ -44,7 +44,8 @@ from qgraph.ir.edit import drop_unused_initializers, new_initializer
 from qgraph.ir.naming import NameScope
 from qgraph.ir.traversal import iterate_graphs
 from qgraph.ir.values import MICROSOFT_DOMAIN, constant_array, ensure_microsoft_domain, is_op, sole_consumer
-from qgraph.passes.infrastructure import Phase, QGraphPass, register
+from qgraph.passes.infrastructure import register
+from qgraph.passes.quantize._dynamic_weights import DynamicWeightPass
 
 logger = logging.getLogger(__name__)
 
@@ -111,22 +112,11 @@ def _plan(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None, ir.Node | None]
 
 
 @register
-class QuantizeMatMulDynamic(QGraphPass):
+class QuantizeMatMulDynamic(DynamicWeightPass):
     """Replace planned MatMul/Gemm nodes by DynamicQuantizeMatMul or shared DynamicQuantizeLinear +
     MatMulIntegerToFloat (int8 weights per column, activations quantized at run time)."""
 
-    phase = Phase.QUANTIZE
     summary = "MatMul/Gemm with a constant weight → DynamicQuantizeMatMul/MatMulIntegerToFloat (--activations dynamic)"
-
-    def __init__(self, *, nodes: tuple[str, ...] = (), qmax: int = 127, per_channel: bool = True,
-                 guard_saturation: bool = True) -> None:
-        super().__init__()
-        if not 1 <= qmax <= 127:
-            raise ValueError(f"qmax must lie in [1, 127], got {qmax}")
-        self.nodes = frozenset(nodes)
-        self.qmax = qmax
-        self.per_channel = per_channel
-        self.guard_saturation = guard_saturation
 
     def call(self, model: ir.Model) -> PassResult:
         names = NameScope(model)
