@@ -463,22 +463,23 @@ def _fall_back(
 ) -> tuple[QuantPlan, Mapping[str, QuantParams], CalibrationResult, SensitivityResult]:
     """Automatic fallback by sensitivity (see :mod:`qgraph.sensitivity`): the search ranks the layers within its
     budget and measures each fallback plan, which reuses the calibrated ranges, as a real QDQ graph."""
-    ranges: dict[str, Mapping[str, tuple[float, float]]] = {"calibrated": calibration.ranges}
-
-    def replan(excluded: frozenset[str]):
-        fallback_plan, ranges["calibrated"], fallback_ranges = _replan(model, rules, options, excluded,
-                                                                       ranges["calibrated"], batches,
-                                                                       batch_axes)
-        fallback_parameters = compute_parameters(model, fallback_plan, fallback_ranges, per_channel=per_channel,
-                                                 weight_method=options.weight_method)
-        return fallback_plan, fallback_parameters, fallback_ranges
-
     search_options = SensitivityOptions(
         min_sqnr=options.min_sqnr, batches=options.sensitivity_batches, budget_seconds=options.search_budget,
         full_table=options.sensitivity_table, threads=options.calibration.threads,
     )
-    outcome = sensitivity.search(model, plan, parameters, batches, search_options, replan,
-                                 calibration_seconds=calibration.seconds, batch_axes=batch_axes)
+    steps = sensitivity.search(model, plan, parameters, batches, search_options,
+                               calibration_seconds=calibration.seconds, batch_axes=batch_axes)
+    ranges: Mapping[str, tuple[float, float]] = calibration.ranges
+    try:
+        excluded = next(steps)
+        while True:  # each set of layers the search wants verified in FP32: the driver re-plans, the search measures
+            fallback_plan, ranges, fallback_ranges = _replan(model, rules, options, excluded, ranges, batches,
+                                                             batch_axes)
+            fallback_parameters = compute_parameters(model, fallback_plan, fallback_ranges, per_channel=per_channel,
+                                                     weight_method=options.weight_method)
+            excluded = steps.send((fallback_plan, fallback_parameters, fallback_ranges))
+    except StopIteration as finished:
+        outcome = finished.value
     if outcome.extra is not None:
         calibration = dataclasses.replace(calibration, ranges=outcome.extra)
     return outcome.plan, outcome.parameters, calibration, outcome.result

@@ -81,7 +81,7 @@ import heapq
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -252,17 +252,19 @@ class SensitivityResult:
 
 @dataclasses.dataclass(frozen=True)
 class SearchOutcome:
-    """What :func:`search` chose: the plan to write, its parameters, what ``replan`` returned with it, the result."""
+    """What :func:`search` chose: the plan to write, its parameters, what the driver sent with it, the result."""
 
     plan: QuantPlan
     parameters: Mapping[str, object]
-    #: ``replan``'s third value for the chosen plan (None when the plan is the original one).
+    #: The third value the driver sent with the chosen plan (None when the plan is the original one).
     extra: object
     result: SensitivityResult
 
 
-#: The driver's re-planning: excluded nodes -> (plan, parameters, anything the driver keeps with them).
-Replan = Callable[[frozenset[str]], tuple[QuantPlan, Mapping[str, object], object]]
+#: What the driver sends back for a set of nodes to keep FP32: (plan, parameters, anything it keeps with them).
+Replanned = tuple[QuantPlan, Mapping[str, object], object]
+#: :func:`search`: yields sets of nodes to keep FP32, is sent the driver's plan for each, returns the outcome.
+Search = Generator[frozenset[str], Replanned, SearchOutcome]
 
 
 def retain_batches(batches: Iterable[Mapping[str, np.ndarray]], count: int, kept: list) -> Iterator:
@@ -814,15 +816,16 @@ def search(
     parameters: Mapping[str, object],
     batches: Sequence[Mapping[str, np.ndarray]],
     options: SensitivityOptions,
-    replan: Replan,
     *,
     calibration_seconds: float = 0.0,
     batch_axes: BatchAxes | None = None,
-) -> SearchOutcome:
+) -> Search:
     """Measure ``plan`` against ``options.min_sqnr`` and, when it misses, fall back within the budget.
 
-    ``replan(excluded)`` is the driver's plan with those nodes in FP32 (see the module docstring); the chosen plan,
-    its parameters and what ``replan`` returned with them come back in the outcome.
+    A generator: each set of nodes it yields is a fallback to verify, and the driver sends back its plan with those
+    nodes in FP32 (see the module docstring) as ``(plan, parameters, extra)``; the search measures it as a real QDQ
+    graph. The :class:`SearchOutcome` (the chosen plan, its parameters and extra) is the generator's return value.
+    No callback: the data flows down as values and the driver does its own re-planning.
     """
     started = time.perf_counter()
     if not batches:
@@ -837,7 +840,7 @@ def search(
         chosen = (plan, parameters, None, 0, state.whole_db)
         fallen: tuple[str, ...] = ()
         if needed:
-            chosen = _fall_back(state, plan, parameters, batches, replan, bound)
+            chosen = yield from _fall_back(state, plan, parameters, batches, bound)
             fallen = tuple(state.layers[index].node for index in chosen[3])
         rows = state.table(fallen, options.full_table) if (needed or options.full_table) else ()
     final_plan, final_parameters, extra, excluded, final_db = chosen
@@ -861,7 +864,7 @@ def search(
 
 
 def _fall_back(state: _Search, plan: QuantPlan, parameters: Mapping[str, object],
-               batches: Sequence[Mapping[str, np.ndarray]], replan: Replan, bound: float):
+               batches: Sequence[Mapping[str, np.ndarray]], bound: float):
     """Find candidates, verify real plans, widen the margin by each miss; the best verified plan wins."""
     best = (plan, parameters, None, (), state.whole_db)
     margin_db = RANKING_MARGIN_DB
@@ -876,7 +879,7 @@ def _fall_back(state: _Search, plan: QuantPlan, parameters: Mapping[str, object]
             break
         started = time.perf_counter()
         names = frozenset(state.layers[index].node for index in excluded)
-        new_plan, new_parameters, extra = replan(names)
+        new_plan, new_parameters, extra = yield names
         state.bar.update(note=f"verifying {len(excluded)} layers in FP32")
         qdq = ir.serde.serialize_model(build_qdq(state.model, new_plan, new_parameters))
         measured = OutputComparison(qdq, batches, threads=state.options.threads,
