@@ -39,6 +39,7 @@ import onnx
 from onnx import numpy_helper
 
 from qgraph import runtime
+from qgraph.quant.numerics import power_ratio_db
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class _Accumulator:
 
     @property
     def sqnr_db(self) -> float:
-        return _ratio_db(self.signal, self.noise)
+        return power_ratio_db(self.signal, self.noise)
 
 
 def _to_code_space(codes: np.ndarray, lowered_type: int, quantized: _Quantized) -> np.ndarray:
@@ -279,9 +280,3 @@ def check_parity(
     return result
 
 
-def _ratio_db(signal: float, noise: float) -> float:
-    if noise == 0.0:
-        return float("inf")
-    if signal == 0.0:
-        return float("-inf")
-    return float(10.0 * np.log10(signal / noise))

@@ -38,6 +38,7 @@ from qgraph.ir.traversal import iterate_graphs
 from qgraph.ir.values import default_opset
 from qgraph.ir.versions import convert_opset
 from qgraph.latency import LatencyOptions
+from qgraph.output_comparison import OutputComparison
 from qgraph.passes.canonicalize.eliminate_dead_code import EliminateDeadCode
 from qgraph.passes.infrastructure import PassManager, PassRecord
 from qgraph.passes.quantize.correct_bias import CorrectBias
@@ -429,7 +430,7 @@ def _correct_biases(model: ir.Model, plan: QuantPlan, parameters: Mapping[str, Q
         if options.min_sqnr is None or (measured is not None and measured >= options.min_sqnr):
             return False
         threads = options.calibration.threads
-        reference = sensitivity.OutputComparison(ir.serde.serialize_model(model), batches, threads=threads).outputs()
+        reference = OutputComparison(ir.serde.serialize_model(model), batches, threads=threads).outputs()
 
         def output_sqnr(correct: bool) -> float:
             candidate = ir.serde.deserialize_model(ir.serde.serialize_model(model))
@@ -437,7 +438,7 @@ def _correct_biases(model: ir.Model, plan: QuantPlan, parameters: Mapping[str, Q
             if correct:
                 passes.insert(0, CorrectBias(plan=plan, parameters=parameters, batches=batches))
             PassManager(passes).run(candidate)
-            comparison = sensitivity.OutputComparison(ir.serde.serialize_model(candidate), batches, threads=threads)
+            comparison = OutputComparison(ir.serde.serialize_model(candidate), batches, threads=threads)
             return comparison.sqnr(reference)
 
         plain = measured if measured is not None else output_sqnr(False)

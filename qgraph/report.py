@@ -34,7 +34,7 @@ from qgraph.calibrate.driver import build_probe
 from qgraph.errors import QGraphError
 from qgraph.parity import ParityResult, check_parity
 from qgraph.passes.quantize.insert_quantize_dequantize import dequantized_tensors
-from qgraph.quant.numerics import sqnr_db
+from qgraph.quant.numerics import power_ratio_db, sqnr_db
 from qgraph.sensitivity import SensitivityResult
 
 logger = logging.getLogger(__name__)
@@ -202,17 +202,11 @@ def layer_errors(
             noise[index] += float(np.sum((reference - approximation) ** 2))
     producers = _producers(float_model)
     return tuple(
-        LayerError(tensor, producers.get(tensor, "graph input"), _ratio_db(signal[index], noise[index]))
+        LayerError(tensor, producers.get(tensor, "graph input"), power_ratio_db(signal[index], noise[index]))
         for index, (tensor, _) in enumerate(pairs)
     )
 
 
-def _ratio_db(signal: float, noise: float) -> float:
-    if noise == 0.0:
-        return float("inf")
-    if signal == 0.0:
-        return float("-inf")
-    return float(10.0 * np.log10(signal / noise))
 
 
 def output_errors(float_model: onnx.ModelProto, quantized: onnx.ModelProto, batches: list[Mapping]) -> dict[str, float]:

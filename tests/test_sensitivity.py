@@ -10,10 +10,11 @@ import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
 
-from qgraph import runtime, sensitivity
+from qgraph import runtime
 from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.cli import cli
 from qgraph.errors import QGraphError
+from qgraph.output_comparison import output_sqnr
 from qgraph.ptq import QuantizeOptions, quantize
 from qgraph.report import build_report
 from qgraph.sensitivity import DEFAULT_MIN_SQNR_DB, ENABLE_INPUT, build_switchable_model, find_layers
@@ -37,7 +38,7 @@ def _output_sqnr(float_model: onnx.ModelProto, quantized: ir.Model | onnx.ModelP
     approximation = runtime.create_session(proto)
     expected = [reference.run(None, batch) for batch in batches]
     actual = [approximation.run(None, batch) for batch in batches]
-    return sensitivity.output_sqnr(expected, actual)
+    return output_sqnr(expected, actual)
 
 
 def _weight_is_quantized(model: ir.Model, weight: str) -> bool:

@@ -23,6 +23,7 @@ is not clipped by at most half of it. ``sqnr_db`` is the signal-to-quantization-
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
@@ -108,8 +109,14 @@ def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
     noise = float(np.sum(np.square(reference - approximation)))
     if not (np.isfinite(signal) and np.isfinite(noise)):
         raise ValueError("sqnr_db needs finite inputs")
+    return power_ratio_db(signal, noise)
+
+
+def power_ratio_db(signal: float, noise: float) -> float:
+    """``10·log10(signal / noise)`` for summed squared signal and noise: +inf without noise, -inf for noise on a
+    zero signal or infinite noise."""
     if noise == 0.0:
         return float("inf")
-    if signal == 0.0:
+    if signal == 0.0 or math.isinf(noise):
         return float("-inf")
-    return 10.0 * float(np.log10(signal / noise))
+    return 10.0 * math.log10(signal / noise)
