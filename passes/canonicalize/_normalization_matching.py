@@ -208,7 +208,7 @@ def _analyse(product: ir.Node, numerator: ir.Value, factor: ir.Value, opset: int
             bias, output = constant_array(split[1]), reader.outputs[0]
             context.take(reader)
 
-    normalized_shape = _normalized_shape(data, rank, count, {"scale": scale, "bias": bias})
+    normalized_shape = normalized_axes_shape(data, rank, count, {"scale": scale, "bias": bias})
     for node in context.nodes:
         for value in node.outputs:
             if value is output:
@@ -492,12 +492,17 @@ def _scalar_refusal(value: ir.Value, context: _Context) -> None:
         raise Refused(f"the constant {value.name!r} has a higher rank than x (it would broadcast the output)")
 
 
-def _normalized_shape(
-    data: ir.Value, rank: int, count: int, constants: dict[str, np.ndarray | None]
+def normalized_axes_shape(
+    data: ir.Value, rank: int | None, count: int, constants: dict[str, np.ndarray | None]
 ) -> tuple[int, ...]:
-    """The static shape of the normalised axes, from x's shape and γ/β (which must vary over them only)."""
+    """The static shape of the normalised (last ``count``) axes, from x's shape and γ/β; raises Refused.
+
+    γ and β must be float32 and vary over the normalised axes only: a constant of higher rank than x, or with a
+    non-1 size on a leading axis, would broadcast the output. With x's rank unknown (``rank`` None) a constant of
+    more than ``count`` axes may broadcast it and is refused too.
+    """
     dims: list[int | None] = [None] * count
-    if data.shape is not None and len(data.shape) == rank:
+    if data.shape is not None and rank is not None and len(data.shape) == rank:
         for index in range(count):
             dim = data.shape[rank - count + index]
             dims[index] = dim if isinstance(dim, int) else None
@@ -506,8 +511,12 @@ def _normalized_shape(
             continue
         if array.dtype != np.float32:
             raise Refused(f"the {role} constant has element type {array.dtype}, not float32")
-        if array.ndim > rank or any(size != 1 for size in array.shape[: max(0, array.ndim - count)]):
+        if rank is not None and array.ndim > rank:
+            raise Refused(f"the {role} constant has a higher rank than the input (it would broadcast the output)")
+        if any(size != 1 for size in array.shape[: max(0, array.ndim - count)]):
             raise Refused(f"the {role} constant of shape {array.shape} varies over non-normalised axes")
+        if rank is None and array.ndim > count:
+            raise Refused(f"the {role} constant of shape {array.shape} may broadcast the output (input rank unknown)")
         trailing = array.shape[max(0, array.ndim - count):]
         for offset, size in enumerate(trailing):
             index = count - len(trailing) + offset

@@ -54,6 +54,11 @@ from qgraph.passes._rewrite_support import (
     known_rank_and_dtype,
     new_initializer,
 )
+from qgraph.passes.canonicalize._normalization_matching import (
+    Refused,
+    broadcast_parameter,
+    normalized_axes_shape,
+)
 from qgraph.passes.canonicalize._pattern_matching import (
     OpsetRefusal,
     default_opset,
@@ -313,15 +318,13 @@ class FuseLayerNormalization(RewritePass):
             if rank is not None and array.ndim > rank:
                 return "the epsilon constant has a higher rank than the input (it would broadcast the output)"
 
-        shape = _normalized_shape(data, rank, count, {role: constants.get(role) for role in ("scale", "bias")})
-        if isinstance(shape, str):
-            return shape
-        scale = constants.get("scale")
-        bias = constants.get("bias")
-        scale = np.ones(shape, np.float32) if scale is None else np.broadcast_to(scale.reshape(
-            scale.shape[max(0, scale.ndim - count):]), shape).astype(np.float32)
-        bias = np.zeros(shape, np.float32) if bias is None else np.broadcast_to(bias.reshape(
-            bias.shape[max(0, bias.ndim - count):]), shape).astype(np.float32)
+        try:
+            parameters = {role: constants.get(role) for role in ("scale", "bias")}
+            shape = normalized_axes_shape(data, rank, count, parameters)
+        except Refused as refusal:
+            return str(refusal)
+        scale = broadcast_parameter(constants.get("scale"), shape, 1.0)
+        bias = broadcast_parameter(constants.get("bias"), shape, 0.0)
 
         # Every intermediate value is private to the chain (the output is the only one read outside it).
         members = {id(node) for node in nodes}
@@ -410,37 +413,3 @@ def _trailing_axes(axes: tuple[int, ...] | None, rank: int | None) -> int | str:
     if normalized != list(range(rank - count, rank)) or len(axes) != count:
         return f"axes {list(axes)} are not the trailing axes of a rank-{rank} input"
     return count
-
-
-def _normalized_shape(
-    data: ir.Value, rank: int | None, count: int, constants: dict[str, np.ndarray | None]
-) -> tuple[int, ...] | str:
-    """The static shape of the normalised (last ``count``) axes, from x's shape and the γ/β constants."""
-    dims: list[int | None] = [None] * count
-    if data.shape is not None and rank is not None and len(data.shape) == rank:
-        for index in range(count):
-            dim = data.shape[rank - count + index]
-            if isinstance(dim, int):
-                dims[index] = dim
-    for role, array in constants.items():
-        if array is None:
-            continue
-        if rank is not None and array.ndim > rank:
-            return f"the {role} constant has a higher rank than the input (it would broadcast the output)"
-        leading = array.shape[: max(0, array.ndim - count)]
-        if any(dim != 1 for dim in leading):
-            return f"the {role} constant of shape {array.shape} varies over non-normalised axes"
-        if rank is None and array.ndim > count:
-            return f"the {role} constant of shape {array.shape} may broadcast the output (input rank unknown)"
-        trailing = array.shape[max(0, array.ndim - count):]
-        for offset, dim in enumerate(trailing):
-            index = count - len(trailing) + offset
-            if dim == 1:
-                continue
-            if dims[index] is None:
-                dims[index] = dim
-            elif dims[index] != dim:
-                return f"the {role} constant of shape {array.shape} does not broadcast to the normalised axes"
-    if any(dim is None for dim in dims):
-        return "the normalised axes have no static size (LayerNormalization's scale needs one)"
-    return tuple(dims)

@@ -8,13 +8,29 @@ could saturate (see :mod:`qgraph.passes.lower._qdq_patterns`).
 
 from __future__ import annotations
 
+import logging
+
+import onnx_ir as ir
+from onnx_ir.passes import PassResult
+
+from qgraph.ir.naming import NameScope
+from qgraph.ir.traversal import iterate_graphs
+from qgraph.ir.values import ensure_microsoft_domain, is_op
 from qgraph.passes.infrastructure import Phase, QGraphPass
 
 
 class DynamicWeightPass(QGraphPass):
-    """A QUANTIZE pass over the named ``nodes`` that stores their weights as int8 for a dynamic kernel."""
+    """A QUANTIZE pass over the named ``nodes`` that stores their weights as int8 for a dynamic kernel.
+
+    ``call`` visits every graph (subgraphs included), plans each named node of ``op_types`` with ``plan`` (a reason
+    string leaves the node as it is, logged), then hands the graph's planned nodes to ``replace_planned``.
+    """
 
     phase = Phase.QUANTIZE
+    #: The default-domain op types the pass replaces.
+    op_types: tuple[str, ...] = ()
+    #: What the replaced nodes run as, for the closing log line.
+    replacement: str = ""
 
     def __init__(
         self, *, nodes: tuple[str, ...] = (), qmax: int = 127, per_channel: bool = True, guard_saturation: bool = True
@@ -26,3 +42,35 @@ class DynamicWeightPass(QGraphPass):
         self.qmax = qmax
         self.per_channel = per_channel
         self.guard_saturation = guard_saturation
+
+    def plan(self, node: ir.Node) -> object | str:
+        """What ``replace_planned`` needs to replace ``node``, or the reason it stays as it is."""
+        raise NotImplementedError
+
+    def replace_planned(self, graph: ir.Graph, planned: list[tuple[ir.Node, object]], names: NameScope) -> None:
+        """Replace the planned nodes of ``graph`` (in graph order, each with its plan)."""
+        raise NotImplementedError
+
+    def call(self, model: ir.Model) -> PassResult:
+        logger = logging.getLogger(type(self).__module__)
+        names = NameScope(model)
+        replaced = 0
+        for graph in list(iterate_graphs(model)):
+            if not isinstance(graph, ir.Graph):
+                continue
+            planned: list[tuple[ir.Node, object]] = []
+            for node in list(graph):
+                if not is_op(node, *self.op_types) or node.name not in self.nodes:
+                    continue
+                plan = self.plan(node)
+                if isinstance(plan, str):
+                    logger.info("%s: leaving %s (%s): %s", self.pass_name(), node.name, node.op_type, plan)
+                    continue
+                planned.append((node, plan))
+            self.replace_planned(graph, planned, names)
+            replaced += len(planned)
+        if replaced:
+            ensure_microsoft_domain(model)
+            logger.info("%s: %d %s node(s) now run as %s", self.pass_name(), replaced, "/".join(self.op_types),
+                        self.replacement)
+        return PassResult(model, replaced > 0)

@@ -28,20 +28,14 @@ plan such an LSTM either, the pass does not rely on it).
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import PassResult
 
 from qgraph.ir.edit import drop_unused_initializers, new_initializer
 from qgraph.ir.naming import NameScope
-from qgraph.ir.traversal import iterate_graphs
-from qgraph.ir.values import MICROSOFT_DOMAIN, constant_refusal, ensure_microsoft_domain
+from qgraph.ir.values import MICROSOFT_DOMAIN, constant_refusal
 from qgraph.passes.infrastructure import Refusal, register
 from qgraph.passes.quantize._dynamic_weights import DynamicWeightPass
-
-logger = logging.getLogger(__name__)
 
 #: Largest int8 weight code for which the AVX2 u8·s8 kernels cannot saturate (docs/runtime-facts.md).
 SAFE_INT8_WEIGHT_MAGNITUDE = 64
@@ -88,25 +82,16 @@ class QuantizeLSTMDynamic(DynamicWeightPass):
 
     summary = "run LSTMs as com.microsoft DynamicQuantizeLSTM with int8 weights (--quantize-recurrent dynamic)"
 
-    def call(self, model: ir.Model) -> PassResult:
-        names = NameScope(model)
-        replaced = 0
-        for graph in list(iterate_graphs(model)):
-            if not isinstance(graph, ir.Graph):
-                continue
-            for node in list(graph):
-                if node.op_type != "LSTM" or node.domain not in ("", "ai.onnx") or node.name not in self.nodes:
-                    continue
-                refusal = _refusal(node)
-                if refusal is not None:
-                    logger.info("%s: leaving %s (LSTM): %s", self.pass_name(), node.name, refusal.reason)
-                    continue
-                self._replace(graph, node, names)
-                replaced += 1
-        if replaced:
-            ensure_microsoft_domain(model)
-            logger.info("%s: %d LSTM node(s) now run as DynamicQuantizeLSTM", self.pass_name(), replaced)
-        return PassResult(model, replaced > 0)
+    op_types = ("LSTM",)
+    replacement = "DynamicQuantizeLSTM"
+
+    def plan(self, node: ir.Node) -> ir.Node | str:
+        refusal = _refusal(node)
+        return node if refusal is None else refusal.reason
+
+    def replace_planned(self, graph: ir.Graph, planned: list[tuple[ir.Node, object]], names: NameScope) -> None:
+        for node, _ in planned:
+            self._replace(graph, node, names)
 
     def _replace(self, graph: ir.Graph, node: ir.Node, names: NameScope) -> None:
         weight, recurrence = node.inputs[1], node.inputs[2]

@@ -34,20 +34,14 @@ input of rank < 2 (MatMul) or not 2 (Gemm), a Gemm bias of another shape.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import PassResult
 
 from qgraph.ir.edit import drop_unused_initializers, new_initializer
 from qgraph.ir.naming import NameScope
-from qgraph.ir.traversal import iterate_graphs
-from qgraph.ir.values import MICROSOFT_DOMAIN, constant_array, ensure_microsoft_domain, is_op, sole_consumer
+from qgraph.ir.values import MICROSOFT_DOMAIN, constant_array, is_op, sole_consumer
 from qgraph.passes.infrastructure import register
 from qgraph.passes.quantize._dynamic_weights import DynamicWeightPass
-
-logger = logging.getLogger(__name__)
 
 #: Largest int8 weight code for which the AVX2 u8·s8 kernels cannot saturate (docs/runtime-facts.md).
 SAFE_INT8_WEIGHT_MAGNITUDE = 64
@@ -118,31 +112,19 @@ class QuantizeMatMulDynamic(DynamicWeightPass):
 
     summary = "MatMul/Gemm with a constant weight → DynamicQuantizeMatMul/MatMulIntegerToFloat (--activations dynamic)"
 
-    def call(self, model: ir.Model) -> PassResult:
-        names = NameScope(model)
-        replaced = 0
-        for graph in list(iterate_graphs(model)):
-            if not isinstance(graph, ir.Graph):
-                continue
-            planned: dict[int, list[tuple[ir.Node, tuple]]] = {}
-            inputs: dict[int, ir.Value] = {}
-            for node in list(graph):
-                if not is_op(node, "MatMul", "Gemm") or node.name not in self.nodes:
-                    continue
-                plan = _plan(node)
-                if isinstance(plan, str):
-                    logger.info("%s: %s stays float: %s", self.pass_name(), node.name, plan)
-                    continue
-                planned.setdefault(id(node.inputs[0]), []).append((node, plan))
-                inputs[id(node.inputs[0])] = node.inputs[0]
-            for key, members in planned.items():
-                self._replace_group(graph, inputs[key], members, names)
-                replaced += len(members)
-        if replaced:
-            ensure_microsoft_domain(model)
-            logger.info("%s: %d MatMul/Gemm node(s) quantize their activations at run time", self.pass_name(),
-                        replaced)
-        return PassResult(model, replaced > 0)
+    op_types = ("MatMul", "Gemm")
+    replacement = "DynamicQuantizeMatMul/MatMulIntegerToFloat (activations quantized at run time)"
+
+    def plan(self, node: ir.Node) -> tuple | str:
+        return _plan(node)
+
+    def replace_planned(self, graph: ir.Graph, planned: list[tuple[ir.Node, object]], names: NameScope) -> None:
+        """Replace the planned nodes, those reading one activation together (they share its quantization)."""
+        groups: dict[int, list[tuple[ir.Node, object]]] = {}
+        for node, plan in planned:
+            groups.setdefault(id(node.inputs[0]), []).append((node, plan))
+        for members in groups.values():
+            self._replace_group(graph, members[0][0].inputs[0], members, names)
 
     def _replace_group(self, graph: ir.Graph, data: ir.Value, members: list, names: NameScope) -> None:
         shared = None

@@ -70,7 +70,11 @@ def test_resize_linear_is_refused(caplog):
     assert_refused(builder.model(), LowerIntegerPassThrough(), caplog, "interpolates")
 
 
-def test_split_with_one_output_requantized_is_refused(caplog):
+@pytest.mark.parametrize("second_reader, reason", [
+    ("requantized", "quantized with other parameters"),
+    ("float", "read as float"),
+])
+def test_split_with_a_second_output_off_the_integer_path_is_refused(caplog, second_reader, reason):
     builder = QDQBuilder(seed=3)
     builder.opset = 18
     x = builder.quantize(builder.add_input("x", [1, 4, 6, 6]))
@@ -78,20 +82,11 @@ def test_split_with_one_output_requantized_is_refused(caplog):
                                  axis=1)
     scale, zero_point = builder.scales[x]
     builder.output(builder.quantize(first, scale=scale, zero_point=zero_point))
-    builder.output(builder.quantize(second, scale=scale * 2, zero_point=zero_point))
-    assert_refused(builder.model(), LowerIntegerPassThrough(), caplog, "quantized with other parameters")
-
-
-def test_split_with_a_float_reader_is_refused(caplog):
-    builder = QDQBuilder(seed=3)
-    builder.opset = 18
-    x = builder.quantize(builder.add_input("x", [1, 4, 6, 6]))
-    first, second = builder.node("Split", [x, builder.constant("sizes", np.array([2, 2], np.int64))], outputs=2,
-                                 axis=1)
-    scale, zero_point = builder.scales[x]
-    builder.output(builder.quantize(first, scale=scale, zero_point=zero_point))
-    builder.output(builder.node("Relu", [second]))
-    assert_refused(builder.model(), LowerIntegerPassThrough(), caplog, "read as float")
+    if second_reader == "requantized":
+        builder.output(builder.quantize(second, scale=scale * 2, zero_point=zero_point))
+    else:
+        builder.output(builder.node("Relu", [second]))
+    assert_refused(builder.model(), LowerIntegerPassThrough(), caplog, reason)
 
 
 @pytest.mark.parametrize("op_type", ["Slice", "Gather"])
