@@ -572,6 +572,18 @@ def conv_weight(conv: ir.Node, kernel: str) -> tuple[QuantParams, np.ndarray] | 
     return params, array
 
 
+def conv_operands(conv: ir.Node, kernel: str) -> tuple[QuantParams, QuantParams, np.ndarray] | str:
+    """The activation input's params, the weight's params and its stored integer array of a quantized Conv, or why
+    ``kernel`` cannot take them (see :func:`activation_input` and :func:`conv_weight`)."""
+    input_params = activation_input(conv.inputs[0])
+    if isinstance(input_params, str):
+        return input_params
+    stored_weight = conv_weight(conv, kernel)
+    if isinstance(stored_weight, str):
+        return stored_weight
+    return (input_params, *stored_weight)
+
+
 def matmul_operands(matmul: ir.Node, *, guard_saturation: bool) -> tuple[QuantParams, MatMulOperand] | str:
     """The activation (left) and right operand of a quantized MatMul, or why the integer kernels cannot take them."""
     left = activation_input(matmul.inputs[0])

@@ -52,13 +52,10 @@ class LowerConvInteger(QuantizedOperandsLowering):
     float_output_only = True
 
     def check(self, conv: ir.Node, context: RewriteContext) -> _ConvIntegerPlan | Refusal:
-        input_params = qdq.activation_input(conv.inputs[0])
-        if isinstance(input_params, str):
-            return Refusal(input_params)
-        stored_weight = qdq.conv_weight(conv, "ConvInteger")
-        if isinstance(stored_weight, str):
-            return Refusal(stored_weight)
-        weight_params, weight_array = stored_weight
+        operands = qdq.conv_operands(conv, "ConvInteger")
+        if isinstance(operands, str):
+            return Refusal(operands)
+        input_params, weight_params, weight_array = operands
         weight = qdq.kernel_weight(weight_params, guard_saturation=True, force_uint8=True)
         if isinstance(weight, str):
             return Refusal(weight)

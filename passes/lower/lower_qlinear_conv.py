@@ -62,13 +62,10 @@ class LowerQLinearConv(WeightLowering):
             return Refusal(
                 "the Conv output is read as float (a graph output or a non-Q consumer); LowerConvInteger owns it"
             )
-        input_params = qdq.activation_input(conv.inputs[0])
-        if isinstance(input_params, str):
-            return Refusal(input_params)
-        stored_weight = qdq.conv_weight(conv, "QLinearConv")
-        if isinstance(stored_weight, str):
-            return Refusal(stored_weight)
-        weight_params, weight_array = stored_weight
+        operands = qdq.conv_operands(conv, "QLinearConv")
+        if isinstance(operands, str):
+            return Refusal(operands)
+        input_params, weight_params, weight_array = operands
         output_channels = weight_array.shape[0]
         output = qdq.output_quantize(conv.outputs[0])
         if output is None or isinstance(output, str):

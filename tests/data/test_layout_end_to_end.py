@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from qgraph.annotate.annotator import annotate
 from qgraph.calibrate.driver import CalibrationConfig, calibrate
@@ -22,6 +21,7 @@ from qgraph.quant.numerics import sqnr_db
 from qgraph.runtime import create_session
 from qgraph.targets import get_target
 from qgraph.train import Trainer, TrainingConfig
+from tests.data.context_models import context_model
 
 SECONDS = 3.0  # 93 chunks of 512 samples at 16 kHz
 
@@ -115,25 +115,7 @@ def test_calibration_samples_limit_counts_along_the_batch_axis(lstm_model, lstm_
 
 def _context_regressor(hidden: int = 4) -> onnx.ModelProto:
     """input [batch, 6] and state [2, batch, hidden] → Transpose/Reshape/Concat → MatMul + b → output [batch, 1]."""
-    generator = np.random.default_rng(0)
-    features = 6 + 2 * hidden
-    nodes = [
-        helper.make_node("Transpose", ["state"], ["batch_first"], perm=[1, 0, 2]),
-        helper.make_node("Reshape", ["batch_first", "flat_shape"], ["flat_state"]),
-        helper.make_node("Concat", ["input", "flat_state"], ["features"], axis=1),
-        helper.make_node("MatMul", ["features", "w"], ["product"]),
-        helper.make_node("Add", ["product", "b"], ["output"]),
-    ]
-    graph = helper.make_graph(
-        nodes, "context_regressor",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 6]),
-         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", hidden])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1])],
-        [numpy_helper.from_array((generator.standard_normal((features, 1)) * 0.1).astype(np.float32), "w"),
-         numpy_helper.from_array(np.zeros(1, np.float32), "b"),
-         numpy_helper.from_array(np.array([0, 2 * hidden], np.int64), "flat_shape")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return context_model(hidden, name="context_regressor", state_first=False, bias=True, weight_scale=0.1)
 
 
 @pytest.mark.qat  # trains through onnxruntime-training (or checks its refusal)

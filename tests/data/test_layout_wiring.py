@@ -12,7 +12,6 @@ import onnx
 import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
 
 from qgraph.annotate.annotator import annotate
 from qgraph.calibrate.driver import CalibrationConfig, batch_samples, calibrate, first_samples
@@ -25,29 +24,14 @@ from qgraph.ptq import QuantizeOptions
 from qgraph.qat.options import QATOptions
 from qgraph.targets import get_target
 from qgraph.train.batches import BatchChecker, checked_batches
+from tests.data.context_models import context_model
 
 SECONDS = 1.0  # 31 chunks of 512 samples at 16 kHz
 
 
 def state_first_model(hidden: int = 4) -> onnx.ModelProto:
     """state [2, batch, hidden] (declared first) and input [batch, 6] → Transpose/Reshape/Concat → MatMul → output."""
-    generator = np.random.default_rng(0)
-    features = 6 + 2 * hidden
-    nodes = [
-        helper.make_node("Transpose", ["state"], ["batch_first"], perm=[1, 0, 2]),
-        helper.make_node("Reshape", ["batch_first", "flat_shape"], ["flat_state"]),
-        helper.make_node("Concat", ["input", "flat_state"], ["features"], axis=1),
-        helper.make_node("MatMul", ["features", "w"], ["output"]),
-    ]
-    graph = helper.make_graph(
-        nodes, "state_first",
-        [helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", hidden]),
-         helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 6])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1])],
-        [numpy_helper.from_array(generator.standard_normal((features, 1)).astype(np.float32), "w"),
-         numpy_helper.from_array(np.array([0, 2 * hidden], np.int64), "flat_shape")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return context_model(hidden, name="state_first", state_first=True, bias=False, weight_scale=1.0)
 
 
 def state_first_batches(count: int, batch: int, seed: int = 0) -> list[dict[str, np.ndarray]]:

@@ -27,6 +27,13 @@ def integer_input(builder: QDQBuilder, name: str, shape: list[int], dtype) -> st
     return name
 
 
+def dequantize_input(builder: QDQBuilder, name: str, shape: list[int]) -> str:
+    """``DequantizeLinear`` of an int8 graph input ``name`` (a weight that is not a constant); returns its output."""
+    codes = integer_input(builder, name, shape, np.int8)
+    return builder.node("DequantizeLinear", [codes, builder.constant("s", np.float32(0.05)),
+                                             builder.constant("z", np.int8(0))])
+
+
 def assert_refused(model, pass_instance, caplog, reason: str) -> None:
     """``pass_instance`` leaves ``model`` unchanged (valid, same outputs, idempotent) and logs ``reason``."""
     with caplog.at_level("INFO"):

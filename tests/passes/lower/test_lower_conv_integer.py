@@ -7,7 +7,7 @@ import onnx_ir as ir
 
 from qgraph.passes.lower.lower_conv_integer import LowerConvInteger
 from qgraph.passes.lower.lower_qlinear_conv import LowerQLinearConv
-from tests.passes.lower.islands import assert_refused, conv_island, dequantize_constant, integer_input
+from tests.passes.lower.islands import assert_refused, conv_island, dequantize_constant, dequantize_input
 from tests.passes.qdq_builders import QDQBuilder, count_ops, lower_and_check, quantize_weight
 
 
@@ -91,12 +91,7 @@ def test_per_channel_weights_on_the_input_channel_axis_are_refused(caplog):
 
 
 def test_non_constant_weight_is_refused(caplog):
-    def from_input(builder):
-        codes = integer_input(builder, "weight_codes", [3, 2, 3, 3], np.int8)
-        return builder.node("DequantizeLinear", [codes, builder.constant("s", np.float32(0.05)),
-                                                 builder.constant("z", np.int8(0))])
-
-    builder, _ = float_conv(from_input)
+    builder, _ = float_conv(lambda builder: dequantize_input(builder, "weight_codes", [3, 2, 3, 3]))
     assert_refused(builder.model(), LowerConvInteger(), caplog, "the weight is not a constant initializer")
 
 
