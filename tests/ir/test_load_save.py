@@ -366,43 +366,43 @@ def test_external_data_shorter_than_declared(tmp_path):
         load_model(path)
 
 
-def test_external_data_absolute_location_refused_and_never_opened(tmp_path, monkeypatch):
-    outside = tmp_path / "outside" / "secret.bin"
-    outside.parent.mkdir()
+def _secret_and_model_folder(tmp_path: Path, secret_folder: str) -> tuple[Path, Path]:
+    """A data file ``secret.bin`` under ``tmp_path/secret_folder`` and an empty model folder ``tmp_path/model``."""
+    outside = tmp_path / secret_folder / "secret.bin"
+    outside.parent.mkdir(exist_ok=True)
     outside.write_bytes(np.ones(64, np.float32).tobytes())
     folder = tmp_path / "model"
     folder.mkdir()
-    path = external_model(folder, os.fspath(outside.resolve()))
+    return outside, folder
+
+
+def _assert_refused_unread(path: Path, outside: Path, monkeypatch, reason: str) -> OpenRecorder:
+    """Loading ``path`` raises ModelLoadError matching ``reason`` and never opens ``outside``."""
     recorder = OpenRecorder(monkeypatch)
-    with pytest.raises(ModelLoadError, match="absolute path"):
+    with pytest.raises(ModelLoadError, match=reason):
         load_model(path)
-    assert recorder.opened(path) or recorder.paths  # the recorder works
     assert not recorder.opened(outside)
+    return recorder
+
+
+def test_external_data_absolute_location_refused_and_never_opened(tmp_path, monkeypatch):
+    outside, folder = _secret_and_model_folder(tmp_path, "outside")
+    path = external_model(folder, os.fspath(outside.resolve()))
+    recorder = _assert_refused_unread(path, outside, monkeypatch, "absolute path")
+    assert recorder.opened(path) or recorder.paths  # the recorder works
 
 
 def test_external_data_dotdot_location_refused_and_never_opened(tmp_path, monkeypatch):
-    outside = tmp_path / "secret.bin"
-    outside.write_bytes(np.ones(64, np.float32).tobytes())
-    folder = tmp_path / "model"
-    folder.mkdir()
+    outside, folder = _secret_and_model_folder(tmp_path, "")
     path = external_model(folder, "../secret.bin")
-    recorder = OpenRecorder(monkeypatch)
-    with pytest.raises(ModelLoadError, match="outside the model's folder"):
-        load_model(path)
-    assert not recorder.opened(outside)
+    _assert_refused_unread(path, outside, monkeypatch, "outside the model's folder")
 
 
 def test_external_data_symlink_leaving_the_folder_refused(tmp_path, monkeypatch):
-    outside = tmp_path / "secret.bin"
-    outside.write_bytes(np.ones(64, np.float32).tobytes())
-    folder = tmp_path / "model"
-    folder.mkdir()
+    outside, folder = _secret_and_model_folder(tmp_path, "")
     (folder / "weights.bin").symlink_to(outside)
     path = external_model(folder, "weights.bin")
-    recorder = OpenRecorder(monkeypatch)
-    with pytest.raises(ModelLoadError, match="outside the model's folder"):
-        load_model(path)
-    assert not recorder.opened(outside)
+    _assert_refused_unread(path, outside, monkeypatch, "outside the model's folder")
 
 
 def test_external_data_inside_the_folder_loads(tmp_path):

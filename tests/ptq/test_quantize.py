@@ -27,6 +27,13 @@ def _qdq(model: onnx.ModelProto, batches, target="ort-cpu", **options) -> tuple[
     return result.model, result
 
 
+def _checked_proto(quantized: ir.Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``quantized`` as a proto that passes the full ONNX checker, and its initializers by name."""
+    proto = ir.serde.serialize_model(quantized)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto, {tensor.name: numpy_helper.to_array(tensor) for tensor in proto.graph.initializer}
+
+
 def _single_conv() -> onnx.ModelProto:
     generator = np.random.default_rng(5)
     weight = numpy_helper.from_array(generator.standard_normal((4, 3, 3, 3)).astype(np.float32), "weight")
@@ -46,8 +53,7 @@ def test_qdq_conv_equals_float_conv_on_fake_quantized_operands():
     batches = [{"input": np.random.default_rng(seed).standard_normal((4, 3, 8, 8)).astype(np.float32)}
                for seed in range(3)]
     quantized, result = _qdq(model, batches, reduce_range="off")
-    proto = ir.serde.serialize_model(quantized)
-    onnx.checker.check_model(proto, full_check=True)
+    proto, _ = _checked_proto(quantized)
     assert [node.op_type for node in proto.graph.node].count("DequantizeLinear") == 3  # input, weight, bias
 
     parameters = result.parameters
@@ -69,9 +75,7 @@ def test_qdq_conv_equals_float_conv_on_fake_quantized_operands():
 
 def test_qdq_structure_of_a_residual_cnn():
     quantized, result = _qdq(residual_cnn(), calibration_batches(), reduce_range="on")
-    proto = ir.serde.serialize_model(quantized)
-    onnx.checker.check_model(proto, full_check=True)
-    initializers = {tensor.name: numpy_helper.to_array(tensor) for tensor in proto.graph.initializer}
+    proto, initializers = _checked_proto(quantized)
     for node in proto.graph.node:
         if node.op_type == "Conv":
             weight_dq = next(n for n in proto.graph.node if n.output[0] == node.input[1])
@@ -100,9 +104,7 @@ def test_qdq_model_stays_close_to_float():
 
 def test_tensorrt_model_is_int8_symmetric_and_runs():
     quantized, result = _qdq(residual_cnn(), calibration_batches(), target="tensorrt")
-    proto = ir.serde.serialize_model(quantized)
-    onnx.checker.check_model(proto, full_check=True)
-    initializers = {tensor.name: numpy_helper.to_array(tensor) for tensor in proto.graph.initializer}
+    proto, initializers = _checked_proto(quantized)
     for node in proto.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             zero_point = initializers[node.input[2]]

@@ -152,17 +152,18 @@ def test_batch_norm_with_extra_outputs_is_left_alone():
     assert not result.modified
 
 
+def _conv_batch_norm_beside(other: onnx.NodeProto, seed: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """x → Conv(W) → ``conv`` → BatchNorm → y, with ``other`` (which writes z) beside them; also the initializers."""
+    initializers = {"W": weights((4, 3, 3, 3), seed)}
+    initializers.update(batch_norm_parameters("bn", 4, seed + 1))
+    nodes = [helper.make_node("Conv", ["x", "W"], ["conv"], name="conv"), batch_norm_node("bn", "conv", "y"), other]
+    return make_model(nodes, [("x", [1, 3, 5, 5])], [("y", None), ("z", None)], initializers), initializers
+
+
 def test_shared_conv_weight_is_copied_not_mutated():
     # Two Convs read W; only the first is followed by a BatchNorm. The fold writes a new weight, so the second
     # Conv still computes with the original one (check_pass compares both outputs).
-    initializers = {"W": weights((4, 3, 3, 3), 13)}
-    initializers.update(batch_norm_parameters("bn", 4, 14))
-    nodes = [
-        helper.make_node("Conv", ["x", "W"], ["conv_a"], name="conv_a"),
-        batch_norm_node("bn", "conv_a", "y"),
-        helper.make_node("Conv", ["x", "W"], ["z"], name="conv_b"),
-    ]
-    model = make_model(nodes, [("x", [1, 3, 5, 5])], [("y", None), ("z", None)], initializers)
+    model, initializers = _conv_batch_norm_beside(helper.make_node("Conv", ["x", "W"], ["z"], name="conv_b"), 13)
     result = check_pass(model, FoldBatchNorm())
     assert op_types(result.model) == ["Conv", "Conv"]
     second = [node for node in result.model.graph if node.name == "conv_b"][0]
@@ -171,14 +172,7 @@ def test_shared_conv_weight_is_copied_not_mutated():
 
 
 def test_conv_output_fan_out_is_refused():
-    initializers = {"W": weights((4, 3, 3, 3), 15)}
-    initializers.update(batch_norm_parameters("bn", 4, 16))
-    nodes = [
-        helper.make_node("Conv", ["x", "W"], ["conv"], name="conv"),
-        batch_norm_node("bn", "conv", "y"),
-        helper.make_node("Relu", ["conv"], ["z"], name="relu"),
-    ]
-    model = make_model(nodes, [("x", [1, 3, 5, 5])], [("y", None), ("z", None)], initializers)
+    model, _ = _conv_batch_norm_beside(helper.make_node("Relu", ["conv"], ["z"], name="relu"), 15)
     result = check_pass(model, FoldBatchNorm(), expect_modified=False)
     assert op_types(result.model) == ["Conv", "BatchNormalization", "Relu"]
 
