@@ -19,20 +19,27 @@ from tests.passes.batch_norm_builders import (
 )
 
 
-def conv_bn_model(*, channels_in=4, channels_out=6, group=1, spatial=(5, 5), bias=True) -> onnx.ModelProto:
-    kernel = (3,) * len(spatial)
-    initializers = {"W": weights((channels_out, channels_in // group) + kernel, 1)}
+def convolution_batch_norm(op_type: str, weight_shape: tuple[int, ...], channels: int, x_shape: list[int],
+                           y_shape: list[int] | None, *, bias: bool, seed: int, **attributes) -> onnx.ModelProto:
+    """x → ``op_type``(W[, B]) → BatchNorm → y, with ``channels`` output channels and seeded weights."""
+    initializers = {"W": weights(weight_shape, seed)}
     conv_inputs = ["x", "W"]
     if bias:
-        initializers["B"] = weights((channels_out,), 2)
+        initializers["B"] = weights((channels,), seed + 1)
         conv_inputs.append("B")
-    initializers.update(batch_norm_parameters("bn", channels_out, 3))
+    initializers.update(batch_norm_parameters("bn", channels, seed + 2))
     nodes = [
-        helper.make_node("Conv", conv_inputs, ["conv"], name="conv", group=group, pads=[1] * (2 * len(spatial))),
+        helper.make_node(op_type, conv_inputs, ["conv"], name="conv", **attributes),
         batch_norm_node("bn", "conv", "y"),
     ]
-    return make_model(
-        nodes, [("x", [2, channels_in, *spatial])], [("y", [2, channels_out, *spatial])], initializers
+    return make_model(nodes, [("x", x_shape)], [("y", y_shape)], initializers)
+
+
+def conv_bn_model(*, channels_in=4, channels_out=6, group=1, spatial=(5, 5), bias=True) -> onnx.ModelProto:
+    kernel = (3,) * len(spatial)
+    return convolution_batch_norm(
+        "Conv", (channels_out, channels_in // group) + kernel, channels_out, [2, channels_in, *spatial],
+        [2, channels_out, *spatial], bias=bias, seed=1, group=group, pads=[1] * (2 * len(spatial)),
     )
 
 
@@ -61,17 +68,8 @@ def test_conv_batch_norm_folds(bias, group, channels_in, channels_out, spatial):
 @pytest.mark.parametrize("bias", [True, False])
 def test_conv_transpose_batch_norm_folds(group, channels_in, channels_out, strides, bias):
     # Weight layout (C_in, C_out/group, kH, kW): the per-output-channel scale lies on axis 1, per group.
-    initializers = {"W": weights((channels_in, channels_out // group, 3, 2), 4)}
-    conv_inputs = ["x", "W"]
-    if bias:
-        initializers["B"] = weights((channels_out,), 5)
-        conv_inputs.append("B")
-    initializers.update(batch_norm_parameters("bn", channels_out, 6))
-    nodes = [
-        helper.make_node("ConvTranspose", conv_inputs, ["deconv"], name="deconv", group=group, strides=strides),
-        batch_norm_node("bn", "deconv", "y"),
-    ]
-    model = make_model(nodes, [("x", [1, channels_in, 4, 3])], [("y", None)], initializers)
+    model = convolution_batch_norm("ConvTranspose", (channels_in, channels_out // group, 3, 2), channels_out,
+                                   [1, channels_in, 4, 3], None, bias=bias, seed=4, group=group, strides=strides)
     result = check_pass(model, FoldBatchNorm())
     assert op_types(result.model) == ["ConvTranspose"]
 

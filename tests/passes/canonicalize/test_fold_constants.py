@@ -19,6 +19,21 @@ from qgraph.testing import check_pass, op_types, to_ir
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 
 
+#: The initializers :func:`flatten` reads, in ONNX text.
+FLATTEN_CONSTANTS = "int64 zero = {0}, int64[1] axes = {0}, int64[1] rest = {-1}"
+
+
+def flatten(source: str, output: str) -> str:
+    """The exporters' flatten ``output = Reshape(source, Concat(Unsqueeze(Gather(Shape(source), zero)), rest))``
+    as lines of ONNX text (it reads the constants ``zero``, ``axes`` and ``rest``, and writes ``target``)."""
+    return f"""
+      shape = Shape({source})
+      batch = Gather(shape, zero)
+      batch_1d = Unsqueeze(batch, axes)
+      target = Concat<axis = 0>(batch_1d, rest)
+      {output} = Reshape({source}, target)"""
+
+
 def assert_not_folded(text: str, caplog, kept: list[str], reason: str, fold: FoldConstants | None = None) -> None:
     """The pass leaves ``text``'s graph as it is (nodes ``kept``) and logs ``reason``."""
     with caplog.at_level(logging.INFO, logger="qgraph.passes.canonicalize.fold_constants"):
@@ -46,15 +61,11 @@ def test_constant_chain_folds_in_one_run_and_unread_inputs_are_dropped():
 
 def test_static_shape_arithmetic_collapses():
     # The exported pattern: Reshape(x, Concat(Unsqueeze(Gather(Shape(x), 0)), [-1])).
-    text = HEADER + """
-    g (float[2,3,4] x) => (float[2,12] y, int64 count) <int64 zero = {0}, int64[1] axes = {0}, int64[1] rest = {-1}> {
-      shape = Shape(x)
-      batch = Gather(shape, zero)
-      batch_1d = Unsqueeze(batch, axes)
-      target = Concat<axis = 0>(batch_1d, rest)
-      y = Reshape(x, target)
+    text = HEADER + f"""
+    g (float[2,3,4] x) => (float[2,12] y, int64 count) <{FLATTEN_CONSTANTS}> {{
+      {flatten("x", "y")}
       count = Size(x)
-    }
+    }}
     """
     result = check_pass(text, FoldConstants())
     assert op_types(result.model) == ["Reshape"]
@@ -242,11 +253,7 @@ def test_exported_model_collapses_through_the_cleanup_passes():
       axes = Constant<value_ints = [0]>()
       rest = Constant<value_ints = [-1]>()
       conv = Conv<pads = [1, 1, 1, 1]>(x, weight, bias)
-      shape = Shape(conv)
-      batch = Gather(shape, zero)
-      batch_1d = Unsqueeze(batch, axes)
-      target = Concat<axis = 0>(batch_1d, rest)
-      flat = Reshape(conv, target)
+      {flatten("conv", "flat")}
       unused = Exp(flat)
       y = Identity(flat)
     }}
