@@ -4,6 +4,9 @@
 before and after (``onnx.checker`` with ``full_check``), onnxruntime with graph optimisation disabled gives the same
 outputs on seeded inputs (relative tolerance for FP32 rewrites), the pass reports ``modified`` honestly, and a
 second run changes nothing.
+
+Small models are written in ONNX text; ``if_model_text`` and ``function_model_text`` write the two shapes the pass
+tests need again and again (a branch on a boolean input, a call of a local function).
 """
 
 from __future__ import annotations
@@ -25,6 +28,40 @@ class PassCheck:
     modified: bool
     outputs_before: dict[str, np.ndarray]
     outputs_after: dict[str, np.ndarray]
+
+
+#: The header of an ONNX-text model: IR version 8, default opset 17.
+TEXT_HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
+
+
+def if_model_text(shape: str, before: str, then_line: str, else_line: str) -> str:
+    """``g (float[shape] x, bool condition) => (float[shape] y)`` in ONNX text: the lines ``before``, then
+    ``y = If(condition)`` whose one-node branches are ``then_line`` (writing ``then_out``) and ``else_line``
+    (writing ``else_out``)."""
+    return TEXT_HEADER + f"""
+    g (float[{shape}] x, bool condition) => (float[{shape}] y) {{
+      {before}
+      y = If(condition) <
+        then_branch = then_graph () => (float[{shape}] then_out) {{ {then_line} }},
+        else_branch = else_graph () => (float[{shape}] else_out) {{ {else_line} }}
+      >
+    }}
+    """
+
+
+def function_model_text(graph_lines: str, function: str, body: str) -> str:
+    """``g (float[2] x) => (float[2] y)`` in ONNX text running ``graph_lines``, which may call ``local.<function>``:
+    a function of domain ``local`` (opset 17) from ``input`` to ``output`` whose lines are ``body``."""
+    return f"""
+    <ir_version: 8, opset_import: ["" : 17, "local" : 1]>
+    g (float[2] x) => (float[2] y) {{
+      {graph_lines}
+    }}
+    <domain: "local", opset_import: ["" : 17]>
+    {function} (input) => (output) {{
+      {body}
+    }}
+    """
 
 
 def to_ir(model: onnx.ModelProto | str) -> ir.Model:

@@ -2,7 +2,7 @@
 
 Not a pass (the leading underscore keeps the catalog from importing it as one): FoldBatchNorm and
 DecomposeBatchNorm share it, so that DecomposeBatchNorm leaves alone exactly the BatchNorms that FoldBatchNorm
-would fold.
+would fold, and share its BatchNormRewrite (match every default-domain BatchNormalization, check by a planner).
 
 Inference BatchNormalization over channel axis 1, for channel c::
 
@@ -38,6 +38,7 @@ from qgraph.passes._rewrite_support import (
     same_graph_refusal,
     sole_consumer_refusal,
 )
+from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass
 
 logger = logging.getLogger(__name__)
 
@@ -276,3 +277,22 @@ def is_row_bias(shape: tuple[int, ...], features: int) -> bool:
         return False
     padded = (1,) * (2 - len(shape)) + tuple(shape)
     return padded[0] == 1 and padded[1] in (1, features)
+
+
+class BatchNormRewrite(RewritePass):
+    """A CANONICALIZE rewrite of inference BatchNormalization nodes; ``plan`` decides what to write or refuses."""
+
+    phase = Phase.CANONICALIZE
+
+    def plan(self, batch_norm: ir.Node) -> object | str:
+        """What ``rewrite`` needs for ``batch_norm``, or the reason it is left alone."""
+        raise NotImplementedError
+
+    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
+        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+            return node
+        return None
+
+    def check(self, match: ir.Node, context: RewriteContext) -> object | Refusal:
+        plan = self.plan(match)
+        return Refusal(plan) if isinstance(plan, str) else plan

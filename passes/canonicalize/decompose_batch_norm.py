@@ -30,8 +30,13 @@ from qgraph.passes._rewrite_support import (
     new_initializer,
     new_output_name,
 )
-from qgraph.passes.canonicalize._batch_norm_math import BatchNormAffine, batch_norm_affine, plan_fold
-from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
+from qgraph.passes.canonicalize._batch_norm_math import (
+    BatchNormAffine,
+    BatchNormRewrite,
+    batch_norm_affine,
+    plan_fold,
+)
+from qgraph.passes.infrastructure import RewriteContext, register
 
 logger = logging.getLogger(__name__)
 
@@ -70,20 +75,13 @@ def plan_decomposition(node: ir.Node) -> _Decomposition | str:
 
 
 @register
-class DecomposeBatchNorm(RewritePass):
+class DecomposeBatchNorm(BatchNormRewrite):
     """Rewrite an inference BatchNormalization that no producer can absorb as Mul + Add."""
 
-    phase = Phase.CANONICALIZE
     summary = "Rewrite a lone inference BatchNormalization as Mul by a per-channel scale and Add of a shift"
 
-    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
-        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
-            return node
-        return None
-
-    def check(self, match: ir.Node, context: RewriteContext) -> _Decomposition | Refusal:
-        plan = plan_decomposition(match)
-        return Refusal(plan) if isinstance(plan, str) else plan
+    def plan(self, batch_norm: ir.Node) -> _Decomposition | str:
+        return plan_decomposition(batch_norm)
 
     def rewrite(self, plan: _Decomposition, context: RewriteContext) -> None:
         batch_norm, names = plan.batch_norm, context.names

@@ -45,27 +45,20 @@ from qgraph.passes._rewrite_support import (
     new_initializer,
     new_output_name,
 )
-from qgraph.passes.canonicalize._batch_norm_math import FoldPlan, matmul_bias_operand, plan_fold
-from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
+from qgraph.passes.canonicalize._batch_norm_math import BatchNormRewrite, FoldPlan, matmul_bias_operand, plan_fold
+from qgraph.passes.infrastructure import RewriteContext, register
 
 logger = logging.getLogger(__name__)
 
 
 @register
-class FoldBatchNorm(RewritePass):
+class FoldBatchNorm(BatchNormRewrite):
     """Fold inference BatchNormalization into a preceding Conv, ConvTranspose, Gemm or MatMul(+Add)."""
 
-    phase = Phase.CANONICALIZE
     summary = "Fold inference BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul that produces its input"
 
-    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
-        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
-            return node
-        return None
-
-    def check(self, match: ir.Node, context: RewriteContext) -> FoldPlan | Refusal:
-        plan = plan_fold(match)
-        return Refusal(plan) if isinstance(plan, str) else plan
+    def plan(self, batch_norm: ir.Node) -> FoldPlan | str:
+        return plan_fold(batch_norm)
 
     def rewrite(self, plan: FoldPlan, context: RewriteContext) -> None:
         batch_norm, producer = plan.batch_norm, plan.producer

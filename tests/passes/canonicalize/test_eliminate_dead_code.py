@@ -6,9 +6,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.passes.canonicalize.eliminate_dead_code import EliminateDeadCode
-from qgraph.testing import check_pass, op_types, to_ir
-
-HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
+from qgraph.testing import TEXT_HEADER as HEADER
+from qgraph.testing import check_pass, function_model_text, if_model_text, op_types, to_ir
 
 
 def test_dead_chain_and_its_initializers_are_removed_in_one_run():
@@ -84,15 +83,7 @@ def test_dead_nodes_inside_branches_release_their_captures():
 
 
 def test_value_read_by_a_live_branch_is_kept():
-    text = HEADER + """
-    g (float[3] x, bool condition) => (float[3] y) {
-      shifted = Exp(x)
-      y = If(condition) <
-        then_branch = then_graph () => (float[3] then_out) { then_out = Relu(shifted) },
-        else_branch = else_graph () => (float[3] else_out) { else_out = Neg(x) }
-      >
-    }
-    """
+    text = if_model_text("3", "shifted = Exp(x)", "then_out = Relu(shifted)", "else_out = Neg(x)")
     result = check_pass(text, EliminateDeadCode(), expect_modified=False,
                         feeds={"x": np.ones(3, np.float32), "condition": np.array(True)})
     assert op_types(result.model) == ["Exp", "If"]
@@ -118,17 +109,7 @@ def test_dead_loop_and_everything_only_it_captured_are_removed():
 
 
 def test_dead_nodes_inside_functions_are_removed():
-    text = """
-    <ir_version: 8, opset_import: ["" : 17, "local" : 1]>
-    g (float[2] x) => (float[2] y) {
-      y = local.Double(x)
-    }
-    <domain: "local", opset_import: ["" : 17]>
-    Double (input) => (output) {
-      wasted = Exp(input)
-      output = Add(input, input)
-    }
-    """
+    text = function_model_text("y = local.Double(x)", "Double", "wasted = Exp(input)\n output = Add(input, input)")
     result = check_pass(text, EliminateDeadCode())
     function = next(iter(result.model.functions.values()))
     assert [node.op_type for node in function] == ["Add"]
@@ -154,17 +135,7 @@ def test_unread_custom_operators_are_kept_unless_their_domain_is_declared_pure()
 
 
 def test_unread_calls_of_pure_local_functions_are_removed():
-    text = """
-    <ir_version: 8, opset_import: ["" : 17, "local" : 1]>
-    g (float[2] x) => (float[2] y) {
-      unread = local.Double(x)
-      y = Neg(x)
-    }
-    <domain: "local", opset_import: ["" : 17]>
-    Double (input) => (output) {
-      output = Add(input, input)
-    }
-    """
+    text = function_model_text("unread = local.Double(x)\n y = Neg(x)", "Double", "output = Add(input, input)")
     result = check_pass(text, EliminateDeadCode())
     assert op_types(result.model) == ["Neg"]
 

@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 
 from qgraph.passes.canonicalize.eliminate_identity import EliminateIdentity, resolved_reshape
-from qgraph.testing import check_pass, op_types, to_ir
+from qgraph.testing import TEXT_HEADER as HEADER
+from qgraph.testing import check_pass, if_model_text, op_types, to_ir
 
-HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
+
+def _relu_and_neg_left(text: str):
+    """Run the pass on ``text`` (check_pass), assert only its Relu and Neg remain; the result and the Relu."""
+    result = check_pass(text, EliminateIdentity())
+    assert op_types(result.model) == ["Relu", "Neg"]
+    return result, next(iter(result.model.graph))
 
 
 def test_identity_chain_is_removed():
@@ -22,9 +28,7 @@ def test_identity_chain_is_removed():
       y = Neg(r)
     }
     """
-    result = check_pass(text, EliminateIdentity())
-    assert op_types(result.model) == ["Relu", "Neg"]
-    relu = next(iter(result.model.graph))
+    result, relu = _relu_and_neg_left(text)
     assert relu.inputs[0] is result.model.graph.inputs[0]
 
 
@@ -36,9 +40,7 @@ def test_identity_feeding_a_graph_output_hands_its_name_to_the_producer():
       z = Neg(r)
     }
     """
-    result = check_pass(text, EliminateIdentity())
-    assert op_types(result.model) == ["Relu", "Neg"]
-    relu = next(iter(result.model.graph))
+    result, relu = _relu_and_neg_left(text)
     assert [output.name for output in result.model.graph.outputs] == ["y", "z"]
     assert result.model.graph.outputs[0] is relu.outputs[0]
     assert result.proto.graph.node[1].input == ["y"]
@@ -129,15 +131,7 @@ def test_identity_captured_by_a_loop_body_is_rewired_inside_the_body():
 
 
 def test_identity_of_an_outer_value_feeding_a_branch_output_is_kept():
-    text = HEADER + """
-    g (float[2] x, bool condition) => (float[2] y) {
-      r = Relu(x)
-      y = If(condition) <
-        then_branch = then_graph () => (float[2] then_out) { then_out = Identity(r) },
-        else_branch = else_graph () => (float[2] else_out) { else_out = Neg(r) }
-      >
-    }
-    """
+    text = if_model_text("2", "r = Relu(x)", "then_out = Identity(r)", "else_out = Neg(r)")
     result = check_pass(text, EliminateIdentity(), expect_modified=False, feeds={
         "x": np.array([1.0, -1.0], np.float32), "condition": np.array(True)})
     then_graph = list(result.model.graph)[1].attributes["then_branch"].as_graph()

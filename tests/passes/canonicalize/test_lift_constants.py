@@ -11,7 +11,7 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from qgraph.passes.canonicalize.lift_constants import LiftConstants
-from qgraph.testing import check_pass, op_types, run_model, to_ir
+from qgraph.testing import check_pass, function_model_text, op_types, run_model, to_ir
 
 
 def test_every_dense_attribute_kind_becomes_an_initializer():
@@ -121,17 +121,8 @@ def test_shared_constant_is_lifted_once_for_every_reader():
 
 
 def test_constants_in_functions_are_left_alone():
-    text = """
-    <ir_version: 8, opset_import: ["" : 17, "local" : 1]>
-    g (float[2] x) => (float[2] y) {
-      y = local.AddOne(x)
-    }
-    <domain: "local", opset_import: ["" : 17]>
-    AddOne (input) => (output) {
-      one = Constant<value_float = 1.0>()
-      output = Add(input, one)
-    }
-    """
+    text = function_model_text("y = local.AddOne(x)", "AddOne",
+                               "one = Constant<value_float = 1.0>()\n output = Add(input, one)")
     result = check_pass(text, LiftConstants(), expect_modified=False)
     function = next(iter(result.model.functions.values()))
     assert [node.op_type for node in function] == ["Constant", "Add"]
