@@ -45,6 +45,7 @@ from qgraph.passes.canonicalize._pattern_matching import (
     scalar_constant,
     split_constant_operand,
 )
+from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass
 
 #: Relative tolerance on 1/n, n, 2, −0.5 and 0 constants (exporters print 1/n with 7–9 significant digits).
 CONSTANT_TOLERANCE = 1e-5
@@ -537,3 +538,26 @@ def broadcast_parameter(array: np.ndarray | None, shape: tuple[int, ...], fill: 
         return np.full(shape, fill, np.float32)
     trailing = array.reshape(array.shape[max(0, array.ndim - len(shape)):])
     return np.ascontiguousarray(np.broadcast_to(trailing, shape), dtype=np.float32)
+
+
+class NormalizationFusion(RewritePass):
+    """A CANONICALIZE fusion of the LayerNorms (``centred``) or RMSNorms that :func:`analysis_of` finds.
+
+    ``match`` is the Mul (or Div) that applies the reciprocal root to x − μ (or x), analysed; ``check`` refuses a
+    near-miss with its reason and hands a full match to ``plan``.
+    """
+
+    phase = Phase.CANONICALIZE
+    centred: bool
+
+    def plan(self, found: NormalizationMatch, context: RewriteContext) -> object | Refusal:
+        """What ``rewrite`` needs to fuse ``found``, or the refusal."""
+        raise NotImplementedError
+
+    def match(self, node: ir.Node, context: RewriteContext) -> Analysis | None:
+        return analysis_of(node, context.model, centred=self.centred)
+
+    def check(self, match: Analysis, context: RewriteContext) -> object | Refusal:
+        if isinstance(match.result, str):
+            return Refusal(match.result)
+        return self.plan(match.result, context)

@@ -39,7 +39,7 @@ import onnx_ir as ir
 from qgraph.passes._rewrite_support import drop_unused_initializers, new_initializer
 from qgraph.passes.canonicalize import _normalization_matching as normalization
 from qgraph.passes.canonicalize._pattern_matching import OpsetRefusal, default_opset
-from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
+from qgraph.passes.infrastructure import Refusal, RewriteContext, register
 
 logger = logging.getLogger(__name__)
 
@@ -66,21 +66,14 @@ def replace_with(graph: ir.Graph, match: normalization.NormalizationMatch, fused
 
 
 @register
-class FuseGeneralLayerNormalization(RewritePass):
+class FuseGeneralLayerNormalization(normalization.NormalizationFusion):
     """Fuse LayerNorms spelled with E[x²] − E[x]², ReduceSum/n, Reshape/Expand views, Pow(−0.5) or a folded γ."""
 
-    phase = Phase.CANONICALIZE
     summary = ("Fuse flax/Keras/tf2onnx LayerNorm spellings (moments, ReduceSum/n, views, rsqrt forms) "
                "into LayerNormalization")
+    centred = True
 
-    def match(self, node: ir.Node, context: RewriteContext) -> normalization.Analysis | None:
-        """The Mul (or Div) that applies the reciprocal standard deviation to x − μ, analysed."""
-        return normalization.analysis_of(node, context.model, centred=True)
-
-    def check(self, match: normalization.Analysis, context: RewriteContext) -> GeneralLayerNormPlan | Refusal:
-        if isinstance(match.result, str):
-            return Refusal(match.result)
-        found = match.result
+    def plan(self, found: normalization.NormalizationMatch, context: RewriteContext) -> GeneralLayerNormPlan | Refusal:
         opset = default_opset(context.model)
         if opset < MINIMUM_OPSET:
             return OpsetRefusal(

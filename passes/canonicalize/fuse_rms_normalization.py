@@ -44,7 +44,7 @@ from qgraph.passes._rewrite_support import new_initializer
 from qgraph.passes.canonicalize import _normalization_matching as normalization
 from qgraph.passes.canonicalize._pattern_matching import default_opset
 from qgraph.passes.canonicalize.fuse_general_layer_normalization import replace_with
-from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
+from qgraph.passes.infrastructure import Refusal, RewriteContext, register
 
 logger = logging.getLogger(__name__)
 
@@ -96,43 +96,38 @@ def rms_function(opset: int) -> onnx.FunctionProto:
     )
 
 
-def _ensure_function(model: ir.Model) -> str | None:
-    """Add the function (and its domain import) to ``model`` when missing; why not when another one has its name."""
-    opset = default_opset(model)
-    key = (FUSED_DOMAIN, FUNCTION_NAME, "")
-    wanted = rms_function(opset)
-    existing = model.functions.get(key)
-    if existing is not None:
-        if ir.serde.serialize_function(existing).SerializeToString() != wanted.SerializeToString():
-            return f"the model defines its own {FUSED_DOMAIN}::{FUNCTION_NAME}"
+def _function_conflict(model: ir.Model) -> str | None:
+    """Why the function cannot be added to ``model`` (it defines another one of that name), or None."""
+    existing = model.functions.get((FUSED_DOMAIN, FUNCTION_NAME, ""))
+    if existing is None:
         return None
-    model.functions[key] = ir.serde.deserialize_function(wanted)
-    model.opset_imports.setdefault(FUSED_DOMAIN, 1)
+    wanted = rms_function(default_opset(model)).SerializeToString()
+    if ir.serde.serialize_function(existing).SerializeToString() != wanted:
+        return f"the model defines its own {FUSED_DOMAIN}::{FUNCTION_NAME}"
     return None
 
 
+def _ensure_function(model: ir.Model) -> None:
+    """Add the function (and its domain import) to ``model`` when missing (``check`` refused any conflict)."""
+    key = (FUSED_DOMAIN, FUNCTION_NAME, "")
+    if key not in model.functions:
+        model.functions[key] = ir.serde.deserialize_function(rms_function(default_opset(model)))
+        model.opset_imports.setdefault(FUSED_DOMAIN, 1)
+
+
 @register
-class FuseRmsNormalization(RewritePass):
+class FuseRmsNormalization(normalization.NormalizationFusion):
     """Keep a decomposed RMSNorm as one qgraph.fused::RMSNormalization function node (FP32 as a whole)."""
 
-    phase = Phase.CANONICALIZE
     summary = "Keep decomposed RMSNorm (x · rsqrt(mean(x²) + eps) · γ) as one local-function node"
+    centred = False
 
-    def match(self, node: ir.Node, context: RewriteContext) -> normalization.Analysis | None:
-        """The Mul (or Div) that applies the reciprocal root mean square to x, analysed."""
-        return normalization.analysis_of(node, context.model, centred=False)
-
-    def check(self, match: normalization.Analysis, context: RewriteContext) -> RmsNormPlan | Refusal:
-        if isinstance(match.result, str):
-            return Refusal(match.result)
-        found = match.result
+    def plan(self, found: normalization.NormalizationMatch, context: RewriteContext) -> RmsNormPlan | Refusal:
         if found.bias is not None:
             return Refusal("an RMSNorm with a bias (no such normalisation to keep)")
-        existing = context.model.functions.get((FUSED_DOMAIN, FUNCTION_NAME, ""))
-        if existing is not None:
-            wanted = rms_function(default_opset(context.model)).SerializeToString()
-            if ir.serde.serialize_function(existing).SerializeToString() != wanted:
-                return Refusal(f"the model defines its own {FUSED_DOMAIN}::{FUNCTION_NAME}")
+        conflict = _function_conflict(context.model)
+        if conflict is not None:
+            return Refusal(conflict)
         return RmsNormPlan(found, normalization.broadcast_parameter(found.scale, found.normalized_shape, 1.0))
 
     def rewrite(self, plan: RmsNormPlan, context: RewriteContext) -> None:
