@@ -176,20 +176,13 @@ def _difference(actual, expected, *, shapes_only: bool = False) -> str | None:
     if isinstance(expected, dict):
         if not isinstance(actual, dict) or set(actual) != set(expected):
             return "map keys differ"
-        for key in expected:
-            found = _difference(actual[key], expected[key], shapes_only=shapes_only)
-            if found:
-                return f"[{key!r}] {found}"
-        return None
+        return _first_difference(((f"[{key!r}]", actual[key], expected[key]) for key in expected), shapes_only)
     if isinstance(expected, list):
         if not isinstance(actual, list) or len(actual) != len(expected):
             length = len(actual) if isinstance(actual, list) else type(actual).__name__
             return f"sequence length {length} vs {len(expected)}"
-        for index, (item, wanted) in enumerate(zip(actual, expected)):
-            found = _difference(item, wanted, shapes_only=shapes_only)
-            if found:
-                return f"[{index}] {found}"
-        return None
+        pairs = enumerate(zip(actual, expected))
+        return _first_difference(((f"[{index}]", item, wanted) for index, (item, wanted) in pairs), shapes_only)
     actual = np.asarray(actual)
     expected = np.asarray(expected)
     if actual.shape != expected.shape:
@@ -216,10 +209,16 @@ def _difference(actual, expected, *, shapes_only: bool = False) -> str | None:
 def _outputs_difference(actual: list, expected: list, *, shapes_only: bool = False) -> str | None:
     if len(actual) != len(expected):
         return f"{len(actual)} outputs vs {len(expected)}"
-    for index, (value, wanted) in enumerate(zip(actual, expected)):
-        found = _difference(value, wanted, shapes_only=shapes_only)
+    pairs = enumerate(zip(actual, expected))
+    return _first_difference(((f"output {index}:", value, wanted) for index, (value, wanted) in pairs), shapes_only)
+
+
+def _first_difference(items: Iterable[tuple[str, object, object]], shapes_only: bool) -> str | None:
+    """The first difference among ``(label, actual, expected)`` items, prefixed by its label; None when all agree."""
+    for label, actual, expected in items:
+        found = _difference(actual, expected, shapes_only=shapes_only)
         if found:
-            return f"output {index}: {found}"
+            return f"{label} {found}"
     return None
 
 

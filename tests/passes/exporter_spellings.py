@@ -142,6 +142,21 @@ TANH_SCALE = math.sqrt(2.0 / math.pi)
 TANH_CUBIC = 0.044715
 
 
+def _times_half(builder: _Builder, half: str, shifted: str, ordered, *, half_leads: bool) -> str:
+    """``y = x · shifted · 0.5`` in the order ``half`` names: ``after`` (``Mul(Mul(x, shifted), 0.5)``), ``before``
+    (``Mul(Mul(x, 0.5), shifted)``, or ``Mul(0.5, x)`` first with ``half_leads``, as torch writes the tanh GELU) or
+    ``on_sum`` (``Mul(Mul(shifted, 0.5), x)``); ``ordered`` orders each commutative pair of operands."""
+    half_name = builder.constant("half", np.float32(0.5))
+    if half == "after":
+        product = builder.node("Mul", ordered("x", shifted), "x_times_sum")
+        return builder.node("Mul", ordered(product, half_name), "y")
+    if half == "before":
+        half_x = builder.node("Mul", ordered(half_name, "x") if half_leads else ordered("x", half_name), "half_x")
+        return builder.node("Mul", ordered(half_x, shifted), "y")
+    half_sum = builder.node("Mul", ordered(shifted, half_name), "half_sum")
+    return builder.node("Mul", ordered(half_sum, "x"), "y")
+
+
 def gelu_erf(
     *,
     opset: int = 17,
@@ -173,16 +188,7 @@ def gelu_erf(
     erf = builder.node("Erf", [scaled], "erf")
     one_name = builder.constant("one", np.float32(one))
     shifted = builder.node("Add", ordered(erf, one_name), "one_plus_erf")
-    half_name = builder.constant("half", np.float32(0.5))
-    if half == "after":
-        product = builder.node("Mul", ordered("x", shifted), "x_times_sum")
-        output = builder.node("Mul", ordered(product, half_name), "y")
-    elif half == "before":
-        half_x = builder.node("Mul", ordered("x", half_name), "half_x")
-        output = builder.node("Mul", ordered(half_x, shifted), "y")
-    else:
-        half_sum = builder.node("Mul", ordered(shifted, half_name), "half_sum")
-        output = builder.node("Mul", ordered(half_sum, "x"), "y")
+    output = _times_half(builder, half, shifted, ordered, half_leads=False)
     outputs = [(output, list(shape))]
     if x_fan_out_from_inside:
         builder.node("Identity", [erf], "erf_copy")
@@ -221,14 +227,5 @@ def gelu_tanh(
     tanh = builder.node("Tanh", [argument], "tanh")
     one_name = builder.constant("one", np.float32(1.0))
     shifted = builder.node("Add", ordered(tanh, one_name), "one_plus_tanh")
-    half_name = builder.constant("half", np.float32(0.5))
-    if half == "before":
-        half_x = builder.node("Mul", ordered(half_name, "x"), "half_x")
-        output = builder.node("Mul", ordered(half_x, shifted), "y")
-    elif half == "after":
-        product = builder.node("Mul", ordered("x", shifted), "x_times_sum")
-        output = builder.node("Mul", ordered(product, half_name), "y")
-    else:
-        half_sum = builder.node("Mul", ordered(shifted, half_name), "half_sum")
-        output = builder.node("Mul", ordered(half_sum, "x"), "y")
+    output = _times_half(builder, half, shifted, ordered, half_leads=True)
     return builder.model("gelu_tanh", opset, [("x", list(shape))], [(output, list(shape))])
