@@ -27,23 +27,23 @@ class BuildExtension(build_ext):
         super().build_extensions()
 
 
+def native_extension(name: str, header: str) -> Extension:
+    """The optional extension ``qgraph.native._<name>`` built from ``qgraph/native/<name>.c``, which includes
+    ``macros.h`` and ``header``."""
+    return Extension(
+        f"qgraph.native._{name}",
+        sources=[f"qgraph/native/{name}.c"],
+        include_dirs=["qgraph/native"],
+        depends=[f"qgraph/native/{header}", "qgraph/native/macros.h"],
+        optional=True,
+    )
+
+
 setup(
     cmdclass={"build_ext": BuildExtension},
     ext_modules=[
-        Extension(
-            "qgraph.native._observer_loops",
-            sources=["qgraph/native/observer_loops.c"],
-            include_dirs=["qgraph/native"],
-            depends=["qgraph/native/bin_loops.h", "qgraph/native/macros.h"],
-            optional=True,
-        ),
+        native_extension("observer_loops", "bin_loops.h"),
         # not a Python module: an onnxruntime custom-operator library (qgraph.train.fused_gradients loads it)
-        Extension(
-            "qgraph.native._quantizer_gradient",
-            sources=["qgraph/native/quantizer_gradient.c"],
-            include_dirs=["qgraph/native"],
-            depends=["qgraph/native/ort_custom_op.h", "qgraph/native/macros.h"],
-            optional=True,
-        ),
+        native_extension("quantizer_gradient", "ort_custom_op.h"),
     ],
 )

@@ -34,6 +34,7 @@ import dataclasses
 import numpy as np
 
 from qgraph.errors import QGraphError
+from qgraph.quant.spec import integer_range
 
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 16, 256
 
@@ -59,11 +60,12 @@ class BlockSpec:
 
     @property
     def qmin(self) -> int:
-        return -(1 << (self.bits - 1)) if self.symmetric else 0
+        """Lowest code: signed codes when symmetric, unsigned ones with a zero point otherwise."""
+        return integer_range(self.bits, self.symmetric)[0]
 
     @property
     def qmax(self) -> int:
-        return (1 << (self.bits - 1)) - 1 if self.symmetric else (1 << self.bits) - 1
+        return integer_range(self.bits, self.symmetric)[1]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,6 +80,13 @@ _ONNX_TYPES = {
 }
 
 
+def integer_range(bits: int, signed: bool) -> tuple[int, int]:
+    """The lowest and highest ``bits``-bit integer: ``[-2^(b-1), 2^(b-1) - 1]`` signed, ``[0, 2^b - 1]`` unsigned."""
+    if signed:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
     """The integer format of one tensor: storage type, zero-point policy, granularity and range options."""
@@ -121,14 +128,12 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        bits = self.effective_bits
-        lowest = -(1 << (bits - 1)) if self.signed else 0
+        lowest = integer_range(self.effective_bits, self.signed)[0]
         return lowest + 1 if self.narrow_range else lowest
 
     @property
     def qmax(self) -> int:
-        bits = self.effective_bits
-        return (1 << (bits - 1)) - 1 if self.signed else (1 << bits) - 1
+        return integer_range(self.effective_bits, self.signed)[1]
 
     @property
     def levels(self) -> int:
@@ -138,12 +143,12 @@ class QuantSpec:
     @property
     def dtype_min(self) -> int:
         """Lowest value of the storage type (what ONNX QuantizeLinear saturates to)."""
-        return -(1 << (self.bits - 1)) if self.signed else 0
+        return integer_range(self.bits, self.signed)[0]
 
     @property
     def dtype_max(self) -> int:
         """Highest value of the storage type."""
-        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+        return integer_range(self.bits, self.signed)[1]
 
     @property
     def storage_dtype(self) -> np.dtype:
