@@ -184,6 +184,17 @@ def _weight_refusal(producer: ir.Node, index: int, role: str) -> str | None:
     return constant_refusal(value, f"{producer.op_type} {role}") or dtype_refusal(value, f"{producer.op_type} {role}")
 
 
+def _weight_shape(producer: ir.Node, role: str, rank: int, *, or_more: bool = False) -> tuple[int, ...] | str:
+    """The shape of ``producer``'s constant weight (input 1, called ``role``) of rank ``rank`` (or more), or why not."""
+    reason = _weight_refusal(producer, 1, role)
+    if reason is not None:
+        return reason
+    shape = _constant_shape(producer.inputs[1])
+    if len(shape) < rank or (len(shape) > rank and not or_more):
+        return f"{producer.op_type} {role} has rank {len(shape)}, expected {rank}{' or more' if or_more else ''}"
+    return shape
+
+
 def _optional_bias_refusal(producer: ir.Node, index: int, shape: tuple[int, ...]) -> str | None:
     if len(producer.inputs) <= index or producer.inputs[index] is None:
         return None
@@ -197,25 +208,19 @@ def _optional_bias_refusal(producer: ir.Node, index: int, shape: tuple[int, ...]
 
 
 def _conv_refusal(conv: ir.Node, channels: int, bias_add: ir.Node | None) -> str | None:
-    reason = _weight_refusal(conv, 1, "weight")
-    if reason is not None:
-        return reason
-    weight_shape = _constant_shape(conv.inputs[1])
-    if len(weight_shape) < 3:
-        return f"Conv weight has rank {len(weight_shape)}, expected at least 3"
+    weight_shape = _weight_shape(conv, "weight", 3, or_more=True)
+    if isinstance(weight_shape, str):
+        return weight_shape
     if weight_shape[0] != channels:
         return f"Conv has {weight_shape[0]} output channels but the BatchNorm has {channels}"
     return _optional_bias_refusal(conv, 2, (channels,))
 
 
 def _conv_transpose_refusal(conv: ir.Node, channels: int, bias_add: ir.Node | None) -> str | None:
-    reason = _weight_refusal(conv, 1, "weight")
-    if reason is not None:
-        return reason
-    weight_shape = _constant_shape(conv.inputs[1])
+    weight_shape = _weight_shape(conv, "weight", 3, or_more=True)
+    if isinstance(weight_shape, str):
+        return weight_shape
     group = conv.attributes.get_int("group", 1)
-    if len(weight_shape) < 3:
-        return f"ConvTranspose weight has rank {len(weight_shape)}, expected at least 3"
     if group < 1 or weight_shape[0] % group != 0:
         return f"ConvTranspose weight has {weight_shape[0]} input channels, not a multiple of group={group}"
     if weight_shape[1] * group != channels:
@@ -224,12 +229,9 @@ def _conv_transpose_refusal(conv: ir.Node, channels: int, bias_add: ir.Node | No
 
 
 def _gemm_refusal(gemm: ir.Node, channels: int, bias_add: ir.Node | None) -> str | None:
-    reason = _weight_refusal(gemm, 1, "B")
-    if reason is not None:
-        return reason
-    weight_shape = _constant_shape(gemm.inputs[1])
-    if len(weight_shape) != 2:
-        return f"Gemm B has rank {len(weight_shape)}, expected 2"
+    weight_shape = _weight_shape(gemm, "B", 2)
+    if isinstance(weight_shape, str):
+        return weight_shape
     columns = weight_shape[0] if gemm.attributes.get_int("transB", 0) else weight_shape[1]
     if columns != channels:
         return f"Gemm has {columns} output features but the BatchNorm has {channels}"
@@ -244,12 +246,9 @@ def _gemm_refusal(gemm: ir.Node, channels: int, bias_add: ir.Node | None) -> str
 
 
 def _matmul_refusal(matmul: ir.Node, channels: int, bias_add: ir.Node | None) -> str | None:
-    reason = _weight_refusal(matmul, 1, "weight")
-    if reason is not None:
-        return reason
-    weight_shape = _constant_shape(matmul.inputs[1])
-    if len(weight_shape) != 2:
-        return f"MatMul weight has rank {len(weight_shape)}; only a 2-D constant weight folds"
+    weight_shape = _weight_shape(matmul, "weight", 2)  # only a 2-D constant weight folds
+    if isinstance(weight_shape, str):
+        return weight_shape
     rank, _ = known_rank_and_dtype(matmul.inputs[0])
     if rank != 2:
         shown = "unknown" if rank is None else str(rank)
