@@ -62,7 +62,7 @@ def quantize(x: np.ndarray, params: QuantParams, *, clip_to_spec: bool = False) 
     x = np.asarray(x, dtype=np.float32)
     scale, zero_point = _aligned(params, x)
     spec = params.spec
-    low, high = (spec.qmin, spec.qmax) if clip_to_spec else (spec.dtype_min, spec.dtype_max)
+    low, high = (spec.qmin, spec.qmax) if clip_to_spec else spec.storage_range
     with np.errstate(over="ignore", invalid="ignore"):
         scaled = np.asarray(np.divide(x, scale, dtype=np.float32))
         np.rint(scaled, out=scaled)

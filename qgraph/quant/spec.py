@@ -141,14 +141,9 @@ class QuantSpec:
         return self.qmax - self.qmin + 1
 
     @property
-    def dtype_min(self) -> int:
-        """Lowest value of the storage type (what ONNX QuantizeLinear saturates to)."""
-        return integer_range(self.bits, self.signed)[0]
-
-    @property
-    def dtype_max(self) -> int:
-        """Highest value of the storage type."""
-        return integer_range(self.bits, self.signed)[1]
+    def storage_range(self) -> tuple[int, int]:
+        """Lowest and highest value of the storage type (what ONNX QuantizeLinear saturates to)."""
+        return integer_range(self.bits, self.signed)
 
     @property
     def storage_dtype(self) -> np.dtype:
@@ -180,7 +175,7 @@ class QuantParams:
     def __post_init__(self) -> None:
         scale = np.asarray(self.scale, dtype=np.float32)
         zero_point = np.asarray(self.zero_point)
-        low, high = self.spec.dtype_min, self.spec.dtype_max
+        low, high = self.spec.storage_range
         if np.any(zero_point < low) or np.any(zero_point > high):
             raise ValueError(f"zero_point outside the storage range [{low}, {high}]: {zero_point!r}")
         if zero_point.dtype != self.spec.storage_dtype:
