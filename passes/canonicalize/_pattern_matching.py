@@ -11,6 +11,9 @@ also reads, or that is a graph output, would lose its producer when the chain be
 - is a value read by exactly the expected nodes of the chain and by nothing else (fan-out refuses a fusion);
 - a refusal that only the model's opset causes (:class:`OpsetRefusal`, which UpgradeOpsetForFusions looks for).
 
+:class:`AnalysedFusion` is the check the element-wise fusions share: a chain inside a function body is refused (its
+constants are not initializers), and the analysis raises :class:`FusionRefused` with the reason anywhere it fails.
+
 The questions every pass asks — is a node a default-domain ``op_type`` node, which node is the sole consumer of a
 value and why there is none, which default-domain opset the model imports (the fused operator's availability
 depends on it), importing com.microsoft — are answered in :mod:`qgraph.ir.values` and re-exported here.
@@ -20,10 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.ir.edit import drop_unused_initializers
 from qgraph.ir.values import (  # noqa: F401 - re-exported for the fusions
     MICROSOFT_DOMAIN,
     constant_array,
@@ -34,7 +39,41 @@ from qgraph.ir.values import (  # noqa: F401 - re-exported for the fusions
     sole_consumer,
     sole_consumer_refusal,
 )
-from qgraph.passes.infrastructure import Refusal
+from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass
+
+
+def replace_chain(graph: ir.Graph, chain: Iterable[ir.Node], output: ir.Value, fused: ir.Node) -> None:
+    """Put the one-output ``fused`` where ``chain`` was (after the last of its nodes in graph order), readers of
+    ``output`` reading it instead, and drop the chain's initializers that nobody reads any more."""
+    order = {id(node): index for index, node in enumerate(graph)}
+    nodes = sorted(chain, key=lambda node: order[id(node)])
+    constants = [value for node in nodes for value in node.inputs if value is not None and value.is_initializer()]
+    ir.convenience.replace_nodes_and_values(graph, nodes[-1], nodes, [fused], [output], [fused.outputs[0]])
+    drop_unused_initializers(constants)
+
+
+class FusionRefused(Exception):
+    """Raised inside a fusion's analysis with the reason the fusion is refused."""
+
+
+class AnalysedFusion(RewritePass):
+    """A CANONICALIZE fusion whose ``check`` is ``analyse`` on the matched node of a graph (not a function body)."""
+
+    phase = Phase.CANONICALIZE
+    #: What the pass fuses, as its refusals name it.
+    fused = ""
+
+    def analyse(self, match: ir.Node, context: RewriteContext) -> object:
+        """The plan for the chain around ``match``; raises FusionRefused with the reason when there is none."""
+        raise NotImplementedError
+
+    def check(self, match: ir.Node, context: RewriteContext) -> object | Refusal:
+        if not isinstance(match.graph, ir.Graph):
+            return Refusal(f"{self.fused} inside a function body (its constants are not initializers)")
+        try:
+            return self.analyse(match, context)
+        except FusionRefused as refusal:
+            return Refusal(str(refusal))
 
 
 def producer_if(value: ir.Value | None, op_type: str) -> ir.Node | None:

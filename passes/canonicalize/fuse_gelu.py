@@ -39,9 +39,11 @@ import math
 
 import onnx_ir as ir
 
-from qgraph.passes._rewrite_support import constant_array, drop_unused_initializers, known_rank_and_dtype
+from qgraph.passes._rewrite_support import constant_array, known_rank_and_dtype
 from qgraph.passes.canonicalize._pattern_matching import (
     MICROSOFT_DOMAIN,
+    AnalysedFusion,
+    FusionRefused,
     close_to,
     default_opset,
     ensure_microsoft_domain,
@@ -49,12 +51,13 @@ from qgraph.passes.canonicalize._pattern_matching import (
     other_operand,
     private_value_refusal,
     producer_if,
+    replace_chain,
     scalar_constant,
     sole_consumer,
     sole_consumer_refusal,
     split_constant_operand,
 )
-from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
+from qgraph.passes.infrastructure import RewriteContext, register
 
 logger = logging.getLogger(__name__)
 
@@ -78,16 +81,12 @@ class GeluPlan:
     nodes: tuple[ir.Node, ...]
 
 
-class _Refused(Exception):
-    """Raised inside the analysis with the reason a fusion is refused."""
-
-
 @register
-class FuseGelu(RewritePass):
+class FuseGelu(AnalysedFusion):
     """Fuse a decomposed GELU (Erf or tanh form) into Gelu / com.microsoft Gelu or FastGelu."""
 
-    phase = Phase.CANONICALIZE
     summary = "Fuse decomposed GELU (Erf and tanh forms) into Gelu (opset >= 20) or com.microsoft Gelu/FastGelu"
+    fused = "GELU"
 
     def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
         """The Erf or Tanh node at the heart of a GELU."""
@@ -97,15 +96,10 @@ class FuseGelu(RewritePass):
                 return node
         return None
 
-    def check(self, match: ir.Node, context: RewriteContext) -> GeluPlan | Refusal:
-        if not isinstance(match.graph, ir.Graph):
-            return Refusal("GELU inside a function body (its constants are not initializers)")
-        try:
-            if match.op_type == "Erf":
-                return self._analyse_erf(match)
-            return self._analyse_tanh(match)
-        except _Refused as refusal:
-            return Refusal(str(refusal))
+    def analyse(self, match: ir.Node, context: RewriteContext) -> GeluPlan:
+        if match.op_type == "Erf":
+            return self._analyse_erf(match)
+        return self._analyse_tanh(match)
 
     def rewrite(self, plan: GeluPlan, context: RewriteContext) -> None:
         graph = plan.anchor.graph
@@ -118,12 +112,8 @@ class FuseGelu(RewritePass):
             ensure_microsoft_domain(context.model)
             op_type = "FastGelu" if plan.approximate else "Gelu"
             fused = ir.Node(MICROSOFT_DOMAIN, op_type, [plan.data], name=name)
-        order = {id(node): index for index, node in enumerate(graph)}
-        nodes = sorted(plan.nodes, key=lambda node: order[id(node)])
-        constants = [value for node in nodes for value in node.inputs if value is not None and value.is_initializer()]
-        ir.convenience.replace_nodes_and_values(graph, nodes[-1], nodes, [fused], [plan.output], [fused.outputs[0]])
-        drop_unused_initializers(constants)
-        logger.debug("fused %d nodes into %s::%s %s", len(nodes), fused.domain or "ai.onnx", fused.op_type, name)
+        replace_chain(graph, plan.nodes, plan.output, fused)
+        logger.debug("fused %d nodes into %s::%s %s", len(plan.nodes), fused.domain or "ai.onnx", fused.op_type, name)
 
     # -- analysis ------------------------------------------------------------------------------------------------
     def _analyse_erf(self, erf: ir.Node) -> GeluPlan:
@@ -135,11 +125,11 @@ class FuseGelu(RewritePass):
         elif is_op(producer, "Mul"):
             split = split_constant_operand(producer)
             if split is None:
-                raise _Refused("the Mul before Erf has no constant operand")
+                raise FusionRefused("the Mul before Erf has no constant operand")
             data = split[0]
             self._expect_constant(split[1], 1.0 / SQRT_TWO, "the factor of x before Erf")
         else:
-            raise _Refused(f"Erf reads {producer.op_type}, not x / √2")
+            raise FusionRefused(f"Erf reads {producer.op_type}, not x / √2")
         nodes = [producer, erf]
         self._private(scaled, erf, "Erf input")
         return self._finish(erf, data, nodes, approximate=False)
@@ -149,13 +139,13 @@ class FuseGelu(RewritePass):
         scale_mul = producer_if(argument, "Mul")
         split = split_constant_operand(scale_mul) if scale_mul is not None else None
         if split is None:
-            raise _Refused("Tanh does not read a product with a constant")
+            raise FusionRefused("Tanh does not read a product with a constant")
         inner = split[0]
         self._expect_constant(split[1], TANH_SCALE, "the factor √(2/π) before Tanh")
         self._private(argument, tanh, "Tanh input")
         add = producer_if(inner, "Add")
         if add is None or len(add.inputs) != 2:
-            raise _Refused("the Tanh argument is not √(2/π) · (x + 0.044715 · x³)")
+            raise FusionRefused("the Tanh argument is not √(2/π) · (x + 0.044715 · x³)")
         self._private(inner, scale_mul, "x + 0.044715 · x³")
         for data, weighted in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
             cubic_mul = producer_if(weighted, "Mul")
@@ -174,47 +164,47 @@ class FuseGelu(RewritePass):
                 self._expect_constant(cube_nodes[-1].inputs[1], 3.0, "the exponent of x³")
             nodes = [*cube_nodes, cubic_mul, add, scale_mul, tanh]
             return self._finish(tanh, data, nodes, approximate=True)
-        raise _Refused("the Add before Tanh is not x + 0.044715 · x³ (with x³ as Pow(x, 3) or x · x · x)")
+        raise FusionRefused("the Add before Tanh is not x + 0.044715 · x³ (with x³ as Pow(x, 3) or x · x · x)")
 
     def _finish(self, function: ir.Node, data: ir.Value, nodes: list[ir.Node], *, approximate: bool) -> GeluPlan:
         """Match ``Add(f, 1)`` after the Erf/Tanh node and the product of x, 0.5 and that sum."""
         rank, dtype = known_rank_and_dtype(data)
         if dtype is not None and dtype != ir.DataType.FLOAT:
-            raise _Refused(f"element type {dtype.name}: only float32 GELUs are fused")
+            raise FusionRefused(f"element type {dtype.name}: only float32 GELUs are fused")
         value = function.outputs[0]
         add = sole_consumer(value)
         if add is None:
-            raise _Refused(sole_consumer_refusal(value, f"the {function.op_type} output"))
+            raise FusionRefused(sole_consumer_refusal(value, f"the {function.op_type} output"))
         split = split_constant_operand(add) if is_op(add, "Add") else None
         if split is None or split[0] is not value:
-            raise _Refused(f"the {function.op_type} output does not go (alone) into Add(·, 1)")
+            raise FusionRefused(f"the {function.op_type} output does not go (alone) into Add(·, 1)")
         self._expect_constant(split[1], 1.0, f"the constant added to {function.op_type}")
         total = add.outputs[0]
         nodes = [*nodes, add]
         first = sole_consumer(total)
         if first is None:
-            raise _Refused(sole_consumer_refusal(total, f"the 1 + {function.op_type}(…)"))
+            raise FusionRefused(sole_consumer_refusal(total, f"the 1 + {function.op_type}(…)"))
         if not is_op(first, "Mul"):
-            raise _Refused(f"1 + {function.op_type}(…) does not go (alone) into Mul")
+            raise FusionRefused(f"1 + {function.op_type}(…) does not go (alone) into Mul")
         factor = other_operand(first, total)
         if factor is data:
             second = sole_consumer(first.outputs[0])
             second_split = split_constant_operand(second) if is_op(second, "Mul") else None
             if second_split is None or second_split[0] is not first.outputs[0]:
-                raise _Refused("x · (1 + …) is not multiplied (alone) by 0.5")
+                raise FusionRefused("x · (1 + …) is not multiplied (alone) by 0.5")
             self._expect_constant(second_split[1], 0.5, "the factor 0.5")
             nodes += [first, second]
         elif constant_array(factor) is not None:
             self._expect_constant(factor, 0.5, "the factor 0.5")
             second = sole_consumer(first.outputs[0])
             if not is_op(second, "Mul") or other_operand(second, first.outputs[0]) is not data:
-                raise _Refused("0.5 · (1 + …) is not multiplied (alone) by x")
+                raise FusionRefused("0.5 · (1 + …) is not multiplied (alone) by x")
             nodes += [first, second]
         else:
             half = producer_if(factor, "Mul")
             half_split = split_constant_operand(half) if half is not None else None
             if half_split is None or half_split[0] is not data:
-                raise _Refused("1 + … is multiplied by something other than x, 0.5 or 0.5 · x")
+                raise FusionRefused("1 + … is multiplied by something other than x, 0.5 or 0.5 · x")
             self._expect_constant(half_split[1], 0.5, "the factor 0.5")
             self._private(factor, first, "0.5 · x")
             nodes += [half, first]
@@ -224,7 +214,7 @@ class FuseGelu(RewritePass):
                 readers = [use.node for use in output.uses() if any(use.node is member for member in nodes)]
                 refusal = private_value_refusal(output, readers, f"{node.op_type} output")
                 if refusal:
-                    raise _Refused(refusal)
+                    raise FusionRefused(refusal)
         for node in nodes:
             for value in node.inputs:
                 if constant_array(value) is not None:
@@ -234,26 +224,26 @@ class FuseGelu(RewritePass):
     def _expect_constant(self, value: ir.Value | None, expected: float, role: str) -> None:
         actual = scalar_constant(value)
         if actual is None:
-            raise _Refused(f"{role} is not a one-element constant")
+            raise FusionRefused(f"{role} is not a one-element constant")
         array = constant_array(value)
         if str(array.dtype) != "float32":
-            raise _Refused(f"{role} has element type {array.dtype}, not float32")
+            raise FusionRefused(f"{role} has element type {array.dtype}, not float32")
         if not close_to(actual, expected, CONSTANT_TOLERANCE):
-            raise _Refused(f"{role} is {actual!r}, not {expected:.8g} (relative tolerance {CONSTANT_TOLERANCE})")
+            raise FusionRefused(f"{role} is {actual!r}, not {expected:.8g} (relative tolerance {CONSTANT_TOLERANCE})")
 
     def _check_broadcast(self, value: ir.Value, rank: int | None) -> None:
         """Refuse a constant that could change the output's shape when added to or multiplied with a rank-``rank`` x."""
         array = constant_array(value)
         if array.size != 1:
-            raise _Refused(f"the constant {value.name!r} has {array.size} elements")
+            raise FusionRefused(f"the constant {value.name!r} has {array.size} elements")
         if (rank is None and array.ndim > 0) or (rank is not None and array.ndim > rank):
-            raise _Refused(f"the constant {value.name!r} of rank {array.ndim} could broadcast the output")
+            raise FusionRefused(f"the constant {value.name!r} of rank {array.ndim} could broadcast the output")
 
     @staticmethod
     def _private(value: ir.Value, reader: ir.Node, role: str) -> None:
         refusal = private_value_refusal(value, [reader], role)
         if refusal:
-            raise _Refused(refusal)
+            raise FusionRefused(refusal)
 
 
 def _cube_of(value: ir.Value, data: ir.Value) -> list[ir.Node] | None:

@@ -36,9 +36,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.passes._rewrite_support import drop_unused_initializers, new_initializer
+from qgraph.passes._rewrite_support import new_initializer
 from qgraph.passes.canonicalize import _normalization_matching as normalization
-from qgraph.passes.canonicalize._pattern_matching import OpsetRefusal, default_opset
+from qgraph.passes.canonicalize._pattern_matching import OpsetRefusal, default_opset, replace_chain
 from qgraph.passes.infrastructure import Refusal, RewriteContext, register
 
 logger = logging.getLogger(__name__)
@@ -54,15 +54,6 @@ class GeneralLayerNormPlan:
     match: normalization.NormalizationMatch
     scale: np.ndarray
     bias: np.ndarray
-
-
-def replace_with(graph: ir.Graph, match: normalization.NormalizationMatch, fused: ir.Node) -> None:
-    """Put ``fused`` where the matched nodes were (after the last of them) and drop their constants."""
-    order = {id(node): index for index, node in enumerate(graph)}
-    nodes = sorted(match.nodes, key=lambda node: order[id(node)])
-    constants = [value for node in nodes for value in node.inputs if value is not None and value.is_initializer()]
-    ir.convenience.replace_nodes_and_values(graph, nodes[-1], nodes, [fused], [match.output], [fused.outputs[0]])
-    drop_unused_initializers(constants)
 
 
 @register
@@ -97,5 +88,5 @@ class FuseGeneralLayerNormalization(normalization.NormalizationFusion):
             attributes=[ir.AttrInt64("axis", -match.axis_count), ir.AttrFloat32("epsilon", match.epsilon)],
             name=context.names.fresh(f"{base}_layer_norm"),
         )
-        replace_with(graph, match, fused)
+        replace_chain(graph, match.nodes, match.output, fused)
         logger.debug("fused %d nodes into LayerNormalization %s", len(match.nodes), fused.name)

@@ -27,19 +27,22 @@ import logging
 
 import onnx_ir as ir
 
-from qgraph.passes._rewrite_support import constant_array, drop_unused_initializers, known_rank_and_dtype
+from qgraph.passes._rewrite_support import constant_array, known_rank_and_dtype
 from qgraph.passes.canonicalize._pattern_matching import (
+    AnalysedFusion,
+    FusionRefused,
     OpsetRefusal,
     close_to,
     default_opset,
     is_op,
     other_operand,
     private_value_refusal,
+    replace_chain,
     scalar_constant,
     sole_consumer,
     split_constant_operand,
 )
-from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
+from qgraph.passes.infrastructure import Refusal, RewriteContext, register
 
 logger = logging.getLogger(__name__)
 
@@ -54,16 +57,12 @@ class HardSwishPlan:
     nodes: tuple[ir.Node, ...]
 
 
-class _Refused(Exception):
-    pass
-
-
 @register
-class FuseHardSwish(RewritePass):
+class FuseHardSwish(AnalysedFusion):
     """Fuse x·HardSigmoid(x) and x·ReLU6(x+3)/6 spellings into HardSwish (opset >= 14)."""
 
-    phase = Phase.CANONICALIZE
     summary = "Fuse x·HardSigmoid(x, 1/6, 1/2) and x·ReLU6(x+3)/6 into HardSwish (opset >= 14)"
+    fused = "HardSwish"
 
     def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
         """A HardSigmoid, or an ``Add(x, 3)`` that feeds a ReLU6 spelling."""
@@ -77,33 +76,28 @@ class FuseHardSwish(RewritePass):
                 return node
         return None
 
-    def check(self, match: ir.Node, context: RewriteContext) -> HardSwishPlan | Refusal:
-        if not isinstance(match.graph, ir.Graph):
-            return Refusal("HardSwish inside a function body")
-        try:
-            if match.op_type == "HardSigmoid":
-                plan = self._hard_sigmoid(match)
-            else:
-                plan = self._relu6(match, context)
-            rank, dtype = known_rank_and_dtype(plan.data)
-            if dtype is not None and dtype != ir.DataType.FLOAT:
-                raise _Refused(f"element type {dtype.name}: only float32 is fused")
-            for node in plan.nodes:
-                for value in node.inputs[1:]:
-                    array = constant_array(value)
-                    if array is not None and ((rank is None and array.ndim > 0)
-                                              or (rank is not None and array.ndim > rank)):
-                        raise _Refused(f"the constant {value.name!r} could broadcast the output")
-            for node in plan.nodes:
-                for value in node.outputs:
-                    if value is plan.output:
-                        continue
-                    readers = [use.node for use in value.uses() if any(use.node is member for member in plan.nodes)]
-                    refusal = private_value_refusal(value, readers, f"{node.op_type} output")
-                    if refusal:
-                        raise _Refused(refusal)
-        except _Refused as refusal:
-            return Refusal(str(refusal))
+    def analyse(self, match: ir.Node, context: RewriteContext) -> HardSwishPlan | Refusal:
+        if match.op_type == "HardSigmoid":
+            plan = self._hard_sigmoid(match)
+        else:
+            plan = self._relu6(match, context)
+        rank, dtype = known_rank_and_dtype(plan.data)
+        if dtype is not None and dtype != ir.DataType.FLOAT:
+            raise FusionRefused(f"element type {dtype.name}: only float32 is fused")
+        for node in plan.nodes:
+            for value in node.inputs[1:]:
+                array = constant_array(value)
+                if array is not None and ((rank is None and array.ndim > 0)
+                                          or (rank is not None and array.ndim > rank)):
+                    raise FusionRefused(f"the constant {value.name!r} could broadcast the output")
+        for node in plan.nodes:
+            for value in node.outputs:
+                if value is plan.output:
+                    continue
+                readers = [use.node for use in value.uses() if any(use.node is member for member in plan.nodes)]
+                refusal = private_value_refusal(value, readers, f"{node.op_type} output")
+                if refusal:
+                    raise FusionRefused(refusal)
         opset = default_opset(context.model)
         if opset < MINIMUM_OPSET:
             return OpsetRefusal(f"HardSwish needs opset {MINIMUM_OPSET}, the model imports {opset}", MINIMUM_OPSET)
@@ -111,13 +105,9 @@ class FuseHardSwish(RewritePass):
 
     def rewrite(self, plan: HardSwishPlan, context: RewriteContext) -> None:
         graph = plan.output.producer().graph
-        order = {id(node): index for index, node in enumerate(graph)}
-        nodes = sorted(plan.nodes, key=lambda node: order[id(node)])
         fused = ir.Node("", "HardSwish", [plan.data], name=context.names.fresh(f"{plan.output.name or 'x'}_hard_swish"))
-        constants = [value for node in nodes for value in node.inputs if value is not None and value.is_initializer()]
-        ir.convenience.replace_nodes_and_values(graph, nodes[-1], nodes, [fused], [plan.output], [fused.outputs[0]])
-        drop_unused_initializers(constants)
-        logger.debug("fused %d nodes into HardSwish %s", len(nodes), fused.name)
+        replace_chain(graph, plan.nodes, plan.output, fused)
+        logger.debug("fused %d nodes into HardSwish %s", len(plan.nodes), fused.name)
 
     # -- spellings -----------------------------------------------------------------------------------------------
     def _hard_sigmoid(self, node: ir.Node) -> HardSwishPlan:
@@ -126,11 +116,11 @@ class FuseHardSwish(RewritePass):
         alpha = alpha.as_float() if alpha is not None else 0.2
         beta = beta.as_float() if beta is not None else 0.5
         if not close_to(alpha, 1.0 / 6.0, CONSTANT_TOLERANCE) or not close_to(beta, 0.5, CONSTANT_TOLERANCE):
-            raise _Refused(f"HardSigmoid(alpha={alpha:g}, beta={beta:g}) is not HardSwish's (1/6, 1/2)")
+            raise FusionRefused(f"HardSigmoid(alpha={alpha:g}, beta={beta:g}) is not HardSwish's (1/6, 1/2)")
         data = node.inputs[0]
         product = sole_consumer(node.outputs[0])
         if not is_op(product, "Mul") or other_operand(product, node.outputs[0]) is not data:
-            raise _Refused("HardSigmoid(x) is not multiplied (alone) by x")
+            raise FusionRefused("HardSigmoid(x) is not multiplied (alone) by x")
         return HardSwishPlan(data, product.outputs[0], (node, product))
 
     def _relu6(self, add: ir.Node, context: RewriteContext) -> HardSwishPlan:
@@ -143,17 +133,17 @@ class FuseHardSwish(RewritePass):
             scaled = reader.outputs[0]
             product = sole_consumer(scaled)
             if not is_op(product, "Mul") or other_operand(product, scaled) is not data:
-                raise _Refused("ReLU6(x + 3) / 6 is not multiplied (alone) by x")
+                raise FusionRefused("ReLU6(x + 3) / 6 is not multiplied (alone) by x")
             nodes.append(product)
             return HardSwishPlan(data, product.outputs[0], tuple(nodes))
         if is_op(reader, "Mul") and other_operand(reader, clipped) is data:
             nodes.append(reader)
             divide = sole_consumer(reader.outputs[0])
             if not _is_sixth(divide, reader.outputs[0]):
-                raise _Refused("x · ReLU6(x + 3) is not divided by 6")
+                raise FusionRefused("x · ReLU6(x + 3) is not divided by 6")
             nodes.append(divide)
             return HardSwishPlan(data, divide.outputs[0], tuple(nodes))
-        raise _Refused("ReLU6(x + 3) is neither divided by 6 nor multiplied by x")
+        raise FusionRefused("ReLU6(x + 3) is neither divided by 6 nor multiplied by x")
 
     def _clip_zero_six(self, value: ir.Value, nodes: list[ir.Node], context: RewriteContext) -> ir.Value:
         """Follow a ReLU6 spelling from ``value``; returns its output and appends its nodes."""
@@ -161,7 +151,7 @@ class FuseHardSwish(RewritePass):
         if is_op(first, "Clip"):
             low, high = _clip_bounds(first, default_opset(context.model))
             if low != 0.0 or not close_to(high, 6.0, CONSTANT_TOLERANCE):
-                raise _Refused(f"Clip({low}, {high}) is not ReLU6")
+                raise FusionRefused(f"Clip({low}, {high}) is not ReLU6")
             nodes.append(first)
             return first.outputs[0]
         bounds = {"Max": 0.0, "Min": 6.0}
@@ -169,22 +159,22 @@ class FuseHardSwish(RewritePass):
             second = sole_consumer(first.outputs[0])
             if not is_op(second, "Min") or _bound(second, first.outputs[0]) is None or not close_to(
                     _bound(second, first.outputs[0]), 6.0, CONSTANT_TOLERANCE):
-                raise _Refused("Relu(x + 3) is not followed by Min(·, 6)")
+                raise FusionRefused("Relu(x + 3) is not followed by Min(·, 6)")
             nodes += [first, second]
             return second.outputs[0]
         if is_op(first, "Max", "Min"):
             other = "Min" if first.op_type == "Max" else "Max"
             second = sole_consumer(first.outputs[0])
             if not is_op(second, other):
-                raise _Refused(f"{first.op_type} after x + 3 is not followed by {other}")
+                raise FusionRefused(f"{first.op_type} after x + 3 is not followed by {other}")
             for node, source in ((first, value), (second, first.outputs[0])):
                 bound = _bound(node, source)
                 expected = bounds[node.op_type]
                 if bound is None or not (bound == expected or close_to(bound, expected, CONSTANT_TOLERANCE)):
-                    raise _Refused(f"{node.op_type} bound {bound!r} is not ReLU6's {expected:g}")
+                    raise FusionRefused(f"{node.op_type} bound {bound!r} is not ReLU6's {expected:g}")
             nodes += [first, second]
             return second.outputs[0]
-        raise _Refused("x + 3 does not go into a ReLU6")
+        raise FusionRefused("x + 3 does not go into a ReLU6")
 
 
 def _bound(node: ir.Node, value: ir.Value) -> float | None:

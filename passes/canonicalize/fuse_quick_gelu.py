@@ -31,13 +31,14 @@ import math
 
 import onnx_ir as ir
 
-from qgraph.passes._rewrite_support import constant_array, drop_unused_initializers, known_rank_and_dtype
+from qgraph.passes._rewrite_support import constant_array, known_rank_and_dtype
 from qgraph.passes.canonicalize._pattern_matching import (
     MICROSOFT_DOMAIN,
     ensure_microsoft_domain,
     is_op,
     other_operand,
     private_value_refusal,
+    replace_chain,
     scalar_constant,
     split_constant_operand,
 )
@@ -117,11 +118,7 @@ class FuseQuickGelu(RewritePass):
         base = plan.product.outputs[0].name or "quick_gelu"
         fused = ir.Node(MICROSOFT_DOMAIN, "QuickGelu", [plan.data], attributes=[ir.AttrFloat32("alpha", plan.alpha)],
                         name=context.names.fresh(f"{base}_quick_gelu"))
-        constants = [value for node in plan.nodes for value in node.inputs
-                     if value is not None and value.is_initializer()]
-        ir.convenience.replace_nodes_and_values(graph, plan.product, list(plan.nodes), [fused],
-                                                [plan.product.outputs[0]], [fused.outputs[0]])
-        drop_unused_initializers(constants)
+        replace_chain(graph, plan.nodes, plan.product.outputs[0], fused)
         logger.debug("fused x·Sigmoid(%g·x) into QuickGelu %s", plan.alpha, fused.name)
 
 

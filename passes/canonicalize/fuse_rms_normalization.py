@@ -42,8 +42,7 @@ from onnx import helper
 
 from qgraph.passes._rewrite_support import new_initializer
 from qgraph.passes.canonicalize import _normalization_matching as normalization
-from qgraph.passes.canonicalize._pattern_matching import default_opset
-from qgraph.passes.canonicalize.fuse_general_layer_normalization import replace_with
+from qgraph.passes.canonicalize._pattern_matching import default_opset, replace_chain
 from qgraph.passes.infrastructure import Refusal, RewriteContext, register
 
 logger = logging.getLogger(__name__)
@@ -142,5 +141,5 @@ class FuseRmsNormalization(normalization.NormalizationFusion):
                         ir.AttrFloat32("epsilon", match.epsilon)],
             name=context.names.fresh(f"{base}_rms_norm"),
         )
-        replace_with(graph, match, fused)
+        replace_chain(graph, match.nodes, match.output, fused)
         logger.debug("kept %d nodes as %s::%s %s", len(match.nodes), FUSED_DOMAIN, FUNCTION_NAME, fused.name)
