@@ -42,6 +42,15 @@ from qgraph.ir.values import (  # noqa: F401 - re-exported for the fusions
 from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass
 
 
+@dataclasses.dataclass(frozen=True)
+class FusedChain:
+    """A recognised chain of nodes that computes ``output`` from ``data``: what a fusion replaces by one node."""
+
+    data: ir.Value
+    output: ir.Value
+    nodes: tuple[ir.Node, ...]
+
+
 def replace_chain(graph: ir.Graph, chain: Iterable[ir.Node], output: ir.Value, fused: ir.Node) -> None:
     """Put the one-output ``fused`` where ``chain`` was (after the last of its nodes in graph order), readers of
     ``output`` reading it instead, and drop the chain's initializers that nobody reads any more."""

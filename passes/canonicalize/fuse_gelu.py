@@ -43,6 +43,7 @@ from qgraph.passes._rewrite_support import constant_array, known_rank_and_dtype
 from qgraph.passes.canonicalize._pattern_matching import (
     MICROSOFT_DOMAIN,
     AnalysedFusion,
+    FusedChain,
     FusionRefused,
     close_to,
     default_opset,
@@ -71,14 +72,11 @@ STANDARD_GELU_OPSET = 20
 
 
 @dataclasses.dataclass(frozen=True)
-class GeluPlan:
-    """A recognised GELU: its Erf or Tanh node, which form, its input x, its output and the nodes computing it."""
+class GeluPlan(FusedChain):
+    """A recognised GELU: its input x, its output, the nodes computing it, its Erf or Tanh node and which form."""
 
     anchor: ir.Node
     approximate: bool
-    data: ir.Value
-    output: ir.Value
-    nodes: tuple[ir.Node, ...]
 
 
 @register
@@ -219,7 +217,7 @@ class FuseGelu(AnalysedFusion):
             for value in node.inputs:
                 if constant_array(value) is not None:
                     self._check_broadcast(value, rank)
-        return GeluPlan(function, approximate, data, second.outputs[0], tuple(nodes))
+        return GeluPlan(data, second.outputs[0], tuple(nodes), function, approximate)
 
     def _expect_constant(self, value: ir.Value | None, expected: float, role: str) -> None:
         actual = scalar_constant(value)

@@ -22,7 +22,6 @@ that is a graph output (fan-out), an element type other than float32, a function
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import onnx_ir as ir
@@ -30,6 +29,7 @@ import onnx_ir as ir
 from qgraph.passes._rewrite_support import constant_array, known_rank_and_dtype
 from qgraph.passes.canonicalize._pattern_matching import (
     AnalysedFusion,
+    FusedChain,
     FusionRefused,
     OpsetRefusal,
     close_to,
@@ -48,13 +48,6 @@ logger = logging.getLogger(__name__)
 
 MINIMUM_OPSET = 14
 CONSTANT_TOLERANCE = 1e-4
-
-
-@dataclasses.dataclass(frozen=True)
-class HardSwishPlan:
-    data: ir.Value
-    output: ir.Value
-    nodes: tuple[ir.Node, ...]
 
 
 @register
@@ -76,7 +69,7 @@ class FuseHardSwish(AnalysedFusion):
                 return node
         return None
 
-    def analyse(self, match: ir.Node, context: RewriteContext) -> HardSwishPlan | Refusal:
+    def analyse(self, match: ir.Node, context: RewriteContext) -> FusedChain | Refusal:
         if match.op_type == "HardSigmoid":
             plan = self._hard_sigmoid(match)
         else:
@@ -103,14 +96,14 @@ class FuseHardSwish(AnalysedFusion):
             return OpsetRefusal(f"HardSwish needs opset {MINIMUM_OPSET}, the model imports {opset}", MINIMUM_OPSET)
         return plan
 
-    def rewrite(self, plan: HardSwishPlan, context: RewriteContext) -> None:
+    def rewrite(self, plan: FusedChain, context: RewriteContext) -> None:
         graph = plan.output.producer().graph
         fused = ir.Node("", "HardSwish", [plan.data], name=context.names.fresh(f"{plan.output.name or 'x'}_hard_swish"))
         replace_chain(graph, plan.nodes, plan.output, fused)
         logger.debug("fused %d nodes into HardSwish %s", len(plan.nodes), fused.name)
 
     # -- spellings -----------------------------------------------------------------------------------------------
-    def _hard_sigmoid(self, node: ir.Node) -> HardSwishPlan:
+    def _hard_sigmoid(self, node: ir.Node) -> FusedChain:
         alpha = node.attributes.get("alpha")
         beta = node.attributes.get("beta")
         alpha = alpha.as_float() if alpha is not None else 0.2
@@ -121,9 +114,9 @@ class FuseHardSwish(AnalysedFusion):
         product = sole_consumer(node.outputs[0])
         if not is_op(product, "Mul") or other_operand(product, node.outputs[0]) is not data:
             raise FusionRefused("HardSigmoid(x) is not multiplied (alone) by x")
-        return HardSwishPlan(data, product.outputs[0], (node, product))
+        return FusedChain(data, product.outputs[0], (node, product))
 
-    def _relu6(self, add: ir.Node, context: RewriteContext) -> HardSwishPlan:
+    def _relu6(self, add: ir.Node, context: RewriteContext) -> FusedChain:
         data = split_constant_operand(add)[0]
         nodes = [add]
         clipped = self._clip_zero_six(add.outputs[0], nodes, context)
@@ -135,14 +128,14 @@ class FuseHardSwish(AnalysedFusion):
             if not is_op(product, "Mul") or other_operand(product, scaled) is not data:
                 raise FusionRefused("ReLU6(x + 3) / 6 is not multiplied (alone) by x")
             nodes.append(product)
-            return HardSwishPlan(data, product.outputs[0], tuple(nodes))
+            return FusedChain(data, product.outputs[0], tuple(nodes))
         if is_op(reader, "Mul") and other_operand(reader, clipped) is data:
             nodes.append(reader)
             divide = sole_consumer(reader.outputs[0])
             if not _is_sixth(divide, reader.outputs[0]):
                 raise FusionRefused("x · ReLU6(x + 3) is not divided by 6")
             nodes.append(divide)
-            return HardSwishPlan(data, divide.outputs[0], tuple(nodes))
+            return FusedChain(data, divide.outputs[0], tuple(nodes))
         raise FusionRefused("ReLU6(x + 3) is neither divided by 6 nor multiplied by x")
 
     def _clip_zero_six(self, value: ir.Value, nodes: list[ir.Node], context: RewriteContext) -> ir.Value:

@@ -34,6 +34,7 @@ import onnx_ir as ir
 from qgraph.passes._rewrite_support import constant_array, known_rank_and_dtype
 from qgraph.passes.canonicalize._pattern_matching import (
     MICROSOFT_DOMAIN,
+    FusedChain,
     ensure_microsoft_domain,
     is_op,
     other_operand,
@@ -48,11 +49,8 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class QuickGeluPlan:
-    product: ir.Node
-    data: ir.Value
+class QuickGeluPlan(FusedChain):
     alpha: float
-    nodes: tuple[ir.Node, ...]
 
 
 @register
@@ -110,15 +108,15 @@ class FuseQuickGelu(RewritePass):
         refusal = private_value_refusal(sigmoid.outputs[0], [product], "Sigmoid output")
         if refusal:
             return Refusal(refusal)
-        return QuickGeluPlan(product, data, alpha, tuple(nodes))
+        return QuickGeluPlan(data, product.outputs[0], tuple(nodes), alpha)
 
     def rewrite(self, plan: QuickGeluPlan, context: RewriteContext) -> None:
-        graph = plan.product.graph
+        graph = plan.output.producer().graph
         ensure_microsoft_domain(context.model)
-        base = plan.product.outputs[0].name or "quick_gelu"
+        base = plan.output.name or "quick_gelu"
         fused = ir.Node(MICROSOFT_DOMAIN, "QuickGelu", [plan.data], attributes=[ir.AttrFloat32("alpha", plan.alpha)],
                         name=context.names.fresh(f"{base}_quick_gelu"))
-        replace_chain(graph, plan.nodes, plan.product.outputs[0], fused)
+        replace_chain(graph, plan.nodes, plan.output, fused)
         logger.debug("fused x·Sigmoid(%g·x) into QuickGelu %s", plan.alpha, fused.name)
 
 
