@@ -28,8 +28,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
+from qgraph.passes.infrastructure import Refusal, RewriteContext, register
 from qgraph.passes.lower import _qdq_patterns as qdq
+from qgraph.passes.lower._lowering_bases import WeightLowering
 
 logger = logging.getLogger(__name__)
 
@@ -57,32 +58,18 @@ def _bias_add(matmul: ir.Node, columns: int) -> tuple[ir.Node, int] | None:
 
 
 @register
-class LowerMatMulIntegerToFloat(RewritePass):
+class LowerMatMulIntegerToFloat(WeightLowering):
     """Lower a QDQ MatMul with a constant weight and a float output (plus its bias Add) to MatMulIntegerToFloat."""
 
-    phase = Phase.LOWER
     summary = "DQ → MatMul(constant W) → [Add bias] → float becomes com.microsoft MatMulIntegerToFloat"
-
-    def __init__(self, *, guard_saturation: bool = True) -> None:
-        super().__init__()
-        self.guard_saturation = guard_saturation
-
-    def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
-        if not qdq.is_op(node, "MatMul"):
-            return None
-        if qdq.dequantize_of(node.inputs[0]) is None or qdq.dequantize_of(node.inputs[1]) is None:
-            return None
-        if qdq.output_is_quantized_only(node.outputs[0]):
-            return None  # LowerQLinearMatMul's pattern
-        return node
+    op_type = "MatMul"
+    float_output_only = True  # an output read only by Q is LowerQLinearMatMul's pattern
 
     def check(self, matmul: ir.Node, context: RewriteContext) -> _Plan | Refusal:
-        left = qdq.activation_input(matmul.inputs[0])
-        if isinstance(left, str):
-            return Refusal(left)
-        right = qdq.matmul_right_operand(matmul.inputs[1], guard_saturation=self.guard_saturation)
-        if isinstance(right, str):
-            return Refusal(right)
+        operands = qdq.matmul_operands(matmul, guard_saturation=self.guard_saturation)
+        if isinstance(operands, str):
+            return Refusal(operands)
+        left, right = operands
         if right.weight is None:
             return Refusal("the right operand is an activation; LowerIntegerMatMul owns it")
         columns = right.weight.weight.shape[-1]
