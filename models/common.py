@@ -66,13 +66,26 @@ def count_parameters(model: onnx.ModelProto, *, include_batchnorm_statistics: bo
     return total
 
 
-class GraphBuilder:
+class ProtoGraph:
+    """The nodes and initializers of one graph as ONNX protos, in the order they are added."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+
+    def add_initializer(self, name: str, array: np.ndarray) -> str:
+        """Store ``array`` as the initializer ``name``; returns the name."""
+        # np.array, not np.ascontiguousarray, which would turn a 0-d scalar (Clip bounds) into shape (1,)
+        self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))
+        return name
+
+
+class GraphBuilder(ProtoGraph):
     """Collects nodes and seeded initializers for one graph, with unique names per op type."""
 
     def __init__(self, *, seed: int = 0) -> None:
+        super().__init__()
         self.generator = np.random.default_rng(seed)
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
         self._name_counts: dict[str, int] = {}
         self._constants: dict[tuple, str] = {}
 
@@ -81,11 +94,6 @@ class GraphBuilder:
         count = self._name_counts.get(stem, 0)
         self._name_counts[stem] = count + 1
         return f"{stem}_{count}"
-
-    def add_initializer(self, name: str, array: np.ndarray) -> str:
-        # np.array, not np.ascontiguousarray, which would turn a 0-d scalar (Clip bounds) into shape (1,)
-        self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))
-        return name
 
     def constant(self, value: float | Sequence[int] | np.ndarray, dtype: type = np.float32) -> str:
         """A shared initializer for a constant (scalars such as Clip bounds, Reshape shapes), created once."""

@@ -51,7 +51,9 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from qgraph.models.common import ProtoGraph
 
 logger = logging.getLogger(__name__)
 
@@ -211,17 +213,12 @@ def prefill_feeds(config: DecoderConfig, input_ids: np.ndarray) -> dict[str, np.
     return feeds
 
 
-class _Graph:
+class _Graph(ProtoGraph):
     """Nodes and initializers collected in order; node names follow torch.onnx's ``/module/path/Op`` scheme."""
 
     def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+        super().__init__()
         self._counter = 0
-
-    def constant(self, name: str, array) -> str:
-        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
 
     def op(self, op_type: str, inputs: list[str], scope: str, *, outputs: int = 1, output_names=None,
            **attributes) -> str | list[str]:
@@ -234,7 +231,7 @@ class _Graph:
 
 def _reduce_mean(graph: _Graph, opset: int, value: str, scope: str) -> str:
     if opset >= 18:
-        axes = graph.constant(f"{scope}/axes", np.array([-1], np.int64))
+        axes = graph.add_initializer(f"{scope}/axes", np.array([-1], np.int64))
         return graph.op("ReduceMean", [value, axes], scope, keepdims=1)
     return graph.op("ReduceMean", [value], scope, axes=[-1], keepdims=1)
 
@@ -244,8 +241,8 @@ def _norm(graph: _Graph, config: DecoderConfig, value: str, weights_prefix: str,
     if config.norm == "layer":
         return graph.op("LayerNormalization", [value, gain, f"{weights_prefix}.bias"], scope, axis=-1,
                         epsilon=config.norm_epsilon)
-    two = graph.constant(f"{scope}/two", np.array(2.0, np.float32))
-    epsilon = graph.constant(f"{scope}/epsilon", np.array(config.norm_epsilon, np.float32))
+    two = graph.add_initializer(f"{scope}/two", np.array(2.0, np.float32))
+    epsilon = graph.add_initializer(f"{scope}/epsilon", np.array(config.norm_epsilon, np.float32))
     squared = graph.op("Pow", [value, two], scope)
     mean = _reduce_mean(graph, config.opset, squared, scope)
     root = graph.op("Sqrt", [graph.op("Add", [mean, epsilon], scope)], scope)
@@ -260,10 +257,10 @@ def _linear(graph: _Graph, value: str, weights_prefix: str, scope: str, bias: bo
 
 def _rotate(graph: _Graph, config: DecoderConfig, value: str, cos: str, sin: str, scope: str) -> str:
     half = config.head_dim // 2
-    starts_low = graph.constant(f"{scope}/start_low", np.array([0], np.int64))
-    ends_low = graph.constant(f"{scope}/end_low", np.array([half], np.int64))
-    ends_high = graph.constant(f"{scope}/end_high", np.array([np.iinfo(np.int64).max], np.int64))
-    axes = graph.constant(f"{scope}/axes", np.array([3], np.int64))
+    starts_low = graph.add_initializer(f"{scope}/start_low", np.array([0], np.int64))
+    ends_low = graph.add_initializer(f"{scope}/end_low", np.array([half], np.int64))
+    ends_high = graph.add_initializer(f"{scope}/end_high", np.array([np.iinfo(np.int64).max], np.int64))
+    axes = graph.add_initializer(f"{scope}/axes", np.array([3], np.int64))
     low = graph.op("Slice", [value, starts_low, ends_low, axes], scope)
     high = graph.op("Slice", [value, ends_low, ends_high, axes], scope)
     rotated = graph.op("Concat", [graph.op("Neg", [high], scope), low], scope, axis=-1)
@@ -273,23 +270,23 @@ def _rotate(graph: _Graph, config: DecoderConfig, value: str, cos: str, sin: str
 def _attention_bias(graph: _Graph) -> str:
     """The additive mask ``[batch, 1, S, P + S]``: 0 where visible (causal and not padding), float32 min elsewhere."""
     scope = "/model/mask"
-    zero_i = graph.constant(f"{scope}/zero", np.array(0, np.int64))
-    one_i = graph.constant(f"{scope}/one", np.array(1, np.int64))
+    zero_i = graph.add_initializer(f"{scope}/zero", np.array(0, np.int64))
+    one_i = graph.add_initializer(f"{scope}/one", np.array(1, np.int64))
     total = graph.op("Gather", [graph.op("Shape", ["attention_mask"], scope), one_i], scope, axis=0)
     sequence = graph.op("Gather", [graph.op("Shape", ["input_ids"], scope), one_i], scope, axis=0)
     past = graph.op("Sub", [total, sequence], scope)
     rows = graph.op("Range", [past, total, one_i], scope)
     columns = graph.op("Range", [zero_i, total, one_i], scope)
-    row_axis = graph.constant(f"{scope}/row_axis", np.array([1], np.int64))
-    column_axis = graph.constant(f"{scope}/column_axis", np.array([0], np.int64))
+    row_axis = graph.add_initializer(f"{scope}/row_axis", np.array([1], np.int64))
+    column_axis = graph.add_initializer(f"{scope}/column_axis", np.array([0], np.int64))
     causal = graph.op("LessOrEqual", [graph.op("Unsqueeze", [columns, column_axis], scope),
                                       graph.op("Unsqueeze", [rows, row_axis], scope)], scope)  # [S, T]
-    padding_axes = graph.constant(f"{scope}/padding_axes", np.array([1, 2], np.int64))
+    padding_axes = graph.add_initializer(f"{scope}/padding_axes", np.array([1, 2], np.int64))
     padding = graph.op("Unsqueeze", [graph.op("Cast", ["attention_mask"], scope, to=TensorProto.BOOL), padding_axes],
                        scope)  # [B, 1, 1, T]
     visible = graph.op("And", [causal, padding], scope)  # [B, 1, S, T]
-    zero_f = graph.constant(f"{scope}/visible_value", np.array(0.0, np.float32))
-    minimum = graph.constant(f"{scope}/masked_value", np.array(np.finfo(np.float32).min, np.float32))
+    zero_f = graph.add_initializer(f"{scope}/visible_value", np.array(0.0, np.float32))
+    minimum = graph.add_initializer(f"{scope}/masked_value", np.array(np.finfo(np.float32).min, np.float32))
     return graph.op("Where", [visible, zero_f, minimum], scope)
 
 
@@ -305,7 +302,7 @@ def build_decoder(config: DecoderConfig, weights: Mapping[str, np.ndarray]) -> o
             raise ValueError(f"weight {name} has shape {tuple(np.shape(weights[name]))}, expected {shape}")
     graph = _Graph()
     for name in expected:
-        graph.constant(name, np.asarray(weights[name], dtype=np.float32))
+        graph.add_initializer(name, np.asarray(weights[name], dtype=np.float32))
     hidden, heads, head_dim = config.hidden_size, config.num_heads, config.head_dim
 
     x = graph.op("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/embed_tokens", axis=0)
@@ -317,17 +314,17 @@ def build_decoder(config: DecoderConfig, weights: Mapping[str, np.ndarray]) -> o
     else:
         cos_table, sin_table = rotary_tables(config)
         scope = "/model/rotary_emb"
-        graph.constant("model.rotary_emb.cos_cached", cos_table)
-        graph.constant("model.rotary_emb.sin_cached", sin_table)
-        head_axis = graph.constant(f"{scope}/head_axis", np.array([1], np.int64))
+        graph.add_initializer("model.rotary_emb.cos_cached", cos_table)
+        graph.add_initializer("model.rotary_emb.sin_cached", sin_table)
+        head_axis = graph.add_initializer(f"{scope}/head_axis", np.array([1], np.int64))
         cos = graph.op("Unsqueeze", [graph.op("Gather", ["model.rotary_emb.cos_cached", "position_ids"], scope,
                                               axis=0), head_axis], scope)  # [B, 1, S, d]
         sin = graph.op("Unsqueeze", [graph.op("Gather", ["model.rotary_emb.sin_cached", "position_ids"], scope,
                                               axis=0), head_axis], scope)
     bias = _attention_bias(graph)
-    split_shape = graph.constant("/model/split_heads_shape", np.array([0, 0, heads, head_dim], np.int64))
-    merge_shape = graph.constant("/model/merge_heads_shape", np.array([0, 0, hidden], np.int64))
-    inverse_sqrt = graph.constant("/model/attention_scale", np.array(1.0 / math.sqrt(head_dim), np.float32))
+    split_shape = graph.add_initializer("/model/split_heads_shape", np.array([0, 0, heads, head_dim], np.int64))
+    merge_shape = graph.add_initializer("/model/merge_heads_shape", np.array([0, 0, hidden], np.int64))
+    inverse_sqrt = graph.add_initializer("/model/attention_scale", np.array(1.0 / math.sqrt(head_dim), np.float32))
 
     for layer in range(config.num_layers):
         prefix, scope = f"model.layers.{layer}", f"/model/layers.{layer}"
@@ -370,9 +367,9 @@ def build_decoder(config: DecoderConfig, weights: Mapping[str, np.ndarray]) -> o
         else:
             first = _linear(graph, normed, f"{prefix}.mlp.fc_in", f"{mlp_scope}/fc_in", config.bias)
             gelu_scope = f"{mlp_scope}/act"
-            root_two = graph.constant(f"{gelu_scope}/sqrt_two", np.array(math.sqrt(2.0), np.float32))
-            one = graph.constant(f"{gelu_scope}/one", np.array(1.0, np.float32))
-            half = graph.constant(f"{gelu_scope}/half", np.array(0.5, np.float32))
+            root_two = graph.add_initializer(f"{gelu_scope}/sqrt_two", np.array(math.sqrt(2.0), np.float32))
+            one = graph.add_initializer(f"{gelu_scope}/one", np.array(1.0, np.float32))
+            half = graph.add_initializer(f"{gelu_scope}/half", np.array(0.5, np.float32))
             erf = graph.op("Erf", [graph.op("Div", [first, root_two], gelu_scope)], gelu_scope)
             activated = graph.op("Mul", [graph.op("Mul", [first, graph.op("Add", [erf, one], gelu_scope)],
                                                   gelu_scope), half], gelu_scope)

@@ -16,21 +16,21 @@ import math
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from qgraph.models.common import ProtoGraph
 
 
-class _Builder:
+class _Builder(ProtoGraph):
+    """Nodes named ``<Op>_<n>`` as the exporters write them, constants stored as float32."""
+
     def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+        super().__init__()
         self.counter = 0
 
     def constant(self, name: str, value) -> str:
         array = np.asarray(value)
-        if array.dtype == np.float64:
-            array = array.astype(np.float32)
-        self.initializers.append(numpy_helper.from_array(array, name))
-        return name
+        return self.add_initializer(name, array.astype(np.float32) if array.dtype == np.float64 else array)
 
     def node(self, op_type: str, inputs: list[str], output: str | None = None, **attributes) -> str:
         self.counter += 1
