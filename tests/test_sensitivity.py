@@ -10,14 +10,15 @@ import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
 
-from qgraph import runtime
+from qgraph import runtime, sensitivity, sensitivity_graph
 from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.cli import cli
 from qgraph.errors import QGraphError
 from qgraph.output_comparison import output_sqnr
 from qgraph.ptq import QuantizeOptions, quantize
 from qgraph.report import build_report
-from qgraph.sensitivity import DEFAULT_MIN_SQNR_DB, ENABLE_INPUT, build_switchable_model, find_layers
+from qgraph.sensitivity import DEFAULT_MIN_SQNR_DB
+from qgraph.sensitivity_graph import ENABLE_INPUT, build_switchable_model, find_layers
 from qgraph.targets import TargetOptions
 from tests.ptq.small_models import calibration_batches, residual_cnn
 from tools.sensitivity_models import feature_batches, outlier_mlp
@@ -220,3 +221,10 @@ def test_cli_min_sqnr_needs_calibration_data_and_documents_the_default(mlp_files
     assert result.exit_code == 2 and "--calib" in result.output
     help_text = " ".join(runner.invoke(cli, ["optimize", "--help"]).output.split())
     assert f"default {DEFAULT_MIN_SQNR_DB:g} dB" in help_text and "--min-sqnr DB|off" in help_text
+
+
+@pytest.mark.parametrize("name", ["ENABLE_INPUT", "Layer", "build_qdq", "build_switchable_model", "copy_model",
+                                  "find_layers"])
+def test_the_switchable_graph_stays_importable_from_sensitivity(name):
+    """The switchable graph moved to qgraph.sensitivity_graph; qgraph.sensitivity still hands out the same objects."""
+    assert getattr(sensitivity, name) is getattr(sensitivity_graph, name)

@@ -648,7 +648,7 @@ def test_the_dequantizers_are_found_by_the_graph_when_their_names_carry_a_suffix
     (all off is the float model bit for bit) and the report measures every activation."""
     from qgraph.passes.quantize.insert_quantize_dequantize import dequantized_tensors
     from qgraph.report import layer_errors
-    from qgraph.sensitivity import ENABLE_INPUT, build_switchable_model, find_layers
+    from qgraph.sensitivity_graph import ENABLE_INPUT, build_switchable_model, find_layers
 
     model = make_model(
         [helper.make_node("MatMul", ["x", "W"], ["x_quantized"], name="first"),
