@@ -7,6 +7,7 @@ import onnx
 import onnx_ir as ir
 
 from qgraph.ir import analysis
+from qgraph.testing import to_ir
 
 DIAMOND = """
 <ir_version: 10, opset_import: ["" : 17]>
@@ -20,16 +21,12 @@ diamond (float[1, 4] x) => (float[1, 4] y) {
 """
 
 
-def load(text: str) -> ir.Model:
-    return ir.serde.deserialize_model(onnx.parser.parse_model(text))
-
-
 def by_op(model: ir.Model) -> dict[str, ir.Node]:
     return {node.op_type: node for node in model.graph}
 
 
 def test_edges_follow_values_and_carry_them():
-    model = load(DIAMOND)
+    model = to_ir(DIAMOND)
     nodes = by_op(model)
     view = analysis.dataflow_graph(model.graph)
     assert isinstance(view, nx.DiGraph)
@@ -49,7 +46,7 @@ def test_edges_follow_values_and_carry_them():
 
 
 def test_one_edge_for_a_value_read_twice():
-    model = load(
+    model = to_ir(
         """
         <ir_version: 10, opset_import: ["" : 17]>
         twice (float[2] x) => (float[2] y) {
@@ -65,7 +62,7 @@ def test_one_edge_for_a_value_read_twice():
 
 
 def test_view_is_a_snapshot_built_fresh():
-    model = load(DIAMOND)
+    model = to_ir(DIAMOND)
     before = analysis.dataflow_graph(model.graph)
     nodes = by_op(model)
     # Rewire Mul to read Sigmoid instead of Add, then drop Add and Tanh.
@@ -78,7 +75,7 @@ def test_view_is_a_snapshot_built_fresh():
 
 
 def test_topological_order_check():
-    model = load(DIAMOND)
+    model = to_ir(DIAMOND)
     assert analysis.is_topologically_sorted(model.graph)
     nodes = by_op(model)
     model.graph.remove(nodes["Relu"])
@@ -89,7 +86,7 @@ def test_topological_order_check():
 
 
 def test_dominators_of_a_diamond():
-    model = load(DIAMOND)
+    model = to_ir(DIAMOND)
     nodes = by_op(model)
     idom = analysis.dominators(model.graph, nodes["Relu"])
     assert idom[nodes["Sigmoid"]] is nodes["Relu"]
@@ -102,7 +99,7 @@ def test_dominators_of_a_diamond():
 
 
 def test_connected_groups_by_edge_predicate():
-    model = load(
+    model = to_ir(
         """
         <ir_version: 10, opset_import: ["" : 17]>
         groups (float[1, 2, 4, 4] x, float[1, 2, 4, 4] z) => (float[1, 4, 4, 4] y, float[1, 2, 2, 2] w) {

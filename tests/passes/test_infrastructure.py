@@ -27,6 +27,7 @@ from qgraph.passes.infrastructure import (
     get_pass,
 )
 from qgraph.pipeline import OptimizeOptions, build_pipeline
+from qgraph.testing import to_ir
 from tests.passes.batch_norm_builders import batch_norm_node, batch_norm_parameters, make_model, weights
 from tests.passes.exporter_spellings import gelu_erf, gelu_tanh, layer_norm
 from tests.passes.lower.test_lower_end_to_end import small_cnn
@@ -44,7 +45,7 @@ small (float[2, 3] x) => (float[2, 3] y) {
 
 
 def model() -> ir.Model:
-    return ir.serde.deserialize_model(onnx.parser.parse_model(MODEL))
+    return to_ir(MODEL)
 
 
 class Nothing(QGraphPass):
