@@ -24,6 +24,7 @@ Which producers can absorb it (channel axis 1 of the BatchNorm input must be the
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 
@@ -283,9 +284,9 @@ class BatchNormRewrite(RewritePass):
 
     phase = Phase.CANONICALIZE
 
+    @abc.abstractmethod
     def plan(self, batch_norm: ir.Node) -> object | str:
         """What ``rewrite`` needs for ``batch_norm``, or the reason it is left alone."""
-        raise NotImplementedError
 
     def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
         if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):

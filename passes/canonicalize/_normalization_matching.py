@@ -30,6 +30,7 @@ float32, constants whose shape would broadcast the output.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 
@@ -550,9 +551,9 @@ class NormalizationFusion(RewritePass):
     phase = Phase.CANONICALIZE
     centred: bool
 
+    @abc.abstractmethod
     def plan(self, found: NormalizationMatch, context: RewriteContext) -> object | Refusal:
         """What ``rewrite`` needs to fuse ``found``, or the refusal."""
-        raise NotImplementedError
 
     def match(self, node: ir.Node, context: RewriteContext) -> Analysis | None:
         return analysis_of(node, context.model, centred=self.centred)

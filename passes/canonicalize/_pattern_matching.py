@@ -21,6 +21,7 @@ depends on it), importing com.microsoft — are answered in :mod:`qgraph.ir.valu
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from collections.abc import Iterable
@@ -72,9 +73,9 @@ class AnalysedFusion(RewritePass):
     #: What the pass fuses, as its refusals name it.
     fused = ""
 
+    @abc.abstractmethod
     def analyse(self, match: ir.Node, context: RewriteContext) -> object:
         """The plan for the chain around ``match``; raises FusionRefused with the reason when there is none."""
-        raise NotImplementedError
 
     def check(self, match: ir.Node, context: RewriteContext) -> object | Refusal:
         if not isinstance(match.graph, ir.Graph):

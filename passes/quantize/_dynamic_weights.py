@@ -8,6 +8,7 @@ could saturate (see :mod:`qgraph.passes.lower._qdq_patterns`).
 
 from __future__ import annotations
 
+import abc
 import logging
 
 import onnx_ir as ir
@@ -43,13 +44,13 @@ class DynamicWeightPass(QGraphPass):
         self.per_channel = per_channel
         self.guard_saturation = guard_saturation
 
+    @abc.abstractmethod
     def plan(self, node: ir.Node) -> object | str:
         """What ``replace_planned`` needs to replace ``node``, or the reason it stays as it is."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def replace_planned(self, graph: ir.Graph, planned: list[tuple[ir.Node, object]], names: NameScope) -> None:
         """Replace the planned nodes of ``graph`` (in graph order, each with its plan)."""
-        raise NotImplementedError
 
     def call(self, model: ir.Model) -> PassResult:
         logger = logging.getLogger(type(self).__module__)
