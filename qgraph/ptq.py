@@ -303,7 +303,8 @@ def quantize(
                                       weight_method=options.weight_method)
 
         checked, range_check = check_ranges(model, plan, calibration, kept, parameters_of,
-                                            method=options.calibration.method, threads=options.calibration.threads)
+                                            method=options.calibration.method, threads=options.calibration.threads,
+                                            batch_axes=batch_axes)
         if checked is not calibration:
             calibration, parameters = checked, parameters_of(checked.ranges)
     fallback = None

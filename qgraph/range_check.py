@@ -37,7 +37,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qgraph.calibrate.driver import CalibrationConfig, CalibrationResult, merge_group_ranges
+from qgraph.calibrate.driver import (
+    BatchAxes,
+    CalibrationConfig,
+    CalibrationResult,
+    batch_samples,
+    first_samples,
+    merge_group_ranges,
+)
 from qgraph.calibrate.observers.histogram import METHODS as HISTOGRAM_METHODS
 from qgraph.output_comparison import OutputComparison
 from qgraph.passes.infrastructure import PassManager
@@ -49,6 +56,9 @@ logger = logging.getLogger(__name__)
 
 #: Output SQNR (dB) by which the method's ranges may trail min-max's before the check falls back.
 DEFAULT_MARGIN_DB = 3.0
+#: Calibration samples the check runs on (the first retained ones): a collapse costs tens of dB, far above the
+#: spread of a 16-sample measurement, and the check must cost little beside the calibration itself.
+DEFAULT_CHECK_SAMPLES = 16
 #: A tensor takes its extremes when the method's range has this many times min-max's expected squared error on it.
 TENSOR_ERROR_FACTOR = 2.0
 KEPT, PER_TENSOR, MINMAX = "kept", "per-tensor", "minmax"
@@ -61,7 +71,8 @@ class RangeCheck:
     """What the range check measured and did (see the module docstring)."""
 
     method: str
-    batches: int
+    #: Calibration samples measured.
+    samples: int
     margin_db: float
     method_sqnr_db: float
     minmax_sqnr_db: float
@@ -85,7 +96,7 @@ class RangeCheck:
 
     def describe(self) -> str:
         measured = (f"output SQNR {self.method_sqnr_db:.1f} dB with the {self.method} ranges, "
-                    f"{self.minmax_sqnr_db:.1f} dB with min-max ranges on {self.batches} calibration batches")
+                    f"{self.minmax_sqnr_db:.1f} dB with min-max ranges on {self.samples} calibration samples")
         if self.action == KEPT:
             return f"{measured}: the {self.method} ranges are kept"
         worse = f"{measured} (more than {self.margin_db:g} dB worse)"
@@ -124,26 +135,31 @@ def check_ranges(
     method: str,
     threads: int | None = None,
     margin_db: float = DEFAULT_MARGIN_DB,
+    samples: int = DEFAULT_CHECK_SAMPLES,
+    batch_axes: BatchAxes | None = None,
 ) -> tuple[CalibrationResult, RangeCheck | None]:
     """The calibration with the ranges the rule above writes, and what it measured (None: nothing to check).
 
-    ``parameters_of`` turns activation ranges into the plan's quantization parameters (weights included);
+    ``parameters_of`` turns activation ranges into the plan's quantization parameters (weights included); the
+    first ``samples`` of ``batches`` (samples along ``batch_axes``) are measured, through optimised sessions (the
+    float reference and the integer kernels that the QDQ candidates lower to in onnxruntime, as deployed);
     ``model`` is left as it is."""
     extremes = calibration.extremes
     narrowed = [tensor for tensor, bounds in extremes.items()
                 if tensor in calibration.ranges and not _covers(calibration.ranges[tensor], bounds)]
+    batches = _first(batches, samples, batch_axes)
     if not batches or not narrowed:
         return calibration, None
     proto = ir.serde.serialize_model(model)
-    reference = OutputComparison(proto, batches, threads=threads).outputs()
+    reference = OutputComparison(proto, batches, threads=threads, optimize=True).outputs()
 
     def measure(ranges: Ranges) -> float:
-        return OutputComparison(_qdq_model(proto, plan, parameters_of(ranges)), batches,
-                                threads=threads).sqnr(reference)
+        return OutputComparison(_qdq_model(proto, plan, parameters_of(ranges)), batches, threads=threads,
+                                optimize=True).sqnr(reference)
 
     minmax_ranges = merge_group_ranges({**calibration.ranges, **extremes}, plan)
     method_sqnr, minmax_sqnr = measure(calibration.ranges), measure(minmax_ranges)
-    common = dict(method=method, batches=len(batches), margin_db=margin_db, method_sqnr_db=method_sqnr,
+    common = dict(method=method, samples=sum(batch_samples(batch, batch_axes) for batch in batches), margin_db=margin_db, method_sqnr_db=method_sqnr,
                   minmax_sqnr_db=minmax_sqnr)
     if not method_sqnr < minmax_sqnr - margin_db:
         check = RangeCheck(action=KEPT, **common)
@@ -166,6 +182,20 @@ def check_ranges(
         ranges = minmax_ranges
     logger.warning("calibration method %s: %s", method, check.describe())
     return dataclasses.replace(calibration, ranges=ranges), check
+
+
+def _first(batches: Sequence[Mapping[str, np.ndarray]], samples: int,
+           batch_axes: BatchAxes | None) -> list[Mapping[str, np.ndarray]]:
+    """The batches that hold the first ``samples`` samples, the last one cut."""
+    kept: list[Mapping[str, np.ndarray]] = []
+    count = 0
+    for batch in batches:
+        if count >= samples:
+            break
+        size = batch_samples(batch, batch_axes)
+        kept.append(batch if count + size <= samples else first_samples(batch, samples - count, batch_axes))
+        count += size
+    return kept
 
 
 def _covers(bounds: tuple[float, float], extremes: tuple[float, float]) -> bool:
