@@ -159,7 +159,8 @@ def check_ranges(
 
     minmax_ranges = merge_group_ranges({**calibration.ranges, **extremes}, plan)
     method_sqnr, minmax_sqnr = measure(calibration.ranges), measure(minmax_ranges)
-    common = dict(method=method, samples=sum(batch_samples(batch, batch_axes) for batch in batches), margin_db=margin_db, method_sqnr_db=method_sqnr,
+    measured = sum(batch_samples(batch, batch_axes) for batch in batches)
+    common = dict(method=method, samples=measured, margin_db=margin_db, method_sqnr_db=method_sqnr,
                   minmax_sqnr_db=minmax_sqnr)
     if not method_sqnr < minmax_sqnr - margin_db:
         check = RangeCheck(action=KEPT, **common)
