@@ -12,16 +12,20 @@ Rule
 Let ``S(r)`` be the output SQNR (dB; the worst float output, :mod:`qgraph.output_comparison`) of the QDQ model with
 activation ranges ``r`` against the FP32 model, weights quantized as they will be written, on the retained batches.
 
+0. Screening, from the histograms alone: per tensor ``t``, ``E_method(t)`` and ``E_minmax(t)``, the expected
+   squared fake-quantization error summed over the observed values with either range (rounding inside, clipping
+   beyond). A tensor is *flagged* when ``E_method(t) > 2·E_minmax(t)`` (3 dB worse on the tensor itself, which only
+   clipping a mode causes). With no tensor flagged the ranges are kept unmeasured (action "kept"): to first order
+   the output noise is a gain-weighted sum of the tensors' noises, ``N = Σ_t g_t·E(t)``, so ``E_method ≤ 2·E_minmax``
+   everywhere gives ``N_method ≤ 2·N_minmax``, i.e. ``S_method ≥ S_minmax − 3 dB``, what step 2 accepts.
 1. ``S_method = S(method's ranges)``, ``S_minmax = S(extremes)``.
 2. ``S_method ≥ S_minmax − margin`` (``margin`` = 3 dB: half the noise power of min-max at most): the method's ranges
    are kept (action "kept"). A user who chose the method may trade a little of this measurement for its expected
    generalisation; more than 3 dB is no longer a trade.
-3. Otherwise, per tensor ``t``, from its histogram: ``E_method(t)`` and ``E_minmax(t)``, the expected squared
-   fake-quantization error summed over the observed values with either range (rounding inside, clipping beyond).
-   The tensors with ``E_method(t) > 2·E_minmax(t)`` (3 dB worse on the tensor itself, which only clipping a mode
-   causes) take their extremes, the others keep the method's range: ``S_per_tensor``. The ranges written are those
-   of the larger of ``S_per_tensor`` (action "per-tensor") and ``S_minmax`` (action "minmax": every tensor its
-   extremes), the per-tensor ranges on a tie. A scale group takes the union of its members' ranges again.
+3. Otherwise the flagged tensors take their extremes, the others keep the method's range: ``S_per_tensor``. The
+   ranges written are those of the larger of ``S_per_tensor`` (action "per-tensor") and ``S_minmax`` (action
+   "minmax": every tensor its extremes), the per-tensor ranges on a tie. A scale group takes the union of its
+   members' ranges again.
 
 Every fallback is logged as a WARNING that names the method and the numbers, and the :class:`RangeCheck` goes into
 the quantization report.
@@ -74,8 +78,9 @@ class RangeCheck:
     #: Calibration samples measured.
     samples: int
     margin_db: float
-    method_sqnr_db: float
-    minmax_sqnr_db: float
+    #: Output SQNRs (dB) with the method's and with min-max ranges; None when the screening kept the ranges unmeasured.
+    method_sqnr_db: float | None
+    minmax_sqnr_db: float | None
     #: "kept" (the method's ranges), "per-tensor" (``tensors`` took min-max ranges) or "minmax" (every tensor).
     action: str
     #: Output SQNR with the flagged tensors at min-max ranges (None when the method's ranges were kept or no tensor
@@ -87,7 +92,7 @@ class RangeCheck:
     flagged: int = 0
 
     @property
-    def final_sqnr_db(self) -> float:
+    def final_sqnr_db(self) -> float | None:
         if self.action == KEPT:
             return self.method_sqnr_db
         if self.action == PER_TENSOR and self.per_tensor_sqnr_db is not None:
@@ -95,6 +100,9 @@ class RangeCheck:
         return self.minmax_sqnr_db
 
     def describe(self) -> str:
+        if self.method_sqnr_db is None or self.minmax_sqnr_db is None:
+            return (f"no tensor's {self.method} range has more than {TENSOR_ERROR_FACTOR:g}× the expected "
+                    f"quantization error of its min-max range: the {self.method} ranges are kept unmeasured")
         measured = (f"output SQNR {self.method_sqnr_db:.1f} dB with the {self.method} ranges, "
                     f"{self.minmax_sqnr_db:.1f} dB with min-max ranges on {self.samples} calibration samples")
         if self.action == KEPT:
@@ -102,18 +110,20 @@ class RangeCheck:
         worse = f"{measured} (more than {self.margin_db:g} dB worse)"
         if self.action == PER_TENSOR:
             return (f"{worse}: {len(self.tensors)} tensor(s) whose {self.method} range clips too much take their "
-                    f"min-max range, output SQNR {self.final_sqnr_db:.1f} dB: {_listed(self.tensors)}")
+                    f"min-max range, output SQNR {self.per_tensor_sqnr_db:.1f} dB: {_listed(self.tensors)}")
         tried = ("" if self.per_tensor_sqnr_db is None else
                  f" (min-max on the {self.flagged} worst tensor(s) only: {self.per_tensor_sqnr_db:.1f} dB)")
         return f"{worse}: every tensor takes its min-max range{tried}"
 
     def to_markdown(self) -> list[str]:
+        if self.method_sqnr_db is None or self.minmax_sqnr_db is None:
+            return [f"## Range check ({self.method})", "", f"{self.describe()[0].upper()}{self.describe()[1:]}."]
         lines = [f"## Range check ({self.method})", "",
                  "| ranges | output SQNR (dB) |", "| --- | ---: |",
                  f"| {self.method} | {self.method_sqnr_db:.1f} |", f"| min-max | {self.minmax_sqnr_db:.1f} |"]
         if self.per_tensor_sqnr_db is not None:
             lines.append(f"| {self.method}, min-max on {self.flagged} tensor(s) | {self.per_tensor_sqnr_db:.1f} |")
-        lines += ["", f"Written: {self.action} ({self.final_sqnr_db:.1f} dB). {self.describe()}."]
+        lines += ["", f"Written: {self.action}. {self.describe()[0].upper()}{self.describe()[1:]}."]
         return lines
 
 
@@ -150,6 +160,14 @@ def check_ranges(
     batches = _first(batches, samples, batch_axes)
     if not batches or not narrowed:
         return calibration, None
+    errors = calibration.range_errors
+    flagged = tuple(tensor for tensor in narrowed
+                    if tensor in errors and errors[tensor][0] > TENSOR_ERROR_FACTOR * errors[tensor][1])
+    if not flagged:
+        check = RangeCheck(method=method, samples=0, margin_db=margin_db, method_sqnr_db=None, minmax_sqnr_db=None,
+                           action=KEPT)
+        logger.info("range check: %s", check.describe())
+        return calibration, check
     proto = ir.serde.serialize_model(model)
     reference = OutputComparison(proto, batches, threads=threads, optimize=True).outputs()
 
@@ -161,25 +179,21 @@ def check_ranges(
     method_sqnr, minmax_sqnr = measure(calibration.ranges), measure(minmax_ranges)
     measured = sum(batch_samples(batch, batch_axes) for batch in batches)
     common = dict(method=method, samples=measured, margin_db=margin_db, method_sqnr_db=method_sqnr,
-                  minmax_sqnr_db=minmax_sqnr)
+                  minmax_sqnr_db=minmax_sqnr, flagged=len(flagged))
     if not method_sqnr < minmax_sqnr - margin_db:
         check = RangeCheck(action=KEPT, **common)
         logger.info("range check: %s", check.describe())
         return calibration, check
-    flagged = tuple(tensor for tensor in narrowed if tensor in calibration.range_errors
-                    and calibration.range_errors[tensor][0] > TENSOR_ERROR_FACTOR * calibration.range_errors[tensor][1])
     per_tensor_sqnr, per_tensor_ranges = None, minmax_ranges
-    if flagged and len(flagged) < len(narrowed):
+    if len(flagged) < len(narrowed):
         per_tensor_ranges = merge_group_ranges(
             {**calibration.ranges, **{tensor: extremes[tensor] for tensor in flagged}}, plan)
         per_tensor_sqnr = measure(per_tensor_ranges)
     if per_tensor_sqnr is not None and per_tensor_sqnr >= minmax_sqnr:
-        check = RangeCheck(action=PER_TENSOR, per_tensor_sqnr_db=per_tensor_sqnr, tensors=flagged,
-                           flagged=len(flagged), **common)
+        check = RangeCheck(action=PER_TENSOR, per_tensor_sqnr_db=per_tensor_sqnr, tensors=flagged, **common)
         ranges = per_tensor_ranges
     else:
-        check = RangeCheck(action=MINMAX, per_tensor_sqnr_db=per_tensor_sqnr, tensors=tuple(narrowed),
-                           flagged=len(flagged), **common)
+        check = RangeCheck(action=MINMAX, per_tensor_sqnr_db=per_tensor_sqnr, tensors=tuple(narrowed), **common)
         ranges = minmax_ranges
     logger.warning("calibration method %s: %s", method, check.describe())
     return dataclasses.replace(calibration, ranges=ranges), check

@@ -122,7 +122,26 @@ def test_a_fine_method_is_kept_unchanged():
     unchecked = _quantize(proto, gaussian_batches(), "entropy", range_check=False)
     check = checked.range_check
     assert check is not None and check.action == KEPT and check.tensors == ()
+    # measured (entropy's clipped Gaussian tails cost x and h more than twice min-max's error on the tensors
+    # themselves), and the output says entropy is fine
+    assert check.samples == 16 and check.flagged == 2
     assert check.method_sqnr_db >= check.minmax_sqnr_db - check.margin_db
+    assert dict(checked.calibration.ranges) == dict(unchecked.calibration.ranges)
+    assert checked.qdq_model.SerializeToString() == unchecked.qdq_model.SerializeToString()
+
+
+def test_screening_keeps_ranges_that_cost_no_tensor_more_than_min_max_unmeasured(caplog):
+    """MSE never chooses a range with more expected error than min-max on its tensor: nothing to measure."""
+    proto = two_layer_model()
+    with caplog.at_level(logging.INFO, logger="qgraph.range_check"):
+        checked = _quantize(proto, gaussian_batches(), "mse")
+    unchecked = _quantize(proto, gaussian_batches(), "mse", range_check=False)
+    check = checked.range_check
+    assert check is not None and check.action == KEPT and check.flagged == 0
+    assert check.method_sqnr_db is None and check.samples == 0
+    assert any("kept unmeasured" in record.getMessage() for record in caplog.records)
+    assert dict(checked.calibration.ranges) == dict(unchecked.calibration.ranges)
+    assert "kept unmeasured" in "\n".join(check.to_markdown())
     assert dict(checked.calibration.ranges) == dict(unchecked.calibration.ranges)
     assert checked.qdq_model.SerializeToString() == unchecked.qdq_model.SerializeToString()
 
