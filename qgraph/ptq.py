@@ -47,6 +47,7 @@ from qgraph.passes.quantize.quantize_lstm_dynamic import QuantizeLSTMDynamic
 from qgraph.passes.quantize.quantize_matmul_dynamic import QuantizeMatMulDynamic
 from qgraph.quant.plan import QuantPlan
 from qgraph.quant.spec import QuantParams, compute_quant_params
+from qgraph.range_check import RangeCheck, check_ranges, range_check_applies
 from qgraph.sensitivity import (
     DEFAULT_MIN_SQNR_DB,
     DEFAULT_SENSITIVITY_BATCHES,
@@ -167,6 +168,8 @@ class QuantizeResult:
     sensitivity: SensitivityResult | None = None
     #: What the speed choice measured and chose (None when it was off, not applicable, or the model not lowered).
     speed: SpeedChoice | None = None
+    #: The check of a histogram method's ranges at the output (None when it did not run; see qgraph.range_check).
+    range_check: RangeCheck | None = None
 
 
 def quantized_operators(model: ir.Model) -> list[str]:
@@ -278,7 +281,8 @@ def quantize(
         )
     kept: list[Mapping[str, np.ndarray]] = []
     timing = lower and speed_choice_applies(options, target)
-    measuring = options.min_sqnr is not None or options.bias_correction == "on"
+    checking = range_check_applies(plan, options.calibration)  # a histogram method's ranges: see qgraph.range_check
+    measuring = options.min_sqnr is not None or options.bias_correction == "on" or checking
     if measuring or timing:  # the speed choice times the first batch
         batches = retain_batches(batches, options.sensitivity_batches if measuring else 1, kept)
     fixed = fixed_ranges(model, plan)  # Softmax probabilities: [0, 1] without calibration
@@ -292,6 +296,17 @@ def quantize(
     per_channel = target.options.per_channel
     parameters = compute_parameters(model, plan, calibration.ranges, per_channel=per_channel,
                                     weight_method=options.weight_method)
+    range_check = None
+    if checking:
+        def parameters_of(ranges):
+            return compute_parameters(model, plan, ranges, per_channel=per_channel,
+                                      weight_method=options.weight_method)
+
+        checked, range_check = check_ranges(model, plan, calibration, kept, parameters_of,
+                                            method=options.calibration.method, threads=options.calibration.threads,
+                                            batch_axes=batch_axes)
+        if checked is not calibration:
+            calibration, parameters = checked, parameters_of(checked.ranges)
     fallback = None
     if options.min_sqnr is not None and plan.activations:
         plan, parameters, calibration, fallback = _fall_back(model, rules, plan, parameters, calibration, kept,
@@ -319,7 +334,8 @@ def quantize(
             speed = choose_output_speed(float_model, qdq_model, target, options, kept[0], batch_axes)
             if speed.candidate != Candidate(target.options.format):
                 model = ir.serde.deserialize_model(speed.model)
-    return QuantizeResult(model, plan, calibration, parameters, tuple(records), qdq_model, fallback, speed)
+    return QuantizeResult(model, plan, calibration, parameters, tuple(records), qdq_model, fallback, speed,
+                          range_check)
 
 
 def _timing_axes(model: onnx.ModelProto, batch_axes: BatchAxes | None) -> dict[str, int | None]:

@@ -35,6 +35,7 @@ from qgraph.errors import QGraphError
 from qgraph.parity import ParityResult, check_parity
 from qgraph.passes.quantize.insert_quantize_dequantize import dequantized_tensors
 from qgraph.quant.numerics import power_ratio_db, sqnr_db
+from qgraph.range_check import RangeCheck
 from qgraph.sensitivity import SensitivityResult
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class QuantizationReport:
     tuning: Mapping | None = None
     #: QAT progress events as mappings (kind, epoch, step, loss, metric_name, metric), when QAT ran.
     qat_history: tuple[Mapping, ...] = ()
+    #: The check of a histogram method's ranges at the output (qgraph.range_check), when it ran.
+    range_check: RangeCheck | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -113,6 +116,8 @@ class QuantizationReport:
         if self.fp32_nodes:
             lines += ["| node | why it stays FP32 |", "| --- | --- |"]
             lines += [f"| {name} | {reason} |" for name, reason in self.fp32_nodes.items()]
+        if self.range_check is not None:
+            lines += ["", *self.range_check.to_markdown()]
         if self.sensitivity is not None:
             lines += ["", *sensitivity_markdown(self.sensitivity)]
         if self.parity is not None:
@@ -300,6 +305,7 @@ def build_report(
         sensitivity=getattr(result, "sensitivity", None),
         parity=deploy_parity,
         histograms=tensor_histograms(float_model, result.plan, result.calibration.ranges, batches),
+        range_check=getattr(result, "range_check", None),
     )
 
 

@@ -42,7 +42,7 @@ LAYERS = (
     ("annotate, targets", ("qgraph.annotate", "qgraph.targets")),
     ("calibrate", ("qgraph.calibrate",)),
     ("sensitivity, ptq", ("qgraph.sensitivity", "qgraph.sensitivity_graph", "qgraph.ptq", "qgraph.latency",
-                         "qgraph.speed_choice", "qgraph.output_comparison")),
+                         "qgraph.speed_choice", "qgraph.output_comparison", "qgraph.range_check")),
     ("train, qat, data, weight_only", ("qgraph.train", "qgraph.qat", "qgraph.data", "qgraph.weight_only")),
     ("report, summary", ("qgraph.report", "qgraph.summary", "qgraph.parity", "qgraph.report_html")),
     ("pipeline", ("qgraph.pipeline", "qgraph.tuning")),

@@ -30,7 +30,7 @@ import onnx
 import onnx_ir as ir
 
 from qgraph.calibrate.observers.factory import OBSERVER_METHODS as METHODS
-from qgraph.calibrate.observers.histogram import DEFAULT_PERCENTILE
+from qgraph.calibrate.observers.histogram import DEFAULT_PERCENTILE, HistogramObserver
 from qgraph.calibrate.probes import build_probes
 from qgraph.errors import DataError
 from qgraph.ir.values import is_constant, is_op
@@ -50,6 +50,9 @@ class CalibrationConfig:
     bins: int = 2048
     ema_momentum: float = 0.9
     threads: int | None = None
+    #: Check a histogram method's ranges at the model's output against min-max ranges before they are used, and
+    #: fall back where they are much worse (see :mod:`qgraph.range_check`).
+    range_check: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -67,6 +70,13 @@ class CalibrationResult:
     seconds: float
     #: The part of ``seconds`` spent deriving the ranges from the observers, after the last batch.
     range_seconds: float = 0.0
+    #: Per tensor observed by a histogram method (entropy, percentile, mse): the exact observed [minimum, maximum],
+    #: i.e. its min-max range, which the same observer gives for free (layout aliases included, groups not merged).
+    extremes: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    #: Per such tensor: the expected squared quantization error summed over its observed values (see
+    #: :func:`qgraph.calibrate.observers.histogram_ranges.expected_squared_error`) with the method's range and with
+    #: its extremes, ``(method, minmax)``: how much worse than min-max the method's range is on the tensor itself.
+    range_errors: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
 
 def build_probe(model: ir.Model, tensors: Iterable[str]) -> onnx.ModelProto:
@@ -216,13 +226,21 @@ def calibrate(
         observed = [tensor for tensor in tensors if tensor in seen]
         computed = executor.map(lambda tensor: observers[tensor].compute_range(), observed)
         ranges = {tensor: tuple(float(bound) for bound in bounds) for tensor, bounds in zip(observed, computed)}
-    ranges.update((alias, ranges[source]) for alias, source in aliases.items() if source in ranges)
+        histograms = [tensor for tensor in observed if isinstance(observers[tensor], HistogramObserver)]
+        errors = dict(zip(histograms, executor.map(
+            lambda tensor: observers[tensor].range_errors(ranges[tensor]), histograms)))
+    extremes = {tensor: observers[tensor].extremes() for tensor in histograms}
+    for alias, source in aliases.items():
+        if source in ranges:
+            ranges[alias] = ranges[source]
+        if source in extremes:
+            extremes[alias], errors[alias] = extremes[source], errors[source]
     ranges = merge_group_ranges(ranges, plan)
     end = time.perf_counter()
     seconds = end - start
     logger.info("calibrated %d tensors on %d samples in %.1fs (%s)", len(plan.activations), samples, seconds,
                 config.method)
-    return CalibrationResult(ranges, samples, batches_seen, seconds, end - ranges_start)
+    return CalibrationResult(ranges, samples, batches_seen, seconds, end - ranges_start, extremes, errors)
 
 
 def _stream(

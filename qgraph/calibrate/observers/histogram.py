@@ -235,13 +235,7 @@ class HistogramObserver(Observer):
             raise ValueError(f"unknown histogram method {method!r}; valid methods: {', '.join(METHODS)}")
         if self.count == 0 or (self.minimum == 0.0 and self.maximum == 0.0):
             return 0.0, 0.0
-        view = histogram_ranges.HistogramView(
-            counts=self.counts,
-            first_edge=-self.offset * self.bin_width,
-            width=self.bin_width,
-            minimum=self.minimum,
-            maximum=self.maximum,
-        )
+        view = self._view()
         if method == "entropy":
             low, high = histogram_ranges.entropy_range(view, self.spec)
         elif method == "percentile":
@@ -252,6 +246,32 @@ class HistogramObserver(Observer):
         low = min(max(low, self.minimum), self.maximum, 0.0 if self.minimum <= 0.0 else math.inf)
         high = max(min(high, self.maximum), low, 0.0 if self.maximum >= 0.0 else -math.inf)
         return float(low), float(high)
+
+    def _view(self) -> histogram_ranges.HistogramView:
+        return histogram_ranges.HistogramView(
+            counts=self.counts,
+            first_edge=-self.offset * self.bin_width,
+            width=self.bin_width,
+            minimum=self.minimum,
+            maximum=self.maximum,
+        )
+
+    def extremes(self) -> tuple[float, float]:
+        """The exact observed [minimum, maximum]: the min-max range of the same values ((0, 0) when empty)."""
+        if self.count == 0:
+            return 0.0, 0.0
+        return float(self.minimum), float(self.maximum)
+
+    def range_errors(self, chosen: tuple[float, float]) -> tuple[float, float]:
+        """Expected squared quantization error summed over the observed values, with the range ``chosen`` and with
+        the extremes (see :func:`histogram_ranges.expected_squared_error`): ``(chosen, minmax)``."""
+        if self.count == 0 or (self.minimum == 0.0 and self.maximum == 0.0):
+            return 0.0, 0.0
+        view = self._view()
+        low, high = self.extremes()
+        errors = histogram_ranges.expected_squared_error(
+            view, self.spec, np.array([chosen[0], min(low, 0.0)]), np.array([chosen[1], max(high, 0.0)]))
+        return float(errors[0]), float(errors[1])
 
     # ----------------------------------------------------------------------------------------- merge and state
     def _options(self) -> dict[str, Any]:
