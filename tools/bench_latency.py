@@ -19,7 +19,10 @@ The notes give, per model, what the default's speed choice chose and the wall ti
 plain one (their difference is what the speed choice costs).
 
 ``--reduce-range on`` builds the model meant for CPUs without VNNI (7-bit weights in both quantizers);
-``auto`` follows this CPU, as qgraph's default does (quantize_static gets the same setting).
+``auto`` follows this CPU, as qgraph's default does (quantize_static gets the same setting); ``both`` quantizes and
+times every model in both settings (``off``, the VNNI setting, then ``on``) and ends with a summary table that puts
+them side by side: the default qgraph output's and quantize_static QOperator's speed-up over FP32 at each batch
+size, qgraph over quantize_static at batch 1, and the speed choice's candidate.
 
 Models: ``resnet18``, ``mobilenet_v2``, ``stream_vad`` (the LSTM stand-in of :mod:`qgraph.models.stream_vad`: FP32
 is its canonical model with ``sr`` fixed to 16000, calibration and timing feeds are chunks of
@@ -39,6 +42,8 @@ squeeze-excite) matched in execution order. Examples::
     python tools/bench_latency.py --models mobilenet_v3 --reduce-range on --rounds 30
     python tools/bench_latency.py --models resnet18 mobilenet_v2 mobilenet_v3 stream_vad --skip-qdq
     python tools/bench_latency.py --models mobilenet_v3 --profile
+    python tools/bench_latency.py --models resnet18 mobilenet_v2 mobilenet_v3 stream_vad --reduce-range both \\
+        --skip-qdq --rounds 40
 """
 
 from __future__ import annotations
@@ -71,6 +76,9 @@ MODELS = ("resnet18", "mobilenet_v2", "stream_vad", "mobilenet_v3", "mobilenet_v
           "mobilenet_v3_relu6", "mobilenet_v3_folded", "mobilenet_v3_small")
 STREAM_VAD_LAYOUT = {"state": 1}
 CONV_KINDS = ("stem", "depthwise", "pointwise", "squeeze-excite", "other")
+#: ``--reduce-range both``: 8-bit weights as on a VNNI CPU, and the 7-bit weights meant for CPUs without VNNI.
+SETTINGS = ("off", "on")
+SETTING_LABELS = {"off": "VNNI", "on": "non-VNNI"}
 
 
 # ----------------------------------------------------------------------------------------------------- models
@@ -178,7 +186,7 @@ def quantize_all(name: str, arguments: argparse.Namespace, notes: list[str]) -> 
     speed = default.quantization.speed
     notes.append(f"{name}: default qgraph run {seconds:.1f} s, with --no-speed-choice {plain_seconds:.1f} s; "
                  f"speed choice: {speed.describe() if speed else 'off'}"
-                 + (f" [{speed.reason}]" if speed else ""))
+                 + (f" [{speed.reason}]" if speed and speed.candidate.format != "fp32" else ""))
     logger.info("%s: qgraph %.1f s, plain %.1f s", name, seconds, plain_seconds)
     if not arguments.skip_qdq:
         qdq = qgraph_quantize(float_model, calibration(), output_format="qdq", reduce_range=arguments.reduce_range,
@@ -353,7 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2", "mobilenet_v3"], choices=MODELS)
-    parser.add_argument("--reduce-range", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--reduce-range", default="auto", choices=["auto", "on", "off", "both"],
+                        help="'both': each model in both settings (off: VNNI, on: non-VNNI), summary side by side.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8, help="Calibration batch size, also timed.")
     parser.add_argument("--calibration-samples", type=int, default=32)
@@ -374,22 +383,68 @@ def main(argv: list[str] | None = None) -> None:
     if arguments.time_only:
         run_time_only(arguments)
         return
-    notes: list[str] = [f"--reduce-range {arguments.reduce_range}"]
+    settings = SETTINGS if arguments.reduce_range == "both" else (arguments.reduce_range,)
+    notes: list[str] = []
+    summary: dict[str, dict[str, tuple[LatencyTable, str]]] = collections.defaultdict(dict)
     for name in arguments.models:
-        start = time.perf_counter()
-        models = quantize_all(name, arguments, notes)
-        if arguments.save_models:
-            folder = Path(arguments.save_models)
-            folder.mkdir(parents=True, exist_ok=True)
-            for quantizer, model in models.items():
-                onnx.save(model, os.fspath(folder / f"{name}.{quantizer}.onnx"))
-        print_latency(name, time_models(name, models, arguments))
-        if arguments.profile:
-            print_profiles(name, models, arguments)
-        logger.info("%s done in %.0f s", name, time.perf_counter() - start)
+        for setting in settings:
+            start = time.perf_counter()
+            setting_arguments = argparse.Namespace(**{**vars(arguments), "reduce_range": setting})
+            setting_notes = [f"--reduce-range {setting}"]
+            models = quantize_all(name, setting_arguments, setting_notes)
+            notes += [f"[--reduce-range {setting}] {note}" for note in setting_notes[1:]]
+            if arguments.save_models:
+                folder = Path(arguments.save_models) / (f"reduce_range_{setting}" if len(settings) > 1 else "")
+                folder.mkdir(parents=True, exist_ok=True)
+                for quantizer, model in models.items():
+                    onnx.save(model, os.fspath(folder / f"{name}.{quantizer}.onnx"))
+            table = time_models(name, models, setting_arguments)
+            print_latency(f"{name}, --reduce-range {setting}", table)
+            summary[name][setting] = (table, _choice_of(setting_notes))
+            if arguments.profile:
+                print_profiles(name, models, setting_arguments)
+            logger.info("%s (--reduce-range %s) done in %.0f s", name, setting, time.perf_counter() - start)
+    print_summary(summary, settings)
     support.print_table("Notes", ["note"], [[note] for note in notes])
     print(f"\n{environment_note(arguments)}")
 
+
+def _choice_of(setting_notes: list[str]) -> str:
+    """The speed choice's candidate named in quantize_all's note ("… speed choice: CANDIDATE at …")."""
+    note = next((note for note in setting_notes if "speed choice: " in note), "")
+    text = note.split("speed choice: ", 1)[1] if note else ""
+    if text.startswith("WARNING: FP32 kept"):
+        return "fp32 (every integer candidate slower)"
+    return text.split(" at ", 1)[0]
+
+
+def print_summary(summary: dict[str, dict[str, tuple[LatencyTable, str]]], settings) -> None:
+    """One row per model: for each setting, the default qgraph output's and quantize_static QOperator's speed-up
+    over FP32 at each batch size (ratio of first quartiles, same run), qgraph over quantize_static, the choice."""
+    headers = ["model"]
+    rows = []
+    for setting in settings:
+        label = SETTING_LABELS.get(setting, f"--reduce-range {setting}")
+        sizes = next(iter(summary.values()))[setting][0].batch_sizes
+        headers += [f"{label}: qgraph b{size}" for size in sizes]
+        headers += [f"{label}: ort-qop b{size}" for size in sizes]
+        headers += [f"{label}: qgraph/ort-qop b{sizes[0]}", f"{label}: choice"]
+    for name, by_setting in summary.items():
+        row = [name]
+        for setting in settings:
+            table, choice = by_setting[setting]
+            has_ort = "ort-qoperator" in table.models
+            row += [f"{table.speedup('qgraph', size).fast_quartile:.2f}×" for size in table.batch_sizes]
+            row += [f"{table.speedup('ort-qoperator', size).fast_quartile:.2f}×" if has_ort else ""
+                    for size in table.batch_sizes]
+            row.append(f"{table.speedup('qgraph', table.batch_sizes[0], reference='ort-qoperator').fast_quartile:.2f}×"
+                       if has_ort else "")
+            row.append(choice)
+        rows.append(row)
+    support.print_table("Summary: default qgraph output and quantize_static QOperator vs FP32, both settings side by "
+                        "side", headers, rows,
+                        notes=["speed-up = q25(FP32) / q25(model) of the same alternating rounds; qgraph/ort-qop is "
+                               "q25(ort-qoperator) / q25(qgraph) at batch 1 (>= 1: qgraph at least as fast)."])
 
 if __name__ == "__main__":
     main()
