@@ -15,20 +15,35 @@ scales stay the same in all of them):
    elementwise nodes that only it feeds (ReLU6, HardSwish in any spelling) and, for depthwise convolutions and small
    MatMuls, the float-only elementwise node that only feeds it (an unfused HardSwish, the Relu before a decoder), so
    that a float region does not pay a Q/DQ pair per activation;
-3. the union of the classes that were faster on their own.
+3. per *connected integer region* (:func:`find_integer_regions`: the nodes linked through Q/DQ pairs, with the
+   float nodes at their border), each kept FP32 on its own, when the model has more than one (a stream model whose
+   float LSTM separates its Conv1d front end from its decoder; a CNN has one, which is the FP32 model), the
+   smallest first, at most ``max_regions``; such a region leaves no Q/DQ behind, where a region class keeps the
+   pairs at its border;
+4. the union of the classes and regions that were faster on their own;
+5. when the best so far is still slower than FP32 at some batch size: the *rescue*, every class and region whose
+   FP32 trial did not make the model slower at batch 1 kept FP32 together (left out when that covers every integer
+   region: that is the FP32 model).
+
+Where the time goes at batch 1 on a model of microseconds (the stream VAD: 23 µs FP32, docs/runtime-facts.md) is
+the nodes, not the kernels: every Q, DQ and layout Transpose that an integer region costs at its border takes about
+as long as one small kernel, so the integer model with fewer FLOPs runs slower; keeping a region FP32 removes its
+nodes along with its integer kernels.
 
 With ``t_c(b)`` the first quartile of candidate ``c``'s run times at batch size ``b`` and
 ``r_c(b) = t_base(b) / t_c(b)`` its speed-up over the current best (see :mod:`qgraph.latency` for why quartiles),
 a class is taken when ``r_c(b) >= 1`` at every measured batch size, the geometric mean over batch sizes is at
 least ``1 + margin``, and the candidate won at least three of four rounds (paired ratios' lower quartile ``>= 1``)
-at every batch size; the first format (the target's lowering) gives way to another by the same test. The result is the
-chosen candidate if its speed-up over FP32 is at least ``1 - tolerance`` at every batch size, else the FP32 model
-(``keep_float_when_slower``) or, when an integer model was asked for whatever its speed (:func:`qgraph.ptq.quantize`),
-the fastest integer candidate marked ``slower_than_float``, with the reason either way.
+at every batch size; the first format (the target's lowering) gives way to another by the same test. The rescue
+replaces the best when its smallest speed-up over FP32 is not lower. The result is the chosen candidate if its speed-up over FP32 is
+at least ``1 - tolerance`` at every batch size, else the FP32 model with a WARNING (``keep_float_when_slower``, the
+default, as :func:`qgraph.ptq.quantize` runs it: never a model slower than FP32) or, when an integer model was asked
+for whatever its speed, the fastest integer candidate marked ``slower_than_float``, with the reason either way.
 
 Cost: every measurement is one :func:`qgraph.latency.measure_latency` table (FP32 and the formats; then FP32, the
-best format and one candidate per region class present; then, when two or more classes were taken, their
-combination), each bounded by the latency options' budget, plus one session and one lowering per candidate.
+best format and one candidate per region class present and per integer region tried; then, when two or more were
+taken, their combination; then, only when still slower than FP32, the rescue), each bounded by the latency options'
+budget, plus one session and one lowering per candidate.
 """
 
 from __future__ import annotations
