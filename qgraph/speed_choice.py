@@ -36,9 +36,10 @@ a class is taken when ``r_c(b) >= 1`` at every measured batch size, the geometri
 least ``1 + margin``, and the candidate won at least three of four rounds (paired ratios' lower quartile ``>= 1``)
 at every batch size; the first format (the target's lowering) gives way to another by the same test. The rescue
 replaces the best when its smallest speed-up over FP32 is not lower. The result is the chosen candidate if its
-speed-up over FP32 is at least ``1 - tolerance`` at every batch size, else the FP32 model with a WARNING (``keep_float_when_slower``, the
-default, as :func:`qgraph.ptq.quantize` runs it: never a model slower than FP32) or, when an integer model was asked
-for whatever its speed, the fastest integer candidate marked ``slower_than_float``, with the reason either way.
+speed-up over FP32 is at least ``1 - tolerance`` at every batch size, else the FP32 model with a WARNING
+(``keep_float_when_slower``, the default, as :func:`qgraph.ptq.quantize` runs it: never a model slower than FP32)
+or, when an integer model was asked for whatever its speed, the fastest integer candidate marked
+``slower_than_float``, with the reason either way.
 
 Cost: every measurement is one :func:`qgraph.latency.measure_latency` table (FP32 and the formats; then FP32, the
 best format and one candidate per region class present and per integer region tried; then, when two or more were
