@@ -12,6 +12,9 @@ quantize it several ways, and all models run side by side in alternating rounds 
 - ``qgraph-qdq``: plain with ``--format qdq`` (onnxruntime fuses the pairs at session creation);
 - ``ort-qoperator`` / ``ort-qdq``: onnxruntime's ``quantize_static`` (after ``quant_pre_process``; QUInt8
   activations, QInt8 per-channel weights, MinMax);
+- ``fp32 REGION`` (``--candidates``): the speed choice's one-region candidates, qgraph's QDQ graph lowered to
+  QOperator with one region class (``stem``, ``depthwise``, …) or one connected integer region (``region:NODE``)
+  FP32, and ``fp32 all regions`` where the model has several;
 - ``qgraph-choice`` (``--with-choice``): :func:`qgraph.speed_choice.choose_speed` called alone on qgraph's QDQ
   graph with this tool's rounds, FP32 when no integer candidate is faster (the reason is printed).
 
@@ -197,6 +200,8 @@ def quantize_all(name: str, arguments: argparse.Namespace, notes: list[str]) -> 
             models[f"ort-{quant_format}"] = support.ort_quantize_static(
                 float_model, ort_calibration(), method="minmax", quant_format=quant_format,
                 reduce_range=reduce_range)
+    if arguments.candidates:
+        models.update(region_candidates(result.quantization.qdq_model, setting=arguments.reduce_range))
     if arguments.with_choice:
         from qgraph.speed_choice import SpeedChoiceOptions, choose_speed, target_lowering
         from qgraph.targets import TargetOptions, get_target
@@ -211,6 +216,24 @@ def quantize_all(name: str, arguments: argparse.Namespace, notes: list[str]) -> 
         models["qgraph-choice"] = choice.model
         notes.append(f"{name}: qgraph-choice = {choice.candidate.name} ({seconds:.0f} s to choose): {choice.reason}")
     return models
+
+
+def region_candidates(qdq_model: onnx.ModelProto, *, setting: str) -> dict[str, onnx.ModelProto]:
+    """The speed choice's one-region candidates of qgraph's QDQ graph, QOperator: each region class present and, when
+    the model has several connected integer regions, each of them and all of them FP32 (``fp32 NAME``)."""
+    import onnx_ir as ir
+
+    from qgraph.speed_choice import QOPERATOR, build_candidate, find_integer_regions, find_regions, target_lowering
+    from qgraph.targets import TargetOptions, get_target
+
+    graph = ir.serde.deserialize_model(qdq_model)
+    lower = target_lowering(get_target("ort-cpu", TargetOptions(format="qoperator", reduce_range=setting)))
+    node_sets = {f"fp32 {name}": nodes for name, nodes in find_regions(graph).items() if nodes}
+    regions = find_integer_regions(graph)
+    if len(regions) > 1:
+        node_sets.update({f"fp32 {name}": nodes for name, nodes in regions.items()})
+        node_sets["fp32 all regions"] = frozenset().union(*regions.values())
+    return {label: build_candidate(qdq_model, QOPERATOR, frozenset(nodes), lower) for label, nodes in node_sets.items()}
 
 
 # ------------------------------------------------------------------------------------------------- profiling
@@ -344,16 +367,27 @@ def environment_note(arguments: argparse.Namespace) -> str:
 
 
 def run_time_only(arguments: argparse.Namespace) -> None:
+    """Time DIR/MODEL.QUANTIZER.onnx, or each DIR/reduce_range_SETTING folder that ``--save-models`` wrote with
+    ``--reduce-range both`` (then with the summary of both settings side by side)."""
     folder = Path(arguments.time_only)
-    grouped: dict[str, dict[str, str]] = collections.defaultdict(dict)
-    for path in sorted(folder.glob("*.onnx")):
-        model_name, quantizer = path.name[: -len(".onnx")].split(".", 1)
-        grouped[model_name][quantizer] = str(path)
-    for name, paths in grouped.items():
-        if "fp32" not in paths:
-            raise SystemExit(f"{folder}: no {name}.fp32.onnx to compare against")
-        ordered = {"fp32": paths.pop("fp32"), **paths}
-        print_latency(name, time_models(name, ordered, arguments))
+    setting_folders = {path.name[len("reduce_range_"):]: path for path in sorted(folder.glob("reduce_range_*"))
+                       if path.is_dir()} or {arguments.reduce_range: folder}
+    summary: dict[str, dict[str, tuple[LatencyTable, str]]] = collections.defaultdict(dict)
+    for setting, setting_folder in setting_folders.items():
+        grouped: dict[str, dict[str, str]] = collections.defaultdict(dict)
+        for path in sorted(setting_folder.glob("*.onnx")):
+            model_name, quantizer = path.name[: -len(".onnx")].split(".", 1)
+            grouped[model_name][quantizer] = str(path)
+        for name, paths in grouped.items():
+            if "fp32" not in paths:
+                raise SystemExit(f"{setting_folder}: no {name}.fp32.onnx to compare against")
+            ordered = {"fp32": paths.pop("fp32"), **paths}
+            table = time_models(name, ordered, arguments)
+            print_latency(f"{name}, --reduce-range {setting}" if len(setting_folders) > 1 else name, table)
+            if "qgraph" in table.models:
+                summary[name][setting] = (table, "")
+    if summary and all(len(by_setting) == len(setting_folders) for by_setting in summary.values()):
+        print_summary(summary, tuple(setting_folders))
     print(f"\n{environment_note(arguments)}")
 
 
@@ -372,6 +406,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-ort", action="store_true", help="Leave out quantize_static.")
     parser.add_argument("--with-choice", action="store_true", help="Add qgraph-choice (choose_speed called alone).")
     parser.add_argument("--skip-qdq", action="store_true", help="Leave out qgraph-qdq.")
+    parser.add_argument("--candidates", action="store_true",
+                        help="Add the speed choice's one-region candidates (each region class, each connected integer "
+                        "region FP32) to the table.")
     parser.add_argument("--profile", action="store_true", help="Add onnxruntime's per-operator profiles.")
     parser.add_argument("--profile-runs", type=int, default=30)
     parser.add_argument("--save-models", metavar="DIR")
