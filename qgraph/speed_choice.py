@@ -23,7 +23,10 @@ scales stay the same in all of them):
 4. the union of the classes and regions that were faster on their own;
 5. when the best so far is still slower than FP32 at some batch size: the *rescue*, every class and region whose
    FP32 trial did not make the model slower at batch 1 kept FP32 together (left out when that covers every integer
-   region: that is the FP32 model).
+   region: that is the FP32 model);
+6. when the best is less than ``1 + confirm_band`` times as fast as FP32 at some batch size: a *confirmation*, the
+   two timed alone once more, the verdict taken on the first quartiles of all their runs so far (on a machine with
+   the load average at 15 on two cores, one table's batch-8 runs put a 1.4×-at-batch-1 MobileNetV3 at 0.79×).
 
 Where the time goes at batch 1 on a model of microseconds (the stream VAD: 23 µs FP32, docs/runtime-facts.md) is
 the nodes, not the kernels: every Q, DQ and layout Transpose that an integer region costs at its border takes about
@@ -43,8 +46,8 @@ or, when an integer model was asked for whatever its speed, the fastest integer 
 
 Cost: every measurement is one :func:`qgraph.latency.measure_latency` table (FP32 and the formats; then FP32, the
 best format and one candidate per region class present and per integer region tried; then, when two or more were
-taken, their combination; then, only when still slower than FP32, the rescue), each bounded by the latency options'
-budget, plus one session and one lowering per candidate.
+taken, their combination; then, only when still slower than FP32, the rescue; then, only near or below 1×, the
+confirmation), each bounded by the latency options' budget, plus one session and one lowering per candidate.
 """
 
 from __future__ import annotations
@@ -97,6 +100,9 @@ class SpeedChoiceOptions:
     #: Connected integer regions (:func:`find_integer_regions`) tried FP32 one by one when the model has more than
     #: one, the smallest first: at most this many (0: none).
     max_regions: int = 6
+    #: A chosen integer candidate less than ``1 + confirm_band`` times as fast as FP32 (or slower) is timed once more
+    #: beside FP32 alone, and the verdict taken on every run of the two (noise decides near 1×).
+    confirm_band: float = 0.1
 
     def __post_init__(self) -> None:
         unknown = set(self.region_classes) - set(REGION_CLASSES)
@@ -106,6 +112,8 @@ class SpeedChoiceOptions:
             raise QGraphError(f"formats must be among {QOPERATOR}, {QDQ}, got {self.formats}")
         if self.margin < 0 or not 0 <= self.tolerance < 1:
             raise QGraphError(f"margin must be >= 0 and tolerance in [0, 1), got {self.margin}, {self.tolerance}")
+        if self.confirm_band < 0:
+            raise QGraphError(f"confirm_band must not be negative, got {self.confirm_band}")
         if self.max_regions < 0:
             raise QGraphError(f"max_regions must not be negative, got {self.max_regions}")
 
@@ -450,6 +458,18 @@ def _selected_integer_regions(model: ir.Model, classes: Mapping[str, frozenset[s
     return {name: found[name] for name in ordered[:limit]}, every
 
 
+def _pooled_speedups(tables: Sequence[LatencyTable], name: str) -> dict[int, float]:
+    """Fast-quartile speed-up of ``name`` over FP32 per batch size over the runs of every table that timed both (the
+    rounds of each table pair them; a load that came and went in one table leaves the faster runs of the other)."""
+    both = [table for table in tables if FLOAT in table.models and name in table.models]
+    speedups = {}
+    for size in both[-1].batch_sizes:
+        reference = [seconds for table in both for seconds in table.samples[size][FLOAT]]
+        model = [seconds for table in both for seconds in table.samples[size][name]]
+        speedups[size] = float(np.percentile(reference, 25) / np.percentile(model, 25))
+    return speedups
+
+
 def choose_speed(
     float_model: onnx.ModelProto,
     qdq_model: onnx.ModelProto,
@@ -542,6 +562,12 @@ def choose_speed(
             if min(_speedups(table, rescued, FLOAT).values()) >= min(_speedups(table, best, FLOAT).values()):
                 best = rescued
     speedup = _speedups(table, best, FLOAT)
+    if best != FLOAT and min(speedup.values()) < 1 + options.confirm_band:
+        # near or below FP32: one more table of the two alone, and the verdict on every run of both so far
+        measured([FLOAT, best])
+        speedup = _pooled_speedups(tables, best)
+        reasons.append(f"confirmed on {sum(FLOAT in each.models and best in each.models for each in tables)} "
+                       f"tables: {best} {ratios(speedup)} FP32")
     sizes = "/".join(str(size) for size in speedup)
     region_counts = {name: len(nodes) for name, nodes in regions.items()}
     if min(speedup.values()) < 1 - options.tolerance:

@@ -150,7 +150,9 @@ def test_a_region_that_is_faster_in_fp32_is_kept_fp32():
     assert set(calls[1]) == {FLOAT, QOPERATOR, Candidate(QOPERATOR, ("stem",)).name,
                              Candidate(QOPERATOR, ("small-matmul",)).name, decoder,
                              Candidate(QOPERATOR, (FRONT_END,)).name}
-    assert len(calls) == 2 and f"fp32 {DECODER} (6 nodes)" in choice.reason
+    # 1.05× FP32 is near 1×: confirmed by the two alone
+    assert len(calls) == 3 and calls[2] == (FLOAT, decoder) and f"fp32 {DECODER} (6 nodes)" in choice.reason
+    assert "confirmed on 2 tables" in choice.reason  # the trials' table and the confirmation
     assert choice.regions[DECODER] == 6 and not choice.describe().startswith("WARNING")
 
 
@@ -165,7 +167,7 @@ def test_a_model_still_slower_keeps_every_region_that_did_not_pay_fp32():
                                    rescued: 0.98, "*": 1.2})
     choice = choose_speed(float_model, qdq_model, lowering(), choice_options(), measure=measure)
     assert choice.candidate == Candidate(QOPERATOR, ("stem", "small-matmul"))
-    assert len(calls) == 3 and calls[2] == (FLOAT, QOPERATOR, rescued)
+    assert len(calls) == 4 and calls[2] == (FLOAT, QOPERATOR, rescued) and calls[3] == (FLOAT, rescued)
     assert "every region not slower in FP32" in choice.reason
     assert min(choice.speedup.values()) >= 1.0
 
@@ -178,7 +180,7 @@ def test_the_fp32_model_is_the_last_resort_and_says_so(caplog):
     with caplog.at_level("WARNING", logger="qgraph.speed_choice"):
         choice = choose_speed(float_model, qdq_model, lowering(), choice_options(), measure=measure)
     assert choice.candidate == Candidate(FLOAT) and choice.model is float_model
-    assert len(calls) == 2
+    assert len(calls) == 3 and calls[2] == (FLOAT, QOPERATOR)  # the verdict confirmed, no rescue
     assert choice.describe().startswith("WARNING: FP32 kept")
     assert any("FP32 model is written" in record.getMessage() for record in caplog.records
                if record.levelname == "WARNING")
@@ -200,6 +202,40 @@ def test_max_regions_bounds_the_trials():
     assert len(calls[1]) == 3  # FP32, the format, one region
     with pytest.raises(QGraphError, match="max_regions"):
         SpeedChoiceOptions(max_regions=-1)
+    with pytest.raises(QGraphError, match="confirm_band"):
+        SpeedChoiceOptions(confirm_band=-0.1)
+
+
+def test_a_slow_verdict_is_confirmed_on_the_pooled_runs_before_fp32_is_kept():
+    """A candidate that one table puts below FP32 at batch 8 and the confirmation above: the pooled fast quartiles
+    keep the integer model (noise on a loaded machine must not throw away a 1.4× model)."""
+    float_model, qdq_model = vad()
+    tables_made: list[tuple[str, ...]] = []
+
+    def measure(models, options: LatencyOptions, *, reference: str) -> LatencyTable:
+        tables_made.append(tuple(models))
+        first = len(tables_made) == 1
+        samples = {}
+        for size in options.batch_sizes:
+            samples[size] = {}
+            for name in models:
+                if name == FLOAT:
+                    seconds = 1.0
+                elif name == QOPERATOR and size == 8 and first:
+                    seconds = 1.3  # a noisy first table: 0.77× at batch 8
+                elif name == QOPERATOR:
+                    seconds = 0.7
+                else:
+                    seconds = 0.75  # every region FP32 slower than the integer model
+                samples[size][name] = tuple(seconds * size for _ in range(options.rounds))
+        return LatencyTable(reference, samples, options.threads)
+
+    options = choice_options(region_classes=(), max_regions=0)
+    choice = choose_speed(float_model, qdq_model, lowering(), options, measure=measure)
+    assert tables_made == [(FLOAT, QOPERATOR, QDQ), (FLOAT, QOPERATOR)]
+    assert choice.candidate == Candidate(QOPERATOR)
+    # pooled: FP32's q25 is 8 at batch 8; QOPERATOR's runs are 4 of 10.4 and 4 of 5.6, q25 5.6
+    assert choice.speedup[8] == pytest.approx(8 / 5.6) and choice.speedup[1] == pytest.approx(1 / 0.7)
 
 
 @pytest.mark.speed_choice
