@@ -428,8 +428,7 @@ def _optimize_options(values: Mapping[str, Any]) -> OptimizeOptions:
               "fastest: QOperator or QDQ (unless --format names one), with FP32 kept where integer kernels are "
               "slower here (stem, depthwise convolutions, squeeze-excite blocks, small MatMuls). The summary says "
               "what was chosen; when every integer model is slower than FP32 it writes the FP32 model and warns. "
-              "Target "
-              "ort-cpu only; --no-speed-choice writes the plain lowering, unmeasured (for another CPU, say).")
+              "Target ort-cpu only; --no-speed-choice writes the plain lowering, unmeasured (for another CPU, say).")
 @click.option("--batch-axis", "batch_axis", multiple=True, metavar="KEY=AXIS",
               help="Data key KEY holds its samples along AXIS (repeatable), e.g. state=1 for a recurrent state "
               "[layers, batch, hidden]; KEY=none: a constant fed with every batch. Other keys: axis 0, scalars are "
