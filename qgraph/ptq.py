@@ -363,9 +363,9 @@ def choose_output_speed(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto
                         options: QuantizeOptions, batch: Mapping[str, np.ndarray],
                         batch_axes: BatchAxes | None = None) -> SpeedChoice:
     """The fastest integer model built from ``qdq_model`` (see :mod:`qgraph.speed_choice`), timed against
-    ``float_model`` on a calibration ``batch`` (its inputs along ``batch_axes``) and on its first sample, never
-    replaced by FP32: when even the fastest is slower than FP32 it is kept, marked ``slower_than_float`` and a
-    warning says so."""
+    ``float_model`` on a calibration ``batch`` (its inputs along ``batch_axes``) and on its first sample, with the
+    regions kept FP32 where that is faster; when even the fastest is slower than FP32, the FP32 model, and a
+    warning says so (never a model slower than FP32)."""
     axes = _timing_axes(float_model, batch_axes)
     batch = {name: np.asarray(array) for name, array in batch.items() if name in axes}
     feeds = {1: first_samples(batch, 1, axes)}
@@ -374,10 +374,10 @@ def choose_output_speed(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto
         feeds[batch_size] = batch
     batch_sizes = tuple(feeds)
     latency = LatencyOptions(threads=options.calibration.threads or LatencyOptions.threads, batch_sizes=batch_sizes,
-                             rounds=50, warmup=1, min_rounds=2,
+                             rounds=200, warmup=2, min_rounds=2,
                              budget_seconds=options.speed_choice_seconds / _SPEED_CHOICE_TABLES)
     formats = (target.options.format,) if options.target_options.format is not None else (QOPERATOR, QDQ)
-    choice_options = SpeedChoiceOptions(latency=latency, formats=formats, keep_float_when_slower=False)
+    choice_options = SpeedChoiceOptions(latency=latency, formats=formats)
     started = time.perf_counter()
     logger.info("speed choice: timing %s against FP32 at batch %s", " and ".join(formats),
                 "/".join(str(size) for size in batch_sizes))

@@ -15,20 +15,39 @@ scales stay the same in all of them):
    elementwise nodes that only it feeds (ReLU6, HardSwish in any spelling) and, for depthwise convolutions and small
    MatMuls, the float-only elementwise node that only feeds it (an unfused HardSwish, the Relu before a decoder), so
    that a float region does not pay a Q/DQ pair per activation;
-3. the union of the classes that were faster on their own.
+3. per *connected integer region* (:func:`find_integer_regions`: the nodes linked through Q/DQ pairs, with the
+   float nodes at their border), each kept FP32 on its own, when the model has more than one (a stream model whose
+   float LSTM separates its Conv1d front end from its decoder; a CNN has one, which is the FP32 model), the
+   smallest first, at most ``max_regions``; such a region leaves no Q/DQ behind, where a region class keeps the
+   pairs at its border;
+4. the union of the classes and regions that were faster on their own;
+5. when the best so far is still slower than FP32 at some batch size: the *rescue*, every class and region whose
+   FP32 trial did not make the model slower at batch 1 kept FP32 together (left out when that covers every integer
+   region: that is the FP32 model);
+6. when the best is less than ``1 + confirm_band`` times as fast as FP32 at some batch size: a *confirmation*, the
+   two timed alone once more, the verdict taken on the first quartiles of all their runs so far (on a machine with
+   the load average at 15 on two cores, one table's batch-8 runs put a 1.4×-at-batch-1 MobileNetV3 at 0.79×).
+
+Where the time goes at batch 1 on a model of microseconds (the stream VAD: 23 µs FP32, docs/runtime-facts.md) is
+the nodes, not the kernels: every Q, DQ and layout Transpose that an integer region costs at its border takes about
+as long as one small kernel, so the integer model with fewer FLOPs runs slower; keeping a region FP32 removes its
+nodes along with its integer kernels.
 
 With ``t_c(b)`` the first quartile of candidate ``c``'s run times at batch size ``b`` and
 ``r_c(b) = t_base(b) / t_c(b)`` its speed-up over the current best (see :mod:`qgraph.latency` for why quartiles),
 a class is taken when ``r_c(b) >= 1`` at every measured batch size, the geometric mean over batch sizes is at
 least ``1 + margin``, and the candidate won at least three of four rounds (paired ratios' lower quartile ``>= 1``)
-at every batch size; the first format (the target's lowering) gives way to another by the same test. The result is the
-chosen candidate if its speed-up over FP32 is at least ``1 - tolerance`` at every batch size, else the FP32 model
-(``keep_float_when_slower``) or, when an integer model was asked for whatever its speed (:func:`qgraph.ptq.quantize`),
-the fastest integer candidate marked ``slower_than_float``, with the reason either way.
+at every batch size; the first format (the target's lowering) gives way to another by the same test. The rescue
+replaces the best when its smallest speed-up over FP32 is not lower. The result is the chosen candidate if its
+speed-up over FP32 is at least ``1 - tolerance`` at every batch size, else the FP32 model with a WARNING
+(``keep_float_when_slower``, the default, as :func:`qgraph.ptq.quantize` runs it: never a model slower than FP32)
+or, when an integer model was asked for whatever its speed, the fastest integer candidate marked
+``slower_than_float``, with the reason either way.
 
 Cost: every measurement is one :func:`qgraph.latency.measure_latency` table (FP32 and the formats; then FP32, the
-best format and one candidate per region class present; then, when two or more classes were taken, their
-combination), each bounded by the latency options' budget, plus one session and one lowering per candidate.
+best format and one candidate per region class present and per integer region tried; then, when two or more were
+taken, their combination; then, only when still slower than FP32, the rescue; then, only near or below 1×, the
+confirmation), each bounded by the latency options' budget, plus one session and one lowering per candidate.
 """
 
 from __future__ import annotations
@@ -78,6 +97,12 @@ class SpeedChoiceOptions:
     #: When the fastest integer candidate is still slower than FP32: return the FP32 model (True), or that
     #: integer candidate marked ``slower_than_float`` (False).
     keep_float_when_slower: bool = True
+    #: Connected integer regions (:func:`find_integer_regions`) tried FP32 one by one when the model has more than
+    #: one, the smallest first: at most this many (0: none).
+    max_regions: int = 6
+    #: A chosen integer candidate less than ``1 + confirm_band`` times as fast as FP32 (or slower) is timed once more
+    #: beside FP32 alone, and the verdict taken on every run of the two (noise decides near 1×).
+    confirm_band: float = 0.1
 
     def __post_init__(self) -> None:
         unknown = set(self.region_classes) - set(REGION_CLASSES)
@@ -87,6 +112,10 @@ class SpeedChoiceOptions:
             raise QGraphError(f"formats must be among {QOPERATOR}, {QDQ}, got {self.formats}")
         if self.margin < 0 or not 0 <= self.tolerance < 1:
             raise QGraphError(f"margin must be >= 0 and tolerance in [0, 1), got {self.margin}, {self.tolerance}")
+        if self.confirm_band < 0:
+            raise QGraphError(f"confirm_band must not be negative, got {self.confirm_band}")
+        if self.max_regions < 0:
+            raise QGraphError(f"max_regions must not be negative, got {self.max_regions}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +158,8 @@ class SpeedChoice:
         if self.slower_than_float:
             text = f"WARNING: the integer model runs SLOWER than FP32 on this machine: {text}"
         elif self.candidate.format == FLOAT:
-            text = f"FP32 kept: every integer candidate was slower ({self.reason})"
+            text = (f"WARNING: FP32 kept, at {ratios} FP32 (batch {sizes}): every integer candidate ran slower on "
+                    f"this machine ({self.reason})")
         return text
 
 
@@ -294,6 +324,74 @@ def find_regions(model: ir.Model, *, small_matmul_weights: int = 16384) -> dict[
     return {name: frozenset(nodes) for name, nodes in regions.items()}
 
 
+def _touches_quantization(node: ir.Node) -> bool:
+    """``node`` reads a dequantized tensor or writes one that is quantized (it computes inside an integer region
+    once lowered, or sits on its border)."""
+    if node.op_type in _QUANTIZE_OPS:
+        return False
+    reads = any(value is not None and value.producer() is not None and value.producer().op_type == "DequantizeLinear"
+                for value in node.inputs)
+    return reads or any(reader.op_type == "QuantizeLinear" for value in node.outputs for reader, _ in value.uses())
+
+
+def find_integer_regions(model: ir.Model) -> dict[str, frozenset[str]]:
+    """The connected integer regions of a QDQ ``model``'s main graph, each named ``region:NODE`` after its first
+    node with a dequantized constant input (a weight), in graph order.
+
+    Two nodes belong to one region when a tensor links them through ``Q → DQ`` (the producer of the Q's input and
+    every reader of its DQs), or when one reads the other's output directly and both touch quantization (read a
+    DQ or feed a Q: a Conv and the Relu fused into it). A region is thus closed under the Q/DQ pairs between its
+    nodes: kept FP32 (:class:`~qgraph.passes.lower.keep_float_nodes.KeepFloatNodes`), all of them go and it
+    computes as the FP32 model does, no Q/DQ left at its border. A model whose integer nodes form one region (a
+    CNN) has one; a stream model with float recurrent layers between its integer parts (the VAD's Conv1d front end,
+    its decoder) has several."""
+    graph = model.graph
+    parent: dict[str, str] = {}
+
+    def find(name: str) -> str:
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    def union(first: str, second: str) -> None:
+        parent[find(first)] = find(second)
+
+    touched = [node for node in graph if _touches_quantization(node)]
+    names = {node.name for node in touched}
+    for node in touched:
+        parent.setdefault(node.name, node.name)
+    for node in touched:
+        for value in node.outputs:
+            for reader, _ in value.uses():
+                if reader.name in names:
+                    union(node.name, reader.name)
+                elif reader.op_type == "QuantizeLinear":
+                    for dequantize, _ in reader.outputs[0].uses():
+                        if dequantize.op_type != "DequantizeLinear":
+                            continue
+                        for dequantized_reader, _ in dequantize.outputs[0].uses():
+                            if dequantized_reader.name in names:
+                                union(node.name, dequantized_reader.name)
+        for value in node.inputs:  # readers of one DQ (of a graph input, say) belong together
+            producer = value.producer() if value is not None else None
+            if producer is not None and producer.op_type == "DequantizeLinear":
+                for reader, _ in producer.outputs[0].uses():
+                    if reader.name in names:
+                        union(node.name, reader.name)
+    members: dict[str, list[ir.Node]] = {}
+    for node in touched:
+        members.setdefault(find(node.name), []).append(node)
+    regions: dict[str, frozenset[str]] = {}
+    for nodes in members.values():
+        weighted = [node for node in nodes if any(
+            (dequantize := value.producer()) is not None and dequantize.op_type == "DequantizeLinear"
+            and dequantize.inputs[0] is not None and dequantize.inputs[0].const_value is not None
+            for value in node.inputs if value is not None)]
+        regions[f"region:{(weighted or nodes)[0].name}"] = frozenset(node.name for node in nodes)
+    return regions
+
+
 # --------------------------------------------------------------------------------------------- candidates
 Lowering = Callable[[ir.Model], None]
 Measure = Callable[..., LatencyTable]
@@ -346,6 +444,32 @@ def _clearly_faster(table: LatencyTable, name: str, than: str, margin: float) ->
     return all(table.speedup(name, size, reference=than).low >= 1.0 for size in table.batch_sizes)
 
 
+def _selected_integer_regions(model: ir.Model, classes: Mapping[str, frozenset[str]],
+                               limit: int) -> tuple[dict[str, frozenset[str]], frozenset[str]]:
+    """The connected integer regions to try FP32 one by one (none when the model has only one: that is the FP32
+    model), the smallest first, at most ``limit``, leaving out those equal to a region class; and every node of
+    every integer region (a set of float nodes covering it is the FP32 model)."""
+    found = find_integer_regions(model)
+    every = frozenset().union(*found.values()) if found else frozenset()
+    if len(found) < 2 or limit == 0:
+        return {}, every
+    known = set(classes.values())
+    ordered = sorted((name for name in found if found[name] not in known), key=lambda name: len(found[name]))
+    return {name: found[name] for name in ordered[:limit]}, every
+
+
+def _pooled_speedups(tables: Sequence[LatencyTable], name: str) -> dict[int, float]:
+    """Fast-quartile speed-up of ``name`` over FP32 per batch size over the runs of every table that timed both (the
+    rounds of each table pair them; a load that came and went in one table leaves the faster runs of the other)."""
+    both = [table for table in tables if FLOAT in table.models and name in table.models]
+    speedups = {}
+    for size in both[-1].batch_sizes:
+        reference = [seconds for table in both for seconds in table.samples[size][FLOAT]]
+        model = [seconds for table in both for seconds in table.samples[size][name]]
+        speedups[size] = float(np.percentile(reference, 25) / np.percentile(model, 25))
+    return speedups
+
+
 def choose_speed(
     float_model: onnx.ModelProto,
     qdq_model: onnx.ModelProto,
@@ -356,14 +480,18 @@ def choose_speed(
     feeds: Mapping[int, Mapping[str, np.ndarray]] | None = None,
 ) -> SpeedChoice:
     """Measure the candidates built from ``qdq_model`` against ``float_model`` and return the fastest one that is
-    not slower than FP32 (the FP32 model itself when none is), with the measurements and the reason.
+    not slower than FP32 (the FP32 model itself when none is, with a warning), with the measurements and the reason.
 
     ``lower`` is the target's lowering (:func:`target_lowering`; None when only QDQ is tried). ``measure`` times a
     set of named models (:func:`qgraph.latency.measure_latency` by default); ``feeds`` (batch size -> inputs, for
     every batch size of the latency options) replaces its seeded random inputs: real data where random shapes cannot
     tell a symbolic length from the batch."""
     options = options or SpeedChoiceOptions()
-    regions = find_regions(ir.serde.deserialize_model(qdq_model), small_matmul_weights=options.small_matmul_weights)
+    graph_model = ir.serde.deserialize_model(qdq_model)
+    regions = find_regions(graph_model, small_matmul_weights=options.small_matmul_weights)
+    integer_regions, every_integer_node = _selected_integer_regions(
+        graph_model, {name: regions[name] for name in options.region_classes if regions[name]}, options.max_regions)
+    regions.update(integer_regions)
     built: dict[str, onnx.ModelProto] = {FLOAT: float_model}
     nodes_of: dict[str, frozenset[str]] = {FLOAT: frozenset()}
     candidates: dict[str, Candidate] = {FLOAT: Candidate(FLOAT)}
@@ -385,6 +513,9 @@ def choose_speed(
         tables.append(table)
         return table
 
+    def ratios(values: Mapping[int, float]) -> str:
+        return "/".join(f"{value:.2f}×" for value in values.values())
+
     tables: list[LatencyTable] = []
     formats = [add(Candidate(output_format)) for output_format in options.formats]
     table = measured([FLOAT, *formats])
@@ -393,43 +524,66 @@ def choose_speed(
         if _clearly_faster(table, name, best, options.margin):
             best = name
     reasons = [f"{best} fastest of {', '.join(formats)}"]
-    trial_classes = [name for name in options.region_classes if regions[name]]
+    trial_classes = [name for name in options.region_classes if regions[name]] + list(integer_regions)
     taken: list[str] = []
+    harmless: list[str] = []  # trials that did not make the model slower at batch 1 (the first batch size)
     if trial_classes:
-        trials = {name: add(Candidate(candidates[best].format, (name,))) for name in trial_classes}
+        base_format = candidates[best].format
+        trials = {name: add(Candidate(base_format, (name,))) for name in trial_classes}
         table = measured([FLOAT, best, *trials.values()])
         for region, name in trials.items():
             gains = _speedups(table, name, best)
             accepted = _clearly_faster(table, name, best, options.margin)
-            reasons.append(f"fp32 {region} ({len(regions[region])} nodes): "
-                           f"{'/'.join(f'{gain:.2f}×' for gain in gains.values())} vs {best}"
+            reasons.append(f"fp32 {region} ({len(regions[region])} nodes): {ratios(gains)} vs {best}"
                            f"{' taken' if accepted else ''}")
             if accepted:
                 taken.append(region)
+            if next(iter(gains.values())) >= 1.0:
+                harmless.append(region)
         if len(taken) == 1:
             best = trials[taken[0]]
         elif len(taken) > 1:
-            combined = add(Candidate(candidates[best].format, tuple(taken)))
+            combined = add(Candidate(base_format, tuple(taken)))
             singles = [trials[region] for region in taken]
             table = measured([FLOAT, best, *singles, combined])
             best = max([combined, *singles], key=lambda name: _geometric_mean(list(_speedups(table, name, FLOAT)
                                                                                     .values())))
             reasons.append(f"{best} fastest of the combinations")
+        speedup = _speedups(table, best, FLOAT)
+        rescue = tuple(dict.fromkeys([*candidates[best].float_classes, *harmless]))
+        rescue_nodes = frozenset().union(*(regions[name] for name in rescue))
+        if (min(speedup.values()) < 1 - options.tolerance and rescue != candidates[best].float_classes
+                and not rescue_nodes >= every_integer_node):
+            # still slower than FP32: keep FP32 every region whose integer form did not pay at batch 1
+            rescued = add(Candidate(base_format, rescue))
+            table = measured([FLOAT, best, rescued])
+            reasons.append(f"{rescued} (every region not slower in FP32): {ratios(_speedups(table, rescued, FLOAT))}"
+                           f" FP32")
+            if min(_speedups(table, rescued, FLOAT).values()) >= min(_speedups(table, best, FLOAT).values()):
+                best = rescued
     speedup = _speedups(table, best, FLOAT)
+    if best != FLOAT and min(speedup.values()) < 1 + options.confirm_band:
+        # near or below FP32: one more table of the two alone, and the verdict on every run of both so far
+        measured([FLOAT, best])
+        speedup = _pooled_speedups(tables, best)
+        reasons.append(f"confirmed on {sum(FLOAT in each.models and best in each.models for each in tables)} "
+                       f"tables: {best} {ratios(speedup)} FP32")
+    sizes = "/".join(str(size) for size in speedup)
+    region_counts = {name: len(nodes) for name, nodes in regions.items()}
     if min(speedup.values()) < 1 - options.tolerance:
-        ratios = "/".join(f"{value:.2f}×" for value in speedup.values())
         if not options.keep_float_when_slower:
-            reasons.append(f"{best} runs at {ratios} FP32: the fastest integer model is slower than FP32")
+            reasons.append(f"{best} runs at {ratios(speedup)} FP32: the fastest integer model is slower than FP32")
             logger.warning("speed choice: the fastest integer model (%s) runs at %s FP32 on this machine; %s",
-                           best, ratios, "; ".join(reasons))
+                           best, ratios(speedup), "; ".join(reasons))
             return SpeedChoice(built[best], candidates[best], nodes_of[best], "; ".join(reasons), speedup,
-                               tuple(tables), {name: len(nodes) for name, nodes in regions.items()},
-                               slower_than_float=True)
-        reasons.append(f"{best} runs at {ratios} FP32: FP32 kept")
+                               tuple(tables), region_counts, slower_than_float=True)
+        reasons.append(f"the fastest integer model, {best}, runs at {ratios(speedup)} FP32 (batch {sizes}): "
+                       f"FP32 kept")
+        logger.warning("speed choice: every integer model is slower than FP32 on this machine, the FP32 model is "
+                       "written (--no-speed-choice writes the integer one): %s", "; ".join(reasons))
         return SpeedChoice(float_model, candidates[FLOAT], frozenset(), "; ".join(reasons),
-                           {size: 1.0 for size in speedup}, tuple(tables), {k: len(v) for k, v in regions.items()})
-    reasons.append(f"{best}: {'/'.join(f'{value:.2f}×' for value in speedup.values())} FP32 at batch "
-                   f"{'/'.join(str(size) for size in speedup)}")
+                           {size: 1.0 for size in speedup}, tuple(tables), region_counts)
+    reasons.append(f"{best}: {ratios(speedup)} FP32 at batch {sizes}")
     logger.info("speed choice: %s", "; ".join(reasons))
     return SpeedChoice(built[best], candidates[best], nodes_of[best], "; ".join(reasons), speedup, tuple(tables),
-                       {name: len(nodes) for name, nodes in regions.items()})
+                       region_counts)

@@ -162,7 +162,7 @@ def test_fp32_is_returned_when_every_integer_model_is_slower():
     measure, calls = fake_measure({FLOAT: 1.0, QOPERATOR: 1.3, QDQ: 1.2})
     choice = choose_speed(float_model, qdq_model, lowering(), choice_options(region_classes=()), measure=measure)
     assert choice.candidate == Candidate(FLOAT) and choice.model is float_model
-    assert "FP32 kept" in choice.reason and len(calls) == 1
+    assert "FP32 kept" in choice.reason and len(calls) == 2 and calls[1] == (FLOAT, QDQ)
     lenient = choose_speed(float_model, qdq_model, lowering(), choice_options(region_classes=(), tolerance=0.2),
                            measure=measure)
     assert lenient.candidate == Candidate(QDQ)
@@ -180,6 +180,8 @@ def test_a_real_measurement_chooses_a_model_that_runs():
     options = SpeedChoiceOptions(latency=LatencyOptions(batch_sizes=(1,), rounds=2, warmup=1),
                                  region_classes=("stem",), tolerance=0.99)
     choice = choose_speed(float_model, qdq_model, lowering(), options)
-    assert len(choice.tables) == 2 and choice.tables[1].models[:2] == (FLOAT, choice.tables[1].models[1])
+    assert len(choice.tables) in (2, 3) and choice.tables[1].models[:2] == (FLOAT, choice.tables[1].models[1])
+    if len(choice.tables) == 3:  # near or below 1×: confirmed by FP32 and the chosen candidate alone
+        assert choice.tables[2].models == (FLOAT, choice.candidate.name) or choice.candidate.format == FLOAT
     session = runtime.create_session(choice.model)
     assert runtime.run(session, runtime.random_inputs(session))["logits"].shape == (1, 10)

@@ -1,5 +1,6 @@
 """The speed choice as qgraph runs it by default: quantize() times its candidates on the first calibration batch,
-writes the fastest integer model, warns when even that is slower than FP32, and the command line says so."""
+writes the fastest integer model that is not slower than FP32, the FP32 model with a warning when none is, and the
+command line says so."""
 
 from __future__ import annotations
 
@@ -73,17 +74,21 @@ def test_the_default_keeps_a_region_fp32_where_that_is_faster(fake_times):
     np.testing.assert_array_equal(feeds[4]["input"], batches()[0]["input"])
 
 
-def test_an_integer_model_slower_than_fp32_is_kept_with_a_loud_warning(fake_times, caplog):
-    times, _ = fake_times
+def test_when_every_integer_model_is_slower_the_fp32_model_is_written_with_a_loud_warning(fake_times, caplog):
+    times, calls = fake_times
     times.update({FLOAT: 1.0, QOPERATOR: 1.3, QDQ: 1.2, "*": 1.25})  # every region variant slower too
     options = QuantizeOptions(target_options=TARGET_OPTIONS, min_sqnr=None)
     with caplog.at_level("WARNING", logger="qgraph.speed_choice"):
         result = quantize(model(), batches(), options)
-    assert result.speed.slower_than_float and result.speed.candidate.format != FLOAT
-    assert ops(result.model)["QuantizeLinear"] > 0  # still an integer model, not the FP32 one
-    assert result.speed.describe().startswith("WARNING: the integer model runs SLOWER than FP32")
-    assert any("slower than FP32" in record.getMessage() or "FP32 on this machine" in record.getMessage()
-               for record in caplog.records if record.levelname == "WARNING")
+    assert result.speed.candidate == Candidate(FLOAT) and not result.speed.slower_than_float
+    assert ops(result.model)["QuantizeLinear"] == 0 and ops(result.model)["Conv"] == ops(build_mobilenet_v3("tiny"))[
+        "Conv"]
+    assert result.speed.describe().startswith("WARNING: FP32 kept")
+    assert "FP32 (batch 1/4)" in result.speed.describe()
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert any("slower than FP32" in message and "FP32 model is written" in message for message in warnings)
+    # every region class was slower in FP32 too: nothing to rescue; the verdict confirmed by the two alone
+    assert len(calls) == 3 and calls[2][0] == (FLOAT, QDQ)
 
 
 def test_the_plain_lowering_stays_unless_another_format_is_clearly_faster(fake_times):
@@ -117,10 +122,10 @@ def test_a_real_default_run_measures_and_reports_its_choice():
     speed = result.speed
     assert speed is not None and speed.tables and set(speed.speedup) == {1, 4}
     assert ops(result.model) == ops(speed.model)
-    # the budget bounds the rounds: every table has at least min_rounds (2) and at most the rounds asked
+    # the budget bounds the rounds: every table has at least min_rounds (2) and at most the rounds asked (200)
     for table in speed.tables:
         for size in table.batch_sizes:
-            assert 2 <= len(table.samples[size][FLOAT]) <= 50
+            assert 2 <= len(table.samples[size][FLOAT]) <= 200
 
 
 def test_the_latency_budget_bounds_the_rounds():

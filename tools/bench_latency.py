@@ -12,6 +12,9 @@ quantize it several ways, and all models run side by side in alternating rounds 
 - ``qgraph-qdq``: plain with ``--format qdq`` (onnxruntime fuses the pairs at session creation);
 - ``ort-qoperator`` / ``ort-qdq``: onnxruntime's ``quantize_static`` (after ``quant_pre_process``; QUInt8
   activations, QInt8 per-channel weights, MinMax);
+- ``fp32 REGION`` (``--candidates``): the speed choice's one-region candidates, qgraph's QDQ graph lowered to
+  QOperator with one region class (``stem``, ``depthwise``, …) or one connected integer region (``region:NODE``)
+  FP32, and ``fp32 all regions`` where the model has several;
 - ``qgraph-choice`` (``--with-choice``): :func:`qgraph.speed_choice.choose_speed` called alone on qgraph's QDQ
   graph with this tool's rounds, FP32 when no integer candidate is faster (the reason is printed).
 
@@ -19,7 +22,10 @@ The notes give, per model, what the default's speed choice chose and the wall ti
 plain one (their difference is what the speed choice costs).
 
 ``--reduce-range on`` builds the model meant for CPUs without VNNI (7-bit weights in both quantizers);
-``auto`` follows this CPU, as qgraph's default does (quantize_static gets the same setting).
+``auto`` follows this CPU, as qgraph's default does (quantize_static gets the same setting); ``both`` quantizes and
+times every model in both settings (``off``, the VNNI setting, then ``on``) and ends with a summary table that puts
+them side by side: the default qgraph output's and quantize_static QOperator's speed-up over FP32 at each batch
+size, qgraph over quantize_static at batch 1, and the speed choice's candidate.
 
 Models: ``resnet18``, ``mobilenet_v2``, ``stream_vad`` (the LSTM stand-in of :mod:`qgraph.models.stream_vad`: FP32
 is its canonical model with ``sr`` fixed to 16000, calibration and timing feeds are chunks of
@@ -39,6 +45,8 @@ squeeze-excite) matched in execution order. Examples::
     python tools/bench_latency.py --models mobilenet_v3 --reduce-range on --rounds 30
     python tools/bench_latency.py --models resnet18 mobilenet_v2 mobilenet_v3 stream_vad --skip-qdq
     python tools/bench_latency.py --models mobilenet_v3 --profile
+    python tools/bench_latency.py --models resnet18 mobilenet_v2 mobilenet_v3 stream_vad --reduce-range both \\
+        --skip-qdq --rounds 40
 """
 
 from __future__ import annotations
@@ -71,6 +79,9 @@ MODELS = ("resnet18", "mobilenet_v2", "stream_vad", "mobilenet_v3", "mobilenet_v
           "mobilenet_v3_relu6", "mobilenet_v3_folded", "mobilenet_v3_small")
 STREAM_VAD_LAYOUT = {"state": 1}
 CONV_KINDS = ("stem", "depthwise", "pointwise", "squeeze-excite", "other")
+#: ``--reduce-range both``: 8-bit weights as on a VNNI CPU, and the 7-bit weights meant for CPUs without VNNI.
+SETTINGS = ("off", "on")
+SETTING_LABELS = {"off": "VNNI", "on": "non-VNNI"}
 
 
 # ----------------------------------------------------------------------------------------------------- models
@@ -178,7 +189,7 @@ def quantize_all(name: str, arguments: argparse.Namespace, notes: list[str]) -> 
     speed = default.quantization.speed
     notes.append(f"{name}: default qgraph run {seconds:.1f} s, with --no-speed-choice {plain_seconds:.1f} s; "
                  f"speed choice: {speed.describe() if speed else 'off'}"
-                 + (f" [{speed.reason}]" if speed else ""))
+                 + (f" [{speed.reason}]" if speed and speed.candidate.format != "fp32" else ""))
     logger.info("%s: qgraph %.1f s, plain %.1f s", name, seconds, plain_seconds)
     if not arguments.skip_qdq:
         qdq = qgraph_quantize(float_model, calibration(), output_format="qdq", reduce_range=arguments.reduce_range,
@@ -189,6 +200,8 @@ def quantize_all(name: str, arguments: argparse.Namespace, notes: list[str]) -> 
             models[f"ort-{quant_format}"] = support.ort_quantize_static(
                 float_model, ort_calibration(), method="minmax", quant_format=quant_format,
                 reduce_range=reduce_range)
+    if arguments.candidates:
+        models.update(region_candidates(result.quantization.qdq_model, setting=arguments.reduce_range))
     if arguments.with_choice:
         from qgraph.speed_choice import SpeedChoiceOptions, choose_speed, target_lowering
         from qgraph.targets import TargetOptions, get_target
@@ -203,6 +216,24 @@ def quantize_all(name: str, arguments: argparse.Namespace, notes: list[str]) -> 
         models["qgraph-choice"] = choice.model
         notes.append(f"{name}: qgraph-choice = {choice.candidate.name} ({seconds:.0f} s to choose): {choice.reason}")
     return models
+
+
+def region_candidates(qdq_model: onnx.ModelProto, *, setting: str) -> dict[str, onnx.ModelProto]:
+    """The speed choice's one-region candidates of qgraph's QDQ graph, QOperator: each region class present and, when
+    the model has several connected integer regions, each of them and all of them FP32 (``fp32 NAME``)."""
+    import onnx_ir as ir
+
+    from qgraph.speed_choice import QOPERATOR, build_candidate, find_integer_regions, find_regions, target_lowering
+    from qgraph.targets import TargetOptions, get_target
+
+    graph = ir.serde.deserialize_model(qdq_model)
+    lower = target_lowering(get_target("ort-cpu", TargetOptions(format="qoperator", reduce_range=setting)))
+    node_sets = {f"fp32 {name}": nodes for name, nodes in find_regions(graph).items() if nodes}
+    regions = find_integer_regions(graph)
+    if len(regions) > 1:
+        node_sets.update({f"fp32 {name}": nodes for name, nodes in regions.items()})
+        node_sets["fp32 all regions"] = frozenset().union(*regions.values())
+    return {label: build_candidate(qdq_model, QOPERATOR, frozenset(nodes), lower) for label, nodes in node_sets.items()}
 
 
 # ------------------------------------------------------------------------------------------------- profiling
@@ -336,16 +367,27 @@ def environment_note(arguments: argparse.Namespace) -> str:
 
 
 def run_time_only(arguments: argparse.Namespace) -> None:
+    """Time DIR/MODEL.QUANTIZER.onnx, or each DIR/reduce_range_SETTING folder that ``--save-models`` wrote with
+    ``--reduce-range both`` (then with the summary of both settings side by side)."""
     folder = Path(arguments.time_only)
-    grouped: dict[str, dict[str, str]] = collections.defaultdict(dict)
-    for path in sorted(folder.glob("*.onnx")):
-        model_name, quantizer = path.name[: -len(".onnx")].split(".", 1)
-        grouped[model_name][quantizer] = str(path)
-    for name, paths in grouped.items():
-        if "fp32" not in paths:
-            raise SystemExit(f"{folder}: no {name}.fp32.onnx to compare against")
-        ordered = {"fp32": paths.pop("fp32"), **paths}
-        print_latency(name, time_models(name, ordered, arguments))
+    setting_folders = {path.name[len("reduce_range_"):]: path for path in sorted(folder.glob("reduce_range_*"))
+                       if path.is_dir()} or {arguments.reduce_range: folder}
+    summary: dict[str, dict[str, tuple[LatencyTable, str]]] = collections.defaultdict(dict)
+    for setting, setting_folder in setting_folders.items():
+        grouped: dict[str, dict[str, str]] = collections.defaultdict(dict)
+        for path in sorted(setting_folder.glob("*.onnx")):
+            model_name, quantizer = path.name[: -len(".onnx")].split(".", 1)
+            grouped[model_name][quantizer] = str(path)
+        for name, paths in grouped.items():
+            if "fp32" not in paths:
+                raise SystemExit(f"{setting_folder}: no {name}.fp32.onnx to compare against")
+            ordered = {"fp32": paths.pop("fp32"), **paths}
+            table = time_models(name, ordered, arguments)
+            print_latency(f"{name}, --reduce-range {setting}" if len(setting_folders) > 1 else name, table)
+            if "qgraph" in table.models:
+                summary[name][setting] = (table, "")
+    if summary and all(len(by_setting) == len(setting_folders) for by_setting in summary.values()):
+        print_summary(summary, tuple(setting_folders))
     print(f"\n{environment_note(arguments)}")
 
 
@@ -353,7 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2", "mobilenet_v3"], choices=MODELS)
-    parser.add_argument("--reduce-range", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--reduce-range", default="auto", choices=["auto", "on", "off", "both"],
+                        help="'both': each model in both settings (off: VNNI, on: non-VNNI), summary side by side.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8, help="Calibration batch size, also timed.")
     parser.add_argument("--calibration-samples", type=int, default=32)
@@ -363,6 +406,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-ort", action="store_true", help="Leave out quantize_static.")
     parser.add_argument("--with-choice", action="store_true", help="Add qgraph-choice (choose_speed called alone).")
     parser.add_argument("--skip-qdq", action="store_true", help="Leave out qgraph-qdq.")
+    parser.add_argument("--candidates", action="store_true",
+                        help="Add the speed choice's one-region candidates (each region class, each connected integer "
+                        "region FP32) to the table.")
     parser.add_argument("--profile", action="store_true", help="Add onnxruntime's per-operator profiles.")
     parser.add_argument("--profile-runs", type=int, default=30)
     parser.add_argument("--save-models", metavar="DIR")
@@ -374,22 +420,68 @@ def main(argv: list[str] | None = None) -> None:
     if arguments.time_only:
         run_time_only(arguments)
         return
-    notes: list[str] = [f"--reduce-range {arguments.reduce_range}"]
+    settings = SETTINGS if arguments.reduce_range == "both" else (arguments.reduce_range,)
+    notes: list[str] = []
+    summary: dict[str, dict[str, tuple[LatencyTable, str]]] = collections.defaultdict(dict)
     for name in arguments.models:
-        start = time.perf_counter()
-        models = quantize_all(name, arguments, notes)
-        if arguments.save_models:
-            folder = Path(arguments.save_models)
-            folder.mkdir(parents=True, exist_ok=True)
-            for quantizer, model in models.items():
-                onnx.save(model, os.fspath(folder / f"{name}.{quantizer}.onnx"))
-        print_latency(name, time_models(name, models, arguments))
-        if arguments.profile:
-            print_profiles(name, models, arguments)
-        logger.info("%s done in %.0f s", name, time.perf_counter() - start)
+        for setting in settings:
+            start = time.perf_counter()
+            setting_arguments = argparse.Namespace(**{**vars(arguments), "reduce_range": setting})
+            setting_notes = [f"--reduce-range {setting}"]
+            models = quantize_all(name, setting_arguments, setting_notes)
+            notes += [f"[--reduce-range {setting}] {note}" for note in setting_notes[1:]]
+            if arguments.save_models:
+                folder = Path(arguments.save_models) / (f"reduce_range_{setting}" if len(settings) > 1 else "")
+                folder.mkdir(parents=True, exist_ok=True)
+                for quantizer, model in models.items():
+                    onnx.save(model, os.fspath(folder / f"{name}.{quantizer}.onnx"))
+            table = time_models(name, models, setting_arguments)
+            print_latency(f"{name}, --reduce-range {setting}", table)
+            summary[name][setting] = (table, _choice_of(setting_notes))
+            if arguments.profile:
+                print_profiles(name, models, setting_arguments)
+            logger.info("%s (--reduce-range %s) done in %.0f s", name, setting, time.perf_counter() - start)
+    print_summary(summary, settings)
     support.print_table("Notes", ["note"], [[note] for note in notes])
     print(f"\n{environment_note(arguments)}")
 
+
+def _choice_of(setting_notes: list[str]) -> str:
+    """The speed choice's candidate named in quantize_all's note ("… speed choice: CANDIDATE at …")."""
+    note = next((note for note in setting_notes if "speed choice: " in note), "")
+    text = note.split("speed choice: ", 1)[1] if note else ""
+    if text.startswith("WARNING: FP32 kept"):
+        return "fp32 (every integer candidate slower)"
+    return text.split(" at ", 1)[0]
+
+
+def print_summary(summary: dict[str, dict[str, tuple[LatencyTable, str]]], settings) -> None:
+    """One row per model: for each setting, the default qgraph output's and quantize_static QOperator's speed-up
+    over FP32 at each batch size (ratio of first quartiles, same run), qgraph over quantize_static, the choice."""
+    headers = ["model"]
+    rows = []
+    for setting in settings:
+        label = SETTING_LABELS.get(setting, f"--reduce-range {setting}")
+        sizes = next(iter(summary.values()))[setting][0].batch_sizes
+        headers += [f"{label}: qgraph b{size}" for size in sizes]
+        headers += [f"{label}: ort-qop b{size}" for size in sizes]
+        headers += [f"{label}: qgraph/ort-qop b{sizes[0]}", f"{label}: choice"]
+    for name, by_setting in summary.items():
+        row = [name]
+        for setting in settings:
+            table, choice = by_setting[setting]
+            has_ort = "ort-qoperator" in table.models
+            row += [f"{table.speedup('qgraph', size).fast_quartile:.2f}×" for size in table.batch_sizes]
+            row += [f"{table.speedup('ort-qoperator', size).fast_quartile:.2f}×" if has_ort else ""
+                    for size in table.batch_sizes]
+            row.append(f"{table.speedup('qgraph', table.batch_sizes[0], reference='ort-qoperator').fast_quartile:.2f}×"
+                       if has_ort else "")
+            row.append(choice)
+        rows.append(row)
+    support.print_table("Summary: default qgraph output and quantize_static QOperator vs FP32, both settings side by "
+                        "side", headers, rows,
+                        notes=["speed-up = q25(FP32) / q25(model) of the same alternating rounds; qgraph/ort-qop is "
+                               "q25(ort-qoperator) / q25(qgraph) at batch 1 (>= 1: qgraph at least as fast)."])
 
 if __name__ == "__main__":
     main()

@@ -427,8 +427,8 @@ def _optimize_options(values: Mapping[str, Any]) -> OptimizeOptions:
               f"at most ~{_default(QuantizeOptions, 'speed_choice_seconds'):g} s of timing runs) and write the "
               "fastest: QOperator or QDQ (unless --format names one), with FP32 kept where integer kernels are "
               "slower here (stem, depthwise convolutions, squeeze-excite blocks, small MatMuls). The summary says "
-              "what was chosen, and warns when even the fastest integer model is slower than FP32. Target "
-              "ort-cpu only; --no-speed-choice writes the plain lowering, unmeasured (for another CPU, say).")
+              "what was chosen; when every integer model is slower than FP32 it writes the FP32 model and warns. "
+              "Target ort-cpu only; --no-speed-choice writes the plain lowering, unmeasured (for another CPU, say).")
 @click.option("--batch-axis", "batch_axis", multiple=True, metavar="KEY=AXIS",
               help="Data key KEY holds its samples along AXIS (repeatable), e.g. state=1 for a recurrent state "
               "[layers, batch, hidden]; KEY=none: a constant fed with every batch. Other keys: axis 0, scalars are "
