@@ -361,12 +361,21 @@ def choose_output_speed(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto
                              rounds=50, warmup=1, min_rounds=2,
                              budget_seconds=options.speed_choice_seconds / _SPEED_CHOICE_TABLES)
     formats = (target.options.format,) if options.target_options.format is not None else (QOPERATOR, QDQ)
+    four_bit = target.options.weight_bits == 4
+    if four_bit:  # a QDQ candidate would be timed with int8 codes, then written with int4 ones (slower to run)
+        formats = (target.options.format,)
     choice_options = SpeedChoiceOptions(latency=latency, formats=formats, keep_float_when_slower=False)
     started = time.perf_counter()
     logger.info("speed choice: timing %s against FP32 at batch %s", " and ".join(formats),
                 "/".join(str(size) for size in batch_sizes))
     choice = choose_speed(float_model, qdq_model, target_lowering(target), choice_options, feeds=feeds)
     logger.info("speed choice in %.1f s: %s", time.perf_counter() - started, choice.describe())
+    if four_bit and choice.candidate.format == QDQ:  # built without the lowering: store its 4-bit weights now
+        from qgraph.passes.lower.store_int4_weights import StoreInt4Weights
+
+        stored = ir.serde.deserialize_model(choice.model)
+        StoreInt4Weights()(stored)
+        choice = dataclasses.replace(choice, model=ir.serde.serialize_model(stored))
     return choice
 
 
