@@ -159,7 +159,8 @@ def support() -> None:
         if activations == "QDQ":
             nodes += [make.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
                       make.make_node("DequantizeLinear", ["xq", "s", "z"], ["xf"]),
-                      make.make_node(op, ["xf", "wf"], ["m"]), make.make_node("QuantizeLinear", ["m", "s", "z"], ["mq"]),
+                      make.make_node(op, ["xf", "wf"], ["m"]),
+                      make.make_node("QuantizeLinear", ["m", "s", "z"], ["mq"]),
                       make.make_node("DequantizeLinear", ["mq", "s", "z"], ["y"])]
         else:
             nodes += [make.make_node(op, ["x", "wf"], ["y"])]
