@@ -21,8 +21,14 @@ latest one alike):
    Each form is timed side by side (one run of each per round, ``--rounds`` rounds, full graph optimisation,
    ``--threads`` threads); the table gives the median and the weight bytes as stored.
 
+3. **Models** (``--part models``, needs qgraph): a MatMul-heavy model (a stack of transformer feed-forward blocks,
+   hidden 768, inner 3072) and a small CNN, quantized by qgraph with static uint8 activations: FP32, INT8 and 4-bit
+   weights in the QOperator format (MatMulNBits at ``accuracy_level`` 0 and 4; Conv on QLinearConv with widened
+   codes) and in the QDQ format (int4 DequantizeLinear at opset 21): file size over FP32 and latency side by side.
+
     python tools/bench_int4_static.py --part support
     python tools/bench_int4_static.py --part forms [--rounds 40] [--threads 2]
+    python tools/bench_int4_static.py --part models [--rounds 20] [--threads 2]
 """
 
 from __future__ import annotations
@@ -334,17 +340,129 @@ def forms_table(rounds: int, threads: int) -> None:
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 
 
+# ------------------------------------------------------------------------------------------------- models
+def feed_forward_model(layers: int = 2, hidden: int = 768, inner: int = 3072, seed: int = 0) -> onnx.ModelProto:
+    """``layers`` × (MatMul + bias → Relu → MatMul + bias → residual Add), input ``[rows, hidden]``."""
+    rng = np.random.default_rng(seed)
+    nodes, initializers, current = [], [], "x"
+    for layer in range(layers):
+        names = [f"l{layer}.{part}" for part in ("w1", "b1", "w2", "b2")]
+        initializers += [
+            numpy_helper.from_array((rng.standard_normal((hidden, inner)) / np.sqrt(hidden)).astype(np.float32),
+                                    names[0]),
+            numpy_helper.from_array((rng.standard_normal(inner) * 0.1).astype(np.float32), names[1]),
+            numpy_helper.from_array((rng.standard_normal((inner, hidden)) / np.sqrt(inner)).astype(np.float32),
+                                    names[2]),
+            numpy_helper.from_array((rng.standard_normal(hidden) * 0.1).astype(np.float32), names[3])]
+        prefix = f"l{layer}"
+        nodes += [make.make_node("MatMul", [current, names[0]], [f"{prefix}.m1"], name=f"{prefix}.matmul1"),
+                  make.make_node("Add", [f"{prefix}.m1", names[1]], [f"{prefix}.a1"], name=f"{prefix}.bias1"),
+                  make.make_node("Relu", [f"{prefix}.a1"], [f"{prefix}.r"], name=f"{prefix}.relu"),
+                  make.make_node("MatMul", [f"{prefix}.r", names[2]], [f"{prefix}.m2"], name=f"{prefix}.matmul2"),
+                  make.make_node("Add", [f"{prefix}.m2", names[3]], [f"{prefix}.a2"], name=f"{prefix}.bias2"),
+                  make.make_node("Add", [f"{prefix}.a2", current], [f"{prefix}.out"], name=f"{prefix}.residual")]
+        current = f"{prefix}.out"
+    graph = make.make_graph(nodes, "feed_forward", [make.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                 ["rows", hidden])],
+                            [make.make_tensor_value_info(current, TensorProto.FLOAT, ["rows", hidden])], initializers)
+    return make.make_model(graph, opset_imports=[make.make_opsetid("", 17)], ir_version=8)
+
+
+def small_cnn_model(seed: int = 0) -> onnx.ModelProto:
+    """Conv 3→32 (stride 2) → Relu → 2 × (Conv 32→32 3×3 → Relu) → GlobalAveragePool → Flatten → Gemm 32→10."""
+    rng = np.random.default_rng(seed)
+    nodes, initializers, current, channels = [], [], "x", 3
+    for index, (out, stride) in enumerate(((32, 2), (32, 1), (32, 1))):
+        weight = (rng.standard_normal((out, channels, 3, 3)) / np.sqrt(channels * 9)).astype(np.float32)
+        initializers += [numpy_helper.from_array(weight, f"conv{index}.w"),
+                         numpy_helper.from_array((rng.standard_normal(out) * 0.1).astype(np.float32), f"conv{index}.b")]
+        nodes += [make.make_node("Conv", [current, f"conv{index}.w", f"conv{index}.b"], [f"c{index}"], pads=[1] * 4,
+                                 strides=[stride] * 2, name=f"conv{index}"),
+                  make.make_node("Relu", [f"c{index}"], [f"r{index}"], name=f"relu{index}")]
+        current, channels = f"r{index}", out
+    initializers += [numpy_helper.from_array((rng.standard_normal((10, 32)) * 0.2).astype(np.float32), "fc.w"),
+                     numpy_helper.from_array(np.zeros(10, np.float32), "fc.b")]
+    nodes += [make.make_node("GlobalAveragePool", [current], ["gap"], name="gap"),
+              make.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+              make.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], transB=1, name="fc")]
+    graph = make.make_graph(nodes, "small_cnn", [make.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                              ["batch", 3, 64, 64])],
+                            [make.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], initializers)
+    return make.make_model(graph, opset_imports=[make.make_opsetid("", 17)], ir_version=8)
+
+
+def quantized_variants(float_model: onnx.ModelProto, batches) -> dict[str, onnx.ModelProto]:
+    """FP32, and qgraph's static quantization of it at 8 and 4 bits, QOperator and QDQ (no speed choice)."""
+    import onnx_ir as ir
+
+    from qgraph.pipeline import OptimizeOptions, optimize
+    from qgraph.ptq import QuantizeOptions
+    from qgraph.targets import TargetOptions
+
+    variants = {"fp32": float_model}
+    for bits in (8, 4):
+        for output_format in ("qoperator", "qdq"):
+            options = OptimizeOptions(quantization=QuantizeOptions(
+                target_options=TargetOptions(weight_bits=bits, format=output_format), min_sqnr=None,
+                speed_choice=False))
+            result = optimize(ir.serde.deserialize_model(float_model), options=options, calibration_data=batches)
+            variants[f"int{bits} {output_format}"] = ir.serde.serialize_model(result.model)
+    accurate = onnx.ModelProto()
+    accurate.CopyFrom(variants["int4 qoperator"])
+    for node in accurate.graph.node:
+        if node.op_type == "MatMulNBits":
+            node.attribute.append(make.make_attribute("accuracy_level", 4))
+    variants["int4 qoperator acc4"] = accurate
+    return variants
+
+
+def models_table(rounds: int, threads: int) -> None:
+    rng = np.random.default_rng(0)
+    cases = [("feed-forward 2x(768-3072-768)", feed_forward_model(), lambda rows: {"x": rng.standard_normal(
+                 (rows, 768)).astype(np.float32)}, (1, 32)),
+             ("small CNN 64x64", small_cnn_model(), lambda rows: {"x": rng.standard_normal(
+                 (rows, 3, 64, 64)).astype(np.float32)}, (1, 8))]
+    print(f"onnxruntime {ort.__version__}, {threads} threads, median of {rounds} interleaved rounds; size = file "
+          "bytes over FP32's\n")
+    for label, model, feeds_for, sizes in cases:
+        variants = quantized_variants(model, [feeds_for(8) for _ in range(4)])
+        print(f"**{label}**\n\n| variant | size × FP32 | ops | " + " | ".join(f"batch {size}" for size in sizes)
+              + " |\n|---|---|---|" + "---|" * len(sizes))
+        timings = {}
+        for size in sizes:
+            feeds = feeds_for(size)
+            sessions = {name: _session(variant, threads=threads) for name, variant in variants.items()}
+            for session in sessions.values():
+                session.run(None, feeds)
+            times: dict[str, list[float]] = {name: [] for name in sessions}
+            for _ in range(rounds):
+                for name, session in sessions.items():
+                    started = time.perf_counter()
+                    session.run(None, feeds)
+                    times[name].append(time.perf_counter() - started)
+            timings[size] = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+        for name, variant in variants.items():
+            ops = sorted({node.op_type for node in variant.graph.node} - {"QuantizeLinear", "DequantizeLinear"})
+            cells = [f"{timings[size][name]:.2f} ms ({timings[size]['fp32'] / timings[size][name]:.2f}× FP32)"
+                     for size in sizes]
+            print(f"| {name} | {variant.ByteSize() / model.ByteSize():.3f} | {', '.join(ops)} | "
+                  + " | ".join(cells) + " |", flush=True)
+        print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("support", "forms"), default="support")
+    parser.add_argument("--part", choices=("support", "forms", "models"), default="support")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if arguments.part == "support":
         support()
-    else:
+    elif arguments.part == "forms":
         forms_table(arguments.rounds, arguments.threads)
+    else:
+        models_table(arguments.rounds, arguments.threads)
 
 
 if __name__ == "__main__":

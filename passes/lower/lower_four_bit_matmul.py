@@ -16,7 +16,8 @@ keeps, and the QuantizeLinear after the MatMul stays too). MatMulNBits computes 
 ŝ[⌊k/B⌋, n] · (c[k, n] − 8)`` with ``c = q + 8`` (no zero-point input: onnxruntime's default 8); the per-column
 scale ``s[n]`` is repeated over the blocks, ``ŝ[j, n] = s[n]`` (a per-tensor scale over every column), so the
 weight is exactly ``s[n] · q[k, n]``, the DequantizeLinear's, and the lowering changes no value beyond float
-summation order (``accuracy_level`` 0: float arithmetic). B is ``block_size`` (128), or the smallest power of two
+summation order with ``accuracy_level`` 0 (float arithmetic); ``accuracy_level = 4`` (onnxruntime quantizes x to
+int8 per block) moves an output by up to one quantization step. B is ``block_size`` (128), or the smallest power of two
 ≥ K when K is smaller (at least 16); a K that is not a multiple of B is padded with code 8, i.e. with zeros (see
 :mod:`qgraph.quant.blockwise`). The int32 bias of a Gemm stays behind its DequantizeLinear and is added in float.
 
@@ -41,6 +42,9 @@ from qgraph.quant.blockwise import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, BlockQuantize
 logger = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 128
+#: MatMulNBits ``accuracy_level``: 0 multiplies in float32 (the DequantizeLinear's values exactly); 4 lets onnxruntime
+#: quantize x to int8 per block for its VNNI kernels (faster, moves an output by up to one quantization step).
+ACCURACY_LEVELS = (0, 4)
 FOUR_BIT_RANGE = (-8, 7)
 
 
@@ -76,9 +80,12 @@ class LowerFourBitMatMul(RewritePass):
     phase = Phase.LOWER
     summary = "MatMul/Gemm over a 4-bit per-channel DQ weight becomes com.microsoft MatMulNBits (packed, exact)"
 
-    def __init__(self, *, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+    def __init__(self, *, block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = 0) -> None:
         super().__init__()
+        if accuracy_level not in ACCURACY_LEVELS:
+            raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {accuracy_level}")
         self.block_size = block_size
+        self.accuracy_level = accuracy_level
 
     def match(self, node: ir.Node, context: RewriteContext) -> _Match | None:
         if not is_op(node, "MatMul", "Gemm") or len(node.inputs) < 2 or node.inputs[1] is None:
@@ -140,7 +147,8 @@ class LowerFourBitMatMul(RewritePass):
             [node.inputs[0], new_initializer(graph, context.names, f"{base}_nbits", packed),
              new_initializer(graph, context.names, f"{base}_nbits_scales", scales)],
             [ir.AttrInt64("K", rows), ir.AttrInt64("N", columns), ir.AttrInt64("bits", 4),
-             ir.AttrInt64("block_size", plan.weight.spec.block_size)],
+             ir.AttrInt64("block_size", plan.weight.spec.block_size),
+             *([ir.AttrInt64("accuracy_level", self.accuracy_level)] if self.accuracy_level else [])],
             name=context.names.fresh(f"{node.name or 'matmul'}_nbits"))
         new_nodes = [nbits]
         result = nbits.outputs[0]

@@ -120,6 +120,25 @@ def upgrade_refusal(model: ir.Model, converted: frozenset[ir.Node] = frozenset()
     return None
 
 
+#: onnxruntime's integer kernels and the input that holds their weight codes (none of them takes int4).
+INTEGER_KERNEL_WEIGHT = {"QLinearConv": 3, "QLinearMatMul": 3, "QGemm": 3, "ConvInteger": 1, "MatMulInteger": 1,
+                         "MatMulIntegerToFloat": 1}
+
+
+def _four_bit_integer_kernel_weights(model: ir.Model) -> dict[str, int]:
+    """Per integer-kernel type, how many of its weights hold codes in the 4-bit range as int8 (widened)."""
+    kept: dict[str, int] = {}
+    for graph in iterate_graphs(model):
+        for node in graph:
+            index = INTEGER_KERNEL_WEIGHT.get(node.op_type)
+            if index is None or node.domain not in ("", "ai.onnx", "com.microsoft") or len(node.inputs) <= index:
+                continue
+            codes = constant_array(node.inputs[index])
+            if codes is not None and codes.dtype == np.int8 and codes.size and -8 <= codes.min() <= codes.max() <= 7:
+                kept[node.op_type] = kept.get(node.op_type, 0) + 1
+    return kept
+
+
 @register
 class StoreInt4Weights(RewritePass):
     """Store the 4-bit codes of constant weights behind DequantizeLinear as int4/uint4 (upgrading to opset 21)."""
@@ -129,6 +148,10 @@ class StoreInt4Weights(RewritePass):
 
     def call(self, model: ir.Model) -> PassResult:
         context = RewriteContext(model)
+        kept = _four_bit_integer_kernel_weights(model)
+        for op_type, count in sorted(kept.items()):
+            logger.info("%d 4-bit weights stay int8 codes inside %s (onnxruntime has no int4 integer kernel)",
+                        count, op_type)
         candidates = [node for graph in iterate_graphs(model) for node in graph
                       if (plan := self._candidate(node, context)) is not None and not isinstance(plan, Refusal)]
         if not candidates:
