@@ -59,6 +59,9 @@ LOWERING_PASSES: tuple[type[QGraphPass], ...] = (
     LowerIntegerPassThrough,
     RemoveRedundantQuantization,
 )
+#: MatMulNBits' accuracy_level for 4-bit MatMul/Gemm weights: 4 (x quantized to int8 per block, VNNI kernels) ran
+#: 2-3x faster than 0 (float) at every batch size, within one quantization step (docs/runtime-facts.md).
+FOUR_BIT_ACCURACY_LEVEL = 4
 #: Lowering passes with integer kernels whose u8s8 form can saturate (they take ``guard_saturation``).
 GUARDED_PASSES: frozenset[type[QGraphPass]] = frozenset({LowerQLinearConv, LowerQLinearMatMul, LowerQGemm,
                                                          LowerMatMulIntegerToFloat, LowerIntegerMatMul})
@@ -102,7 +105,9 @@ class OrtCpuTarget(Target):
     def lowering_pipeline(self) -> list[QGraphPass]:
         guard = self.saturation_guard()
         return [
-            pass_class(guard_saturation=guard) if pass_class in GUARDED_PASSES else pass_class()
+            pass_class(guard_saturation=guard) if pass_class in GUARDED_PASSES
+            else LowerFourBitMatMul(accuracy_level=FOUR_BIT_ACCURACY_LEVEL) if pass_class is LowerFourBitMatMul
+            else pass_class()
             for pass_class in self.lowering_passes()
         ]
 

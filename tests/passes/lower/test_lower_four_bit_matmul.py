@@ -85,3 +85,18 @@ def test_non_zero_weight_zero_point_is_refused(caplog):
 def test_block_size_for_small_and_large_inputs():
     assert [block_size_for(rows) for rows in (3, 16, 17, 100, 128, 129, 4096)] == [16, 16, 32, 128, 128, 128, 128]
     assert block_size_for(4096, 256) == 256
+
+
+@pytest.mark.parametrize("rows", [64, 768])
+def test_accuracy_level_4_stays_within_one_step(rows):
+    """onnxruntime requantizes x to int8 per block: each output moves by at most one step of its quantizer."""
+    builder, out = four_bit_matmul(rows=rows, columns=32)
+    model, _, _, _ = lower_and_check(builder.model(), LowerFourBitMatMul(accuracy_level=4),
+                                     output_scales={out: builder.scales[out]})
+    nbits = next(node for node in model.graph if node.op_type == "MatMulNBits")
+    assert nbits.attributes["accuracy_level"].value == 4
+
+
+def test_unknown_accuracy_level_is_refused():
+    with pytest.raises(ValueError, match="accuracy_level must be one of"):
+        LowerFourBitMatMul(accuracy_level=2)
