@@ -339,8 +339,15 @@ def _timing_axes(model: onnx.ModelProto, batch_axes: BatchAxes | None) -> dict[s
 
 
 def speed_choice_applies(options: QuantizeOptions, target: Target) -> bool:
-    """The speed choice runs for target ort-cpu (what onnxruntime on this CPU runs is what it measures)."""
-    return options.speed_choice and target.name == "ort-cpu"
+    """The speed choice runs for target ort-cpu (what onnxruntime on this CPU runs is what it measures), except for
+    4-bit weights in the QDQ format: its candidates would be timed with the int8 codes, not the int4 ones written."""
+    if not (options.speed_choice and target.name == "ort-cpu"):
+        return False
+    if target.options.weight_bits == 4 and target.options.format == QDQ:
+        logger.info("speed choice skipped: 4-bit weights in the QDQ format are written as int4, which onnxruntime "
+                    "runs as DequantizeLinear -> float operator (no int4 integer kernel)")
+        return False
+    return True
 
 
 def choose_output_speed(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, target: Target,
@@ -361,8 +368,7 @@ def choose_output_speed(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto
                              rounds=50, warmup=1, min_rounds=2,
                              budget_seconds=options.speed_choice_seconds / _SPEED_CHOICE_TABLES)
     formats = (target.options.format,) if options.target_options.format is not None else (QOPERATOR, QDQ)
-    four_bit = target.options.weight_bits == 4
-    if four_bit:  # a QDQ candidate would be timed with int8 codes, then written with int4 ones (slower to run)
+    if target.options.weight_bits == 4:  # a QDQ candidate is timed unlowered: with int8 codes, not int4 ones
         formats = (target.options.format,)
     choice_options = SpeedChoiceOptions(latency=latency, formats=formats, keep_float_when_slower=False)
     started = time.perf_counter()
@@ -370,12 +376,6 @@ def choose_output_speed(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto
                 "/".join(str(size) for size in batch_sizes))
     choice = choose_speed(float_model, qdq_model, target_lowering(target), choice_options, feeds=feeds)
     logger.info("speed choice in %.1f s: %s", time.perf_counter() - started, choice.describe())
-    if four_bit and choice.candidate.format == QDQ:  # built without the lowering: store its 4-bit weights now
-        from qgraph.passes.lower.store_int4_weights import StoreInt4Weights
-
-        stored = ir.serde.deserialize_model(choice.model)
-        StoreInt4Weights()(stored)
-        choice = dataclasses.replace(choice, model=ir.serde.serialize_model(stored))
     return choice
 
 

@@ -51,6 +51,8 @@ _FOUR_BIT = {
     ir.DataType.UINT8: (ml_dtypes.uint4, 0, 15),
 }
 _EIGHT_BIT = frozenset({ir.DataType.INT8, ir.DataType.UINT8})
+#: Operators whose int8-coded QDQ form onnxruntime fuses into an integer kernel, and whose int4 form it runs in float.
+FLOAT_COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +169,12 @@ class StoreInt4Weights(RewritePass):
             adopt(model, upgraded)
             logger.info("model upgraded from opset %d to %d for int4 weights", current, MINIMUM_OPSET)
         result = super().call(model)
+        computing = sorted({consumer.op_type for node in candidates for consumer in node.outputs[0].consumers()
+                            if consumer.op_type in FLOAT_COMPUTE_OPS})
         logger.info("stored %d 4-bit weights as int4", len(candidates))
+        if computing:
+            logger.warning("onnxruntime has no int4 integer kernel: it runs int4 DequantizeLinear -> float %s "
+                           "(smaller than int8 codes, slower to run; docs/runtime-facts.md)", "/".join(computing))
         return result
 
     def _candidate(self, node: ir.Node, context: RewriteContext) -> _Plan | Refusal | None:

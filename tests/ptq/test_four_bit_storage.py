@@ -141,12 +141,16 @@ def test_conv_weights_stay_int8_codes_inside_qlinearconv_and_int4_in_qdq(caplog)
 
 
 @pytest.mark.parametrize("output_format", ["qdq", "qoperator"])
-def test_optimize_with_the_speed_choice_keeps_the_four_bit_storage(tmp_path, output_format):
+def test_optimize_with_the_speed_choice_keeps_the_four_bit_storage(tmp_path, output_format, caplog):
     options = OptimizeOptions(quantization=QuantizeOptions(
         target_options=TargetOptions(weight_bits=4, format=output_format), min_sqnr=None, speed_choice_seconds=1.0))
     float_model = mlp(sizes=(128, 256, 10))
     path = tmp_path / "model.onnx"
-    optimize(ir.serde.deserialize_model(float_model), path, options, calibration_data=_batches(128))
+    with caplog.at_level("INFO"):
+        optimize(ir.serde.deserialize_model(float_model), path, options, calibration_data=_batches(128))
+    # QDQ candidates would be timed with int8 codes (unlowered), not the int4 ones written: no speed choice there
+    assert ("speed choice skipped: 4-bit weights in the QDQ format" in caplog.text) == (output_format == "qdq")
+    assert ("speed choice: timing qoperator against FP32" in caplog.text) == (output_format == "qoperator")
     saved = onnx.load(path)
     onnx.checker.check_model(saved, full_check=True)
     four_bit = _initializer_types(saved) == {TensorProto.INT4} or "MatMulNBits" in _ops(saved)
