@@ -140,6 +140,7 @@ def test_conv_weights_stay_int8_codes_inside_qlinearconv_and_int4_in_qdq(caplog)
     assert _initializer_types(qdq) == {TensorProto.INT4}
 
 
+@pytest.mark.speed_choice
 @pytest.mark.parametrize("output_format", ["qdq", "qoperator"])
 def test_optimize_with_the_speed_choice_keeps_the_four_bit_storage(tmp_path, output_format, caplog):
     options = OptimizeOptions(quantization=QuantizeOptions(
