@@ -23,12 +23,14 @@ latest one alike):
 
 3. **Models** (``--part models``, needs qgraph): a MatMul-heavy model (a stack of transformer feed-forward blocks,
    hidden 768, inner 3072) and a small CNN, quantized by qgraph with static uint8 activations: FP32, INT8 and 4-bit
-   weights in the QOperator format (MatMulNBits at ``accuracy_level`` 0 and 4; Conv on QLinearConv with widened
-   codes) and in the QDQ format (int4 DequantizeLinear at opset 21): file size over FP32 and latency side by side.
+   weights in the QOperator format (MatMulNBits at ``accuracy_level`` 4, as qgraph writes it, and 0; Conv on
+   QLinearConv with widened codes) and in the QDQ format (int4 DequantizeLinear at opset 21): file size over FP32
+   and latency side by side. ``--models-dir DIR`` keeps the quantized models there and times those found there
+   instead of quantizing again (so that another onnxruntime, without qgraph installed, times the same files).
 
     python tools/bench_int4_static.py --part support
     python tools/bench_int4_static.py --part forms [--rounds 40] [--threads 2]
-    python tools/bench_int4_static.py --part models [--rounds 20] [--threads 2]
+    python tools/bench_int4_static.py --part models [--rounds 20] [--threads 2] [--models-dir DIR]
 """
 
 from __future__ import annotations
@@ -407,16 +409,35 @@ def quantized_variants(float_model: onnx.ModelProto, batches) -> dict[str, onnx.
                 speed_choice=False))
             result = optimize(ir.serde.deserialize_model(float_model), options=options, calibration_data=batches)
             variants[f"int{bits} {output_format}"] = ir.serde.serialize_model(result.model)
-    accurate = onnx.ModelProto()
-    accurate.CopyFrom(variants["int4 qoperator"])
-    for node in accurate.graph.node:
+    exact = onnx.ModelProto()  # qgraph writes accuracy_level 4; 0 (float arithmetic) for comparison
+    exact.CopyFrom(variants["int4 qoperator"])
+    for node in exact.graph.node:
         if node.op_type == "MatMulNBits":
-            node.attribute.append(make.make_attribute("accuracy_level", 4))
-    variants["int4 qoperator acc4"] = accurate
+            kept = [attribute for attribute in node.attribute if attribute.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+    variants["int4 qoperator acc0"] = exact
     return variants
 
 
-def models_table(rounds: int, threads: int) -> None:
+def stored_variants(folder: str | None, label: str, build) -> dict[str, onnx.ModelProto]:
+    """The variants saved under ``folder`` for ``label``, or ``build()``'s (saved there when a folder is given)."""
+    prefix = os.path.join(folder, label.split()[0]) if folder else None
+    index = f"{prefix}.index" if prefix else None
+    if index and os.path.exists(index):
+        with open(index, encoding="utf-8") as names:
+            return {name: onnx.load(f"{prefix}.{number}.onnx") for number, name in enumerate(names.read().splitlines())}
+    variants = build()
+    if prefix:
+        os.makedirs(folder, exist_ok=True)
+        for number, variant in enumerate(variants.values()):
+            onnx.save(variant, f"{prefix}.{number}.onnx")
+        with open(index, "w", encoding="utf-8") as names:
+            names.write("\n".join(variants))
+    return variants
+
+
+def models_table(rounds: int, threads: int, folder: str | None = None) -> None:
     rng = np.random.default_rng(0)
     cases = [("feed-forward 2x(768-3072-768)", feed_forward_model(), lambda rows: {"x": rng.standard_normal(
                  (rows, 768)).astype(np.float32)}, (1, 32)),
@@ -425,7 +446,8 @@ def models_table(rounds: int, threads: int) -> None:
     print(f"onnxruntime {ort.__version__}, {threads} threads, median of {rounds} interleaved rounds; size = file "
           "bytes over FP32's\n")
     for label, model, feeds_for, sizes in cases:
-        variants = quantized_variants(model, [feeds_for(8) for _ in range(4)])
+        variants = stored_variants(folder, label, lambda model=model, feeds_for=feeds_for: quantized_variants(
+            model, [feeds_for(8) for _ in range(4)]))
         print(f"**{label}**\n\n| variant | size × FP32 | ops | " + " | ".join(f"batch {size}" for size in sizes)
               + " |\n|---|---|---|" + "---|" * len(sizes))
         timings = {}
@@ -455,6 +477,7 @@ def main() -> None:
     parser.add_argument("--part", choices=("support", "forms", "models"), default="support")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models-dir", help="--part models: keep the quantized models here (reused when present)")
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if arguments.part == "support":
@@ -462,7 +485,7 @@ def main() -> None:
     elif arguments.part == "forms":
         forms_table(arguments.rounds, arguments.threads)
     else:
-        models_table(arguments.rounds, arguments.threads)
+        models_table(arguments.rounds, arguments.threads, arguments.models_dir)
 
 
 if __name__ == "__main__":
