@@ -60,7 +60,8 @@ LOWERING_PASSES: tuple[type[QGraphPass], ...] = (
     RemoveRedundantQuantization,
 )
 #: MatMulNBits' accuracy_level for 4-bit MatMul/Gemm weights: 4 (x quantized to int8 per block, VNNI kernels) ran
-#: 2-3x faster than 0 (float) at every batch size, within one quantization step (docs/runtime-facts.md).
+#: 1.8-3.1x faster than 0 (float) at every batch size; it moves some outputs by a step, the SQNR not measurably
+#: (docs/runtime-facts.md).
 FOUR_BIT_ACCURACY_LEVEL = 4
 #: Lowering passes with integer kernels whose u8s8 form can saturate (they take ``guard_saturation``).
 GUARDED_PASSES: frozenset[type[QGraphPass]] = frozenset({LowerQLinearConv, LowerQLinearMatMul, LowerQGemm,

@@ -89,7 +89,7 @@ def test_block_size_for_small_and_large_inputs():
 
 @pytest.mark.parametrize("rows", [64, 768])
 def test_accuracy_level_4_stays_within_one_step(rows):
-    """onnxruntime requantizes x to int8 per block: each output moves by at most one step of its quantizer."""
+    """onnxruntime requantizes x to int8 per block: on Gaussian inputs each output moves by at most one step."""
     builder, out = four_bit_matmul(rows=rows, columns=32)
     model, _, _, _ = lower_and_check(builder.model(), LowerFourBitMatMul(accuracy_level=4),
                                      output_scales={out: builder.scales[out]})
