@@ -158,6 +158,8 @@ class StoreInt4Weights(RewritePass):
                       if (plan := self._candidate(node, context)) is not None and not isinstance(plan, Refusal)]
         if not candidates:
             return PassResult(model, False)
+        computing = sorted({consumer.op_type for node in candidates for consumer in node.outputs[0].consumers()
+                            if consumer.op_type in FLOAT_COMPUTE_OPS})
         current = default_opset(model)
         if current < MINIMUM_OPSET:
             reason = upgrade_refusal(model, frozenset(candidates))
@@ -169,8 +171,6 @@ class StoreInt4Weights(RewritePass):
             adopt(model, upgraded)
             logger.info("model upgraded from opset %d to %d for int4 weights", current, MINIMUM_OPSET)
         result = super().call(model)
-        computing = sorted({consumer.op_type for node in candidates for consumer in node.outputs[0].consumers()
-                            if consumer.op_type in FLOAT_COMPUTE_OPS})
         logger.info("stored %d 4-bit weights as int4", len(candidates))
         if computing:
             logger.warning("onnxruntime has no int4 integer kernel: it runs int4 DequantizeLinear -> float %s "
