@@ -325,7 +325,8 @@ def _optimize_options(values: Mapping[str, Any]) -> OptimizeOptions:
 @click.option("--per-tensor", is_flag=True, help="One scale per weight tensor instead of one per output channel.")
 @click.option("--weight-bits", type=click.Choice([str(bits) for bits in WEIGHT_BITS]),
               default=str(_default(TargetOptions, "weight_bits")), show_default=True,
-              help="Bit width of weights.")
+              help="Bit width of weights. 4: stored as int4 DequantizeLinear (QDQ, opset 21) or packed MatMulNBits "
+                   "(QOperator MatMul/Gemm); Conv weights in QLinearConv stay int8 codes (no int4 kernel).")
 @click.option("--exclude", metavar="NAMES", help="Comma-separated node names or operator types to keep in FP32.")
 @click.option("--keep-fp32", metavar="first,last", help="Keep the first and/or last compute layer in FP32.")
 @click.option("--requantize", is_flag=True, help="Allow quantizing a model that is already quantized.")

@@ -312,10 +312,12 @@ def protocol_corpus() -> list[onnx.ModelProto]:
         [("x", [1, 3, 5, 5])], [("y", None)], {"W": weights((4, 3, 3, 3), 4), "c": weights((4, 1, 1), 5)},
     )
     cnn, _, _ = small_cnn()
+    from tests.passes.lower.four_bit_models import four_bit_matmul
+
     return [
         ir.serde.serialize_model(model()), conv_batch_norm, lone_batch_norm, conv_bias,
         gelu_erf(), gelu_tanh(opset=20), layer_norm("tf2onnx"), cnn.model(), float_output_islands(),
-        blocked_int4_matmul(),
+        blocked_int4_matmul(), four_bit_matmul()[0].model(),
         *exporter_spelling_corpus(),
     ]
 
