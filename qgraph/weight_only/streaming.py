@@ -15,17 +15,18 @@ copies every external tensor file to file (``copy_file_range``), never through m
 **GPTQ statistics by segments.** A model over 2 GB cannot be handed to onnxruntime as bytes, and by path it would
 load every weight at once. The graph is cut instead, in topological order, into *segments* of at most
 ``segment_bytes`` of weights (about one decoder layer). Each segment becomes a small model of its own: its nodes,
-its weights inline, as inputs the values it reads from earlier segments (or the graph inputs) and as outputs the
-values later segments read plus the layer inputs whose Hessians are wanted. The calibration batches run through
-the segments in order, every batch's live boundary values (the residual stream, the attention bias, the rotary
-rows) kept between segments and dropped after their last reader. After a segment has run over every batch, the
-Hessians ``H = 2XᵀX`` of its layers' inputs are complete (an input is produced no later than its reader), so its
-layers are quantized and the Hessians freed. A segment is written as a small model file whose external weights are references,
-through links in a temporary folder, to the model's own data file: no weight byte is copied into this process or
-a proto, and onnxruntime (prepacking off) maps them. Memory is then one segment's weights, mapped, the boundary
+its weights by reference, as inputs the values it reads from earlier segments (or the graph inputs) and as outputs the
+values later segments read plus the layer inputs whose Hessians are wanted. The calibration batches run through the
+segments in order, every batch's live boundary values (the residual stream, the attention bias, the rotary rows)
+kept between segments and dropped after their last reader. After a segment has run over every batch, the Hessians
+``H = 2XᵀX`` of its layers' inputs are complete (an input is produced no later than its reader), so its layers are
+quantized and the Hessians freed. A segment is written as a small model file whose external weights are references,
+through links in a temporary folder, to the model's own data file: no weight byte is copied into this process or a
+proto, and onnxruntime (prepacking off) maps them. Memory is then one segment's weights, mapped, the boundary
 activations of the calibration set (each dropped after its last reader) and O(K²) per layer input in flight,
-whatever the model size. The layer inputs are those of the FP32 model, as in the in-memory flow without ``sequential``, and computed
-by the same onnxruntime kernels (graph optimisation off), so the Hessians are the in-memory flow's.
+whatever the model size. The layer inputs are those of the FP32 model, as in the in-memory flow without
+``sequential``, and computed by the same onnxruntime kernels (graph optimisation off), so the Hessians are the
+in-memory flow's.
 """
 
 from __future__ import annotations
