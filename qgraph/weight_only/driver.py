@@ -35,7 +35,7 @@ from qgraph.passes.quantize.apply_input_channel_scales import ApplyInputChannelS
 from qgraph.passes.quantize.quantize_weights_blockwise import MINIMUM_OPSET, QuantizeWeightsBlockwise
 from qgraph.ptq import ensure_opset
 from qgraph.quant.blockwise import BlockQuantizedWeight, BlockSpec
-from qgraph.weight_only.awq import scaled_hessian, search_scales
+from qgraph.weight_only.awq import clip_search, scaled_hessian, search_scales
 from qgraph.weight_only.gptq import HessianAccumulator, HessianFactor, factor_hessian, quantize_gptq
 from qgraph.weight_only.options import WeightOnlyOptions
 from qgraph.weight_only.rtn import quantize_rtn
@@ -56,11 +56,18 @@ class Layer:
     transposed: bool
 
     @property
+    def shape(self) -> tuple[int, int]:
+        """(K, N), read from the weight's shape (a memory-mapped weight is not touched)."""
+        rows, columns = constant_array(self.weight_value).shape
+        return (columns, rows) if self.transposed else (rows, columns)
+
+    @property
     def rows(self) -> int:
-        """K, read from the weight's shape (a memory-mapped weight is not touched)."""
-        index = 0 if is_op(self.node, "Gather") else 1
-        shape = constant_array(self.node.inputs[index]).shape
-        return shape[1] if self.transposed else shape[0]
+        return self.shape[0]
+
+    @property
+    def weight_value(self) -> ir.Value:
+        return self.node.inputs[0 if is_op(self.node, "Gather") else 1]
 
     def weight(self, columns: slice | None = None) -> np.ndarray:
         """A float32 copy of the weight ``[K, N]``, or of its ``columns`` only (read from a memory mapping, the
@@ -190,7 +197,7 @@ def quantize_weight_only(model: ir.Model, calibration_data=None, options: Weight
         for layer in layers:
             accumulator = statistics.get(layer.input_name) if layer.input_name else None
             method = _method(options, layer)
-            quantized[layer.node.name] = _round(layer.weight(), accumulator, spec, options, method,
+            quantized[layer.node.name] = _round(layer, accumulator, spec, options, method,
                                                 factor=factors.take(layer, accumulator))
             reports[layer.node.name] = _report(layer, quantized[layer.node.name], accumulator, method,
                                                alphas.get(layer.input_name or ""))
@@ -216,13 +223,11 @@ def _streamed(model: ir.Model, layers: list[Layer], groups: Mapping[str, list[La
     def quantize_layer(layer: Layer, accumulator: HessianAccumulator | None) -> None:
         method = _method(options, layer)
         factor = factors.take(layer, accumulator)  # before the weight is read: the K×K temporaries come first
-        old_weight = layer.node.inputs[0 if is_op(layer.node, "Gather") else 1]
-        weight = layer.weight()  # a float32 copy: the mapped pages can go at once
-        release(old_weight)
-        result = _round(weight, accumulator, spec, options, method, factor=factor)
+        old_weight = layer.weight_value
+        # one column slice at a time is copied out of the mapping, whose touched pages go after each slice
+        result = _round(layer, accumulator, spec, options, method, factor=factor, streamed=True)
         del factor
-        del weight
-        reports[layer.node.name] = _report(layer, result, accumulator, method, None)
+        reports[layer.node.name] = _report(layer, result, accumulator, method, None, streamed=True)
         release(old_weight)
         records.extend(PassManager([QuantizeWeightsBlockwise(weights={layer.node.name: result})]).run(model).records)
         if options.format == "matmulnbits":
@@ -302,19 +307,27 @@ class GPTQFactors:
         return factor
 
 
-def _round(weight: np.ndarray, accumulator: HessianAccumulator | None, spec: BlockSpec, options: WeightOnlyOptions,
-           method: str, *, factor: HessianFactor | None = None) -> BlockQuantizedWeight:
+def _round(layer: Layer, accumulator: HessianAccumulator | None, spec: BlockSpec, options: WeightOnlyOptions,
+           method: str, *, factor: HessianFactor | None = None, streamed: bool = False) -> BlockQuantizedWeight:
+    """``layer``'s weight rounded by ``method``, read and rounded one column slice at a time (``streamed``: the
+    memory mapping of the weight is closed after each slice, so its pages never all stay resident)."""
     if method == "gptq" and factor is None:
         factor = factor_hessian(accumulator.sum_outer, dampening=options.dampening, act_order=options.act_order,
                                 scale=2.0)
     parts = []
-    for columns in column_slices(weight.shape):
+    for columns in column_slices(layer.shape):
+        weight = layer.weight(columns)
+        if streamed:
+            release(layer.weight_value)
         if method == "gptq":
-            parts.append(quantize_gptq(weight[:, columns], None, spec, dampening=options.dampening,
+            parts.append(quantize_gptq(weight, None, spec, dampening=options.dampening,
                                        act_order=options.act_order, lazy_batch=options.lazy_batch,
                                        mse_clip=options.mse_clip, factor=factor))
+        elif options.algorithm == "awq" and options.awq_clip and accumulator is not None:
+            parts.append(clip_search(weight, accumulator.sum_outer, spec))
         else:
-            parts.append(quantize_rtn(weight[:, columns], spec, mse_clip=options.mse_clip))
+            parts.append(quantize_rtn(weight, spec, mse_clip=options.mse_clip))
+        del weight
     if len(parts) == 1:
         return parts[0]
     zero_points = None if parts[0].zero_points is None else np.concatenate([part.zero_points for part in parts], 1)
@@ -323,13 +336,15 @@ def _round(weight: np.ndarray, accumulator: HessianAccumulator | None, spec: Blo
 
 
 def _report(layer: Layer, quantized: BlockQuantizedWeight, accumulator: HessianAccumulator | None, method: str,
-            alpha: float | None) -> LayerReport:
+            alpha: float | None, *, streamed: bool = False) -> LayerReport:
     error = None
     if accumulator is not None:
         hessian = accumulator.sum_outer  # the ratio below is the same with H = 2XᵀX; no K×K copy
         reference = difference = 0.0
         for columns in column_slices(quantized.shape):  # float64 copies of one slice at a time
             weight = layer.weight(columns).astype(np.float64)
+            if streamed:
+                release(layer.weight_value)
             part = BlockQuantizedWeight(quantized.codes[:, columns], quantized.scales[:, columns],
                                         None if quantized.zero_points is None else quantized.zero_points[:, columns],
                                         quantized.spec)
@@ -430,7 +445,7 @@ def _sequential_gptq(model: ir.Model, layers: list[Layer], groups: dict[str, lis
             factor = factor_hessian(statistics[name].sum_outer, dampening=options.dampening,
                                     act_order=options.act_order, scale=2.0)
             for layer in groups[name]:
-                result = _round(layer.weight(), statistics[name], spec, options, "gptq", factor=factor)
+                result = _round(layer, statistics[name], spec, options, "gptq", factor=factor)
                 quantized[layer.node.name] = result
                 reports[layer.node.name] = _report(layer, result, statistics[name], "gptq", None)
                 dequantized = result.dequantize()

@@ -44,6 +44,9 @@ from qgraph.weight_only.rtn import block_parameters
 
 logger = logging.getLogger(__name__)
 
+#: Columns of ``XᵀX`` computed per product when a batch is added (bounds the temporary to K × this).
+ADD_COLUMNS = 512
+
 
 class HessianAccumulator:
     """``H = 2 Σ XᵀX`` over streamed batches of layer inputs ``[..., K]`` (float64), with the token count and the
@@ -57,7 +60,8 @@ class HessianAccumulator:
 
     def add(self, inputs: np.ndarray) -> None:
         rows = np.asarray(inputs).reshape(-1, self.size).astype(np.float64)
-        self.sum_outer += rows.T @ rows
+        for start in range(0, self.size, ADD_COLUMNS):  # a K × ADD_COLUMNS product at a time, never a K×K one
+            self.sum_outer[:, start:start + ADD_COLUMNS] += rows.T @ rows[:, start:start + ADD_COLUMNS]
         self.sum_absolute += np.abs(rows).sum(axis=0)
         self.count += rows.shape[0]
 

@@ -14,7 +14,7 @@ copies every external tensor file to file (``copy_file_range``), never through m
 
 **GPTQ statistics by segments.** A model over 2 GB cannot be handed to onnxruntime as bytes, and by path it would
 load every weight at once. The graph is cut instead, in topological order, into *segments* of at most
-``segment_bytes`` of weights (about one decoder layer). Each segment becomes a small model of its own: its nodes,
+``segment_bytes`` of weights (about half a decoder layer). Each segment becomes a small model of its own: its nodes,
 its weights by reference, as inputs the values it reads from earlier segments (or the graph inputs) and as outputs the
 values later segments read plus the layer inputs whose Hessians are wanted. The calibration batches run through the
 segments in order, every batch's live boundary values (the residual stream, the attention bias, the rotary rows)
@@ -52,8 +52,9 @@ logger = logging.getLogger(__name__)
 
 #: In-memory initializers at least this large are moved to the spill file.
 SPILL_THRESHOLD_BYTES = 1024
-#: Weights per segment of the statistics run (about one 2048-wide decoder layer).
-SEGMENT_BYTES = 256 * 2**20
+#: Weights per segment of the statistics run (about half a 2048-wide decoder layer): what onnxruntime maps at
+#: once, and how many layer inputs' Hessians are accumulated together.
+SEGMENT_BYTES = 128 * 2**20
 
 
 def has_external_data(model: ir.Model) -> bool:
