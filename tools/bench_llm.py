@@ -17,7 +17,8 @@ all models alternately in one process, single-threaded, and report medians of ``
 quantizations run in the latest-runtime interpreter (``--ort-python``, default the newest
 ``~/.cache/qgraph/latest-runtime/*/bin/python``): the training build's onnxruntime lacks the quantizer's native
 binding, and onnxruntime ≥ 1.2x ships the RTN/GPTQ code of Intel Neural Compressor inside
-``onnxruntime.quantization.neural_compressor``, so no ``neural_compressor`` package is needed.
+``onnxruntime.quantization.neural_compressor``, so no ``neural_compressor`` package is needed (its GPTQ imports
+torch only to convert non-numpy feeds; without torch installed an empty stand-in module satisfies the import).
 
 ``--memory MODEL.onnx`` measures only the peak RSS of quantizing ``MODEL`` (say the 2 GB decoder of
 ``tools/make_large_decoder.py``, streamed from its external data) with qgraph RTN and GPTQ, each in a fresh
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import logging
 import os
@@ -39,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +176,10 @@ def _ort_quantize(variant, block, source, output, calib_path):
                 def get_next(self):
                     return next(self.batches, None)
 
+            if importlib.util.find_spec("torch") is None:
+                # onnxruntime's vendored to_numpy imports torch before it checks for an ndarray, which these
+                # feeds are: an empty module stands in, so GPTQ runs on numpy without a torch install
+                sys.modules["torch"] = types.ModuleType("torch")
             config = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader())
         quantizer = nbits.MatMulNBitsQuantizer(model, block_size=block, is_symmetric=False, algo_config=config)
     quantizer.process()
