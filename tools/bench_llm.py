@@ -155,14 +155,15 @@ def _prefill_feeds(model, input_ids):
     return feeds
 
 
-def _ort_quantize(variant, block, source, output, calib_path):
+def _ort_quantize(variant, block, source, output, calib_path, accuracy_level):
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
     logging.getLogger().setLevel(logging.WARNING)
     model = onnx.load(source)
     if variant == "ort-default":
-        quantizer = nbits.MatMulNBitsQuantizer(model, block_size=block, is_symmetric=False)
+        quantizer = nbits.MatMulNBitsQuantizer(model, block_size=block, is_symmetric=False,
+                                               accuracy_level=accuracy_level or None)
     else:
         if variant == "ort-rtn":
             config = nbits.RTNWeightOnlyQuantConfig()
@@ -181,7 +182,8 @@ def _ort_quantize(variant, block, source, output, calib_path):
                 # feeds are: an empty module stands in, so GPTQ runs on numpy without a torch install
                 sys.modules["torch"] = types.ModuleType("torch")
             config = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader())
-        quantizer = nbits.MatMulNBitsQuantizer(model, block_size=block, is_symmetric=False, algo_config=config)
+        quantizer = nbits.MatMulNBitsQuantizer(model, block_size=block, is_symmetric=False, algo_config=config,
+                                               accuracy_level=accuracy_level or None)
     quantizer.process()
     quantizer.model.save_model_to_file(output, use_external_data_format=False)
 
@@ -197,11 +199,11 @@ def latest_runtime_python():
     return found[-1] if found else None
 
 
-def quantize_variant(variant, block, source, output, calib_path):
+def quantize_variant(variant, block, source, output, calib_path, accuracy_level=0):
     """Run one quantization in this process (called in a fresh subprocess); prints peak RSS and seconds."""
     started = time.perf_counter()
     if variant in ("ort-rtn", "ort-gptq"):
-        _ort_quantize(variant, block, source, output, calib_path)
+        _ort_quantize(variant, block, source, output, calib_path, accuracy_level)
     elif variant == "ort-default":
         from onnxruntime.quantization.matmul_4bits_quantizer import MatMul4BitsQuantizer
 
@@ -213,7 +215,8 @@ def quantize_variant(variant, block, source, output, calib_path):
         from qgraph.pipeline import OptimizeOptions, optimize
         from qgraph.weight_only.options import WeightOnlyOptions
 
-        options = WeightOnlyOptions(algorithm=variant, block_size=block, samples=None, batch_size=8)
+        options = WeightOnlyOptions(algorithm=variant, block_size=block, samples=None, batch_size=8,
+                                    accuracy_level=accuracy_level)
         calibration = dict(np.load(calib_path)) if options.needs_calibration else None
         batches = None
         if calibration is not None:
@@ -234,6 +237,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--blocks", default="32,128")
     parser.add_argument("--variants", default="rtn,gptq,awq,ort-rtn,ort-gptq")
+    parser.add_argument("--accuracy-level", type=int, default=0,
+                        help="MatMulNBits accuracy_level of every variant (4: int8 compute of the activations)")
     parser.add_argument("--ort-python", default=latest_runtime_python(),
                         help="interpreter with onnxruntime's quantizer for the ort-* variants")
     parser.add_argument("--memory", type=Path, metavar="MODEL",
@@ -250,7 +255,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quantize_only:
         variant, block, source, output, calib = args.quantize_only
-        quantize_variant(variant, int(block), source, output, calib)
+        quantize_variant(variant, int(block), source, output, calib, args.accuracy_level)
         return
     logging.basicConfig(level=logging.WARNING)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_llm_"))
@@ -297,8 +302,9 @@ def main() -> None:
                     print(f"{name}: not run, no latest-runtime interpreter (--ort-python)")
                     continue
                 python = args.ort_python
-            done = subprocess.run([python, __file__, "--quantize-only", variant, str(block), str(fp32),
-                                   str(output), str(calib)], capture_output=True, text=True)
+            done = subprocess.run([python, __file__, "--accuracy-level", str(args.accuracy_level), "--quantize-only",
+                                   variant, str(block), str(fp32), str(output), str(calib)],
+                                  capture_output=True, text=True)
             if done.returncode:
                 reason = done.stderr.strip().splitlines()[-1]
                 if "quantize_matmul_4bits" in reason:
