@@ -11,7 +11,8 @@
 4. *AWQ* groups are scaled from the last to the first (a fold into an earlier layer's weight, the up projection
    before the gating product, must happen before that layer's own scales are searched), each fold written at once
    by ``ApplyInputChannelScales``; the Hessians follow the scaling (``H' = diag(s)⁻¹ H diag(s)⁻¹``).
-5. Each weight is rounded (RTN, or GPTQ with its group's Hessian), written by ``QuantizeWeightsBlockwise`` as blocked
+5. Each weight is rounded (RTN, for AWQ with the clipping searched on the output error, or GPTQ with its
+   group's Hessian factor, computed once per group), written by ``QuantizeWeightsBlockwise`` as blocked
    DequantizeLinear → MatMul, and, for format ``matmulnbits``, lowered by ``LowerMatMulNBits`` (4 bits).
 """
 
