@@ -162,6 +162,7 @@ def create_session(
     spinning: bool = True,
     optimized_model_path: str | os.PathLike | None = None,
     custom_operators: str | None = None,
+    prepacking: bool = True,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session; graph optimisation is off unless ``optimize`` is set.
 
@@ -169,6 +170,8 @@ def create_session(
     session that alternates with other CPU work of this process (calibration's observers).
     ``optimized_model_path``: where onnxruntime writes the model as it optimised it.
     ``custom_operators``: the path of a custom-operator library the model uses (see :mod:`qgraph.native`).
+    ``prepacking=False``: constant weights stay as loaded (memory-mapped external data is not copied into packed
+    buffers), for a session run a few times on a model larger than memory should hold twice.
     """
     installed_onnxruntime()
     options = ort.SessionOptions()
@@ -185,6 +188,8 @@ def create_session(
         options.optimized_model_filepath = os.fspath(optimized_model_path)
     if custom_operators is not None:
         options.register_custom_ops_library(custom_operators)
+    if not prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     elif isinstance(model, os.PathLike):

@@ -8,17 +8,30 @@ with structured random weights; its evaluation and calibration tokens are then s
 model on the FP32 model's own samples measures how far its next-token distribution drifts from FP32's. With a
 trained decoder (``--model``, ``--eval`` of ``input_ids`` rows from held-out text) it is the perplexity.
 
-For each variant (qgraph ``rtn``, ``gptq``, ``awq`` and onnxruntime's ``MatMul4BitsQuantizer`` default RTN at each
-block size, asymmetric 4 bits, MatMulNBits) the table gives: perplexity, file size relative to FP32, prefill
-latency (batch 1, ``--prefill`` tokens), decode tokens/s (batch 1, KV cache, ``--decode`` steps after a
+For each variant (qgraph ``rtn``, ``gptq``, ``awq``; onnxruntime's ``MatMulNBitsQuantizer`` with its RTN and GPTQ
+configurations, ``ort-rtn`` and ``ort-gptq``, on the same calibration prompts, and its default ``ort-default``;
+at each block size, asymmetric 4 bits, MatMulNBits) the table gives: perplexity, file size relative to FP32,
+prefill latency (batch 1, ``--prefill`` tokens), decode tokens/s (batch 1, KV cache, ``--decode`` steps after a
 32-token prompt), and the peak RSS of the quantization (each quantization runs in a fresh subprocess). Timings run
-all models alternately in one process, single-threaded, and report medians of ``--repeats``. onnxruntime's RTN
-and GPTQ through Intel Neural Compressor are reported as not run when ``neural_compressor`` is not installed.
+all models alternately in one process, single-threaded, and report medians of ``--repeats``. The ``ort-*``
+quantizations run in the latest-runtime interpreter (``--ort-python``, default the newest
+``~/.cache/qgraph/latest-runtime/*/bin/python``): the training build's onnxruntime lacks the quantizer's native
+binding, and onnxruntime ≥ 1.2x ships the RTN/GPTQ code of Intel Neural Compressor inside
+``onnxruntime.quantization.neural_compressor``, so no ``neural_compressor`` package is needed (its GPTQ imports
+torch only to convert non-numpy feeds; without torch installed an empty stand-in module satisfies the import).
+
+``--memory MODEL.onnx`` measures only the peak RSS of quantizing ``MODEL`` (say the 2 GB decoder of
+``tools/make_large_decoder.py``, streamed from its external data) with qgraph RTN and GPTQ, each in a fresh
+subprocess, on ``--calib-rows`` random prompts of ``--length`` tokens::
+
+    python tools/bench_llm.py --memory /tmp/big_decoder/model.onnx --calib-rows 32 --length 64
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import importlib.util
 import json
 import logging
 import os
@@ -28,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -122,10 +136,75 @@ def timings(paths, prefill, decode, repeats, vocab):
             for name, value in results.items()}
 
 
-def quantize_variant(variant, block, source, output, calib_path):
+def _prefill_feeds(model, input_ids):
+    """Prefill feeds of a decoder-with-past ``model`` (a proto) for ``input_ids``: ones as the mask, positions
+    0..S-1, empty pasts (their head count and size read from the declared input shapes)."""
+    batch, sequence = input_ids.shape
+    feeds = {}
+    for value in model.graph.input:
+        name = value.name
+        if name == "input_ids":
+            feeds[name] = input_ids.astype(np.int64)
+        elif name == "attention_mask":
+            feeds[name] = np.ones((batch, sequence), np.int64)
+        elif name == "position_ids":
+            feeds[name] = np.broadcast_to(np.arange(sequence), (batch, sequence)).astype(np.int64)
+        elif name.startswith("past_key_values."):
+            dims = [dim.dim_value for dim in value.type.tensor_type.shape.dim]
+            feeds[name] = np.zeros((batch, dims[1], 0, dims[3]), np.float32)
+    return feeds
+
+
+def _ort_quantize(variant, block, source, output, calib_path, accuracy_level):
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    logging.getLogger().setLevel(logging.WARNING)
+    model = onnx.load(source)
+    if variant == "ort-default":
+        quantizer = nbits.MatMulNBitsQuantizer(model, block_size=block, is_symmetric=False,
+                                               accuracy_level=accuracy_level or None)
+    else:
+        if variant == "ort-rtn":
+            config = nbits.RTNWeightOnlyQuantConfig()
+        else:
+            ids = dict(np.load(calib_path))["input_ids"]
+
+            class Reader(CalibrationDataReader):
+                def __init__(self):
+                    self.batches = iter([_prefill_feeds(model, ids[i:i + 8]) for i in range(0, len(ids), 8)])
+
+                def get_next(self):
+                    return next(self.batches, None)
+
+            if importlib.util.find_spec("torch") is None:
+                # onnxruntime's vendored to_numpy imports torch before it checks for an ndarray, which these
+                # feeds are: an empty module stands in, so GPTQ runs on numpy without a torch install
+                sys.modules["torch"] = types.ModuleType("torch")
+            config = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader())
+        quantizer = nbits.MatMulNBitsQuantizer(model, block_size=block, is_symmetric=False, algo_config=config,
+                                               accuracy_level=accuracy_level or None)
+    quantizer.process()
+    quantizer.model.save_model_to_file(output, use_external_data_format=False)
+
+
+def _last_json(stdout):
+    """The JSON object a --quantize-only child printed last (onnxruntime's progress bar ends without a newline)."""
+    last = stdout.strip().splitlines()[-1]
+    return json.loads(last[last.rindex("{"):])
+
+
+def latest_runtime_python():
+    found = sorted(glob.glob(os.path.expanduser("~/.cache/qgraph/latest-runtime/*/bin/python")))
+    return found[-1] if found else None
+
+
+def quantize_variant(variant, block, source, output, calib_path, accuracy_level=0):
     """Run one quantization in this process (called in a fresh subprocess); prints peak RSS and seconds."""
     started = time.perf_counter()
-    if variant == "ort-default":
+    if variant in ("ort-rtn", "ort-gptq"):
+        _ort_quantize(variant, block, source, output, calib_path, accuracy_level)
+    elif variant == "ort-default":
         from onnxruntime.quantization.matmul_4bits_quantizer import MatMul4BitsQuantizer
 
         logging.getLogger().setLevel(logging.WARNING)
@@ -136,7 +215,8 @@ def quantize_variant(variant, block, source, output, calib_path):
         from qgraph.pipeline import OptimizeOptions, optimize
         from qgraph.weight_only.options import WeightOnlyOptions
 
-        options = WeightOnlyOptions(algorithm=variant, block_size=block, samples=None, batch_size=8)
+        options = WeightOnlyOptions(algorithm=variant, block_size=block, samples=None, batch_size=8,
+                                    accuracy_level=accuracy_level)
         calibration = dict(np.load(calib_path)) if options.needs_calibration else None
         batches = None
         if calibration is not None:
@@ -156,7 +236,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--blocks", default="32,128")
-    parser.add_argument("--variants", default="rtn,gptq,awq,ort-default")
+    parser.add_argument("--variants", default="rtn,gptq,awq,ort-rtn,ort-gptq")
+    parser.add_argument("--accuracy-level", type=int, default=0,
+                        help="MatMulNBits accuracy_level of every variant (4: int8 compute of the activations)")
+    parser.add_argument("--ort-python", default=latest_runtime_python(),
+                        help="interpreter with onnxruntime's quantizer for the ort-* variants")
+    parser.add_argument("--memory", type=Path, metavar="MODEL",
+                        help="only measure the peak RSS of qgraph RTN and GPTQ on MODEL (see the docstring)")
     parser.add_argument("--calib-rows", type=int, default=32)
     parser.add_argument("--eval-rows", type=int, default=32)
     parser.add_argument("--length", type=int, default=64)
@@ -169,11 +255,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.quantize_only:
         variant, block, source, output, calib = args.quantize_only
-        quantize_variant(variant, int(block), source, output, calib)
+        quantize_variant(variant, int(block), source, output, calib, args.accuracy_level)
         return
     logging.basicConfig(level=logging.WARNING)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_llm_"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.memory:
+        memory_only(args, work)
+        return
 
     from qgraph.pipeline import optimize
 
@@ -207,8 +296,15 @@ def main() -> None:
         for variant in args.variants.split(","):
             name = f"{variant}/b{block}"
             output = work / f"{variant}_b{block}.onnx"
-            done = subprocess.run([sys.executable, __file__, "--quantize-only", variant, str(block), str(fp32),
-                                   str(output), str(calib)], capture_output=True, text=True)
+            python = sys.executable
+            if variant in ("ort-rtn", "ort-gptq"):
+                if args.ort_python is None:
+                    print(f"{name}: not run, no latest-runtime interpreter (--ort-python)")
+                    continue
+                python = args.ort_python
+            done = subprocess.run([python, __file__, "--accuracy-level", str(args.accuracy_level), "--quantize-only",
+                                   variant, str(block), str(fp32), str(output), str(calib)],
+                                  capture_output=True, text=True)
             if done.returncode:
                 reason = done.stderr.strip().splitlines()[-1]
                 if "quantize_matmul_4bits" in reason:
@@ -216,13 +312,8 @@ def main() -> None:
                               "quantize_matmul_4bits binding its default RTN calls")
                 print(f"{name}: {reason}")
                 continue
-            memory[name] = json.loads(done.stdout.strip().splitlines()[-1])
+            memory[name] = _last_json(done.stdout)
             paths[name] = output
-    try:
-        import neural_compressor  # noqa: F401
-    except ImportError:
-        print("onnxruntime RTN/GPTQ (MatMul4BitsQuantizer with RTN/GPTQ configs): not run, they need "
-              "neural_compressor, which is not installed here")
     speed = timings(paths, args.prefill, args.decode, args.repeats, vocab)
     base_size = os.path.getsize(paths["fp32"])
     print(f"\n{'model':<18}{'ppl':>10}{'size':>8}{'prefill ms':>12}{'decode tok/s':>14}"
@@ -234,6 +325,28 @@ def main() -> None:
         print(f"{name:<18}{ppl:>10.3f}{os.path.getsize(path) / base_size:>8.3f}{prefill:>12.2f}{decode:>14.1f}"
               f"{info.get('seconds', float('nan')):>9.1f}{info.get('peak_rss_mb', float('nan')):>13.0f}")
     print(f"\nFP32 file {base_size / 1e6:.1f} MB; models in {work}")
+
+
+def memory_only(args, work):
+    """Peak RSS of qgraph RTN and GPTQ on ``args.memory``, each in a fresh subprocess."""
+    vocab = next(int(dim.dim_value) for output in onnx.load(args.memory, load_external_data=False).graph.output
+                 if output.name == "logits" for dim in output.type.tensor_type.shape.dim[-1:])
+    calib = work / "calib.npz"
+    ids = np.random.default_rng(2).integers(0, vocab, (args.calib_rows, args.length))
+    np.savez(calib, input_ids=ids)
+    print(f"{args.memory}: {args.calib_rows} calibration prompts of {args.length} tokens, blocks of "
+          f"{args.blocks.split(',')[-1]}")
+    for variant in ("rtn", "gptq"):
+        output = work / f"{variant}" / "model.onnx"
+        output.parent.mkdir(exist_ok=True)
+        done = subprocess.run([sys.executable, __file__, "--quantize-only", variant, args.blocks.split(",")[-1],
+                               str(args.memory), str(output), str(calib)], capture_output=True, text=True)
+        if done.returncode:
+            print(f"{variant}: failed: {done.stderr.strip().splitlines()[-1]}")
+            continue
+        info = _last_json(done.stdout)
+        print(f"{variant}: peak RSS {info['peak_rss_mb']:.0f} MB ({info['peak_rss_mb'] / 1024:.2f} GiB), "
+              f"{info['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

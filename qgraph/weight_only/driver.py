@@ -11,7 +11,8 @@
 4. *AWQ* groups are scaled from the last to the first (a fold into an earlier layer's weight, the up projection
    before the gating product, must happen before that layer's own scales are searched), each fold written at once
    by ``ApplyInputChannelScales``; the Hessians follow the scaling (``H' = diag(s)⁻¹ H diag(s)⁻¹``).
-5. Each weight is rounded (RTN, or GPTQ with its group's Hessian), written by ``QuantizeWeightsBlockwise`` as blocked
+5. Each weight is rounded (RTN, for AWQ with the clipping searched on the output error, or GPTQ with its
+   group's Hessian factor, computed once per group), written by ``QuantizeWeightsBlockwise`` as blocked
    DequantizeLinear → MatMul, and, for format ``matmulnbits``, lowered by ``LowerMatMulNBits`` (4 bits).
 """
 
@@ -35,8 +36,8 @@ from qgraph.passes.quantize.apply_input_channel_scales import ApplyInputChannelS
 from qgraph.passes.quantize.quantize_weights_blockwise import MINIMUM_OPSET, QuantizeWeightsBlockwise
 from qgraph.ptq import ensure_opset
 from qgraph.quant.blockwise import BlockQuantizedWeight, BlockSpec
-from qgraph.weight_only.awq import scaled_hessian, search_scales
-from qgraph.weight_only.gptq import HessianAccumulator, quantize_gptq
+from qgraph.weight_only.awq import clip_search, scaled_hessian, search_scales
+from qgraph.weight_only.gptq import HessianAccumulator, HessianFactor, factor_hessian, quantize_gptq
 from qgraph.weight_only.options import WeightOnlyOptions
 from qgraph.weight_only.rtn import quantize_rtn
 from qgraph.weight_only.statistics import collect_statistics
@@ -56,15 +57,27 @@ class Layer:
     transposed: bool
 
     @property
-    def rows(self) -> int:
-        """K, read from the weight's shape (a memory-mapped weight is not touched)."""
-        index = 0 if is_op(self.node, "Gather") else 1
-        shape = constant_array(self.node.inputs[index]).shape
-        return shape[1] if self.transposed else shape[0]
+    def shape(self) -> tuple[int, int]:
+        """(K, N), read from the weight's shape (a memory-mapped weight is not touched)."""
+        rows, columns = constant_array(self.weight_value).shape
+        return (columns, rows) if self.transposed else (rows, columns)
 
-    def weight(self) -> np.ndarray:
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def weight_value(self) -> ir.Value:
+        return self.node.inputs[0 if is_op(self.node, "Gather") else 1]
+
+    def weight(self, columns: slice | None = None) -> np.ndarray:
+        """A float32 copy of the weight ``[K, N]``, or of its ``columns`` only (read from a memory mapping, the
+        rest is not touched)."""
         index = 0 if is_op(self.node, "Gather") else 1
-        array = constant_array(self.node.inputs[index]).astype(np.float32)
+        array = constant_array(self.node.inputs[index])
+        if columns is not None:
+            array = array[columns] if self.transposed else array[:, columns]
+        array = array.astype(np.float32)
         return array.T if self.transposed else array
 
 
@@ -181,10 +194,12 @@ def quantize_weight_only(model: ir.Model, calibration_data=None, options: Weight
         if options.algorithm == "awq":
             alphas = _apply_awq(model, groups, statistics, spec, options)
             layers = find_layers(model, options)  # the scaled weights are new initializers
+        factors = GPTQFactors(layers, options)
         for layer in layers:
             accumulator = statistics.get(layer.input_name) if layer.input_name else None
             method = _method(options, layer)
-            quantized[layer.node.name] = _round(layer.weight(), accumulator, spec, options, method)
+            quantized[layer.node.name] = _round(layer, accumulator, spec, options, method,
+                                                factor=factors.take(layer, accumulator))
             reports[layer.node.name] = _report(layer, quantized[layer.node.name], accumulator, method,
                                                alphas.get(layer.input_name or ""))
     records = list(PassManager([QuantizeWeightsBlockwise(weights=quantized)]).run(model).records)
@@ -204,15 +219,16 @@ def _streamed(model: ir.Model, layers: list[Layer], groups: Mapping[str, list[La
     reports: dict[str, LayerReport] = {}
     records: list[PassRecord] = []
     by_node = {layer.node: layer for layer in layers}
+    factors = GPTQFactors(layers, options)
 
     def quantize_layer(layer: Layer, accumulator: HessianAccumulator | None) -> None:
         method = _method(options, layer)
-        old_weight = layer.node.inputs[0 if is_op(layer.node, "Gather") else 1]
-        weight = layer.weight()  # a float32 copy: the mapped pages can go at once
-        release(old_weight)
-        result = _round(weight, accumulator, spec, options, method)
-        del weight
-        reports[layer.node.name] = _report(layer, result, accumulator, method, None)
+        factor = factors.take(layer, accumulator)  # before the weight is read: the K×K temporaries come first
+        old_weight = layer.weight_value
+        # one column slice at a time is copied out of the mapping, whose touched pages go after each slice
+        result = _round(layer, accumulator, spec, options, method, factor=factor, streamed=True)
+        del factor
+        reports[layer.node.name] = _report(layer, result, accumulator, method, None, streamed=True)
         release(old_weight)
         records.extend(PassManager([QuantizeWeightsBlockwise(weights={layer.node.name: result})]).run(model).records)
         if options.format == "matmulnbits":
@@ -255,7 +271,7 @@ def _method(options: WeightOnlyOptions, layer: Layer) -> str:
 #: Columns quantized together: every column of a weight is rounded independently (RTN per block column, GPTQ's
 #: columns are separate quadratic problems sharing H), so a wide weight (an LM head of 32000 columns) is rounded in
 #: slices of at most this many elements, which bounds the float64 working copies of GPTQ.
-COLUMN_SLICE_ELEMENTS = 1 << 23
+COLUMN_SLICE_ELEMENTS = 1 << 22
 
 
 def column_slices(shape: tuple[int, int]) -> list[slice]:
@@ -264,18 +280,55 @@ def column_slices(shape: tuple[int, int]) -> list[slice]:
     return [slice(start, min(start + width, columns)) for start in range(0, columns, width)]
 
 
-def _round(weight: np.ndarray, accumulator: HessianAccumulator | None, spec: BlockSpec, options: WeightOnlyOptions,
-           method: str, hessian: np.ndarray | None = None) -> BlockQuantizedWeight:
-    if method == "gptq":
-        hessian = hessian if hessian is not None else accumulator.hessian
+class GPTQFactors:
+    """GPTQ's Hessian factor of each layer input, computed when its first GPTQ layer asks and dropped after its
+    last (q, k and v share one factorization; so do the column slices of one weight)."""
+
+    def __init__(self, layers: Iterable[Layer], options: WeightOnlyOptions) -> None:
+        self.options = options
+        self.remaining: dict[str, int] = {}
+        for layer in layers:
+            if layer.input_name is not None and _method(options, layer) == "gptq":
+                self.remaining[layer.input_name] = self.remaining.get(layer.input_name, 0) + 1
+        self.cache: dict[str, HessianFactor] = {}
+
+    def take(self, layer: Layer, accumulator: HessianAccumulator | None) -> HessianFactor | None:
+        """The factor for ``layer`` (None unless it is rounded by GPTQ); counts ``layer`` as done."""
+        name = layer.input_name
+        if name is None or accumulator is None or name not in self.remaining:
+            return None
+        factor = self.cache.get(name)
+        if factor is None:
+            factor = factor_hessian(accumulator.sum_outer, dampening=self.options.dampening,
+                                    act_order=self.options.act_order, scale=2.0)
+            self.cache[name] = factor
+        self.remaining[name] -= 1
+        if not self.remaining[name]:
+            self.cache.pop(name)
+        return factor
+
+
+def _round(layer: Layer, accumulator: HessianAccumulator | None, spec: BlockSpec, options: WeightOnlyOptions,
+           method: str, *, factor: HessianFactor | None = None, streamed: bool = False) -> BlockQuantizedWeight:
+    """``layer``'s weight rounded by ``method``, read and rounded one column slice at a time (``streamed``: the
+    memory mapping of the weight is closed after each slice, so its pages never all stay resident)."""
+    if method == "gptq" and factor is None:
+        factor = factor_hessian(accumulator.sum_outer, dampening=options.dampening, act_order=options.act_order,
+                                scale=2.0)
     parts = []
-    for columns in column_slices(weight.shape):
+    for columns in column_slices(layer.shape):
+        weight = layer.weight(columns)
+        if streamed:
+            release(layer.weight_value)
         if method == "gptq":
-            parts.append(quantize_gptq(weight[:, columns], hessian, spec, dampening=options.dampening,
+            parts.append(quantize_gptq(weight, None, spec, dampening=options.dampening,
                                        act_order=options.act_order, lazy_batch=options.lazy_batch,
-                                       mse_clip=options.mse_clip))
+                                       mse_clip=options.mse_clip, factor=factor))
+        elif options.algorithm == "awq" and options.awq_clip and accumulator is not None:
+            parts.append(clip_search(weight, accumulator.sum_outer, spec))
         else:
-            parts.append(quantize_rtn(weight[:, columns], spec, mse_clip=options.mse_clip))
+            parts.append(quantize_rtn(weight, spec, mse_clip=options.mse_clip))
+        del weight
     if len(parts) == 1:
         return parts[0]
     zero_points = None if parts[0].zero_points is None else np.concatenate([part.zero_points for part in parts], 1)
@@ -284,14 +337,15 @@ def _round(weight: np.ndarray, accumulator: HessianAccumulator | None, spec: Blo
 
 
 def _report(layer: Layer, quantized: BlockQuantizedWeight, accumulator: HessianAccumulator | None, method: str,
-            alpha: float | None) -> LayerReport:
+            alpha: float | None, *, streamed: bool = False) -> LayerReport:
     error = None
     if accumulator is not None:
-        hessian = accumulator.hessian
-        weight_all = layer.weight()
+        hessian = accumulator.sum_outer  # the ratio below is the same with H = 2XᵀX; no K×K copy
         reference = difference = 0.0
-        for columns in column_slices(weight_all.shape):  # float64 copies of one slice at a time
-            weight = weight_all[:, columns].astype(np.float64)
+        for columns in column_slices(quantized.shape):  # float64 copies of one slice at a time
+            weight = layer.weight(columns).astype(np.float64)
+            if streamed:
+                release(layer.weight_value)
             part = BlockQuantizedWeight(quantized.codes[:, columns], quantized.scales[:, columns],
                                         None if quantized.zero_points is None else quantized.zero_points[:, columns],
                                         quantized.spec)
@@ -389,8 +443,10 @@ def _sequential_gptq(model: ir.Model, layers: list[Layer], groups: dict[str, lis
         statistics = collect_statistics(proto, sizes, batches, substitutions=substitutions,
                                         progress=progress if round_index == 1 else None)
         for name in ready:
+            factor = factor_hessian(statistics[name].sum_outer, dampening=options.dampening,
+                                    act_order=options.act_order, scale=2.0)
             for layer in groups[name]:
-                result = _round(layer.weight(), statistics[name], spec, options, "gptq")
+                result = _round(layer, statistics[name], spec, options, "gptq", factor=factor)
                 quantized[layer.node.name] = result
                 reports[layer.node.name] = _report(layer, result, statistics[name], "gptq", None)
                 dequantized = result.dequantize()

@@ -22,10 +22,19 @@ number of samples; it equals the batch formula on the concatenated X exactly (up
 - *lazy batch updates*: the update of the rows beyond the current batch of ``lazy_batch`` rows is deferred and
   applied once per batch as one matrix product ``W[i2:] −= U[i1:i2, i2:]ᵀ E`` (E the batch's errors), which is
   the same arithmetic as the row-by-row updates, reordered.
+
+**The factor, once per layer input.** U depends only on H (dampened, permuted), so :func:`factor_hessian`
+computes it once for every layer reading one input (q, k and v; gate and up) and every column slice of a wide
+weight (:class:`HessianFactor`). It never forms H⁻¹: with R the reversal permutation and ``R H R = L Lᵀ``
+(Cholesky), ``H⁻¹ = R L⁻ᵀ L⁻¹ R``, and ``U = R L⁻¹ R`` is upper triangular with a positive diagonal, so it *is* the
+Cholesky factor of H⁻¹ (which is unique). Memory: the K×K float64 working arrays never overlap by more than the
+triangular inversion needs, and the caller's accumulated ``XᵀX`` is read, not copied (the factor 2 of H is applied
+to the permuted copy).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -34,6 +43,9 @@ from qgraph.quant.blockwise import BlockQuantizedWeight, BlockSpec, block_view, 
 from qgraph.weight_only.rtn import block_parameters
 
 logger = logging.getLogger(__name__)
+
+#: Columns of ``XᵀX`` computed per product when a batch is added (bounds the temporary to K × this).
+ADD_COLUMNS = 512
 
 
 class HessianAccumulator:
@@ -48,7 +60,8 @@ class HessianAccumulator:
 
     def add(self, inputs: np.ndarray) -> None:
         rows = np.asarray(inputs).reshape(-1, self.size).astype(np.float64)
-        self.sum_outer += rows.T @ rows
+        for start in range(0, self.size, ADD_COLUMNS):  # a K × ADD_COLUMNS product at a time, never a K×K one
+            self.sum_outer[:, start:start + ADD_COLUMNS] += rows.T @ rows[:, start:start + ADD_COLUMNS]
         self.sum_absolute += np.abs(rows).sum(axis=0)
         self.count += rows.shape[0]
 
@@ -62,32 +75,66 @@ class HessianAccumulator:
         return self.sum_absolute / max(self.count, 1)
 
 
-def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, spec: BlockSpec, *, dampening: float = 0.01,
-                  act_order: bool = True, lazy_batch: int = 128, mse_clip: bool = False) -> BlockQuantizedWeight:
-    """GPTQ of ``weight [K, N]`` with the layer's Hessian ``[K, K]`` (see the module docstring)."""
+@dataclasses.dataclass(frozen=True)
+class HessianFactor:
+    """GPTQ's view of one layer input's Hessian: the rounding order, the dead inputs and U (permuted rows/columns)."""
+
+    #: Row indices in rounding order (decreasing dampened ``H_ii`` with act-order, else 0..K-1).
+    order: np.ndarray
+    #: Inputs that never fire (``H_ii = 0``): their weight rows are zeroed.
+    dead: np.ndarray
+    #: U, upper triangular, ``(H[order][:, order])⁻¹ = UᵀU``, float64 ``[K, K]``.
+    upper: np.ndarray
+
+
+def factor_hessian(hessian: np.ndarray, *, dampening: float = 0.01, act_order: bool = True,
+                   scale: float = 1.0) -> HessianFactor:
+    """The factor of the Hessian ``scale · hessian`` (pass an accumulator's ``sum_outer`` with scale 2 to avoid
+    a copy of H); ``hessian`` is not modified."""
+    diagonal = np.diag(hessian).astype(np.float64) * scale
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
+    diagonal += dampening * np.mean(diagonal)
+    order = np.argsort(-diagonal, kind="stable") if act_order else np.arange(len(diagonal))
+    reverse = order[::-1]
+    permuted = np.asarray(hessian, np.float64)[np.ix_(reverse, reverse)]
+    if scale != 1.0:
+        permuted *= scale
+    permuted[np.diag_indices(len(diagonal))] = diagonal[reverse]
+    lower = _cholesky_dampened(permuted)
+    del permuted
+    inverse = np.linalg.inv(lower)
+    del lower
+    upper = np.ascontiguousarray(inverse[::-1, ::-1])
+    return HessianFactor(order, dead, upper)
+
+
+def quantize_gptq(weight: np.ndarray, hessian: np.ndarray | None, spec: BlockSpec, *, dampening: float = 0.01,
+                  act_order: bool = True, lazy_batch: int = 128, mse_clip: bool = False,
+                  factor: HessianFactor | None = None) -> BlockQuantizedWeight:
+    """GPTQ of ``weight [K, N]`` with the layer's Hessian ``[K, K]``, or its ``factor`` computed beforehand with
+    the same dampening and act-order (see the module docstring)."""
+    if factor is None:
+        if hessian is None:
+            raise ValueError("GPTQ needs the layer's Hessian or its factor")
+        factor = factor_hessian(hessian, dampening=dampening, act_order=act_order)
     weight = np.array(weight, np.float64)
-    hessian = np.array(hessian, np.float64)
     rows, columns = weight.shape
     block = spec.block_size
-    dead = np.diag(hessian) == 0
-    hessian[dead, dead] = 1.0
-    weight[dead] = 0.0
-    hessian[np.diag_indices(rows)] += dampening * np.mean(np.diag(hessian))
+    weight[factor.dead] = 0.0
 
     count = -(-rows // block)
     scales = np.zeros((count, columns), np.float32)
     zero_points = None if spec.symmetric else np.zeros((count, columns), np.int32)
-    order = np.arange(rows)
+    order = factor.order
     if act_order:
-        order = np.argsort(-np.diag(hessian), kind="stable")
         static_scales, static_zero = block_parameters(block_view(weight.astype(np.float32), block), spec,
                                                       mse_clip=mse_clip)
         scales[:] = static_scales
         if zero_points is not None:
             zero_points[:] = static_zero
     weight = weight[order]
-    hessian = hessian[np.ix_(order, order)]
-    upper = _inverse_cholesky_upper(hessian)
+    upper = factor.upper
     block_of = order // block  # the stored block of each (permuted) row
 
     step = max(block, -(-lazy_batch // block) * block)
@@ -114,21 +161,20 @@ def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, spec: BlockSpec, *, d
             chunk[offset:] -= np.outer(upper[row, row:stop], error)
             errors[offset] = error
         weight[stop:] -= upper[start:stop, stop:].T @ errors
+    del weight
     restored = np.empty_like(quantized)
     restored[order] = quantized
+    del quantized
     return quantize(restored.astype(np.float32), scales, zero_points, spec)
 
 
-def _inverse_cholesky_upper(hessian: np.ndarray) -> np.ndarray:
-    """U upper triangular with ``H⁻¹ = UᵀU``, dampening further if H is not positive definite."""
+def _cholesky_dampened(hessian: np.ndarray) -> np.ndarray:
+    """L lower triangular with ``H = L Lᵀ``, dampening further (in place) if H is not positive definite."""
     for attempt in range(6):
         try:
-            lower = np.linalg.cholesky(hessian)
-            inverse = np.linalg.inv(lower)
-            inverse_hessian = inverse.T @ inverse
-            return np.linalg.cholesky(inverse_hessian).T
+            return np.linalg.cholesky(hessian)
         except np.linalg.LinAlgError:
             extra = 0.1 * (10 ** attempt) * np.mean(np.diag(hessian))
             logger.info("GPTQ: the Hessian is not positive definite; adding %.3g to its diagonal", extra)
-            hessian = hessian + extra * np.eye(hessian.shape[0])
+            hessian[np.diag_indices(hessian.shape[0])] += extra
     raise np.linalg.LinAlgError("the GPTQ Hessian stays singular after dampening")

@@ -42,6 +42,8 @@ class WeightOnlyOptions:
     awq_grid: int = 20
     #: AWQ: quantize the scaled weights with "rtn" or "gptq".
     awq_then: str = "rtn"
+    #: AWQ with RTN: search each block's clipping ratio on the layer's output error after scaling.
+    awq_clip: bool = True
     #: MatMulNBits accuracy_level (0: unset; 4: int8 compute of the activations, faster on CPUs with VNNI).
     accuracy_level: int = 0
     #: Calibration: samples (None: all) and batch size.

@@ -38,7 +38,7 @@ def collect_statistics(model: onnx.ModelProto, tensors: Mapping[str, int], batch
     for name in tensors:
         if name not in outputs:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    session = runtime.create_session(probe)
+    session = runtime.create_session(probe, prepacking=False)  # the kernels of the streamed segments
     inputs = model_inputs(model)
     fetched = list(tensors)
     accumulators = {name: HessianAccumulator(size) for name, size in tensors.items()}

@@ -14,16 +14,19 @@ copies every external tensor file to file (``copy_file_range``), never through m
 
 **GPTQ statistics by segments.** A model over 2 GB cannot be handed to onnxruntime as bytes, and by path it would
 load every weight at once. The graph is cut instead, in topological order, into *segments* of at most
-``segment_bytes`` of weights (about one decoder layer). Each segment becomes a small model of its own: its nodes,
-its weights inline, as inputs the values it reads from earlier segments (or the graph inputs) and as outputs the
-values later segments read plus the layer inputs whose Hessians are wanted. The calibration batches run through
-the segments in order, every batch's live boundary values (the residual stream, the attention bias, the rotary
-rows) kept between segments and dropped after their last reader. After a segment has run over every batch, the
-Hessians ``H = 2XᵀX`` of its layers' inputs are complete (an input is produced no later than its reader), so its
-layers are quantized and the Hessians freed: memory is one segment's weights twice (the proto and onnxruntime's
-copy), the boundary activations of the calibration set and O(K²) per layer input in flight, whatever the model
-size. The layer inputs are those of the FP32 model, as in the in-memory flow without ``sequential``, and computed
-by the same onnxruntime kernels (graph optimisation off), so the Hessians are the in-memory flow's.
+``segment_bytes`` of weights (about half a decoder layer). Each segment becomes a small model of its own: its nodes,
+its weights by reference, as inputs the values it reads from earlier segments (or the graph inputs) and as outputs the
+values later segments read plus the layer inputs whose Hessians are wanted. The calibration batches run through the
+segments in order, every batch's live boundary values (the residual stream, the attention bias, the rotary rows)
+kept between segments and dropped after their last reader. After a segment has run over every batch, the Hessians
+``H = 2XᵀX`` of its layers' inputs are complete (an input is produced no later than its reader), so its layers are
+quantized and the Hessians freed. A segment is written as a small model file whose external weights are references,
+through links in a temporary folder, to the model's own data file: no weight byte is copied into this process or a
+proto, and onnxruntime (prepacking off) maps them. Memory is then one segment's weights, mapped, the boundary
+activations of the calibration set (each dropped after its last reader) and O(K²) per layer input in flight,
+whatever the model size. The layer inputs are those of the FP32 model, as in the in-memory flow without
+``sequential``, and computed by the same onnxruntime kernels (graph optimisation off), so the Hessians are the
+in-memory flow's.
 """
 
 from __future__ import annotations
@@ -49,8 +52,9 @@ logger = logging.getLogger(__name__)
 
 #: In-memory initializers at least this large are moved to the spill file.
 SPILL_THRESHOLD_BYTES = 1024
-#: Weights per segment of the statistics run (about one 2048-wide decoder layer).
-SEGMENT_BYTES = 256 * 2**20
+#: Weights per segment of the statistics run (about half a 2048-wide decoder layer): what onnxruntime maps at
+#: once, and how many layer inputs' Hessians are accumulated together.
+SEGMENT_BYTES = 128 * 2**20
 
 
 def has_external_data(model: ir.Model) -> bool:
@@ -147,16 +151,39 @@ def segments(graph: ir.Graph, segment_bytes: int = SEGMENT_BYTES) -> list[_Segme
     return cuts
 
 
-def _segment_proto(model: ir.Model, segment: _Segment, fetched: Sequence[str],
-                   feeds: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+def _external_reference(value: ir.Value, tensor: ir.ExternalTensor, links: dict[str, str],
+                        folder: Path) -> onnx.TensorProto:
+    """A TensorProto of ``value``'s shape and type whose data is ``tensor``'s bytes, read through a link in
+    ``folder`` to its data file (one link per file, named in ``links``)."""
+    target = os.path.realpath(tensor.path)
+    if target not in links:
+        links[target] = f"external{len(links)}.data"
+        os.symlink(target, folder / links[target])
+    proto = onnx.TensorProto(name=value.name, data_type=int(tensor.dtype), dims=list(tensor.shape.numpy()))
+    proto.data_location = onnx.TensorProto.EXTERNAL
+    for key, entry in (("location", links[target]), ("offset", str(tensor.offset or 0)),
+                       ("length", str(tensor.nbytes))):
+        field = proto.external_data.add()
+        field.key, field.value = key, entry
+    return proto
+
+
+def _write_segment(model: ir.Model, segment: _Segment, fetched: Sequence[str], feeds: Mapping[str, np.ndarray],
+                   folder: Path) -> Path:
+    """``segment`` as a model file in ``folder``: its external weights are references to the model's own data
+    files (through links), so neither this process nor the proto holds their bytes: onnxruntime maps them."""
     initializers: dict[str, onnx.TensorProto] = {}
+    links: dict[str, str] = {}
     for node in segment.nodes:
         for value in node.inputs:
-            if value is not None and value.is_initializer() and value.name not in initializers:
-                array = np.array(value.const_value.numpy())
-                initializers[value.name] = ir.serde.serialize_tensor(ir.Tensor(array, name=value.name))
-                del array
-                release(value)
+            if value is None or not value.is_initializer() or value.name in initializers:
+                continue
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                initializers[value.name] = _external_reference(value, tensor, links, folder)
+            else:
+                initializers[value.name] = ir.serde.serialize_tensor(tensor)
+                initializers[value.name].name = value.name
     inputs = [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(feeds[name].dtype), None)
               for name in segment.inputs]
     outputs = [onnx.ValueInfoProto(name=name) for name in fetched]
@@ -165,7 +192,10 @@ def _segment_proto(model: ir.Model, segment: _Segment, fetched: Sequence[str],
     opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
     # the model's local functions (a fused RMSNormalization, say) travel with every segment that may call them
     functions = [ir.serde.serialize_function(function) for function in model.functions.values()]
-    return onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version, functions=functions)
+    path = folder / "segment.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version, functions=functions),
+              os.fspath(path))
+    return path
 
 
 def run_by_segments(model: ir.Model, tensors: Mapping[str, int], batches: Sequence[Mapping[str, np.ndarray]],
@@ -197,7 +227,9 @@ def run_by_segments(model: ir.Model, tensors: Mapping[str, int], batches: Sequen
         wanted = [name for name in tensors if name in produced]
         fetched = list(dict.fromkeys(segment.outputs + wanted))
         if fetched:
-            session = runtime.create_session(_segment_proto(model, segment, fetched, environments[0]))
+            with tempfile.TemporaryDirectory(prefix="qgraph-segment-") as folder:
+                path = _write_segment(model, segment, fetched, environments[0], Path(folder))
+                session = runtime.create_session(path, prepacking=False)
             for name in wanted:
                 accumulators[name] = HessianAccumulator(tensors[name])
             for environment in environments:
@@ -208,7 +240,7 @@ def run_by_segments(model: ir.Model, tensors: Mapping[str, int], batches: Sequen
                     if name in segment.outputs:
                         environment[name] = array
                 for name in segment.inputs:
-                    if last_reader.get(name) == index and name not in tensors:
+                    if last_reader.get(name) == index:
                         environment.pop(name, None)
                 if index == 0 and progress is not None:
                     progress(len(next(iter(environment.values()), [])))

@@ -17,7 +17,7 @@ from qgraph.ir import load_model
 from qgraph.models.decoder import DecoderConfig, build_decoder, prefill_feeds, random_weights
 from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.weight_only.options import WeightOnlyOptions
-from qgraph.weight_only.streaming import has_external_data, segments
+from qgraph.weight_only.streaming import _write_segment, has_external_data, segments
 
 CONFIG = DecoderConfig(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, vocab_size=512,
                        tie_embeddings=False, opset=21)
@@ -88,6 +88,20 @@ def test_segments_bound_weights_and_name_boundaries(models):
                  if value is not None}
         assert set(cut.outputs) == produced & later
     assert "input_ids" in cuts[0].inputs
+
+
+def test_segment_files_reference_the_weights_instead_of_copying_them(models, tmp_path):
+    model = load_model(models / "external.onnx")
+    cut = segments(model.graph)[0]
+    feeds = prefill_feeds(CONFIG, np.arange(4)[None])
+    path = _write_segment(model, cut, cut.outputs, feeds, tmp_path)
+    proto = onnx.load(os.fspath(path), load_external_data=False)
+    external = [tensor for tensor in proto.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and all(not tensor.raw_data for tensor in external)
+    assert path.stat().st_size < 100_000  # references only
+    links = {entry.value for tensor in external for entry in tensor.external_data if entry.key == "location"}
+    assert all((tmp_path / link).is_symlink() for link in links)
+    assert {os.path.realpath(tmp_path / link) for link in links} == {os.path.realpath(models / "external.onnx.data")}
 
 
 def test_streamed_refuses_awq_and_sequential(models):

@@ -20,10 +20,10 @@ from qgraph.quant.blockwise import (
     pack_matmul_nbits,
 )
 from qgraph.testing import to_ir
-from qgraph.weight_only.awq import output_error, search_scales
+from qgraph.weight_only.awq import clip_search, output_error, search_scales
 from qgraph.weight_only.driver import quantize_weight_only
 from qgraph.weight_only.feeds import complete_feeds, model_inputs
-from qgraph.weight_only.gptq import HessianAccumulator, quantize_gptq
+from qgraph.weight_only.gptq import ADD_COLUMNS, HessianAccumulator, factor_hessian, quantize_gptq
 from qgraph.weight_only.options import WeightOnlyOptions
 from qgraph.weight_only.rtn import quantize_rtn
 
@@ -141,6 +141,54 @@ def test_gptq_lazy_batches_equal_row_by_row_updates():
     np.testing.assert_array_equal(small.codes, large.codes)
 
 
+def test_hessian_accumulation_in_column_chunks_equals_the_batch_formula():
+    size = ADD_COLUMNS + 188  # two chunks, the second partial
+    rows = np.random.default_rng(5).normal(size=(2, 30, size)).astype(np.float32)
+    accumulator = HessianAccumulator(size)
+    accumulator.add(rows[0])
+    accumulator.add(rows[1])
+    everything = rows.reshape(-1, size).astype(np.float64)
+    np.testing.assert_allclose(accumulator.sum_outer, everything.T @ everything, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_hessian_factor_is_the_cholesky_factor_of_the_inverse(act_order):
+    rng = np.random.default_rng(6)
+    inputs = rng.normal(size=(300, 48)) @ rng.normal(size=(48, 48))
+    inputs[:, 7] = 0.0  # an input that never fires
+    accumulator = HessianAccumulator(48)
+    accumulator.add(inputs)
+    factor = factor_hessian(accumulator.sum_outer, dampening=0.01, act_order=act_order, scale=2.0)
+    hessian = accumulator.hessian.copy()
+    assert factor.dead[7] and factor.dead.sum() == 1
+    hessian[7, 7] = 1.0
+    hessian[np.diag_indices(48)] += 0.01 * np.mean(np.diag(hessian))
+    if act_order:
+        assert list(factor.order) == list(np.argsort(-np.diag(hessian), kind="stable"))
+    else:
+        assert list(factor.order) == list(range(48))
+    permuted = hessian[np.ix_(factor.order, factor.order)]
+    np.testing.assert_array_equal(factor.upper, np.triu(factor.upper))
+    assert np.all(np.diag(factor.upper) > 0)
+    np.testing.assert_allclose(factor.upper.T @ factor.upper, np.linalg.inv(permuted), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.linalg.cholesky(np.linalg.inv(permuted)).T, factor.upper, rtol=1e-8, atol=1e-12)
+
+
+def test_gptq_with_a_shared_factor_equals_gptq_per_column_slice():
+    rng = np.random.default_rng(7)
+    accumulator = HessianAccumulator(64)
+    accumulator.add(rng.normal(size=(256, 64)) @ rng.normal(size=(64, 64)))
+    weight, spec = _weight(64, 24), BlockSpec(4, 32, False)
+    whole = quantize_gptq(weight, accumulator.hessian, spec)
+    factor = factor_hessian(accumulator.sum_outer, scale=2.0)
+    for columns in (slice(0, 10), slice(10, 24)):
+        part = quantize_gptq(weight[:, columns], None, spec, factor=factor)
+        np.testing.assert_array_equal(part.codes, whole.codes[:, columns])
+        np.testing.assert_array_equal(part.scales, whole.scales[:, columns])
+    with pytest.raises(ValueError, match="Hessian or its factor"):
+        quantize_gptq(weight, None, spec)
+
+
 # --- AWQ ----------------------------------------------------------------------------------------------------------
 
 def test_awq_scales_reduce_output_error_on_outlier_channels():
@@ -153,6 +201,25 @@ def test_awq_scales_reduce_output_error_on_outlier_channels():
     scales, alpha, ratio = search_scales(weight, accumulator.mean_absolute, accumulator.hessian, BlockSpec(4, 32))
     assert alpha > 0 and ratio < 0.9
     assert scales[:4].mean() > scales[4:].mean()
+
+
+def test_awq_clipping_search_lowers_the_output_error_and_is_never_worse():
+    rng = np.random.default_rng(8)
+    inputs = rng.normal(size=(1024, 64)) * rng.uniform(0.2, 3.0, 64)
+    accumulator = HessianAccumulator(64)
+    accumulator.add(inputs)
+    weight = rng.standard_t(3, size=(64, 48)).astype(np.float32)  # heavy tails: clipping pays
+    spec = BlockSpec(4, 32, False)
+    plain = quantize_rtn(weight, spec)
+    clipped = clip_search(weight, accumulator.sum_outer, spec)
+    assert clipped.codes.shape == plain.codes.shape
+    assert np.any(clipped.scales < plain.scales)
+    error = output_error(weight, clipped.dequantize(), accumulator.hessian)
+    assert error < 0.95 * output_error(weight, plain.dequantize(), accumulator.hessian)
+    uniform = rng.uniform(-1, 1, size=(64, 48)).astype(np.float32)  # nothing to clip: at worst RTN itself
+    assert output_error(uniform, clip_search(uniform, accumulator.sum_outer, spec).dequantize(),
+                        accumulator.hessian) <= output_error(uniform, quantize_rtn(uniform, spec).dequantize(),
+                                                             accumulator.hessian)
 
 
 def _matmul_model(producer: str) -> str:
