@@ -31,6 +31,7 @@ import onnx_ir as ir
 
 from qgraph import runtime
 from qgraph.calibrate.driver import CalibrationConfig
+from qgraph.ir.load import load_model
 from qgraph.models.bert import BERT_LAYOUTS, BertOptions, build_bert, example_inputs
 from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.ptq import QuantizeOptions
@@ -46,12 +47,13 @@ def calibration_batches(layout, sequence: int, count: int = 4, batch: int = 4) -
     return [example_inputs(layout, batch, sequence, seed=100 + index) for index in range(count)]
 
 
-def qgraph_variant(model: onnx.ModelProto, batches, activations: str, reduce_range: str) -> onnx.ModelProto:
+def qgraph_variant(path: str, batches, activations: str, reduce_range: str) -> onnx.ModelProto:
+    """The FP32 file loaded as ``qgraph optimize`` loads it (with shape inference), then quantized and lowered."""
     options = OptimizeOptions(quantization=QuantizeOptions(
         target_options=TargetOptions(reduce_range=reduce_range), activations=activations, min_sqnr=None,
         calibration=CalibrationConfig(method="minmax"),
     ))
-    result = optimize(ir.serde.deserialize_model(model), None, options, calibration_data=batches)
+    result = optimize(load_model(path), None, options, calibration_data=batches)
     return ir.serde.serialize_model(result.model)
 
 
@@ -111,7 +113,7 @@ def build_variants(arguments, layout, folder: str) -> dict[str, str]:
     for activations in ("static", "dynamic"):
         def build(activations=activations) -> str:
             path = os.path.join(folder, f"qgraph-{activations}.onnx")
-            onnx.save(qgraph_variant(model, batches, activations, arguments.reduce_range), path)
+            onnx.save(qgraph_variant(paths["fp32"], batches, activations, arguments.reduce_range), path)
             return path
         builders[f"qgraph-{activations}"] = build
     for name in arguments.variants:
