@@ -291,7 +291,8 @@ def _mask_source(mask: ir.Value, opset: int) -> ir.Value | str:
                      if value.const_value is not None],
     )
     try:
-        result = np.asarray(ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])).run(None, feeds)[0])
+        probe_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        result = np.asarray(ReferenceEvaluator(probe_model).run(None, feeds)[0])
     except Exception as error:  # noqa: BLE001 - any failure of the evaluation means: not a mask we understand
         return f"the mask could not be evaluated on a probe ({type(error).__name__}: {error})"
     if result.ndim != 4 or result.shape[0] != batch or result.shape[1] != 1 or result.shape[3] != sequence:
@@ -344,7 +345,7 @@ class LowerQuantizedAttention(RewritePass):
     """Lower a self-attention block with integer projections to com.microsoft QAttention."""
 
     phase = Phase.LOWER
-    summary = "integer Q/K/V projections → head split → softmax(α·QKᵀ + mask)·V → merge becomes com.microsoft QAttention"
+    summary = "integer Q/K/V projections → softmax(α·QKᵀ + mask)·V → head merge becomes com.microsoft QAttention"
 
     def match(self, node: ir.Node, context: RewriteContext) -> ir.Node | None:
         return node if qdq.is_op(node, "Softmax") else None
