@@ -33,13 +33,19 @@ from qgraph import runtime
 from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.ir.load import load_model
 from qgraph.models.bert import BERT_LAYOUTS, BertOptions, build_bert, example_inputs
+from qgraph.passes.canonicalize.eliminate_dead_code import EliminateDeadCode
+from qgraph.passes.infrastructure import PassManager
+from qgraph.passes.lower.lower_quantized_attention import LowerQuantizedAttention
 from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.ptq import QuantizeOptions
-from qgraph.targets import TargetOptions
+from qgraph.targets import TargetOptions, get_target
 
 logger = logging.getLogger("bench_bert")
 
-VARIANTS = ("fp32", "ort-dynamic", "ort-static", "qgraph-static", "qgraph-dynamic")
+VARIANTS = ("fp32", "ort-dynamic", "ort-static", "qgraph-static", "qgraph-dynamic", "qgraph-static-unfused",
+            "qgraph-dynamic-unfused")
+#: Timed unless --variants says otherwise (the -unfused ones lower attention without QAttention, for comparison).
+DEFAULT_VARIANTS = VARIANTS[:5]
 _ORT_VARIANTS = ("ort-dynamic", "ort-static")
 
 
@@ -47,14 +53,25 @@ def calibration_batches(layout, sequence: int, count: int = 4, batch: int = 4) -
     return [example_inputs(layout, batch, sequence, seed=100 + index) for index in range(count)]
 
 
-def qgraph_variant(path: str, batches, activations: str, reduce_range: str) -> onnx.ModelProto:
-    """The FP32 file loaded as ``qgraph optimize`` loads it (with shape inference), then quantized and lowered."""
+def qgraph_variant(path: str, batches, activations: str, reduce_range: str, *,
+                   fused_attention: bool = True) -> onnx.ModelProto:
+    """The FP32 file loaded as ``qgraph optimize`` loads it (with shape inference), then quantized and lowered;
+    without ``fused_attention`` the QDQ model is lowered by the ort-cpu passes except LowerQuantizedAttention."""
+    target_options = TargetOptions(reduce_range=reduce_range)
     options = OptimizeOptions(quantization=QuantizeOptions(
-        target_options=TargetOptions(reduce_range=reduce_range), activations=activations, min_sqnr=None,
+        target_options=target_options, activations=activations, min_sqnr=None,
         calibration=CalibrationConfig(method="minmax"),
     ))
     result = optimize(load_model(path), None, options, calibration_data=batches)
-    return ir.serde.serialize_model(result.model)
+    if fused_attention:
+        return ir.serde.serialize_model(result.model)
+    assert result.quantization is not None
+    model = ir.serde.deserialize_model(result.quantization.qdq_model)
+    passes = [step for step in get_target("ort-cpu", target_options).lowering_pipeline()
+              if not isinstance(step, LowerQuantizedAttention)]
+    PassManager(passes, fixed_point=True).run(model)
+    PassManager([EliminateDeadCode()]).run(model)
+    return ir.serde.serialize_model(model)
 
 
 def ort_variant(path: str, output: str, kind: str, batches, reduce_range: bool) -> str:
@@ -111,11 +128,13 @@ def build_variants(arguments, layout, folder: str) -> dict[str, str]:
         builders[kind] = lambda kind=kind: ort_variant(paths["fp32"], os.path.join(folder, f"{kind}.onnx"), kind,
                                                        batches, reduce_range)
     for activations in ("static", "dynamic"):
-        def build(activations=activations) -> str:
-            path = os.path.join(folder, f"qgraph-{activations}.onnx")
-            onnx.save(qgraph_variant(paths["fp32"], batches, activations, arguments.reduce_range), path)
-            return path
-        builders[f"qgraph-{activations}"] = build
+        for suffix, fused in (("", True), ("-unfused", False)):
+            def build(activations=activations, suffix=suffix, fused=fused) -> str:
+                path = os.path.join(folder, f"qgraph-{activations}{suffix}.onnx")
+                onnx.save(qgraph_variant(paths["fp32"], batches, activations, arguments.reduce_range,
+                                         fused_attention=fused), path)
+                return path
+            builders[f"qgraph-{activations}{suffix}"] = build
     for name in arguments.variants:
         if name == "fp32":
             continue
@@ -133,7 +152,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--reduce-range", choices=("auto", "on", "off"), default="off")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("qgraph", "root"):
