@@ -9,10 +9,14 @@ onnxruntime's ``quantize_dynamic`` (int8 weights per tensor, the tool's default)
 per-channel int8 weights, uint8 activations, min-max calibration), both applied to the same FP32 file.
 
     python tools/bench_bert.py [--batch 1 8] [--sequence 128] [--threads 2] [--rounds 20] [--reduce-range on]
-                               [--layers 12] [--variants fp32 ort-dynamic ort-static qgraph-static qgraph-dynamic]
+                               [--layers 12] [--speed-choice on] [--variants fp32 ort-dynamic ort-static qgraph-static
+                               qgraph-dynamic qgraph-static-unfused qgraph-dynamic-unfused]
 
 ``--reduce-range on`` quantizes with 7-bit weights (qgraph's ``--reduce-range on``, onnxruntime's
-``reduce_range=True``): the model for x86 CPUs without VNNI, run here.
+``reduce_range=True``): the model for x86 CPUs without VNNI, run here. qgraph's speed choice (on by default, as
+for a user) times its candidate formats on this machine and logs what it picked; on a loaded machine it can pick
+by noise, ``--speed-choice off`` keeps the ort-cpu lowering. The ``-unfused`` variants are that lowering without
+LowerQuantizedAttention (attention as MatMulIntegerToFloat projections, QLinearMatMul products and a float Softmax).
 """
 
 from __future__ import annotations
@@ -54,18 +58,20 @@ def calibration_batches(layout, sequence: int, count: int = 4, batch: int = 4) -
 
 
 def qgraph_variant(path: str, batches, activations: str, reduce_range: str, *,
-                   fused_attention: bool = True) -> onnx.ModelProto:
+                   fused_attention: bool = True, speed_choice: bool = True) -> onnx.ModelProto:
     """The FP32 file loaded as ``qgraph optimize`` loads it (with shape inference), then quantized and lowered;
     without ``fused_attention`` the QDQ model is lowered by the ort-cpu passes except LowerQuantizedAttention."""
     target_options = TargetOptions(reduce_range=reduce_range)
     options = OptimizeOptions(quantization=QuantizeOptions(
         target_options=target_options, activations=activations, min_sqnr=None,
-        calibration=CalibrationConfig(method="minmax"),
+        calibration=CalibrationConfig(method="minmax"), speed_choice=speed_choice and fused_attention,
     ))
     result = optimize(load_model(path), None, options, calibration_data=batches)
+    assert result.quantization is not None
+    if result.quantization.speed is not None:
+        logger.info("qgraph %s: %s", activations, result.quantization.speed.describe())
     if fused_attention:
         return ir.serde.serialize_model(result.model)
-    assert result.quantization is not None
     model = ir.serde.deserialize_model(result.quantization.qdq_model)
     passes = [step for step in get_target("ort-cpu", target_options).lowering_pipeline()
               if not isinstance(step, LowerQuantizedAttention)]
@@ -132,7 +138,7 @@ def build_variants(arguments, layout, folder: str) -> dict[str, str]:
             def build(activations=activations, suffix=suffix, fused=fused) -> str:
                 path = os.path.join(folder, f"qgraph-{activations}{suffix}.onnx")
                 onnx.save(qgraph_variant(paths["fp32"], batches, activations, arguments.reduce_range,
-                                         fused_attention=fused), path)
+                                         fused_attention=fused, speed_choice=arguments.speed_choice == "on"), path)
                 return path
             builders[f"qgraph-{activations}{suffix}"] = build
     for name in arguments.variants:
@@ -152,6 +158,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--reduce-range", choices=("auto", "on", "off"), default="off")
+    parser.add_argument("--save", metavar="FOLDER", help="keep the models there (fp32.onnx, qgraph-static.onnx, …)")
+    parser.add_argument("--speed-choice", choices=("on", "off"), default="on",
+                        help="qgraph's timed choice of output format (off: always the ort-cpu lowering)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -160,7 +169,9 @@ def main() -> None:
     layout = dataclasses.replace(BERT_LAYOUTS["bert_base"], layers=arguments.layers)
     if "fp32" not in arguments.variants:
         arguments.variants.insert(0, "fp32")
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = arguments.save or scratch
+        os.makedirs(folder, exist_ok=True)
         paths = build_variants(arguments, layout, folder)
         sessions = {name: runtime.create_session(path, optimize=True, threads=arguments.threads)
                     for name, path in paths.items()}
