@@ -9,14 +9,18 @@ onnxruntime's ``quantize_dynamic`` (int8 weights per tensor, the tool's default)
 per-channel int8 weights, uint8 activations, min-max calibration), both applied to the same FP32 file.
 
     python tools/bench_bert.py [--batch 1 8] [--sequence 128] [--threads 2] [--rounds 20] [--reduce-range on]
-                               [--layers 12] [--speed-choice on] [--variants fp32 ort-dynamic ort-static qgraph-static
-                               qgraph-dynamic qgraph-static-unfused qgraph-dynamic-unfused]
+                               [--clock cpu] [--save FOLDER [--reuse]] [--layers 12] [--speed-choice on]
+                               [--variants fp32 ort-dynamic ort-static qgraph-static qgraph-dynamic
+                                           qgraph-static-unfused qgraph-dynamic-unfused]
 
 ``--reduce-range on`` quantizes with 7-bit weights (qgraph's ``--reduce-range on``, onnxruntime's
 ``reduce_range=True``): the model for x86 CPUs without VNNI, run here. qgraph's speed choice (on by default, as
 for a user) times its candidate formats on this machine and logs what it picked; on a loaded machine it can pick
 by noise, ``--speed-choice off`` keeps the ort-cpu lowering. The ``-unfused`` variants are that lowering without
 LowerQuantizedAttention (attention as MatMulIntegerToFloat projections, QLinearMatMul products and a float Softmax).
+``--clock cpu`` times each run by the CPU time of this process (all of onnxruntime's threads) with its worker threads
+sleeping instead of spinning when idle: on a machine shared with other work, where wall times of one model moved by
+up to 7x between runs, CPU time counts the work a run needs rather than the moments it waited for a core.
 """
 
 from __future__ import annotations
@@ -105,16 +109,17 @@ def ort_variant(path: str, output: str, kind: str, batches, reduce_range: bool) 
     return output
 
 
-def time_side_by_side(sessions: dict, feeds: dict, rounds: int) -> dict[str, list[float]]:
+def time_side_by_side(sessions: dict, feeds: dict, rounds: int, clock: Callable[[], float] = time.perf_counter
+                      ) -> dict[str, list[float]]:
     for session in sessions.values():
         for _ in range(2):
             session.run(None, feeds)
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(rounds):
         for name, session in sessions.items():
-            start = time.perf_counter()
+            start = clock()
             session.run(None, feeds)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
@@ -124,9 +129,9 @@ def cosine(reference: np.ndarray, other: np.ndarray) -> float:
 
 
 def build_variants(arguments, layout, folder: str) -> dict[str, str]:
-    model = build_bert(layout, options=BertOptions())
     paths = {"fp32": os.path.join(folder, "fp32.onnx")}
-    onnx.save(model, paths["fp32"])
+    if not (arguments.reuse and os.path.exists(paths["fp32"])):
+        onnx.save(build_bert(layout, options=BertOptions()), paths["fp32"])
     batches = calibration_batches(layout, arguments.sequence)
     reduce_range = arguments.reduce_range == "on"
     builders: dict[str, Callable[[], str]] = {}
@@ -144,6 +149,10 @@ def build_variants(arguments, layout, folder: str) -> dict[str, str]:
     for name in arguments.variants:
         if name == "fp32":
             continue
+        if arguments.reuse and os.path.exists(os.path.join(folder, f"{name}.onnx")):
+            paths[name] = os.path.join(folder, f"{name}.onnx")
+            logger.info("reusing %s", paths[name])
+            continue
         start = time.perf_counter()
         paths[name] = builders[name]()
         logger.info("built %s in %.1f s", name, time.perf_counter() - start)
@@ -158,7 +167,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--reduce-range", choices=("auto", "on", "off"), default="off")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time; cpu: the process's CPU time with onnxruntime's spinning off")
     parser.add_argument("--save", metavar="FOLDER", help="keep the models there (fp32.onnx, qgraph-static.onnx, …)")
+    parser.add_argument("--reuse", action="store_true", help="time the models already in --save FOLDER")
     parser.add_argument("--speed-choice", choices=("on", "off"), default="on",
                         help="qgraph's timed choice of output format (off: always the ort-cpu lowering)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
@@ -166,6 +178,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("qgraph", "root"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logger.setLevel(logging.INFO)  # onnxruntime's quantizer configures the root logger before this one logs
     layout = dataclasses.replace(BERT_LAYOUTS["bert_base"], layers=arguments.layers)
     if "fp32" not in arguments.variants:
         arguments.variants.insert(0, "fp32")
@@ -173,15 +186,17 @@ def main() -> None:
         folder = arguments.save or scratch
         os.makedirs(folder, exist_ok=True)
         paths = build_variants(arguments, layout, folder)
-        sessions = {name: runtime.create_session(path, optimize=True, threads=arguments.threads)
+        cpu = arguments.clock == "cpu"
+        sessions = {name: runtime.create_session(path, optimize=True, threads=arguments.threads, spinning=not cpu)
                     for name, path in paths.items()}
         print(f"BERT-base shape ({layout.layers} layers, hidden {layout.hidden}, {layout.heads} heads), sequence "
               f"{arguments.sequence}, {arguments.threads} threads, reduce-range {arguments.reduce_range}, "
-              f"{arguments.rounds} rounds side by side")
+              f"{arguments.rounds} rounds side by side, {arguments.clock} time")
         for batch in arguments.batch:
             feeds = example_inputs(layout, batch, arguments.sequence, seed=7)
             reference = sessions["fp32"].run(["last_hidden_state"], feeds)[0]
-            times = time_side_by_side(sessions, feeds, arguments.rounds)
+            clock = time.process_time if cpu else time.perf_counter
+            times = time_side_by_side(sessions, feeds, arguments.rounds, clock)
             best = {name: min(values) for name, values in times.items()}
             ort_best = min((best[name] for name in _ORT_VARIANTS if name in best), default=None)
             print(f"\nbatch {batch}")
