@@ -21,22 +21,25 @@ QAttention (com.microsoft opset 1) computes exactly ``P_j`` with the concatenate
 (``3H``; a scalar when all three are the same scalar), ``num_heads = N`` and ``scale = α``, then the attention in
 float with the mask given as ``mask_index = Cast(m, int32)`` (a raw ``[B, S]`` mask: masked positions get
 ``mask_filter_value = −10000`` added). Softmax sees the same values wherever a row keeps one position
-(``exp(−10000 + ·)`` is 0 in float32, as is ``exp(finfo.min + ·)``); a row with every position masked is uniform
-in both. The quantization of ``Q``, ``K``, ``A``, ``V`` in between (QLinearMatMul's operands) is dropped: the
-integer projection is unchanged and the attention is computed in float, more precisely than before.
+(``exp(−10000 + ·)`` underflows to 0 in float32, as ``exp(finfo.min + ·)`` and ``exp(−inf)`` do). A sequence whose
+every position is masked (a batch row of padding only) has no meaningful output in any spelling (uniform weights
+with ``finfo.min``, NaN with ``−inf``, softmax of the unmasked scores here). The quantization of ``Q``, ``K``,
+``A``, ``V`` in between (QLinearMatMul's operands) is dropped: the integer projection is unchanged and the attention
+is computed in float, more precisely than before.
 
 The output: a float ``Y`` is taken over; a quantized ``Y_q`` (the A·V product as QLinearMatMul, the head merge in
 uint8) read by one DequantizeLinear gives that DQ's output the float result; read by anything else it is
 re-quantized with the same scale and zero point (one QuantizeLinear).
 
-Measured (docs/runtime-facts.md): onnxruntime 1.19.2 runs the projection as 3·B·N integer GEMMs of ``[S, D] ×
-[D, H/N]`` on weights it packs once, and the attention core as MLAS float GEMMs with the transposes folded into
-the indexing.
+onnxruntime's CPU kernel (as its source reads) runs the projection as 3·B·N integer GEMMs of ``[S, D] × [D, H/N]``
+on weights it packs once at session creation and the attention core as float GEMMs with the head transposes folded
+into its indexing; what that gains is measured in docs/runtime-facts.md.
 
 Refused (logged): projections that are not MatMulIntegerToFloat with constant 2-D weights of one integer type on
-one shared input, an input that is not 3-D uint8, head splits that disagree, a scale factor that is not a scalar
-constant, a mask that is not such a function of one graph input (evaluated on a probe mask with
-:mod:`onnx.reference`).
+one shared input (one projection left float), an input that is not uint8 of known rank 3 (the rank comes from shape
+inference, which qgraph's loader runs), head splits that disagree, a Softmax over another axis, a scale factor that
+is not a scalar constant, a mask that is not such a function of one graph input (evaluated on a probe mask with
+:mod:`onnx.reference`; a causal or a bias mask fails it).
 """
 
 from __future__ import annotations
