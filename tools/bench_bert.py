@@ -11,13 +11,14 @@ per-channel int8 weights, uint8 activations, min-max calibration), both applied 
     python tools/bench_bert.py [--batch 1 8] [--sequence 128] [--threads 2] [--rounds 20] [--reduce-range on]
                                [--clock cpu] [--save FOLDER [--reuse]] [--layers 12] [--speed-choice on]
                                [--variants fp32 ort-dynamic ort-static qgraph-static qgraph-dynamic
-                                           qgraph-static-unfused qgraph-dynamic-unfused]
+                                           qgraph-static-qattention qgraph-dynamic-qattention]
 
 ``--reduce-range on`` quantizes with 7-bit weights (qgraph's ``--reduce-range on``, onnxruntime's
 ``reduce_range=True``): the model for x86 CPUs without VNNI, run here. qgraph's speed choice (on by default, as
 for a user) times its candidate formats on this machine and logs what it picked; on a loaded machine it can pick
-by noise, ``--speed-choice off`` keeps the ort-cpu lowering. The ``-unfused`` variants are that lowering without
-LowerQuantizedAttention (attention as MatMulIntegerToFloat projections, QLinearMatMul products and a float Softmax).
+by noise, ``--speed-choice off`` keeps the ort-cpu lowering. The ``-qattention`` variants run LowerQuantizedAttention
+after that lowering (each attention block one com.microsoft QAttention instead of MatMulIntegerToFloat projections,
+QLinearMatMul products and a float Softmax); it is not in the default lowering (docs/runtime-facts.md says why).
 ``--clock cpu`` times each run by the CPU time of this process (all of onnxruntime's threads) with its worker threads
 sleeping instead of spinning when idle: on a machine shared with other work, where wall times of one model moved by
 up to 7x between runs, CPU time counts the work a run needs rather than the moments it waited for a core.
@@ -46,13 +47,13 @@ from qgraph.passes.infrastructure import PassManager
 from qgraph.passes.lower.lower_quantized_attention import LowerQuantizedAttention
 from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.ptq import QuantizeOptions
-from qgraph.targets import TargetOptions, get_target
+from qgraph.targets import TargetOptions
 
 logger = logging.getLogger("bench_bert")
 
-VARIANTS = ("fp32", "ort-dynamic", "ort-static", "qgraph-static", "qgraph-dynamic", "qgraph-static-unfused",
-            "qgraph-dynamic-unfused")
-#: Timed unless --variants says otherwise (the -unfused ones lower attention without QAttention, for comparison).
+VARIANTS = ("fp32", "ort-dynamic", "ort-static", "qgraph-static", "qgraph-dynamic", "qgraph-static-qattention",
+            "qgraph-dynamic-qattention")
+#: Timed unless --variants says otherwise (the -qattention ones add LowerQuantizedAttention to the lowering).
 DEFAULT_VARIANTS = VARIANTS[:5]
 _ORT_VARIANTS = ("ort-dynamic", "ort-static")
 
@@ -62,25 +63,21 @@ def calibration_batches(layout, sequence: int, count: int = 4, batch: int = 4) -
 
 
 def qgraph_variant(path: str, batches, activations: str, reduce_range: str, *,
-                   fused_attention: bool = True, speed_choice: bool = True) -> onnx.ModelProto:
-    """The FP32 file loaded as ``qgraph optimize`` loads it (with shape inference), then quantized and lowered;
-    without ``fused_attention`` the QDQ model is lowered by the ort-cpu passes except LowerQuantizedAttention."""
+                   fused_attention: bool = False, speed_choice: bool = True) -> onnx.ModelProto:
+    """The FP32 file loaded as ``qgraph optimize`` loads it (with shape inference), then quantized and lowered for
+    ort-cpu; ``fused_attention`` then runs LowerQuantizedAttention (not in the target's default lowering) on it."""
     target_options = TargetOptions(reduce_range=reduce_range)
     options = OptimizeOptions(quantization=QuantizeOptions(
         target_options=target_options, activations=activations, min_sqnr=None,
-        calibration=CalibrationConfig(method="minmax"), speed_choice=speed_choice and fused_attention,
+        calibration=CalibrationConfig(method="minmax"), speed_choice=speed_choice and not fused_attention,
     ))
     result = optimize(load_model(path), None, options, calibration_data=batches)
     assert result.quantization is not None
     if result.quantization.speed is not None:
         logger.info("qgraph %s: %s", activations, result.quantization.speed.describe())
+    model = result.model
     if fused_attention:
-        return ir.serde.serialize_model(result.model)
-    model = ir.serde.deserialize_model(result.quantization.qdq_model)
-    passes = [step for step in get_target("ort-cpu", target_options).lowering_pipeline()
-              if not isinstance(step, LowerQuantizedAttention)]
-    PassManager(passes, fixed_point=True).run(model)
-    PassManager([EliminateDeadCode()]).run(model)
+        PassManager([LowerQuantizedAttention(), EliminateDeadCode()]).run(model)
     return ir.serde.serialize_model(model)
 
 
@@ -139,7 +136,7 @@ def build_variants(arguments, layout, folder: str) -> dict[str, str]:
         builders[kind] = lambda kind=kind: ort_variant(paths["fp32"], os.path.join(folder, f"{kind}.onnx"), kind,
                                                        batches, reduce_range)
     for activations in ("static", "dynamic"):
-        for suffix, fused in (("", True), ("-unfused", False)):
+        for suffix, fused in (("", False), ("-qattention", True)):
             def build(activations=activations, suffix=suffix, fused=fused) -> str:
                 path = os.path.join(folder, f"qgraph-{activations}{suffix}.onnx")
                 onnx.save(qgraph_variant(paths["fp32"], batches, activations, arguments.reduce_range,

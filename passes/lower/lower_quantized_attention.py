@@ -33,7 +33,11 @@ re-quantized with the same scale and zero point (one QuantizeLinear).
 
 onnxruntime's CPU kernel (as its source reads) runs the projection as 3·B·N integer GEMMs of ``[S, D] × [D, H/N]``
 on weights it packs once at session creation and the attention core as float GEMMs with the head transposes folded
-into its indexing; what that gains is measured in docs/runtime-facts.md.
+into its indexing; what that gains is measured in docs/runtime-facts.md. The pass is not in the ort-cpu target's
+default lowering: it drops quantization steps the QDQ graph simulates (the lowered model is no longer within one
+step of it, which deploy parity checks), and on this project's machine it saved no CPU time (the same int8 and
+float GEMMs run either way), only wall time where many small kernels wait for threads. Run it explicitly
+(``--passes`` or a PassManager after the lowering).
 
 Refused (logged): projections that are not MatMulIntegerToFloat with constant 2-D weights of one integer type on
 one shared input (one projection left float), an input that is not uint8 of known rank 3 (the rank comes from shape

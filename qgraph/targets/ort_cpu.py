@@ -36,7 +36,6 @@ from qgraph.passes.lower.lower_qlinear_conv import LowerQLinearConv
 from qgraph.passes.lower.lower_qlinear_matmul import LowerQLinearMatMul
 from qgraph.passes.lower.lower_qlinear_pool import LowerQLinearPool
 from qgraph.passes.lower.lower_qlinear_unary import LowerQLinearUnary
-from qgraph.passes.lower.lower_quantized_attention import LowerQuantizedAttention
 from qgraph.passes.lower.remove_redundant_quantization import RemoveRedundantQuantization
 from qgraph.quant.spec import QuantSpec
 from qgraph.targets.base import AUTO_CHOICES, Target
@@ -57,7 +56,6 @@ LOWERING_PASSES: tuple[type[QGraphPass], ...] = (
     LowerQLinearUnary,
     LowerIntegerPassThrough,
     RemoveRedundantQuantization,
-    LowerQuantizedAttention,
 )
 #: Lowering passes with integer kernels whose u8s8 form can saturate (they take ``guard_saturation``).
 GUARDED_PASSES: frozenset[type[QGraphPass]] = frozenset({LowerQLinearConv, LowerQLinearMatMul, LowerQGemm,

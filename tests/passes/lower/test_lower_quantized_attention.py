@@ -9,14 +9,9 @@ import onnx_ir as ir
 import pytest
 
 from qgraph import runtime
-from qgraph.annotate.annotator import AnnotationOverrides
 from qgraph.models.bert import BertLayout, BertOptions, build_bert, example_inputs
-from qgraph.passes.canonicalize.eliminate_dead_code import EliminateDeadCode
-from qgraph.passes.infrastructure import PassManager
 from qgraph.passes.lower.lower_quantized_attention import LowerQuantizedAttention
-from qgraph.pipeline import OptimizeOptions, optimize
-from qgraph.ptq import QuantizeOptions
-from qgraph.targets import TargetOptions, get_target
+from tests.passes.lower.attention_models import unfused_bert
 
 LAYOUT = BertLayout(layers=2, hidden=64, heads=4, intermediate=128, vocabulary=256, max_positions=64)
 SEQUENCE = 12
@@ -42,18 +37,8 @@ def _unfused(options: BertOptions, activations: str, *, exclude: frozenset[str] 
                 array = onnx.numpy_helper.to_array(tensor) * np.float32(weight_scale)
                 tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
     sequence = options.sequence or SEQUENCE
-    batches = [example_inputs(LAYOUT, 4, sequence, seed=seed, mask_dtype=options.mask_dtype) for seed in range(3)]
-    target_options = TargetOptions(reduce_range=reduce_range)
-    quantization = QuantizeOptions(min_sqnr=None, activations=activations, speed_choice=False,
-                                   overrides=AnnotationOverrides(exclude=exclude), target_options=target_options)
-    inferred = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
-    result = optimize(inferred, None, OptimizeOptions(quantization=quantization), calibration_data=batches)
-    assert result.quantization is not None
-    model = ir.serde.deserialize_model(result.quantization.qdq_model)
-    passes = [step for step in get_target("ort-cpu", target_options).lowering_pipeline()
-              if not isinstance(step, LowerQuantizedAttention)]
-    PassManager(passes, fixed_point=True).run(model)
-    PassManager([EliminateDeadCode()]).run(model)
+    model = unfused_bert(LAYOUT, options, activations, sequence=sequence, exclude=exclude, reduce_range=reduce_range,
+                         proto=proto)
     feeds = example_inputs(LAYOUT, 3, sequence, seed=11, mask_dtype=options.mask_dtype)
     return proto, model, feeds
 
