@@ -9,10 +9,19 @@ onnxruntime's ``quantize_dynamic`` (int8 weights per tensor, the tool's default)
 per-channel int8 weights, uint8 activations, min-max calibration), both applied to the same FP32 file.
 
     python tools/bench_bert.py [--batch 1 8] [--sequence 128] [--threads 2] [--rounds 20] [--reduce-range on]
-                               [--layers 12] [--variants fp32 ort-dynamic ort-static qgraph-static qgraph-dynamic]
+                               [--clock cpu] [--save FOLDER [--reuse]] [--layers 12] [--speed-choice on]
+                               [--variants fp32 ort-dynamic ort-static qgraph-static qgraph-dynamic
+                                           qgraph-static-qattention qgraph-dynamic-qattention]
 
 ``--reduce-range on`` quantizes with 7-bit weights (qgraph's ``--reduce-range on``, onnxruntime's
-``reduce_range=True``): the model for x86 CPUs without VNNI, run here.
+``reduce_range=True``): the model for x86 CPUs without VNNI, run here. qgraph's speed choice (on by default, as
+for a user) times its candidate formats on this machine and logs what it picked; on a loaded machine it can pick
+by noise, ``--speed-choice off`` keeps the ort-cpu lowering. The ``-qattention`` variants run LowerQuantizedAttention
+after that lowering (each attention block one com.microsoft QAttention instead of MatMulIntegerToFloat projections,
+QLinearMatMul products and a float Softmax); it is not in the default lowering (docs/runtime-facts.md says why).
+``--clock cpu`` times each run by the CPU time of this process (all of onnxruntime's threads) with its worker threads
+sleeping instead of spinning when idle: on a machine shared with other work, where wall times of one model moved by
+up to 7x between runs, CPU time counts the work a run needs rather than the moments it waited for a core.
 """
 
 from __future__ import annotations
@@ -31,14 +40,21 @@ import onnx_ir as ir
 
 from qgraph import runtime
 from qgraph.calibrate.driver import CalibrationConfig
+from qgraph.ir.load import load_model
 from qgraph.models.bert import BERT_LAYOUTS, BertOptions, build_bert, example_inputs
+from qgraph.passes.canonicalize.eliminate_dead_code import EliminateDeadCode
+from qgraph.passes.infrastructure import PassManager
+from qgraph.passes.lower.lower_quantized_attention import LowerQuantizedAttention
 from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.ptq import QuantizeOptions
 from qgraph.targets import TargetOptions
 
 logger = logging.getLogger("bench_bert")
 
-VARIANTS = ("fp32", "ort-dynamic", "ort-static", "qgraph-static", "qgraph-dynamic")
+VARIANTS = ("fp32", "ort-dynamic", "ort-static", "qgraph-static", "qgraph-dynamic", "qgraph-static-qattention",
+            "qgraph-dynamic-qattention")
+#: Timed unless --variants says otherwise (the -qattention ones add LowerQuantizedAttention to the lowering).
+DEFAULT_VARIANTS = VARIANTS[:5]
 _ORT_VARIANTS = ("ort-dynamic", "ort-static")
 
 
@@ -46,13 +62,23 @@ def calibration_batches(layout, sequence: int, count: int = 4, batch: int = 4) -
     return [example_inputs(layout, batch, sequence, seed=100 + index) for index in range(count)]
 
 
-def qgraph_variant(model: onnx.ModelProto, batches, activations: str, reduce_range: str) -> onnx.ModelProto:
+def qgraph_variant(path: str, batches, activations: str, reduce_range: str, *,
+                   fused_attention: bool = False, speed_choice: bool = True) -> onnx.ModelProto:
+    """The FP32 file loaded as ``qgraph optimize`` loads it (with shape inference), then quantized and lowered for
+    ort-cpu; ``fused_attention`` then runs LowerQuantizedAttention (not in the target's default lowering) on it."""
+    target_options = TargetOptions(reduce_range=reduce_range)
     options = OptimizeOptions(quantization=QuantizeOptions(
-        target_options=TargetOptions(reduce_range=reduce_range), activations=activations, min_sqnr=None,
-        calibration=CalibrationConfig(method="minmax"),
+        target_options=target_options, activations=activations, min_sqnr=None,
+        calibration=CalibrationConfig(method="minmax"), speed_choice=speed_choice and not fused_attention,
     ))
-    result = optimize(ir.serde.deserialize_model(model), None, options, calibration_data=batches)
-    return ir.serde.serialize_model(result.model)
+    result = optimize(load_model(path), None, options, calibration_data=batches)
+    assert result.quantization is not None
+    if result.quantization.speed is not None:
+        logger.info("qgraph %s: %s", activations, result.quantization.speed.describe())
+    model = result.model
+    if fused_attention:
+        PassManager([LowerQuantizedAttention(), EliminateDeadCode()]).run(model)
+    return ir.serde.serialize_model(model)
 
 
 def ort_variant(path: str, output: str, kind: str, batches, reduce_range: bool) -> str:
@@ -80,16 +106,17 @@ def ort_variant(path: str, output: str, kind: str, batches, reduce_range: bool) 
     return output
 
 
-def time_side_by_side(sessions: dict, feeds: dict, rounds: int) -> dict[str, list[float]]:
+def time_side_by_side(sessions: dict, feeds: dict, rounds: int, clock: Callable[[], float] = time.perf_counter
+                      ) -> dict[str, list[float]]:
     for session in sessions.values():
         for _ in range(2):
             session.run(None, feeds)
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(rounds):
         for name, session in sessions.items():
-            start = time.perf_counter()
+            start = clock()
             session.run(None, feeds)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
@@ -99,9 +126,9 @@ def cosine(reference: np.ndarray, other: np.ndarray) -> float:
 
 
 def build_variants(arguments, layout, folder: str) -> dict[str, str]:
-    model = build_bert(layout, options=BertOptions())
     paths = {"fp32": os.path.join(folder, "fp32.onnx")}
-    onnx.save(model, paths["fp32"])
+    if not (arguments.reuse and os.path.exists(paths["fp32"])):
+        onnx.save(build_bert(layout, options=BertOptions()), paths["fp32"])
     batches = calibration_batches(layout, arguments.sequence)
     reduce_range = arguments.reduce_range == "on"
     builders: dict[str, Callable[[], str]] = {}
@@ -109,13 +136,19 @@ def build_variants(arguments, layout, folder: str) -> dict[str, str]:
         builders[kind] = lambda kind=kind: ort_variant(paths["fp32"], os.path.join(folder, f"{kind}.onnx"), kind,
                                                        batches, reduce_range)
     for activations in ("static", "dynamic"):
-        def build(activations=activations) -> str:
-            path = os.path.join(folder, f"qgraph-{activations}.onnx")
-            onnx.save(qgraph_variant(model, batches, activations, arguments.reduce_range), path)
-            return path
-        builders[f"qgraph-{activations}"] = build
+        for suffix, fused in (("", False), ("-qattention", True)):
+            def build(activations=activations, suffix=suffix, fused=fused) -> str:
+                path = os.path.join(folder, f"qgraph-{activations}{suffix}.onnx")
+                onnx.save(qgraph_variant(paths["fp32"], batches, activations, arguments.reduce_range,
+                                         fused_attention=fused, speed_choice=arguments.speed_choice == "on"), path)
+                return path
+            builders[f"qgraph-{activations}{suffix}"] = build
     for name in arguments.variants:
         if name == "fp32":
+            continue
+        if arguments.reuse and os.path.exists(os.path.join(folder, f"{name}.onnx")):
+            paths[name] = os.path.join(folder, f"{name}.onnx")
+            logger.info("reusing %s", paths[name])
             continue
         start = time.perf_counter()
         paths[name] = builders[name]()
@@ -131,25 +164,36 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--reduce-range", choices=("auto", "on", "off"), default="off")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time; cpu: the process's CPU time with onnxruntime's spinning off")
+    parser.add_argument("--save", metavar="FOLDER", help="keep the models there (fp32.onnx, qgraph-static.onnx, …)")
+    parser.add_argument("--reuse", action="store_true", help="time the models already in --save FOLDER")
+    parser.add_argument("--speed-choice", choices=("on", "off"), default="on",
+                        help="qgraph's timed choice of output format (off: always the ort-cpu lowering)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("qgraph", "root"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logger.setLevel(logging.INFO)  # onnxruntime's quantizer configures the root logger before this one logs
     layout = dataclasses.replace(BERT_LAYOUTS["bert_base"], layers=arguments.layers)
     if "fp32" not in arguments.variants:
         arguments.variants.insert(0, "fp32")
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = arguments.save or scratch
+        os.makedirs(folder, exist_ok=True)
         paths = build_variants(arguments, layout, folder)
-        sessions = {name: runtime.create_session(path, optimize=True, threads=arguments.threads)
+        cpu = arguments.clock == "cpu"
+        sessions = {name: runtime.create_session(path, optimize=True, threads=arguments.threads, spinning=not cpu)
                     for name, path in paths.items()}
         print(f"BERT-base shape ({layout.layers} layers, hidden {layout.hidden}, {layout.heads} heads), sequence "
               f"{arguments.sequence}, {arguments.threads} threads, reduce-range {arguments.reduce_range}, "
-              f"{arguments.rounds} rounds side by side")
+              f"{arguments.rounds} rounds side by side, {arguments.clock} time")
         for batch in arguments.batch:
             feeds = example_inputs(layout, batch, arguments.sequence, seed=7)
             reference = sessions["fp32"].run(["last_hidden_state"], feeds)[0]
-            times = time_side_by_side(sessions, feeds, arguments.rounds)
+            clock = time.process_time if cpu else time.perf_counter
+            times = time_side_by_side(sessions, feeds, arguments.rounds, clock)
             best = {name: min(values) for name, values in times.items()}
             ort_best = min((best[name] for name in _ORT_VARIANTS if name in best), default=None)
             print(f"\nbatch {batch}")

@@ -30,6 +30,7 @@ from qgraph.pipeline import OptimizeOptions, build_pipeline
 from qgraph.testing import to_ir
 from tests.passes.batch_norm_builders import batch_norm_node, batch_norm_parameters, make_model, weights
 from tests.passes.exporter_spellings import gelu_erf, gelu_tanh, layer_norm
+from tests.passes.lower.attention_models import integer_attention_block
 from tests.passes.lower.test_lower_end_to_end import small_cnn
 from tests.passes.qdq_builders import QDQBuilder
 
@@ -317,7 +318,7 @@ def protocol_corpus() -> list[onnx.ModelProto]:
     return [
         ir.serde.serialize_model(model()), conv_batch_norm, lone_batch_norm, conv_bias,
         gelu_erf(), gelu_tanh(opset=20), layer_norm("tf2onnx"), cnn.model(), float_output_islands(),
-        blocked_int4_matmul(), four_bit_matmul()[0].model(),
+        blocked_int4_matmul(), four_bit_matmul()[0].model(), integer_attention_block(),
         *exporter_spelling_corpus(),
     ]
 
