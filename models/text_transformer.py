@@ -19,12 +19,16 @@
 Float constants are rank-0 initializers (so :mod:`qgraph.train` never trains them); integer constants (shapes, axes,
 indices) are 1-D or scalar int64 initializers.
 
-Initialisation (BERT's and GPT-2's): embeddings and dense weights ``N(0, 0.02²)``, biases 0, LayerNorm scale 1 and
-bias 0; the decoder scales the residual output projections by ``1 / sqrt(2 · layers)`` (GPT-2).
+Both models' configs derive from :class:`TransformerConfig` (the sizes, checked once).
 
-Training (:func:`train_cached`): a :class:`TextTrainingRecipe` is trained once with :class:`qgraph.train.Trainer`
-(AdamW, linear warm-up then cosine decay, gradient clipping, validation after every epoch, best checkpoint kept);
-the trained parameters are read from the best checkpoint and written into the inference form. The
+Initialisation (BERT's and GPT-2's, :func:`initial_transformer_weights`): embeddings and dense weights
+``N(0, 0.02²)``, biases 0, LayerNorm scale 1 and bias 0; the decoder and the pre-norm encoder scale the residual
+output projections by ``1 / sqrt(2 · layers)`` (GPT-2).
+
+Training (:func:`train_text_model`, cached by :func:`cached_text_model`): a :class:`TextTrainingRecipe` is trained
+once with :class:`qgraph.train.Trainer` (AdamW, linear warm-up then cosine decay, gradient clipping, validation
+after every epoch, best checkpoint kept) on the batches the model's ``epoch_batches(epoch)`` gives; the trained
+parameters are read from the best checkpoint and written into the inference form. The
 result is cached in ``<cache>/text_models/<name>-<key>/`` where ``key`` is the first 16 hex digits of the sha256 of
 the recipe (every field, architecture included), the corpus fingerprint (:func:`qgraph.models.text_corpus.
 corpus_fingerprint`: interpreter version, documents, splits, vocabulary) and :data:`CACHE_FORMAT`; ``<cache>`` is
@@ -447,7 +451,9 @@ def train_text_model(recipe: TextTrainingRecipe, build: GraphBuilder, weights: M
         return epoch_batches(next(epochs))
 
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f"qgraph-{recipe.name}-") as scratch:
+    # The training files (artifacts, checkpoints) go next to the output, not into the shared temporary folder:
+    # on a machine shared with other jobs, whatever cleans stale ``/tmp/qgraph-*`` folders killed runs mid-way.
+    with tempfile.TemporaryDirectory(prefix=f".{recipe.name}-training-", dir=Path(output_path).parent) as scratch:
         work = Path(work_directory) if work_directory is not None else Path(scratch)
         training_model = build(dict(weights), recipe.architecture, form="training")
         trained, result = _best_parameters(training_model, recipe, training_batches, steps_per_epoch,
