@@ -117,7 +117,8 @@ def parameter_shapes(config: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
 
 def sinusoidal_positions(positions: int, hidden: int, std: float = 0.02) -> np.ndarray:
     """``P[t, 2i] = a·sin(t / 10000^(2i/h))``, ``P[t, 2i+1] = a·cos(…)`` (Vaswani et al., 2017) with ``a = std·√2``,
-    so that every column has the standard deviation ``std`` of the other embeddings. A shift by ``k`` positions is
+    the amplitude of a sine whose standard deviation over a period is ``std``, that of the other embeddings (the
+    slow columns cover less than a period in ``positions`` steps, so vary less). A shift by ``k`` positions is
     the same rotation of each (sin, cos) pair for every ``t``, so one linear map of the queries and keys can attend to
     a fixed neighbour everywhere: the masked-token task starts with that relation at hand instead of learning it
     position by position."""

@@ -451,8 +451,8 @@ def train_text_model(recipe: TextTrainingRecipe, build: GraphBuilder, weights: M
         return epoch_batches(next(epochs))
 
     started = time.perf_counter()
-    # The training files (artifacts, checkpoints) go next to the output, not into the shared temporary folder:
-    # on a machine shared with other jobs, whatever cleans stale ``/tmp/qgraph-*`` folders killed runs mid-way.
+    # The training files (artifacts, checkpoints) go next to the output (the cache entry being written), private to
+    # the run, rather than into a shared temporary folder that other jobs on the machine may clean.
     with tempfile.TemporaryDirectory(prefix=f".{recipe.name}-training-", dir=Path(output_path).parent) as scratch:
         work = Path(work_directory) if work_directory is not None else Path(scratch)
         training_model = build(dict(weights), recipe.architecture, form="training")

@@ -22,10 +22,9 @@ from qgraph.models.text_decoder import (
     presents_as_past,
 )
 from qgraph.runtime import create_session
-from tests.models.text_models import as_float64, dense, gelu_tanh, layer_norm, perturbed, self_attention
+from tests.models.text_models import SMALL_SIZES, as_float64, dense, gelu_tanh, layer_norm, perturbed, self_attention
 
-CONFIG = TextDecoderConfig(vocab_size=40, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
-                           max_positions=24)
+CONFIG = TextDecoderConfig(**SMALL_SIZES, max_positions=24)
 
 
 def perturbed_weights(config: TextDecoderConfig, seed: int = 5) -> dict[str, np.ndarray]:

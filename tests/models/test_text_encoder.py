@@ -22,10 +22,9 @@ from qgraph.models.text_encoder import (
     masked_token_accuracy,
 )
 from qgraph.runtime import create_session
-from tests.models.text_models import as_float64, dense, gelu_erf, layer_norm, perturbed, self_attention
+from tests.models.text_models import SMALL_SIZES, as_float64, dense, gelu_erf, layer_norm, perturbed, self_attention
 
-CONFIG = TextEncoderConfig(vocab_size=40, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
-                           max_positions=12)
+CONFIG = TextEncoderConfig(**SMALL_SIZES, max_positions=12)
 
 
 def perturbed_weights(config: TextEncoderConfig, seed: int = 3) -> dict[str, np.ndarray]:
@@ -227,9 +226,41 @@ def test_tiny_training_learns_and_the_cache_is_reused(tmp_path, monkeypatch):
         text_encoder.trained_text_encoder(other, cache_dir=tmp_path, train_if_missing=False)
 
 
+def test_sinusoidal_positions_shift_by_one_rotation_and_shared_query_key_start():
+    table = text_encoder.sinusoidal_positions(32, 16)
+    assert table.shape == (32, 16) and np.abs(table).max() <= 0.02 * math.sqrt(2) + 1e-7
+    for shift in (1, 5):  # P[t + k] = P[t] · R_k for one matrix R_k and every t
+        rotation, *_ = np.linalg.lstsq(table[:-shift].astype(np.float64), table[shift:].astype(np.float64),
+                                       rcond=None)
+        np.testing.assert_allclose(table[:-shift] @ rotation, table[shift:], atol=1e-6)
+    config = dataclasses.replace(CONFIG, pre_norm=True, position_initialization="sinusoidal",
+                                 shared_query_key_initialization=True)
+    plain = initial_weights(dataclasses.replace(CONFIG, pre_norm=True), seed=1)
+    weights = initial_weights(config, seed=1)
+    np.testing.assert_array_equal(weights["bert.embeddings.position_embeddings.weight"],
+                                  text_encoder.sinusoidal_positions(CONFIG.max_positions, CONFIG.hidden_size))
+    for index in range(CONFIG.num_layers):
+        query = weights[f"bert.encoder.layer.{index}.attention.self.query.weight"]
+        np.testing.assert_array_equal(weights[f"bert.encoder.layer.{index}.attention.self.key.weight"], query)
+        np.testing.assert_allclose(query, plain[f"bert.encoder.layer.{index}.attention.self.query.weight"] * 3,
+                                   rtol=1e-6)
+    changed = {"bert.embeddings.position_embeddings.weight"} | {
+        f"bert.encoder.layer.{index}.attention.self.{name}.weight" for index in range(CONFIG.num_layers)
+        for name in ("query", "key")}
+    assert all((weights[name] == plain[name]).all() for name in set(plain) - changed)
+    # pre-norm: the residual output projections start 1/sqrt(2 * layers) smaller (GPT-2)
+    post_norm = initial_weights(CONFIG, seed=1)
+    ratio = (plain["bert.encoder.layer.0.output.dense.weight"].std()
+             / post_norm["bert.encoder.layer.0.output.dense.weight"].std())
+    assert ratio == pytest.approx(1 / math.sqrt(2 * CONFIG.num_layers), rel=0.1)
+    with pytest.raises(ValueError, match="position_initialization"):
+        dataclasses.replace(CONFIG, position_initialization="random")
+
+
 def test_reference_recipe_meets_the_issue_sizes():
     recipe = text_encoder.reference_recipe()
     config = recipe.architecture
     assert config.num_layers >= 4 and config.hidden_size >= 256 and recipe.sequence_length == config.max_positions
+    assert config.pre_norm and config.position_initialization == "sinusoidal"
     parameters = sum(math.prod(shape) for shape in text_encoder.parameter_shapes(config).values())
     assert 3_000_000 < parameters < 4_000_000

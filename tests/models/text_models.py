@@ -9,6 +9,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+#: The sizes of the two-layer models the graph tests build (each test adds its ``max_positions``).
+SMALL_SIZES = {"vocab_size": 40, "hidden_size": 16, "num_layers": 2, "num_heads": 2, "intermediate_size": 32}
+
 
 def perturbed(weights: Mapping[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
     """``weights`` plus ``N(0, 0.3²)`` noise on every element."""
