@@ -39,30 +39,16 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto
 
-from qgraph.models import text_corpus
-from qgraph.models.text_transformer import (
-    MASK_FILL_VALUE,
-    POSITIONS_INPUT,
-    CachedModel,
-    TextTrainingRecipe,
-    TransformerGraphWriter,
-    normal_weight,
-    positions_input,
-    tensor_input,
-    train_and_export,
-    train_cached,
-)
+from qgraph.models import text_corpus, text_transformer
+from qgraph.models.text_transformer import CachedModel, TextTrainingRecipe, TransformerGraphWriter, tensor_input
 
 logger = logging.getLogger(__name__)
 
@@ -88,27 +74,11 @@ def present_value_name(layer: int) -> str:
 
 
 @dataclass(frozen=True)
-class TextDecoderConfig:
+class TextDecoderConfig(text_transformer.TransformerConfig):
     """Sizes of the decoder (GPT-2's names)."""
 
-    vocab_size: int
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 1024
     max_positions: int = 128
     layer_norm_epsilon: float = 1e-5
-
-    def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if min(self.vocab_size, self.hidden_size, self.num_layers, self.num_heads, self.intermediate_size,
-               self.max_positions) < 1:
-            raise ValueError(f"invalid decoder config {self}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
 
 
 def _layer(index: int) -> str:
@@ -140,19 +110,9 @@ def parameter_shapes(config: TextDecoderConfig) -> dict[str, tuple[int, ...]]:
 
 def initial_weights(config: TextDecoderConfig, *, seed: int = 0) -> dict[str, np.ndarray]:
     """GPT-2's initialisation (residual output projections scaled by 1/√(2·layers)), seeded."""
-    generator = np.random.default_rng(seed)
-    residual_std = 0.02 / math.sqrt(2 * config.num_layers)
-    weights = {}
-    for name, shape in parameter_shapes(config).items():
-        if ".ln_" in name and name.endswith("weight"):
-            weights[name] = np.ones(shape, np.float32)
-        elif name.endswith("bias"):
-            weights[name] = np.zeros(shape, np.float32)
-        elif name.endswith(("out_proj.weight", "c_proj.weight")):
-            weights[name] = normal_weight(generator, shape, residual_std)
-        else:
-            weights[name] = normal_weight(generator, shape)
-    return weights
+    return text_transformer.initial_transformer_weights(parameter_shapes(config), seed=seed,
+                                                        num_layers=config.num_layers,
+                                                        residual_projections=("out_proj.weight", "c_proj.weight"))
 
 
 def build_text_decoder(weights: dict[str, np.ndarray], config: TextDecoderConfig, *, form: str = "inference"
@@ -179,7 +139,8 @@ def build_text_decoder(weights: dict[str, np.ndarray], config: TextDecoderConfig
                                          writer.unsqueeze(query_positions, [1], scope)], scope)
     padding = writer.node("Cast", [writer.unsqueeze("attention_mask", [1, 2], scope)], scope, to=TensorProto.BOOL)
     allowed = writer.node("And", [writer.unsqueeze(causal, [0, 1], scope), padding], scope)
-    additive_mask = writer.node("Where", [allowed, writer.constant(0.0), writer.constant(MASK_FILL_VALUE)], scope)
+    fill = writer.constant(text_transformer.MASK_FILL_VALUE)
+    additive_mask = writer.node("Where", [allowed, writer.constant(0.0), fill], scope)
 
     for index in range(config.num_layers):
         layer, scope = _layer(index), f"/transformer/h.{index}"
@@ -206,13 +167,13 @@ def build_text_decoder(weights: dict[str, np.ndarray], config: TextDecoderConfig
 
     x = writer.layer_norm(x, "transformer.ln_f", "/transformer/ln_f", epsilon)
     if writer.training:
-        x = writer.select_positions(x, POSITIONS_INPUT, hidden, "/lm_head")
+        x = writer.select_positions(x, text_transformer.POSITIONS_INPUT, hidden, "/lm_head")
     writer.node("MatMul", [x, writer.transposed_weight("transformer.wte.weight", "/lm_head")], "/lm_head",
                 output=OUTPUT_NAME)
 
     sequence = [BATCH_AXIS, SEQUENCE_AXIS]
     if writer.training:
-        inputs = [positions_input(), tensor_input("input_ids", TensorProto.INT64, sequence),
+        inputs = [text_transformer.positions_input(), tensor_input("input_ids", TensorProto.INT64, sequence),
                   tensor_input("attention_mask", TensorProto.INT64, sequence),
                   tensor_input("position_ids", TensorProto.INT64, sequence)]
         outputs = [tensor_input(OUTPUT_NAME, TensorProto.FLOAT, ["selected_tokens", config.vocab_size])]
@@ -339,25 +300,23 @@ def decoder_windows(split: str, sequence_length: int, *, limit: int | None = Non
 
 def _trainer_batch(windows: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
     feeds = decoder_feeds(windows[:, :-1], layout=None)
-    return {POSITIONS_INPUT: np.arange(windows[:, :-1].size, dtype=np.int64), **feeds}, windows[:, 1:].reshape(-1)
+    positions = np.arange(windows[:, :-1].size, dtype=np.int64)
+    return {text_transformer.POSITIONS_INPUT: positions, **feeds}, windows[:, 1:].reshape(-1)
 
 
 # -------------------------------------------------------------------------------------------------------- training
 def reference_recipe() -> TextTrainingRecipe:
     """The reference decoder: 4 layers, hidden 256, 4 heads, FFN 1024, context 128 (see models/trained/README.md)."""
-    config = TextDecoderConfig(vocab_size=text_corpus.corpus_vocabulary().size, hidden_size=256, num_layers=4,
-                               num_heads=4, intermediate_size=1024, max_positions=128)
+    config = text_transformer.corpus_config(TextDecoderConfig, hidden_size=256, num_layers=4, num_heads=4,
+                                            intermediate_size=1024, max_positions=128)
     return TextTrainingRecipe(name="text_decoder", architecture=config, sequence_length=128, epochs=4,
                               batch_size=16, learning_rate=1.5e-3, weight_decay=0.05, warmup_fraction=0.05)
 
 
 def tiny_recipe(*, epochs: int = 1, train_limit: int = 48, validation_limit: int = 16) -> TextTrainingRecipe:
-    """A seconds-long recipe for tests: 1 layer, hidden 32, context 32."""
-    config = TextDecoderConfig(vocab_size=text_corpus.corpus_vocabulary().size, hidden_size=32, num_layers=1,
-                               num_heads=2, intermediate_size=64, max_positions=32)
-    return TextTrainingRecipe(name="text_decoder_tiny", architecture=config, sequence_length=32, epochs=epochs,
-                              batch_size=8, learning_rate=3e-3, train_limit=train_limit,
-                              validation_limit=validation_limit)
+    """A seconds-long recipe for tests (:func:`qgraph.models.text_transformer.tiny_recipe`)."""
+    return text_transformer.tiny_recipe("text_decoder_tiny", TextDecoderConfig, epochs=epochs,
+                                        train_limit=train_limit, validation_limit=validation_limit, batch_size=8)
 
 
 def train_text_decoder(recipe: TextTrainingRecipe, output_path: str | os.PathLike, *, threads: int | None = None,
@@ -370,39 +329,26 @@ def train_text_decoder(recipe: TextTrainingRecipe, output_path: str | os.PathLik
     windows = decoder_windows("train", recipe.sequence_length, limit=recipe.train_limit)
     held_out = decoder_windows("validation", recipe.sequence_length, limit=recipe.validation_limit)
     test = decoder_windows("test", recipe.sequence_length, limit=recipe.validation_limit)
-    epoch_counter = [0]
 
-    def training_batches() -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
-        order = np.random.default_rng((recipe.seed, epoch_counter[0])).permutation(len(windows))
-        epoch_counter[0] += 1
+    def epoch_batches(epoch: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        order = np.random.default_rng((recipe.seed, epoch)).permutation(len(windows))
         for start in range(0, len(order), recipe.batch_size):
             yield _trainer_batch(windows[np.sort(order[start:start + recipe.batch_size])])
 
     validation = [_trainer_batch(held_out[start:start + recipe.batch_size])
                   for start in range(0, len(held_out), recipe.batch_size)]
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="qgraph-text-decoder-") as scratch:
-        work = Path(work_directory) if work_directory is not None else Path(scratch)
-        training_model = build_text_decoder(initial_weights(config, seed=recipe.seed), config, form="training")
-        trained, result = train_and_export(training_model, recipe, training_batches,
-                                           math.ceil(len(windows) / recipe.batch_size), validation,
-                                           list(parameter_shapes(config)), work, threads=threads, progress=progress)
-    training_seconds = time.perf_counter() - started
-    output_path = Path(output_path)
-    onnx.save(build_text_decoder(trained, config, form="inference"), os.fspath(output_path))
+    weights = initial_weights(config, seed=recipe.seed)
+    result = text_transformer.train_text_model(recipe, build_text_decoder, weights, epoch_batches,
+                                               math.ceil(len(windows) / recipe.batch_size), validation, output_path,
+                                               threads=threads, work_directory=work_directory, progress=progress)
     metric = perplexity(output_path, test, threads=threads)
     selection = perplexity(output_path, held_out, threads=threads)
     logger.info("text decoder: perplexity %.4f (%.4f nats/token) on %d test tokens, %.0f s", metric.perplexity,
-                metric.negative_log_likelihood, metric.tokens, training_seconds)
+                metric.negative_log_likelihood, metric.tokens, result["seconds"])
     return {
-        "seconds": training_seconds, "steps": result.steps, "epochs": result.epochs_completed,
-        "best_epoch": result.best_epoch, "train_windows": int(len(windows)),
-        "train_tokens": int(windows[:, :-1].size) * recipe.epochs, "test_tokens": metric.tokens,
-        "perplexity": metric.perplexity, "test_loss": metric.negative_log_likelihood,
+        **result, "train_windows": int(len(windows)), "train_tokens": int(windows[:, :-1].size) * recipe.epochs,
+        "test_tokens": metric.tokens, "perplexity": metric.perplexity, "test_loss": metric.negative_log_likelihood,
         "validation_perplexity": selection.perplexity,
-        "parameters": int(sum(math.prod(shape) for shape in parameter_shapes(config).values())),
-        "history": [[record.epoch, record.train_loss, record.validation_loss, record.validation_accuracy]
-                    for record in result.history],
     }
 
 
@@ -410,8 +356,6 @@ def trained_text_decoder(recipe: TextTrainingRecipe | None = None, *, cache_dir:
                          retrain: bool = False, train_if_missing: bool = True, threads: int | None = 1,
                          progress: Callable | None = None) -> CachedModel:
     """The trained decoder of ``recipe`` (default: :func:`reference_recipe`) from the cache, trained if missing."""
-    recipe = recipe or reference_recipe()
-    return train_cached(recipe, text_corpus.corpus_fingerprint(),
-                        lambda entry: train_text_decoder(recipe, entry / "model.onnx", threads=threads,
-                                                         progress=progress),
-                        cache_dir=cache_dir, retrain=retrain, train_if_missing=train_if_missing)
+    return text_transformer.cached_text_model(recipe or reference_recipe(), train_text_decoder, cache_dir=cache_dir,
+                                              retrain=retrain, train_if_missing=train_if_missing, threads=threads,
+                                              progress=progress)

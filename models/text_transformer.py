@@ -19,12 +19,16 @@
 Float constants are rank-0 initializers (so :mod:`qgraph.train` never trains them); integer constants (shapes, axes,
 indices) are 1-D or scalar int64 initializers.
 
-Initialisation (BERT's and GPT-2's): embeddings and dense weights ``N(0, 0.02²)``, biases 0, LayerNorm scale 1 and
-bias 0; the decoder scales the residual output projections by ``1 / sqrt(2 · layers)`` (GPT-2).
+Both models' configs derive from :class:`TransformerConfig` (the sizes, checked once).
 
-Training (:func:`train_cached`): a :class:`TextTrainingRecipe` is trained once with :class:`qgraph.train.Trainer`
-(AdamW, linear warm-up then cosine decay, gradient clipping, validation after every epoch, best checkpoint kept);
-the trained parameters are read from the best checkpoint and written into the inference form. The
+Initialisation (BERT's and GPT-2's, :func:`initial_transformer_weights`): embeddings and dense weights
+``N(0, 0.02²)``, biases 0, LayerNorm scale 1 and bias 0; the decoder and the pre-norm encoder scale the residual
+output projections by ``1 / sqrt(2 · layers)`` (GPT-2).
+
+Training (:func:`train_text_model`, cached by :func:`cached_text_model`): a :class:`TextTrainingRecipe` is trained
+once with :class:`qgraph.train.Trainer` (AdamW, linear warm-up then cosine decay, gradient clipping, validation
+after every epoch, best checkpoint kept) on the batches the model's ``epoch_batches(epoch)`` gives; the trained
+parameters are read from the best checkpoint and written into the inference form. The
 result is cached in ``<cache>/text_models/<name>-<key>/`` where ``key`` is the first 16 hex digits of the sha256 of
 the recipe (every field, architecture included), the corpus fingerprint (:func:`qgraph.models.text_corpus.
 corpus_fingerprint`: interpreter version, documents, splits, vocabulary) and :data:`CACHE_FORMAT`; ``<cache>`` is
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -44,7 +49,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +58,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from qgraph.models import text_corpus
 from qgraph.models.common import IR_VERSION, OPSET_VERSION
 
 logger = logging.getLogger(__name__)
@@ -68,6 +74,50 @@ POSITIONS_INPUT = "target_positions"
 
 def normal_weight(generator: np.random.Generator, shape: Sequence[int], std: float = 0.02) -> np.ndarray:
     return (generator.standard_normal(tuple(shape)) * std).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Sizes shared by the encoder's and the decoder's config (each model subclass sets its own defaults)."""
+
+    vocab_size: int
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 1024
+    max_positions: int = 128
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        sizes = [getattr(self, field.name) for field in dataclasses.fields(self)]
+        if min(size for size in sizes if isinstance(size, int) and not isinstance(size, bool)) < 1:
+            raise ValueError(f"invalid {type(self).__name__}: every size must be >= 1, got {self}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def initial_transformer_weights(shapes: Mapping[str, tuple[int, ...]], *, seed: int, num_layers: int,
+                    residual_projections: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The initialisation of the module docstring, drawn in the order of ``shapes``: 1-D ``*.weight`` (LayerNorm
+    scales) 1, ``*.bias`` 0, weights whose name ends with one of ``residual_projections`` ``N(0, (0.02 /
+    sqrt(2 · num_layers))²)``, every other weight ``N(0, 0.02²)``."""
+    generator = np.random.default_rng(seed)
+    residual_std = 0.02 / math.sqrt(2 * num_layers)
+    weights = {}
+    for name, shape in shapes.items():
+        if name.endswith(".weight") and len(shape) == 1:
+            weights[name] = np.ones(shape, np.float32)
+        elif name.endswith("bias"):
+            weights[name] = np.zeros(shape, np.float32)
+        elif residual_projections and name.endswith(residual_projections):
+            weights[name] = normal_weight(generator, shape, residual_std)
+        else:
+            weights[name] = normal_weight(generator, shape)
+    return weights
 
 
 class TransformerGraphWriter:
@@ -261,6 +311,21 @@ class TextTrainingRecipe:
         return hashlib.sha256(description.encode("utf-8")).hexdigest()[:16]
 
 
+def corpus_config(config_type: type, **sizes: Any) -> Any:
+    """``config_type(vocab_size=<the corpus vocabulary's size>, **sizes)``."""
+    return config_type(vocab_size=text_corpus.corpus_vocabulary().size, **sizes)
+
+
+def tiny_recipe(name: str, config_type: type, *, epochs: int, train_limit: int, validation_limit: int,
+                batch_size: int) -> TextTrainingRecipe:
+    """A seconds-long recipe for tests: 1 layer, hidden 32, 2 heads, FFN 64, sequence 32, learning rate 3·10⁻³."""
+    config = corpus_config(config_type, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                           max_positions=32)
+    return TextTrainingRecipe(name=name, architecture=config, sequence_length=32, epochs=epochs,
+                              batch_size=batch_size, learning_rate=3e-3, train_limit=train_limit,
+                              validation_limit=validation_limit)
+
+
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {"type": type(value).__name__,
@@ -345,7 +410,7 @@ def training_config(recipe: TextTrainingRecipe, steps_per_epoch: int, threads: i
     )
 
 
-def train_and_export(model: onnx.ModelProto, recipe: TextTrainingRecipe, training_batches: Callable,
+def _best_parameters(model: onnx.ModelProto, recipe: TextTrainingRecipe, training_batches: Callable,
                      steps: int, validation_batches: list, parameter_names: Sequence[str], work: Path, *,
                      threads: int | None, progress: Callable | None = None
                      ) -> tuple[dict[str, np.ndarray], Any]:
@@ -363,3 +428,53 @@ def train_and_export(model: onnx.ModelProto, recipe: TextTrainingRecipe, trainin
     # export (heap corruption), losing the run.
     state = training_api().api.CheckpointState.load_checkpoint(os.fspath(result.best_checkpoint))
     return {name: np.array(state.parameters[name].data, dtype=np.float32) for name in parameter_names}, result
+
+
+#: ``build(weights, config, form=...)``: a model's graph builder.
+GraphBuilder = Callable[..., onnx.ModelProto]
+#: ``epoch_batches(epoch)``: the ``(feeds, labels)`` training batches of epoch ``epoch`` (0, 1, …).
+EpochBatches = Callable[[int], Iterable[tuple[dict[str, np.ndarray], np.ndarray]]]
+
+
+def train_text_model(recipe: TextTrainingRecipe, build: GraphBuilder, weights: Mapping[str, np.ndarray],
+                     epoch_batches: EpochBatches, steps_per_epoch: int, validation_batches: list,
+                     output_path: str | os.PathLike, *, threads: int | None = None,
+                     work_directory: str | os.PathLike | None = None, progress: Callable | None = None
+                     ) -> dict[str, Any]:
+    """Train the training form of ``build`` from the initial ``weights``, write the inference form of the best
+    checkpoint to ``output_path`` and return what every text model reports: training seconds, steps, epochs, best
+    epoch, parameter count and the per-epoch history ``[epoch, train loss, validation loss, validation
+    accuracy]`` (the model adds its own metric)."""
+    epochs = itertools.count()
+
+    def training_batches() -> Iterable[tuple[dict[str, np.ndarray], np.ndarray]]:
+        return epoch_batches(next(epochs))
+
+    started = time.perf_counter()
+    # The training files (artifacts, checkpoints) go next to the output (the cache entry being written), private to
+    # the run, rather than into a shared temporary folder that other jobs on the machine may clean.
+    with tempfile.TemporaryDirectory(prefix=f".{recipe.name}-training-", dir=Path(output_path).parent) as scratch:
+        work = Path(work_directory) if work_directory is not None else Path(scratch)
+        training_model = build(dict(weights), recipe.architecture, form="training")
+        trained, result = _best_parameters(training_model, recipe, training_batches, steps_per_epoch,
+                                           validation_batches, list(weights), work, threads=threads,
+                                           progress=progress)
+    seconds = time.perf_counter() - started
+    onnx.save(build(trained, recipe.architecture, form="inference"), os.fspath(output_path))
+    return {
+        "seconds": seconds, "steps": result.steps, "epochs": result.epochs_completed,
+        "best_epoch": result.best_epoch, "parameters": int(sum(value.size for value in weights.values())),
+        "history": [[record.epoch, record.train_loss, record.validation_loss, record.validation_accuracy]
+                    for record in result.history],
+    }
+
+
+def cached_text_model(recipe: TextTrainingRecipe, train: Callable[..., dict[str, Any]], *,
+                      cache_dir: str | os.PathLike | None = None, retrain: bool = False,
+                      train_if_missing: bool = True, threads: int | None = 1, progress: Callable | None = None
+                      ) -> CachedModel:
+    """:func:`train_cached` over the docstring corpus with ``train(recipe, entry / "model.onnx", threads=…,
+    progress=…)``, a model's training function."""
+    return train_cached(recipe, text_corpus.corpus_fingerprint(),
+                        lambda entry: train(recipe, entry / "model.onnx", threads=threads, progress=progress),
+                        cache_dir=cache_dir, retrain=retrain, train_if_missing=train_if_missing)

@@ -6,10 +6,11 @@ docstrings and cached (see :mod:`qgraph.models.text_transformer` for the cache f
 tool also checks that a prefill of half of each test window with an empty past followed by one-token decode steps
 gives the logits of one full forward pass.
 
-``--quantize`` runs ``qgraph optimize ENCODER -o ENCODER.int8.onnx --calib CALIB.npz`` (the CLI's defaults: static
-INT8 for ort-cpu) with CALIB the first ``--calibration-samples`` packed training sequences, then measures the INT8
-file's masked-token accuracy on the same masked test set and the cosine similarity of its logits to FP32's (one
-cosine per real token, averaged, and the minimum), and the latency of both files at batch 1 and 8.
+``--quantize`` runs ``qgraph optimize ENCODER -o ENCODER.int8-static.onnx --calib CALIB.npz`` (the CLI's defaults:
+static INT8 for ort-cpu) and the same with ``--activations dynamic``, with CALIB the first ``--calibration-samples``
+packed training sequences, then measures each INT8 file's masked-token accuracy on the same masked test set and the
+cosine similarity of its logits to FP32's (one cosine per real token, averaged, and the minimum), and the latency
+of the three files at batch 1 and 8 (2 threads, timed in interleaved rounds, medians).
 
     python tools/train_text_models.py                        # both models: train if not cached, print metrics
     python tools/train_text_models.py --model encoder --quantize
@@ -49,15 +50,20 @@ def check_kv_cache(model: Path, windows: np.ndarray, prompt_length: int) -> floa
     return float(np.abs(np.concatenate(pieces, axis=1) - full).max())
 
 
-def median_latency(model: Path, feeds: dict[str, np.ndarray], repeats: int) -> float:
-    session = create_session(model, optimize=True, threads=2)
-    session.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+def median_latencies(models: list[Path], feeds: dict[str, np.ndarray], repeats: int, rounds: int = 5) -> list[float]:
+    """Median latency (ms, 2 threads) of each model, the models timed in turn in ``rounds`` interleaved rounds of
+    ``repeats`` runs (so a change in the load of a shared machine reaches all of them alike)."""
+    sessions = [create_session(model, optimize=True, threads=2) for model in models]
+    for session in sessions:
         session.run(None, feeds)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for session, samples in zip(sessions, times):
+            for _ in range(repeats):
+                started = time.perf_counter()
+                session.run(None, feeds)
+                samples.append(time.perf_counter() - started)
+    return [statistics.median(samples) * 1e3 for samples in times]
 
 
 def logit_cosines(reference: Path, candidate: Path, batches: list) -> tuple[float, float]:
@@ -74,36 +80,45 @@ def logit_cosines(reference: Path, candidate: Path, batches: list) -> tuple[floa
     return float(values.mean()), float(values.min())
 
 
+#: The quantized variants ``--quantize`` writes and compares: a name and the extra ``qgraph optimize`` options.
+QUANTIZED_VARIANTS = (("static", ()), ("dynamic", ("--activations", "dynamic")))
+
+
 def quantize_encoder(model: Path, recipe, calibration_samples: int, output_directory: Path) -> None:
     input_ids, attention_mask = text_encoder.encoder_sequences("train", recipe.sequence_length,
                                                                limit=calibration_samples)
     calibration = output_directory / "text_encoder_calibration.npz"
     np.savez(calibration, input_ids=input_ids, attention_mask=attention_mask,
              token_type_ids=np.zeros_like(input_ids))
-    quantized = output_directory / "text_encoder.int8.onnx"
-    command = [sys.executable, "-m", "qgraph.cli", "optimize", str(model), "-o", str(quantized),
-               "--calib", str(calibration)]
-    print("$ " + " ".join(["qgraph", *command[3:]]), flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, check=True)
-    seconds = time.perf_counter() - started
     test = text_encoder.held_out_batches("test", recipe.sequence_length, rate=recipe.mask_rate)
     fp32 = text_encoder.masked_token_accuracy(model, test, threads=1)
-    int8 = text_encoder.masked_token_accuracy(quantized, test, threads=1)
-    mean_cosine, minimum_cosine = logit_cosines(model, quantized, test)
-    print(f"quantized in {seconds:.0f} s; {quantized} ({quantized.stat().st_size / 1e6:.2f} MB, "
-          f"FP32 {model.stat().st_size / 1e6:.2f} MB)")
-    print(f"masked-token accuracy on {fp32.masked_tokens} test tokens: FP32 {100 * fp32.accuracy:.2f}%, "
-          f"INT8 {100 * int8.accuracy:.2f}% ({100 * (int8.accuracy - fp32.accuracy):+.2f} points); "
-          f"loss FP32 {fp32.loss:.4f}, INT8 {int8.loss:.4f}")
-    print(f"logit cosine INT8 vs FP32 per real token: mean {mean_cosine:.4f}, min {minimum_cosine:.4f}")
+    print(f"FP32 {model} ({model.stat().st_size / 1e6:.2f} MB): masked-token accuracy {100 * fp32.accuracy:.2f}% "
+          f"on {fp32.masked_tokens} test tokens, loss {fp32.loss:.4f}")
+    quantized_models = []
+    for name, options in QUANTIZED_VARIANTS:
+        quantized = output_directory / f"text_encoder.int8-{name}.onnx"
+        command = [sys.executable, "-m", "qgraph.cli", "optimize", str(model), "-o", str(quantized),
+                   "--calib", str(calibration), *options]
+        print("$ " + " ".join(["qgraph", *command[3:]]), flush=True)
+        started = time.perf_counter()
+        subprocess.run(command, check=True)
+        seconds = time.perf_counter() - started
+        int8 = text_encoder.masked_token_accuracy(quantized, test, threads=1)
+        mean_cosine, minimum_cosine = logit_cosines(model, quantized, test)
+        print(f"INT8 {name}: quantized in {seconds:.0f} s, {quantized.stat().st_size / 1e6:.2f} MB; masked-token "
+              f"accuracy {100 * int8.accuracy:.2f}% ({100 * (int8.accuracy - fp32.accuracy):+.2f} points), loss "
+              f"{int8.loss:.4f}; logit cosine to FP32 per real token: mean {mean_cosine:.4f}, min "
+              f"{minimum_cosine:.4f}", flush=True)
+        quantized_models.append(quantized)
     for batch_size in (1, 8):
         sequences = text_encoder.encoder_sequences("test", recipe.sequence_length, limit=batch_size)
         feeds = {"input_ids": sequences[0], "attention_mask": sequences[1],
                  "token_type_ids": np.zeros_like(sequences[0])}
-        latencies = [median_latency(path, feeds, 50) for path in (model, quantized)]
-        print(f"latency batch {batch_size}, sequence {recipe.sequence_length}, 2 threads: FP32 "
-              f"{latencies[0]:.2f} ms, INT8 {latencies[1]:.2f} ms ({latencies[0] / latencies[1]:.2f}x)")
+        latencies = median_latencies([model, *quantized_models], feeds, 20)
+        ratios = ", ".join(f"INT8 {name} {latency:.2f} ms ({latencies[0] / latency:.2f}x)"
+                           for (name, _), latency in zip(QUANTIZED_VARIANTS, latencies[1:]))
+        print(f"latency batch {batch_size}, sequence {recipe.sequence_length}, 2 threads, medians of interleaved "
+              f"rounds: FP32 {latencies[0]:.2f} ms, {ratios}", flush=True)
 
 
 def main() -> None:

@@ -22,50 +22,30 @@ from qgraph.models.text_decoder import (
     presents_as_past,
 )
 from qgraph.runtime import create_session
+from tests.models.text_models import SMALL_SIZES, as_float64, dense, gelu_tanh, layer_norm, perturbed, self_attention
 
-CONFIG = TextDecoderConfig(vocab_size=40, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
-                           max_positions=24)
+CONFIG = TextDecoderConfig(**SMALL_SIZES, max_positions=24)
 
 
 def perturbed_weights(config: TextDecoderConfig, seed: int = 5) -> dict[str, np.ndarray]:
-    generator = np.random.default_rng(seed)
-    return {name: (value + 0.3 * generator.standard_normal(value.shape)).astype(np.float32)
-            for name, value in initial_weights(config, seed=seed).items()}
-
-
-def layer_norm(x, weight, bias, epsilon):
-    mean = x.mean(-1, keepdims=True)
-    variance = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(variance + epsilon) * weight + bias
+    return perturbed(initial_weights(config, seed=seed), seed)
 
 
 def reference_logits(weights, config, input_ids, attention_mask, position_ids):
     """The decoder without cache in float64 numpy (causal ∧ padding mask)."""
-    w = {name: value.astype(np.float64) for name, value in weights.items()}
-    batch, length = input_ids.shape
-    heads, head_dim, epsilon = config.num_heads, config.head_dim, config.layer_norm_epsilon
+    w = as_float64(weights)
+    length, epsilon = input_ids.shape[1], config.layer_norm_epsilon
     x = w["transformer.wte.weight"][input_ids] + w["transformer.wpe.weight"][position_ids]
     allowed = np.tril(np.ones((length, length), bool))[None, None] & attention_mask.astype(bool)[:, None, None, :]
     mask = np.where(allowed, 0.0, np.finfo(np.float32).min)
-
-    def dense(h, prefix):
-        return h @ w[f"{prefix}.weight"] + w[f"{prefix}.bias"]
-
-    def split(h):
-        return h.reshape(batch, length, heads, head_dim).transpose(0, 2, 1, 3)
-
     for index in range(config.num_layers):
         layer = f"transformer.h.{index}"
         h = layer_norm(x, w[f"{layer}.ln_1.weight"], w[f"{layer}.ln_1.bias"], epsilon)
-        q, k, v = (split(dense(h, f"{layer}.attn.{name}_proj")) for name in ("q", "k", "v"))
-        scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(head_dim) + mask
-        scores = np.exp(scores - scores.max(-1, keepdims=True))
-        context = ((scores / scores.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(batch, length, -1)
-        x = x + dense(context, f"{layer}.attn.out_proj")
+        context = self_attention(w, h, [f"{layer}.attn.{name}_proj" for name in ("q", "k", "v")], mask,
+                                 config.num_heads)
+        x = x + dense(w, context, f"{layer}.attn.out_proj")
         h = layer_norm(x, w[f"{layer}.ln_2.weight"], w[f"{layer}.ln_2.bias"], epsilon)
-        inner = dense(h, f"{layer}.mlp.c_fc")
-        inner = 0.5 * inner * (1 + np.tanh(math.sqrt(2 / math.pi) * (inner + 0.044715 * inner ** 3)))
-        x = x + dense(inner, f"{layer}.mlp.c_proj")
+        x = x + dense(w, gelu_tanh(dense(w, h, f"{layer}.mlp.c_fc")), f"{layer}.mlp.c_proj")
     x = layer_norm(x, w["transformer.ln_f.weight"], w["transformer.ln_f.bias"], epsilon)
     return x @ w["transformer.wte.weight"].T
 

@@ -22,46 +22,25 @@ from qgraph.models.text_encoder import (
     masked_token_accuracy,
 )
 from qgraph.runtime import create_session
+from tests.models.text_models import SMALL_SIZES, as_float64, dense, gelu_erf, layer_norm, perturbed, self_attention
 
-CONFIG = TextEncoderConfig(vocab_size=40, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
-                           max_positions=12)
+CONFIG = TextEncoderConfig(**SMALL_SIZES, max_positions=12)
 
 
 def perturbed_weights(config: TextEncoderConfig, seed: int = 3) -> dict[str, np.ndarray]:
-    """Initial weights with noise on every tensor, so LayerNorm affine terms and biases matter too."""
-    generator = np.random.default_rng(seed)
-    return {name: (value + 0.3 * generator.standard_normal(value.shape)).astype(np.float32)
-            for name, value in initial_weights(config, seed=seed).items()}
-
-
-def layer_norm(x, weight, bias, epsilon):
-    mean = x.mean(-1, keepdims=True)
-    variance = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(variance + epsilon) * weight + bias
-
-
-def gelu(x):
-    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    return perturbed(initial_weights(config, seed=seed), seed)
 
 
 def reference_logits(weights, config, input_ids, attention_mask, token_type_ids):
     """BertForMaskedLM in float64 numpy."""
-    w = {name: value.astype(np.float64) for name, value in weights.items()}
-    batch, length = input_ids.shape
-    heads, head_dim, epsilon = config.num_heads, config.head_dim, config.layer_norm_epsilon
+    w = as_float64(weights)
+    length, epsilon = input_ids.shape[1], config.layer_norm_epsilon
     x = (w["bert.embeddings.word_embeddings.weight"][input_ids]
          + w["bert.embeddings.token_type_embeddings.weight"][token_type_ids]
          + w["bert.embeddings.position_embeddings.weight"][np.arange(length)][None])
     if not config.pre_norm:
         x = layer_norm(x, w["bert.embeddings.LayerNorm.weight"], w["bert.embeddings.LayerNorm.bias"], epsilon)
     mask = (1.0 - attention_mask[:, None, None, :]) * np.finfo(np.float32).min
-
-    def dense(h, prefix):
-        return h @ w[f"{prefix}.weight"] + w[f"{prefix}.bias"]
-
-    def split(h):
-        return h.reshape(batch, length, heads, head_dim).transpose(0, 2, 1, 3)
-
     for index in range(config.num_layers):
         layer = f"bert.encoder.layer.{index}"
 
@@ -69,22 +48,19 @@ def reference_logits(weights, config, input_ids, attention_mask, token_type_ids)
             return layer_norm(h, w[f"{layer}.{name}.weight"], w[f"{layer}.{name}.bias"], epsilon)
 
         h = norm(x, "attention.ln") if config.pre_norm else x
-        q, k, v = (split(dense(h, f"{layer}.attention.self.{name}")) for name in ("query", "key", "value"))
-        scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(head_dim) + mask
-        scores = np.exp(scores - scores.max(-1, keepdims=True))
-        context = (scores / scores.sum(-1, keepdims=True)) @ v
-        context = context.transpose(0, 2, 1, 3).reshape(batch, length, -1)
-        attended = dense(context, f"{layer}.attention.output.dense") + x
+        context = self_attention(w, h, [f"{layer}.attention.self.{name}" for name in ("query", "key", "value")],
+                                 mask, config.num_heads)
+        attended = dense(w, context, f"{layer}.attention.output.dense") + x
         if config.pre_norm:
-            x = attended + dense(gelu(dense(norm(attended, "ln"), f"{layer}.intermediate.dense")),
+            x = attended + dense(w, gelu_erf(dense(w, norm(attended, "ln"), f"{layer}.intermediate.dense")),
                                  f"{layer}.output.dense")
         else:
             attended = norm(attended, "attention.output.LayerNorm")
-            inner = gelu(dense(attended, f"{layer}.intermediate.dense"))
-            x = norm(dense(inner, f"{layer}.output.dense") + attended, "output.LayerNorm")
+            inner = gelu_erf(dense(w, attended, f"{layer}.intermediate.dense"))
+            x = norm(dense(w, inner, f"{layer}.output.dense") + attended, "output.LayerNorm")
     if config.pre_norm:
         x = layer_norm(x, w["bert.encoder.ln.weight"], w["bert.encoder.ln.bias"], epsilon)
-    t = gelu(dense(x, "cls.predictions.transform.dense"))
+    t = gelu_erf(dense(w, x, "cls.predictions.transform.dense"))
     t = layer_norm(t, w["cls.predictions.transform.LayerNorm.weight"], w["cls.predictions.transform.LayerNorm.bias"],
                    epsilon)
     return t @ w["bert.embeddings.word_embeddings.weight"].T + w["cls.predictions.bias"]
@@ -250,9 +226,41 @@ def test_tiny_training_learns_and_the_cache_is_reused(tmp_path, monkeypatch):
         text_encoder.trained_text_encoder(other, cache_dir=tmp_path, train_if_missing=False)
 
 
+def test_sinusoidal_positions_shift_by_one_rotation_and_shared_query_key_start():
+    table = text_encoder.sinusoidal_positions(32, 16)
+    assert table.shape == (32, 16) and np.abs(table).max() <= 0.02 * math.sqrt(2) + 1e-7
+    for shift in (1, 5):  # P[t + k] = P[t] · R_k for one matrix R_k and every t
+        rotation, *_ = np.linalg.lstsq(table[:-shift].astype(np.float64), table[shift:].astype(np.float64),
+                                       rcond=None)
+        np.testing.assert_allclose(table[:-shift] @ rotation, table[shift:], atol=1e-6)
+    config = dataclasses.replace(CONFIG, pre_norm=True, position_initialization="sinusoidal",
+                                 shared_query_key_initialization=True)
+    plain = initial_weights(dataclasses.replace(CONFIG, pre_norm=True), seed=1)
+    weights = initial_weights(config, seed=1)
+    np.testing.assert_array_equal(weights["bert.embeddings.position_embeddings.weight"],
+                                  text_encoder.sinusoidal_positions(CONFIG.max_positions, CONFIG.hidden_size))
+    for index in range(CONFIG.num_layers):
+        query = weights[f"bert.encoder.layer.{index}.attention.self.query.weight"]
+        np.testing.assert_array_equal(weights[f"bert.encoder.layer.{index}.attention.self.key.weight"], query)
+        np.testing.assert_allclose(query, plain[f"bert.encoder.layer.{index}.attention.self.query.weight"] * 3,
+                                   rtol=1e-6)
+    changed = {"bert.embeddings.position_embeddings.weight"} | {
+        f"bert.encoder.layer.{index}.attention.self.{name}.weight" for index in range(CONFIG.num_layers)
+        for name in ("query", "key")}
+    assert all((weights[name] == plain[name]).all() for name in set(plain) - changed)
+    # pre-norm: the residual output projections start 1/sqrt(2 * layers) smaller (GPT-2)
+    post_norm = initial_weights(CONFIG, seed=1)
+    ratio = (plain["bert.encoder.layer.0.output.dense.weight"].std()
+             / post_norm["bert.encoder.layer.0.output.dense.weight"].std())
+    assert ratio == pytest.approx(1 / math.sqrt(2 * CONFIG.num_layers), rel=0.1)
+    with pytest.raises(ValueError, match="position_initialization"):
+        dataclasses.replace(CONFIG, position_initialization="random")
+
+
 def test_reference_recipe_meets_the_issue_sizes():
     recipe = text_encoder.reference_recipe()
     config = recipe.architecture
     assert config.num_layers >= 4 and config.hidden_size >= 256 and recipe.sequence_length == config.max_positions
+    assert config.pre_norm and config.position_initialization == "sinusoidal"
     parameters = sum(math.prod(shape) for shape in text_encoder.parameter_shapes(config).values())
     assert 3_000_000 < parameters < 4_000_000
