@@ -28,7 +28,6 @@ import logging
 import os
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -170,6 +169,9 @@ class LocalTrials:
     def map(self, function: Callable, arguments: Sequence[tuple]) -> list:
         return [function(*argument, self.threads) for argument in arguments]
 
+    def start(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -201,8 +203,11 @@ def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_SECONDS) -> Non
 
 
 class RayTrials:
-    """Trials as Ray tasks, ``workers`` at once. The local instance (no ``address``) starts in the background at
-    construction, so that it is ready by the time the FP32 model has been scored; it is shut down by ``close``."""
+    """Trials as Ray tasks, ``workers`` at once. Construction checks that Ray is installed and that the address
+    answers; :meth:`start` connects (or starts the local instance, ~10 s on a busy 2-core machine: the caller
+    overlaps it with scoring the FP32 model). Ray's own processes die with the thread that started them, so
+    :meth:`start` must run on a thread that outlives the search (the caller's). ``close`` shuts down an instance
+    started here."""
 
     kind = "Ray"
 
@@ -212,35 +217,35 @@ class RayTrials:
             check_address(address)
         self.workers, self.address = workers, address
         self.threads = max(1, cpu_count() // workers)
-        self._error: BaseException | None = None
         self._remote_trial = self._remote_map = None
         self._context_reference: tuple[int, Any] | None = None
         self._started_here = False
-        self._thread = threading.Thread(target=self._start, name="qgraph-ray-init", daemon=True)
-        self._thread.start()
+        self._warming: list = []
 
-    def _start(self) -> None:
+    def start(self) -> None:
         ray = self._ray
+        if ray.is_initialized():
+            return
+        quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
         try:
-            if ray.is_initialized():
-                return
-            quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False,
-                     "configure_logging": True}
             if self.address is None:
-                ray.init(num_cpus=self.workers, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **quiet)
+                ray.init(num_cpus=self.workers, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                         _node_ip_address="127.0.0.1", **quiet)  # loopback only: nothing leaves the machine
                 logger.info("started a local Ray instance with %d workers", self.workers)
             else:
                 ray.init(address=self.address, **quiet)
                 logger.info("connected to the Ray cluster at %s", self.address)
-            self._started_here = True
-        except Exception as error:  # re-raised in the caller's thread by _ready
-            self._error = error
+        except Exception as error:
+            where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
+            raise RayError(f"could not start or reach {where}: {error}") from None
+        self._started_here = True
+        # each worker process imports qgraph and onnxruntime (seconds) while this process scores the FP32 model;
+        # Ray then runs the trials in the same, warm, processes
+        warm = ray.remote(num_cpus=1)(_import_trial_modules)
+        self._warming = [warm.remote() for _ in range(self.workers)]
 
     def _ready(self):
-        self._thread.join()
-        if self._error is not None:
-            where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
-            raise RayError(f"could not start or reach {where}: {self._error}") from None
+        self.start()
         if self._remote_trial is None:
             self._remote_trial = self._ray.remote(num_cpus=1)(run_trial)
             self._remote_map = self._ray.remote(num_cpus=1)(_call)
@@ -267,10 +272,18 @@ class RayTrials:
         return ray.get([self._remote_map.remote(function, argument, self.threads) for argument in arguments])
 
     def close(self) -> None:
-        self._thread.join()
         if self._started_here and self._ray.is_initialized():
             self._ray.shutdown()
             self._started_here = False
+
+
+def _import_trial_modules() -> int:
+    import onnxruntime  # noqa: F401
+
+    import qgraph.pipeline  # noqa: F401
+    import qgraph.report  # noqa: F401
+
+    return os.getpid()
 
 
 def _call(function: Callable, argument: tuple, threads: int):

@@ -3,6 +3,8 @@
 A :class:`TrialConfiguration` is written as a TOML recipe (:mod:`qgraph.annotate.config_file`) and the trial runs
 *from that recipe*: the recipe of the chosen trial is what ``--config`` replays, byte for byte the same model (QAT,
 which no config setting expresses, is recorded in the recipe's header as the command-line flags that replay it).
+Trials run the target's plain lowering (see :meth:`TrialConfiguration.quantization`): the recipe's header gives
+the replay's command line with ``--no-speed-choice``.
 """
 
 from __future__ import annotations
@@ -99,14 +101,18 @@ class TrialConfiguration:
         return ", ".join(parts)
 
     def quantization(self, base: QuantizeOptions, recipe_path) -> QuantizeOptions:
-        """``base`` running this configuration's recipe (written at ``recipe_path``), the automatic fallback off."""
-        return dataclasses.replace(base, config=recipe_path, min_sqnr=None, sensitivity_table=False)
+        """``base`` running this configuration's recipe (written at ``recipe_path``), the automatic fallback off, and
+        the speed choice off: it times candidates on the machine as loaded at that moment and may keep layers in
+        FP32, so trials (and their replay) would not be reproducible; ``--tune-for speed`` measures instead."""
+        return dataclasses.replace(base, config=recipe_path, min_sqnr=None, sensitivity_table=False,
+                                   speed_choice=False)
 
     def to_recipe(self, base: QuantizeOptions, qat_epochs: int = 2, min_sqnr: float | None = None) -> str:
         """The configuration as a ``--config`` file (see :mod:`qgraph.annotate.config_file`); ``min_sqnr`` turns
         the automatic fallback on (the sensitivity analysis of the search), off by default."""
         exclude = sorted(base.overrides.exclude | frozenset(self.fp32_layers))
-        header = "# qgraph tuning recipe: qgraph optimize MODEL -o OUT --calib CALIB --config THIS_FILE replays it"
+        header = ("# qgraph tuning recipe: qgraph optimize MODEL -o OUT --calib CALIB --no-speed-choice --config "
+                  "THIS_FILE replays it")
         if self.qat:
             header += f"\n# with QAT: add --qat --distill --train-data CALIB --epochs {qat_epochs}"
         lines = [

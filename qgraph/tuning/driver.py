@@ -17,6 +17,7 @@ best-scoring one — is written to the output, with its recipe next to it (``OUT
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -217,7 +218,12 @@ def tune(
 def _tune(model: Path, output: Path, calibration_data, evaluate: Callable, options: TuningOptions,
           base: OptimizeOptions, executor, work_directory, started: float) -> TuningResult:
     base_quantization = base.quantization
-    fp32_score = _score(evaluate, model, "FP32 model")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgraph-fp32-score") as pool:
+        scoring = pool.submit(_score, evaluate, model, "FP32 model")  # while a local Ray instance starts
+        try:
+            executor.start()
+        finally:
+            fp32_score = scoring.result()
     feeds = _latency_feeds(model, calibration_data, base_quantization) if options.latency_runs > 0 else None
     from qgraph.ray_trials import trial_latency
 
