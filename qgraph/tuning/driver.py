@@ -255,6 +255,7 @@ def _tune(model: Path, output: Path, calibration_data, evaluate: Callable, optio
         return options.budget_minutes is not None and minutes >= options.budget_minutes
 
     search = search_rounds(model_facts(proto), options, fp32_score, order)
+    preferred = None
     try:
         stage = next(search)
         while not out_of_budget():
@@ -275,14 +276,14 @@ def _tune(model: Path, output: Path, calibration_data, evaluate: Callable, optio
             if len(outcome_trials) < len(stage.configurations) and not any(t.meets_bound for t in outcome_trials):
                 break  # the budget cut the round short
             stage = search.send(outcome_trials)
-    except StopIteration:
-        pass
+    except StopIteration as finished:
+        preferred = finished.value
     finally:
         search.close()
     try:
         if not trials:
             raise QGraphError("the tuning budget allowed no trial")
-        chosen = _choose(trials, work, options, fp32_score, feeds)
+        chosen = _choose(trials, work, options, fp32_score, feeds, preferred)
         output.write_bytes((work / f"trial_{chosen:03d}.onnx").read_bytes())
         recipe_path = output.with_suffix(".toml")
         recipe_path.write_text((work / f"trial_{chosen:03d}.toml").read_text())
@@ -324,13 +325,16 @@ def _record(job: TrialJob, outcome: TrialOutcome, work: Path, options: TuningOpt
                  outcome.seconds, outcome.worker)
 
 
-def _choose(trials: Sequence[Trial], work: Path, options: TuningOptions, fp32_score: float, feeds) -> int:
+def _choose(trials: Sequence[Trial], work: Path, options: TuningOptions, fp32_score: float, feeds,
+            preferred: TrialConfiguration | None = None) -> int:
+    """The trial to write: the search's preferred one (the fallback's smallest FP32 set) or the first that met the
+    bound; with --tune-for speed the fastest that met it; when none did, the best-scoring one."""
     meeting = [index for index, trial in enumerate(trials) if trial.meets_bound]
     if not meeting:
         scored = [index for index, trial in enumerate(trials) if not math.isnan(trial.score)]
         return min(scored or [0], key=lambda index: options.drop(fp32_score, trials[index].score))
     if options.tune_for != "speed" or len(meeting) == 1 or feeds is None:
-        return meeting[0]
+        return next((index for index in meeting if trials[index].configuration == preferred), meeting[0])
     from qgraph.latency import LatencyOptions, measure_latency
 
     names = {f"trial {index}": index for index in meeting}

@@ -18,7 +18,8 @@ The stages, in order of cost (each trial is one calibration and one evaluation; 
    layer whose quantization alone hurts the output SQNR most goes first). With the ranked layers ``L₁ … Lₙ`` and
    ``k`` of them in FP32 the score is taken to improve with ``k``; the smallest ``k`` that meets the bound is found
    by a search of two points per round that splits ``(lo, hi)`` into thirds (``lo = 0`` misses, ``hi = n`` is the
-   FP32 model and is never tried). Run one after the other, the lower point is tried first and the higher only
+   FP32 model and is never tried), and chosen even when a larger set, tried earlier, met the bound too. Run one
+   after the other, the lower point is tried first and the higher only
    when the lower misses: about 1.5·log₃ n ≈ 0.95·log₂ n trials, what bisection costs; run in parallel, a round
    costs one trial's time, and log₃ n rounds;
 4. ``qat``: the best configuration so far fine-tuned by QAT with distillation on the calibration data (the last
@@ -65,7 +66,9 @@ class ModelFacts:
 
 #: configuration -> (quantized layers most sensitive first, {layer: its weight initializer})
 SensitivityOrder = Callable[[TrialConfiguration], tuple[tuple[str, ...], dict[str, str]]]
-Search = Generator[Round, Sequence[Trial], None]
+#: Yields rounds, is sent their outcomes, returns the configuration to choose when it is not the first that met the
+#: bound (the fallback's smallest set of FP32 layers), else None.
+Search = Generator[Round, Sequence[Trial], "TrialConfiguration | None"]
 
 
 def split_points(low: int, high: int) -> list[int]:
@@ -103,8 +106,8 @@ def search_rounds(facts: ModelFacts, options: TuningOptions, fp32_score: float,
     if met() is None:
         base = best()
         order, _ = sensitivity_order(base)
-        low, high = 0, len(order)
-        while high - low > 1 and met() is None:
+        low, high, smallest = 0, len(order), None
+        while high - low > 1:
             points = split_points(low, high)
             outcome = yield Round("fallback", tuple(
                 dataclasses.replace(base, fp32_layers=order[:point], stage="fallback") for point in points))
@@ -112,13 +115,12 @@ def search_rounds(facts: ModelFacts, options: TuningOptions, fp32_score: float,
             meeting = [index for index, trial in enumerate(outcome) if trial.meets_bound]
             if meeting:
                 high, low = points[meeting[0]], points[meeting[0] - 1] if meeting[0] > 0 else low
+                smallest = outcome[meeting[0]].configuration
             else:
-                low = points[len(outcome) - 1] if outcome else high
-            if met() is not None:
-                break
-        if met() is None and facts.can_train:
+                low = points[-1]
+        if smallest is None and facts.can_train:
             tried += yield Round("qat", (dataclasses.replace(best(), qat=True, stage="qat"),))
-        return
+        return smallest
     if not speed:
         return
     base = met().configuration
