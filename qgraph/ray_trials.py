@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -95,6 +96,8 @@ class TrialOutcome:
     latency_ms: float | None
     seconds: float
     worker: str
+    #: Why the configuration could not be built (then no model and a NaN score), else None.
+    error: str | None = None
 
 
 def cpu_count() -> int:
@@ -125,7 +128,11 @@ def run_trial(context: TrialContext, job: TrialJob, threads: int) -> TrialOutcom
                 options = dataclasses.replace(options, qat=QATOptions(
                     loss="distill", epochs=context.qat_epochs, threads=threads, patience=None))
                 train_data = context.calibration_data
-            optimize(source, output, options, calibration_data=context.calibration_data, train_data=train_data)
+            try:
+                optimize(source, output, options, calibration_data=context.calibration_data, train_data=train_data)
+            except QGraphError as error:  # this configuration cannot be built (nothing left to quantize, say)
+                return TrialOutcome(job.index, b"", math.nan, None, time.perf_counter() - started,
+                                    f"{socket.gethostname()}:{os.getpid()}", str(error))
             score = float(context.evaluate(output))
             latency = trial_latency(output, context.latency_feeds, context.latency_runs, threads)
             model_bytes = output.read_bytes()

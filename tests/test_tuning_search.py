@@ -142,3 +142,25 @@ def test_tuning_for_speed_times_the_trials_that_meet_the_bound_and_picks_the_fas
     assert all(trial.latency_ms > 0 for trial in result.trials)
     assert result.bound_met and result.summary()["tune_for"] == "speed"
     assert (tmp_path / "out.onnx").read_bytes()  # the fastest meeting trial was written
+
+
+@pytest.mark.qat
+@pytest.mark.slow
+def test_qat_with_distillation_on_the_calibration_data_is_the_last_resort(tmp_path):
+    onnx.save(residual_cnn(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", input=np.concatenate([batch["input"] for batch in calibration_batches(count=2)]))
+    calls = []
+
+    def evaluate(path):  # the FP32 model scores 1, every quantized model 0: nothing meets the bound
+        calls.append(path)
+        return 1.0 if len(calls) == 1 else 0.0
+
+    result = tune(tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "calib.npz", evaluate,
+                  TuningOptions(max_drop=0.5, latency_runs=0, qat_epochs=1),
+                  OptimizeOptions(quantization=QuantizeOptions()))
+    stages = [trial.configuration.stage for trial in result.trials]
+    assert stages[:4] == ["method"] * 4 and "fallback" in stages and stages[-1] == "qat"
+    assert result.trials[-1].configuration.qat and not result.bound_met
+    qat = result.trials[-1]
+    assert qat.size_bytes > 0 and qat.score == 0.0  # it was trained, written and scored
+    assert "--qat --distill" in qat.configuration.to_recipe(QuantizeOptions())

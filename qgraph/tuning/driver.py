@@ -315,7 +315,9 @@ def _record(job: TrialJob, outcome: TrialOutcome, work: Path, options: TuningOpt
     path = work / f"trial_{index:03d}.onnx"
     path.write_bytes(outcome.model_bytes)
     (work / f"trial_{index:03d}.toml").write_text(job.recipe)
-    if math.isnan(outcome.score):
+    if outcome.error is not None:
+        logger.warning("trial %d (%s) could not be built: %s", index, job.configuration.describe(), outcome.error)
+    elif math.isnan(outcome.score):
         logger.warning("trial %d (%s) scored NaN: counted as missing the bound", index, job.configuration.describe())
     meets = options.meets(fp32_score, outcome.score)
     logger.info("trial %d: %s -> score %.6g (drop %.4g)%s [%s, %.1f s]", index, job.configuration.describe(),
@@ -332,7 +334,10 @@ def _choose(trials: Sequence[Trial], work: Path, options: TuningOptions, fp32_sc
     meeting = [index for index, trial in enumerate(trials) if trial.meets_bound]
     if not meeting:
         scored = [index for index, trial in enumerate(trials) if not math.isnan(trial.score)]
-        return min(scored or [0], key=lambda index: options.drop(fp32_score, trials[index].score))
+        built = [index for index, trial in enumerate(trials) if trial.size_bytes > 0]
+        if not built:
+            raise QGraphError(f"none of the {len(trials)} trials could be built (see the warnings above)")
+        return min(scored or built, key=lambda index: options.drop(fp32_score, trials[index].score))
     if options.tune_for != "speed" or len(meeting) == 1 or feeds is None:
         return next((index for index in meeting if trials[index].configuration == preferred), meeting[0])
     from qgraph.latency import LatencyOptions, measure_latency
