@@ -260,6 +260,8 @@ def with_config_settings(quantization: QuantizeOptions) -> QuantizeOptions:
             quantization.target_options, per_channel=settings["per_channel"]))
     if "min_sqnr" in settings:
         quantization = dataclasses.replace(quantization, min_sqnr=settings["min_sqnr"])
+    quantization = dataclasses.replace(quantization, **{key: settings[key] for key in (
+        "smooth_quant", "bias_correction", "activations") if key in settings})
     return quantization
 
 

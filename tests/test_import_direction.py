@@ -45,7 +45,7 @@ LAYERS = (
                          "qgraph.speed_choice", "qgraph.output_comparison", "qgraph.range_check")),
     ("train, qat, data, weight_only", ("qgraph.train", "qgraph.qat", "qgraph.data", "qgraph.weight_only")),
     ("report, summary", ("qgraph.report", "qgraph.summary", "qgraph.parity", "qgraph.report_html")),
-    ("pipeline", ("qgraph.pipeline", "qgraph.tuning")),
+    ("pipeline", ("qgraph.pipeline", "qgraph.tuning", "qgraph.ray_trials")),
     ("cli", ("qgraph.cli",)),
     ("testing", ("qgraph.testing",)),
 )

@@ -19,6 +19,9 @@
     method = "entropy"                             # the calibration method of every activation
     per_channel = true                             # weights per output channel (false: per tensor)
     min_sqnr = "off"                               # the automatic fallback's bound in dB, or "off"
+    smooth_quant = 0.5                             # SmoothQuant alpha in [0, 1], or "off"
+    bias_correction = "on"                         # auto | on | off
+    activations = "static"                         # static | dynamic | auto
 
 Unset fields keep the target's choice (the ``[quantization]`` settings override the command line's). Every name
 must be a tensor that the target quantizes; a name that is not (misspelt, or kept in FP32) is refused after
@@ -44,7 +47,8 @@ else:  # pragma: no cover - Python 3.10
 METHODS = ("minmax", "ema", "entropy", "percentile", "mse")
 _DTYPES = {"uint8": (8, False), "int8": (8, True), "uint16": (16, False), "int16": (16, True)}
 _TOP_LEVEL = {"exclude", "keep_fp32", "activation", "weight", "quantization"}
-_QUANTIZATION_KEYS = {"method", "per_channel", "min_sqnr"}
+_QUANTIZATION_KEYS = {"method", "per_channel", "min_sqnr", "smooth_quant", "bias_correction", "activations"}
+_QUANTIZATION_CHOICES = {"bias_correction": ("auto", "on", "off"), "activations": ("static", "dynamic", "auto")}
 _ACTIVATION_KEYS = {"dtype", "symmetric", "method"}
 _WEIGHT_KEYS = {"bits", "per_channel", "symmetric"}
 
@@ -106,7 +110,8 @@ def _weight_spec(entry: dict, base: QuantSpec, where: str, path: Path) -> QuantS
 
 def load_quantization_settings(path: str | Path) -> dict[str, object]:
     """The ``[quantization]`` table of the config file at ``path``, checked: ``method`` (a calibration method),
-    ``per_channel`` (bool), ``min_sqnr`` (None for ``"off"``, else a bound in dB)."""
+    ``per_channel`` (bool), ``min_sqnr`` (None for ``"off"``, else a bound in dB), ``smooth_quant`` (None for
+    ``"off"``, else alpha), ``bias_correction`` and ``activations`` (their modes)."""
     path = Path(path)
     data = _read(path)
     settings = data.get("quantization", {})
@@ -130,6 +135,19 @@ def load_quantization_settings(path: str | Path) -> dict[str, object]:
             checked["min_sqnr"] = float(bound)
         else:
             raise ConfigError(f'{path}: [quantization]: min_sqnr must be a bound in (0, 100] dB or "off"')
+    if "smooth_quant" in settings:
+        alpha = settings["smooth_quant"]
+        if alpha == "off":
+            checked["smooth_quant"] = None
+        elif isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 <= alpha <= 1:
+            checked["smooth_quant"] = float(alpha)
+        else:
+            raise ConfigError(f'{path}: [quantization]: smooth_quant must be an alpha in [0, 1] or "off"')
+    for key, choices in _QUANTIZATION_CHOICES.items():
+        if key in settings:
+            if settings[key] not in choices:
+                raise ConfigError(f"{path}: [quantization]: {key} must be one of {', '.join(choices)}")
+            checked[key] = settings[key]
     return checked
 
 

@@ -194,14 +194,7 @@ def calibrate(
     the samples and cuts the last batch at ``config.samples``.
     """
     config = config or CalibrationConfig()
-    bounded = bounded_tensors(model)
-    aliases = value_aliases(model, plan, config, bounded)
-    tensors = [tensor for tensor in plan.activations if tensor not in aliases]
-    # per-tensor observers see a multiset of values: those tensors may come back in onnxruntime's blocked layout
-    order_free = [tensor for tensor in tensors if plan.activation_spec_of(tensor).axis is None]
-    make_observer = _observer_factory(config, plan, bounded)
-    observers = {tensor: make_observer(tensor) for tensor in tensors}
-    probe = build_probes(model, tensors, threads=config.threads, spinning=False, order_free=order_free)
+    tensors, aliases, observers, probe = _observation_setup(model, plan, config)
     input_names = list(probe.inputs)
     seen: set[str] = set()
     start = time.perf_counter()
@@ -241,6 +234,88 @@ def calibrate(
     logger.info("calibrated %d tensors on %d samples in %.1fs (%s)", len(plan.activations), samples, seconds,
                 config.method)
     return CalibrationResult(ranges, samples, batches_seen, seconds, end - ranges_start, extremes, errors)
+
+
+def _observation_setup(model: ir.Model, plan: QuantPlan, config: CalibrationConfig):
+    """The tensors to observe, the aliases that take another's range, a fresh observer per tensor, and the probe."""
+    bounded = bounded_tensors(model)
+    aliases = value_aliases(model, plan, config, bounded)
+    tensors = [tensor for tensor in plan.activations if tensor not in aliases]
+    # per-tensor observers see a multiset of values: those tensors may come back in onnxruntime's blocked layout
+    order_free = [tensor for tensor in tensors if plan.activation_spec_of(tensor).axis is None]
+    make_observer = _observer_factory(config, plan, bounded)
+    observers = {tensor: make_observer(tensor) for tensor in tensors}
+    probe = build_probes(model, tensors, threads=config.threads, spinning=False, order_free=order_free)
+    return tensors, aliases, observers, probe
+
+
+def _with_aliases_and_groups(ranges: Mapping[str, tuple[float, float]], aliases: Mapping[str, str],
+                             plan: QuantPlan) -> dict[str, tuple[float, float]]:
+    ranges = dict(ranges)
+    ranges.update((alias, ranges[source]) for alias, source in aliases.items() if source in ranges)
+    return merge_group_ranges(ranges, plan)
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """What observing one shard of the calibration batches left: each observed tensor's observer state
+    (``Observer.state_dict()``, plain values and numpy arrays), and the samples and batches seen.
+
+    Observations of disjoint shards merge exactly (:func:`merge_observations`: every observer's ``merge`` equals the
+    observer of the union, count for count), so calibration can be split over processes or machines and the ranges
+    computed once from the merged states (:func:`ranges_from_observation`), equal to :func:`calibrate`'s.
+    """
+
+    states: Mapping[str, dict]
+    samples: int
+    batches: int
+
+
+def observe(model: ir.Model, plan: QuantPlan, batches: Iterable[Mapping[str, np.ndarray]],
+            config: CalibrationConfig | None = None, *, batch_axes: BatchAxes | None = None) -> Observation:
+    """Observe ``batches`` (one shard of the calibration set; ``config.samples`` cuts it) without deriving ranges."""
+    config = config or CalibrationConfig()
+    tensors, _, observers, probe = _observation_setup(model, plan, config)
+    seen: set[str] = set()
+    workers = observer_threads(config.threads)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qgraph-observe") as executor:
+        samples, batches_seen = _stream(probe, list(probe.inputs), batches, config, executor, workers, observers,
+                                        seen, None, batch_axes)
+    states = {tensor: observers[tensor].state_dict() for tensor in tensors if tensor in seen}
+    return Observation(states, samples, batches_seen)
+
+
+def merge_observations(observations: Iterable[Observation]) -> Observation:
+    """One observation equal to that of all the shards' batches together (states merged tensor by tensor)."""
+    from qgraph.calibrate.observers import observer_from_state
+
+    merged: dict[str, object] = {}
+    samples = batches = 0
+    for observation in observations:
+        for tensor, state in observation.states.items():
+            observer = observer_from_state(state)
+            merged[tensor] = observer if tensor not in merged else merged[tensor].merge(observer)
+        samples += observation.samples
+        batches += observation.batches
+    return Observation({tensor: observer.state_dict() for tensor, observer in merged.items()}, samples, batches)
+
+
+def ranges_from_observation(model: ir.Model, plan: QuantPlan, observation: Observation,
+                            config: CalibrationConfig | None = None) -> CalibrationResult:
+    """The ranges of ``plan``'s activations from a (merged) observation, as :func:`calibrate` derives them."""
+    from qgraph.calibrate.observers import observer_from_state
+
+    config = config or CalibrationConfig()
+    if observation.samples == 0:
+        raise DataError("the calibration set is empty: no sample reached the model")
+    start = time.perf_counter()
+    aliases = value_aliases(model, plan, config, bounded_tensors(model))
+    ranges = {}
+    for tensor, state in observation.states.items():
+        ranges[tensor] = tuple(float(bound) for bound in observer_from_state(state).compute_range())
+    ranges = _with_aliases_and_groups(ranges, aliases, plan)
+    seconds = time.perf_counter() - start
+    return CalibrationResult(ranges, observation.samples, observation.batches, seconds, seconds)
 
 
 def _stream(

@@ -39,6 +39,7 @@ from qgraph.sensitivity import (
     validate_search_budget,
 )
 from qgraph.targets import AUTO_CHOICES, FORMATS, TARGET_NAMES, WEIGHT_BITS, TargetOptions
+from qgraph.tuning.configuration import budget_fields
 from qgraph.weight_only.options import ALGORITHMS, WeightOnlyOptions
 
 
@@ -177,7 +178,10 @@ _DESTINATIONS: dict[str, tuple[str, Conversion]] = {
     "infer_state_axes": ("layout", _to("infer_state_axes")),
     "max_drop": ("tuning", _to("max_drop")),
     "higher_is_better": ("tuning", _to("higher_is_better")),
-    "tune_budget": ("tuning", _to("budget")),
+    "tune_budget": ("tuning", budget_fields),
+    "tune_for": ("tuning", _to("tune_for")),
+    "tune_workers": ("tuning", _to("workers")),
+    "ray_address": ("tuning", _to("ray_address")),
 }
 #: Options that only quantization-aware training reads (refused without --qat).
 _QAT_ONLY = (("train_data", "--train-data"), ("label_key", "--labels"), ("distill", "--distill"),
@@ -360,7 +364,16 @@ def _optimize_options(values: Mapping[str, Any]) -> OptimizeOptions:
 @click.option("--max-drop", type=float, help="--eval: the largest acceptable score drop from the FP32 model's.")
 @click.option("--higher-is-better/--lower-is-better", default=True, show_default=True,
               help="--eval: which way the score improves.")
-@click.option("--tune-budget", type=click.IntRange(min=1), help="--eval: at most N trials.")
+@click.option("--tune-budget", metavar="N|Nmin", help="--eval: at most N trials, or N minutes of search (Nmin).")
+@click.option("--tune-for", type=click.Choice(["accuracy", "speed"]), default="accuracy", show_default=True,
+              help="--eval: stop at the first configuration that meets --max-drop, or keep searching (within "
+              "--tune-budget) for the fastest that does (latency timed side by side).")
+@click.option("--tune-workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--eval: trials run at once, as Ray tasks on a local Ray instance started on demand (the "
+              "qgraph[ray] extra); onnxruntime gets cores/N threads in each. 1: in this process.")
+@click.option("--ray-address", metavar="ADDRESS",
+              help="--eval: run the trials on the existing Ray cluster at ADDRESS (HOST:PORT, ray://HOST:PORT or "
+              "auto) instead of a local instance.")
 @click.option("--min-sqnr", type=_MinSqnr(), default=None, metavar="DB|off",
               help="Automatic fallback: if the quantized model's output SQNR on the first calibration batches is "
               "below DB, the layers that damage it most go back to FP32 until it is not "
@@ -512,7 +525,8 @@ def _tune(values: Mapping[str, Any], options: OptimizeOptions) -> None:
     click.echo(f"tuning: {len(result.trials)} trials in {result.seconds:.1f} s; wrote {values['output']} "
                f"(trial #{result.chosen}), recipe {result.recipe_path}, trials {result.trials_path}")
     if values["report_path"] is not None:
-        printing.write_report(values["report_path"], result.result, values["calib"],
+        printing.write_report(values["report_path"], tuning.replay(result, values["model"], values["calib"], options),
+                              values["calib"],
                               options.quantization.calibration.batch_size, tuning=result.summary())
     tuning.check_bound(result)
 

@@ -1,0 +1,350 @@
+"""Tuning trials and calibration shards run in this process or as Ray tasks, with the same results.
+
+A trial (:func:`run_trial`) is self-contained: the FP32 model's bytes, the calibration data, the user's
+``evaluate`` and the trial's recipe go in; the quantized model's bytes, its score, latency and size come out.
+:class:`LocalTrials` runs trials one after another in this process; :class:`RayTrials` runs them as Ray tasks
+(``pip install qgraph[ray]``), on a local Ray instance started on demand
+(``ray.init(num_cpus=workers, include_dashboard=False)``, logs kept quiet) or on an existing cluster
+(``address``). Each trial's onnxruntime sessions use ``threads = cores // workers`` intra-op threads (also given to
+the evaluation as the environment variable ``QGRAPH_THREADS``), so that two workers on two cores do not
+oversubscribe them.
+
+A round of trials (see :mod:`qgraph.tuning.search`) is submitted whole to Ray and collected *in order*: once the
+trial at position ``i`` is known to meet the bound, the ones after it are cancelled. Run locally, the round stops at
+that trial. Either way the outcome is the same prefix of the round, so the search and its choice do not depend on
+where the trials ran nor on which finished first.
+
+Calibration shards (:func:`calibrate_sharded`): the batches are cut into ``workers`` contiguous shards, each worker
+observes one (:func:`qgraph.calibrate.driver.observe`), the observer states are merged — exactly: min/max and the
+power-of-two histograms merge count for count — and the ranges computed once, equal to a single-process
+:func:`qgraph.calibrate.driver.calibrate`. The moving-average observer (``ema``) depends on the batch order and is
+refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qgraph.calibrate.driver import (
+    BatchAxes,
+    CalibrationConfig,
+    CalibrationResult,
+    Observation,
+    batch_samples,
+    first_samples,
+    merge_observations,
+    observe,
+    ranges_from_observation,
+)
+from qgraph.errors import QGraphError
+from qgraph.quant.plan import QuantPlan
+
+logger = logging.getLogger(__name__)
+
+#: Seconds to wait for a Ray address to accept a connection before saying it does not answer.
+ADDRESS_TIMEOUT_SECONDS = 5.0
+#: The local Ray instance's object store (bytes): trials pass models of a few MB.
+LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
+#: The environment variable that tells the evaluation how many intra-op threads it may use.
+THREADS_VARIABLE = "QGRAPH_THREADS"
+
+
+class RayError(QGraphError):
+    """Ray is not installed, or the Ray cluster cannot be reached."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialContext:
+    """What every trial of one search shares (sent to each Ray worker once)."""
+
+    model_bytes: bytes
+    calibration_data: Any
+    evaluate: Callable[[str | os.PathLike], float]
+    #: ``OptimizeOptions`` of the search (target, calibration samples, ...), the trial's recipe applied on top.
+    base: Any
+    #: Input feeds of one sample, for the latency (None: no latency).
+    latency_feeds: Mapping[str, np.ndarray] | None
+    latency_runs: int
+    qat_epochs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialJob:
+    index: int
+    configuration: Any  # qgraph.tuning.configuration.TrialConfiguration
+    recipe: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialOutcome:
+    index: int
+    model_bytes: bytes
+    score: float
+    latency_ms: float | None
+    seconds: float
+    worker: str
+    #: Why the configuration could not be built (then no model and a NaN score), else None.
+    error: str | None = None
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def run_trial(context: TrialContext, job: TrialJob, threads: int) -> TrialOutcome:
+    """Quantize the model with ``job``'s recipe, score it with ``context.evaluate`` and time it (``threads``
+    intra-op threads for onnxruntime, and ``QGRAPH_THREADS`` for the evaluation)."""
+    from qgraph.pipeline import optimize
+    from qgraph.qat.options import QATOptions
+
+    started = time.perf_counter()
+    base = context.base
+    quantization = dataclasses.replace(base.quantization, calibration=dataclasses.replace(
+        base.quantization.calibration, threads=threads))
+    previous = os.environ.get(THREADS_VARIABLE)
+    os.environ[THREADS_VARIABLE] = str(threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="qgraph-trial-") as folder:
+            folder_path = Path(folder)
+            source, recipe, output = folder_path / "model.onnx", folder_path / "recipe.toml", folder_path / "trial.onnx"
+            source.write_bytes(context.model_bytes)
+            recipe.write_text(job.recipe)
+            options = dataclasses.replace(base, quantization=job.configuration.quantization(quantization, recipe))
+            train_data = None
+            if job.configuration.qat:
+                options = dataclasses.replace(options, qat=QATOptions(
+                    loss="distill", epochs=context.qat_epochs, threads=threads, patience=None))
+                train_data = context.calibration_data
+            try:
+                optimize(source, output, options, calibration_data=context.calibration_data, train_data=train_data)
+            except QGraphError as error:  # this configuration cannot be built (nothing left to quantize, say)
+                return TrialOutcome(job.index, b"", math.nan, None, time.perf_counter() - started,
+                                    f"{socket.gethostname()}:{os.getpid()}", str(error))
+            score = float(context.evaluate(output))
+            latency = trial_latency(output, context.latency_feeds, context.latency_runs, threads)
+            model_bytes = output.read_bytes()
+    finally:
+        if previous is None:
+            os.environ.pop(THREADS_VARIABLE, None)
+        else:
+            os.environ[THREADS_VARIABLE] = previous
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    return TrialOutcome(job.index, model_bytes, score, latency, time.perf_counter() - started, worker)
+
+
+def trial_latency(path: Path, feeds: Mapping[str, np.ndarray] | None, runs: int, threads: int) -> float | None:
+    """Median batch-1 milliseconds of the model at ``path`` (None without feeds or runs)."""
+    if runs <= 0 or feeds is None:
+        return None
+    from qgraph.latency import LatencyOptions, measure_latency
+
+    table = measure_latency({"model": onnx.load(path)}, LatencyOptions(threads=threads, rounds=runs), feeds={1: feeds})
+    return table.median_seconds("model", 1) * 1e3
+
+
+class LocalTrials:
+    """Trials one after another in this process, onnxruntime on all the cores."""
+
+    workers = 1
+    kind = "one process"
+
+    def __init__(self) -> None:
+        self.threads = cpu_count()
+
+    def run_round(self, context: TrialContext, jobs: Sequence[TrialJob],
+                  stop: Callable[[TrialOutcome], bool] | None = None) -> list[TrialOutcome]:
+        outcomes = []
+        for job in jobs:
+            outcomes.append(run_trial(context, job, self.threads))
+            if stop is not None and stop(outcomes[-1]):
+                break
+        return outcomes
+
+    def map(self, function: Callable, arguments: Sequence[tuple]) -> list:
+        return [function(*argument, self.threads) for argument in arguments]
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise RayError("Ray is not installed: `pip install qgraph[ray]` (or `pip install ray`) runs trials on Ray; "
+                       "without --ray-address and with --tune-workers 1 the trials run in this process") from None
+    return ray
+
+
+def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_SECONDS) -> None:
+    """Refuse an address (``HOST:PORT``, ``ray://HOST:PORT``) that accepts no connection within ``timeout``;
+    ``auto`` (the cluster that ``ray start`` left on this machine) is left to Ray."""
+    if address == "auto":
+        return
+    text = address.split("://", 1)[-1].rstrip("/")
+    host, separator, port = text.rpartition(":")
+    if not separator or not port.isdigit():
+        raise RayError(f"--ray-address {address!r}: expected HOST:PORT (or ray://HOST:PORT, or auto)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as error:
+        raise RayError(f"--ray-address {address}: the Ray cluster does not answer (no connection to {host}:{port} "
+                       f"within {timeout:g} s: {error})") from None
+
+
+class RayTrials:
+    """Trials as Ray tasks, ``workers`` at once. Construction checks that Ray is installed and that the address
+    answers; :meth:`start` connects (or starts the local instance, ~10 s on a busy 2-core machine: the caller
+    overlaps it with scoring the FP32 model). Ray's own processes die with the thread that started them, so
+    :meth:`start` must run on a thread that outlives the search (the caller's). ``close`` shuts down an instance
+    started here."""
+
+    kind = "Ray"
+
+    def __init__(self, workers: int, address: str | None = None) -> None:
+        self._ray = import_ray()
+        if address is not None:
+            check_address(address)
+        self.workers, self.address = workers, address
+        self.threads = max(1, cpu_count() // workers)
+        self._remote_trial = self._remote_map = None
+        self._context_reference: tuple[int, Any] | None = None
+        self._started_here = False
+        self._warming: list = []
+
+    def start(self) -> None:
+        ray = self._ray
+        if ray.is_initialized():
+            return
+        quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
+        try:
+            if self.address is None:
+                ray.init(num_cpus=self.workers, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                         _node_ip_address="127.0.0.1", **quiet)  # loopback only: nothing leaves the machine
+                logger.info("started a local Ray instance with %d workers", self.workers)
+            else:
+                ray.init(address=self.address, **quiet)
+                logger.info("connected to the Ray cluster at %s", self.address)
+        except Exception as error:
+            where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
+            raise RayError(f"could not start or reach {where}: {error}") from None
+        self._started_here = True
+        # each worker process imports qgraph and onnxruntime (seconds) while this process scores the FP32 model;
+        # Ray then runs the trials in the same, warm, processes
+        warm = ray.remote(num_cpus=1)(_import_trial_modules)
+        self._warming = [warm.remote() for _ in range(self.workers)]
+
+    def _ready(self):
+        self.start()
+        if self._remote_trial is None:
+            self._remote_trial = self._ray.remote(num_cpus=1)(run_trial)
+            self._remote_map = self._ray.remote(num_cpus=1)(_call)
+        return self._ray
+
+    def run_round(self, context: TrialContext, jobs: Sequence[TrialJob],
+                  stop: Callable[[TrialOutcome], bool] | None = None) -> list[TrialOutcome]:
+        ray = self._ready()
+        if self._context_reference is None or self._context_reference[0] != id(context):
+            self._context_reference = (id(context), ray.put(context))
+        reference = self._context_reference[1]
+        pending = [self._remote_trial.remote(reference, job, self.threads) for job in jobs]
+        outcomes: list[TrialOutcome] = []
+        for position, task in enumerate(pending):
+            outcomes.append(ray.get(task))
+            if stop is not None and stop(outcomes[-1]):
+                for later in pending[position + 1:]:
+                    ray.cancel(later, force=True)
+                break
+        return outcomes
+
+    def map(self, function: Callable, arguments: Sequence[tuple]) -> list:
+        ray = self._ready()
+        return ray.get([self._remote_map.remote(function, argument, self.threads) for argument in arguments])
+
+    def close(self) -> None:
+        if self._started_here and self._ray.is_initialized():
+            self._ray.shutdown()
+            self._started_here = False
+
+
+def _import_trial_modules() -> int:
+    import onnxruntime  # noqa: F401
+
+    import qgraph.pipeline  # noqa: F401
+    import qgraph.report  # noqa: F401
+
+    return os.getpid()
+
+
+def _call(function: Callable, argument: tuple, threads: int):
+    return function(*argument, threads)
+
+
+def trial_executor(workers: int = 1, address: str | None = None) -> LocalTrials | RayTrials:
+    """Where the trials run: Ray when an address is given or ``workers > 1`` (Ray must then be installed for an
+    address; without one, a missing Ray runs the trials in this process, with a warning), else this process."""
+    if address is not None:
+        return RayTrials(workers, address)
+    if workers <= 1:
+        return LocalTrials()
+    try:
+        return RayTrials(workers)
+    except RayError:
+        logger.warning("Ray is not installed: the %d trials that would run at once run one after another in this "
+                       "process (same results; `pip install qgraph[ray]` runs them in parallel)", workers)
+        return LocalTrials()
+
+
+def _observe_shard(model_bytes: bytes, plan: QuantPlan, shard: list, config: CalibrationConfig,
+                   batch_axes: BatchAxes | None, threads: int) -> Observation:
+    model = ir.serde.deserialize_model(onnx.load_from_string(model_bytes))
+    return observe(model, plan, shard, dataclasses.replace(config, threads=threads, samples=None),
+                   batch_axes=batch_axes)
+
+
+def calibrate_sharded(model: ir.Model, plan: QuantPlan, batches: Iterable[Mapping[str, np.ndarray]],
+                      config: CalibrationConfig | None = None, executor: LocalTrials | RayTrials | None = None, *,
+                      shards: int | None = None, batch_axes: BatchAxes | None = None) -> CalibrationResult:
+    """:func:`~qgraph.calibrate.driver.calibrate` with the batches observed in ``shards`` (default: the
+    executor's workers) contiguous shards, each on a worker, the states merged and the ranges computed once."""
+    config = config or CalibrationConfig()
+    executor = executor or LocalTrials()
+    if config.method == "ema" or "ema" in plan.activation_methods.values():
+        raise QGraphError("calibration shards merge exactly for minmax, entropy, percentile and mse; the moving "
+                          "average (ema) depends on the batch order: calibrate it in one process")
+    started = time.perf_counter()
+    kept, samples = [], 0
+    for batch in batches:  # config.samples cuts the whole set, before it is split
+        count = batch_samples(batch, batch_axes)
+        if config.samples is not None and samples + count > config.samples:
+            batch, count = first_samples(batch, config.samples - samples, batch_axes), config.samples - samples
+        if count <= 0:
+            break
+        kept.append(batch)
+        samples += count
+    count = max(1, min(shards or executor.workers, len(kept)))
+    bounds = np.linspace(0, len(kept), count + 1).round().astype(int)
+    model_bytes = ir.serde.serialize_model(model).SerializeToString()
+    arguments = [(model_bytes, plan, kept[low:high], config, batch_axes) for low, high in zip(bounds, bounds[1:])]
+    observations = executor.map(_observe_shard, arguments)
+    result = ranges_from_observation(model, plan, merge_observations(observations), config)
+    logger.info("calibrated %d tensors on %d samples in %d shard(s) (%s) in %.1fs", len(plan.activations),
+                result.samples, count, executor.kind, time.perf_counter() - started)
+    return dataclasses.replace(result, seconds=time.perf_counter() - started)

@@ -1,0 +1,66 @@
+"""Wall time of one accuracy-driven search in one process against the same search on Ray with 2 workers.
+
+    python tools/bench_tuning.py [--model models/trained/resnet_small_fmnist.onnx] [--max-drop 0] [--repeats 3]
+
+The two runs alternate (one process, Ray, one process, Ray, ...) so that both see the same load of the machine;
+the medians and their ratio are printed, and the chosen configurations must be identical. The scorer is
+tools/score_fmnist.py (top-1 % on the bundled Fashion-MNIST test subset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    from qgraph.pipeline import OptimizeOptions
+    from qgraph.ptq import QuantizeOptions
+    from qgraph.tuning import TuningOptions, command_evaluator, tune
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(ROOT / "models" / "trained" / "resnet_small_fmnist.onnx"))
+    parser.add_argument("--calib", default=str(ROOT / "models" / "data" / "fashion_mnist_calibration.npz"))
+    parser.add_argument("--max-drop", type=float, default=0.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget", type=int, default=12)
+    arguments = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    for noisy in ("qgraph.ir", "qgraph.latency", "qgraph.calibrate", "qgraph.sensitivity", "qgraph.passes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    evaluate = command_evaluator(f"{sys.executable} {ROOT / 'tools' / 'score_fmnist.py'} {{model}}")
+    times: dict[int, list[float]] = {1: [], 2: []}
+    chosen: dict[int, set[str]] = {1: set(), 2: set()}
+    trials: dict[int, list[int]] = {1: [], 2: []}
+    with tempfile.TemporaryDirectory() as folder:
+        for repeat in range(arguments.repeats):
+            for workers in (1, 2):
+                started = time.perf_counter()
+                result = tune(arguments.model, Path(folder) / f"out{workers}.onnx", arguments.calib, evaluate,
+                              TuningOptions(max_drop=arguments.max_drop, workers=workers, budget=arguments.budget),
+                              OptimizeOptions(quantization=QuantizeOptions()))
+                seconds = time.perf_counter() - started
+                times[workers].append(seconds)
+                chosen[workers].add(result.trials[result.chosen].configuration.describe())
+                trials[workers].append(len(result.trials))
+                print(f"repeat {repeat}: {result.executor} ({workers} worker(s)): {seconds:.1f} s, "
+                      f"{len(result.trials)} trials, chose #{result.chosen} "
+                      f"({result.trials[result.chosen].configuration.describe()}), bound met: {result.bound_met}",
+                      flush=True)
+    one, two = statistics.median(times[1]), statistics.median(times[2])
+    print(f"one process: median {one:.1f} s {[round(value, 1) for value in times[1]]}, trials {trials[1]}")
+    print(f"Ray, 2 workers: median {two:.1f} s {[round(value, 1) for value in times[2]]}, trials {trials[2]}")
+    print(f"ratio Ray / one process: {two / one:.3f} (paired: "
+          f"{[round(b / a, 3) for a, b in zip(times[1], times[2])]})")
+    print(f"chosen configurations identical: {chosen[1] == chosen[2] and len(chosen[1]) == 1} ({chosen[1]})")
+
+
+if __name__ == "__main__":
+    main()
