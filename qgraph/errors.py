@@ -38,3 +38,9 @@ class RuntimeNotInstalledError(QGraphError, ImportError):
 
 class UnsupportedRuntimeError(QGraphError):
     """The installed onnxruntime is older than qgraph supports, or cannot do what was asked (train, for QAT)."""
+
+
+def require_at_least(name: str, value: float, minimum: float) -> None:
+    """Refuse an option ``name`` whose ``value`` is below ``minimum``, naming both."""
+    if value < minimum:
+        raise QGraphError(f"{name} must be at least {minimum}, got {value}")

@@ -70,7 +70,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.calibrate.driver import BatchAxes, batch_samples, first_samples
-from qgraph.errors import QGraphError
+from qgraph.errors import QGraphError, require_at_least
 from qgraph.output_comparison import OutputComparison, noise_ratios, ratio_db
 from qgraph.progress import Progress
 from qgraph.quant.plan import QuantPlan
@@ -167,10 +167,8 @@ class SensitivityOptions:
     def __post_init__(self) -> None:
         validate_min_sqnr(self.min_sqnr)
         validate_search_budget(self.budget_seconds)
-        if self.batches < 1:
-            raise QGraphError(f"sensitivity_batches must be at least 1, got {self.batches}")
-        if self.ranking_samples < 1:
-            raise QGraphError(f"ranking_samples must be at least 1, got {self.ranking_samples}")
+        require_at_least("sensitivity_batches", self.batches, 1)
+        require_at_least("ranking_samples", self.ranking_samples, 1)
 
 
 @dataclasses.dataclass(frozen=True)

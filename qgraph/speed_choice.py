@@ -61,7 +61,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qgraph.errors import QGraphError
+from qgraph.errors import QGraphError, require_at_least
 from qgraph.latency import LatencyOptions, LatencyTable, measure_latency
 
 logger = logging.getLogger(__name__)
@@ -112,10 +112,8 @@ class SpeedChoiceOptions:
             raise QGraphError(f"formats must be among {QOPERATOR}, {QDQ}, got {self.formats}")
         if self.margin < 0 or not 0 <= self.tolerance < 1:
             raise QGraphError(f"margin must be >= 0 and tolerance in [0, 1), got {self.margin}, {self.tolerance}")
-        if self.confirm_band < 0:
-            raise QGraphError(f"confirm_band must not be negative, got {self.confirm_band}")
-        if self.max_regions < 0:
-            raise QGraphError(f"max_regions must not be negative, got {self.max_regions}")
+        require_at_least("confirm_band", self.confirm_band, 0)
+        require_at_least("max_regions", self.max_regions, 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ import pytest
 from qgraph import runtime
 from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.errors import QGraphError
-from qgraph.latency import LatencyOptions, LatencyTable
+from qgraph.latency import LatencyOptions
 from qgraph.models.mobilenet_v3 import build_mobilenet_v3
 from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.ptq import QuantizeOptions
@@ -26,11 +26,8 @@ from qgraph.speed_choice import (
     build_candidate,
     choose_speed,
     find_regions,
-    target_lowering,
 )
-from qgraph.targets import TargetOptions, get_target
-
-TARGET_OPTIONS = TargetOptions(format="qoperator", reduce_range="off", saturation_guard="off")
+from tests.speed_choice_fakes import TARGET_OPTIONS, fake_measure, lowering, ops
 
 
 @functools.cache
@@ -49,12 +46,6 @@ def quantized(spelling: str = "op") -> tuple[onnx.ModelProto, onnx.ModelProto]:
     return onnx.ModelProto.FromString(float_bytes), onnx.ModelProto.FromString(qdq_bytes)
 
 
-def lowering():
-    return target_lowering(get_target("ort-cpu", TARGET_OPTIONS))
-
-
-def ops(model: onnx.ModelProto) -> Counter:
-    return Counter(node.op_type for node in model.graph.node)
 
 
 def test_regions_of_a_mobilenet_v3():
@@ -116,18 +107,6 @@ def test_candidates_keep_their_regions_float_and_stay_close():
     with pytest.raises(QGraphError, match="lowering"):
         build_candidate(qdq_model, QOPERATOR, frozenset(), None)
 
-
-def fake_measure(times: dict[str, float]):
-    """A measurement that returns fixed run times per candidate name (1.0 for names not listed)."""
-    calls: list[tuple[str, ...]] = []
-
-    def measure(models, options: LatencyOptions, *, reference: str) -> LatencyTable:
-        calls.append(tuple(models))
-        samples = {size: {name: tuple(times.get(name, 1.0) * size for _ in range(options.rounds)) for name in models}
-                   for size in options.batch_sizes}
-        return LatencyTable(reference, samples, options.threads)
-
-    return measure, calls
 
 
 def choice_options(**changes) -> SpeedChoiceOptions:

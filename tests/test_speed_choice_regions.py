@@ -5,36 +5,25 @@ FP32 model as the last resort, loudly; with a fake latency function (determinist
 from __future__ import annotations
 
 import functools
-from collections import Counter
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
 
-from qgraph import runtime
+from qgraph import runtime, speed_choice
 from qgraph.data import DataLayout, dataset_from_arrays
 from qgraph.errors import QGraphError
 from qgraph.latency import LatencyOptions, LatencyTable
 from qgraph.models.stream_vad import build_stream_vad, stream_feeds, synthetic_speech
 from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.ptq import QuantizeOptions
-from qgraph.speed_choice import (
-    FLOAT,
-    QDQ,
-    QOPERATOR,
-    Candidate,
-    SpeedChoiceOptions,
-    build_candidate,
-    choose_speed,
-    find_integer_regions,
-    target_lowering,
-)
-from qgraph.targets import TargetOptions, get_target
+from qgraph.speed_choice import FLOAT, QDQ, QOPERATOR, Candidate, SpeedChoiceOptions, build_candidate, choose_speed
+from qgraph.targets import TargetOptions
+from tests.speed_choice_fakes import TARGET_OPTIONS, fake_measure, lowering, ops
 
 FRONT_END = "region:front_end_16k.conv"
 DECODER = "region:decoder_matmul"
-TARGET_OPTIONS = TargetOptions(format="qoperator", reduce_range="off", saturation_guard="off")
 
 
 def stream_data(seconds: float = 0.5):
@@ -59,12 +48,6 @@ def vad() -> tuple[onnx.ModelProto, onnx.ModelProto]:
     return onnx.ModelProto.FromString(float_bytes), onnx.ModelProto.FromString(qdq_bytes)
 
 
-def lowering():
-    return target_lowering(get_target("ort-cpu", TARGET_OPTIONS))
-
-
-def ops(model: onnx.ModelProto) -> Counter:
-    return Counter(node.op_type for node in model.graph.node)
 
 
 def feeds_of(batch: int = 3) -> dict[str, np.ndarray]:
@@ -73,19 +56,6 @@ def feeds_of(batch: int = 3) -> dict[str, np.ndarray]:
             "state": np.concatenate([feed["state"] for feed in feeds], axis=1)}
 
 
-def fake_measure(times: dict[str, float]):
-    """Fixed run times per candidate name (``times["*"]``, else 1.0, for names not listed), times the batch size."""
-    calls: list[tuple[str, ...]] = []
-
-    def measure(models, options: LatencyOptions, *, reference: str) -> LatencyTable:
-        calls.append(tuple(models))
-        samples = {size: {name: tuple(times.get(name, times.get("*", 1.0)) * size for _ in range(options.rounds))
-                          for name in models}
-                   for size in options.batch_sizes}
-        return LatencyTable(reference, samples, options.threads)
-
-    return measure, calls
-
 
 def choice_options(**changes) -> SpeedChoiceOptions:
     return SpeedChoiceOptions(latency=LatencyOptions(batch_sizes=(1, 8), rounds=4), **changes)
@@ -93,7 +63,7 @@ def choice_options(**changes) -> SpeedChoiceOptions:
 
 def test_the_stream_vad_has_two_integer_regions_closed_under_their_qdq_pairs():
     _, qdq_model = vad()
-    regions = find_integer_regions(ir.serde.deserialize_model(qdq_model))
+    regions = speed_choice.find_integer_regions(ir.serde.deserialize_model(qdq_model))
     assert regions == {
         FRONT_END: {"front_end_16k.unsqueeze", "front_end_16k.conv", "front_end_relu", "encoder", "encoder_relu",
                     "pool"},
@@ -107,12 +77,12 @@ def test_the_stream_vad_has_two_integer_regions_closed_under_their_qdq_pairs():
     generator = np.random.default_rng(0)
     batches = [{"input": generator.standard_normal((2, 1, 28, 28)).astype(np.float32)}]
     result = optimize(ir.serde.deserialize_model(build_mobilenet_v3("tiny")), None, options, calibration_data=batches)
-    assert len(find_integer_regions(ir.serde.deserialize_model(result.quantization.qdq_model))) == 1
+    assert len(speed_choice.find_integer_regions(ir.serde.deserialize_model(result.quantization.qdq_model))) == 1
 
 
 def test_a_region_kept_fp32_leaves_no_qdq_inside_or_at_its_border():
     float_model, qdq_model = vad()
-    regions = find_integer_regions(ir.serde.deserialize_model(qdq_model))
+    regions = speed_choice.find_integer_regions(ir.serde.deserialize_model(qdq_model))
     front_end_float = build_candidate(qdq_model, QOPERATOR, regions[FRONT_END], lowering())
     decoder_float = build_candidate(qdq_model, QOPERATOR, regions[DECODER], lowering())
     integer = build_candidate(qdq_model, QOPERATOR, frozenset(), lowering())

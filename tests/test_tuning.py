@@ -17,6 +17,7 @@ from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.ptq import QuantizeOptions
 from qgraph.tuning import EvaluationError, TuningOptions, command_evaluator, tune
 from tests.ptq.small_models import calibration_batches, residual_cnn
+from tests.tuning_files import write_tuning_files
 
 EVAL_SCRIPT = textwrap.dedent("""
     import sys
@@ -36,10 +37,7 @@ EVAL_SCRIPT = textwrap.dedent("""
 
 @pytest.fixture()
 def files(tmp_path):
-    onnx.save(residual_cnn(), tmp_path / "m.onnx")
-    np.savez(tmp_path / "calib.npz", input=np.concatenate([batch["input"] for batch in calibration_batches(count=2)]))
-    (tmp_path / "score.py").write_text(EVAL_SCRIPT)
-    return tmp_path
+    return write_tuning_files(tmp_path, EVAL_SCRIPT)
 
 
 def _command(files) -> str:
@@ -82,9 +80,11 @@ def test_the_metric_sends_the_layer_it_cares_about_back_to_fp32_by_bisection(fil
     chosen = configurations[result.chosen]
     assert result.bound_met and "conv3" in chosen.fp32_layers
     assert "conv3" in _float_nodes(files / "out.onnx")
-    # bisection: fewer fallback trials than layers, and the chosen set is the smallest prefix tried that works
-    fallback = result.trials[5:]
-    assert 1 <= len(fallback) <= math.ceil(math.log2(4)) + 1
+    # a search over prefixes with two points a round (a ternary bisection): at most 2 trials per round and
+    # ceil(log3(layers)) rounds, so fewer trials than one per layer would take on larger models; the chosen set is the
+    # smallest prefix tried that works
+    fallback = [trial for trial in result.trials if trial.configuration.stage == "fallback"]
+    assert 1 <= len(fallback) <= 2 * math.ceil(math.log(4, 3))
     assert all(len(trial.configuration.fp32_layers) >= len(chosen.fp32_layers) for trial in fallback
                if trial.meets_bound)
     assert all(not trial.meets_bound for trial in result.trials[:5])

@@ -7,8 +7,6 @@ import socket
 import sys
 import textwrap
 
-import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
@@ -22,6 +20,7 @@ from qgraph.ray_trials import LocalTrials, RayError, calibrate_sharded, check_ad
 from qgraph.targets import get_target
 from qgraph.tuning import TuningOptions, command_evaluator, tune
 from tests.ptq.small_models import calibration_batches, residual_cnn
+from tests.tuning_files import write_tuning_files
 
 # scores 1.0 only when conv3 stays a float Conv (the fallback must find it), and logs the threads it was given
 SCORE_SCRIPT = textwrap.dedent("""
@@ -37,10 +36,7 @@ SCORE_SCRIPT = textwrap.dedent("""
 
 @pytest.fixture()
 def files(tmp_path):
-    onnx.save(residual_cnn(), tmp_path / "m.onnx")
-    np.savez(tmp_path / "calib.npz", input=np.concatenate([batch["input"] for batch in calibration_batches(count=2)]))
-    (tmp_path / "score.py").write_text(SCORE_SCRIPT)
-    return tmp_path
+    return write_tuning_files(tmp_path, SCORE_SCRIPT)
 
 
 def _evaluator(files, log: str):

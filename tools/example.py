@@ -23,16 +23,20 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 MODELS = REPOSITORY / "models"
 
 
-def accuracy(model_path: Path, images: np.ndarray, labels: np.ndarray, batch_size: int = 250) -> float:
-    from qgraph import runtime
-
-    session = runtime.create_session(str(model_path), optimize=True)
+def top1(session, images: np.ndarray, labels: np.ndarray, batch_size: int) -> float:
+    """Top-1 accuracy (%) of an onnxruntime session's first output over ``images`` fed in batches."""
     name = session.get_inputs()[0].name
     correct = 0
     for start in range(0, len(images), batch_size):
         logits = session.run(None, {name: images[start:start + batch_size]})[0]
         correct += int(np.sum(np.argmax(logits, axis=1) == labels[start:start + batch_size]))
     return 100.0 * correct / len(images)
+
+
+def accuracy(model_path: Path, images: np.ndarray, labels: np.ndarray, batch_size: int = 250) -> float:
+    from qgraph import runtime
+
+    return top1(runtime.create_session(str(model_path), optimize=True), images, labels, batch_size)
 
 
 def run_command(arguments: list[str]) -> None:

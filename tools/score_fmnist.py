@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from example import top1  # tools/ is the script's folder, first on sys.path
 
 DATA = Path(__file__).resolve().parent.parent / "models" / "data" / "fashion_mnist_test_subset.npz"
 
@@ -23,13 +24,7 @@ def accuracy(path: str, data: Path = DATA, batch_size: int = 500) -> float:
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     arrays = np.load(data)
-    images, labels = arrays["input"], arrays["label"]
-    name = session.get_inputs()[0].name
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        logits = session.run(None, {name: images[start:start + batch_size]})[0]
-        correct += int(np.sum(np.argmax(logits, axis=1) == labels[start:start + batch_size]))
-    return 100.0 * correct / len(images)
+    return top1(session, arrays["input"], arrays["label"], batch_size)
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.ir.edit import drop_unused_initializers, new_initializer
+from qgraph.ir.edit import drop_unused_initializers, new_initializer, take_over  # noqa: F401 - used as qdq.take_over
 from qgraph.ir.naming import NameScope
 from qgraph.ir.values import (  # noqa: F401 - re-exported for the lowering passes
     MICROSOFT_DOMAIN,
@@ -352,19 +352,6 @@ def existing_or_new_constant(
         if np.array_equal(current, array):
             return value
     return add_constant(graph, names, base_name, array, before=before)
-
-
-def take_over(old: ir.Value, new: ir.Value) -> None:
-    """Every reader of ``old`` (graph outputs included) reads ``new``, which inherits ``old``'s name and type."""
-    name = old.name
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    if new.type is None:
-        new.type = old.type
-    if new.shape is None and old.shape is not None:
-        new.shape = old.shape
-    if name:
-        old.name = f"{name}__replaced"
-        new.name = name
 
 
 def _drop_unused_constant(value: ir.Value | None) -> None:

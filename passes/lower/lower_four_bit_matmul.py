@@ -35,7 +35,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.ir.edit import drop_unused_initializers, new_initializer
+from qgraph.ir.edit import drop_unused_initializers, new_initializer, take_over
 from qgraph.ir.values import constant_array, ensure_microsoft_domain, is_constant, is_op
 from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
 from qgraph.quant.blockwise import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, BlockQuantizedWeight, BlockSpec, pack_matmul_nbits
@@ -160,12 +160,7 @@ class LowerFourBitMatMul(RewritePass):
             result = add.outputs[0]
         graph.insert_before(node, new_nodes)
         ensure_microsoft_domain(context.model, graph if graph is not context.model.graph else None)
-        output = node.outputs[0]
-        name = output.name
-        result.type, result.shape = output.type, output.shape
-        output.replace_all_uses_with(result, replace_graph_outputs=True)
-        output.name = context.names.fresh(f"{name}_lowered")
-        result.name = name
+        take_over(node.outputs[0], result, context.names)
         graph.remove(node, safe=True)
         dequantize_inputs = list(plan.dequantize.inputs)
         if not plan.dequantize.outputs[0].uses():

@@ -23,7 +23,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.ir.edit import drop_unused_initializers, new_initializer
+from qgraph.ir.edit import drop_unused_initializers, new_initializer, take_over
 from qgraph.ir.values import constant_array, ensure_microsoft_domain, is_op
 from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
 from qgraph.quant.blockwise import BlockQuantizedWeight, BlockSpec, pack_matmul_nbits
@@ -111,12 +111,7 @@ class LowerMatMulNBits(RewritePass):
         nbits = ir.Node("com.microsoft", "MatMulNBits", inputs, attributes, name=matmul.name)
         graph.insert_before(matmul, [nbits])
         ensure_microsoft_domain(context.model, graph if graph is not context.model.graph else None)
-        output = matmul.outputs[0]
-        name = output.name
-        nbits.outputs[0].type, nbits.outputs[0].shape = output.type, output.shape
-        output.replace_all_uses_with(nbits.outputs[0], replace_graph_outputs=True)
-        output.name = context.names.fresh(f"{name}_lowered")
-        nbits.outputs[0].name = name
+        take_over(matmul.outputs[0], nbits.outputs[0], context.names)
         graph.remove(matmul, safe=True)
         dequantize_inputs = list(plan.dequantize.inputs)
         if not plan.dequantize.outputs[0].uses():

@@ -31,7 +31,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.ir.edit import drop_unused_initializers, new_initializer
+from qgraph.ir.edit import drop_unused_initializers, new_initializer, take_over
 from qgraph.ir.values import constant_array, constant_refusal, default_opset, is_op
 from qgraph.passes.infrastructure import Phase, QGraphPass, Refusal, RewriteContext, RewritePass, register
 from qgraph.quant.blockwise import BlockQuantizedWeight
@@ -147,12 +147,7 @@ class QuantizeWeightsBlockwise(QGraphPass):
                 output = add.outputs[0]
             matmul.outputs[0].name = context.names.fresh(f"{node.name}_matmul")
             graph.insert_before(node, new_nodes)
-            old_output = node.outputs[0]
-            name = old_output.name
-            output.type, output.shape = old_output.type, old_output.shape
-            old_output.replace_all_uses_with(output, replace_graph_outputs=True)
-            old_output.name = context.names.fresh(f"{name}_replaced")
-            output.name = name
+            take_over(node.outputs[0], output, context.names)
             graph.remove(node, safe=True)
         else:
             node.replace_input_with(index, dequantize.outputs[0])

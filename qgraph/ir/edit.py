@@ -61,3 +61,19 @@ def release_captures(graph: ir.Graph) -> None:
         for index in range(len(node.inputs)):
             if node.inputs[index] is not None:
                 node.replace_input_with(index, None)
+
+
+def take_over(old: ir.Value, new: ir.Value, names: NameScope | None = None) -> None:
+    """Every reader of ``old`` (graph outputs included) reads ``new``, which inherits ``old``'s name and type.
+
+    ``old`` is renamed out of the way: with a fresh name from ``names`` where one is given, else ``NAME__replaced``.
+    """
+    name = old.name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if new.type is None:
+        new.type = old.type
+    if new.shape is None and old.shape is not None:
+        new.shape = old.shape
+    if name:
+        old.name = names.fresh(f"{name}_replaced") if names is not None else f"{name}__replaced"
+        new.name = name

@@ -4,6 +4,7 @@ MatMulNBits (QOperator MatMul/Gemm), and int8-widened codes only inside QLinearC
 from __future__ import annotations
 
 import collections
+import functools
 
 import numpy as np
 import onnx
@@ -12,13 +13,15 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from qgraph import runtime
+from qgraph import ptq, runtime, speed_choice
 from qgraph.cli import cli
 from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.ptq import QuantizeOptions, quantize
 from qgraph.quant.numerics import power_ratio_db
+from qgraph.speed_choice import FLOAT
 from qgraph.targets import TargetOptions
 from tests.ptq.small_models import calibration_batches, residual_cnn
+from tests.speed_choice_fakes import fake_measure
 
 #: The issue's bound on a 4-bit model's file against the FP32 one.
 SIZE_BOUND = 0.30
@@ -144,7 +147,11 @@ def test_conv_weights_stay_int8_codes_inside_qlinearconv_and_int4_in_qdq(caplog)
 
 @pytest.mark.speed_choice
 @pytest.mark.parametrize("output_format", ["qdq", "qoperator"])
-def test_optimize_with_the_speed_choice_keeps_the_four_bit_storage(tmp_path, output_format, caplog):
+def test_optimize_with_the_speed_choice_keeps_the_four_bit_storage(tmp_path, output_format, caplog, monkeypatch):
+    # the integer candidates time faster than FP32 here (a fixed fake measurement), so an integer model is chosen
+    # whatever the machine's load; the candidates themselves are built and lowered for real
+    measure, _ = fake_measure({FLOAT: 2.0})
+    monkeypatch.setattr(ptq, "choose_speed", functools.partial(speed_choice.choose_speed, measure=measure))
     options = OptimizeOptions(quantization=QuantizeOptions(
         target_options=TargetOptions(weight_bits=4, format=output_format), min_sqnr=None, speed_choice_seconds=1.0))
     float_model = mlp(sizes=(128, 256, 10))
