@@ -435,7 +435,8 @@ def _optimize_options(values: Mapping[str, Any]) -> OptimizeOptions:
 @click.option("--mse-clip", is_flag=True, default=None,
               help="--weight-only: search a clipping ratio per block for the least squared weight error.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
-              help="--weight-only: MatMulNBits accuracy_level (4: int8 activations inside the kernel; 0: unset).")
+              help="--weight-only: MatMulNBits accuracy_level (default 4: int8 activations inside the kernel, the "
+                   "fast one on CPUs; 0: unset, float compute, slower than FP32 on small decoders).")
 @click.option("--speed-choice/--no-speed-choice", default=_default(QuantizeOptions, "speed_choice"), show_default=True,
               help="Time the quantized model against FP32 on this machine (onnxruntime, batch 1 and --batch-size, "
               f"at most ~{_default(QuantizeOptions, 'speed_choice_seconds'):g} s of timing runs) and write the "
