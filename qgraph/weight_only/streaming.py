@@ -154,11 +154,18 @@ def segments(graph: ir.Graph, segment_bytes: int = SEGMENT_BYTES) -> list[_Segme
 def _external_reference(value: ir.Value, tensor: ir.ExternalTensor, links: dict[str, str],
                         folder: Path) -> onnx.TensorProto:
     """A TensorProto of ``value``'s shape and type whose data is ``tensor``'s bytes, read through a link in
-    ``folder`` to its data file (one link per file, named in ``links``)."""
+    ``folder`` to its data file (one link per file, named in ``links``).
+
+    A hard link where the file system allows it: onnxruntime 1.32 refuses external data whose resolved path leaves
+    the model's folder, which a symbolic link does; 1.19 follows either. A symbolic link across file systems.
+    """
     target = os.path.realpath(tensor.path)
     if target not in links:
         links[target] = f"external{len(links)}.data"
-        os.symlink(target, folder / links[target])
+        try:
+            os.link(target, folder / links[target])
+        except OSError:
+            os.symlink(target, folder / links[target])
     proto = onnx.TensorProto(name=value.name, data_type=int(tensor.dtype), dims=list(tensor.shape.numpy()))
     proto.data_location = onnx.TensorProto.EXTERNAL
     for key, entry in (("location", links[target]), ("offset", str(tensor.offset or 0)),
