@@ -131,11 +131,26 @@ def environment_folder(python: str, version: tuple[int, int]) -> Path:
     return CACHE / f"{python_tag}-ort{onnxruntime_version}-{install_inputs_hash()}"
 
 
+def _native_built(venv_python: str) -> bool:
+    """Whether this checkout holds the C extensions built for the environment's Python (an editable install
+    builds them into the tree, so a fresh clone has none)."""
+    suffix = subprocess.run([venv_python, "-c", "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))"],
+                            capture_output=True, text=True, check=False).stdout.strip()
+    return bool(suffix) and (REPOSITORY / "qgraph" / "native" / f"_observer_loops{suffix}").exists()
+
+
 def make_environment(python: str, folder: Path) -> str:
     """The virtual environment in ``folder`` with qgraph's PTQ path on the latest onnxruntime; its Python."""
     venv_python = str(folder / "bin" / "python")
-    if (folder / "installed").exists():
+    marker = folder / "installed"
+    if marker.exists():
         print(f"reusing the second environment {folder}", flush=True)
+        if marker.read_text().splitlines()[-1:] != [str(REPOSITORY)] or not _native_built(venv_python):
+            # the editable install points at the checkout that made the environment, with that checkout's C
+            # extensions: a new clone (or one at the same path, unbuilt) is installed again, qgraph alone
+            run([venv_python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "-e", "."],
+                what='pip install --no-deps -e . (this checkout)', capture=True)
+            marker.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n") + f"{REPOSITORY}\n")
         return venv_python
     shutil.rmtree(folder, ignore_errors=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +159,7 @@ def make_environment(python: str, folder: Path) -> str:
     run([venv_python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-e", ".[cpu,test]",
          f"onnxruntime=={onnxruntime_version}"],
         what=f'pip install -e ".[cpu,test]" onnxruntime=={onnxruntime_version}', capture=True)
-    (folder / "installed").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    marker.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n") + f"{REPOSITORY}\n")
     for stale in folder.parent.glob(f"{folder.name.split('-ort')[0]}-ort*"):
         if stale != folder:
             shutil.rmtree(stale, ignore_errors=True)
