@@ -214,26 +214,36 @@ def calibrate(
                 "%d tensor(s) inside If branches that no calibration batch took stay float: %s",
                 len(unseen), ", ".join(unseen[:8]) + (" ..." if len(unseen) > 8 else ""),
             )
-        # the histogram methods' range searches take milliseconds per tensor: spread over the threads too
         ranges_start = time.perf_counter()
-        observed = [tensor for tensor in tensors if tensor in seen]
-        computed = executor.map(lambda tensor: observers[tensor].compute_range(), observed)
-        ranges = {tensor: tuple(float(bound) for bound in bounds) for tensor, bounds in zip(observed, computed)}
-        histograms = [tensor for tensor in observed if isinstance(observers[tensor], HistogramObserver)]
-        errors = dict(zip(histograms, executor.map(
-            lambda tensor: observers[tensor].range_errors(ranges[tensor]), histograms)))
+        observed = {tensor: observers[tensor] for tensor in tensors if tensor in seen}
+        ranges, extremes, errors = _derive_ranges(observed, aliases, plan, executor)
+    end = time.perf_counter()
+    seconds = end - start
+    logger.info("calibrated %d tensors on %d samples in %.1fs (%s)", len(plan.activations), samples, seconds,
+                config.method)
+    return CalibrationResult(ranges, samples, batches_seen, seconds, end - ranges_start, extremes, errors)
+
+
+def _derive_ranges(observers: Mapping[str, object], aliases: Mapping[str, str], plan: QuantPlan,
+                   executor: concurrent.futures.Executor | None = None):
+    """Each observed tensor's range, and for the histogram methods its extremes and range errors (the range
+    check's inputs), aliases taking their source's; ranges of a scale-sharing group merged.
+
+    The histogram methods' range searches take milliseconds per tensor: ``executor`` spreads them over threads.
+    """
+    mapper = executor.map if executor is not None else map
+    names = list(observers)
+    computed = mapper(lambda tensor: observers[tensor].compute_range(), names)
+    ranges = {tensor: tuple(float(bound) for bound in bounds) for tensor, bounds in zip(names, computed)}
+    histograms = [tensor for tensor in names if isinstance(observers[tensor], HistogramObserver)]
+    errors = dict(zip(histograms, mapper(lambda tensor: observers[tensor].range_errors(ranges[tensor]), histograms)))
     extremes = {tensor: observers[tensor].extremes() for tensor in histograms}
     for alias, source in aliases.items():
         if source in ranges:
             ranges[alias] = ranges[source]
         if source in extremes:
             extremes[alias], errors[alias] = extremes[source], errors[source]
-    ranges = merge_group_ranges(ranges, plan)
-    end = time.perf_counter()
-    seconds = end - start
-    logger.info("calibrated %d tensors on %d samples in %.1fs (%s)", len(plan.activations), samples, seconds,
-                config.method)
-    return CalibrationResult(ranges, samples, batches_seen, seconds, end - ranges_start, extremes, errors)
+    return merge_group_ranges(ranges, plan), extremes, errors
 
 
 def _observation_setup(model: ir.Model, plan: QuantPlan, config: CalibrationConfig):
@@ -247,13 +257,6 @@ def _observation_setup(model: ir.Model, plan: QuantPlan, config: CalibrationConf
     observers = {tensor: make_observer(tensor) for tensor in tensors}
     probe = build_probes(model, tensors, threads=config.threads, spinning=False, order_free=order_free)
     return tensors, aliases, observers, probe
-
-
-def _with_aliases_and_groups(ranges: Mapping[str, tuple[float, float]], aliases: Mapping[str, str],
-                             plan: QuantPlan) -> dict[str, tuple[float, float]]:
-    ranges = dict(ranges)
-    ranges.update((alias, ranges[source]) for alias, source in aliases.items() if source in ranges)
-    return merge_group_ranges(ranges, plan)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,12 +313,10 @@ def ranges_from_observation(model: ir.Model, plan: QuantPlan, observation: Obser
         raise DataError("the calibration set is empty: no sample reached the model")
     start = time.perf_counter()
     aliases = value_aliases(model, plan, config, bounded_tensors(model))
-    ranges = {}
-    for tensor, state in observation.states.items():
-        ranges[tensor] = tuple(float(bound) for bound in observer_from_state(state).compute_range())
-    ranges = _with_aliases_and_groups(ranges, aliases, plan)
+    observers = {tensor: observer_from_state(state) for tensor, state in observation.states.items()}
+    ranges, extremes, errors = _derive_ranges(observers, aliases, plan)
     seconds = time.perf_counter() - start
-    return CalibrationResult(ranges, observation.samples, observation.batches, seconds, seconds)
+    return CalibrationResult(ranges, observation.samples, observation.batches, seconds, seconds, extremes, errors)
 
 
 def _stream(
