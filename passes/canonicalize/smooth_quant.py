@@ -64,11 +64,6 @@ class _Reader:
     transposed: bool
 
 
-def _attribute(node: ir.Node, name: str, default):
-    attribute = node.attributes.get(name)
-    return default if attribute is None else attribute.value
-
-
 def _reader(node: ir.Node, value: ir.Value) -> _Reader | str:
     if not is_op(node, "MatMul", "Gemm") or node.inputs[0] is not value:
         return f"{node.op_type} {node.name!r} reads it (not as the data input of a MatMul/Gemm)"
@@ -78,9 +73,9 @@ def _reader(node: ir.Node, value: ir.Value) -> _Reader | str:
         return f"{node.name!r} has no 2-D float32 constant weight"
     if len(weight.uses()) != 1:
         return f"the weight of {node.name!r} is shared with another node"
-    if is_op(node, "Gemm") and _attribute(node, "transA", 0):
+    if is_op(node, "Gemm") and node.attributes.get_int("transA", 0):
         return f"Gemm {node.name!r} has transA=1"
-    return _Reader(node, weight, bool(is_op(node, "Gemm") and _attribute(node, "transB", 0)))
+    return _Reader(node, weight, bool(is_op(node, "Gemm") and node.attributes.get_int("transB", 0)))
 
 
 def smoothing_scales(activation_max: np.ndarray, weight_max: np.ndarray, alpha: float) -> np.ndarray:
@@ -181,7 +176,7 @@ class SmoothQuant(QGraphPass):
         """Divide ``value``'s producer's output channels by ``s`` (``inverse`` = 1/s); False when it cannot."""
         producer = value.producer()
         if is_op(producer, "LayerNormalization"):
-            axis = _attribute(producer, "axis", -1)
+            axis = producer.attributes.get_int("axis", -1)
             rank = len(value.shape) if value.shape is not None else None
             gamma = constant_array(producer.inputs[1])
             beta = constant_array(producer.inputs[2]) if len(producer.inputs) > 2 else None

@@ -63,11 +63,6 @@ class _Plan:
     bias: ir.Value | None
 
 
-def _attribute(node: ir.Node, name: str, default):
-    attribute = node.attributes.get(name)
-    return default if attribute is None else attribute.value
-
-
 def block_size_for(rows: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
     """``block_size``, or the smallest power of two ≥ ``rows`` (at least 16) when the weight has fewer rows."""
     fitting = max(MIN_BLOCK_SIZE, 1 << max(rows - 1, 0).bit_length())
@@ -116,18 +111,18 @@ class LowerFourBitMatMul(RewritePass):
         transposed = False
         bias = None
         if node.op_type == "Gemm":
-            if _attribute(node, "transA", 0) or _attribute(node, "alpha", 1.0) != 1.0 \
-                    or _attribute(node, "beta", 1.0) != 1.0:
+            if node.attributes.get_int("transA", 0) or node.attributes.get_float("alpha", 1.0) != 1.0 \
+                    or node.attributes.get_float("beta", 1.0) != 1.0:
                 return Refusal("a Gemm with transA, alpha or beta other than the defaults")
-            transposed = bool(_attribute(node, "transB", 0))
+            transposed = bool(node.attributes.get_int("transB", 0))
             bias = node.inputs[2] if len(node.inputs) > 2 else None
         if node.inputs[0] is None or node.inputs[0].dtype not in (None, ir.DataType.FLOAT):
             return Refusal("MatMulNBits is lowered for float32 activations")
         output_axis = 0 if transposed else 1
-        axis = _attribute(dequantize, "axis", 1)
+        axis = dequantize.attributes.get_int("axis", 1)
         if scale.size > 1 and (axis % 2 != output_axis or scale.ndim != 1):
             return Refusal(f"the weight is quantized along axis {axis}, not per output channel")
-        if _attribute(dequantize, "block_size", 0):
+        if dequantize.attributes.get_int("block_size", 0):
             return Refusal("the weight's DequantizeLinear is blocked (LowerMatMulNBits lowers that form)")
         matrix = codes.T if transposed else codes  # [K, N]
         rows, columns = matrix.shape

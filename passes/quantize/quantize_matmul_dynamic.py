@@ -59,11 +59,6 @@ def quantize_columns(weight: np.ndarray, *, qmax: int, per_channel: bool,
     return codes, scale, np.zeros(scale.shape, np.int8)
 
 
-def _attribute(node: ir.Node, name: str, default):
-    attribute = node.attributes.get(name)
-    return default if attribute is None else attribute.value
-
-
 def _bias_add(matmul: ir.Node, columns: int) -> tuple[ir.Node, np.ndarray] | None:
     """The ``Add(·, b)`` alone reading the MatMul output, with constant ``b`` of shape ``[N]``."""
     add = sole_consumer(matmul.outputs[0])
@@ -88,20 +83,20 @@ def _plan(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None, ir.Node | None]
             return "its input has rank < 2"
         found = _bias_add(node, weight.shape[1])
         return (weight, found[1], found[0]) if found else (weight, None, None)
-    if _attribute(node, "transA", 0):
+    if node.attributes.get_int("transA", 0):
         return "Gemm with transA=1"
     if rank is not None and rank != 2:
         return "Gemm input is not 2-D"
-    if _attribute(node, "transB", 0):
+    if node.attributes.get_int("transB", 0):
         weight = weight.T
-    weight = weight * np.float32(_attribute(node, "alpha", 1.0))
+    weight = weight * np.float32(node.attributes.get_float("alpha", 1.0))
     bias_value = node.inputs[2] if len(node.inputs) > 2 else None
     if bias_value is None:
         return weight, None, None
     bias = constant_array(bias_value)
     if bias is None or bias.dtype != np.float32 or bias.size not in (1, weight.shape[1]) or bias.ndim > 1:
         return "its bias is not a float32 constant of shape [N] or a scalar"
-    bias = np.broadcast_to(bias.reshape(-1) * np.float32(_attribute(node, "beta", 1.0)), (weight.shape[1],))
+    bias = np.broadcast_to(bias.reshape(-1) * np.float32(node.attributes.get_float("beta", 1.0)), (weight.shape[1],))
     return weight, np.ascontiguousarray(bias, np.float32), None
 
 

@@ -59,11 +59,6 @@ def _storage_type(weight: BlockQuantizedWeight):
     return np.int8 if weight.spec.symmetric else np.uint8
 
 
-def _attribute(node: ir.Node, name: str, default):
-    attribute = node.attributes.get(name)
-    return default if attribute is None else attribute.value
-
-
 @register
 class QuantizeWeightsBlockwise(QGraphPass):
     """Replace the constant weights of the named MatMul/Gemm/Gather nodes by blocked int4/int8 DequantizeLinear."""
@@ -98,13 +93,13 @@ class QuantizeWeightsBlockwise(QGraphPass):
         array = constant_array(weight_value)
         quantized = self.weights[node.name]
         if node.op_type == "Gemm":
-            if _attribute(node, "transA", 0) or _attribute(node, "alpha", 1.0) != 1.0 \
-                    or _attribute(node, "beta", 1.0) != 1.0:
+            if node.attributes.get_int("transA", 0) or node.attributes.get_float("alpha", 1.0) != 1.0 \
+                    or node.attributes.get_float("beta", 1.0) != 1.0:
                 return Refusal("a Gemm with transA, alpha or beta other than the defaults")
-            if _attribute(node, "transB", 0):
+            if node.attributes.get_int("transB", 0):
                 array = array.T
         elif node.op_type == "Gather":
-            if _attribute(node, "axis", 0) != 0:
+            if node.attributes.get_int("axis", 0) != 0:
                 return Refusal("a Gather on an axis other than 0 reads no embedding rows")
             array = array.T
         if array.ndim != 2 or tuple(array.shape) != tuple(quantized.shape):

@@ -110,9 +110,9 @@ def find_layers(model: ir.Model, options: WeightOnlyOptions) -> list[Layer]:
             array = constant_array(node.inputs[1])
             if array is None or array.ndim != 2 or node.inputs[0] is None or constant_array(node.inputs[0]) is not None:
                 continue
-            transposed = is_op(node, "Gemm") and bool(_int_attribute(node, "transB"))
+            transposed = is_op(node, "Gemm") and bool(node.attributes.get_int("transB", 0))
             layers.append(Layer(node, node.inputs[0].name, node.inputs[1].name, transposed))
-        elif options.quantize_embeddings and is_op(node, "Gather") and not _int_attribute(node, "axis"):
+        elif options.quantize_embeddings and is_op(node, "Gather") and not node.attributes.get_int("axis", 0):
             array = constant_array(node.inputs[0])
             if array is not None and array.ndim == 2 and array.dtype == np.float32:
                 layers.append(Layer(node, None, node.inputs[0].name, True))
@@ -122,15 +122,10 @@ def find_layers(model: ir.Model, options: WeightOnlyOptions) -> list[Layer]:
     return layers
 
 
-def _int_attribute(node: ir.Node, name: str) -> int:
-    attribute = node.attributes.get(name)
-    return int(attribute.value) if attribute is not None else 0
-
-
 def _plain_gemm(node: ir.Node) -> bool:
-    alpha, beta = node.attributes.get("alpha"), node.attributes.get("beta")
-    return (not _int_attribute(node, "transA") and (alpha is None or alpha.value == 1.0)
-            and (beta is None or beta.value == 1.0))
+    attributes = node.attributes
+    return (not attributes.get_int("transA", 0) and attributes.get_float("alpha", 1.0) == 1.0
+            and attributes.get_float("beta", 1.0) == 1.0)
 
 
 def open_batches(data, options: WeightOnlyOptions) -> list[Mapping[str, np.ndarray]]:
