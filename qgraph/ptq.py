@@ -207,12 +207,7 @@ def compute_parameters(
     per_channel: bool,
     weight_method: str,
 ) -> dict[str, QuantParams]:
-    parameters: dict[str, QuantParams] = {}
-    for tensor in plan.activations:
-        if tensor not in ranges:
-            continue
-        low, high = ranges[tensor]
-        parameters[tensor] = compute_quant_params(plan.activation_spec_of(tensor), low, high)
+    parameters: dict[str, QuantParams] = plan.activation_parameters(ranges)
     # weights may live in If branches (their own initializers) as well as in the main graph
     initializers = {name: value for graph in model.graphs() for name, value in graph.initializers.items()}
     for weight in plan.weights:
@@ -297,16 +292,13 @@ def quantize(
     parameters = compute_parameters(model, plan, calibration.ranges, per_channel=per_channel,
                                     weight_method=options.weight_method)
     range_check = None
-    if checking:
-        def parameters_of(ranges):
-            return compute_parameters(model, plan, ranges, per_channel=per_channel,
-                                      weight_method=options.weight_method)
-
-        checked, range_check = check_ranges(model, plan, calibration, kept, parameters_of,
+    if checking:  # the weights' parameters stay; only activation ranges are checked
+        checked, range_check = check_ranges(model, plan, calibration, kept, parameters,
                                             method=options.calibration.method, threads=options.calibration.threads,
                                             batch_axes=batch_axes)
         if checked is not calibration:
-            calibration, parameters = checked, parameters_of(checked.ranges)
+            calibration = checked
+            parameters = {**parameters, **plan.activation_parameters(checked.ranges)}
     fallback = None
     if options.min_sqnr is not None and plan.activations:
         plan, parameters, calibration, fallback = _fall_back(model, rules, plan, parameters, calibration, kept,

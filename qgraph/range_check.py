@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -140,7 +140,7 @@ def check_ranges(
     plan: QuantPlan,
     calibration: CalibrationResult,
     batches: Sequence[Mapping[str, np.ndarray]],
-    parameters_of: Callable[[Ranges], Mapping[str, QuantParams]],
+    parameters: Mapping[str, QuantParams],
     *,
     method: str,
     threads: int | None = None,
@@ -150,7 +150,8 @@ def check_ranges(
 ) -> tuple[CalibrationResult, RangeCheck | None]:
     """The calibration with the ranges the rule above writes, and what it measured (None: nothing to check).
 
-    ``parameters_of`` turns activation ranges into the plan's quantization parameters (weights included); the
+    ``parameters`` are the plan's quantization parameters from ``calibration`` (weights included: they stay, each
+    measurement replaces the activations' from the ranges it tries); the
     first ``samples`` of ``batches`` (samples along ``batch_axes``) are measured, through optimised sessions (the
     float reference and the integer kernels that the QDQ candidates lower to in onnxruntime, as deployed);
     ``model`` is left as it is."""
@@ -172,7 +173,8 @@ def check_ranges(
     reference = OutputComparison(proto, batches, threads=threads, optimize=True).outputs()
 
     def measure(ranges: Ranges) -> float:
-        return OutputComparison(_qdq_model(proto, plan, parameters_of(ranges)), batches, threads=threads,
+        candidate = {**parameters, **plan.activation_parameters(ranges)}
+        return OutputComparison(_qdq_model(proto, plan, candidate), batches, threads=threads,
                                 optimize=True).sqnr(reference)
 
     minmax_ranges = merge_group_ranges({**calibration.ranges, **extremes}, plan)

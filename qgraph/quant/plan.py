@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 
+from qgraph.quant.spec import compute_quant_params
+
 
 @dataclasses.dataclass(frozen=True)
 class WeightPlan:
@@ -58,6 +60,11 @@ class QuantPlan:
 
     def weight_spec_of(self, weight: str):
         return self.weight_overrides.get(weight, self.weight_spec)
+
+    def activation_parameters(self, ranges: Mapping[str, tuple[float, float]]) -> dict:
+        """The quantization parameters of every planned activation that ``ranges`` holds: {tensor: QuantParams}."""
+        return {tensor: compute_quant_params(self.activation_spec_of(tensor), *ranges[tensor])
+                for tensor in self.activations if tensor in ranges}
 
     def group_of(self, tensor: str) -> frozenset[str]:
         for group in self.groups:
