@@ -57,11 +57,13 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 
+import networkx as nx
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from qgraph.errors import QGraphError, require_at_least
+from qgraph.ir.values import is_op
 from qgraph.latency import LatencyOptions, LatencyTable, measure_latency
 
 logger = logging.getLogger(__name__)
@@ -327,8 +329,7 @@ def _touches_quantization(node: ir.Node) -> bool:
     once lowered, or sits on its border)."""
     if node.op_type in _QUANTIZE_OPS:
         return False
-    reads = any(value is not None and value.producer() is not None and value.producer().op_type == "DequantizeLinear"
-                for value in node.inputs)
+    reads = any(value is not None and is_op(value.producer(), "DequantizeLinear") for value in node.inputs)
     return reads or any(reader.op_type == "QuantizeLinear" for value in node.outputs for reader, _ in value.uses())
 
 
@@ -343,48 +344,34 @@ def find_integer_regions(model: ir.Model) -> dict[str, frozenset[str]]:
     computes as the FP32 model does, no Q/DQ left at its border. A model whose integer nodes form one region (a
     CNN) has one; a stream model with float recurrent layers between its integer parts (the VAD's Conv1d front end,
     its decoder) has several."""
-    graph = model.graph
-    parent: dict[str, str] = {}
-
-    def find(name: str) -> str:
-        while parent[name] != name:
-            parent[name] = parent[parent[name]]
-            name = parent[name]
-        return name
-
-    def union(first: str, second: str) -> None:
-        parent[find(first)] = find(second)
-
-    touched = [node for node in graph if _touches_quantization(node)]
-    names = {node.name for node in touched}
-    for node in touched:
-        parent.setdefault(node.name, node.name)
+    touched = [node for node in model.graph if _touches_quantization(node)]
+    links = nx.Graph()
+    links.add_nodes_from(node.name for node in touched)
     for node in touched:
         for value in node.outputs:
             for reader, _ in value.uses():
-                if reader.name in names:
-                    union(node.name, reader.name)
-                elif reader.op_type == "QuantizeLinear":
-                    for dequantize, _ in reader.outputs[0].uses():
-                        if dequantize.op_type != "DequantizeLinear":
-                            continue
-                        for dequantized_reader, _ in dequantize.outputs[0].uses():
-                            if dequantized_reader.name in names:
-                                union(node.name, dequantized_reader.name)
+                if reader.op_type == "QuantizeLinear":  # through Q -> DQ to the readers of the dequantized tensor
+                    links.add_edges_from((node.name, dequantized_reader.name)
+                                         for dequantize, _ in reader.outputs[0].uses()
+                                         if dequantize.op_type == "DequantizeLinear"
+                                         for dequantized_reader, _ in dequantize.outputs[0].uses())
+                else:
+                    links.add_edge(node.name, reader.name)
         for value in node.inputs:  # readers of one DQ (of a graph input, say) belong together
             producer = value.producer() if value is not None else None
-            if producer is not None and producer.op_type == "DequantizeLinear":
-                for reader, _ in producer.outputs[0].uses():
-                    if reader.name in names:
-                        union(node.name, reader.name)
-    members: dict[str, list[ir.Node]] = {}
-    for node in touched:
-        members.setdefault(find(node.name), []).append(node)
+            if is_op(producer, "DequantizeLinear"):
+                links.add_edges_from((node.name, reader.name) for reader, _ in producer.outputs[0].uses())
+    links = links.subgraph(node.name for node in touched)  # edges to nodes that touch no quantization drop out
+    component_of = {name: index for index, component in enumerate(nx.connected_components(links))
+                    for name in component}
+    members: dict[int, list[ir.Node]] = {}
+    for node in touched:  # graph order: regions by their first node, each region's nodes in order
+        members.setdefault(component_of[node.name], []).append(node)
     regions: dict[str, frozenset[str]] = {}
     for nodes in members.values():
         weighted = [node for node in nodes if any(
-            (dequantize := value.producer()) is not None and dequantize.op_type == "DequantizeLinear"
-            and dequantize.inputs[0] is not None and dequantize.inputs[0].const_value is not None
+            is_op(value.producer(), "DequantizeLinear") and value.producer().inputs[0] is not None
+            and value.producer().inputs[0].const_value is not None
             for value in node.inputs if value is not None)]
         regions[f"region:{(weighted or nodes)[0].name}"] = frozenset(node.name for node in nodes)
     return regions
