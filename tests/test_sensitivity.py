@@ -119,6 +119,25 @@ def test_a_model_that_quantizes_fine_is_unchanged_by_the_default():
     assert not any(layer.fell_back for layer in table.layers)
 
 
+def test_a_model_that_meets_the_bound_is_measured_once_without_the_switchable_graph(monkeypatch):
+    model, batches = residual_cnn(), calibration_batches()
+
+    def refuse(*arguments, **keywords):
+        raise AssertionError("the switchable graph was built for a model that meets the bound")
+
+    monkeypatch.setattr(sensitivity, "build_switchable_model", refuse)
+    analysis = _quantize(model, batches, lower=False).sensitivity
+    assert analysis.bound_met and analysis.fell_back == () and analysis.layers == ()
+    assert analysis.runs == 2 * analysis.batches  # the FP32 model and the QDQ graph, once per retained batch
+    # the fused integer kernels' SQNR is the fake-quantized graph's, within a fraction of a decibel
+    result = _quantize(model, batches, lower=False)
+    retained = batches[:analysis.batches]
+    assert abs(_output_sqnr(model, result.qdq_model, retained) - analysis.output_sqnr_db) < 0.5
+    # a bound just above what the model reaches: the full search runs (and here finds the switchable graph refused)
+    with pytest.raises(AssertionError, match="switchable graph"):
+        _quantize(model, batches, lower=False, min_sqnr=analysis.output_sqnr_db + 0.1)
+
+
 def test_min_sqnr_off_disables_the_analysis():
     result = _quantize(outlier_mlp(), feature_batches(), min_sqnr=None)
     assert result.sensitivity is None
