@@ -21,6 +21,15 @@ A time budget (``budget_seconds``) bounds what a measurement costs: the first ro
 the number of rounds set so that all rounds of that batch size fit in its share of the budget, never fewer than
 ``min_rounds`` nor more than ``rounds`` (the warm-up runs and the sessions' creation come on top).
 
+A *stopping rule* (``stop``) ends a batch size's rounds earlier, once what the caller wants to know is settled: after
+every round from ``min_rounds`` on it is given the batch size, each model's run times so far and the rounds planned
+(see :func:`qgraph.speed_choice.stopping_rule`: every ordering the choice asks about is clear by a margin). The
+rounds it spares could not change the answer: a model at 2.8× FP32 needs no fifty rounds to show it is faster.
+
+A *session pool* (:class:`SessionPool`) keeps the sessions of one caller's measurements, each built and warmed up
+once per batch size: a choice that times FP32 and its best candidate again in every table pays their sessions and
+warm-up runs once.
+
 Inputs are seeded random tensors matching each model's input signature, with every symbolic dimension set to the
 batch size (see :func:`qgraph.runtime.random_inputs`); integer inputs hold small values.
 """
@@ -32,7 +41,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -58,6 +67,9 @@ class LatencyOptions:
     budget_seconds: float | None = None
     #: Rounds run whatever the budget says (the quartiles need a few).
     min_rounds: int = 3
+    #: Measure the largest batch size first (the table keeps the order of ``batch_sizes``): its few costly rounds can
+    #: settle a stopping rule's question for the cheap batch sizes after it.
+    largest_first: bool = False
 
     def __post_init__(self) -> None:
         if self.threads < 1:
@@ -130,17 +142,40 @@ def _session(model: ModelSource, threads: int):
     return runtime.create_session(model, optimize=True, threads=threads, spinning=False)
 
 
+#: A stopping rule: given a batch size, each model's run times so far at it and the rounds planned for it, whether
+#: its rounds can end now (asked after every round from ``min_rounds`` on).
+StoppingRule = Callable[[int, Mapping[str, Sequence[float]], int], bool]
+
+
+class SessionPool:
+    """Sessions kept across measurements under the models' names, each warmed up once per batch size.
+
+    A name stands for one model: a pooled session is reused whatever model is passed again under its name."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, object] = {}
+        self.warmed: set[tuple[str, int]] = set()
+
+    def session(self, name: str, model: ModelSource, threads: int):
+        if name not in self.sessions:
+            self.sessions[name] = _session(model, threads)
+        return self.sessions[name]
+
+
 def measure_latency(
     models: Mapping[str, ModelSource],
     options: LatencyOptions | None = None,
     *,
     reference: str | None = None,
     feeds: Mapping[int, Mapping[str, np.ndarray]] | None = None,
+    stop: StoppingRule | None = None,
+    pool: SessionPool | None = None,
 ) -> LatencyTable:
     """Latency of each of ``models`` (name -> model) at each of ``options.batch_sizes``, in alternating rounds.
 
     ``reference`` (the first model by default) is what speed-ups are taken against. ``feeds`` (batch size -> input
-    feeds) replaces the seeded random inputs; all models must take the same inputs.
+    feeds) replaces the seeded random inputs; all models must take the same inputs. ``stop`` ends a batch size's
+    rounds once it says so (from ``min_rounds`` on); ``pool`` keeps the sessions for later measurements.
     """
     options = options or LatencyOptions()
     if not models:
@@ -148,15 +183,20 @@ def measure_latency(
     reference = reference or next(iter(models))
     if reference not in models:
         raise QGraphError(f"the reference {reference!r} is not one of the models measured")
-    sessions = {name: _session(model, options.threads) for name, model in models.items()}
+    pool = pool if pool is not None else SessionPool()
+    sessions = {name: pool.session(name, model, options.threads) for name, model in models.items()}
     shuffler = random.Random(options.seed)
     samples: dict[int, dict[str, tuple[float, ...]]] = {}
-    for batch_size in options.batch_sizes:
+    order = sorted(options.batch_sizes, reverse=True) if options.largest_first else options.batch_sizes
+    for batch_size in order:
         batch_feeds = dict(feeds[batch_size]) if feeds is not None else runtime.random_inputs(
             sessions[reference], seed=options.seed, batch=batch_size)
-        for session in sessions.values():
+        for name, session in sessions.items():
+            if (name, batch_size) in pool.warmed:
+                continue
             for _ in range(options.warmup):
                 session.run(None, batch_feeds)
+            pool.warmed.add((name, batch_size))
         times: dict[str, list[float]] = {name: [] for name in sessions}
         rounds = options.rounds
         completed = 0
@@ -170,10 +210,14 @@ def measure_latency(
             completed += 1
             if completed == 1:  # the first round tells what a round costs
                 rounds = options.rounds_within_budget(sum(values[0] for values in times.values()))
+            if stop is not None and completed >= options.min_rounds and stop(batch_size, times, rounds):
+                if completed < rounds:
+                    logger.debug("batch %d: settled after %d of %d rounds", batch_size, completed, rounds)
+                break
         samples[batch_size] = {name: tuple(values) for name, values in times.items()}
-        logger.info("batch %d: %s", batch_size, ", ".join(
-            f"{name} {np.median(values) * 1e3:.2f} ms" for name, values in times.items()))
-    return LatencyTable(reference, samples, options.threads)
+        logger.info("batch %d: %s (%d rounds)", batch_size, ", ".join(
+            f"{name} {np.median(values) * 1e3:.2f} ms" for name, values in times.items()), completed)
+    return LatencyTable(reference, {size: samples[size] for size in options.batch_sizes}, options.threads)
 
 
 def describe_table(table: LatencyTable, names: Sequence[str] | None = None) -> list[str]:

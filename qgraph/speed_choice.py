@@ -47,7 +47,20 @@ or, when an integer model was asked for whatever its speed, the fastest integer 
 Cost: every measurement is one :func:`qgraph.latency.measure_latency` table (FP32 and the formats; then FP32, the
 best format and one candidate per region class present and per integer region tried; then, when two or more were
 taken, their combination; then, only when still slower than FP32, the rescue; then, only near or below 1×, the
-confirmation), each bounded by the latency options' budget, plus one session and one lowering per candidate.
+confirmation), each bounded by the latency options' budget, plus one session and one lowering per candidate: the
+sessions are pooled (:class:`qgraph.latency.SessionPool`), so FP32 and the best candidate, timed again in each
+table, are built and warmed up once.
+
+**Stopping rule.** A table asks a few *questions* (:class:`Question`): is a challenger clearly faster than the best
+so far (a format, a region class kept FP32), is the best's speed-up over FP32 beyond ``1 - tolerance`` and
+``1 + confirm_band`` (only in the table that gives the verdict), and, at the first batch size, is a trial at least as
+fast as the best (the rescue's test, moot once the best is settled above ``1 + confirm_band``). A batch size's rounds
+end once every question is :func:`settled`: each paired ratio beyond its thresholds by the factor ``1 + settle_band``
+on one side, or a challenger that lost more rounds than the planned rounds allow a three-in-four win (then at every
+later batch size too: the largest batch size is measured first, and its two costly rounds often end the question
+for batch 1's many cheap ones). Settled questions get the same answer with more rounds, within the band; near a
+threshold every planned round runs, and the rescue and the confirmation tables always run theirs. On ResNet-18
+(224×224, batch 1 and 16) the two tables take 2 and 4 rounds per batch size instead of 2 and 20–50.
 """
 
 from __future__ import annotations
@@ -64,7 +77,7 @@ import onnx_ir as ir
 
 from qgraph.errors import QGraphError, require_at_least
 from qgraph.ir.values import is_op
-from qgraph.latency import LatencyOptions, LatencyTable, measure_latency
+from qgraph.latency import LatencyOptions, LatencyTable, SessionPool, StoppingRule, measure_latency
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +118,11 @@ class SpeedChoiceOptions:
     #: A chosen integer candidate less than ``1 + confirm_band`` times as fast as FP32 (or slower) is timed once more
     #: beside FP32 alone, and the verdict taken on every run of the two (noise decides near 1×).
     confirm_band: float = 0.1
+    #: The stopping rule (:func:`stopping_rule`): a batch size's rounds end once every question of the table is
+    #: settled, each paired ratio beyond its thresholds by this factor (None: every planned round is run).
+    settle_band: float | None = 0.05
+    #: Rounds a batch size runs at least before the stopping rule may end it.
+    settle_rounds: int = 4
 
     def __post_init__(self) -> None:
         unknown = set(self.region_classes) - set(REGION_CLASSES)
@@ -115,6 +133,9 @@ class SpeedChoiceOptions:
         if self.margin < 0 or not 0 <= self.tolerance < 1:
             raise QGraphError(f"margin must be >= 0 and tolerance in [0, 1), got {self.margin}, {self.tolerance}")
         require_at_least("confirm_band", self.confirm_band, 0)
+        if self.settle_band is not None:
+            require_at_least("settle_band", self.settle_band, 0)
+        require_at_least("settle_rounds", self.settle_rounds, 1)
         require_at_least("max_regions", self.max_regions, 0)
 
 
@@ -443,6 +464,67 @@ def _selected_integer_regions(model: ir.Model, classes: Mapping[str, frozenset[s
     return {name: found[name] for name in ordered[:limit]}, every
 
 
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """What a table is asked about ``model`` against ``reference``: is its speed-up (``t_reference / t_model``) at
+    least each of ``thresholds``; a ``challenger`` is asked whether it is clearly faster (:func:`_clearly_faster`:
+    it must also win three rounds in four)."""
+
+    model: str
+    reference: str
+    thresholds: tuple[float, ...] = ()
+    challenger: bool = False
+    #: A question that makes this one moot once it is settled above all its thresholds.
+    unless: Question | None = None
+
+
+def _ratios(question: Question, times: Mapping[str, Sequence[float]]) -> np.ndarray:
+    return np.asarray(times[question.reference], float) / np.asarray(times[question.model], float)
+
+
+def settled(question: Question, times: Mapping[str, Sequence[float]], planned: int, band: float) -> bool:
+    """Whether more rounds cannot change the answer to ``question``, from the run times so far.
+
+    A threshold ``θ`` is settled when every round's paired ratio ``r_i`` lies beyond it by the factor ``1 + band``
+    on one side (all ``r_i ≥ θ·(1 + band)`` or all ``r_i ≤ θ / (1 + band)``). A challenger is settled as well once
+    it has lost more rounds (``r_i < 1``) than the ``planned`` rounds allow a lower quartile of at least 1 (at most
+    ``⌊(planned − 1) / 4⌋``): it can no longer be clearly faster, whatever the other rounds give. A question with
+    ``unless`` is settled once that one's every paired ratio is beyond all its thresholds by ``1 + band`` above."""
+    if question.unless is not None and all(bool(np.all(_ratios(question.unless, times) >= threshold * (1 + band)))
+                                           for threshold in question.unless.thresholds):
+        return True
+    if _lost_too_often(question, times, planned):
+        return True
+    ratios = _ratios(question, times)
+    return all(bool(np.all(ratios >= threshold * (1 + band)) or np.all(ratios <= threshold / (1 + band)))
+               for threshold in question.thresholds)
+
+
+def _lost_too_often(question: Question, times: Mapping[str, Sequence[float]], planned: int) -> bool:
+    """A challenger that lost more rounds than ``planned`` rounds allow a lower quartile of at least 1."""
+    return question.challenger and int(np.sum(_ratios(question, times) < 1.0)) > (planned - 1) // 4
+
+
+def stopping_rule(questions: Sequence[Question], band: float, minimum_rounds: int,
+                  first_questions: Sequence[Question] = (), first_batch_size: int | None = None) -> StoppingRule:
+    """A :data:`qgraph.latency.StoppingRule`: the rounds of a batch size end once at least ``minimum_rounds`` ran and
+    every one of ``questions`` is :func:`settled` (and at ``first_batch_size`` every one of ``first_questions``).
+
+    A challenger that lost too often at one batch size cannot be clearly faster (that needs every batch size): it
+    stays settled at the batch sizes measured after it (with ``largest_first``, the costly rounds of the largest
+    batch size spare the many cheap ones of batch 1)."""
+    beaten: set[Question] = set()
+
+    def stop(batch_size: int, times: Mapping[str, Sequence[float]], planned: int) -> bool:
+        beaten.update(question for question in questions if _lost_too_often(question, times, planned))
+        if min(len(values) for values in times.values()) < minimum_rounds:
+            return False
+        asked = [*questions, *(first_questions if batch_size == first_batch_size else ())]
+        return all(question in beaten or settled(question, times, planned, band) for question in asked)
+
+    return stop
+
+
 def _pooled_speedups(tables: Sequence[LatencyTable], name: str) -> dict[int, float]:
     """Fast-quartile speed-up of ``name`` over FP32 per batch size over the runs of every table that timed both (the
     rounds of each table pair them; a load that came and went in one table leaves the faster runs of the other)."""
@@ -455,23 +537,33 @@ def _pooled_speedups(tables: Sequence[LatencyTable], name: str) -> dict[int, flo
     return speedups
 
 
+def _harmless_questions(best: str, trials: Sequence[str], confirm_band: float) -> list[Question]:
+    """The first batch size's questions of a trial table beyond the challengers': is each trial at least as fast as
+    ``best`` (the rescue's test), asked only while ``best`` is not settled at ``1 + confirm_band`` over FP32 or
+    more (a best that fast leaves no rescue to run); see :func:`stopping_rule`."""
+    fast = Question(best, FLOAT, (1 + confirm_band,))
+    return [Question(name, best, (1.0,), unless=fast) for name in trials]
+
+
 def choose_speed(
     float_model: onnx.ModelProto,
     qdq_model: onnx.ModelProto,
     lower: Lowering | None,
     options: SpeedChoiceOptions | None = None,
     *,
-    measure: Measure = measure_latency,
+    measure: Measure | None = None,
     feeds: Mapping[int, Mapping[str, np.ndarray]] | None = None,
 ) -> SpeedChoice:
     """Measure the candidates built from ``qdq_model`` against ``float_model`` and return the fastest one that is
     not slower than FP32 (the FP32 model itself when none is, with a warning), with the measurements and the reason.
 
     ``lower`` is the target's lowering (:func:`target_lowering`; None when only QDQ is tried). ``measure`` times a
-    set of named models (:func:`qgraph.latency.measure_latency` by default); ``feeds`` (batch size -> inputs, for
-    every batch size of the latency options) replaces its seeded random inputs: real data where random shapes cannot
-    tell a symbolic length from the batch."""
+    set of named models (by default :func:`qgraph.latency.measure_latency`, with one session pool for all tables and
+    each table's :func:`stopping_rule`; a given ``measure`` runs without either); ``feeds`` (batch size -> inputs,
+    for every batch size of the latency options) replaces its seeded random inputs: real data where random shapes
+    cannot tell a symbolic length from the batch."""
     options = options or SpeedChoiceOptions()
+    pool = SessionPool() if measure is None else None
     graph_model = ir.serde.deserialize_model(qdq_model)
     regions = find_regions(graph_model, small_matmul_weights=options.small_matmul_weights)
     integer_regions, every_integer_node = _selected_integer_regions(
@@ -489,33 +581,54 @@ def choose_speed(
             candidates[candidate.name] = candidate
         return candidate.name
 
-    def measured(names: Sequence[str]) -> LatencyTable:
+    def measured(names: Sequence[str], questions: Sequence[Question] | None = None,
+                 first_questions: Sequence[Question] = ()) -> LatencyTable:
+        """One table of ``names``; with ``questions``, its rounds end once they are settled (see
+        :func:`stopping_rule`; ``first_questions`` count at the first batch size only)."""
         chosen = {name: built[name] for name in names}
-        if feeds is None:
+        if measure is None:
+            stop = None
+            if questions is not None and options.settle_band is not None:
+                stop = stopping_rule(questions, options.settle_band, options.settle_rounds, first_questions,
+                                     options.latency.batch_sizes[0])
+            latency = dataclasses.replace(options.latency, largest_first=stop is not None)
+            table = measure_latency(chosen, latency, reference=FLOAT, feeds=feeds, stop=stop, pool=pool)
+        elif feeds is None:
             table = measure(chosen, options.latency, reference=FLOAT)
         else:
             table = measure(chosen, options.latency, reference=FLOAT, feeds=feeds)
         tables.append(table)
         return table
 
+    near = (1 - options.tolerance, 1 + options.confirm_band)  # the speed-ups over FP32 the verdict turns on
+    clear = (1.0, 1 + options.margin)  # what a challenger must beat (_clearly_faster)
+
     def ratios(values: Mapping[int, float]) -> str:
         return "/".join(f"{value:.2f}×" for value in values.values())
 
     tables: list[LatencyTable] = []
     formats = [add(Candidate(output_format)) for output_format in options.formats]
-    table = measured([FLOAT, *formats])
+    trial_classes = [name for name in options.region_classes if regions[name]] + list(integer_regions)
+    # the formats' speed-ups over FP32 matter here only when no trial table follows (it measures the verdict)
+    table = measured([FLOAT, *formats],
+                     [Question(name, formats[0], clear, challenger=True) for name in formats[1:]]
+                     + ([] if trial_classes else [Question(name, FLOAT, near) for name in formats]))
     best = formats[0]  # the first format (the target's lowering) unless another is clearly faster
     for name in formats[1:]:
         if _clearly_faster(table, name, best, options.margin):
             best = name
     reasons = [f"{best} fastest of {', '.join(formats)}"]
-    trial_classes = [name for name in options.region_classes if regions[name]] + list(integer_regions)
     taken: list[str] = []
     harmless: list[str] = []  # trials that did not make the model slower at batch 1 (the first batch size)
     if trial_classes:
         base_format = candidates[best].format
         trials = {name: add(Candidate(base_format, (name,))) for name in trial_classes}
-        table = measured([FLOAT, best, *trials.values()])
+        # whether a trial is harmless at the first batch size matters only for a rescue, when the best so far may
+        # be slower than FP32; that is asked unless the best is settled well above it
+        table = measured([FLOAT, best, *trials.values()],
+                         [Question(best, FLOAT, near), *(Question(name, best, clear, challenger=True)
+                                                         for name in trials.values())],
+                         _harmless_questions(best, list(trials.values()), options.confirm_band))
         for region, name in trials.items():
             gains = _speedups(table, name, best)
             accepted = _clearly_faster(table, name, best, options.margin)
@@ -530,7 +643,9 @@ def choose_speed(
         elif len(taken) > 1:
             combined = add(Candidate(base_format, tuple(taken)))
             singles = [trials[region] for region in taken]
-            table = measured([FLOAT, best, *singles, combined])
+            table = measured([FLOAT, best, *singles, combined],
+                             [*(Question(name, FLOAT, near) for name in [*singles, combined]),
+                              *(Question(combined, name, (1.0,)) for name in singles)])
             best = max([combined, *singles], key=lambda name: _geometric_mean(list(_speedups(table, name, FLOAT)
                                                                                     .values())))
             reasons.append(f"{best} fastest of the combinations")

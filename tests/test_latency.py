@@ -62,3 +62,34 @@ def test_given_feeds_are_used_and_errors_are_clear():
         LatencyOptions(batch_sizes=(0,))
     with pytest.raises(QGraphError, match="threads"):
         LatencyOptions(threads=0)
+
+
+def test_a_stopping_rule_ends_the_rounds_and_a_pool_builds_and_warms_each_session_once(monkeypatch):
+    from qgraph import latency
+
+    built: list[str] = []
+    original = latency._session
+
+    def counting(model, threads):
+        built.append(model.graph.name + str(len(model.graph.node)))
+        return original(model, threads)
+
+    monkeypatch.setattr(latency, "_session", counting)
+    models = {"small": matmul_chain(64, 1), "large": matmul_chain(64, 8)}
+    asked: list[tuple[int, int, int]] = []
+
+    def stop(batch_size, times, planned):
+        asked.append((batch_size, len(times["small"]), planned))
+        return len(times["small"]) >= 3
+
+    options = LatencyOptions(batch_sizes=(1, 4), rounds=50, warmup=1, min_rounds=2, largest_first=True)
+    pool = latency.SessionPool()
+    table = measure_latency(models, options, stop=stop, pool=pool)
+    # the largest batch size is measured first, the table keeps the options' order; three rounds each, not fifty
+    assert table.batch_sizes == (1, 4)
+    assert [size for size, _, _ in asked] == [4, 4, 1, 1] and all(planned == 50 for _, _, planned in asked)
+    assert all(len(table.samples[size][name]) == 3 for size in (1, 4) for name in models)
+    assert len(built) == 2 and pool.warmed == {(name, size) for name in models for size in (1, 4)}
+    # a second measurement through the pool builds no session again; without a rule every round runs
+    again = measure_latency({"large": models["large"]}, LatencyOptions(batch_sizes=(4,), rounds=5), pool=pool)
+    assert len(built) == 2 and len(again.samples[4]["large"]) == 5

@@ -22,10 +22,13 @@ from qgraph.speed_choice import (
     QDQ,
     QOPERATOR,
     Candidate,
+    Question,
     SpeedChoiceOptions,
     build_candidate,
     choose_speed,
     find_regions,
+    settled,
+    stopping_rule,
 )
 from tests.speed_choice_fakes import TARGET_OPTIONS, fake_measure, lowering, ops
 
@@ -164,3 +167,42 @@ def test_a_real_measurement_chooses_a_model_that_runs():
         assert choice.tables[2].models == (FLOAT, choice.candidate.name) or choice.candidate.format == FLOAT
     session = runtime.create_session(choice.model)
     assert runtime.run(session, runtime.random_inputs(session))["logits"].shape == (1, 10)
+
+
+def test_a_clear_ordering_settles_and_a_close_one_does_not():
+    # FP32 three times as slow as QOperator in every round: settled on both sides of 1 and 1.1 after four rounds
+    clear = {FLOAT: [3.0, 3.2, 2.9, 3.1], QOPERATOR: [1.0, 1.1, 1.0, 1.0]}
+    assert settled(Question(QOPERATOR, FLOAT, (1.0, 1.1)), clear, planned=50, band=0.05)
+    assert settled(Question(FLOAT, QOPERATOR, (1.0, 1.1)), clear, planned=50, band=0.05)  # clearly slower
+    # a ratio inside the band around a threshold is not settled, more rounds might move it across
+    close = {FLOAT: [1.08, 1.12, 1.1, 1.09], QOPERATOR: [1.0, 1.0, 1.0, 1.0]}
+    assert not settled(Question(QOPERATOR, FLOAT, (1.0, 1.1)), close, planned=50, band=0.05)
+    assert settled(Question(QOPERATOR, FLOAT, (1.0,)), close, planned=50, band=0.05)
+    # a challenger even with its rival is not settled until it lost more rounds than a win in three of four allows
+    even = {QOPERATOR: [1.0] * 8, QDQ: [0.98, 1.02, 0.97, 1.03, 0.99, 1.01, 0.98, 1.02]}
+    challenger = Question(QDQ, QOPERATOR, (1.0, 1.03), challenger=True)
+    first_four = {name: values[:4] for name, values in even.items()}
+    assert not settled(challenger, first_four, planned=16, band=0.05)  # 2 losses: it could still win 13 of 16
+    assert settled(challenger, even, planned=16, band=0.05)  # 4 losses > (16 - 1) // 4: it cannot any more
+    assert not settled(challenger, even, planned=40, band=0.05)  # with 40 rounds planned it still could
+
+
+def test_the_stopping_rule_waits_for_its_rounds_and_remembers_a_beaten_challenger():
+    challenger = Question(QDQ, QOPERATOR, (1.0, 1.03), challenger=True)
+    verdict = Question(QOPERATOR, FLOAT, (1.0, 1.1))
+    harmless = Question(QDQ, QOPERATOR, (1.0,), unless=Question(QOPERATOR, FLOAT, (1.1,)))
+    stop = stopping_rule([challenger, verdict], band=0.05, minimum_rounds=3, first_questions=[harmless],
+                         first_batch_size=1)
+    # batch 16 first (largest_first): QDQ loses both of the two planned rounds, QOperator is 3x FP32
+    large = {FLOAT: [3.0, 3.0], QOPERATOR: [1.0, 1.0], QDQ: [1.2, 1.1]}
+    assert not stop(16, large, 2)  # fewer rounds than the rule's minimum
+    # batch 1: QDQ wins every round by 3%, but it was beaten at batch 16, so it cannot be clearly faster: settled; the
+    # harmless question is moot, QOperator being settled above 1.1x FP32
+    small = {FLOAT: [3.0, 3.1, 3.0], QOPERATOR: [1.0, 1.0, 1.0], QDQ: [0.97, 0.97, 0.97]}
+    assert stop(1, small, 40)
+    fresh = stopping_rule([challenger, verdict], band=0.05, minimum_rounds=3)
+    assert not fresh(1, small, 40)  # without batch 16's rounds the challenger is open
+    # a verdict near 1.1x keeps the rounds going
+    slow = {FLOAT: [1.1, 1.1, 1.1], QOPERATOR: [1.0, 1.0, 1.0], QDQ: [1.2, 1.2, 1.2]}
+    assert not stopping_rule([verdict], band=0.05, minimum_rounds=3)(1, slow, 40)
+    assert stopping_rule([challenger], band=0.05, minimum_rounds=3)(1, slow, 40)
