@@ -284,7 +284,8 @@ def quantize(
     observed = dataclasses.replace(plan, activations=tuple(name for name in plan.activations if name not in fixed))
     if observed.activations:
         calibration = calibrate(model, observed, batches, options.calibration, progress=progress,
-                                batch_axes=batch_axes)
+                                batch_axes=batch_axes,
+                                keep_outputs=options.sensitivity_batches if options.min_sqnr is not None else 0)
     else:  # every quantized node quantizes its activations at run time: nothing to calibrate
         calibration = CalibrationResult({}, 0, 0, 0.0)
     calibration = dataclasses.replace(calibration, ranges={**calibration.ranges, **fixed})
@@ -486,7 +487,8 @@ def _fall_back(
         full_table=options.sensitivity_table, threads=options.calibration.threads,
     )
     steps = sensitivity.search(model, plan, parameters, batches, search_options,
-                               calibration_seconds=calibration.seconds, batch_axes=batch_axes)
+                               calibration_seconds=calibration.seconds, batch_axes=batch_axes,
+                               reference_outputs=calibration.outputs)
     ranges: Mapping[str, tuple[float, float]] = calibration.ranges
     try:
         excluded = next(steps)

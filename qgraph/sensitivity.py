@@ -39,11 +39,13 @@ measure the same thing, but measured on the OCR stand-in (:mod:`qgraph.models.pa
 session ran it slower (2.8 s against 2.0 s per batch of 16: its layout changes around every ``Where``).
 
 **The common case first.** Most models meet the bound fully quantized, and then only that one number is needed: the
-FP32 model and the fully quantized QDQ graph run on the retained batches in optimised sessions (onnxruntime fuses the
-Q/DQ pairs into its integer kernels, as the written model runs), about one and a third FP32 passes over those
-batches; when this SQNR is at least the bound plus ``RANKING_MARGIN_DB`` the search ends there, without the
-switchable graph (on ResNet-18 at 224×224, batch 16: 0.6 s against 4.2 s for the set-up below). Otherwise, or with
-``full_table``, the search below runs, on the same FP32 outputs.
+fully quantized QDQ graph runs on the retained batches in an optimised session (onnxruntime fuses the Q/DQ pairs into
+its integer kernels, as the written model runs), against the FP32 outputs that the calibration's probe runs returned
+for those batches (:attr:`~qgraph.calibrate.driver.CalibrationResult.outputs`; an optimised FP32 session computes
+them when they are missing); when this SQNR is at least the bound plus ``RANKING_MARGIN_DB`` the search ends there,
+without the switchable graph (on ResNet-18 at 224×224, batch 16: about a third of an FP32 pass over two batches,
+against 4.2 s for the set-up below). Otherwise, or with ``full_table``, the search below runs, on the same FP32
+outputs.
 
 **Verification.** The driver re-plans with the candidates excluded (:mod:`qgraph.ptq`: a tensor that stays annotated
 keeps its range, a scale group keeps the union of its former ranges, a tensor annotated for the first time is
@@ -286,13 +288,50 @@ class _Clock:
         return False
 
 
-@dataclasses.dataclass(frozen=True)
 class _Reference:
-    """The FP32 model's outputs on the retained batches, the comparison (session) that made them, its seconds."""
+    """The FP32 model's float outputs on the retained batches: given (the calibration's probe runs returned them), or
+    computed in an optimised session, which is made only when asked for (:attr:`comparison`)."""
 
-    comparison: OutputComparison
-    outputs: list[list[np.ndarray]]
-    seconds: float
+    def __init__(self, model: ir.Model, batches: Sequence[Mapping[str, np.ndarray]], threads: int | None,
+                 given: Sequence[Mapping[str, np.ndarray]] = ()) -> None:
+        self.model = model
+        self.batches = batches
+        self.threads = threads
+        self._comparison: OutputComparison | None = None
+        self.output_names: list[str] | None = None
+        started = time.perf_counter()
+        names = _float_outputs(model)
+        if names is not None and len(given) >= len(batches) and all(
+                name in outputs for outputs in given[:len(batches)] for name in names):
+            self.output_names = names
+            self.outputs = [[np.asarray(outputs[name]) for name in names] for outputs in given[:len(batches)]]
+            self.feeds = [dict(batch) for batch in batches]
+            self.given = True
+        else:
+            self.output_names = list(self.comparison.output_names)
+            self.outputs = self.comparison.outputs()
+            self.feeds = self.comparison.feeds
+            self.given = False
+        self.seconds = time.perf_counter() - started
+
+    @property
+    def comparison(self) -> OutputComparison:
+        """The FP32 model's optimised session on the retained batches (made on first use)."""
+        if self._comparison is None:
+            self._comparison = _optimized_comparison(ir.serde.serialize_model(self.model), self.batches,
+                                                     self.threads, self.output_names)
+        return self._comparison
+
+
+_FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16})
+
+
+def _float_outputs(model: ir.Model) -> list[str] | None:
+    """The names of the model's float outputs (what :class:`OutputComparison` compares), None when an output's type
+    is not stated."""
+    if any(value.dtype is None for value in model.graph.outputs):
+        return None
+    return [value.name for value in model.graph.outputs if value.dtype in _FLOAT_TYPES]
 
 
 def _optimized_comparison(proto, batches: Sequence[Mapping[str, np.ndarray]], threads: int | None,
@@ -306,21 +345,13 @@ def _optimized_comparison(proto, batches: Sequence[Mapping[str, np.ndarray]], th
         return OutputComparison(proto, batches, threads=threads, output_names=output_names)
 
 
-def _float_reference(model: ir.Model, batches: Sequence[Mapping[str, np.ndarray]],
-                     threads: int | None) -> _Reference:
-    started = time.perf_counter()
-    comparison = _optimized_comparison(ir.serde.serialize_model(model), batches, threads)
-    return _Reference(comparison, comparison.outputs(), time.perf_counter() - started)
-
-
 def quick_output_sqnr(model: ir.Model, plan: QuantPlan, parameters: Mapping[str, object], reference: _Reference,
                       threads: int | None = None) -> float:
     """The fully quantized model's output SQNR on the retained batches, from its QDQ graph in an optimised session
     (onnxruntime fuses the Q/DQ pairs into its integer kernels, as the written model runs): the search's first
     question, answered in about a third of an FP32 pass over the retained batches, without the switchable graph."""
     qdq = ir.serde.serialize_model(build_qdq(model, plan, parameters))
-    batches = reference.comparison.feeds
-    comparison = _optimized_comparison(qdq, batches, threads, output_names=reference.comparison.output_names)
+    comparison = _optimized_comparison(qdq, reference.feeds, threads, output_names=reference.output_names)
     return comparison.sqnr(reference.outputs)
 
 
@@ -338,10 +369,10 @@ class _Search:
         self.runs = 0
         self.verifications = 0
         count = len(self.layers)
-        self.output_names = reference.comparison.output_names
+        self.output_names = reference.output_names
         self.reference = reference.outputs
         reference_seconds = reference.seconds
-        reference = reference.comparison
+        reference = reference.comparison  # the ranking subset's reference runs in it
         self.batch_axes = batch_axes
         self.ranking_feeds = [first_samples(batches[0], options.ranking_samples, batch_axes)]
         reference.feeds = [{name: feeds[name] for name in reference.feeds[0]} for feeds in self.ranking_feeds]
@@ -590,8 +621,13 @@ def search(
     *,
     calibration_seconds: float = 0.0,
     batch_axes: BatchAxes | None = None,
+    reference_outputs: Sequence[Mapping[str, np.ndarray]] = (),
 ) -> Search:
     """Measure ``plan`` against ``options.min_sqnr`` and, when it misses, fall back within the budget.
+
+    ``reference_outputs``: the FP32 model's outputs (name -> array) on the first of ``batches`` when the caller has
+    them (the calibration's probe runs, :attr:`qgraph.calibrate.driver.CalibrationResult.outputs`); otherwise an
+    optimised session computes them.
 
     A generator: each set of nodes it yields is a fallback to verify, and the driver sends back its plan with those
     nodes in FP32 (see the module docstring) as ``(plan, parameters, extra)``; the search measures it as a real QDQ
@@ -606,19 +642,20 @@ def search(
     bound = options.min_sqnr
     with Progress(None, "sensitivity search", unit="steps") as bar:
         bar.update(note="reference")
-        reference = _float_reference(model, batches, options.threads)
+        reference = _Reference(model, batches, options.threads, reference_outputs)
         if not options.full_table:  # the common case first: the fully quantized model meets the bound
             bar.update(note="fully quantized")
             quick_db = quick_output_sqnr(model, plan, parameters, reference, options.threads)
             if quick_db >= bound + RANKING_MARGIN_DB:
                 logger.info("output SQNR of the fully quantized model: %.1f dB (bound %g dB)", quick_db, bound)
+                runs = len(batches) * (1 if reference.given else 2)
                 result = SensitivityResult(bound, quick_db, quick_db, (), (), len(batches),
-                                           time.perf_counter() - started, 2 * len(batches), 0, budget, False)
+                                           time.perf_counter() - started, runs, 0, budget, False)
                 return SearchOutcome(plan, parameters, None, result)
             logger.debug("fully quantized (fused kernels): %.1f dB, within %.1f dB of the bound or below: searching",
                          quick_db, RANKING_MARGIN_DB)
         state = _Search(model, plan, parameters, batches, options, clock, bar, batch_axes, reference=reference)
-        state.runs += len(batches) * (1 if options.full_table else 2)
+        state.runs += len(batches) * ((0 if reference.given else 1) + (0 if options.full_table else 1))
         logger.info("output SQNR of the fully quantized model: %.1f dB (bound %g dB)", state.whole_db, bound)
         needed = state.whole_db < bound
         chosen = (plan, parameters, None, 0, state.whole_db)

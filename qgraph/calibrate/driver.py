@@ -77,6 +77,10 @@ class CalibrationResult:
     #: :func:`qgraph.calibrate.observers.histogram_ranges.expected_squared_error`) with the method's range and with
     #: its extremes, ``(method, minmax)``: how much worse than min-max the method's range is on the tensor itself.
     range_errors: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    #: With ``keep_outputs=n``: the model's outputs (name -> array) on each of the first ``n`` batches, from the
+    #: probe runs that observed them (the FP32 reference that the sensitivity search compares against, for free);
+    #: fewer when a batch was cut to ``samples``, and an output the probe returns in a blocked layout is left out.
+    outputs: tuple[Mapping[str, np.ndarray], ...] = ()
 
 
 def build_probe(model: ir.Model, tensors: Iterable[str]) -> onnx.ModelProto:
@@ -187,16 +191,19 @@ def calibrate(
     *,
     progress: Callable[[int], None] | None = None,
     batch_axes: BatchAxes | None = None,
+    keep_outputs: int = 0,
 ) -> CalibrationResult:
     """Observe every activation of ``plan`` over ``batches``; ``progress`` receives the samples of each batch.
 
     ``batch_axes`` says along which axis each input holds a batch's samples (see :func:`batch_samples`): it counts
-    the samples and cuts the last batch at ``config.samples``.
+    the samples and cuts the last batch at ``config.samples``. ``keep_outputs``: return the model's outputs on
+    that many first batches too (:attr:`CalibrationResult.outputs`).
     """
     config = config or CalibrationConfig()
     tensors, aliases, observers, probe = _observation_setup(model, plan, config)
     input_names = list(probe.inputs)
     seen: set[str] = set()
+    outputs: list[dict[str, np.ndarray]] = []
     start = time.perf_counter()
     workers = observer_threads(config.threads)
     with contextlib.ExitStack() as stack:
@@ -205,7 +212,7 @@ def calibrate(
         executor = stack.enter_context(
             concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qgraph-observe"))
         samples, batches_seen = _stream(probe, input_names, batches, config, executor, workers, observers, seen,
-                                        progress, batch_axes)
+                                        progress, batch_axes, outputs if keep_outputs > 0 else None, keep_outputs)
         if samples == 0:
             raise DataError("the calibration set is empty: no sample reached the model")
         unseen = [tensor for tensor in tensors if tensor not in seen]
@@ -221,7 +228,8 @@ def calibrate(
     seconds = end - start
     logger.info("calibrated %d tensors on %d samples in %.1fs (%s)", len(plan.activations), samples, seconds,
                 config.method)
-    return CalibrationResult(ranges, samples, batches_seen, seconds, end - ranges_start, extremes, errors)
+    return CalibrationResult(ranges, samples, batches_seen, seconds, end - ranges_start, extremes, errors,
+                             tuple(outputs))
 
 
 def _derive_ranges(observers: Mapping[str, object], aliases: Mapping[str, str], plan: QuantPlan,
@@ -330,25 +338,33 @@ def _stream(
     seen: set[str],
     progress: Callable[[int], None] | None,
     batch_axes: BatchAxes | None = None,
+    outputs: list[dict[str, np.ndarray]] | None = None,
+    keep_outputs: int = 0,
 ) -> tuple[int, int]:
     """Each batch through the probe, then its activations through the observers; returns (samples, batches).
 
-    ``seen`` collects the tensors observed (If branches run only on the batches that take them).
+    ``seen`` collects the tensors observed (If branches run only on the batches that take them). ``outputs``
+    receives the model's outputs on the first ``keep_outputs`` batches, as long as none is cut.
     """
     samples = batches_seen = 0
     for batch in batches:
         feeds = {name: batch[name] for name in input_names}
         # each input counts its samples along its own batch axis; a scalar control input (an If's flag) has none
         count = batch_samples(feeds, batch_axes)
+        whole = True
         if config.samples is not None and samples + count > config.samples:
             keep = config.samples - samples
             feeds = first_samples(feeds, keep, batch_axes)
-            count = keep
+            count, whole = keep, False
         if count <= 0:
             break
         _check_finite(feeds, batches_seen)
         # graph inputs come straight from the feeds; If branches run only when the batch took them
-        activations = probe.run(feeds)
+        if outputs is not None and whole and len(outputs) == batches_seen < keep_outputs:
+            outputs.append({})
+            activations = probe.run(feeds, outputs[-1])
+        else:
+            activations = probe.run(feeds)
         seen.update(tensor for tensor, _ in activations)
         _observe_in_parallel(executor, workers, observers, activations)
         del activations

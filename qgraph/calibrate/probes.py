@@ -57,17 +57,26 @@ class Probe:
     session_outputs: list[str] = dataclasses.field(default_factory=list)
     #: Tensors returned in onnxruntime's blocked layout (:mod:`qgraph.calibrate.blocked_outputs`): their channel count.
     blocked: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: The graph's own outputs (the main graph's: what the model computes), for :meth:`run`'s ``outputs``.
+    graph_outputs: list[str] = dataclasses.field(default_factory=list)
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+    def run(self, feeds: Mapping[str, np.ndarray],
+            outputs: dict[str, np.ndarray] | None = None) -> list[tuple[str, np.ndarray]]:
         """``(tensor, array)`` for every tensor observed in this probe and in the branches the batch took.
 
-        A tensor in ``blocked`` holds its values in another order than the plain tensor.
+        A tensor in ``blocked`` holds its values in another order than the plain tensor. ``outputs``, when given,
+        receives a copy of each of ``graph_outputs`` in its plain layout (one blocked is left out), from the same run.
         """
         available: dict[str, np.ndarray] = dict(feeds)
         names = [*(self.session_outputs or self.fetched)]
-        if names:
-            values = run_without_copies(self.session, names, feeds)
-            available.update(zip(self.fetched, values))
+        extra = [] if outputs is None else [name for name in self.graph_outputs
+                                            if name not in self.fetched and name not in available]
+        if names or extra:
+            values = run_without_copies(self.session, names + extra, feeds)
+            available.update(zip(self.fetched + extra, values))
+            if outputs is not None:
+                outputs.update((name, np.array(available[name])) for name in self.graph_outputs
+                               if name in available and name not in self.blocked)
             for tensor, channels in self.blocked.items():
                 shape = available[tensor].shape
                 if len(shape) < 2 or shape[1] != channels:  # padding channels would add zeros to its values
@@ -144,7 +153,9 @@ class _Builder:
                 continue
             proto.graph.output.append(known[name] if name in known else value_info(values[name]))
         fetched = [name for name in wanted if name not in inputs]
-        return self.probe(proto, inputs, fetched, sorted(observed, key=wanted.index), children)
+        probe = self.probe(proto, inputs, fetched, sorted(observed, key=wanted.index), children)
+        probe.graph_outputs = [value.name for value in graph.outputs if value is not None]
+        return probe
 
     def children_of(self, graph: ir.Graph) -> tuple[list[BranchProbe], list[str]]:
         """Branch probes of the Ifs directly in ``graph`` and the names ``graph`` must provide them."""

@@ -167,3 +167,19 @@ def test_a_padded_blocked_output_is_refused_at_run_time() -> None:
     probe = Probe(session, ["x"], ["r0"], ["r0"], [], ["r0"], {"r0": 24})  # says 24 channels, returns 32
     with pytest.raises(RuntimeError, match="24 channels"):
         probe.run({"x": np.ones((2, 16, 8, 8), np.float32)})
+
+
+def test_calibration_returns_the_models_outputs_on_its_first_batches() -> None:
+    model, plan = _small_resnet()
+    batches = _batches()
+    result = calibrate(model, plan, batches, CalibrationConfig(method="percentile", threads=2), keep_outputs=2)
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    assert len(result.outputs) == 2 and all(list(outputs) == names for outputs in result.outputs)
+    for outputs, batch in zip(result.outputs, batches):
+        for name, expected in zip(names, session.run(names, batch)):
+            np.testing.assert_allclose(outputs[name], expected, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert calibrate(model, plan, batches, CalibrationConfig()).outputs == ()  # only when asked for
+    # a first batch cut to --calib-samples is not what the retained batch holds: no outputs then
+    cut = calibrate(model, plan, batches, CalibrationConfig(samples=5), keep_outputs=2)
+    assert cut.outputs == () and cut.samples == 5
