@@ -256,6 +256,8 @@ class ShardedDataset:
                 batch[key] = np.array(parts[key][0])  # a copy, detached from the file
             else:
                 batch[key] = np.concatenate(parts[key], axis=info.batch_axis)
+        if self._current is not None:
+            self._current.forget_pages()  # resident memory stays one batch, whatever the file's size
         return batch
 
     def _gather_indices(self, keys: Sequence[str], indices: np.ndarray) -> dict[str, np.ndarray]:
@@ -278,6 +280,7 @@ class ShardedDataset:
             for key, target in samples_first.items():
                 source = np.moveaxis(shard.array(key), self._infos[key].batch_axis, 0)
                 target[positions[ascending]] = source[local[ascending]]
+            shard.forget_pages()
         return batch
 
 

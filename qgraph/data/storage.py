@@ -20,6 +20,7 @@ What the formats allow:
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import re
 import struct
@@ -147,6 +148,19 @@ class Shard:
     def release(self) -> None:
         """Drop opened arrays (memory maps close, inflated npz members are freed)."""
         self._opened.clear()
+
+    def forget_pages(self) -> None:
+        """Unmap the pages read so far from the memory-mapped arrays (``MADV_DONTNEED``; they stay in the page
+        cache, a later read maps them again). A file page once read counts in the process's resident memory until the
+        map closes, so a reader walking a 600 MB ``.npz`` shard batch by batch would otherwise end at 600 MB more
+        resident memory than one walking 60 MB; called after each batch is copied out."""
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if advice is None:
+            return
+        for array in self._opened.values():
+            mapping = getattr(array, "_mmap", None)  # numpy.memmap keeps its mmap object here
+            if mapping is not None:
+                mapping.madvise(advice)
 
 
 # ------------------------------------------------------------------------------------------------------------ npz

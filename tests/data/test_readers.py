@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -101,6 +102,29 @@ def test_stored_npz_members_are_memory_mapped(tmp_path, arrays):
     # Batches are plain arrays, detached from the file.
     batch = next(open_dataset(tmp_path / "stored.npz", label_key="label").iter_batches(3))
     assert type(batch["image"]) is np.ndarray
+
+
+def _resident_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc")
+def test_walking_a_large_npz_keeps_one_batch_resident(tmp_path):
+    images = np.ones((256, 64, 1024), np.float32)  # 64 MB
+    np.savez(tmp_path / "large.npz", input=images)
+    del images
+    dataset = open_dataset(tmp_path / "large.npz")
+    before = _resident_bytes()
+    total = 0.0
+    for batch in dataset.iter_batches(16):
+        total += float(batch["input"][0, 0, 0])
+        shard = dataset._current
+        grown = _resident_bytes() - before
+        assert grown < 24 * 2 ** 20, f"{grown / 2 ** 20:.0f} MB resident after {total:.0f} samples"
+    assert shard is not None and total == 16.0
 
 
 def test_npy_directory_round_trip_memory_mapped(tmp_path, arrays):
