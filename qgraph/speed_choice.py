@@ -60,7 +60,8 @@ on one side, or a challenger that lost more rounds than the planned rounds allow
 later batch size too: the largest batch size is measured first, and its two costly rounds often end the question
 for batch 1's many cheap ones). Settled questions get the same answer with more rounds, within the band; near a
 threshold every planned round runs, and the rescue and the confirmation tables always run theirs. On ResNet-18
-(224×224, batch 1 and 16) the two tables take 2 and 4 rounds per batch size instead of 2 and 20–50.
+(224×224, random weights, batch 16 then batch 1) both tables stopped batch 1 after 4 rounds where the budget
+planned 18–34, batch 16 keeping its 2 (here QDQ and the FP32 stem lost at batch 16, which settled them for batch 1).
 """
 
 from __future__ import annotations
