@@ -8,7 +8,8 @@ RUSAGE_CHILDREN)`` (peak RSS of that child, user and system CPU) and a wall cloc
 - FP32 inference over the same samples in a fresh process (load the file, one optimised onnxruntime session,
   the same batch size), the baseline the goal compares with: command ≤ 1.25× FP32.
 
-The runs alternate (command, FP32, command, FP32, …) and the medians are reported, since the cores are shared.
+The runs alternate (command, FP32, command, FP32, …) and the medians are reported, since the cores are shared;
+the CPU-time ratio beside the wall-time one moves less when another process takes a core from one run only.
 The table also gives the peak RSS at the largest count relative to the smallest (goal: within 10%). Every run
 prints a progress line to stderr as it ends (under load one command can take minutes), each run has a time limit
 (``--timeout``; a run past it is reported and the table shows what finished), and ``--profile`` runs the command
@@ -174,12 +175,13 @@ def main() -> None:
                 profile = profile_phases(command, folder, arguments.timeout)
     print(f"qgraph optimize --method {arguments.method} on ResNet-18 224 (random weights, random images), "
           f"batch {arguments.batch_size}, medians of {arguments.repeats}")
-    print("| samples | command wall s | FP32 wall s | ratio | command CPU s | FP32 CPU s | command peak RSS MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| samples | command wall s | FP32 wall s | ratio | command CPU s | FP32 CPU s | CPU ratio | "
+          "command peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['samples']} | {row['command_wall']:.1f} | {row['fp32_wall']:.1f} | "
               f"{row['command_wall'] / row['fp32_wall']:.2f}x | {row['command_cpu']:.1f} | {row['fp32_cpu']:.1f} | "
-              f"{row['command_rss_mb']:.0f} |")
+              f"{row['command_cpu'] / row['fp32_cpu']:.2f}x | {row['command_rss_mb']:.0f} |")
     if len(rows) > 1:
         print(f"peak RSS at {rows[-1]['samples']} samples / at {rows[0]['samples']}: "
               f"{rows[-1]['command_rss_mb'] / rows[0]['command_rss_mb']:.2f}x (goal ≤ 1.10x)")
