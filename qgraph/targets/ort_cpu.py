@@ -9,6 +9,13 @@ codes beyond ±64 stored as uint8 + 128, run on onnxruntime's exact but slower u
 both are off: 8-bit int8 weights on its exact, faster u8s8 kernels. The model is thus tuned for the machine that
 quantizes it; one built on a VNNI machine for CPUs without it should use ``--reduce-range on`` (7-bit weights,
 exact everywhere).
+
+``transformer_kernels="fast"`` (TargetOptions) appends :data:`FAST_TRANSFORMER_PASSES` to the QOperator lowering:
+each integer self-attention block becomes one com.microsoft QAttention (the int8 projections and a float attention
+core in one kernel) and an exact GELU whose output is quantized becomes FastGelu (the tanh form, within a quarter
+step of the output quantization). The accuracy to FP32 is the same or better; the written model no longer follows
+the QDQ simulation within deploy parity's one step (the attention's quantization steps are gone, and the GELU's
+sub-step differences add up end to end), so it is not the default. docs/runtime-facts.md has the timings.
 """
 
 from __future__ import annotations
