@@ -8,20 +8,23 @@ alike. The table gives the best and the median time of each and the speed-up ove
 onnxruntime's ``quantize_dynamic`` (int8 weights per tensor, the tool's default) and ``quantize_static`` (QDQ,
 per-channel int8 weights, uint8 activations, min-max calibration), both applied to the same FP32 file.
 
-    python tools/bench_bert.py [--batch 1 8] [--sequence 128] [--threads 2] [--rounds 20] [--reduce-range on]
+    python tools/bench_bert.py [--batch 1 8] [--sequence 128] [--threads 2] [--rounds 30] [--reduce-range on]
                                [--clock cpu] [--save FOLDER [--reuse]] [--layers 12] [--speed-choice on]
-                               [--variants fp32 ort-dynamic ort-static qgraph-static qgraph-dynamic
-                                           qgraph-static-qattention qgraph-dynamic-qattention]
+                               [--profile] [--variants fp32 ort-dynamic ort-static qgraph-static qgraph-dynamic
+                                                      qgraph-static-fast qgraph-dynamic-fast]
 
 ``--reduce-range on`` quantizes with 7-bit weights (qgraph's ``--reduce-range on``, onnxruntime's
-``reduce_range=True``): the model for x86 CPUs without VNNI, run here. qgraph's speed choice (on by default, as
-for a user) times its candidate formats on this machine and logs what it picked; on a loaded machine it can pick
-by noise, ``--speed-choice off`` keeps the ort-cpu lowering. The ``-qattention`` variants run LowerQuantizedAttention
-after that lowering (each attention block one com.microsoft QAttention instead of MatMulIntegerToFloat projections,
-QLinearMatMul products and a float Softmax); it is not in the default lowering (docs/runtime-facts.md says why).
+``reduce_range=True``): the model for x86 CPUs without VNNI, run here. The ``-fast`` variants are qgraph with
+``TargetOptions(transformer_kernels="fast")``: each attention block one com.microsoft QAttention and the FFN's GELU
+as FastGelu (same accuracy to FP32, outside deploy parity with the QDQ simulation; docs/runtime-facts.md).
+qgraph's speed choice (timing its candidate formats while quantizing) is off by default here: on a machine shared
+with other work it picked formats by noise (the QDQ format, once FP32), so the table would time whatever it met;
+``--speed-choice on`` runs it as a user's ``qgraph optimize`` does and logs what it picked.
 ``--clock cpu`` times each run by the CPU time of this process (all of onnxruntime's threads) with its worker threads
 sleeping instead of spinning when idle: on a machine shared with other work, where wall times of one model moved by
 up to 7x between runs, CPU time counts the work a run needs rather than the moments it waited for a core.
+``--profile`` prints, per variant and batch, onnxruntime's kernel time per operator type (the median over the
+profiled runs, the ``enable_profiling`` trace).
 """
 
 from __future__ import annotations
@@ -42,19 +45,14 @@ from qgraph import runtime
 from qgraph.calibrate.driver import CalibrationConfig
 from qgraph.ir.load import load_model
 from qgraph.models.bert import BERT_LAYOUTS, BertOptions, build_bert, example_inputs
-from qgraph.passes.canonicalize.eliminate_dead_code import EliminateDeadCode
-from qgraph.passes.infrastructure import PassManager
-from qgraph.passes.lower.lower_quantized_attention import LowerQuantizedAttention
 from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.ptq import QuantizeOptions
 from qgraph.targets import TargetOptions
 
 logger = logging.getLogger("bench_bert")
 
-VARIANTS = ("fp32", "ort-dynamic", "ort-static", "qgraph-static", "qgraph-dynamic", "qgraph-static-qattention",
-            "qgraph-dynamic-qattention")
-#: Timed unless --variants says otherwise (the -qattention ones add LowerQuantizedAttention to the lowering).
-DEFAULT_VARIANTS = VARIANTS[:5]
+VARIANTS = ("fp32", "ort-dynamic", "ort-static", "qgraph-static", "qgraph-dynamic", "qgraph-static-fast",
+            "qgraph-dynamic-fast")
 _ORT_VARIANTS = ("ort-dynamic", "ort-static")
 
 
@@ -63,22 +61,19 @@ def calibration_batches(layout, sequence: int, count: int = 4, batch: int = 4) -
 
 
 def qgraph_variant(path: str, batches, activations: str, reduce_range: str, *,
-                   fused_attention: bool = False, speed_choice: bool = True) -> onnx.ModelProto:
+                   transformer_kernels: str = "exact", speed_choice: bool = False) -> onnx.ModelProto:
     """The FP32 file loaded as ``qgraph optimize`` loads it (with shape inference), then quantized and lowered for
-    ort-cpu; ``fused_attention`` then runs LowerQuantizedAttention (not in the target's default lowering) on it."""
-    target_options = TargetOptions(reduce_range=reduce_range)
+    ort-cpu with ``transformer_kernels`` ("exact": the default lowering, "fast": QAttention and FastGelu too)."""
+    target_options = TargetOptions(reduce_range=reduce_range, transformer_kernels=transformer_kernels)
     options = OptimizeOptions(quantization=QuantizeOptions(
         target_options=target_options, activations=activations, min_sqnr=None,
-        calibration=CalibrationConfig(method="minmax"), speed_choice=speed_choice and not fused_attention,
+        calibration=CalibrationConfig(method="minmax"), speed_choice=speed_choice,
     ))
     result = optimize(load_model(path), None, options, calibration_data=batches)
     assert result.quantization is not None
     if result.quantization.speed is not None:
         logger.info("qgraph %s: %s", activations, result.quantization.speed.describe())
-    model = result.model
-    if fused_attention:
-        PassManager([LowerQuantizedAttention(), EliminateDeadCode()]).run(model)
-    return ir.serde.serialize_model(model)
+    return ir.serde.serialize_model(result.model)
 
 
 def ort_variant(path: str, output: str, kind: str, batches, reduce_range: bool) -> str:
@@ -120,6 +115,47 @@ def time_side_by_side(sessions: dict, feeds: dict, rounds: int, clock: Callable[
     return times
 
 
+def profile_by_op_type(path: str, feeds: dict, threads: int, runs: int = 10) -> dict[str, float]:
+    """Median kernel seconds per run of each operator type over ``runs`` profiled runs (after two unprofiled ones)."""
+    import json
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(tempfile.gettempdir(), "bench_bert_profile")
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    for _ in range(2 + runs):
+        session.run(None, feeds)
+    trace = session.end_profiling()
+    with open(trace) as handle:
+        events = json.load(handle)
+    os.remove(trace)
+    run_spans = [(event["ts"], event["ts"] + event["dur"]) for event in events if event.get("name") == "model_run"][2:]
+    per_run: list[dict[str, float]] = [{} for _ in run_spans]
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        for index, (start, end) in enumerate(run_spans):
+            if start <= event["ts"] <= end:
+                op_type = event["args"]["op_name"]
+                per_run[index][op_type] = per_run[index].get(op_type, 0.0) + event["dur"] * 1e-6
+                break
+    op_types = {op_type for run in per_run for op_type in run}
+    return {op_type: float(np.median([run.get(op_type, 0.0) for run in per_run])) for op_type in op_types}
+
+
+def print_profiles(paths: dict[str, str], feeds: dict, threads: int) -> None:
+    for name, path in paths.items():
+        profile = profile_by_op_type(path, feeds, threads)
+        total = sum(profile.values())
+        print(f"  {name}: kernel time {total * 1e3:.1f} ms (median per op type over 10 profiled runs)")
+        for op_type, seconds in sorted(profile.items(), key=lambda item: -item[1])[:12]:
+            print(f"    {op_type:<26} {seconds * 1e3:8.2f} ms {100 * seconds / total:5.1f}%")
+
+
 def cosine(reference: np.ndarray, other: np.ndarray) -> float:
     a, b = reference.reshape(len(reference), -1), other.reshape(len(other), -1)
     return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)))
@@ -136,11 +172,12 @@ def build_variants(arguments, layout, folder: str) -> dict[str, str]:
         builders[kind] = lambda kind=kind: ort_variant(paths["fp32"], os.path.join(folder, f"{kind}.onnx"), kind,
                                                        batches, reduce_range)
     for activations in ("static", "dynamic"):
-        for suffix, fused in (("", False), ("-qattention", True)):
-            def build(activations=activations, suffix=suffix, fused=fused) -> str:
+        for suffix, kernels in (("", "exact"), ("-fast", "fast")):
+            def build(activations=activations, suffix=suffix, kernels=kernels) -> str:
                 path = os.path.join(folder, f"qgraph-{activations}{suffix}.onnx")
                 onnx.save(qgraph_variant(paths["fp32"], batches, activations, arguments.reduce_range,
-                                         fused_attention=fused, speed_choice=arguments.speed_choice == "on"), path)
+                                         transformer_kernels=kernels, speed_choice=arguments.speed_choice == "on"),
+                          path)
                 return path
             builders[f"qgraph-{activations}{suffix}"] = build
     for name in arguments.variants:
@@ -161,16 +198,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--sequence", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--reduce-range", choices=("auto", "on", "off"), default="off")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: elapsed time; cpu: the process's CPU time with onnxruntime's spinning off")
     parser.add_argument("--save", metavar="FOLDER", help="keep the models there (fp32.onnx, qgraph-static.onnx, …)")
     parser.add_argument("--reuse", action="store_true", help="time the models already in --save FOLDER")
-    parser.add_argument("--speed-choice", choices=("on", "off"), default="on",
+    parser.add_argument("--speed-choice", choices=("on", "off"), default="off",
                         help="qgraph's timed choice of output format (off: always the ort-cpu lowering)")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
+    parser.add_argument("--profile", action="store_true", help="print onnxruntime's kernel time per operator type")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("qgraph", "root"):
@@ -195,14 +233,20 @@ def main() -> None:
             clock = time.process_time if cpu else time.perf_counter
             times = time_side_by_side(sessions, feeds, arguments.rounds, clock)
             best = {name: min(values) for name, values in times.items()}
+            median = {name: float(np.median(values)) for name, values in times.items()}
             ort_best = min((best[name] for name in _ORT_VARIANTS if name in best), default=None)
+            ort_median = min((median[name] for name in _ORT_VARIANTS if name in median), default=None)
             print(f"\nbatch {batch}")
-            print(f"{'variant':<16} {'best ms':>9} {'median ms':>10} {'× FP32':>7} {'× best ORT':>10} {'cosine':>8}")
-            for name, values in times.items():
+            print(f"{'variant':<20} {'best ms':>9} {'median ms':>10} {'× FP32':>7} {'× best ORT':>10} "
+                  f"{'(medians)':>9} {'cosine':>8}")
+            for name in times:
                 output = sessions[name].run(["last_hidden_state"], feeds)[0]
-                versus_ort = f"{ort_best / best[name]:>10.2f}" if ort_best else f"{'':>10}"
-                print(f"{name:<16} {best[name] * 1e3:>9.1f} {np.median(values) * 1e3:>10.1f} "
+                versus_ort = (f"{ort_best / best[name]:>10.2f} {ort_median / median[name]:>9.2f}" if ort_best
+                              else f"{'':>10} {'':>9}")
+                print(f"{name:<20} {best[name] * 1e3:>9.1f} {median[name] * 1e3:>10.1f} "
                       f"{best['fp32'] / best[name]:>7.2f} {versus_ort} {cosine(reference, output):>8.4f}")
+            if arguments.profile:
+                print_profiles(paths, feeds, arguments.threads)
 
 
 if __name__ == "__main__":

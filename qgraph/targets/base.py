@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 AUTO_CHOICES = ("auto", "on", "off")
 #: Weight bit widths the targets quantize to.
 WEIGHT_BITS = (8, 4)
+#: The values of TargetOptions.transformer_kernels.
+TRANSFORMER_KERNELS = ("exact", "fast")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,12 @@ class TargetOptions:
     #: "auto" (on for x86 CPUs without VNNI), "on" or "off": lowering stores 8-bit weight codes beyond ±64 as
     #: uint8 (w + 128) so that onnxruntime runs them on its exact u8u8 kernels instead of saturating u8s8 ones.
     saturation_guard: str = "auto"
+    #: "exact" or "fast": with "fast" the ort-cpu lowering also fuses each integer self-attention block into one
+    #: com.microsoft QAttention (the attention core in float) and runs an exact GELU whose output is quantized as
+    #: the tanh form (com.microsoft FastGelu): faster on onnxruntime's CPU kernels at the same accuracy to FP32, but
+    #: the written model no longer follows the QDQ simulation within deploy parity's one step (docs/runtime-facts.md,
+    #: "BERT-base at 1.2x").
+    transformer_kernels: str = "exact"
 
 
 class Target(abc.ABC):

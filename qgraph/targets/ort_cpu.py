@@ -9,6 +9,13 @@ codes beyond ±64 stored as uint8 + 128, run on onnxruntime's exact but slower u
 both are off: 8-bit int8 weights on its exact, faster u8s8 kernels. The model is thus tuned for the machine that
 quantizes it; one built on a VNNI machine for CPUs without it should use ``--reduce-range on`` (7-bit weights,
 exact everywhere).
+
+``transformer_kernels="fast"`` (TargetOptions) appends :data:`FAST_TRANSFORMER_PASSES` to the QOperator lowering:
+each integer self-attention block becomes one com.microsoft QAttention (the int8 projections and a float attention
+core in one kernel) and an exact GELU whose output is quantized becomes FastGelu (the tanh form, within a quarter
+step of the output quantization). The accuracy to FP32 is the same or better; the written model no longer follows
+the QDQ simulation within deploy parity's one step (the attention's quantization steps are gone, and the GELU's
+sub-step differences add up end to end), so it is not the default. docs/runtime-facts.md has the timings.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from qgraph.annotate.annotator import (
 from qgraph.errors import QGraphError
 from qgraph.passes.infrastructure import QGraphPass
 from qgraph.passes.lower.lower_conv_integer import LowerConvInteger
+from qgraph.passes.lower.lower_fast_gelu import LowerFastGelu
 from qgraph.passes.lower.lower_four_bit_matmul import LowerFourBitMatMul
 from qgraph.passes.lower.lower_integer_matmul import LowerIntegerMatMul
 from qgraph.passes.lower.lower_integer_passthrough import LowerIntegerPassThrough
@@ -37,10 +45,11 @@ from qgraph.passes.lower.lower_qlinear_conv import LowerQLinearConv
 from qgraph.passes.lower.lower_qlinear_matmul import LowerQLinearMatMul
 from qgraph.passes.lower.lower_qlinear_pool import LowerQLinearPool
 from qgraph.passes.lower.lower_qlinear_unary import LowerQLinearUnary
+from qgraph.passes.lower.lower_quantized_attention import LowerQuantizedAttention
 from qgraph.passes.lower.remove_redundant_quantization import RemoveRedundantQuantization
 from qgraph.passes.lower.store_int4_weights import StoreInt4Weights
 from qgraph.quant.spec import QuantSpec
-from qgraph.targets.base import AUTO_CHOICES, Target
+from qgraph.targets.base import AUTO_CHOICES, TRANSFORMER_KERNELS, Target
 from qgraph.targets.cpu_features import needs_reduce_range
 
 logger = logging.getLogger(__name__)
@@ -59,6 +68,9 @@ LOWERING_PASSES: tuple[type[QGraphPass], ...] = (
     LowerIntegerPassThrough,
     RemoveRedundantQuantization,
 )
+#: What ``transformer_kernels="fast"`` adds after the lowering: each needs the projections / GELU as the passes above
+#: leave them, and each moves outputs away from the QDQ simulation (see their modules and docs/runtime-facts.md).
+FAST_TRANSFORMER_PASSES: tuple[type[QGraphPass], ...] = (LowerQuantizedAttention, LowerFastGelu)
 #: MatMulNBits' accuracy_level for 4-bit MatMul/Gemm weights: 4 (x quantized to int8 per block, VNNI kernels) ran
 #: 1.8-3.1x faster than 0 (float) at every batch size; it moves some outputs by a step, the SQNR not measurably
 #: (docs/runtime-facts.md).
@@ -99,6 +111,10 @@ class OrtCpuTarget(Target):
 
     def lowering_passes(self) -> tuple[type[QGraphPass], ...]:
         passes = LOWERING_PASSES if self.options.format == "qoperator" else ()
+        if self.options.transformer_kernels not in TRANSFORMER_KERNELS:
+            raise QGraphError(f"transformer_kernels must be exact or fast, got {self.options.transformer_kernels!r}")
+        if passes and self.options.transformer_kernels == "fast":
+            passes = passes + FAST_TRANSFORMER_PASSES
         if self.options.weight_bits == 4:  # docs/runtime-facts.md, "4-bit weights with static activations"
             passes = ((LowerFourBitMatMul,) if passes else ()) + passes + (StoreInt4Weights,)
         return passes

@@ -32,6 +32,7 @@ from tests.passes.batch_norm_builders import batch_norm_node, batch_norm_paramet
 from tests.passes.exporter_spellings import gelu_erf, gelu_tanh, layer_norm
 from tests.passes.lower.attention_models import integer_attention_block
 from tests.passes.lower.test_lower_end_to_end import small_cnn
+from tests.passes.lower.test_lower_fast_gelu import quantized_gelu
 from tests.passes.qdq_builders import QDQBuilder
 
 MODEL = """
@@ -318,7 +319,7 @@ def protocol_corpus() -> list[onnx.ModelProto]:
     return [
         ir.serde.serialize_model(model()), conv_batch_norm, lone_batch_norm, conv_bias,
         gelu_erf(), gelu_tanh(opset=20), layer_norm("tf2onnx"), cnn.model(), float_output_islands(),
-        blocked_int4_matmul(), four_bit_matmul()[0].model(), integer_attention_block(),
+        blocked_int4_matmul(), four_bit_matmul()[0].model(), integer_attention_block(), quantized_gelu(),
         *exporter_spelling_corpus(),
     ]
 
