@@ -38,7 +38,7 @@ from qgraph.sensitivity import (
     validate_min_sqnr,
     validate_search_budget,
 )
-from qgraph.targets import AUTO_CHOICES, FORMATS, TARGET_NAMES, WEIGHT_BITS, TargetOptions
+from qgraph.targets import AUTO_CHOICES, FORMATS, TARGET_NAMES, TRANSFORMER_KERNELS, WEIGHT_BITS, TargetOptions
 from qgraph.tuning.configuration import budget_fields
 from qgraph.weight_only.options import ALGORITHMS, WeightOnlyOptions
 
@@ -147,6 +147,7 @@ _DESTINATIONS: dict[str, tuple[str, Conversion]] = {
     "reduce_range": ("target", _to("reduce_range")),
     "per_tensor": ("target", _to("per_channel", operator.not_)),
     "weight_bits": ("target", _to("weight_bits", int)),
+    "transformer_kernels": ("target", _to("transformer_kernels")),
     "exclude": ("overrides", _to("exclude", lambda text: frozenset(_split_list(text)))),
     "keep_fp32": ("overrides", _keep_fp32),
     "target": ("quantization", _to("target")),
@@ -331,6 +332,12 @@ def _optimize_options(values: Mapping[str, Any]) -> OptimizeOptions:
               default=str(_default(TargetOptions, "weight_bits")), show_default=True,
               help="Bit width of weights. 4: stored as int4 DequantizeLinear (QDQ, opset 21) or packed MatMulNBits "
                    "(QOperator MatMul/Gemm); Conv weights in QLinearConv stay int8 codes (no int4 kernel).")
+@click.option("--transformer-kernels", type=click.Choice(TRANSFORMER_KERNELS),
+              default=_default(TargetOptions, "transformer_kernels"), show_default=True,
+              help="ort-cpu, QOperator: fast also fuses each integer self-attention block into one com.microsoft "
+                   "QAttention and runs exact GELU as FastGelu where its output step covers the difference; faster "
+                   "on BERT-like encoders, same accuracy to FP32, but no longer within one step of the QDQ "
+                   "simulation (docs/runtime-facts.md).")
 @click.option("--exclude", metavar="NAMES", help="Comma-separated node names or operator types to keep in FP32.")
 @click.option("--keep-fp32", metavar="first,last", help="Keep the first and/or last compute layer in FP32.")
 @click.option("--requantize", is_flag=True, help="Allow quantizing a model that is already quantized.")

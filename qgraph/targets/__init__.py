@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from qgraph.errors import QGraphError
-from qgraph.targets.base import AUTO_CHOICES, WEIGHT_BITS, Target, TargetOptions
+from qgraph.targets.base import AUTO_CHOICES, TRANSFORMER_KERNELS, WEIGHT_BITS, Target, TargetOptions
 from qgraph.targets.ort_cpu import OrtCpuTarget
 from qgraph.targets.tensorrt import TensorRTTarget
 
@@ -29,4 +29,5 @@ def get_target(name: str, options: TargetOptions | None = None) -> Target:
     return target
 
 
-__all__ = ["AUTO_CHOICES", "FORMATS", "TARGET_NAMES", "WEIGHT_BITS", "Target", "TargetOptions", "get_target"]
+__all__ = ["AUTO_CHOICES", "FORMATS", "TARGET_NAMES", "TRANSFORMER_KERNELS", "WEIGHT_BITS", "Target", "TargetOptions",
+           "get_target"]

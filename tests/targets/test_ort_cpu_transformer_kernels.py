@@ -63,3 +63,24 @@ def test_a_fast_encoder_runs_fused_and_stays_close_to_fp32(activations):
     reference = runtime.create_session(proto).run(["last_hidden_state"], feeds)[0]
     assert _cosine(reference, outputs["fast"]) >= 0.99
     assert _cosine(reference, outputs["fast"]) >= _cosine(reference, outputs["exact"]) - 0.002
+
+
+def test_the_command_line_option_reaches_the_lowering(tmp_path):
+    from click.testing import CliRunner
+
+    from qgraph.cli import cli
+
+    proto = onnx.shape_inference.infer_shapes(build_bert(LAYOUT, options=BertOptions(), seed=3))
+    onnx.save(proto, tmp_path / "bert.onnx")
+    batch = example_inputs(LAYOUT, 4, 16, seed=0)
+    np.savez(tmp_path / "calib.npz", **batch)
+    arguments = ["--quiet", "optimize", str(tmp_path / "bert.onnx"), "--calib", str(tmp_path / "calib.npz"),
+                 "--no-speed-choice", "--min-sqnr", "off", "--reduce-range", "off"]
+    for kernels in ("exact", "fast"):
+        output = tmp_path / f"{kernels}.onnx"
+        result = CliRunner().invoke(cli, [*arguments, "-o", str(output), "--transformer-kernels", kernels])
+        assert result.exit_code == 0, result.output
+        op_types = [node.op_type for node in onnx.load(output).graph.node]
+        assert (op_types.count("QAttention") == LAYOUT.layers) == (kernels == "fast")
+    refused = CliRunner().invoke(cli, [*arguments, "-o", str(tmp_path / "x.onnx"), "--transformer-kernels", "quick"])
+    assert refused.exit_code == 2 and "'quick' is not one of 'exact', 'fast'" in refused.output
