@@ -210,11 +210,19 @@ def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_SECONDS) -> Non
 
 
 class RayTrials:
-    """Trials as Ray tasks, ``workers`` at once. Construction checks that Ray is installed and that the address
-    answers; :meth:`start` connects (or starts the local instance, ~10 s on a busy 2-core machine: the caller
-    overlaps it with scoring the FP32 model). Ray's own processes die with the thread that started them, so
-    :meth:`start` must run on a thread that outlives the search (the caller's). ``close`` shuts down an instance
-    started here."""
+    """Trials on ``workers`` persistent Ray actors (one per worker, one CPU each). Construction checks that Ray is
+    installed and that the address answers; :meth:`start` connects (or starts the local instance, ~6 s on a busy
+    2-core machine: the caller overlaps it with scoring the FP32 model) and starts the actors, which import qgraph
+    and onnxruntime once, meanwhile. The search's :class:`TrialContext` (the FP32 model, the calibration data, the
+    evaluation) goes to the object store once per search and each actor fetches it once, by reference. Ray's own
+    processes die with the thread that started them, so :meth:`start` must run on a thread that outlives the search
+    (the caller's). ``close`` shuts down an instance started here.
+
+    A round (:meth:`run_round`) is a queue: each idle actor takes the next trial of the round's order, so both
+    workers always have work while trials are left, and the outcomes are taken *in order*. Once the trial at
+    position ``i`` is known to meet the bound nothing after it is started; a later trial already running is left to
+    finish on its actor (stopping a Python process mid-trial would cost a fresh actor, seconds of imports) and its
+    outcome dropped; that actor takes new work once it is done."""
 
     kind = "Ray"
 
@@ -224,64 +232,113 @@ class RayTrials:
             check_address(address)
         self.workers, self.address = workers, address
         self.threads = max(1, cpu_count() // workers)
-        self._remote_trial = self._remote_map = None
+        self._actors: list = []
+        #: actor -> the reference of the last task given to it (None: none yet): an actor is idle once it is ready.
+        self._last_task: dict[int, Any] = {}
         self._context_reference: tuple[int, Any] | None = None
         self._started_here = False
-        self._warming: list = []
 
     def start(self) -> None:
         ray = self._ray
-        if ray.is_initialized():
+        if self._actors:
             return
-        quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
-        try:
-            if self.address is None:
-                ray.init(num_cpus=self.workers, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                         _node_ip_address="127.0.0.1", **quiet)  # loopback only: nothing leaves the machine
-                logger.info("started a local Ray instance with %d workers", self.workers)
-            else:
-                ray.init(address=self.address, **quiet)
-                logger.info("connected to the Ray cluster at %s", self.address)
-        except Exception as error:
-            where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
-            raise RayError(f"could not start or reach {where}: {error}") from None
-        self._started_here = True
-        # each worker process imports qgraph and onnxruntime (seconds) while this process scores the FP32 model;
-        # Ray then runs the trials in the same, warm, processes
-        warm = ray.remote(num_cpus=1)(_import_trial_modules)
-        self._warming = [warm.remote() for _ in range(self.workers)]
+        if not ray.is_initialized():
+            quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
+            try:
+                if self.address is None:
+                    ray.init(num_cpus=self.workers, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                             _node_ip_address="127.0.0.1", **quiet)  # loopback only: nothing leaves the machine
+                    logger.info("started a local Ray instance with %d workers", self.workers)
+                else:
+                    ray.init(address=self.address, **quiet)
+                    logger.info("connected to the Ray cluster at %s", self.address)
+            except Exception as error:
+                where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
+                raise RayError(f"could not start or reach {where}: {error}") from None
+            self._started_here = True
+        # each actor imports qgraph and onnxruntime (seconds) while this process scores the FP32 model
+        worker_class = ray.remote(num_cpus=1)(TrialWorker)
+        self._actors = [worker_class.remote() for _ in range(self.workers)]
+        self._last_task = {position: None for position in range(self.workers)}
 
-    def _ready(self):
-        self.start()
-        if self._remote_trial is None:
-            self._remote_trial = self._ray.remote(num_cpus=1)(run_trial)
-            self._remote_map = self._ray.remote(num_cpus=1)(_call)
-        return self._ray
+    def _context(self, context: TrialContext) -> list:
+        """The context's object reference, put once per search; wrapped in a list so that Ray passes the reference
+        itself (each actor fetches it once) instead of the value with every trial."""
+        if self._context_reference is None or self._context_reference[0] != id(context):
+            self._context_reference = (id(context), self._ray.put(context))
+        return [self._context_reference[1]]
+
+    def _idle_actors(self) -> list[int]:
+        busy = [task for task in self._last_task.values() if task is not None]
+        done = set(self._ray.wait(busy, num_returns=len(busy), timeout=0)[0]) if busy else set()
+        return [position for position, task in self._last_task.items() if task is None or task in done]
 
     def run_round(self, context: TrialContext, jobs: Sequence[TrialJob],
                   stop: Callable[[TrialOutcome], bool] | None = None) -> list[TrialOutcome]:
-        ray = self._ready()
-        if self._context_reference is None or self._context_reference[0] != id(context):
-            self._context_reference = (id(context), ray.put(context))
-        reference = self._context_reference[1]
-        pending = [self._remote_trial.remote(reference, job, self.threads) for job in jobs]
+        self.start()
+        ray = self._ray
+        holder = self._context(context)
+        key = self._context_reference[0]
+        running: dict[Any, int] = {}  # task -> position in the round
+        finished: dict[int, TrialOutcome] = {}
         outcomes: list[TrialOutcome] = []
-        for position, task in enumerate(pending):
-            outcomes.append(ray.get(task))
-            if stop is not None and stop(outcomes[-1]):
-                for later in pending[position + 1:]:
-                    ray.cancel(later, force=True)
-                break
+        given = 0
+        while len(outcomes) < len(jobs):
+            for actor in self._idle_actors():
+                if given == len(jobs):
+                    break
+                task = self._actors[actor].run.remote(key, holder, jobs[given], self.threads)
+                running[task], self._last_task[actor] = given, task
+                given += 1
+            # the round's running trials, and a trial of an earlier round still running (its actor frees up)
+            waiting = list(running) + [task for task in self._last_task.values()
+                                       if task is not None and task not in running]
+            ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
+            if not any(task in running for task in ready) and not (given < len(jobs) and ready):
+                ready, _ = ray.wait([task for task in waiting if task not in ready], num_returns=1)
+            for task in ready:
+                if task in running:
+                    finished[running.pop(task)] = ray.get(task)
+            while len(outcomes) in finished:
+                outcomes.append(finished.pop(len(outcomes)))
+                if stop is not None and stop(outcomes[-1]):
+                    return outcomes  # later trials: not started; a running one finishes on its own, unread
         return outcomes
 
     def map(self, function: Callable, arguments: Sequence[tuple]) -> list:
-        ray = self._ready()
-        return ray.get([self._remote_map.remote(function, argument, self.threads) for argument in arguments])
+        """``function(*argument, threads)`` for each argument, spread over the actors."""
+        self.start()
+        tasks = [self._actors[position % self.workers].call.remote(function, argument, self.threads)
+                 for position, argument in enumerate(arguments)]
+        for position, task in enumerate(tasks):
+            self._last_task[position % self.workers] = task
+        return self._ray.get(tasks)
 
     def close(self) -> None:
+        for actor in self._actors:
+            self._ray.kill(actor)
+        self._actors, self._last_task, self._context_reference = [], {}, None
         if self._started_here and self._ray.is_initialized():
             self._ray.shutdown()
             self._started_here = False
+
+
+class TrialWorker:
+    """A Ray actor's state: qgraph and onnxruntime imported once, the current search's context fetched once."""
+
+    def __init__(self) -> None:
+        _import_trial_modules()
+        self._context: tuple[int, TrialContext] | None = None
+
+    def run(self, key: int, holder: list, job: TrialJob, threads: int) -> TrialOutcome:
+        if self._context is None or self._context[0] != key:
+            import ray
+
+            self._context = (key, ray.get(holder[0]))
+        return run_trial(self._context[1], job, threads)
+
+    def call(self, function: Callable, argument: tuple, threads: int):
+        return function(*argument, threads)
 
 
 def _import_trial_modules() -> int:
@@ -291,10 +348,6 @@ def _import_trial_modules() -> int:
     import qgraph.report  # noqa: F401
 
     return os.getpid()
-
-
-def _call(function: Callable, argument: tuple, threads: int):
-    return function(*argument, threads)
 
 
 def trial_executor(workers: int = 1, address: str | None = None) -> LocalTrials | RayTrials:
