@@ -23,12 +23,14 @@ refused.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import math
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -211,20 +213,24 @@ def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_SECONDS) -> Non
 
 class RayTrials:
     """Trials on ``workers`` persistent Ray actors (one per worker, one CPU each). Construction checks that Ray is
-    installed and that the address answers; :meth:`start` connects (or starts the local instance, ~6 s on a busy
-    2-core machine: the caller overlaps it with scoring the FP32 model) and starts the actors, which import qgraph
-    and onnxruntime once, meanwhile. The search's :class:`TrialContext` (the FP32 model, the calibration data, the
-    evaluation) goes to the object store once per search and each actor fetches it once, by reference. Ray's own
-    processes die with the thread that started them, so :meth:`start` must run on a thread that outlives the search
-    (the caller's). ``close`` shuts down an instance started here.
+    installed and that the address answers; :meth:`start` connects (or starts the local instance, 6 s or more on a
+    busy 2-core machine) and starts the actors, which import qgraph and onnxruntime once. Ray's own processes die
+    with the thread that started them, so :meth:`start` must run on a thread that outlives the search (the
+    caller's), while the search runs on another (see :func:`qgraph.tuning.driver.tune`): until the actors are ready
+    the trials run in this process, one at a time with the actors' thread count (so with the same results), and the
+    Ray start costs the search only its CPU time. The search's :class:`TrialContext` (the FP32 model, the
+    calibration data, the evaluation) goes to the object store once per search and each actor fetches it once, by
+    reference. ``close`` shuts down an instance started here.
 
-    A round (:meth:`run_round`) is a queue: each idle actor takes the next trial of the round's order, so both
+    A round (:meth:`run_round`) is a queue: each idle worker takes the next trial of the round's order, so both
     workers always have work while trials are left, and the outcomes are taken *in order*. Once the trial at
     position ``i`` is known to meet the bound nothing after it is started; a later trial already running is left to
-    finish on its actor (stopping a Python process mid-trial would cost a fresh actor, seconds of imports) and its
-    outcome dropped; that actor takes new work once it is done."""
+    finish (stopping a Python process mid-trial would cost a fresh actor, seconds of imports) and its outcome
+    dropped; its worker takes new work once it is done."""
 
     kind = "Ray"
+    #: Run trials in this process until the actors are ready.
+    head_start = True
 
     def __init__(self, workers: int, address: str | None = None) -> None:
         self._ray = import_ray()
@@ -237,29 +243,49 @@ class RayTrials:
         self._last_task: dict[int, Any] = {}
         self._context_reference: tuple[int, Any] | None = None
         self._started_here = False
+        self._starting = False
+        #: Set once the actors are ready, or the start failed (then ``_failure`` says why).
+        self._ready = threading.Event()
+        self._failure: RayError | None = None
+        #: Trials run in this process while Ray starts (one at a time).
+        self._local = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgraph-trial")
+        self._local_task: concurrent.futures.Future | None = None
 
     def start(self) -> None:
-        ray = self._ray
-        if self._actors:
+        """Connect or start Ray and the actors, and wait until they are ready (raises :class:`RayError`, which the
+        search also raises at its next round)."""
+        if self._starting:
             return
-        if not ray.is_initialized():
-            quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
+        self._starting = True
+        ray = self._ray
+        try:
+            if not ray.is_initialized():
+                quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
+                try:
+                    if self.address is None:
+                        ray.init(num_cpus=self.workers, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                                 _node_ip_address="127.0.0.1", **quiet)  # loopback only: nothing leaves the machine
+                        logger.info("started a local Ray instance with %d workers", self.workers)
+                    else:
+                        ray.init(address=self.address, **quiet)
+                        logger.info("connected to the Ray cluster at %s", self.address)
+                except Exception as error:
+                    where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
+                    raise RayError(f"could not start or reach {where}: {error}") from None
+                self._started_here = True
+            worker_class = ray.remote(num_cpus=1)(TrialWorker)
+            self._actors = [worker_class.remote() for _ in range(self.workers)]
+            self._last_task = {position: None for position in range(self.workers)}
             try:
-                if self.address is None:
-                    ray.init(num_cpus=self.workers, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                             _node_ip_address="127.0.0.1", **quiet)  # loopback only: nothing leaves the machine
-                    logger.info("started a local Ray instance with %d workers", self.workers)
-                else:
-                    ray.init(address=self.address, **quiet)
-                    logger.info("connected to the Ray cluster at %s", self.address)
+                ray.get([actor.ready.remote() for actor in self._actors])
             except Exception as error:
-                where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
-                raise RayError(f"could not start or reach {where}: {error}") from None
-            self._started_here = True
-        # each actor imports qgraph and onnxruntime (seconds) while this process scores the FP32 model
-        worker_class = ray.remote(num_cpus=1)(TrialWorker)
-        self._actors = [worker_class.remote() for _ in range(self.workers)]
-        self._last_task = {position: None for position in range(self.workers)}
+                raise RayError(f"the Ray workers could not start: {error}") from None
+            logger.info("%d Ray workers ready", self.workers)
+        except RayError as error:
+            self._failure = error
+            raise
+        finally:
+            self._ready.set()
 
     def _context(self, context: TrialContext) -> list:
         """The context's object reference, put once per search; wrapped in a list so that Ray passes the reference
@@ -275,39 +301,66 @@ class RayTrials:
 
     def run_round(self, context: TrialContext, jobs: Sequence[TrialJob],
                   stop: Callable[[TrialOutcome], bool] | None = None) -> list[TrialOutcome]:
-        self.start()
+        if not self._starting:
+            self.start()
         ray = self._ray
-        holder = self._context(context)
-        key = self._context_reference[0]
-        running: dict[Any, int] = {}  # task -> position in the round
+        running: dict[Any, int] = {}  # Ray task -> position in the round
+        local: int | None = None  # the position running in this process
         finished: dict[int, TrialOutcome] = {}
         outcomes: list[TrialOutcome] = []
         given = 0
         while len(outcomes) < len(jobs):
-            for actor in self._idle_actors():
-                if given == len(jobs):
-                    break
-                task = self._actors[actor].run.remote(key, holder, jobs[given], self.threads)
-                running[task], self._last_task[actor] = given, task
-                given += 1
+            if self._failure is not None:
+                raise self._failure
+            ready = self._ready.is_set()
+            if not ready and self.head_start and self._local_task is None and given < len(jobs):
+                self._local_task = self._local.submit(run_trial, context, jobs[given], self.threads)
+                local, given = given, given + 1
+            if ready:
+                holder = self._context(context)
+                for actor in self._idle_actors():
+                    if given == len(jobs):
+                        break
+                    task = self._actors[actor].run.remote(self._context_reference[0], holder, jobs[given],
+                                                          self.threads)
+                    running[task], self._last_task[actor] = given, task
+                    given += 1
+            progressed = False
+            if self._local_task is not None and self._local_task.done():
+                if local is not None:
+                    finished[local] = self._local_task.result()
+                    progressed = True
+                self._local_task, local = None, None
             # the round's running trials, and a trial of an earlier round still running (its actor frees up)
             waiting = list(running) + [task for task in self._last_task.values()
                                        if task is not None and task not in running]
-            ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
-            if not any(task in running for task in ready) and not (given < len(jobs) and ready):
-                ready, _ = ray.wait([task for task in waiting if task not in ready], num_returns=1)
-            for task in ready:
+            done = ray.wait(waiting, num_returns=len(waiting), timeout=0)[0] if waiting else []
+            for task in done:
                 if task in running:
                     finished[running.pop(task)] = ray.get(task)
+                    progressed = True
+            freed = bool(done) and given < len(jobs)
             while len(outcomes) in finished:
                 outcomes.append(finished.pop(len(outcomes)))
                 if stop is not None and stop(outcomes[-1]):
                     return outcomes  # later trials: not started; a running one finishes on its own, unread
+            if not progressed and not freed:
+                still = [task for task in waiting if task not in done]
+                if still and ready and self._local_task is None:
+                    ray.wait(still, num_returns=1)
+                elif still:
+                    ray.wait(still, num_returns=1, timeout=0.05)
+                else:
+                    time.sleep(0.05)
         return outcomes
 
     def map(self, function: Callable, arguments: Sequence[tuple]) -> list:
         """``function(*argument, threads)`` for each argument, spread over the actors."""
-        self.start()
+        if not self._starting:
+            self.start()
+        self._ready.wait()
+        if self._failure is not None:
+            raise self._failure
         tasks = [self._actors[position % self.workers].call.remote(function, argument, self.threads)
                  for position, argument in enumerate(arguments)]
         for position, task in enumerate(tasks):
@@ -315,6 +368,7 @@ class RayTrials:
         return self._ray.get(tasks)
 
     def close(self) -> None:
+        self._local.shutdown(wait=False)
         for actor in self._actors:
             self._ray.kill(actor)
         self._actors, self._last_task, self._context_reference = [], {}, None
@@ -336,6 +390,9 @@ class TrialWorker:
 
             self._context = (key, ray.get(holder[0]))
         return run_trial(self._context[1], job, threads)
+
+    def ready(self) -> int:
+        return os.getpid()
 
     def call(self, function: Callable, argument: tuple, threads: int):
         return function(*argument, threads)

@@ -208,9 +208,18 @@ def tune(
         raise QGraphError("tuning writes each trial's own recipe: --config cannot be combined with --eval "
                           "(put the names to keep in FP32 in --exclude instead)")
     base = dataclasses.replace(base, quantization=base_quantization)
-    executor = trial_executor(options.workers, options.ray_address)  # a local Ray instance starts meanwhile
+    executor = trial_executor(options.workers, options.ray_address)
     try:
-        return _tune(model, output, calibration_data, evaluate, options, base, executor, work_directory, started)
+        # the search runs on its own thread; this one starts Ray (its processes live as long as the thread that
+        # started them), the first trials running in this process meanwhile
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgraph-search") as pool:
+            searching = pool.submit(_tune, model, output, calibration_data, evaluate, options, base, executor,
+                                    work_directory, started)
+            try:
+                executor.start()
+            except QGraphError:
+                pass  # the search raises it at its next round
+            return searching.result()
     finally:
         executor.close()
 
@@ -218,12 +227,7 @@ def tune(
 def _tune(model: Path, output: Path, calibration_data, evaluate: Callable, options: TuningOptions,
           base: OptimizeOptions, executor, work_directory, started: float) -> TuningResult:
     base_quantization = base.quantization
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgraph-fp32-score") as pool:
-        scoring = pool.submit(_score, evaluate, model, "FP32 model")  # while a local Ray instance starts
-        try:
-            executor.start()
-        finally:
-            fp32_score = scoring.result()
+    fp32_score = _score(evaluate, model, "FP32 model")
     feeds = _latency_feeds(model, calibration_data, base_quantization) if options.latency_runs > 0 else None
     from qgraph.ray_trials import trial_latency
 
