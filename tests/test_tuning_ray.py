@@ -3,6 +3,7 @@ as in one process; Ray missing or an address that does not answer are clear erro
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -148,3 +149,15 @@ def test_without_ray_an_address_is_refused_and_workers_run_in_one_process(files,
     with caplog.at_level("WARNING"):
         executor = trial_executor(2)
     assert isinstance(executor, LocalTrials) and "run one after another in this process" in caplog.text
+
+
+def test_cli_tune_workers_runs_the_trials_on_ray(files, ray_module):
+    result = CliRunner().invoke(cli, ["optimize", str(files / "m.onnx"), "-o", str(files / "out.onnx"), "--calib",
+                                      str(files / "calib.npz"), "--eval",
+                                      f"{sys.executable} {files / 'score.py'} {{model}} {files / 'cli.log'}",
+                                      "--max-drop", "0.1", "--tune-workers", "2"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((files / "out.trials.json").read_text())
+    assert summary["executor"] == "Ray" and summary["workers"] == 2 and summary["bound_met"]
+    assert "conv3" in summary["trials"][summary["chosen"]]["fp32_layers"]
+    assert set((files / "cli.log").read_text().split()[1:]) == {str(max(1, cpu_count() // 2))}

@@ -390,10 +390,18 @@ def check_bound(tuning: TuningResult) -> None:
     if tuning.bound_met:
         return
     trial = tuning.trials[tuning.chosen]
+    unscored = sum(math.isnan(other.score) for other in tuning.trials)
+    nan_text = f"; {unscored} of them scored NaN or could not be built" if unscored else ""
+    if math.isnan(trial.score):
+        raise BoundNotMetError(
+            f"no configuration in {len(tuning.trials)} trials met the bound ({tuning.options.bound_text()}): every "
+            f"trial scored NaN or could not be built; #{tuning.chosen} ({trial.configuration.describe()}) was "
+            f"written all the same")
     raise BoundNotMetError(
         f"no configuration in {len(tuning.trials)} trials met the bound ({tuning.options.bound_text()}): the best, "
         f"#{tuning.chosen} ({trial.configuration.describe()}), scores {trial.score:.6g} against FP32 "
-        f"{tuning.fp32_score:.6g}, {tuning.shortfall:.4g} beyond the allowed drop; it was written all the same")
+        f"{tuning.fp32_score:.6g}, {tuning.shortfall:.4g} beyond the allowed drop{nan_text}; it was written all the "
+        f"same")
 
 
 def describe_trials(trials: Sequence[Trial], chosen: int) -> list[str]:
