@@ -340,8 +340,10 @@ class RayTrials:
                     finished[running.pop(task)] = ray.get(task)
                     progressed = True
             freed = bool(done) and given < len(jobs)
-            while len(outcomes) in finished:
-                outcomes.append(finished.pop(len(outcomes)))
+            for position in sorted(finished):  # the next outcomes of the order, as far as they are known
+                if position != len(outcomes):
+                    break
+                outcomes.append(finished.pop(position))
                 if stop is not None and stop(outcomes[-1]):
                     return outcomes  # later trials: not started; a running one finishes on its own, unread
             if not progressed and not freed:
