@@ -9,16 +9,19 @@ A trial (:func:`run_trial`) is self-contained: the FP32 model's bytes, the calib
 the evaluation as the environment variable ``QGRAPH_THREADS``), so that two workers on two cores do not
 oversubscribe them.
 
-A round of trials (see :mod:`qgraph.tuning.search`) is submitted whole to Ray and collected *in order*: once the
-trial at position ``i`` is known to meet the bound, the ones after it are cancelled. Run locally, the round stops at
-that trial. Either way the outcome is the same prefix of the round, so the search and its choice do not depend on
-where the trials ran nor on which finished first.
+A round of trials (see :mod:`qgraph.tuning.search`) is a queue taken in its order, collected *in order*: once the
+trial at position ``i`` is known to meet the bound, none after it starts (one already running finishes, unread). Run
+locally, the round stops at that trial. Either way the outcome is the same prefix of the round, so the search and its
+choice do not depend on where the trials ran nor on which finished first. On Ray the trials run on persistent actors
+(one per worker: qgraph imported once, the search's context fetched once by reference), and while Ray starts the
+first trials run in this process (see :class:`RayTrials`).
 
 Calibration shards (:func:`calibrate_sharded`): the batches are cut into ``workers`` contiguous shards, each worker
 observes one (:func:`qgraph.calibrate.driver.observe`), the observer states are merged — exactly: min/max and the
 power-of-two histograms merge count for count — and the ranges computed once, equal to a single-process
 :func:`qgraph.calibrate.driver.calibrate`. The moving-average observer (``ema``) depends on the batch order and is
-refused.
+refused. :class:`ShardedCalibration` puts it in :func:`qgraph.calibrate.driver.calibrate`'s place (a
+``QuantizeOptions.calibrator``): the tuning's sensitivity analysis calibrates that way on Ray.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from qgraph.calibrate.driver import (
     CalibrationResult,
     Observation,
     batch_samples,
+    calibrate,
     first_samples,
     merge_observations,
     observe,
@@ -180,6 +184,10 @@ class LocalTrials:
 
     def start(self) -> None:
         pass
+
+    def calibrator(self) -> None:
+        """Calibration stays :func:`qgraph.calibrate.driver.calibrate` in one process."""
+        return None
 
     def close(self) -> None:
         pass
@@ -369,6 +377,12 @@ class RayTrials:
             self._last_task[position % self.workers] = task
         return self._ray.get(tasks)
 
+    def calibrator(self) -> ShardedCalibration | None:
+        """Calibration sharded over the actors once they are ready (None before: calibrate in this process)."""
+        if not self._ready.is_set() or self._failure is not None or not self._actors:
+            return None
+        return ShardedCalibration(self)
+
     def close(self) -> None:
         self._local.shutdown(wait=False)
         for actor in self._actors:
@@ -422,6 +436,26 @@ def trial_executor(workers: int = 1, address: str | None = None) -> LocalTrials 
         logger.warning("Ray is not installed: the %d trials that would run at once run one after another in this "
                        "process (same results; `pip install qgraph[ray]` runs them in parallel)", workers)
         return LocalTrials()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedCalibration:
+    """:func:`qgraph.calibrate.driver.calibrate`, called the same way, with the batches observed in shards on the
+    executor's workers (:func:`calibrate_sharded`: the same ranges); the order-dependent moving average (``ema``)
+    stays in this process. A :class:`qgraph.ptq.QuantizeOptions` ``calibrator``."""
+
+    executor: Any
+
+    def __call__(self, model: ir.Model, plan: QuantPlan, batches: Iterable[Mapping[str, np.ndarray]],
+                 config: CalibrationConfig | None = None, *, progress: Callable[[int], None] | None = None,
+                 batch_axes: BatchAxes | None = None) -> CalibrationResult:
+        config = config or CalibrationConfig()
+        if config.method == "ema" or "ema" in plan.activation_methods.values():
+            return calibrate(model, plan, batches, config, progress=progress, batch_axes=batch_axes)
+        result = calibrate_sharded(model, plan, batches, config, self.executor, batch_axes=batch_axes)
+        if progress is not None:
+            progress(result.samples)
+        return result
 
 
 def _observe_shard(model_bytes: bytes, plan: QuantPlan, shard: list, config: CalibrationConfig,

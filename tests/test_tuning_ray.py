@@ -22,6 +22,7 @@ from qgraph.ray_trials import (
     LocalTrials,
     RayError,
     RayTrials,
+    ShardedCalibration,
     calibrate_sharded,
     check_address,
     cpu_count,
@@ -63,11 +64,11 @@ def ray_module():
     ray.shutdown()
 
 
-def test_two_ray_workers_choose_what_one_process_chooses(files, ray_module, monkeypatch):
+def test_two_ray_workers_choose_what_one_process_chooses(files, ray_module, monkeypatch, caplog):
     options = OptimizeOptions(quantization=QuantizeOptions())
     local = tune(files / "m.onnx", files / "local.onnx", files / "calib.npz", _evaluator(files, "local.log"),
                  TuningOptions(max_drop=0.1, latency_runs=2), options)
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch, caplog.at_level("INFO", logger="qgraph.ray_trials"):
         patch.setattr(RayTrials, "head_start", False)  # every trial on the actors, none in this process
         distributed = tune(files / "m.onnx", files / "ray.onnx", files / "calib.npz", _evaluator(files, "ray.log"),
                            TuningOptions(max_drop=0.1, latency_runs=2, workers=2), options)
@@ -93,6 +94,7 @@ def test_two_ray_workers_choose_what_one_process_chooses(files, ray_module, monk
     assert ray_threads == {str(max(1, cpu_count() // 2))}
     assert set((files / "local.log").read_text().split()[1:]) == {str(cpu_count())}
     assert ray_module.is_initialized()  # an instance the search did not start is left running
+    assert "shard(s) (Ray)" in caplog.text  # the fallback's sensitivity analysis calibrated on the workers
 
 
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile", "mse"])
@@ -104,7 +106,10 @@ def test_sharded_calibration_equals_one_process(method, ray_module):
     local = calibrate_sharded(model, plan, calibration_batches(count=5), config, LocalTrials(), shards=3)
     executor = trial_executor(2)
     try:
-        distributed = calibrate_sharded(model, plan, calibration_batches(count=5), config, executor)
+        executor.start()
+        assert isinstance(executor.calibrator(), ShardedCalibration)
+        # what the quantization calls in place of calibrate (QuantizeOptions.calibrator)
+        distributed = executor.calibrator()(model, plan, calibration_batches(count=5), config)
     finally:
         executor.close()
     assert whole.samples == local.samples == distributed.samples == 36

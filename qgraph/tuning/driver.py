@@ -144,14 +144,16 @@ def _score(evaluate: Callable, path: Path, what: str) -> float:
 
 
 def sensitivity_order(model: ir.Model | str | os.PathLike, calibration_data, base: QuantizeOptions,
-                      configuration: TrialConfiguration, recipe_path: Path,
-                      qat_epochs: int = 2) -> tuple[tuple[str, ...], dict[str, str]]:
+                      configuration: TrialConfiguration, recipe_path: Path, qat_epochs: int = 2,
+                      calibrator: Callable | None = None) -> tuple[tuple[str, ...], dict[str, str]]:
     """The quantized layers, the one whose quantization alone hurts the output SQNR most first (the sensitivity
-    analysis's full table, with a bound that no fallback is needed for), and each layer's weight initializer."""
+    analysis's full table, with a bound that no fallback is needed for), and each layer's weight initializer.
+    ``calibrator`` calibrates instead of :func:`qgraph.calibrate.driver.calibrate` (the same ranges: on Ray, the
+    shards of :class:`qgraph.ray_trials.ShardedCalibration`)."""
     bound = 1e-6  # below any model's output SQNR: the analysis ranks every layer and nothing falls back
     recipe_path.write_text(dataclasses.replace(configuration, qat=False).to_recipe(base, qat_epochs, min_sqnr=bound))
     options = dataclasses.replace(configuration.quantization(base, recipe_path), min_sqnr=bound,
-                                  sensitivity_table=True, speed_choice=False)
+                                  sensitivity_table=True, speed_choice=False, calibrator=calibrator)
     model = ir.serde.deserialize_model(ir.serde.serialize_model(model)) if isinstance(model, ir.Model) else model
     analysed = optimize(model, None, OptimizeOptions(quantization=options), calibration_data=calibration_data)
     layers = sorted(analysed.quantization.sensitivity.layers, key=lambda layer: layer.output_sqnr_db)
@@ -248,7 +250,7 @@ def _tune(model: Path, output: Path, calibration_data, evaluate: Callable, optio
 
     def order(configuration: TrialConfiguration):
         found = sensitivity_order(model, calibration_data, base_quantization, configuration,
-                                  work / "sensitivity.toml", options.qat_epochs)
+                                  work / "sensitivity.toml", options.qat_epochs, executor.calibrator())
         logger.info("sensitivity order: %s", ", ".join(found[0]))
         return found
 
