@@ -4,7 +4,8 @@ A trial (:func:`run_trial`) is self-contained: the FP32 model's bytes, the calib
 ``evaluate`` and the trial's recipe go in; the quantized model's bytes, its score, latency and size come out.
 :class:`LocalTrials` runs trials one after another in this process; :class:`RayTrials` runs them as Ray tasks
 (``pip install qgraph[ray]``), on a local Ray instance started on demand
-(``ray.init(num_cpus=workers, include_dashboard=False)``, logs kept quiet) or on an existing cluster
+(``ray.init(num_cpus=workers, include_dashboard=False)``, logs kept quiet, the workers at normal priority
+instead of Ray's nice 15) or on an existing cluster
 (``address``). Each trial's onnxruntime sessions use ``threads = cores // workers`` intra-op threads (also given to
 the evaluation as the environment variable ``QGRAPH_THREADS``), so that two workers on two cores do not
 oversubscribe them.
@@ -271,8 +272,10 @@ class RayTrials:
                 quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
                 try:
                     if self.address is None:
+                        # loopback only: nothing leaves the machine; the workers at the priority of this process
+                        # (Ray's default, nice 15, starves them behind any other load of the machine)
                         ray.init(num_cpus=self.workers, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                                 _node_ip_address="127.0.0.1", **quiet)  # loopback only: nothing leaves the machine
+                                 _node_ip_address="127.0.0.1", _system_config={"worker_niceness": 0}, **quiet)
                         logger.info("started a local Ray instance with %d workers", self.workers)
                     else:
                         ray.init(address=self.address, **quiet)
