@@ -232,10 +232,11 @@ class RayTrials:
     reference. ``close`` shuts down an instance started here.
 
     A round (:meth:`run_round`) is a queue: each idle worker takes the next trial of the round's order, so both
-    workers always have work while trials are left, and the outcomes are taken *in order*. Once the trial at
-    position ``i`` is known to meet the bound nothing after it is started; a later trial already running is left to
-    finish (stopping a Python process mid-trial would cost a fresh actor, seconds of imports) and its outcome
-    dropped; its worker takes new work once it is done."""
+    workers always have work while trials are left, and the outcomes are taken *in order*. Each trial gets
+    ``cores // min(workers, trials of the round)`` threads: a round of one trial (QAT) has the cores to itself.
+    Once the trial at position ``i`` is known to meet the bound nothing after it is started; a later trial already
+    running is left to finish (stopping a Python process mid-trial would cost a fresh actor, seconds of imports)
+    and its outcome dropped; its worker takes new work once it is done."""
 
     kind = "Ray"
     #: Run trials in this process until the actors are ready.
@@ -315,6 +316,8 @@ class RayTrials:
         if not self._starting:
             self.start()
         ray = self._ray
+        # a round of fewer trials than workers (one QAT trial, the last fallback point) shares the cores among them
+        threads = max(1, cpu_count() // max(1, min(self.workers, len(jobs))))
         running: dict[Any, int] = {}  # Ray task -> position in the round
         local: int | None = None  # the position running in this process
         finished: dict[int, TrialOutcome] = {}
@@ -325,15 +328,14 @@ class RayTrials:
                 raise self._failure
             ready = self._ready.is_set()
             if not ready and self.head_start and self._local_task is None and given < len(jobs):
-                self._local_task = self._local.submit(run_trial, context, jobs[given], self.threads)
+                self._local_task = self._local.submit(run_trial, context, jobs[given], threads)
                 local, given = given, given + 1
             if ready:
                 holder = self._context(context)
                 for actor in self._idle_actors():
                     if given == len(jobs):
                         break
-                    task = self._actors[actor].run.remote(self._context_reference[0], holder, jobs[given],
-                                                          self.threads)
+                    task = self._actors[actor].run.remote(self._context_reference[0], holder, jobs[given], threads)
                     running[task], self._last_task[actor] = given, task
                     given += 1
             progressed = False

@@ -89,9 +89,12 @@ def test_two_ray_workers_choose_what_one_process_chooses(files, ray_module, monk
         assert (files / f"{name}.toml").read_text() == (files / "local.toml").read_text()
     workers = {trial.worker for trial in distributed.trials}
     assert len(workers) == 2 and f"{socket.gethostname()}:{os.getpid()}" not in workers  # both actors, not here
-    # each worker's onnxruntime (and the evaluation) got cores / workers threads; one process all of them
-    ray_threads = set((files / "ray.log").read_text().split()[1:])  # the first line is the FP32 model's score
-    assert ray_threads == {str(max(1, cpu_count() // 2))}
+    # each worker's onnxruntime (and the evaluation) got cores / workers threads (all the cores in a round of one
+    # trial); one process all of them
+    ray_threads = (files / "ray.log").read_text().split()[1:]  # the first line is the FP32 model's score
+    # (a trial started past the first that met the bound is there too: it ran, unread)
+    assert len(ray_threads) >= len(distributed.trials) and str(max(1, cpu_count() // 2)) in ray_threads
+    assert set(ray_threads) <= {str(max(1, cpu_count() // 2)), str(cpu_count())}
     assert set((files / "local.log").read_text().split()[1:]) == {str(cpu_count())}
     assert ray_module.is_initialized()  # an instance the search did not start is left running
     assert "shard(s) (Ray)" in caplog.text  # the fallback's sensitivity analysis calibrated on the workers
@@ -165,4 +168,4 @@ def test_cli_tune_workers_runs_the_trials_on_ray(files, ray_module):
     summary = json.loads((files / "out.trials.json").read_text())
     assert summary["executor"] == "Ray" and summary["workers"] == 2 and summary["bound_met"]
     assert "conv3" in summary["trials"][summary["chosen"]]["fp32_layers"]
-    assert set((files / "cli.log").read_text().split()[1:]) == {str(max(1, cpu_count() // 2))}
+    assert str(max(1, cpu_count() // 2)) in (files / "cli.log").read_text().split()[1:]
