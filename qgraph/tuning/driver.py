@@ -7,7 +7,9 @@ bound ``--max-drop d`` when ``s₃₂ − s ≤ d`` (higher is better) or ``s �
 The search (:mod:`qgraph.tuning.search`) proposes rounds of configurations cheapest first; each trial runs from its
 own TOML recipe without the automatic SQNR fallback (the metric decides what goes back to FP32), is scored, and its
 latency (median batch-1 run time at full optimisation, :mod:`qgraph.latency`) and size recorded. Trials run in this
-process or as Ray tasks (:mod:`qgraph.ray_trials`, ``workers``/``ray_address``), with the same choice. The budget
+process or on Ray actors (:mod:`qgraph.ray_trials`, ``workers``/``ray_address``), with the same choice; with Ray the
+search runs on its own thread while the caller's starts Ray, the first trials running in this process meanwhile,
+and the sensitivity analysis calibrates on the workers. The budget
 (``--tune-budget``: trials, or minutes) bounds the search. The chosen trial — the first that met the bound, or with
 ``--tune-for speed`` the fastest that did (all of them timed side by side at the end), or, when none met it, the
 best-scoring one — is written to the output, with its recipe next to it (``OUT`` with suffix ``.toml``) that
@@ -36,7 +38,7 @@ import onnx_ir as ir
 from qgraph.errors import OutputPathError, QGraphError
 from qgraph.pipeline import OptimizeOptions, OptimizeResult, calibration_batches, optimize
 from qgraph.ptq import QuantizeOptions
-from qgraph.ray_trials import TrialContext, TrialJob, TrialOutcome, cpu_count, trial_executor
+from qgraph.ray_trials import LocalTrials, TrialContext, TrialJob, TrialOutcome, cpu_count, trial_executor
 from qgraph.tuning.configuration import Trial, TrialConfiguration, TuningOptions
 from qgraph.tuning.search import ModelFacts, search_rounds
 
@@ -211,6 +213,8 @@ def tune(
                           "(put the names to keep in FP32 in --exclude instead)")
     base = dataclasses.replace(base, quantization=base_quantization)
     executor = trial_executor(options.workers, options.ray_address)
+    if isinstance(executor, LocalTrials):  # nothing to start: the search runs on this thread
+        return _tune(model, output, calibration_data, evaluate, options, base, executor, work_directory, started)
     try:
         # the search runs on its own thread; this one starts Ray (its processes live as long as the thread that
         # started them), the first trials running in this process meanwhile
