@@ -3,6 +3,8 @@ as in one process; Ray missing or an address that does not answer are clear erro
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import sys
 import textwrap
@@ -16,7 +18,16 @@ from qgraph.calibrate.driver import CalibrationConfig, calibrate
 from qgraph.cli.main import cli
 from qgraph.pipeline import OptimizeOptions
 from qgraph.ptq import QuantizeOptions
-from qgraph.ray_trials import LocalTrials, RayError, calibrate_sharded, check_address, cpu_count, trial_executor
+from qgraph.ray_trials import (
+    LocalTrials,
+    RayError,
+    RayTrials,
+    ShardedCalibration,
+    calibrate_sharded,
+    check_address,
+    cpu_count,
+    trial_executor,
+)
 from qgraph.targets import get_target
 from qgraph.tuning import TuningOptions, command_evaluator, tune
 from tests.ptq.small_models import calibration_batches, residual_cnn
@@ -45,33 +56,48 @@ def _evaluator(files, log: str):
 
 @pytest.fixture(scope="module")
 def ray_module():
+    """One local Ray instance of 2 workers for the module (RayTrials uses it and leaves it running)."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (the ray extra; the dev extra brings it)")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     yield ray
-    if ray.is_initialized():
-        ray.shutdown()
+    ray.shutdown()
 
 
-def test_two_ray_workers_choose_what_one_process_chooses(files, ray_module):
+def test_two_ray_workers_choose_what_one_process_chooses(files, ray_module, monkeypatch, caplog):
     options = OptimizeOptions(quantization=QuantizeOptions())
     local = tune(files / "m.onnx", files / "local.onnx", files / "calib.npz", _evaluator(files, "local.log"),
                  TuningOptions(max_drop=0.1, latency_runs=2), options)
-    distributed = tune(files / "m.onnx", files / "ray.onnx", files / "calib.npz", _evaluator(files, "ray.log"),
-                       TuningOptions(max_drop=0.1, latency_runs=2, workers=2), options)
+    with monkeypatch.context() as patch, caplog.at_level("INFO", logger="qgraph.ray_trials"):
+        patch.setattr(RayTrials, "head_start", False)  # every trial on the actors, none in this process
+        distributed = tune(files / "m.onnx", files / "ray.onnx", files / "calib.npz", _evaluator(files, "ray.log"),
+                           TuningOptions(max_drop=0.1, latency_runs=2, workers=2), options)
+    # by default the first trials run in this process while the actors start: the same search all the same
+    head_start = tune(files / "m.onnx", files / "head.onnx", files / "calib.npz", _evaluator(files, "head.log"),
+                      TuningOptions(max_drop=0.1, latency_runs=2, workers=2), options)
     assert local.executor == "one process" and distributed.executor == "Ray" and distributed.workers == 2
     assert local.bound_met and distributed.bound_met
     chosen = distributed.trials[distributed.chosen].configuration
     assert chosen == local.trials[local.chosen].configuration and "conv3" in chosen.fp32_layers
     # the rounds' outcomes are the same prefixes: the same trials, in the same order, with the same scores
-    assert [t.configuration for t in distributed.trials] == [t.configuration for t in local.trials]
-    assert [t.score for t in distributed.trials] == [t.score for t in local.trials]
-    assert (files / "ray.onnx").read_bytes() == (files / "local.onnx").read_bytes()
-    assert (files / "ray.toml").read_text() == (files / "local.toml").read_text()
-    assert len({trial.worker for trial in distributed.trials}) == 2  # the method round ran on both workers
-    # each worker's onnxruntime (and the evaluation) got cores / workers threads; one process all of them
-    ray_threads = set((files / "ray.log").read_text().split()[1:])  # the first line is the FP32 model's score
-    assert ray_threads == {str(max(1, cpu_count() // 2))}
+    for other in (distributed, head_start):
+        assert [t.configuration for t in other.trials] == [t.configuration for t in local.trials]
+        assert [t.score for t in other.trials] == [t.score for t in local.trials]
+        assert other.chosen == local.chosen
+    for name in ("ray", "head"):
+        assert (files / f"{name}.onnx").read_bytes() == (files / "local.onnx").read_bytes()
+        assert (files / f"{name}.toml").read_text() == (files / "local.toml").read_text()
+    workers = {trial.worker for trial in distributed.trials}
+    assert len(workers) == 2 and f"{socket.gethostname()}:{os.getpid()}" not in workers  # both actors, not here
+    # each worker's onnxruntime (and the evaluation) got cores / workers threads (all the cores in a round of one
+    # trial); one process all of them
+    ray_threads = (files / "ray.log").read_text().split()[1:]  # the first line is the FP32 model's score
+    # (a trial started past the first that met the bound is there too: it ran, unread)
+    assert len(ray_threads) >= len(distributed.trials) and str(max(1, cpu_count() // 2)) in ray_threads
+    assert set(ray_threads) <= {str(max(1, cpu_count() // 2)), str(cpu_count())}
     assert set((files / "local.log").read_text().split()[1:]) == {str(cpu_count())}
-    assert not ray_module.is_initialized()  # the local instance started on demand was shut down
+    assert ray_module.is_initialized()  # an instance the search did not start is left running
+    assert "shard(s) (Ray)" in caplog.text  # the fallback's sensitivity analysis calibrated on the workers
 
 
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile", "mse"])
@@ -83,7 +109,10 @@ def test_sharded_calibration_equals_one_process(method, ray_module):
     local = calibrate_sharded(model, plan, calibration_batches(count=5), config, LocalTrials(), shards=3)
     executor = trial_executor(2)
     try:
-        distributed = calibrate_sharded(model, plan, calibration_batches(count=5), config, executor)
+        executor.start()
+        assert isinstance(executor.calibrator(), ShardedCalibration)
+        # what the quantization calls in place of calibrate (QuantizeOptions.calibrator)
+        distributed = executor.calibrator()(model, plan, calibration_batches(count=5), config)
     finally:
         executor.close()
     assert whole.samples == local.samples == distributed.samples == 36
@@ -128,3 +157,15 @@ def test_without_ray_an_address_is_refused_and_workers_run_in_one_process(files,
     with caplog.at_level("WARNING"):
         executor = trial_executor(2)
     assert isinstance(executor, LocalTrials) and "run one after another in this process" in caplog.text
+
+
+def test_cli_tune_workers_runs_the_trials_on_ray(files, ray_module):
+    result = CliRunner().invoke(cli, ["optimize", str(files / "m.onnx"), "-o", str(files / "out.onnx"), "--calib",
+                                      str(files / "calib.npz"), "--eval",
+                                      f"{sys.executable} {files / 'score.py'} {{model}} {files / 'cli.log'}",
+                                      "--max-drop", "0.1", "--tune-workers", "2"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((files / "out.trials.json").read_text())
+    assert summary["executor"] == "Ray" and summary["workers"] == 2 and summary["bound_met"]
+    assert "conv3" in summary["trials"][summary["chosen"]]["fp32_layers"]
+    assert str(max(1, cpu_count() // 2)) in (files / "cli.log").read_text().split()[1:]

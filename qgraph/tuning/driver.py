@@ -7,7 +7,9 @@ bound ``--max-drop d`` when ``s₃₂ − s ≤ d`` (higher is better) or ``s �
 The search (:mod:`qgraph.tuning.search`) proposes rounds of configurations cheapest first; each trial runs from its
 own TOML recipe without the automatic SQNR fallback (the metric decides what goes back to FP32), is scored, and its
 latency (median batch-1 run time at full optimisation, :mod:`qgraph.latency`) and size recorded. Trials run in this
-process or as Ray tasks (:mod:`qgraph.ray_trials`, ``workers``/``ray_address``), with the same choice. The budget
+process or on Ray actors (:mod:`qgraph.ray_trials`, ``workers``/``ray_address``), with the same choice; with Ray the
+search runs on its own thread while the caller's starts Ray, the first trials running in this process meanwhile,
+and the sensitivity analysis calibrates on the workers. The budget
 (``--tune-budget``: trials, or minutes) bounds the search. The chosen trial — the first that met the bound, or with
 ``--tune-for speed`` the fastest that did (all of them timed side by side at the end), or, when none met it, the
 best-scoring one — is written to the output, with its recipe next to it (``OUT`` with suffix ``.toml``) that
@@ -36,7 +38,7 @@ import onnx_ir as ir
 from qgraph.errors import OutputPathError, QGraphError
 from qgraph.pipeline import OptimizeOptions, OptimizeResult, calibration_batches, optimize
 from qgraph.ptq import QuantizeOptions
-from qgraph.ray_trials import TrialContext, TrialJob, TrialOutcome, cpu_count, trial_executor
+from qgraph.ray_trials import LocalTrials, TrialContext, TrialJob, TrialOutcome, cpu_count, trial_executor
 from qgraph.tuning.configuration import Trial, TrialConfiguration, TuningOptions
 from qgraph.tuning.search import ModelFacts, search_rounds
 
@@ -144,14 +146,16 @@ def _score(evaluate: Callable, path: Path, what: str) -> float:
 
 
 def sensitivity_order(model: ir.Model | str | os.PathLike, calibration_data, base: QuantizeOptions,
-                      configuration: TrialConfiguration, recipe_path: Path,
-                      qat_epochs: int = 2) -> tuple[tuple[str, ...], dict[str, str]]:
+                      configuration: TrialConfiguration, recipe_path: Path, qat_epochs: int = 2,
+                      calibrator: Callable | None = None) -> tuple[tuple[str, ...], dict[str, str]]:
     """The quantized layers, the one whose quantization alone hurts the output SQNR most first (the sensitivity
-    analysis's full table, with a bound that no fallback is needed for), and each layer's weight initializer."""
+    analysis's full table, with a bound that no fallback is needed for), and each layer's weight initializer.
+    ``calibrator`` calibrates instead of :func:`qgraph.calibrate.driver.calibrate` (the same ranges: on Ray, the
+    shards of :class:`qgraph.ray_trials.ShardedCalibration`)."""
     bound = 1e-6  # below any model's output SQNR: the analysis ranks every layer and nothing falls back
     recipe_path.write_text(dataclasses.replace(configuration, qat=False).to_recipe(base, qat_epochs, min_sqnr=bound))
     options = dataclasses.replace(configuration.quantization(base, recipe_path), min_sqnr=bound,
-                                  sensitivity_table=True, speed_choice=False)
+                                  sensitivity_table=True, speed_choice=False, calibrator=calibrator)
     model = ir.serde.deserialize_model(ir.serde.serialize_model(model)) if isinstance(model, ir.Model) else model
     analysed = optimize(model, None, OptimizeOptions(quantization=options), calibration_data=calibration_data)
     layers = sorted(analysed.quantization.sensitivity.layers, key=lambda layer: layer.output_sqnr_db)
@@ -208,9 +212,20 @@ def tune(
         raise QGraphError("tuning writes each trial's own recipe: --config cannot be combined with --eval "
                           "(put the names to keep in FP32 in --exclude instead)")
     base = dataclasses.replace(base, quantization=base_quantization)
-    executor = trial_executor(options.workers, options.ray_address)  # a local Ray instance starts meanwhile
-    try:
+    executor = trial_executor(options.workers, options.ray_address)
+    if isinstance(executor, LocalTrials):  # nothing to start: the search runs on this thread
         return _tune(model, output, calibration_data, evaluate, options, base, executor, work_directory, started)
+    try:
+        # the search runs on its own thread; this one starts Ray (its processes live as long as the thread that
+        # started them), the first trials running in this process meanwhile
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgraph-search") as pool:
+            searching = pool.submit(_tune, model, output, calibration_data, evaluate, options, base, executor,
+                                    work_directory, started)
+            try:
+                executor.start()
+            except QGraphError:
+                pass  # the search raises it at its next round
+            return searching.result()
     finally:
         executor.close()
 
@@ -218,12 +233,7 @@ def tune(
 def _tune(model: Path, output: Path, calibration_data, evaluate: Callable, options: TuningOptions,
           base: OptimizeOptions, executor, work_directory, started: float) -> TuningResult:
     base_quantization = base.quantization
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgraph-fp32-score") as pool:
-        scoring = pool.submit(_score, evaluate, model, "FP32 model")  # while a local Ray instance starts
-        try:
-            executor.start()
-        finally:
-            fp32_score = scoring.result()
+    fp32_score = _score(evaluate, model, "FP32 model")
     feeds = _latency_feeds(model, calibration_data, base_quantization) if options.latency_runs > 0 else None
     from qgraph.ray_trials import trial_latency
 
@@ -244,7 +254,7 @@ def _tune(model: Path, output: Path, calibration_data, evaluate: Callable, optio
 
     def order(configuration: TrialConfiguration):
         found = sensitivity_order(model, calibration_data, base_quantization, configuration,
-                                  work / "sensitivity.toml", options.qat_epochs)
+                                  work / "sensitivity.toml", options.qat_epochs, executor.calibrator())
         logger.info("sensitivity order: %s", ", ".join(found[0]))
         return found
 
@@ -386,10 +396,18 @@ def check_bound(tuning: TuningResult) -> None:
     if tuning.bound_met:
         return
     trial = tuning.trials[tuning.chosen]
+    unscored = sum(math.isnan(other.score) for other in tuning.trials)
+    nan_text = f"; {unscored} of them scored NaN or could not be built" if unscored else ""
+    if math.isnan(trial.score):
+        raise BoundNotMetError(
+            f"no configuration in {len(tuning.trials)} trials met the bound ({tuning.options.bound_text()}): every "
+            f"trial scored NaN or could not be built; #{tuning.chosen} ({trial.configuration.describe()}) was "
+            f"written all the same")
     raise BoundNotMetError(
         f"no configuration in {len(tuning.trials)} trials met the bound ({tuning.options.bound_text()}): the best, "
         f"#{tuning.chosen} ({trial.configuration.describe()}), scores {trial.score:.6g} against FP32 "
-        f"{tuning.fp32_score:.6g}, {tuning.shortfall:.4g} beyond the allowed drop; it was written all the same")
+        f"{tuning.fp32_score:.6g}, {tuning.shortfall:.4g} beyond the allowed drop{nan_text}; it was written all the "
+        f"same")
 
 
 def describe_trials(trials: Sequence[Trial], chosen: int) -> list[str]:
