@@ -45,10 +45,13 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing
 import os
+import pickle
 import shutil
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +61,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from qgraph.errors import QGraphError
 from qgraph.models import text_corpus
 from qgraph.models.common import IR_VERSION, OPSET_VERSION
 
@@ -415,19 +419,61 @@ def _best_parameters(model: onnx.ModelProto, recipe: TextTrainingRecipe, trainin
                      threads: int | None, progress: Callable | None = None
                      ) -> tuple[dict[str, np.ndarray], Any]:
     """Train a training-form ``model`` on ``training_batches`` (a callable giving one epoch of ``steps`` batches);
-    return the best checkpoint's parameters and the :class:`TrainingResult`."""
-    from qgraph.train import Trainer, training_api
+    return the best checkpoint's parameters and the :class:`TrainingResult`.
+
+    The training runs in a forked child process (:func:`_fit_in_child`) that hands back its result through a file:
+    onnxruntime-training 1.19.2 corrupts its heap on the encoder's training graph (``double free or corruption``
+    or a segmentation fault when the training module is torn down after the last epoch, reproduced from a 1-layer,
+    hidden-64 encoder after about 500 steps, with fixed or varying batch shapes), which used to kill the whole
+    run with it; the checkpoints on disk are complete by then, so the parent reads the best one and goes on."""
+    from qgraph.train import training_api
 
     config = training_config(recipe, steps, threads)
     logger.info("training %s: %d epochs of %d steps, batch %d, %s", recipe.name, recipe.epochs, steps,
                 recipe.batch_size, config.schedule)
-    trainer = Trainer(model, config, work / "training", progress=progress)
-    result = trainer.fit(training_batches, validation_batches).raise_for_status()
-    # The parameters are read from the best checkpoint itself rather than through Trainer.export, which opens a
-    # second training module: with onnxruntime-training 1.19.2 a process that did so twice died once after the
-    # export (heap corruption), losing the run.
-    state = training_api().api.CheckpointState.load_checkpoint(os.fspath(result.best_checkpoint))
-    return {name: np.array(state.parameters[name].data, dtype=np.float32) for name in parameter_names}, result
+    handed_back = work / "training-result.pickle"
+    handed_back.unlink(missing_ok=True)
+    process = multiprocessing.get_context("fork").Process(
+        target=_fit_in_child, args=(model, config, work, training_batches, validation_batches, progress,
+                                    handed_back))
+    process.start()
+    process.join()
+    if not handed_back.exists():
+        raise QGraphError(f"training {recipe.name} died with exit status {process.exitcode} before it finished "
+                          f"(see its output above); its checkpoints are in {work / 'training'}")
+    with open(handed_back, "rb") as file:
+        outcome = pickle.load(file)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    if process.exitcode != 0:
+        logger.warning("the training process of %s ended with exit status %s after handing back its result "
+                       "(onnxruntime-training's heap corruption at teardown); its best checkpoint is complete and "
+                       "used", recipe.name, process.exitcode)
+    state = training_api().api.CheckpointState.load_checkpoint(os.fspath(outcome.best_checkpoint))
+    return {name: np.array(state.parameters[name].data, dtype=np.float32) for name in parameter_names}, outcome
+
+
+def _fit_in_child(model: onnx.ModelProto, config: Any, work: Path, training_batches: Callable,
+                  validation_batches: list, progress: Callable | None, handed_back: Path) -> None:
+    """The child of :func:`_best_parameters`: train, write the :class:`TrainingResult` (or the error) to
+    ``handed_back`` atomically, and leave without tearing onnxruntime's objects down."""
+    from qgraph.train import Trainer
+
+    try:
+        trainer = Trainer(model, config, work / "training", progress=progress)
+        outcome: Any = trainer.fit(training_batches, validation_batches).raise_for_status()
+    except Exception as error:  # handed to the parent, which raises it
+        traceback.print_exc()
+        outcome = error
+    partial = handed_back.with_suffix(".partial")
+    try:
+        with open(partial, "wb") as file:
+            pickle.dump(outcome, file)
+    except Exception:  # an error that does not pickle: the parent reports the exit status
+        traceback.print_exc()
+        os._exit(1)
+    os.replace(partial, handed_back)
+    os._exit(0)
 
 
 #: ``build(weights, config, form=...)``: a model's graph builder.

@@ -264,3 +264,35 @@ def test_reference_recipe_meets_the_issue_sizes():
     assert config.pre_norm and config.position_initialization == "sinusoidal"
     parameters = sum(math.prod(shape) for shape in text_encoder.parameter_shapes(config).values())
     assert 3_000_000 < parameters < 4_000_000
+
+
+@pytest.mark.qat  # trains through onnxruntime-training
+def test_a_training_process_that_dies_after_handing_back_its_result_does_not_lose_the_run(tmp_path, monkeypatch,
+                                                                                          caplog):
+    import os
+    import signal
+
+    from qgraph.models import text_transformer
+
+    # in the forked child, leaving ends in a segmentation fault, as onnxruntime-training's teardown did
+    monkeypatch.setattr(text_transformer.os, "_exit", lambda status: os.kill(os.getpid(), signal.SIGSEGV))
+    recipe = text_encoder.tiny_recipe(epochs=1, train_limit=32, validation_limit=16)
+    with caplog.at_level("WARNING"):
+        result = text_encoder.train_text_encoder(recipe, tmp_path / "model.onnx", threads=1)
+    assert (tmp_path / "model.onnx").is_file() and result["steps"] == math.ceil(32 / recipe.batch_size)
+    assert "ended with exit status -11 after handing back its result" in caplog.text
+
+
+@pytest.mark.qat  # trains through onnxruntime-training
+def test_a_training_process_that_dies_during_training_is_a_clear_error(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from qgraph.errors import QGraphError
+    from qgraph.train import Trainer
+
+    monkeypatch.setattr(Trainer, "fit", lambda *arguments, **keywords: os.kill(os.getpid(), signal.SIGKILL))
+    recipe = text_encoder.tiny_recipe(epochs=1, train_limit=32, validation_limit=16)
+    with pytest.raises(QGraphError, match="training text_encoder_tiny died with exit status -9 before it finished"):
+        text_encoder.train_text_encoder(recipe, tmp_path / "model.onnx", threads=1)
+    assert not (tmp_path / "model.onnx").exists()
