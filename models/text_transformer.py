@@ -69,7 +69,7 @@ logger = logging.getLogger(__name__)
 
 FORMS = ("training", "inference")
 #: Changes whenever the graphs or the training code change what a cached model contains.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the encoder selects its masked rows after the head LayerNormalization
 CACHE_ENVIRONMENT_VARIABLE = "QGRAPH_CACHE_DIR"
 #: What Hugging Face fills masked attention scores with: ``torch.finfo(torch.float32).min``.
 MASK_FILL_VALUE = float(np.finfo(np.float32).min)
