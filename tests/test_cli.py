@@ -222,3 +222,18 @@ def test_a_closed_pipe_ends_quietly():
     stderr = process.stderr.read().decode()
     process.wait(timeout=60)
     assert "Traceback" not in stderr and "internal error" not in stderr
+
+
+@pytest.mark.parametrize("flag, shown", [("-v", True), ("-vv", True), ("", False)])
+def test_verbose_shows_the_log_although_onnxruntime_configured_logging_first(model_path, tmp_path, flag, shown):
+    # onnxruntime-training calls logging.basicConfig when it is imported, before the group's callback runs (click
+    # imports the optimize command to resolve it): the flag must still set qgraph's level, in a fresh process
+    import subprocess
+    import sys
+
+    arguments = [flag] if flag else []
+    completed = subprocess.run([sys.executable, "-m", "qgraph.cli", *arguments, "optimize", str(model_path), "-o",
+                                str(tmp_path / "out.onnx")], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert ("INFO qgraph.ir.load: loaded" in completed.stderr) == shown
+    assert ("DEBUG qgraph." in completed.stderr) == (flag == "-vv")

@@ -66,7 +66,9 @@ class _Commands(click.Group):
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # force: importing onnxruntime-training 1.19.2 calls logging.basicConfig itself (onnxruntime/tools/logger.py),
+    # and click resolves the subcommand, importing it, before this runs; without force -v and -q did nothing
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
