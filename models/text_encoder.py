@@ -340,13 +340,15 @@ def masked_token_accuracy(model: str | os.PathLike | onnx.ModelProto, batches: l
 def reference_recipe() -> TextTrainingRecipe:
     """The reference encoder: pre-norm, 4 layers, hidden 256, 4 heads, FFN 1024, sequence 64, sinusoidal starting
     positions and shared query/key starting weights (:func:`initial_weights`); 30% of the characters masked, batch
-    16, two epochs, AdamW at 2·10⁻³ after a 5% warm-up, cosine decay (see models/README.md)."""
+    16, eight epochs, AdamW at 5·10⁻⁴ after a 5% warm-up, cosine decay (see models/README.md). A sweep on 512 held-out
+    sequences put the learning rate there: 2·10⁻³ plateaued near 22 % masked-character accuracy after two epochs,
+    5·10⁻⁴ reached 25.9 % after two and 35.0 % after six, still rising."""
     config = text_transformer.corpus_config(TextEncoderConfig, hidden_size=256, num_layers=4, num_heads=4,
                                             intermediate_size=1024, max_positions=64, pre_norm=True,
                                             position_initialization="sinusoidal",
                                             shared_query_key_initialization=True)
-    return TextTrainingRecipe(name="text_encoder", architecture=config, sequence_length=64, epochs=2,
-                              batch_size=16, learning_rate=2e-3, weight_decay=0.01, warmup_fraction=0.05,
+    return TextTrainingRecipe(name="text_encoder", architecture=config, sequence_length=64, epochs=8,
+                              batch_size=16, learning_rate=5e-4, weight_decay=0.01, warmup_fraction=0.05,
                               mask_rate=0.3)
 
 
