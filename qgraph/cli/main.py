@@ -65,10 +65,18 @@ class _Commands(click.Group):
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
+    """Root logging at the flags' level, written to stderr. Importing onnxruntime-training 1.19.2 calls
+    ``logging.basicConfig`` itself (onnxruntime/tools/logger.py), and click resolves the subcommand, importing it,
+    before this runs: a plain stderr handler found on the root logger is replaced (another kind, such as a test's
+    capture handler, stays), and the level is set whatever handlers there are."""
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    # force: importing onnxruntime-training 1.19.2 calls logging.basicConfig itself (onnxruntime/tools/logger.py),
-    # and click resolves the subcommand, importing it, before this runs; without force -v and -q did nothing
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    root = logging.getLogger()
+    for handler in [handler for handler in root.handlers if type(handler) is logging.StreamHandler]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
