@@ -129,7 +129,7 @@ class QuantizeOptions:
     #: SmoothQuant migration strength α in [0, 1] (see qgraph.passes.canonicalize.smooth_quant); None: off.
     smooth_quant: float | None = None
     #: What calibrates the plan's activations instead of :func:`qgraph.calibrate.driver.calibrate`, called the same
-    #: way and giving the same ranges (the tuning's :class:`qgraph.ray_trials.ShardedCalibration` observes shards on
+    #: way (``keep_outputs`` included) and giving the same ranges and kept outputs (the tuning's :class:`qgraph.ray_trials.ShardedCalibration` observes shards on
     #: Ray workers); None: that function.
     calibrator: Callable[..., CalibrationResult] | None = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -286,14 +286,10 @@ def quantize(
         batches = retain_batches(batches, options.sensitivity_batches if measuring else 1, kept)
     fixed = fixed_ranges(model, plan)  # Softmax probabilities: [0, 1] without calibration
     observed = dataclasses.replace(plan, activations=tuple(name for name in plan.activations if name not in fixed))
-    if observed.activations:
-        if options.calibrator is None:  # the probe also returns the outputs the sensitivity search compares with
-            calibration = calibrate(model, observed, batches, options.calibration, progress=progress,
-                                    batch_axes=batch_axes,
-                                    keep_outputs=options.sensitivity_batches if options.min_sqnr is not None else 0)
-        else:  # the search computes its FP32 reference itself
-            calibration = options.calibrator(model, observed, batches, options.calibration, progress=progress,
-                                             batch_axes=batch_axes)
+    if observed.activations:  # the probe also returns the outputs the sensitivity search compares with
+        calibration = (options.calibrator or calibrate)(
+            model, observed, batches, options.calibration, progress=progress, batch_axes=batch_axes,
+            keep_outputs=options.sensitivity_batches if options.min_sqnr is not None else 0)
     else:  # every quantized node quantizes its activations at run time: nothing to calibrate
         calibration = CalibrationResult({}, 0, 0, 0.0)
     calibration = dataclasses.replace(calibration, ranges={**calibration.ranges, **fixed})

@@ -453,49 +453,58 @@ class ShardedCalibration:
 
     def __call__(self, model: ir.Model, plan: QuantPlan, batches: Iterable[Mapping[str, np.ndarray]],
                  config: CalibrationConfig | None = None, *, progress: Callable[[int], None] | None = None,
-                 batch_axes: BatchAxes | None = None) -> CalibrationResult:
+                 batch_axes: BatchAxes | None = None, keep_outputs: int = 0) -> CalibrationResult:
         config = config or CalibrationConfig()
         if config.method == "ema" or "ema" in plan.activation_methods.values():
-            return calibrate(model, plan, batches, config, progress=progress, batch_axes=batch_axes)
-        result = calibrate_sharded(model, plan, batches, config, self.executor, batch_axes=batch_axes)
+            return calibrate(model, plan, batches, config, progress=progress, batch_axes=batch_axes,
+                             keep_outputs=keep_outputs)
+        result = calibrate_sharded(model, plan, batches, config, self.executor, batch_axes=batch_axes,
+                                   keep_outputs=keep_outputs)
         if progress is not None:
             progress(result.samples)
         return result
 
 
 def _observe_shard(model_bytes: bytes, plan: QuantPlan, shard: list, config: CalibrationConfig,
-                   batch_axes: BatchAxes | None, threads: int) -> Observation:
+                   batch_axes: BatchAxes | None, keep_outputs: int, threads: int) -> Observation:
     model = ir.serde.deserialize_model(onnx.load_from_string(model_bytes))
     return observe(model, plan, shard, dataclasses.replace(config, threads=threads, samples=None),
-                   batch_axes=batch_axes)
+                   batch_axes=batch_axes, keep_outputs=keep_outputs)
 
 
 def calibrate_sharded(model: ir.Model, plan: QuantPlan, batches: Iterable[Mapping[str, np.ndarray]],
                       config: CalibrationConfig | None = None, executor: LocalTrials | RayTrials | None = None, *,
-                      shards: int | None = None, batch_axes: BatchAxes | None = None) -> CalibrationResult:
+                      shards: int | None = None, batch_axes: BatchAxes | None = None,
+                      keep_outputs: int = 0) -> CalibrationResult:
     """:func:`~qgraph.calibrate.driver.calibrate` with the batches observed in ``shards`` (default: the
-    executor's workers) contiguous shards, each on a worker, the states merged and the ranges computed once."""
+    executor's workers) contiguous shards, each on a worker, the states merged and the ranges computed once;
+    ``keep_outputs`` as there (the model's outputs on the first batches, kept by the shards that observe them)."""
     config = config or CalibrationConfig()
     executor = executor or LocalTrials()
     if config.method == "ema" or "ema" in plan.activation_methods.values():
         raise QGraphError("calibration shards merge exactly for minmax, entropy, percentile and mse; the moving "
                           "average (ema) depends on the batch order: calibrate it in one process")
     started = time.perf_counter()
-    kept, samples = [], 0
+    kept, samples, whole = [], 0, 0
     for batch in batches:  # config.samples cuts the whole set, before it is split
         count = batch_samples(batch, batch_axes)
         if config.samples is not None and samples + count > config.samples:
             batch, count = first_samples(batch, config.samples - samples, batch_axes), config.samples - samples
+        else:
+            whole += 1
         if count <= 0:
             break
         kept.append(batch)
         samples += count
+    keep_outputs = min(keep_outputs, whole)  # as calibrate: no output of a cut batch
     count = max(1, min(shards or executor.workers, len(kept)))
     bounds = np.linspace(0, len(kept), count + 1).round().astype(int)
     model_bytes = ir.serde.serialize_model(model).SerializeToString()
-    arguments = [(model_bytes, plan, kept[low:high], config, batch_axes) for low, high in zip(bounds, bounds[1:])]
+    arguments = [(model_bytes, plan, kept[low:high], config, batch_axes, max(0, keep_outputs - low))
+                 for low, high in zip(bounds, bounds[1:])]
     observations = executor.map(_observe_shard, arguments)
     result = ranges_from_observation(model, plan, merge_observations(observations), config)
+    result = dataclasses.replace(result, outputs=result.outputs[:keep_outputs])
     logger.info("calibrated %d tensors on %d samples in %d shard(s) (%s) in %.1fs", len(plan.activations),
                 result.samples, count, executor.kind, time.perf_counter() - started)
     return dataclasses.replace(result, seconds=time.perf_counter() - started)

@@ -9,6 +9,7 @@ import socket
 import sys
 import textwrap
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
@@ -105,19 +106,27 @@ def test_sharded_calibration_equals_one_process(method, ray_module):
     model = ir.serde.deserialize_model(residual_cnn())
     plan = annotate(model, get_target("ort-cpu").rules())
     config = CalibrationConfig(method=method, samples=36)
-    whole = calibrate(model, plan, calibration_batches(count=5), config)
-    local = calibrate_sharded(model, plan, calibration_batches(count=5), config, LocalTrials(), shards=3)
+    # 5 batches of 8 cut at 36 samples: the fifth is cut, so at most 4 outputs are kept; the shards hold batches
+    # [0, 2), [2, 3), [3, 5), so the kept outputs run over all three
+    whole = calibrate(model, plan, calibration_batches(count=5), config, keep_outputs=5)
+    local = calibrate_sharded(model, plan, calibration_batches(count=5), config, LocalTrials(), shards=3,
+                              keep_outputs=5)
     executor = trial_executor(2)
     try:
         executor.start()
         assert isinstance(executor.calibrator(), ShardedCalibration)
         # what the quantization calls in place of calibrate (QuantizeOptions.calibrator)
-        distributed = executor.calibrator()(model, plan, calibration_batches(count=5), config)
+        distributed = executor.calibrator()(model, plan, calibration_batches(count=5), config, keep_outputs=3)
     finally:
         executor.close()
     assert whole.samples == local.samples == distributed.samples == 36
     assert whole.ranges == local.ranges == distributed.ranges
     assert len(whole.ranges) >= 6
+    assert len(whole.outputs) == len(local.outputs) == 4 and len(distributed.outputs) == 3
+    for reference, sharded in zip(whole.outputs, [*local.outputs, *distributed.outputs]):
+        assert reference.keys() == sharded.keys() and reference
+        for name in reference:
+            np.testing.assert_allclose(reference[name], sharded[name], rtol=1e-6, atol=1e-6)
 
 
 def test_sharded_calibration_refuses_the_order_dependent_moving_average():

@@ -280,35 +280,49 @@ class Observation:
     states: Mapping[str, dict]
     samples: int
     batches: int
+    #: With ``keep_outputs=n``: the model's outputs on the shard's first ``n`` batches (as
+    #: :attr:`CalibrationResult.outputs`).
+    outputs: tuple[Mapping[str, np.ndarray], ...] = ()
 
 
 def observe(model: ir.Model, plan: QuantPlan, batches: Iterable[Mapping[str, np.ndarray]],
-            config: CalibrationConfig | None = None, *, batch_axes: BatchAxes | None = None) -> Observation:
-    """Observe ``batches`` (one shard of the calibration set; ``config.samples`` cuts it) without deriving ranges."""
+            config: CalibrationConfig | None = None, *, batch_axes: BatchAxes | None = None,
+            keep_outputs: int = 0) -> Observation:
+    """Observe ``batches`` (one shard of the calibration set; ``config.samples`` cuts it) without deriving ranges;
+    ``keep_outputs``: keep the model's outputs on that many first batches too."""
     config = config or CalibrationConfig()
     tensors, _, observers, probe = _observation_setup(model, plan, config)
     seen: set[str] = set()
+    outputs: list[dict[str, np.ndarray]] = []
     workers = observer_threads(config.threads)
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qgraph-observe") as executor:
         samples, batches_seen = _stream(probe, list(probe.inputs), batches, config, executor, workers, observers,
-                                        seen, None, batch_axes)
+                                        seen, None, batch_axes, outputs if keep_outputs > 0 else None, keep_outputs)
     states = {tensor: observers[tensor].state_dict() for tensor in tensors if tensor in seen}
-    return Observation(states, samples, batches_seen)
+    return Observation(states, samples, batches_seen, tuple(outputs))
 
 
 def merge_observations(observations: Iterable[Observation]) -> Observation:
-    """One observation equal to that of all the shards' batches together (states merged tensor by tensor)."""
+    """One observation equal to that of all the shards' batches together (states merged tensor by tensor), the
+    shards taken in the order of their batches: the kept outputs run on from one shard into the next as long as
+    each shard kept an output for every batch it saw."""
     from qgraph.calibrate.observers import observer_from_state
 
     merged: dict[str, object] = {}
     samples = batches = 0
+    outputs: list[Mapping[str, np.ndarray]] = []
+    contiguous = True
     for observation in observations:
         for tensor, state in observation.states.items():
             observer = observer_from_state(state)
             merged[tensor] = observer if tensor not in merged else merged[tensor].merge(observer)
         samples += observation.samples
         batches += observation.batches
-    return Observation({tensor: observer.state_dict() for tensor, observer in merged.items()}, samples, batches)
+        if contiguous:
+            outputs.extend(observation.outputs)
+            contiguous = len(observation.outputs) == observation.batches
+    return Observation({tensor: observer.state_dict() for tensor, observer in merged.items()}, samples, batches,
+                       tuple(outputs))
 
 
 def ranges_from_observation(model: ir.Model, plan: QuantPlan, observation: Observation,
@@ -324,7 +338,8 @@ def ranges_from_observation(model: ir.Model, plan: QuantPlan, observation: Obser
     observers = {tensor: observer_from_state(state) for tensor, state in observation.states.items()}
     ranges, extremes, errors = _derive_ranges(observers, aliases, plan)
     seconds = time.perf_counter() - start
-    return CalibrationResult(ranges, observation.samples, observation.batches, seconds, seconds, extremes, errors)
+    return CalibrationResult(ranges, observation.samples, observation.batches, seconds, seconds, extremes, errors,
+                             observation.outputs)
 
 
 def _stream(
