@@ -44,7 +44,9 @@ speed-up over FP32 is at least ``1 - tolerance`` at every batch size, else the F
 or, when an integer model was asked for whatever its speed, the fastest integer candidate marked
 ``slower_than_float``, with the reason either way.
 
-Cost: every measurement is one :func:`qgraph.latency.measure_latency` table (FP32 and the formats; then FP32, the
+Cost: every measurement is one :func:`qgraph.latency.measure_latency` table (the formats, with FP32 only when no
+trial table follows, since the trial table times FP32 beside the best format and gives the verdict: FP32, the slowest
+model, took half of the format table's time on ResNet-18; then FP32, the
 best format and one candidate per region class present and per integer region tried; then, when two or more were
 taken, their combination; then, only when still slower than FP32, the rescue; then, only near or below 1×, the
 confirmation), each bounded by the latency options' budget, plus one session and one lowering per candidate: the
@@ -587,17 +589,18 @@ def choose_speed(
         """One table of ``names``; with ``questions``, its rounds end once they are settled (see
         :func:`stopping_rule`; ``first_questions`` count at the first batch size only)."""
         chosen = {name: built[name] for name in names}
+        reference = FLOAT if FLOAT in chosen else names[0]
         if measure is None:
             stop = None
             if questions is not None and options.settle_band is not None:
                 stop = stopping_rule(questions, options.settle_band, options.settle_rounds, first_questions,
                                      options.latency.batch_sizes[0])
             latency = dataclasses.replace(options.latency, largest_first=stop is not None)
-            table = measure_latency(chosen, latency, reference=FLOAT, feeds=feeds, stop=stop, pool=pool)
+            table = measure_latency(chosen, latency, reference=reference, feeds=feeds, stop=stop, pool=pool)
         elif feeds is None:
-            table = measure(chosen, options.latency, reference=FLOAT)
+            table = measure(chosen, options.latency, reference=reference)
         else:
-            table = measure(chosen, options.latency, reference=FLOAT, feeds=feeds)
+            table = measure(chosen, options.latency, reference=reference, feeds=feeds)
         tables.append(table)
         return table
 
@@ -610,14 +613,17 @@ def choose_speed(
     tables: list[LatencyTable] = []
     formats = [add(Candidate(output_format)) for output_format in options.formats]
     trial_classes = [name for name in options.region_classes if regions[name]] + list(integer_regions)
-    # the formats' speed-ups over FP32 matter here only when no trial table follows (it measures the verdict)
-    table = measured([FLOAT, *formats],
-                     [Question(name, formats[0], clear, challenger=True) for name in formats[1:]]
-                     + ([] if trial_classes else [Question(name, FLOAT, near) for name in formats]))
+    # the formats' speed-ups over FP32 matter here only when no trial table follows (it times FP32 beside the best
+    # format and gives the verdict): FP32, the slowest model and on ResNet-18 half of this table's time, is timed
+    # here only then; one format and a trial table to follow leave nothing to compare here
     best = formats[0]  # the first format (the target's lowering) unless another is clearly faster
-    for name in formats[1:]:
-        if _clearly_faster(table, name, best, options.margin):
-            best = name
+    if not trial_classes or len(formats) > 1:
+        table = measured([*([] if trial_classes else [FLOAT]), *formats],
+                         [Question(name, formats[0], clear, challenger=True) for name in formats[1:]]
+                         + ([] if trial_classes else [Question(name, FLOAT, near) for name in formats]))
+        for name in formats[1:]:
+            if _clearly_faster(table, name, best, options.margin):
+                best = name
     reasons = [f"{best} fastest of {', '.join(formats)}"]
     taken: list[str] = []
     harmless: list[str] = []  # trials that did not make the model slower at batch 1 (the first batch size)
