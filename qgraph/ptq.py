@@ -129,8 +129,8 @@ class QuantizeOptions:
     #: SmoothQuant migration strength α in [0, 1] (see qgraph.passes.canonicalize.smooth_quant); None: off.
     smooth_quant: float | None = None
     #: What calibrates the plan's activations instead of :func:`qgraph.calibrate.driver.calibrate`, called the same
-    #: way (``keep_outputs`` included) and giving the same ranges and kept outputs (the tuning's :class:`qgraph.ray_trials.ShardedCalibration` observes shards on
-    #: Ray workers); None: that function.
+    #: way (``keep_outputs`` included) and giving the same ranges and kept outputs (the tuning's
+    #: :class:`qgraph.ray_trials.ShardedCalibration` observes shards on Ray workers); None: that function.
     calibrator: Callable[..., CalibrationResult] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:

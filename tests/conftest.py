@@ -75,3 +75,20 @@ def _plain_lowering_unless_marked(request, monkeypatch):
 
     monkeypatch.setattr(ptq, "speed_choice_applies", never)
     monkeypatch.setattr(pipeline, "speed_choice_applies", never)
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A test that runs the command line in-process (CliRunner) sets the root logger's level and handler, as the
+    command should in its own process; the next test starts from the logging it found."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    for handler in [handler for handler in root.handlers if handler not in handlers]:
+        root.removeHandler(handler)
+    for handler in handlers:  # the ones the command replaced
+        if handler not in root.handlers:
+            root.addHandler(handler)

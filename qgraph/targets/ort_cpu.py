@@ -12,10 +12,12 @@ exact everywhere).
 
 ``transformer_kernels="fast"`` (TargetOptions) appends :data:`FAST_TRANSFORMER_PASSES` to the QOperator lowering:
 each integer self-attention block becomes one com.microsoft QAttention (the int8 projections and a float attention
-core in one kernel) and an exact GELU whose output is quantized becomes FastGelu (the tanh form, within a quarter
-step of the output quantization). The accuracy to FP32 is the same or better; the written model no longer follows
-the QDQ simulation within deploy parity's one step (the attention's quantization steps are gone, and the GELU's
-sub-step differences add up end to end), so it is not the default. docs/runtime-facts.md has the timings.
+core in one kernel), an exact GELU whose output is quantized becomes FastGelu (the tanh form, within a quarter
+step of the output quantization), and float readers of a quantized activation (the residual Add beside a
+projection's QuantizeLinear) read the float tensor instead of its DequantizeLinear. The accuracy to FP32 is the same
+or better; the written model no longer follows the QDQ simulation within deploy parity's one step (the attention's
+quantization steps are gone, the residuals carry no rounding, and the GELU's sub-step differences add up end to
+end), so it is not the default. docs/runtime-facts.md has the timings.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from qgraph.annotate.annotator import (
 )
 from qgraph.errors import QGraphError
 from qgraph.passes.infrastructure import QGraphPass
+from qgraph.passes.lower.bypass_float_dequantize import BypassFloatDequantize
 from qgraph.passes.lower.lower_conv_integer import LowerConvInteger
 from qgraph.passes.lower.lower_fast_gelu import LowerFastGelu
 from qgraph.passes.lower.lower_four_bit_matmul import LowerFourBitMatMul
@@ -70,7 +73,7 @@ LOWERING_PASSES: tuple[type[QGraphPass], ...] = (
 )
 #: What ``transformer_kernels="fast"`` adds after the lowering: each needs the projections / GELU as the passes above
 #: leave them, and each moves outputs away from the QDQ simulation (see their modules and docs/runtime-facts.md).
-FAST_TRANSFORMER_PASSES: tuple[type[QGraphPass], ...] = (LowerQuantizedAttention, LowerFastGelu)
+FAST_TRANSFORMER_PASSES: tuple[type[QGraphPass], ...] = (LowerQuantizedAttention, LowerFastGelu, BypassFloatDequantize)
 #: MatMulNBits' accuracy_level for 4-bit MatMul/Gemm weights: 4 (x quantized to int8 per block, VNNI kernels) ran
 #: 1.8-3.1x faster than 0 (float) at every batch size; it moves some outputs by a step, the SQNR not measurably
 #: (docs/runtime-facts.md).

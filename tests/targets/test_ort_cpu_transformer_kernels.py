@@ -1,4 +1,5 @@
-"""ort-cpu's transformer_kernels option: "fast" adds QAttention and FastGelu to the lowering, "exact" (default) not."""
+"""ort-cpu's transformer_kernels option: "fast" adds QAttention, FastGelu and float residuals to the lowering, "exact"
+(default) not."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import pytest
 from qgraph import runtime
 from qgraph.errors import QGraphError
 from qgraph.models.bert import BertLayout, BertOptions, build_bert, example_inputs
+from qgraph.passes.lower.bypass_float_dequantize import BypassFloatDequantize
 from qgraph.passes.lower.lower_fast_gelu import LowerFastGelu
 from qgraph.passes.lower.lower_quantized_attention import LowerQuantizedAttention
 from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.ptq import QuantizeOptions
 from qgraph.targets import TargetOptions, get_target
 
-FAST = (LowerQuantizedAttention, LowerFastGelu)
+FAST = (LowerQuantizedAttention, LowerFastGelu, BypassFloatDequantize)
 LAYOUT = BertLayout(layers=2, hidden=64, heads=4, intermediate=256, vocabulary=256, max_positions=64)
 
 
@@ -27,7 +29,7 @@ def test_the_default_lowering_keeps_exact_kernels():
 
 def test_fast_adds_the_fused_passes_after_the_lowering():
     passes = get_target("ort-cpu", TargetOptions(transformer_kernels="fast")).lowering_passes()
-    assert passes[-2:] == FAST
+    assert passes[-3:] == FAST
     assert get_target("ort-cpu", TargetOptions(transformer_kernels="fast", format="qdq")).lowering_passes() == ()
 
 
@@ -57,6 +59,12 @@ def test_a_fast_encoder_runs_fused_and_stays_close_to_fp32(activations):
         assert (op_types.count("QAttention") == LAYOUT.layers) == (kernels == "fast")
         # static activations quantize the GELU output with a constant scale; dynamic ones at run time (kept exact)
         assert ("FastGelu" in op_types) == (kernels == "fast" and activations == "static")
+        # static activations: each LayerNorm output is quantized for a projection and dequantized for the residual
+        # Add; fast lets the Add read the float output, exact keeps the simulation's view
+        producers = {output: node.op_type for node in written.graph.node for output in node.output}
+        residual_pairs = sum(node.op_type == "DequantizeLinear" and producers.get(node.input[0]) == "QuantizeLinear"
+                             for node in written.graph.node)
+        assert (residual_pairs > 0) == (kernels == "exact" and activations == "static")
         feeds = example_inputs(LAYOUT, 3, 16, seed=11)  # padded rows included
         session = runtime.create_session(written, optimize=True)
         outputs[kernels] = session.run(["last_hidden_state"], feeds)[0]
