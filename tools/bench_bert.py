@@ -9,7 +9,8 @@ onnxruntime's ``quantize_dynamic`` (int8 weights per tensor, the tool's default)
 per-channel int8 weights, uint8 activations, min-max calibration), both applied to the same FP32 file.
 
     python tools/bench_bert.py [--batch 1 8] [--sequence 128] [--threads 2] [--rounds 30] [--reduce-range on]
-                               [--clock cpu] [--save FOLDER [--reuse]] [--layers 12] [--speed-choice on]
+                               [--clock cpu] [--spinning off] [--save FOLDER [--reuse]] [--layers 12]
+                               [--speed-choice on]
                                [--profile] [--variants fp32 ort-dynamic ort-static qgraph-static qgraph-dynamic
                                                       qgraph-static-fast qgraph-dynamic-fast]
 
@@ -25,6 +26,11 @@ sleeping instead of spinning when idle: on a machine shared with other work, whe
 up to 7x between runs, CPU time counts the work a run needs rather than the moments it waited for a core.
 ``--profile`` prints, per variant and batch, onnxruntime's kernel time per operator type (the median over the
 profiled runs, the ``enable_profiling`` trace).
+``--spinning off`` (the default with ``--clock cpu``) lets onnxruntime's idle worker threads sleep instead of spin
+(``session.intra_op.allow_spinning``); with ``--clock wall`` it times what a deployment with spinning off waits for.
+On the 2-vCPU machine of docs/runtime-facts.md, spinning threads put qgraph's static-fast model at 1.30× the faster
+onnxruntime quantizer by best times and 1.11× by medians in one run (threads spinning for a core the other variant's
+threads held); with spinning off best and median agreed within 2% in every run.
 """
 
 from __future__ import annotations
@@ -203,6 +209,9 @@ def main() -> None:
     parser.add_argument("--reduce-range", choices=("auto", "on", "off"), default="off")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: elapsed time; cpu: the process's CPU time with onnxruntime's spinning off")
+    parser.add_argument("--spinning", choices=("on", "off"),
+                        help="onnxruntime's worker threads spin while idle (default: on with --clock wall, off "
+                             "with cpu)")
     parser.add_argument("--save", metavar="FOLDER", help="keep the models there (fp32.onnx, qgraph-static.onnx, …)")
     parser.add_argument("--reuse", action="store_true", help="time the models already in --save FOLDER")
     parser.add_argument("--speed-choice", choices=("on", "off"), default="off",
@@ -222,11 +231,12 @@ def main() -> None:
         os.makedirs(folder, exist_ok=True)
         paths = build_variants(arguments, layout, folder)
         cpu = arguments.clock == "cpu"
-        sessions = {name: runtime.create_session(path, optimize=True, threads=arguments.threads, spinning=not cpu)
+        spinning = not cpu if arguments.spinning is None else arguments.spinning == "on"
+        sessions = {name: runtime.create_session(path, optimize=True, threads=arguments.threads, spinning=spinning)
                     for name, path in paths.items()}
         print(f"BERT-base shape ({layout.layers} layers, hidden {layout.hidden}, {layout.heads} heads), sequence "
               f"{arguments.sequence}, {arguments.threads} threads, reduce-range {arguments.reduce_range}, "
-              f"{arguments.rounds} rounds side by side, {arguments.clock} time")
+              f"{arguments.rounds} rounds side by side, {arguments.clock} time, spinning {'on' if spinning else 'off'}")
         for batch in arguments.batch:
             feeds = example_inputs(layout, batch, arguments.sequence, seed=7)
             reference = sessions["fp32"].run(["last_hidden_state"], feeds)[0]
