@@ -87,10 +87,19 @@ class Progress:
         self.update(amount)
 
     def update(self, amount: float = 1, *, note: str | None = None) -> None:
-        """Add ``amount`` units of done work; ``note`` replaces the text shown after the bar."""
+        """Add ``amount`` units of done work; ``note`` replaces the text shown after the bar. The bar closes once the
+        total is done (the work after it, such as the search that follows calibration, is not counted in its time);
+        later updates only count."""
         self.done += amount
         if note is not None:
             self.note = note
+        if self._closed:
+            return
+        if self.total is not None and self.done >= self.total:
+            if self._active and self._bar is not None:
+                self._bar.update(amount)
+            self.close()
+            return
         if not self._active:
             return
         if self._bar is not None:
