@@ -156,6 +156,6 @@ class Progress:
         if self._active:
             if self._bar is not None:
                 self._bar.close()
-            else:
-                self._draw(time.perf_counter(), final=True)
+            elif self.done > 0 or self._last_draw > float("-inf"):  # a bar never drawn nor moved stays unsaid (an
+                self._draw(time.perf_counter(), final=True)  # error before the first sample: only the error shows)
         logger.info("%s: %g%s in %.1f s", self.description, self.done, f" {self.unit}" if self.unit else "", elapsed)

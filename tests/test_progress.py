@@ -65,3 +65,11 @@ def test_quiet_draws_nothing(monkeypatch):
     finally:
         logging.getLogger("qgraph").setLevel(logging.NOTSET)
     assert stream.getvalue() == ""
+
+
+def test_a_bar_closed_before_any_work_draws_nothing(drawn):
+    # `qgraph optimize m.onnx -o m.onnx --calib c.npz` is refused inside the bar's block: only the error shows
+    with pytest.raises(ValueError):
+        with Progress(64, "calibrating", unit="samples", stream=drawn):
+            raise ValueError("the output path is the input model")
+    assert drawn.getvalue() == ""
