@@ -156,6 +156,18 @@ def read_params(node: ir.Node) -> QuantParams | str:
     )
 
 
+def pair_mismatch(quantize: ir.Node, dequantize: ir.Node) -> str | None:
+    """Why a QuantizeLinear and a DequantizeLinear are not each other's inverse (unreadable or different
+    parameters: the pair requantizes), or None when they quantize alike."""
+    quantize_params, dequantize_params = read_params(quantize), read_params(dequantize)
+    for params in (quantize_params, dequantize_params):
+        if isinstance(params, str):
+            return params
+    if not quantize_params.same_as(dequantize_params):
+        return "the DQ and Q parameters differ: this pair requantizes"
+    return None
+
+
 def dequantize_of(value: ir.Value | None) -> ir.Node | None:
     """The DequantizeLinear (default domain) that produces ``value``, if any."""
     if value is None:

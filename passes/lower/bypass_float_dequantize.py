@@ -73,13 +73,8 @@ class BypassFloatDequantize(RewritePass):
             if any(qdq.output_is_quantized_only(value) for value in reader.outputs):
                 return Refusal(f"{reader.op_type} {reader.name} reads it inside a Q/DQ island (onnxruntime may "
                                f"fuse the island into an integer kernel)")
-        quantized, dequantized = qdq.read_params(plan.quantize), qdq.read_params(plan.dequantize)
-        for params in (quantized, dequantized):
-            if isinstance(params, str):
-                return Refusal(params)
-        if not quantized.same_as(dequantized):
-            return Refusal("the DequantizeLinear's parameters differ from the QuantizeLinear's")
-        return plan
+        mismatch = qdq.pair_mismatch(plan.quantize, plan.dequantize)
+        return plan if mismatch is None else Refusal(mismatch)
 
     def rewrite(self, plan: _Plan, context: RewriteContext) -> None:
         plan.dequantize.outputs[0].replace_all_uses_with(plan.quantize.inputs[0])

@@ -73,13 +73,9 @@ class RemoveRedundantQuantization(RewritePass):
         if isinstance(match, _DeadNode):
             return match
         node, dequantize = match.quantize, match.dequantize
-        quantize_params = qdq.read_params(node)
-        dequantize_params = qdq.read_params(dequantize)
-        for params in (quantize_params, dequantize_params):
-            if isinstance(params, str):
-                return Refusal(params)
-        if not quantize_params.same_as(dequantize_params):
-            return Refusal("the DQ and Q parameters differ: this pair requantizes")
+        mismatch = qdq.pair_mismatch(node, dequantize)
+        if mismatch is not None:
+            return Refusal(mismatch)
         if node.outputs[0].is_graph_output() and not _may_be_renamed(dequantize.inputs[0]):
             return Refusal("the Q output is a graph output and its replacement cannot take its name")
         return match
