@@ -301,3 +301,24 @@ def test_a_training_process_that_dies_during_training_is_a_clear_error(tmp_path,
     with pytest.raises(QGraphError, match="training text_encoder_tiny died with exit status -9 before it finished"):
         text_encoder.train_text_encoder(recipe, tmp_path / "model.onnx", threads=1)
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_the_tuning_scorer_prints_the_masked_token_accuracy_last(tmp_path):
+    # tools/score_text_encoder.py, the --eval command for tuning on the encoder: the reference recipe's test set
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[2] / "tools" / "score_text_encoder.py"
+    recipe = text_encoder.reference_recipe()
+    config = dataclasses.replace(CONFIG, vocab_size=text_encoder.text_corpus.corpus_vocabulary().size,
+                                 max_positions=recipe.sequence_length)
+    path = tmp_path / "encoder.onnx"
+    onnx.save(build_text_encoder(perturbed_weights(config), config), path)
+    completed = subprocess.run([sys.executable, str(tool), str(path), "--limit", "8"], capture_output=True,
+                               text=True, timeout=300, env={**os.environ, "QGRAPH_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr
+    batches = held_out_batches("test", recipe.sequence_length, limit=8, rate=recipe.mask_rate)
+    expected = 100 * masked_token_accuracy(path, batches).accuracy
+    assert completed.stdout.strip().splitlines()[-1] == f"{expected:.2f}"
