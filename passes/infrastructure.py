@@ -135,6 +135,7 @@ class RewritePass(QGraphPass):
     def call(self, model: ir.Model) -> PassResult:
         context = RewriteContext(model)
         modified = False
+        refused, first = 0, ""
         for graph in list(iterate_graphs(model)):
             for node in list(graph):
                 if node.graph is None:  # removed by an earlier rewrite in this run
@@ -144,7 +145,11 @@ class RewritePass(QGraphPass):
                     continue
                 plan = self.check(match, context)
                 if isinstance(plan, Refusal):
-                    logger.info("%s: leaving %s (%s): %s", self.pass_name(), node.name, node.op_type, plan.reason)
+                    # one line per node at debug level (-vv); -v gets one line per pass (a BERT-base encoder has 144
+                    # Adds whose operand is no constant: one line, not 144)
+                    logger.debug("%s: leaving %s (%s): %s", self.pass_name(), node.name, node.op_type, plan.reason)
+                    refused += 1
+                    first = first or f"{node.name} ({node.op_type}): {plan.reason}"
                     continue
                 if plan is None or isinstance(plan, str):
                     raise TypeError(
@@ -152,6 +157,10 @@ class RewritePass(QGraphPass):
                     )
                 self.rewrite(plan, context)
                 modified = True
+        if refused:
+            logger.info("%s: left %d match%s as %s, the first %s%s", self.pass_name(), refused,
+                        "" if refused == 1 else "es", "it was" if refused == 1 else "they were", first,
+                        "" if refused == 1 else " (-vv lists each)")
         return PassResult(model, modified)
 
 

@@ -271,12 +271,26 @@ def printed(subject: ir.Model) -> str:
 def test_a_refusal_is_logged_and_leaves_the_graph_unchanged(caplog):
     subject = model()
     before = printed(subject)
-    with caplog.at_level(logging.INFO, logger="qgraph.passes.infrastructure"):
+    with caplog.at_level(logging.DEBUG, logger="qgraph.passes.infrastructure"):
         result = KeepNeg()(subject)
     assert not result.modified
     assert printed(result.model) == before
+    records = [record for record in caplog.records if record.name == "qgraph.passes.infrastructure"]
+    # each node at debug level, one line per pass at info level (-v), naming the first; the parsed node has no name
+    assert [(record.levelname, record.getMessage()) for record in records] == [
+        ("DEBUG", "KeepNeg: leaving  (Neg): a Neg reading 'b' stays"),
+        ("INFO", "KeepNeg: left 1 match as it was, the first  (Neg): a Neg reading 'b' stays")]
+
+
+def test_many_refusals_make_one_info_line(caplog):
+    subject = model()
+    for _ in range(3):  # three more Negs, unread: four refusals in all
+        subject.graph.append(ir.node("Neg", [subject.graph.outputs[0].producer().inputs[0]]))
+    with caplog.at_level(logging.INFO, logger="qgraph.passes.infrastructure"):
+        KeepNeg()(subject)
     messages = [record.getMessage() for record in caplog.records if record.name == "qgraph.passes.infrastructure"]
-    assert messages == ["KeepNeg: leaving  (Neg): a Neg reading 'b' stays"]  # the parsed node has no name
+    assert messages == ["KeepNeg: left 4 matches as they were, the first  (Neg): a Neg reading 'b' stays "
+                        "(-vv lists each)"]
 
 
 def test_rewrite_receives_the_plan_check_returned_and_the_run_context():

@@ -49,7 +49,7 @@ def _analysis(model: onnx.ModelProto):
 def test_below_opset_17_the_refusal_names_the_opset_it_needs(caplog):
     plans, _ = _analysis(flax_layer_norm("flax", opset=15))
     assert len(plans) == 1 and isinstance(plans[0], OpsetRefusal) and plans[0].needed == 17
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG):
         check_pass(flax_layer_norm("flax", opset=15), FuseGeneralLayerNormalization(), expect_modified=False)
     assert "needs opset 17" in caplog.text
 
@@ -89,7 +89,7 @@ def test_forms_that_are_not_layer_norm_are_left_alone(breakage, caplog):
         for node in model.graph.node:
             if node.op_type == "Sub" and node.input[0] != "x":
                 node.op_type = "Add"
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG):
         check_pass(model, FuseGeneralLayerNormalization(), expect_modified=False, rtol=1e-4, atol=1e-5)
     assert "leaving" in caplog.text
 
@@ -98,7 +98,7 @@ def test_a_mean_read_outside_the_layer_norm_is_fan_out(caplog):
     model = flax_layer_norm("pow")
     mean = next(node for node in model.graph.node if node.op_type == "ReduceMean").output[0]
     model.graph.output.append(onnx.helper.make_tensor_value_info(mean, onnx.TensorProto.FLOAT, ["batch", 49, 1]))
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG):
         check_pass(model, FuseGeneralLayerNormalization(), expect_modified=False)
     assert "graph output" in caplog.text
 
@@ -126,6 +126,6 @@ def test_a_model_without_any_normalisation_logs_nothing(caplog):
             s = Sigmoid(x)
             y = Mul(x, s)
         }""")
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG):
         check_pass(model, FuseGeneralLayerNormalization(), expect_modified=False)
     assert "FuseGeneralLayerNormalization" not in caplog.text
