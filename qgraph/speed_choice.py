@@ -6,6 +6,11 @@ depthwise 3x3/5x5 convolutions 1.5–3× slower, and the 3-channel stem 2× slow
 choice is measured (:mod:`qgraph.latency`), not predicted, among candidates built from one QDQ graph (the plan's
 scales stay the same in all of them):
 
+0. first the *lead*: the target's lowering against FP32 alone. When it is at least ``decisive_speedup`` (2×) as fast
+   at every batch size, nothing else is timed: the other candidates win a few percent where they win (on ResNet-18,
+   2.5–2.8× FP32 at batch 1, none did), and timing them took 1.5 s of a 13.4 s ``qgraph optimize`` over 1,000
+   images, where the lead takes 0.8 s. The lead's rounds may end after two: a lead that noise made
+   look decisive only spares the search, the model being far faster than FP32 either way. Otherwise:
 1. the whole-model formats: QOperator (the target's lowering) and QDQ (onnxruntime fuses the pairs itself);
 2. per *region class*, the fastest format with the class kept FP32 (:class:`~qgraph.passes.lower.keep_float_nodes.
    KeepFloatNodes`): ``stem`` (a convolution reading the graph input, directly or through layout operators such
@@ -44,7 +49,8 @@ speed-up over FP32 is at least ``1 - tolerance`` at every batch size, else the F
 or, when an integer model was asked for whatever its speed, the fastest integer candidate marked
 ``slower_than_float``, with the reason either way.
 
-Cost: every measurement is one :func:`qgraph.latency.measure_latency` table (the formats, with FP32 only when no
+Cost: every measurement is one :func:`qgraph.latency.measure_latency` table (the lead; past it, the formats, with
+FP32 only when no
 trial table follows, since the trial table times FP32 beside the best format and gives the verdict: FP32, the slowest
 model, took half of the format table's time on ResNet-18; then FP32, the
 best format and one candidate per region class present and per integer region tried; then, when two or more were
@@ -126,6 +132,10 @@ class SpeedChoiceOptions:
     settle_band: float | None = 0.05
     #: Rounds a batch size runs at least before the stopping rule may end it.
     settle_rounds: int = 4
+    #: When the target's lowering is at least this many times as fast as FP32 at every batch size (the first table,
+    #: the two alone), no other candidate is timed: the formats and region trials win a few percent where they win,
+    #: and timing them cost ResNet-18 1.5 s of a 13.4 s command (None: always time every candidate).
+    decisive_speedup: float | None = 2.0
 
     def __post_init__(self) -> None:
         unknown = set(self.region_classes) - set(REGION_CLASSES)
@@ -139,6 +149,8 @@ class SpeedChoiceOptions:
         if self.settle_band is not None:
             require_at_least("settle_band", self.settle_band, 0)
         require_at_least("settle_rounds", self.settle_rounds, 1)
+        if self.decisive_speedup is not None:
+            require_at_least("decisive_speedup", self.decisive_speedup, 1 + self.confirm_band)
         require_at_least("max_regions", self.max_regions, 0)
 
 
@@ -585,16 +597,17 @@ def choose_speed(
         return candidate.name
 
     def measured(names: Sequence[str], questions: Sequence[Question] | None = None,
-                 first_questions: Sequence[Question] = ()) -> LatencyTable:
+                 first_questions: Sequence[Question] = (), minimum_rounds: int | None = None) -> LatencyTable:
         """One table of ``names``; with ``questions``, its rounds end once they are settled (see
-        :func:`stopping_rule`; ``first_questions`` count at the first batch size only)."""
+        :func:`stopping_rule`; ``first_questions`` count at the first batch size only), after at least
+        ``minimum_rounds`` (default ``options.settle_rounds``)."""
         chosen = {name: built[name] for name in names}
         reference = FLOAT if FLOAT in chosen else names[0]
         if measure is None:
             stop = None
             if questions is not None and options.settle_band is not None:
-                stop = stopping_rule(questions, options.settle_band, options.settle_rounds, first_questions,
-                                     options.latency.batch_sizes[0])
+                stop = stopping_rule(questions, options.settle_band, minimum_rounds or options.settle_rounds,
+                                     first_questions, options.latency.batch_sizes[0])
             latency = dataclasses.replace(options.latency, largest_first=stop is not None)
             table = measure_latency(chosen, latency, reference=reference, feeds=feeds, stop=stop, pool=pool)
         elif feeds is None:
@@ -613,21 +626,32 @@ def choose_speed(
     tables: list[LatencyTable] = []
     formats = [add(Candidate(output_format)) for output_format in options.formats]
     trial_classes = [name for name in options.region_classes if regions[name]] + list(integer_regions)
+    best = formats[0]  # the first format (the target's lowering) unless another is clearly faster
+    table: LatencyTable | None = None
+    decided = False
+    if options.decisive_speedup is not None:
+        # the lead: the target's lowering against FP32 alone, settled after two rounds unless near a threshold (a
+        # lead that noise made look decisive only spares the other candidates: the model is still far faster)
+        table = measured([FLOAT, best], [Question(best, FLOAT, (*near, options.decisive_speedup))],
+                         minimum_rounds=2)
+        lead = _speedups(table, best, FLOAT)
+        decided = min(lead.values()) >= options.decisive_speedup
     # the formats' speed-ups over FP32 matter here only when no trial table follows (it times FP32 beside the best
     # format and gives the verdict): FP32, the slowest model and on ResNet-18 half of this table's time, is timed
-    # here only then; one format and a trial table to follow leave nothing to compare here
-    best = formats[0]  # the first format (the target's lowering) unless another is clearly faster
-    if not trial_classes or len(formats) > 1:
+    # here only then; one format and a trial table to follow leave nothing to compare here, nor does one format
+    # without trials once the lead table timed it against FP32
+    if not decided and (len(formats) > 1 or (not trial_classes and table is None)):
         table = measured([*([] if trial_classes else [FLOAT]), *formats],
                          [Question(name, formats[0], clear, challenger=True) for name in formats[1:]]
                          + ([] if trial_classes else [Question(name, FLOAT, near) for name in formats]))
         for name in formats[1:]:
             if _clearly_faster(table, name, best, options.margin):
                 best = name
-    reasons = [f"{best} fastest of {', '.join(formats)}"]
+    reasons = ([f"{best} at {ratios(lead)} FP32, past the decisive {options.decisive_speedup:g}×: no other "
+                f"candidate timed"] if decided else [f"{best} fastest of {', '.join(formats)}"])
     taken: list[str] = []
     harmless: list[str] = []  # trials that did not make the model slower at batch 1 (the first batch size)
-    if trial_classes:
+    if trial_classes and not decided:
         base_format = candidates[best].format
         trials = {name: add(Candidate(base_format, (name,))) for name in trial_classes}
         # whether a trial is harmless at the first batch size matters only for a rescue, when the best so far may

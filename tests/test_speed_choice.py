@@ -113,7 +113,9 @@ def test_candidates_keep_their_regions_float_and_stay_close():
 
 
 def choice_options(**changes) -> SpeedChoiceOptions:
-    return SpeedChoiceOptions(latency=LatencyOptions(batch_sizes=(1, 4), rounds=3), **changes)
+    """Options for the search itself: every candidate timed, whatever the lead (the decisive lead has its tests)."""
+    return SpeedChoiceOptions(latency=LatencyOptions(batch_sizes=(1, 4), rounds=3),
+                              **{"decisive_speedup": None, **changes})
 
 
 def test_faster_region_classes_are_combined():
@@ -155,12 +157,14 @@ def test_options_are_checked():
         SpeedChoiceOptions(region_classes=("everything",))
     with pytest.raises(QGraphError, match="formats"):
         SpeedChoiceOptions(formats=("tensorrt",))
+    with pytest.raises(QGraphError, match="decisive_speedup must be at least 1.1"):
+        SpeedChoiceOptions(decisive_speedup=1.05)  # below the confirmation band: it could pass a model near 1x
 
 
 def test_a_real_measurement_chooses_a_model_that_runs():
     float_model, qdq_model = quantized()
     options = SpeedChoiceOptions(latency=LatencyOptions(batch_sizes=(1,), rounds=2, warmup=1),
-                                 region_classes=("stem",), tolerance=0.99)
+                                 region_classes=("stem",), tolerance=0.99, decisive_speedup=None)
     choice = choose_speed(float_model, qdq_model, lowering(), options)
     assert len(choice.tables) in (2, 3) and choice.tables[1].models[:2] == (FLOAT, choice.tables[1].models[1])
     if len(choice.tables) == 3:  # near or below 1×: confirmed by FP32 and the chosen candidate alone

@@ -58,7 +58,9 @@ def feeds_of(batch: int = 3) -> dict[str, np.ndarray]:
 
 
 def choice_options(**changes) -> SpeedChoiceOptions:
-    return SpeedChoiceOptions(latency=LatencyOptions(batch_sizes=(1, 8), rounds=4), **changes)
+    """Options for the region trials: every candidate timed, whatever the lead."""
+    return SpeedChoiceOptions(latency=LatencyOptions(batch_sizes=(1, 8), rounds=4),
+                              **{"decisive_speedup": None, **changes})
 
 
 def test_the_stream_vad_has_two_integer_regions_closed_under_their_qdq_pairs():

@@ -62,16 +62,17 @@ def ops(proto_or_model) -> Counter:
 def test_the_default_keeps_a_region_fp32_where_that_is_faster(fake_times):
     times, calls = fake_times
     depthwise = Candidate(QOPERATOR, ("depthwise",)).name
-    times.update({FLOAT: 2.0, QOPERATOR: 1.0, QDQ: 1.5, depthwise: 0.8})
+    times.update({FLOAT: 1.8, QOPERATOR: 1.0, QDQ: 1.5, depthwise: 0.8})  # a lead below the decisive 2x
     result = quantize(model(), batches(), QuantizeOptions(target_options=TARGET_OPTIONS, min_sqnr=None))
     assert result.speed.candidate == Candidate(QOPERATOR, ("depthwise",)) and not result.speed.slower_than_float
     assert ops(result.model)["Conv"] == 5 and ops(result.model)["QLinearConv"] > 0  # the 5 depthwise convs
     assert "nodes kept FP32 for speed" in result.speed.describe()
     # timed on the first calibration batch (4 samples) and its first sample
     first_models, feeds = calls[0]
-    # the formats against each other; FP32 is timed once, beside the best, in the trial table that gives the verdict
-    assert first_models == (QOPERATOR, QDQ) and calls[1][0][:2] == (FLOAT, QOPERATOR)
-    assert sum(FLOAT in models for models, _ in calls) == 1
+    # the lead (the lowering against FP32), then the formats against each other, then FP32 beside the best and the
+    # trials in the table that gives the verdict
+    assert first_models == (FLOAT, QOPERATOR) and calls[1][0] == (QOPERATOR, QDQ)
+    assert calls[2][0][:2] == (FLOAT, QOPERATOR) and len(calls[2][0]) > 2
     assert {size: array["input"].shape for size, array in feeds.items()} == {1: (1, 1, 28, 28), 4: (4, 1, 28, 28)}
     np.testing.assert_array_equal(feeds[4]["input"], batches()[0]["input"])
 
@@ -90,17 +91,30 @@ def test_when_every_integer_model_is_slower_the_fp32_model_is_written_with_a_lou
     warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
     assert any("slower than FP32" in message and "FP32 model is written" in message for message in warnings)
     # every region class was slower in FP32 too: nothing to rescue; the verdict confirmed by the two alone
-    assert len(calls) == 3 and calls[2][0] == (FLOAT, QDQ)
+    assert len(calls) == 4 and calls[3][0] == (FLOAT, QDQ)  # the lead, the formats, the trials, the confirmation
 
 
 def test_the_plain_lowering_stays_unless_another_format_is_clearly_faster(fake_times):
     times, _ = fake_times
-    times.update({FLOAT: 2.0, QOPERATOR: 1.0, QDQ: 0.99})  # within the margin: noise
+    times.update({FLOAT: 1.8, QOPERATOR: 1.0, QDQ: 0.99})  # within the margin: noise
     result = quantize(model(), batches(), QuantizeOptions(target_options=TARGET_OPTIONS, min_sqnr=None))
     assert result.speed.candidate == Candidate(QOPERATOR)
     times.update({QDQ: 0.8})
     result = quantize(model(), batches(), QuantizeOptions(target_options=TARGET_OPTIONS, min_sqnr=None))
     assert result.speed.candidate == Candidate(QDQ) and ops(result.model)["QLinearConv"] == 0
+
+
+def test_a_decisive_lead_times_nothing_else(fake_times):
+    times, calls = fake_times
+    times.update({FLOAT: 2.5, QOPERATOR: 1.0, QDQ: 0.5, "*": 0.5})  # faster candidates that are never timed
+    result = quantize(model(), batches(), QuantizeOptions(target_options=TARGET_OPTIONS, min_sqnr=None))
+    assert [models for models, _ in calls] == [(FLOAT, QOPERATOR)]
+    assert result.speed.candidate == Candidate(QOPERATOR) and result.speed.speedup == {1: 2.5, 4: 2.5}
+    assert "past the decisive 2×: no other candidate timed" in result.speed.reason
+    calls.clear()
+    times.update({FLOAT: 1.9})  # just below: the search runs
+    result = quantize(model(), batches(), QuantizeOptions(target_options=TARGET_OPTIONS, min_sqnr=None))
+    assert len(calls) > 1 and result.speed.candidate != Candidate(QOPERATOR)
 
 
 def test_an_explicit_format_is_kept_and_the_choice_can_be_turned_off(fake_times):
