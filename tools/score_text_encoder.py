@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from qgraph.models import text_encoder
 
@@ -27,6 +28,17 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--limit", type=int, help="the first LIMIT test sequences only (default: all)")
     arguments = parser.parse_args()
+    if not Path(arguments.model).is_file():
+        raise SystemExit(f"score_text_encoder: {arguments.model}: no such file")
+    import onnx
+
+    graph = onnx.load(arguments.model, load_external_data=False).graph
+    inputs = {value.name for value in graph.input}
+    if not {"input_ids", "attention_mask"} <= inputs or text_encoder.OUTPUT_NAME not in {
+            value.name for value in graph.output}:
+        raise SystemExit(f"score_text_encoder: {arguments.model} is not the text encoder's interface (inputs "
+                         f"input_ids and attention_mask, output {text_encoder.OUTPUT_NAME}); it has inputs "
+                         f"{', '.join(sorted(inputs))}")
     print(f"{accuracy(arguments.model, limit=arguments.limit):.2f}")
 
 

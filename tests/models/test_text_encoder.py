@@ -322,3 +322,13 @@ def test_the_tuning_scorer_prints_the_masked_token_accuracy_last(tmp_path):
     batches = held_out_batches("test", recipe.sequence_length, limit=8, rate=recipe.mask_rate)
     expected = 100 * masked_token_accuracy(path, batches).accuracy
     assert completed.stdout.strip().splitlines()[-1] == f"{expected:.2f}"
+    # another model, or none: one line that says so, a non-zero exit and no score (the tuning shows the line)
+    other = tmp_path / "other.onnx"
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "other",
+        [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])), other)
+    for path, message in ((other, "not the text encoder's interface"), (tmp_path / "missing.onnx", "no such file")):
+        completed = subprocess.run([sys.executable, str(tool), str(path)], capture_output=True, text=True, timeout=300)
+        assert completed.returncode != 0 and message in completed.stderr and "Traceback" not in completed.stderr
+        assert completed.stdout == ""
