@@ -624,9 +624,9 @@ def choose_speed(
         return "/".join(f"{value:.2f}×" for value in values.values())
 
     tables: list[LatencyTable] = []
-    formats = [add(Candidate(output_format)) for output_format in options.formats]
+    formats = [Candidate(output_format).name for output_format in options.formats]  # each built when first timed
     trial_classes = [name for name in options.region_classes if regions[name]] + list(integer_regions)
-    best = formats[0]  # the first format (the target's lowering) unless another is clearly faster
+    best = add(Candidate(options.formats[0]))  # the first format (the target's lowering) unless another is faster
     table: LatencyTable | None = None
     decided = False
     if options.decisive_speedup is not None:
@@ -641,6 +641,8 @@ def choose_speed(
     # here only then; one format and a trial table to follow leave nothing to compare here, nor does one format
     # without trials once the lead table timed it against FP32
     if not decided and (len(formats) > 1 or (not trial_classes and table is None)):
+        for output_format in options.formats[1:]:
+            add(Candidate(output_format))
         table = measured([*([] if trial_classes else [FLOAT]), *formats],
                          [Question(name, formats[0], clear, challenger=True) for name in formats[1:]]
                          + ([] if trial_classes else [Question(name, FLOAT, near) for name in formats]))
