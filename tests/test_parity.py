@@ -78,6 +78,18 @@ def test_a_wrong_zero_point_is_flagged_on_its_layer_alone():
     assert broken in markdown and "**yes**" in markdown
 
 
+def test_an_expected_departure_is_reported_without_a_warning(caplog):
+    batches = calibration_batches(count=1)
+    qdq, lowered = _quantized(residual_cnn(), batches)
+    broken = _break_zero_point(lowered, "QLinearConv", 5)
+    with caplog.at_level("INFO", logger="qgraph.parity"):
+        result = check_parity(qdq, lowered, batches, expected_reason="a lowering that leaves the simulation")
+    assert [tensor.tensor for tensor in result.flagged] == [broken]  # still measured and flagged
+    assert not [record for record in caplog.records if record.levelname == "WARNING"]
+    assert "1 tensor(s) off by more than 1 step, as expected: a lowering that leaves the simulation" in caplog.text
+    assert "Departures expected: a lowering that leaves the simulation." in result.to_markdown()
+
+
 def test_a_qdq_model_without_lowering_compares_itself_exactly():
     batches = calibration_batches(count=1)
     qdq, _ = _quantized(residual_cnn(), batches)

@@ -86,9 +86,15 @@ def test_the_command_line_option_reaches_the_lowering(tmp_path):
                  "--no-speed-choice", "--min-sqnr", "off", "--reduce-range", "off"]
     for kernels in ("exact", "fast"):
         output = tmp_path / f"{kernels}.onnx"
-        result = CliRunner().invoke(cli, [*arguments, "-o", str(output), "--transformer-kernels", kernels])
+        report = tmp_path / f"{kernels}.md"
+        result = CliRunner().invoke(cli, [*arguments, "-o", str(output), "--transformer-kernels", kernels,
+                                          "--report", str(report)])
         assert result.exit_code == 0, result.output
         op_types = [node.op_type for node in onnx.load(output).graph.node]
         assert (op_types.count("QAttention") == LAYOUT.layers) == (kernels == "fast")
+        # the report's parity section says the fast kernels leave the simulation on purpose, and names them
+        text = report.read_text()
+        assert ("Departures expected: --transformer-kernels fast ran BypassFloatDequantize, LowerFastGelu, "
+                "LowerQuantizedAttention" in text) == (kernels == "fast")
     refused = CliRunner().invoke(cli, [*arguments, "-o", str(tmp_path / "x.onnx"), "--transformer-kernels", "quick"])
     assert refused.exit_code == 2 and "'quick' is not one of 'exact', 'fast'" in refused.output
