@@ -96,5 +96,9 @@ def test_the_command_line_option_reaches_the_lowering(tmp_path):
         text = report.read_text()
         assert ("Departures expected: --transformer-kernels fast ran BypassFloatDequantize, LowerFastGelu, "
                 "LowerQuantizedAttention" in text) == (kernels == "fast")
+    page = tmp_path / "fast.html"
+    result = CliRunner().invoke(cli, [*arguments, "-o", str(tmp_path / "fast2.onnx"), "--transformer-kernels", "fast",
+                                      "--report", str(page)])
+    assert result.exit_code == 0 and "Departures expected: --transformer-kernels fast ran" in page.read_text()
     refused = CliRunner().invoke(cli, [*arguments, "-o", str(tmp_path / "x.onnx"), "--transformer-kernels", "quick"])
     assert refused.exit_code == 2 and "'quick' is not one of 'exact', 'fast'" in refused.output
