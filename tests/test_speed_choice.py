@@ -26,10 +26,10 @@ from qgraph.speed_choice import (
     SpeedChoiceOptions,
     build_candidate,
     choose_speed,
-    find_regions,
     settled,
     stopping_rule,
 )
+from qgraph.speed_regions import find_regions
 from tests.speed_choice_fakes import TARGET_OPTIONS, fake_measure, lowering, ops
 
 

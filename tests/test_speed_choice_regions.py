@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from qgraph import runtime, speed_choice
+from qgraph import runtime, speed_regions
 from qgraph.data import DataLayout, dataset_from_arrays
 from qgraph.errors import QGraphError
 from qgraph.latency import LatencyOptions, LatencyTable
@@ -65,7 +65,7 @@ def choice_options(**changes) -> SpeedChoiceOptions:
 
 def test_the_stream_vad_has_two_integer_regions_closed_under_their_qdq_pairs():
     _, qdq_model = vad()
-    regions = speed_choice.find_integer_regions(ir.serde.deserialize_model(qdq_model))
+    regions = speed_regions.find_integer_regions(ir.serde.deserialize_model(qdq_model))
     assert regions == {
         FRONT_END: {"front_end_16k.unsqueeze", "front_end_16k.conv", "front_end_relu", "encoder", "encoder_relu",
                     "pool"},
@@ -79,12 +79,12 @@ def test_the_stream_vad_has_two_integer_regions_closed_under_their_qdq_pairs():
     generator = np.random.default_rng(0)
     batches = [{"input": generator.standard_normal((2, 1, 28, 28)).astype(np.float32)}]
     result = optimize(ir.serde.deserialize_model(build_mobilenet_v3("tiny")), None, options, calibration_data=batches)
-    assert len(speed_choice.find_integer_regions(ir.serde.deserialize_model(result.quantization.qdq_model))) == 1
+    assert len(speed_regions.find_integer_regions(ir.serde.deserialize_model(result.quantization.qdq_model))) == 1
 
 
 def test_a_region_kept_fp32_leaves_no_qdq_inside_or_at_its_border():
     float_model, qdq_model = vad()
-    regions = speed_choice.find_integer_regions(ir.serde.deserialize_model(qdq_model))
+    regions = speed_regions.find_integer_regions(ir.serde.deserialize_model(qdq_model))
     front_end_float = build_candidate(qdq_model, QOPERATOR, regions[FRONT_END], lowering())
     decoder_float = build_candidate(qdq_model, QOPERATOR, regions[DECODER], lowering())
     integer = build_candidate(qdq_model, QOPERATOR, frozenset(), lowering())

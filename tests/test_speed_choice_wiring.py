@@ -192,7 +192,7 @@ def test_the_stream_models_regions_reach_through_layout_operators_and_feeders():
     from qgraph.data import DataLayout, dataset_from_arrays
     from qgraph.models.stream_vad import build_stream_vad, stream_feeds, synthetic_speech
     from qgraph.pipeline import OptimizeOptions, optimize
-    from qgraph.speed_choice import find_regions
+    from qgraph.speed_regions import find_regions
 
     float_model = build_stream_vad("LSTM")
     feeds = list(stream_feeds(float_model, synthetic_speech(0.5)))

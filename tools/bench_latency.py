@@ -223,7 +223,8 @@ def region_candidates(qdq_model: onnx.ModelProto, *, setting: str) -> dict[str, 
     the model has several connected integer regions, each of them and all of them FP32 (``fp32 NAME``)."""
     import onnx_ir as ir
 
-    from qgraph.speed_choice import QOPERATOR, build_candidate, find_integer_regions, find_regions, target_lowering
+    from qgraph.speed_choice import QOPERATOR, build_candidate, target_lowering
+    from qgraph.speed_regions import find_integer_regions, find_regions
     from qgraph.targets import TargetOptions, get_target
 
     graph = ir.serde.deserialize_model(qdq_model)
