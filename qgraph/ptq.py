@@ -32,7 +32,7 @@ from qgraph.calibrate.driver import (
     first_samples,
     merge_group_ranges,
 )
-from qgraph.errors import QGraphError, UnsupportedModelError
+from qgraph.errors import QGraphError, UnsupportedModelError, require_at_least
 from qgraph.ir.subgraphs import make_names_unique
 from qgraph.ir.traversal import iterate_graphs
 from qgraph.ir.values import default_opset
@@ -82,6 +82,9 @@ QUANTIZED_OPERATORS = frozenset(
 WEIGHT_METHODS = ("minmax", "mse")
 #: The speed choice's timing budget: at most three latency tables (formats, region classes, their combination).
 DEFAULT_SPEED_CHOICE_SECONDS = 6.0
+#: The speed choice's lead (see :mod:`qgraph.speed_choice`): no other candidate is timed once the target's lowering is
+#: this many times as fast as FP32 at every batch size.
+DEFAULT_SPEED_CHOICE_LEAD = SpeedChoiceOptions.decisive_speedup
 #: Latency tables the speed choice measures at most; each gets an equal share of the budget.
 _SPEED_CHOICE_TABLES = 3
 BIAS_CORRECTION_MODES = ("auto", "on", "off")
@@ -116,6 +119,9 @@ class QuantizeOptions:
     speed_choice: bool = True
     #: Seconds the speed choice's timing rounds may take in all (sessions, warm-up runs and lowerings come on top).
     speed_choice_seconds: float = DEFAULT_SPEED_CHOICE_SECONDS
+    #: When the target's lowering is at least this many times as fast as FP32 at every batch size, no other
+    #: candidate is timed (None: every candidate, whatever the lead).
+    speed_choice_lead: float | None = DEFAULT_SPEED_CHOICE_LEAD
     #: Seconds the sensitivity search may take; None: automatic (see :func:`qgraph.sensitivity.automatic_budget`).
     search_budget: float | None = None
     #: Per-channel bias correction of the final plan, after the fallback search (see
@@ -157,6 +163,8 @@ class QuantizeOptions:
                               f"{', '.join(WEIGHT_METHODS)}")
         if self.speed_choice_seconds <= 0:
             raise QGraphError(f"speed_choice_seconds must be positive, got {self.speed_choice_seconds}")
+        if self.speed_choice_lead is not None:  # a lead that stops the search must clear the confirmation band
+            require_at_least("speed_choice_lead", self.speed_choice_lead, 1 + SpeedChoiceOptions.confirm_band)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,7 +393,7 @@ def choose_output_speed(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto
     formats = (target.options.format,) if options.target_options.format is not None else (QOPERATOR, QDQ)
     if target.options.weight_bits == 4:  # a QDQ candidate is timed unlowered: with int8 codes, not int4 ones
         formats = (target.options.format,)
-    choice_options = SpeedChoiceOptions(latency=latency, formats=formats)
+    choice_options = SpeedChoiceOptions(latency=latency, formats=formats, decisive_speedup=options.speed_choice_lead)
     started = time.perf_counter()
     logger.info("speed choice: timing %s against FP32 at batch %s", " and ".join(formats),
                 "/".join(str(size) for size in batch_sizes))

@@ -237,3 +237,18 @@ def test_verbose_shows_the_log_although_onnxruntime_configured_logging_first(mod
     assert completed.returncode == 0, completed.stderr
     assert ("INFO qgraph.ir.load: loaded" in completed.stderr) == shown
     assert ("DEBUG qgraph." in completed.stderr) == (flag == "-vv")
+
+
+@pytest.mark.parametrize("value, message", [("1.05", "below 1.1"), ("fast", "neither a number nor 'off'")])
+def test_a_speed_choice_lead_out_of_range_is_a_usage_error(runner, model_path, tmp_path, value, message):
+    calibration = tmp_path / "calib.npz"
+    np.savez(calibration, input=np.zeros((2, 3, 8, 8), np.float32))
+    result = runner.invoke(cli, ["optimize", str(model_path), "-o", str(tmp_path / "out.onnx"), "--calib",
+                                 str(calibration), "--speed-choice-lead", value])
+    assert result.exit_code == 2 and message in result.output and not (tmp_path / "out.onnx").exists()
+
+
+def test_the_speed_choice_lead_needs_calibration_data(runner, model_path, tmp_path):
+    result = runner.invoke(cli, ["optimize", str(model_path), "-o", str(tmp_path / "out.onnx"),
+                                 "--speed-choice-lead", "off"])
+    assert result.exit_code == 2 and "add --calib DATA" in result.output

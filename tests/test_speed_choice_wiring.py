@@ -115,6 +115,13 @@ def test_a_decisive_lead_times_nothing_else(fake_times):
     times.update({FLOAT: 1.9})  # just below: the search runs
     result = quantize(model(), batches(), QuantizeOptions(target_options=TARGET_OPTIONS, min_sqnr=None))
     assert len(calls) > 1 and result.speed.candidate != Candidate(QOPERATOR)
+    calls.clear()
+    times.update({FLOAT: 2.5})  # decisive again, but every candidate asked for
+    options = QuantizeOptions(target_options=TARGET_OPTIONS, min_sqnr=None, speed_choice_lead=None)
+    result = quantize(model(), batches(), options)
+    assert calls[0][0] == (QOPERATOR, QDQ) and result.speed.candidate != Candidate(QOPERATOR)
+    with pytest.raises(QGraphError, match="speed_choice_lead must be at least 1.1, got 1.05"):
+        QuantizeOptions(speed_choice_lead=1.05)
 
 
 def test_an_explicit_format_is_kept_and_the_choice_can_be_turned_off(fake_times):

@@ -38,6 +38,7 @@ from qgraph.sensitivity import (
     validate_min_sqnr,
     validate_search_budget,
 )
+from qgraph.speed_choice import SpeedChoiceOptions
 from qgraph.targets import AUTO_CHOICES, FORMATS, TARGET_NAMES, TRANSFORMER_KERNELS, WEIGHT_BITS, TargetOptions
 from qgraph.tuning.configuration import budget_fields
 from qgraph.weight_only.options import ALGORITHMS, WeightOnlyOptions
@@ -86,6 +87,25 @@ class _MinSqnr(click.ParamType):
             return validate_min_sqnr(value)
         except QGraphError as error:
             self.fail(str(error).removeprefix("--min-sqnr "), param, ctx)
+
+
+class _SpeedChoiceLead(click.ParamType):
+    """``--speed-choice-lead``: a speed-up over FP32, or ``off``."""
+
+    name = "speed-choice-lead"
+
+    def convert(self, value, param, ctx):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
+            return None
+        try:
+            lead = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number nor 'off'", param, ctx)
+        minimum = 1 + SpeedChoiceOptions.confirm_band
+        if not lead >= minimum:
+            self.fail(f"{value!r} is below {minimum:g}: a lead that stops the search must clear the confirmation "
+                      f"band", param, ctx)
+        return lead
 
 
 class _SearchBudget(click.ParamType):
@@ -174,6 +194,7 @@ _DESTINATIONS: dict[str, tuple[str, Conversion]] = {
     "resume": ("qat", _to("resume")),
     # speed choice: never slower than FP32 by default (qgraph.speed_choice)
     "speed_choice": ("quantization", _to("speed_choice")),
+    "speed_choice_lead": ("quantization", _to("speed_choice_lead")),
     # data layout: where each key of --calib/--train-data/--val-data holds its samples (qgraph.data.layout)
     "batch_axis": ("layout", lambda texts: {"batch_axes": DataLayout.from_command_line(texts).batch_axes}),
     "infer_state_axes": ("layout", _to("infer_state_axes")),
@@ -207,6 +228,7 @@ def _quantize_options(values: Mapping[str, Any]) -> QuantizeOptions | None:
                 or values["report_path"] or values["config_path"]
                 or values["quantize_recurrent"] != _default(QuantizeOptions, "recurrent")
                 or values["speed_choice"] != _default(QuantizeOptions, "speed_choice")
+                or values["speed_choice_lead"] != _default(QuantizeOptions, "speed_choice_lead")
                 or values["batch_axis"] or values["infer_state_axes"]
                 or values["activations"] != _default(QuantizeOptions, "activations")
                 or values["smooth_quant"] is not None):
@@ -453,6 +475,10 @@ def _optimize_options(values: Mapping[str, Any]) -> OptimizeOptions:
               "slower here (stem, depthwise convolutions, squeeze-excite blocks, small MatMuls). The summary says "
               "what was chosen; when every integer model is slower than FP32 it writes the FP32 model and warns. "
               "Target ort-cpu only; --no-speed-choice writes the plain lowering, unmeasured (for another CPU, say).")
+@click.option("--speed-choice-lead", type=_SpeedChoiceLead(),
+              default=f"{_default(QuantizeOptions, 'speed_choice_lead'):g}", show_default=True, metavar="X|off",
+              help="The speed choice stops once the plain lowering is at least X times as fast as FP32 at both "
+              "batch sizes (the other candidates win a few percent where they win); off: time every candidate.")
 @click.option("--batch-axis", "batch_axis", multiple=True, metavar="KEY=AXIS",
               help="Data key KEY holds its samples along AXIS (repeatable), e.g. state=1 for a recurrent state "
               "[layers, batch, hidden]; KEY=none: a constant fed with every batch. Other keys: axis 0, scalars are "
