@@ -78,7 +78,7 @@ class ParityResult:
     not_compared: tuple[str, ...] = ()
     #: Why tensors off by more than the tolerance are expected (a lowering that leaves the simulation on purpose,
     #: such as ``--transformer-kernels fast``); None: every flagged tensor is a finding.
-    expected: str | None = None
+    expected_reason: str | None = None
 
     @property
     def flagged(self) -> tuple[TensorParity, ...]:
@@ -95,8 +95,8 @@ class ParityResult:
                       + ", ".join(tensor.tensor for tensor in self.flagged) + ".", ""]
         else:
             lines += [f"All {len(self.tensors)} compared tensors within {self.tolerance_steps} step.", ""]
-        if self.expected:
-            lines += [f"Departures expected: {self.expected}.", ""]
+        if self.expected_reason:
+            lines += [f"Departures expected: {self.expected_reason}.", ""]
         lines += ["| tensor | written by | max steps | differing | SQNR (dB) | end to end: max steps | SQNR (dB) "
                   "| flagged |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | :---: |"]
         lines += [f"| {t.tensor} | {t.producer} | {t.max_steps} | {t.mismatch_fraction:.3%} | {t.sqnr_db:.1f} | "

@@ -263,8 +263,8 @@ def _parity(parity) -> list[str]:
                  f"{len(flagged)} tensor(s) off by more than {parity.tolerance_steps} step: "
                  + _escape(", ".join(tensor.tensor for tensor in flagged)) if flagged else
                  f"All {len(parity.tensors)} compared tensors within {parity.tolerance_steps} step.") + "</p>"]
-    if parity.expected:
-        parts.append(f"<p>Departures expected: {_escape(parity.expected)}.</p>")
+    if parity.expected_reason:
+        parts.append(f"<p>Departures expected: {_escape(parity.expected_reason)}.</p>")
     if parity.tensors:
         parts.append(bar_chart("parity", "largest difference in quantization steps per tensor (in isolation)",
                                [tensor.tensor for tensor in parity.tensors],
