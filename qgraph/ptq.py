@@ -67,6 +67,7 @@ from qgraph.speed_choice import (
     target_lowering,
 )
 from qgraph.targets import Target, TargetOptions, get_target
+from qgraph.transformer_kernels import KernelChoice, fast_kernel_target, try_fast_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +183,8 @@ class QuantizeResult:
     speed: SpeedChoice | None = None
     #: The check of a histogram method's ranges at the output (None when it did not run; see qgraph.range_check).
     range_check: RangeCheck | None = None
+    #: What ``transformer_kernels="auto"`` chose (None when the option was not auto or the model not lowered).
+    kernels: KernelChoice | None = None
 
 
 def quantized_operators(model: ir.Model) -> list[str]:
@@ -332,15 +335,24 @@ def quantize(
         float_model = ir.serde.serialize_model(model)
     records = list(PassManager(quantize_passes).run(model).records)
     qdq_model = ir.serde.serialize_model(model)
-    speed = None
+    speed = kernels = None
     if lower:
         records.extend(lower_to_target(model, target))
+        fast_target = fast_kernel_target(target)
+        if fast_target is not None:  # auto: the fast transformer kernels where they hold against FP32
+            model, fast_records, kernels = try_fast_kernels(
+                model, fast_target, lower_to_target, kept, calibration.outputs,
+                fallback.final_output_sqnr_db if fallback is not None else None, options.min_sqnr,
+                threads=options.calibration.threads)
+            if kernels.kernels == "fast":
+                records.extend(fast_records)
+                target = fast_target  # the speed choice builds its QOperator candidates with them too
         if timing:
             speed = choose_output_speed(float_model, qdq_model, target, options, kept[0], batch_axes)
             if speed.candidate != Candidate(target.options.format):
                 model = ir.serde.deserialize_model(speed.model)
     return QuantizeResult(model, plan, calibration, parameters, tuple(records), qdq_model, fallback, speed,
-                          range_check)
+                          range_check, kernels)
 
 
 def _timing_axes(model: onnx.ModelProto, batch_axes: BatchAxes | None) -> dict[str, int | None]:

@@ -276,8 +276,9 @@ def _departures(result) -> str | None:
     ran = sorted({record.name for record in result.records if record.modified} & fast)
     if not ran:
         return None
-    return (f"--transformer-kernels fast ran {', '.join(ran)}, which leave the simulation by design (QAttention's "
-            f"float attention core, FastGelu's tanh form, residuals read in float)")
+    return (f"the fast transformer kernels ran ({', '.join(ran)}; --transformer-kernels fast, or auto where they held "
+            f"against FP32), which leave the simulation by design (QAttention's float attention core, FastGelu's "
+            f"tanh form, residuals read in float); --transformer-kernels exact keeps the simulation's steps")
 
 
 def build_report(

@@ -43,7 +43,7 @@ LAYERS = (
     ("calibrate", ("qgraph.calibrate",)),
     ("sensitivity, ptq", ("qgraph.sensitivity", "qgraph.sensitivity_graph", "qgraph.ptq", "qgraph.latency",
                          "qgraph.speed_choice", "qgraph.speed_regions", "qgraph.output_comparison",
-                         "qgraph.range_check")),
+                         "qgraph.range_check", "qgraph.transformer_kernels")),
     ("train, qat, data, weight_only", ("qgraph.train", "qgraph.qat", "qgraph.data", "qgraph.weight_only")),
     ("report, summary", ("qgraph.report", "qgraph.summary", "qgraph.parity", "qgraph.report_html")),
     ("pipeline", ("qgraph.pipeline", "qgraph.tuning", "qgraph.ray_trials")),

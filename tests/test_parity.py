@@ -13,14 +13,17 @@ from onnx import numpy_helper
 from qgraph.parity import check_parity, quantized_tensors
 from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.ptq import QuantizeOptions
+from qgraph.targets import TargetOptions
 from tests.ptq.small_models import calibration_batches, residual_cnn
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
-def _quantized(model, batches):
+def _quantized(model, batches, kernels: str = "exact"):
+    """The QDQ and the lowered model; the exact transformer kernels unless asked (parity is what they keep)."""
+    quantization = QuantizeOptions(target_options=TargetOptions(transformer_kernels=kernels))
     result = optimize(ir.serde.deserialize_model(model) if isinstance(model, onnx.ModelProto) else model, None,
-                      OptimizeOptions(quantization=QuantizeOptions()), calibration_data=batches)
+                      OptimizeOptions(quantization=quantization), calibration_data=batches)
     return result.quantization.qdq_model, ir.serde.serialize_model(result.model)
 
 
@@ -43,6 +46,18 @@ def test_reference_models_are_clean(name):
     # end to end the rounding differences accumulate, but the outputs stay close
     assert all(value > 40 for value in result.outputs.values())
     assert all(tensor.max_steps <= tensor.end_to_end_max_steps for tensor in result.tensors)
+
+
+def test_the_default_on_the_vit_takes_the_fast_kernels_and_leaves_parity_only_there():
+    """auto's fast kernels leave the simulation on purpose: the ViT's flagged tensors are its attention outputs."""
+    batches = _fashion_batches()
+    model = ir.serde.deserialize_model(onnx.load(MODELS / "trained" / "vit_small_fmnist.onnx"))
+    result = optimize(model, None, OptimizeOptions(quantization=QuantizeOptions()), calibration_data=batches)
+    assert result.quantization.kernels.kernels == "fast"
+    lowered = ir.serde.serialize_model(result.model)
+    assert any(node.op_type == "QAttention" for node in lowered.graph.node)
+    parity = check_parity(result.quantization.qdq_model, lowered, batches, expected_reason="fast kernels")
+    assert parity.flagged and all("attention" in tensor.tensor for tensor in parity.flagged), parity.flagged
 
 
 def _break_zero_point(lowered: onnx.ModelProto, op_type: str, shift: int) -> str:

@@ -30,8 +30,16 @@ def quantization_line(quantization) -> str:
         f"({plan.coverage:.0%} coverage), {len(plan.fp32_nodes)} kept FP32; "
         f"calibrated on {quantization.calibration.samples} samples "
         f"in {quantization.calibration.seconds:.1f} s" + fallback_summary(quantization.sensitivity)
+        + _kernels_summary(getattr(quantization, "kernels", None))
         + (f"; speed: {quantization.speed.describe()}" if getattr(quantization, "speed", None) else "")
     )
+
+
+def _kernels_summary(kernels) -> str:
+    """The transformer kernels auto chose, when it measured them (a model without attention or GELU says nothing)."""
+    if kernels is None or kernels.output_sqnr_db is None:
+        return ""
+    return f"; transformer kernels: {kernels.reason}"
 
 
 def qat_line(trained) -> str:

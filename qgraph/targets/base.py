@@ -17,7 +17,7 @@ AUTO_CHOICES = ("auto", "on", "off")
 #: Weight bit widths the targets quantize to.
 WEIGHT_BITS = (8, 4)
 #: The values of TargetOptions.transformer_kernels.
-TRANSFORMER_KERNELS = ("exact", "fast")
+TRANSFORMER_KERNELS = ("auto", "exact", "fast")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +34,13 @@ class TargetOptions:
     #: "auto" (on for x86 CPUs without VNNI), "on" or "off": lowering stores 8-bit weight codes beyond ±64 as
     #: uint8 (w + 128) so that onnxruntime runs them on its exact u8u8 kernels instead of saturating u8s8 ones.
     saturation_guard: str = "auto"
-    #: "exact" or "fast": with "fast" the ort-cpu lowering also fuses each integer self-attention block into one
-    #: com.microsoft QAttention (the attention core in float) and runs an exact GELU whose output is quantized as
-    #: the tanh form (com.microsoft FastGelu): faster on onnxruntime's CPU kernels at the same accuracy to FP32, but
-    #: the written model no longer follows the QDQ simulation within deploy parity's one step (docs/runtime-facts.md,
-    #: "BERT-base at 1.2x").
-    transformer_kernels: str = "exact"
+    #: "auto", "exact" or "fast": with "fast" the ort-cpu lowering also fuses each integer self-attention block into
+    #: one com.microsoft QAttention (the attention core in float) and runs an exact GELU whose output is quantized
+    #: as the tanh form (com.microsoft FastGelu): faster on onnxruntime's CPU kernels at the same accuracy to FP32,
+    #: but the written model no longer follows the QDQ simulation within deploy parity's one step
+    #: (docs/runtime-facts.md, "BERT-base at 1.2x"). "auto": fast after PTQ where the fast model's output SQNR
+    #: holds against FP32 (:mod:`qgraph.transformer_kernels`), exact otherwise and after QAT.
+    transformer_kernels: str = "auto"
 
 
 class Target(abc.ABC):

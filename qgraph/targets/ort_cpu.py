@@ -17,7 +17,8 @@ step of the output quantization), and float readers of a quantized activation (t
 projection's QuantizeLinear) read the float tensor instead of its DequantizeLinear. The accuracy to FP32 is the same
 or better; the written model no longer follows the QDQ simulation within deploy parity's one step (the attention's
 quantization steps are gone, the residuals carry no rounding, and the GELU's sub-step differences add up end to
-end), so it is not the default. docs/runtime-facts.md has the timings.
+end). The default, ``"auto"``, lowers exactly here; after PTQ :mod:`qgraph.transformer_kernels` adds the fast
+kernels where the fast model's output SQNR holds against FP32. docs/runtime-facts.md has the timings.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ class OrtCpuTarget(Target):
     def lowering_passes(self) -> tuple[type[QGraphPass], ...]:
         passes = LOWERING_PASSES if self.options.format == "qoperator" else ()
         if self.options.transformer_kernels not in TRANSFORMER_KERNELS:
-            raise QGraphError(f"transformer_kernels must be exact or fast, got {self.options.transformer_kernels!r}")
+            raise QGraphError(f"transformer_kernels must be one of {', '.join(TRANSFORMER_KERNELS)}, got "
+                              f"{self.options.transformer_kernels!r}")
         if passes and self.options.transformer_kernels == "fast":
             passes = passes + FAST_TRANSFORMER_PASSES
         if self.options.weight_bits == 4:  # docs/runtime-facts.md, "4-bit weights with static activations"
