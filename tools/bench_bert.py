@@ -18,6 +18,8 @@ per-channel int8 weights, uint8 activations, min-max calibration), both applied 
 ``reduce_range=True``): the model for x86 CPUs without VNNI, run here. The ``-fast`` variants are qgraph with
 ``TargetOptions(transformer_kernels="fast")``: each attention block one com.microsoft QAttention and the FFN's GELU
 as FastGelu (same accuracy to FP32, outside deploy parity with the QDQ simulation; docs/runtime-facts.md).
+``qgraph-default`` is qgraph's defaults (min-max calibration, the sensitivity search, transformer kernels auto,
+which takes the fast ones where they hold against FP32), the model a user gets from ``qgraph optimize``.
 qgraph's speed choice (timing its candidate formats while quantizing) is off by default here: on a machine shared
 with other work it picked formats by noise (the QDQ format, once FP32), so the table would time whatever it met;
 ``--speed-choice on`` runs it as a user's ``qgraph optimize`` does and logs what it picked.
@@ -57,8 +59,8 @@ from qgraph.targets import TargetOptions
 
 logger = logging.getLogger("bench_bert")
 
-VARIANTS = ("fp32", "ort-dynamic", "ort-static", "qgraph-static", "qgraph-dynamic", "qgraph-static-fast",
-            "qgraph-dynamic-fast")
+VARIANTS = ("fp32", "ort-dynamic", "ort-static", "qgraph-default", "qgraph-static", "qgraph-dynamic",
+            "qgraph-static-fast", "qgraph-dynamic-fast")
 _ORT_VARIANTS = ("ort-dynamic", "ort-static")
 
 
@@ -79,6 +81,18 @@ def qgraph_variant(path: str, batches, activations: str, reduce_range: str, *,
     assert result.quantization is not None
     if result.quantization.speed is not None:
         logger.info("qgraph %s: %s", activations, result.quantization.speed.describe())
+    return ir.serde.serialize_model(result.model)
+
+
+def qgraph_default_variant(path: str, batches, reduce_range: str, *, speed_choice: bool = False) -> onnx.ModelProto:
+    """``qgraph optimize``'s defaults (static activations, the default calibration method and search, the
+    transformer kernels auto): what a user who passes only ``--reduce-range`` gets."""
+    options = OptimizeOptions(quantization=QuantizeOptions(
+        target_options=TargetOptions(reduce_range=reduce_range), speed_choice=speed_choice))
+    result = optimize(load_model(path), None, options, calibration_data=batches)
+    assert result.quantization is not None
+    if result.quantization.kernels is not None:
+        logger.info("qgraph default: transformer kernels %s", result.quantization.kernels.reason)
     return ir.serde.serialize_model(result.model)
 
 
@@ -186,6 +200,12 @@ def build_variants(arguments, layout, folder: str) -> dict[str, str]:
                           path)
                 return path
             builders[f"qgraph-{activations}{suffix}"] = build
+    def build_default() -> str:
+        path = os.path.join(folder, "qgraph-default.onnx")
+        onnx.save(qgraph_default_variant(paths["fp32"], batches, arguments.reduce_range,
+                                         speed_choice=arguments.speed_choice == "on"), path)
+        return path
+    builders["qgraph-default"] = build_default
     for name in arguments.variants:
         if name == "fp32":
             continue
