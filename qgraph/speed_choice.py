@@ -161,7 +161,7 @@ class SpeedChoice:
     #: speed-up over FP32 per batch size (fast quartiles) of the chosen candidate
     speedup: Mapping[int, float]
     tables: tuple[LatencyTable, ...]
-    #: region class -> number of nodes found in the model
+    #: region class -> number of nodes found in the model (empty after a decisive lead: no region was looked for)
     regions: Mapping[str, int]
     #: The chosen integer model is slower than FP32 (only with ``keep_float_when_slower=False``).
     slower_than_float: bool = False
@@ -347,11 +347,10 @@ def choose_speed(
     cannot tell a symbolic length from the batch."""
     options = options or SpeedChoiceOptions()
     pool = SessionPool() if measure is None else None
-    graph_model = ir.serde.deserialize_model(qdq_model)
-    regions = find_regions(graph_model, small_matmul_weights=options.small_matmul_weights)
-    integer_regions, every_integer_node = _selected_integer_regions(
-        graph_model, {name: regions[name] for name in options.region_classes if regions[name]}, options.max_regions)
-    regions.update(integer_regions)
+    # found after the lead, and only when it was not decisive (the lead's candidate keeps no region FP32)
+    regions: dict[str, frozenset[str]] = {}
+    integer_regions: dict[str, frozenset[str]] = {}
+    every_integer_node: frozenset[str] = frozenset()
     built: dict[str, onnx.ModelProto] = {FLOAT: float_model}
     nodes_of: dict[str, frozenset[str]] = {FLOAT: frozenset()}
     candidates: dict[str, Candidate] = {FLOAT: Candidate(FLOAT)}
@@ -393,7 +392,6 @@ def choose_speed(
 
     tables: list[LatencyTable] = []
     formats = [Candidate(output_format).name for output_format in options.formats]  # each built when first timed
-    trial_classes = [name for name in options.region_classes if regions[name]] + list(integer_regions)
     best = add(Candidate(options.formats[0]))  # the first format (the target's lowering) unless another is faster
     table: LatencyTable | None = None
     decided = False
@@ -404,6 +402,14 @@ def choose_speed(
                          minimum_rounds=2)
         lead = _speedups(table, best, FLOAT)
         decided = min(lead.values()) >= options.decisive_speedup
+    if not decided:
+        graph_model = ir.serde.deserialize_model(qdq_model)
+        regions = find_regions(graph_model, small_matmul_weights=options.small_matmul_weights)
+        integer_regions, every_integer_node = _selected_integer_regions(
+            graph_model, {name: regions[name] for name in options.region_classes if regions[name]},
+            options.max_regions)
+        regions.update(integer_regions)
+    trial_classes = [name for name in options.region_classes if regions.get(name)] + list(integer_regions)
     # the formats' speed-ups over FP32 matter here only when no trial table follows (it times FP32 beside the best
     # format and gives the verdict): FP32, the slowest model and on ResNet-18 half of this table's time, is timed
     # here only then; one format and a trial table to follow leave nothing to compare here, nor does one format

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 
-import networkx as nx
 import onnx_ir as ir
 
 from qgraph.ir.values import is_op
@@ -220,6 +219,8 @@ def find_integer_regions(model: ir.Model) -> dict[str, frozenset[str]]:
     CNN) has one; a stream model with float recurrent layers between its integer parts (the VAD's Conv1d front end,
     its decoder) has several."""
     touched = [node for node in model.graph if _touches_quantization(node)]
+    import networkx as nx  # here: importing it takes 0.14 s, and a decisive speed choice never gets here
+
     links = nx.Graph()
     links.add_nodes_from(node.name for node in touched)
     for node in touched:

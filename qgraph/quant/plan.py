@@ -79,11 +79,26 @@ class QuantPlan:
 
 
 def merge_groups(pairs: Iterable[tuple[str, str]], tensors: Iterable[str]) -> tuple[frozenset[str], ...]:
-    """Connected components of the 'must share a scale' relation, restricted to groups of two or more."""
-    import networkx
+    """Connected components of the 'must share a scale' relation, restricted to groups of two or more.
 
-    relation = networkx.Graph()
-    relation.add_nodes_from(tensors)
-    relation.add_edges_from(pairs)
-    components = (frozenset(component) for component in networkx.connected_components(relation))
-    return tuple(sorted((group for group in components if len(group) > 1), key=lambda group: sorted(group)[0]))
+    A union-find over the tensor names (path halving): every annotation asks this, and importing networkx for it
+    cost the command 0.14 s of its start-up.
+    """
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        parent.setdefault(name, name)
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for name in tensors:
+        root(name)
+    for first, second in pairs:
+        parent[root(first)] = root(second)
+    components: dict[str, set[str]] = {}
+    for name in parent:
+        components.setdefault(root(name), set()).add(name)
+    groups = (frozenset(component) for component in components.values() if len(component) > 1)
+    return tuple(sorted(groups, key=lambda group: sorted(group)[0]))
