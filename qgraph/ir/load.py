@@ -9,6 +9,7 @@ inferred where onnx can, and the proto becomes an onnx-ir model whose external t
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -102,15 +103,38 @@ def _normalize_versions(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
         raise UnsupportedModelError(f"{path}: {error}") from None
 
 
+#: Main-graph initializers with more elements than this go through shape inference without their bytes.
+_WEIGHT_ELEMENTS = 1024
+
+
 def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
-    if proto.ByteSize() > _INLINE_INFERENCE_LIMIT:
-        logger.info("skipping shape inference on a %d-byte inline proto", proto.ByteSize())
-        return proto
+    """``proto`` with onnx's inferred shapes, the large initializers' bytes held aside meanwhile.
+
+    Inference reads an initializer's values only where it is a shape (Reshape's target, a Slice's bounds, …), never
+    a weight's; but onnx serialises the whole model into C++ and parses the inferred one back, which on ResNet-18
+    (47 MB) took 0.22 s of a 0.3 s load. Without the weights' bytes it carries kilobytes instead (0.07 s in all),
+    and the bytes are put back into the returned model's initializers by name. ``proto`` is consumed: when the
+    inferred model is returned, its large initializers are left without bytes.
+    """
+    held = {tensor.name: tensor.raw_data for tensor in proto.graph.initializer
+            if tensor.HasField("raw_data") and math.prod(tensor.dims) > _WEIGHT_ELEMENTS}
+    for tensor in proto.graph.initializer:
+        if tensor.name in held:
+            tensor.ClearField("raw_data")
+    inferred = proto
     try:
-        return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+        if proto.ByteSize() > _INLINE_INFERENCE_LIMIT:
+            logger.info("skipping shape inference on a %d-byte inline proto", proto.ByteSize())
+        else:
+            inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception as error:  # inference is a convenience; the model stays usable without it
         logger.warning("shape inference failed, continuing without it: %s", error)
-        return proto
+    # the bytes go back into the model returned; ``proto`` itself, when another is returned, is the caller's to
+    # drop (load_model's own copy) and is left without them
+    for tensor in inferred.graph.initializer:
+        if tensor.name in held:
+            tensor.raw_data = held[tensor.name]
+    return inferred
 
 
 def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, normalize: bool = True) -> ir.Model:

@@ -504,3 +504,37 @@ def test_loaded_model_remembers_its_source(good_model):
     model = load_model(good_model)
     assert model.meta["qgraph.source_path"] == os.fspath(good_model.resolve())
     assert isinstance(model, ir.Model)
+
+
+def test_shape_inference_without_the_weights_bytes_infers_the_same_and_keeps_them():
+    """The large initializers' bytes are held aside during inference: the same shapes, the same bytes after."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qgraph.ir.load import _infer_shapes
+
+    generator = np.random.default_rng(0)
+    weight = numpy_helper.from_array(generator.standard_normal((64, 3, 3, 3)).astype(np.float32), "w")
+    target = numpy_helper.from_array(np.array([0, -1], dtype=np.int64), "target")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["c", "target"], ["r"]),
+             helper.make_node("Relu", ["r"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight, target])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = proto.SerializeToString()
+    inferred = _infer_shapes(proto)
+    full = onnx.shape_inference.infer_shapes(onnx.load_from_string(before), check_type=False, data_prop=True)
+    assert {info.name: str(info.type) for info in inferred.graph.value_info} == {
+        info.name: str(info.type) for info in full.graph.value_info}
+    assert [str(output.type) for output in inferred.graph.output] == [str(output.type) for output in full.graph.output]
+    shapes = {info.name: [d.dim_value or d.dim_param for d in info.type.tensor_type.shape.dim]
+              for info in inferred.graph.value_info}
+    assert shapes["c"] == ["n", 64, 8, 8] and shapes["r"][1] == 4096  # the Reshape's target was read
+    np.testing.assert_array_equal(numpy_helper.to_array(inferred.graph.initializer[0]), numpy_helper.to_array(weight))
+    # inference that fails returns the model given, its bytes back in place
+    broken = onnx.load_from_string(before)
+    broken.graph.node[1].input[1] = "missing"
+    kept = _infer_shapes(broken)
+    np.testing.assert_array_equal(numpy_helper.to_array(kept.graph.initializer[0]), numpy_helper.to_array(weight))
