@@ -235,6 +235,7 @@ class _Annotator:
         self.pairs: list[tuple[str, str]] = []
         self.quantized: list[str] = []
         self.fp32: dict[str, str] = {}
+        self.index_nodes: set[str] = set()
         self.fused: set[int] = set()
 
     # -- helpers -------------------------------------------------------------------------------------------------
@@ -264,6 +265,9 @@ class _Annotator:
 
     def keep_float(self, node: ir.Node, reason: str) -> None:
         self.fp32[node.name] = reason
+        if node.outputs and all(output is not None and output.dtype is not None and output.dtype not in _FLOAT_TYPES
+                                for output in node.outputs):
+            self.index_nodes.add(node.name)  # shapes, indices, masks: no float value to quantize
 
     # -- classification ------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -449,6 +453,7 @@ def annotate(
     pairs: list[tuple[str, str]] = []
     quantized: list[str] = []
     fp32: dict[str, str] = {}
+    index_nodes: set[str] = set()
     dynamic: list[str] = []
     for graph in quantized_graphs(model.graph):
         annotator = _Annotator(graph, rules, overrides if graph is model.graph else branch_overrides, recurrent,
@@ -460,6 +465,7 @@ def annotate(
         pairs += annotator.pairs
         quantized += annotator.quantized
         fp32.update(annotator.fp32)
+        index_nodes |= annotator.index_nodes
         dynamic += annotator.dynamic
     activation_names = tuple(activations)
     plan = QuantPlan(
@@ -476,6 +482,7 @@ def annotate(
         weight_overrides=dict(overrides.weight_overrides),
         activation_methods=dict(overrides.activation_methods),
         dynamic_nodes=tuple(dynamic),
+        index_nodes=frozenset(index_nodes),
     )
     logger.info(
         "annotated %d activations, %d weights, %d biases; %d nodes quantized (%d dynamically), %d kept FP32",

@@ -27,7 +27,8 @@ def quantization_line(quantization) -> str:
     plan = quantization.plan
     return (
         f"quantized {len(plan.quantized_nodes)} nodes for {plan.target} "
-        f"({plan.coverage:.0%} coverage), {len(plan.fp32_nodes)} kept FP32; "
+        f"({plan.coverage:.0%} of the float nodes), {len(plan.fp32_nodes)} kept FP32"
+        + (f" ({len(plan.index_nodes)} of them shape or index arithmetic)" if plan.index_nodes else "") + "; "
         f"calibrated on {quantization.calibration.samples} samples "
         f"in {quantization.calibration.seconds:.1f} s" + fallback_summary(quantization.sensitivity)
         + _kernels_summary(getattr(quantization, "kernels", None))

@@ -54,6 +54,9 @@ class QuantPlan:
     activation_methods: Mapping[str, str] = dataclasses.field(default_factory=dict)
     #: Recurrent nodes (LSTM) whose weights are quantized for a dynamically quantized kernel instead of Q/DQ.
     dynamic_nodes: tuple[str, ...] = ()
+    #: FP32 nodes that compute no float value (shape arithmetic, indices, masks): nothing there to quantize, so
+    #: they are left out of :attr:`coverage`.
+    index_nodes: frozenset[str] = frozenset()
 
     def activation_spec_of(self, tensor: str):
         return self.activation_overrides.get(tensor, self.activation_spec)
@@ -74,7 +77,8 @@ class QuantPlan:
 
     @property
     def coverage(self) -> float:
-        total = len(self.quantized_nodes) + len(self.fp32_nodes)
+        """The quantized share of the nodes that compute float values (:attr:`index_nodes` left out)."""
+        total = len(self.quantized_nodes) + len(self.fp32_nodes) - len(self.index_nodes)
         return len(self.quantized_nodes) / total if total else 0.0
 
 
