@@ -336,6 +336,7 @@ def quantize(
     records = list(PassManager(quantize_passes).run(model).records)
     qdq_model = ir.serde.serialize_model(model)
     speed = kernels = None
+    fast_records: tuple[PassRecord, ...] = ()
     if lower:
         records.extend(lower_to_target(model, target))
         fast_target = fast_kernel_target(target)
@@ -345,12 +346,16 @@ def quantize(
                 fallback.final_output_sqnr_db if fallback is not None else None, options.min_sqnr,
                 threads=options.calibration.threads)
             if kernels.kernels == "fast":
-                records.extend(fast_records)
                 target = fast_target  # the speed choice builds its QOperator candidates with them too
         if timing:
             speed = choose_output_speed(float_model, qdq_model, target, options, kept[0], batch_axes)
             if speed.candidate != Candidate(target.options.format):
                 model = ir.serde.deserialize_model(speed.model)
+            if kernels is not None and kernels.kernels == "fast" and speed.candidate.format != target.options.format:
+                kernels = dataclasses.replace(kernels, kernels="exact", reason=(
+                    f"{kernels.reason}; not written: the speed choice chose {speed.candidate.name}"))
+        if kernels is not None and kernels.kernels == "fast":
+            records.extend(fast_records)
     return QuantizeResult(model, plan, calibration, parameters, tuple(records), qdq_model, fallback, speed,
                           range_check, kernels)
 

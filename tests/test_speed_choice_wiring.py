@@ -213,3 +213,20 @@ def test_the_stream_models_regions_reach_through_layout_operators_and_feeders():
     # the Conv1d front end reads the audio through an Unsqueeze; the decoder Gemm is fed by a Relu of its own
     assert {"front_end_16k.conv", "front_end_16k.unsqueeze"} <= regions["stem"]
     assert {"decoder_matmul", "decoder_relu"} <= regions["small-matmul"]
+
+
+def test_fast_transformer_kernels_are_not_claimed_when_the_speed_choice_writes_qdq(fake_times):
+    """auto's fast kernels live in the QOperator lowering: when QDQ wins, the choice and the records say exact."""
+    from qgraph.models.bert import BertLayout, BertOptions, build_bert, example_inputs
+
+    times, _ = fake_times
+    times.update({FLOAT: 1.5, QOPERATOR: 1.2, QDQ: 1.0})  # QDQ clearly faster, no lead past 2x
+    layout = BertLayout(layers=1, hidden=32, heads=2, intermediate=64, vocabulary=64, max_positions=32)
+    encoder = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(build_bert(layout, options=BertOptions())))
+    calibration = [example_inputs(layout, 4, 16, seed=seed) for seed in range(2)]
+    result = quantize(encoder, calibration, QuantizeOptions(target_options=TARGET_OPTIONS))
+    assert result.speed.candidate == Candidate(QDQ)
+    assert result.kernels.kernels == "exact" and "not written: the speed choice chose qdq" in result.kernels.reason
+    assert not {record.name for record in result.records if record.modified} & {"LowerQuantizedAttention",
+                                                                                   "LowerFastGelu"}
+    assert ops(result.model)["QAttention"] == 0
