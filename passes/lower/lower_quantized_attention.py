@@ -39,6 +39,11 @@ step of it, which deploy parity checks), and on this project's machine it saved 
 float GEMMs run either way), only wall time where many small kernels wait for threads. Run it explicitly
 (``--passes`` or a PassManager after the lowering).
 
+The head merge's input may also be read by ``Shape`` nodes (directly or through a DequantizeLinear) whose every
+reader is a ``Gather`` of index 0 or 1: the TorchScript exporter writes Hugging Face's ``context.size()[:-2] +
+(all_head_size,)`` that way. Those Shapes then read the attention's input ``x_q`` ``[B, S, D]``, whose first two
+sizes are the same.
+
 Refused (logged): projections that are not MatMulIntegerToFloat with constant 2-D weights of one integer type on
 one shared input (one projection left float), an input that is not uint8 of known rank 3 (the rank comes from shape
 inference, which qgraph's loader runs), head splits that disagree, a Softmax over another axis, a scale factor that
@@ -68,6 +73,8 @@ MASK_FILTER_VALUE = -10000.0
 _QUERY_PERM = (0, 2, 1, 3)
 _KEY_PERM = (0, 2, 3, 1)
 _MASK_NODE_LIMIT = 64
+#: The most nodes (quantization, scalar Muls, Transposes) between an attention operand and its head split.
+_OPERAND_NODE_LIMIT = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +108,9 @@ class _Plan:
     #: (scale, zero point) values of a quantized merged output, None when it is float.
     merged_quantization: tuple[ir.Value, ir.Value] | None
     nodes: tuple[ir.Node, ...]
+    #: Shape nodes that read the head merge's input for its batch and sequence sizes: they read the attention's
+    #: input instead, which has them at the same positions.
+    shapes: tuple[ir.Node, ...] = ()
 
 
 def _rank(value: ir.Value) -> int | None:
@@ -167,10 +177,16 @@ def _head_split(shape: ir.Value) -> tuple[int, int] | None:
 
 
 def _operand(value: ir.Value, perm: tuple[int, ...]) -> _Operand | str:
-    """Trace ``value`` back through quantization, scalar Muls, ``Transpose(perm)`` and the head-split Reshape."""
+    """Trace ``value`` back through quantization, scalar Muls, the Transposes that together permute by ``perm``
+    (one, or Hugging Face's ``permute(0, 2, 1, 3)`` then ``transpose(-1, -2)`` for the keys) and the head-split
+    Reshape.
+
+    Transposes compose as ``T_q(T_p(x)) = T_c(x)`` with ``c[i] = p[q[i]]``: walking from the operand inwards, each
+    Transpose met maps the permutation so far through its own.
+    """
     nodes: list[ir.Node] = []
     factor = 1.0
-    transposed = False
+    composite: tuple[int, ...] | None = None
     while True:
         value = _through_quantization(value, nodes)
         producer = value.producer()
@@ -179,14 +195,18 @@ def _operand(value: ir.Value, perm: tuple[int, ...]) -> _Operand | str:
             nodes.append(producer)
             value, factor = scaled[0], factor * scaled[1]
             continue
-        if not transposed and qdq.is_op(producer, "Transpose"):
-            if tuple(qdq.attribute(producer, "perm", ())) != perm:
+        if qdq.is_op(producer, "Transpose") and (composite is None or len(nodes) < _OPERAND_NODE_LIMIT):
+            own = tuple(int(axis) for axis in qdq.attribute(producer, "perm", ()))
+            if sorted(own) != list(range(len(perm))):
                 return f"{producer.name} transposes with {qdq.attribute(producer, 'perm', None)}, expected {perm}"
+            composite = own if composite is None else tuple(own[axis] for axis in composite)
             nodes.append(producer)
-            value, transposed = producer.inputs[0], True
+            value = producer.inputs[0]
             continue
         break
-    if not transposed or not qdq.is_op(producer, "Reshape"):
+    if composite is not None and composite != perm:
+        return f"the operand's Transposes permute by {composite}, expected {perm}"
+    if composite is None or not qdq.is_op(producer, "Reshape"):
         return f"{value.name} is not a head split (Reshape then Transpose{perm})"
     split = _head_split(producer.inputs[1])
     if split is None:
@@ -310,8 +330,48 @@ def _mask_source(mask: ir.Value, opset: int) -> ir.Value | str:
     return source
 
 
-def _merge(product_output: ir.Value, nodes: list[ir.Node]) -> ir.Value | str:
-    """The head merge ``Reshape(Transpose(0,2,1,3)(·), [·, ·, H])`` after the A·V product, through DQs."""
+def _batch_and_sequence_reader(node: ir.Node) -> bool:
+    """A ``Shape`` (whole, no start/end) whose every reader is a ``Gather`` of index 0 or 1 on axis 0: it asks
+    only the batch and sequence sizes, which the rank-3 attention input has at the same positions."""
+    if not qdq.is_op(node, "Shape") or "start" in node.attributes or "end" in node.attributes:
+        return False
+    output = node.outputs[0]
+    if output.is_graph_output() or not output.uses():
+        return False
+    for use in output.uses():
+        reader = use.node
+        if not qdq.is_op(reader, "Gather") or use.idx != 0 or int(qdq.attribute(reader, "axis", 0)) != 0:
+            return False
+        index = qdq.constant_array(reader.inputs[1])
+        if index is None or index.size != 1 or not np.issubdtype(index.dtype, np.integer) \
+                or int(index.reshape(-1)[0]) not in (0, 1):
+            return False
+    return True
+
+
+def _shape_readers(value: ir.Value, reshape: ir.Node, nodes: list[ir.Node]) -> list[ir.Node] | None:
+    """The readers of the head-merge input ``value`` besides ``reshape`` when each only asks its batch and sequence
+    sizes (TorchScript's ``x.size()[:-2] + (all_head_size,)``): the Shape nodes, directly or through one
+    DequantizeLinear read by such Shapes alone (those DQs go to ``nodes``); None when another reader is there."""
+    shapes: list[ir.Node] = []
+    for use in value.uses():
+        reader = use.node
+        if reader is reshape:
+            continue
+        if qdq.is_op(reader, qdq.DEQUANTIZE) and not reader.outputs[0].is_graph_output() and reader.outputs[0].uses() \
+                and all(_batch_and_sequence_reader(inner.node) for inner in reader.outputs[0].uses()):
+            shapes += [inner.node for inner in reader.outputs[0].uses()]
+            nodes.append(reader)
+        elif _batch_and_sequence_reader(reader):
+            shapes.append(reader)
+        else:
+            return None
+    return shapes
+
+
+def _merge(product_output: ir.Value, nodes: list[ir.Node], shapes: list[ir.Node]) -> ir.Value | str:
+    """The head merge ``Reshape(Transpose(0,2,1,3)(·), [·, ·, H])`` after the A·V product, through DQs; the Shape
+    nodes that read the Reshape's input for its batch and sequence sizes go to ``shapes``."""
     value = product_output
     for op_type in ("Transpose", "Reshape"):
         consumer = qdq.sole_consumer(value)
@@ -319,6 +379,12 @@ def _merge(product_output: ir.Value, nodes: list[ir.Node]) -> ir.Value | str:
             nodes.append(consumer)
             value = consumer.outputs[0]
             consumer = qdq.sole_consumer(value)
+        if consumer is None and op_type == "Reshape" and not value.is_graph_output():
+            reshapes = [use.node for use in value.uses() if qdq.is_op(use.node, "Reshape") and use.idx == 0]
+            found = _shape_readers(value, reshapes[0], nodes) if len(reshapes) == 1 else None
+            if found is not None:
+                consumer = reshapes[0]
+                shapes += found
         if not qdq.is_op(consumer, op_type):
             return f"{value.name} is not read by the head merge's {op_type} alone"
         if op_type == "Transpose" and tuple(qdq.attribute(consumer, "perm", ())) != _QUERY_PERM:
@@ -385,7 +451,8 @@ class LowerQuantizedAttention(RewritePass):
             return Refusal(reader)
         value_value, product_output = reader
         nodes += value_product
-        merged = _merge(product_output, nodes)
+        shapes: list[ir.Node] = []
+        merged = _merge(product_output, nodes, shapes)
         if isinstance(merged, str):
             return Refusal(merged)
         operands = []
@@ -436,7 +503,7 @@ class LowerQuantizedAttention(RewritePass):
         elif merged.dtype != ir.DataType.FLOAT:
             return Refusal(f"the merged output is {merged.dtype}")
         return _Plan(softmax, tuple(projections), query.heads, scale, mask_input, merged,  # type: ignore[arg-type]
-                     quantization, tuple(nodes))
+                     quantization, tuple(nodes), tuple(shapes))
 
     @staticmethod
     def _scaled_product(value: ir.Value, nodes: list[ir.Node]) -> tuple[tuple[ir.Value, ir.Value], float] | None:
@@ -496,6 +563,8 @@ class LowerQuantizedAttention(RewritePass):
         output.shape = plan.merged.shape
         graph.insert_before(anchor, attention)
         qdq.ensure_microsoft_domain(context.model, graph)
+        for shape in plan.shapes:  # dims 0 and 1 of [B, S, N, H/N] are those of the input [B, S, D]
+            shape.replace_input_with(0, first.inputs[0])
         removed = list(plan.nodes)
         if plan.merged_quantization is None:
             qdq.take_over(plan.merged, output)

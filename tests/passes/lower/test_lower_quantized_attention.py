@@ -186,3 +186,77 @@ def test_without_known_rank_nothing_is_fused():
         value.shape = None
     result = LowerQuantizedAttention()(bare)
     assert not result.modified
+
+
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_the_hugging_face_spelling_of_the_trained_encoder_is_fused(activations):
+    """The text encoder as torch.onnx writes Hugging Face's BertSelfAttention: the keys through permute(0, 2, 1, 3)
+    then transpose(-1, -2), the head merge's target from ``context.size()[:-2]`` (Shape → Gather 0/1 of the
+    merged input). Each layer becomes one QAttention, the Shapes read the attention input, the outputs stay close."""
+    from qgraph.models.text_encoder import TextEncoderConfig, build_text_encoder, initial_weights
+    from qgraph.pipeline import OptimizeOptions, optimize
+    from qgraph.ptq import QuantizeOptions
+    from qgraph.targets import TargetOptions
+
+    config = TextEncoderConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                               max_positions=16)
+    proto = onnx.shape_inference.infer_shapes(build_text_encoder(initial_weights(config, seed=1), config))
+    generator = np.random.default_rng(0)
+
+    def feeds(batch: int) -> dict[str, np.ndarray]:
+        mask = np.ones((batch, 16), dtype=np.int64)
+        mask[0, 12:] = 0
+        return {"input_ids": generator.integers(0, 40, (batch, 16)).astype(np.int64), "attention_mask": mask,
+                "token_type_ids": np.zeros((batch, 16), dtype=np.int64)}
+
+    transposes = [node for node in proto.graph.node if node.op_type == "Transpose"]
+    assert any(tuple(node.attribute[0].ints) == (0, 1, 3, 2) for node in transposes)  # the spelling under test
+    written = {}
+    for kernels in ("exact", "fast"):
+        quantization = QuantizeOptions(min_sqnr=None, activations=activations, speed_choice=False,
+                                       target_options=TargetOptions(reduce_range="off", transformer_kernels=kernels))
+        result = optimize(ir.serde.deserialize_model(proto), None, OptimizeOptions(quantization=quantization),
+                          calibration_data=[feeds(4) for _ in range(3)])
+        written[kernels] = ir.serde.serialize_model(result.model)
+    onnx.checker.check_model(written["fast"], full_check=True)
+    counts = _ops(ir.serde.deserialize_model(written["fast"]))
+    assert counts.get("QAttention") == config.num_layers and "Softmax" not in counts
+    test = feeds(3)
+    reference = runtime.run(runtime.create_session(proto), test)["logits"]
+    outputs = {kernels: runtime.run(runtime.create_session(model), test)["logits"]
+               for kernels, model in written.items()}
+    assert _cosine(reference, outputs["fast"]) >= 0.999
+    assert 1 - _cosine(reference, outputs["fast"]) <= 1.2 * (1 - _cosine(reference, outputs["exact"])) + 1e-6
+    assert not LowerQuantizedAttention()(ir.serde.deserialize_model(written["fast"])).modified
+
+
+def test_a_shape_reader_asking_for_more_than_batch_and_sequence_is_refused():
+    """A Gather of index 2 (the heads) from the head merge's input: nothing else would have that size."""
+    from qgraph.models.text_encoder import TextEncoderConfig, build_text_encoder, initial_weights
+    from qgraph.pipeline import OptimizeOptions, optimize
+    from qgraph.ptq import QuantizeOptions
+    from qgraph.targets import TargetOptions
+
+    config = TextEncoderConfig(vocab_size=40, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
+                               max_positions=16)
+    proto = onnx.shape_inference.infer_shapes(build_text_encoder(initial_weights(config, seed=1), config))
+    batch = {"input_ids": np.arange(32, dtype=np.int64).reshape(2, 16) % 40,
+             "attention_mask": np.ones((2, 16), dtype=np.int64), "token_type_ids": np.zeros((2, 16), dtype=np.int64)}
+    quantization = QuantizeOptions(min_sqnr=None, speed_choice=False,
+                                   target_options=TargetOptions(reduce_range="off", transformer_kernels="exact"))
+    model = optimize(ir.serde.deserialize_model(proto), None, OptimizeOptions(quantization=quantization),
+                     calibration_data=[batch]).model
+    merge_input = next(node.outputs[0] for node in model.graph if node.op_type == "Transpose"
+                       and any(use.node.op_type == "Reshape" for use in node.outputs[0].uses())
+                       and len(node.outputs[0].uses()) > 1)
+    gathers = [use.node for dequantize in merge_input.uses() for shape in dequantize.node.outputs[0].uses()
+               if shape.node.op_type == "Shape" for use in shape.node.outputs[0].uses()]
+    assert gathers and all(node.op_type == "Gather" for node in gathers)
+    untouched = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    assert LowerQuantizedAttention()(untouched).modified  # as written, the layer is fused
+    heads = ir.Value(name="heads_index", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]),
+                     const_value=ir.tensor(np.array(2, dtype=np.int64)))
+    model.graph.register_initializer(heads)
+    gathers[0].replace_input_with(1, heads)
+    result = LowerQuantizedAttention()(model)
+    assert not result.modified and "QAttention" not in _ops(result.model)
