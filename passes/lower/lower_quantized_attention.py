@@ -33,11 +33,12 @@ re-quantized with the same scale and zero point (one QuantizeLinear).
 
 onnxruntime's CPU kernel (as its source reads) runs the projection as 3·B·N integer GEMMs of ``[S, D] × [D, H/N]``
 on weights it packs once at session creation and the attention core as float GEMMs with the head transposes folded
-into its indexing; what that gains is measured in docs/runtime-facts.md. The pass is not in the ort-cpu target's
-default lowering: it drops quantization steps the QDQ graph simulates (the lowered model is no longer within one
-step of it, which deploy parity checks), and on this project's machine it saved no CPU time (the same int8 and
-float GEMMs run either way), only wall time where many small kernels wait for threads. Run it explicitly
-(``--passes`` or a PassManager after the lowering).
+into its indexing; what that gains is measured in docs/runtime-facts.md. The pass is one of the fast
+transformer kernels (``qgraph.targets.ort_cpu.FAST_TRANSFORMER_PASSES``), not the exact lowering: it drops
+quantization steps the QDQ graph simulates (the lowered model is no longer within one step of it, which deploy
+parity checks), and on this project's machine it saved little CPU time (the same int8 and float GEMMs run either
+way), mostly wall time where many small kernels wait for threads. ``transformer_kernels="auto"``, the default,
+takes them after PTQ where they hold against FP32 (:mod:`qgraph.transformer_kernels`).
 
 The head merge's input may also be read by ``Shape`` nodes (directly or through a DequantizeLinear) whose every
 reader is a ``Gather`` of index 0 or 1: the TorchScript exporter writes Hugging Face's ``context.size()[:-2] +
