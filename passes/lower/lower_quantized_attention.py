@@ -74,8 +74,6 @@ MASK_FILTER_VALUE = -10000.0
 _QUERY_PERM = (0, 2, 1, 3)
 _KEY_PERM = (0, 2, 3, 1)
 _MASK_NODE_LIMIT = 64
-#: The most nodes (quantization, scalar Muls, Transposes) between an attention operand and its head split.
-_OPERAND_NODE_LIMIT = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +194,7 @@ def _operand(value: ir.Value, perm: tuple[int, ...]) -> _Operand | str:
             nodes.append(producer)
             value, factor = scaled[0], factor * scaled[1]
             continue
-        if qdq.is_op(producer, "Transpose") and (composite is None or len(nodes) < _OPERAND_NODE_LIMIT):
+        if qdq.is_op(producer, "Transpose"):
             own = tuple(int(axis) for axis in qdq.attribute(producer, "perm", ()))
             if sorted(own) != list(range(len(perm))):
                 return f"{producer.name} transposes with {qdq.attribute(producer, 'perm', None)}, expected {perm}"
