@@ -17,7 +17,8 @@ quantizer meets the patterns of real exported encoders. Two exporters are modell
   the bias first), head split ``Reshape(batch, S, heads, d)`` with the target shape computed from ``Shape`` →
   ``Gather`` → ``Unsqueeze`` → ``Concat`` (dynamic batch and sequence) and ``Transpose(0, 2, 1, 3)`` (keys
   ``Transpose(0, 2, 3, 1)``), scores ``Div(MatMul(q, kᵀ), √d)``, ``Add(scores, mask)``, ``Softmax(axis=−1)``,
-  context ``MatMul(p, v)`` → ``Transpose(0, 2, 1, 3)`` → ``Reshape(batch, S, hidden)``, output projection, residual
+  context ``MatMul(p, v)`` → ``Transpose(0, 2, 1, 3)`` → ``Reshape(batch, S, hidden)`` (the target from the transposed
+  context's own ``Shape``, Hugging Face's ``context.size()[:-2] + (all_head_size,)``), output projection, residual
   Add and LayerNorm.
 - **feed-forward**: ``MatMul+Add`` to the intermediate size, exact GELU ``Mul(Mul(x, 1 + Erf(x / 1.4142135)), 0.5)``,
   ``MatMul+Add`` back, residual Add, LayerNorm.
@@ -256,12 +257,13 @@ class _Encoder:
         reshaped = self.w.node("Reshape", [x, shape], scope)
         return self.w.node("Transpose", [reshaped], scope, perm=perm)
 
-    def merge_heads(self, context: str, reference: str, scope: str) -> str:
+    def merge_heads(self, context: str, scope: str) -> str:
         transposed = self.w.node("Transpose", [context], scope, perm=[0, 2, 1, 3])
         if self.dynamo:
             shape = self.w.constant([0, -1, self.layout.hidden], np.int64)
         else:
-            shape = self.w.node("Concat", [self.dimension(reference, 0, scope), self.dimension(reference, 1, scope),
+            # Hugging Face's ``context.size()[:-2] + (all_head_size,)``: the sizes of the transposed context itself
+            shape = self.w.node("Concat", [self.dimension(transposed, 0, scope), self.dimension(transposed, 1, scope),
                                            self.w.constant([self.layout.hidden], np.int64)], scope, axis=0)
         return self.w.node("Reshape", [transposed, shape], scope)
 
@@ -324,7 +326,7 @@ class _Encoder:
         scores = self.w.node("Add", [scores, mask], self_scope)
         probabilities = self.w.node("Softmax", [scores], self_scope, axis=-1)
         context = self.w.node("MatMul", [probabilities, value], self_scope)
-        context = self.merge_heads(context, x, self_scope)
+        context = self.merge_heads(context, self_scope)
         output = self.linear(context, f"{prefix}.output.dense", f"{scope}/output/dense")
         output = self.w.node("Add", [output, x], f"{scope}/output")
         return self.layer_norm(output, f"{prefix}.output.LayerNorm", f"{scope}/output/LayerNorm")
