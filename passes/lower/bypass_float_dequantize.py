@@ -13,7 +13,8 @@ connection adds ``ĥ`` back. The pass lets those readers read ``x``::
 a step ``s / 2`` where ``x`` lies in the quantization range, more where it was clipped, so the result is at least as
 close to FP32 as before and no longer follows the QDQ simulation there. That is why it belongs to the ``fast``
 transformer kernels (:data:`qgraph.targets.ort_cpu.FAST_TRANSFORMER_PASSES`), which already give up deploy parity,
-and not to the default lowering.
+and not to the exact lowering (``transformer_kernels="auto"``, the default, takes the fast ones after PTQ where they
+hold against FP32).
 
 Why: the DequantizeLinear is pure cost. On a BERT-base-shaped encoder with the fast kernels (batch 8, sequence
 128, 2 threads, onnxruntime 1.19.2) the 24 residual DequantizeLinears took 3.7 of 173.5 ms of kernel time.
