@@ -7,6 +7,7 @@ batch (noise +inf where ``ŷ`` is not finite); the output SQNR is ``min_o 10·lo
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 
@@ -15,6 +16,8 @@ import onnx
 
 from qgraph import runtime
 from qgraph.quant.numerics import power_ratio_db
+
+logger = logging.getLogger(__name__)
 
 _FLOAT_OUTPUT_TYPES = frozenset({"tensor(float)", "tensor(double)", "tensor(float16)"})
 
@@ -47,6 +50,17 @@ class OutputComparison:
 
     def sqnr(self, reference: list[list[np.ndarray]], extra: Mapping[str, np.ndarray] | None = None) -> float:
         return output_sqnr(reference, self.outputs(extra))
+
+
+def optimized_comparison(proto, batches: Sequence[Mapping[str, np.ndarray]], threads: int | None,
+                         output_names: Sequence[str] | None = None) -> OutputComparison:
+    """An :class:`OutputComparison` on an optimised session, or an unoptimised one where onnxruntime's optimiser
+    refuses the graph (initializers named alike in If branches): the same outputs, a little slower."""
+    try:
+        return OutputComparison(proto, batches, threads=threads, output_names=output_names, optimize=True)
+    except Exception as error:  # noqa: BLE001 - the unoptimised session measures the same thing
+        logger.debug("optimised session refused (%s); running it unoptimised", error)
+        return OutputComparison(proto, batches, threads=threads, output_names=output_names)
 
 
 def output_sqnr(reference: list[list[np.ndarray]], approximation: list[list[np.ndarray]]) -> float:

@@ -351,7 +351,7 @@ def quantize(
             speed = choose_output_speed(float_model, qdq_model, target, options, kept[0], batch_axes)
             if speed.candidate != Candidate(target.options.format):
                 model = ir.serde.deserialize_model(speed.model)
-            if kernels is not None and kernels.kernels == "fast" and speed.candidate.format != target.options.format:
+            if target is fast_target and speed.candidate.format != target.options.format:
                 kernels = dataclasses.replace(kernels, kernels="exact", reason=(
                     f"{kernels.reason}; not written: the speed choice chose {speed.candidate.name}"))
         if kernels is not None and kernels.kernels == "fast":

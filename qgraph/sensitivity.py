@@ -80,7 +80,7 @@ import onnx_ir as ir
 
 from qgraph.calibrate.driver import BatchAxes, batch_samples, first_samples
 from qgraph.errors import QGraphError, require_at_least
-from qgraph.output_comparison import OutputComparison, noise_ratios, ratio_db
+from qgraph.output_comparison import OutputComparison, noise_ratios, optimized_comparison, ratio_db
 from qgraph.progress import Progress
 from qgraph.quant.plan import QuantPlan
 
@@ -318,7 +318,7 @@ class _Reference:
     def comparison(self) -> OutputComparison:
         """The FP32 model's optimised session on the retained batches (made on first use)."""
         if self._comparison is None:
-            self._comparison = _optimized_comparison(ir.serde.serialize_model(self.model), self.batches,
+            self._comparison = optimized_comparison(ir.serde.serialize_model(self.model), self.batches,
                                                      self.threads, self.output_names)
         return self._comparison
 
@@ -334,24 +334,13 @@ def _float_outputs(model: ir.Model) -> list[str] | None:
     return [value.name for value in model.graph.outputs if value.dtype in _FLOAT_TYPES]
 
 
-def _optimized_comparison(proto, batches: Sequence[Mapping[str, np.ndarray]], threads: int | None,
-                          output_names: Sequence[str] | None = None) -> OutputComparison:
-    """An :class:`OutputComparison` on an optimised session, or an unoptimised one where onnxruntime's optimiser
-    refuses the graph (initializers named alike in If branches): the same outputs, a little slower."""
-    try:
-        return OutputComparison(proto, batches, threads=threads, output_names=output_names, optimize=True)
-    except Exception as error:  # noqa: BLE001 - the unoptimised session measures the same thing
-        logger.debug("optimised session refused (%s); running it unoptimised", error)
-        return OutputComparison(proto, batches, threads=threads, output_names=output_names)
-
-
 def quick_output_sqnr(model: ir.Model, plan: QuantPlan, parameters: Mapping[str, object], reference: _Reference,
                       threads: int | None = None) -> float:
     """The fully quantized model's output SQNR on the retained batches, from its QDQ graph in an optimised session
     (onnxruntime fuses the Q/DQ pairs into its integer kernels, as the written model runs): the search's first
     question, answered in about a third of an FP32 pass over the retained batches, without the switchable graph."""
     qdq = ir.serde.serialize_model(build_qdq(model, plan, parameters))
-    comparison = _optimized_comparison(qdq, reference.feeds, threads, output_names=reference.output_names)
+    comparison = optimized_comparison(qdq, reference.feeds, threads, output_names=reference.output_names)
     return comparison.sqnr(reference.outputs)
 
 
@@ -383,7 +372,7 @@ class _Search:
         started = time.perf_counter()
         switchable = build_switchable_model(model, plan, parameters, self.layers, probes=probes)
         self.build_seconds = time.perf_counter() - started
-        self.comparison = _optimized_comparison(switchable, batches, options.threads, self.output_names)
+        self.comparison = optimized_comparison(switchable, batches, options.threads, self.output_names)
         self.ranking_inputs = [{name: feeds[name] for name in self.comparison.feeds[0]}
                                for feeds in self.ranking_feeds]
         # the fully quantized model on every retained batch; its first run also returns the local errors
