@@ -14,6 +14,11 @@ One walk over the main graph in topological order classifies every node:
   Concat joins all its inputs and its output in one group.
 - *own-range* ops (AveragePool, GlobalAveragePool, Sigmoid, HardSigmoid, LeakyRelu, Resize) quantize input and output;
   a Resize in nearest mode copies elements and is a pass-through instead.
+- *embedding lookups* (a Gather on axis 0 of a constant float table of at least EMBEDDING_MINIMUM_ELEMENTS values,
+  where the target quantizes them: ort-cpu) store the table as int8 per column (the hidden axis, the weight's
+  channel axis) behind a DequantizeLinear; the looked-up rows stay float (position and token-type embeddings are
+  added to them, and a LayerNorm follows). Lowering moves the DequantizeLinear after the Gather
+  (:mod:`qgraph.passes.lower.lower_quantized_gather`): a quarter of the table's bytes, the same values.
 - LayerNormalization and Softmax stay float by default, as do operators without an integer kernel on the target;
   each such node is recorded with the reason.
 - An additive attention mask stays float: an Add with a constant operand holding non-finite or huge (|x| >= 1e4)
@@ -68,6 +73,11 @@ RECURRENT_FP32_REASON = "recurrent layers stay FP32 by default (--quantize-recur
 #: stays float (LayerNorm, GELU, a bias Add: a static plan would add a QuantizeLinear there anyway) and keeps the
 #: static plan where the input is already quantized.
 ACTIVATION_MODES = ("static", "dynamic", "auto")
+#: A Gather table smaller than this stays float: the per-column scales would cost about what its int8 codes save
+#: (a 2-row token-type embedding).
+EMBEDDING_MINIMUM_ELEMENTS = 16384
+#: The axis of an embedding table's per-channel scales: its columns (the hidden axis of the looked-up rows).
+EMBEDDING_AXIS = 1
 #: Outputs whose range is known without calibration: Softmax's probabilities lie in [0, 1], so with uint8 they get
 #: scale 1/255 and zero point 0 (attention's probabilities · V reads them); the calibrator skips them.
 FIXED_RANGE_OPS = {"Softmax": (0.0, 1.0)}
@@ -97,6 +107,8 @@ class AnnotationRules:
     quantize_biases: bool
     residual_add_only: bool
     supported_ops: frozenset[str]
+    #: Store embedding tables (Gather of a constant on axis 0) as int8 (see the module docstring).
+    quantize_embeddings: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +150,18 @@ def _copies_elements(node: ir.Node) -> bool:
         return False
     mode = node.attributes.get("mode")
     return mode is None or mode.as_string() == "nearest"
+
+
+def embedding_table(node: ir.Node) -> ir.Value | None:
+    """The constant float table that a Gather on axis 0 looks rows up in (None: not an embedding lookup)."""
+    if node.op_type != "Gather" or len(node.inputs) < 2 or node.attributes.get_int("axis", 0) not in (0, -2):
+        return None
+    table = node.inputs[0]
+    if not is_constant(table) or table.dtype not in _FLOAT_TYPES or table.shape is None or len(table.shape) != 2:
+        return None
+    if table.const_value.size < EMBEDDING_MINIMUM_ELEMENTS:
+        return None
+    return table
 
 
 def _fusable_activation(node: ir.Node, value: ir.Value) -> ir.Node | None:
@@ -299,6 +323,8 @@ class _Annotator:
                 self.binary(node)
             elif node.op_type == "Concat":
                 self.concat(node)
+            elif self.rules.quantize_embeddings and embedding_table(node) is not None:
+                self.embedding(node)
             elif node.op_type in PASS_THROUGH_OPS or _copies_elements(node):
                 self.pass_through(node)
             elif node.op_type in OWN_RANGE_OPS:
@@ -415,6 +441,11 @@ class _Annotator:
             if _is_float_activation(output) and not output.is_graph_output():
                 self.annotate(output)
                 self.pairs.append((data.name, output.name))
+        self.quantized.append(node.name)
+
+    def embedding(self, node: ir.Node) -> None:
+        """An embedding lookup: the table stored int8 per column; the rows it returns stay float."""
+        self.weights.append(WeightPlan(node.inputs[0].name, node.name, EMBEDDING_AXIS))
         self.quantized.append(node.name)
 
     def own_range(self, node: ir.Node) -> None:

@@ -50,6 +50,7 @@ from qgraph.passes.lower.lower_qlinear_matmul import LowerQLinearMatMul
 from qgraph.passes.lower.lower_qlinear_pool import LowerQLinearPool
 from qgraph.passes.lower.lower_qlinear_unary import LowerQLinearUnary
 from qgraph.passes.lower.lower_quantized_attention import LowerQuantizedAttention
+from qgraph.passes.lower.lower_quantized_gather import LowerQuantizedGather
 from qgraph.passes.lower.remove_redundant_quantization import RemoveRedundantQuantization
 from qgraph.passes.lower.store_int4_weights import StoreInt4Weights
 from qgraph.quant.spec import QuantSpec
@@ -70,6 +71,7 @@ LOWERING_PASSES: tuple[type[QGraphPass], ...] = (
     LowerQLinearPool,
     LowerQLinearUnary,
     LowerIntegerPassThrough,
+    LowerQuantizedGather,
     RemoveRedundantQuantization,
 )
 #: What ``transformer_kernels="fast"`` adds after the lowering: each needs the projections / GELU as the passes above
@@ -111,17 +113,22 @@ class OrtCpuTarget(Target):
             residual_add_only=False,
             supported_ops=COMPUTE_OPS | BINARY_OPS | PASS_THROUGH_OPS | OWN_RANGE_OPS | FUSABLE_ACTIVATIONS
             | {"Concat"},
+            quantize_embeddings=True,
         )
 
     def lowering_passes(self) -> tuple[type[QGraphPass], ...]:
-        passes = LOWERING_PASSES if self.options.format == "qoperator" else ()
         if self.options.transformer_kernels not in TRANSFORMER_KERNELS:
             raise QGraphError(f"transformer_kernels must be one of {', '.join(TRANSFORMER_KERNELS)}, got "
                               f"{self.options.transformer_kernels!r}")
-        if passes and self.options.transformer_kernels == "fast":
+        if self.options.format != "qoperator":
+            # explicit QDQ too: onnxruntime would dequantize a whole embedding table on every run
+            passes = (LowerQuantizedGather,)
+            return passes + (StoreInt4Weights,) if self.options.weight_bits == 4 else passes
+        passes = LOWERING_PASSES
+        if self.options.transformer_kernels == "fast":
             passes = passes + FAST_TRANSFORMER_PASSES
         if self.options.weight_bits == 4:  # docs/runtime-facts.md, "4-bit weights with static activations"
-            passes = ((LowerFourBitMatMul,) if passes else ()) + passes + (StoreInt4Weights,)
+            passes = (LowerFourBitMatMul,) + passes + (StoreInt4Weights,)
         return passes
 
     def lowering_pipeline(self) -> list[QGraphPass]:

@@ -149,7 +149,8 @@ def sensitivity_order(model: ir.Model | str | os.PathLike, calibration_data, bas
                       configuration: TrialConfiguration, recipe_path: Path, qat_epochs: int = 2,
                       calibrator: Callable | None = None) -> tuple[tuple[str, ...], dict[str, str]]:
     """The quantized layers, the one whose quantization alone hurts the output SQNR most first (the sensitivity
-    analysis's full table, with a bound that no fallback is needed for), and each layer's weight initializer.
+    analysis's full table, with a bound that no fallback is needed for), and each layer's weight initializer (the
+    candidates for 4 bits: embedding lookups left out).
     ``calibrator`` calibrates instead of :func:`qgraph.calibrate.driver.calibrate` (the same ranges: on Ray, the
     shards of :class:`qgraph.ray_trials.ShardedCalibration`)."""
     bound = 1e-6  # below any model's output SQNR: the analysis ranks every layer and nothing falls back
@@ -159,7 +160,9 @@ def sensitivity_order(model: ir.Model | str | os.PathLike, calibration_data, bas
     model = ir.serde.deserialize_model(ir.serde.serialize_model(model)) if isinstance(model, ir.Model) else model
     analysed = optimize(model, None, OptimizeOptions(quantization=options), calibration_data=calibration_data)
     layers = sorted(analysed.quantization.sensitivity.layers, key=lambda layer: layer.output_sqnr_db)
-    weights = {weight.consumer: weight.name for weight in analysed.quantization.plan.weights}
+    lookups = {layer.node for layer in layers if layer.op_type == "Gather"}  # an embedding table gains no 4-bit kernel
+    weights = {weight.consumer: weight.name for weight in analysed.quantization.plan.weights
+               if weight.consumer not in lookups}
     return tuple(layer.node for layer in layers), weights
 
 

@@ -102,7 +102,10 @@ def test_tied_embedding_and_decoder_weights_are_quantized_once():
     decoder = [node for node in model.graph if "decoder" in node.name and node.op_type == "MatMulIntegerToFloat"]
     assert len(decoder) == 1
     gather = next(node for node in model.graph if node.op_type == "Gather" and node.inputs[1].name == "input_ids")
-    assert gather.inputs[0].dtype == ir.DataType.FLOAT  # the embedding lookup reads the float table
+    # the embedding lookup reads the int8 table and dequantizes only the rows it looked up, per hidden channel
+    assert gather.inputs[0].dtype == ir.DataType.INT8 and gather.inputs[0].const_value is not None
+    (dequantize,) = gather.outputs[0].consumers()
+    assert dequantize.op_type == "DequantizeLinear" and dequantize.attributes.get_int("axis") == 2
     feeds = example_inputs(LAYOUT, 2, 16, seed=4)
     assert _cosine(_outputs(proto, feeds)["logits"], _outputs(model, feeds)["logits"]) >= 0.99
 

@@ -329,12 +329,13 @@ def protocol_corpus() -> list[onnx.ModelProto]:
     )
     cnn, _, _ = small_cnn()
     from tests.passes.lower.four_bit_models import four_bit_matmul
+    from tests.passes.lower.islands import embedding_lookup
 
     return [
         ir.serde.serialize_model(model()), conv_batch_norm, lone_batch_norm, conv_bias,
         gelu_erf(), gelu_tanh(opset=20), layer_norm("tf2onnx"), cnn.model(), float_output_islands(),
         blocked_int4_matmul(), four_bit_matmul()[0].model(), integer_attention_block(), quantized_gelu(),
-        *exporter_spelling_corpus(),
+        embedding_lookup(), *exporter_spelling_corpus(),
     ]
 
 

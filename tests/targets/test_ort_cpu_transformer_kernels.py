@@ -14,6 +14,7 @@ from qgraph.models.bert import BertLayout, BertOptions, build_bert, example_inpu
 from qgraph.passes.lower.bypass_float_dequantize import BypassFloatDequantize
 from qgraph.passes.lower.lower_fast_gelu import LowerFastGelu
 from qgraph.passes.lower.lower_quantized_attention import LowerQuantizedAttention
+from qgraph.passes.lower.lower_quantized_gather import LowerQuantizedGather
 from qgraph.pipeline import OptimizeOptions, optimize
 from qgraph.ptq import QuantizeOptions
 from qgraph.targets import TargetOptions, get_target
@@ -32,7 +33,8 @@ def test_the_target_lowering_keeps_exact_kernels(kernels):
 def test_fast_adds_the_fused_passes_after_the_lowering():
     passes = get_target("ort-cpu", TargetOptions(transformer_kernels="fast")).lowering_passes()
     assert passes[-3:] == FAST
-    assert get_target("ort-cpu", TargetOptions(transformer_kernels="fast", format="qdq")).lowering_passes() == ()
+    assert get_target("ort-cpu", TargetOptions(transformer_kernels="fast", format="qdq")).lowering_passes() == (
+        LowerQuantizedGather,)
 
 
 def test_an_unknown_choice_names_itself():

@@ -6,7 +6,8 @@ and the pieces the refusal tests need that QDQBuilder does not write: a Dequanti
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from tests.passes.qdq_builders import QDQBuilder, lower_and_check
 
@@ -71,3 +72,36 @@ def matmul_model(*, quantized_output: bool, per_channel: bool = True, weight_axi
         y = builder.node(activation, [y])
     out = builder.output(builder.quantize(y) if quantized_output else y)
     return builder, out
+
+
+ROWS, COLUMNS = 50, 8
+
+
+def embedding_lookup(*, per_tensor: bool = False, dequantize_axis: int = 1, gather_axis: int = 0, ids_shape=(2, 3),
+           whole_table_output: bool = False, zero_point: bool = True, second_lookup: bool = False,
+           seed: int = 0) -> onnx.ModelProto:
+    """``Gather(DequantizeLinear(codes), ids)``: a quantized embedding table, as InsertQuantizeDequantize writes it."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(-127, 128, (ROWS, COLUMNS)).astype(np.int8)
+    channels = 1 if per_tensor else (ROWS if dequantize_axis == 0 else COLUMNS)
+    scale = (rng.random(channels).astype(np.float32) + 0.5) / 64
+    shape = () if per_tensor else (channels,)
+    initializers = [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(scale.reshape(shape), "scale")]
+    dequantize_inputs = ["codes", "scale"]
+    if zero_point:
+        initializers.append(numpy_helper.from_array(np.zeros(shape, np.int8), "zero_point"))
+        dequantize_inputs.append("zero_point")
+    attributes = {} if per_tensor else {"axis": dequantize_axis}
+    nodes = [helper.make_node("DequantizeLinear", dequantize_inputs, ["table"], name="table_dequantize", **attributes),
+             helper.make_node("Gather", ["table", "ids"], ["rows"], name="lookup", axis=gather_axis),
+             helper.make_node("Tanh", ["rows"], ["y"], name="after")]
+    rows_shape = [*ids_shape, COLUMNS] if gather_axis == 0 else [ROWS, *ids_shape]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, rows_shape)]
+    if second_lookup:
+        nodes.append(helper.make_node("Gather", ["table", "ids"], ["again"], name="second_lookup"))
+        outputs.append(helper.make_tensor_value_info("again", TensorProto.FLOAT, [*ids_shape, COLUMNS]))
+    if whole_table_output:
+        outputs.append(helper.make_tensor_value_info("table", TensorProto.FLOAT, [ROWS, COLUMNS]))
+    graph = helper.make_graph(nodes, "lookup", [helper.make_tensor_value_info("ids", TensorProto.INT64, ids_shape)],
+                              outputs, initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)

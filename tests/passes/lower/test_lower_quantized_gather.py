@@ -1,0 +1,66 @@
+"""LowerQuantizedGather: an embedding lookup in an int8 table dequantizes only the rows it looked up."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from qgraph import runtime
+from qgraph.passes.lower.lower_quantized_gather import LowerQuantizedGather
+from tests.passes.lower.islands import ROWS, assert_refused
+from tests.passes.lower.islands import embedding_lookup as lookup
+from tests.passes.qdq_builders import count_ops, lower_and_check
+
+
+def _every_row(model: onnx.ModelProto, lowered: onnx.ModelProto, ids_shape=(2, 3)) -> None:
+    """Bit-identical on ids covering every row of the table (the checks' random ids only reach the first rows)."""
+    ids = np.resize(np.arange(ROWS)[::-1], ids_shape).astype(np.int64)
+    for start in range(0, ROWS, int(np.prod(ids_shape))):
+        feeds = {"ids": ((ids + start) % ROWS).astype(np.int64)}
+        before = runtime.run(runtime.create_session(model), feeds)
+        after = runtime.run(runtime.create_session(lowered), feeds)
+        for name in before:
+            np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+
+
+def test_per_column_table_is_looked_up_in_integers_then_dequantized_on_the_rows_axis():
+    model = lookup()
+    lowered_ir, lowered, _, _ = lower_and_check(model, LowerQuantizedGather(), float_atol=0.0)
+    _every_row(model, lowered)
+    assert count_ops(lowered) == {"Gather": 1, "DequantizeLinear": 1, "Tanh": 1}
+    gather = next(node for node in lowered_ir.graph if node.op_type == "Gather")
+    assert gather.inputs[0].name == "codes"  # the int8 codes, not a dequantized table
+    dequantize = next(node for node in lowered_ir.graph if node.op_type == "DequantizeLinear")
+    assert dequantize.inputs[0] is gather.outputs[0] and dequantize.attributes.get_int("axis") == 2
+    assert dequantize.outputs[0].name == "rows"  # readers and names unchanged
+
+
+def test_per_tensor_table_and_a_missing_zero_point():
+    for options in ({"per_tensor": True}, {"zero_point": False}, {"ids_shape": (7,)}):
+        model = lookup(**options)
+        _, lowered, _, _ = lower_and_check(model, LowerQuantizedGather(), float_atol=0.0)
+        _every_row(model, lowered, options.get("ids_shape", (2, 3)))
+        assert count_ops(lowered)["DequantizeLinear"] == 1
+
+
+def test_two_lookups_of_one_table_each_read_the_codes():
+    model = lookup(second_lookup=True)
+    _, lowered, _, _ = lower_and_check(model, LowerQuantizedGather(), float_atol=0.0)
+    _every_row(model, lowered)
+    assert count_ops(lowered) == {"Gather": 2, "DequantizeLinear": 2, "Tanh": 1}
+
+
+def test_refusals(caplog):
+    assert_refused(lookup(dequantize_axis=0), LowerQuantizedGather(), caplog, "quantized per row")
+    assert_refused(lookup(gather_axis=1, ids_shape=(3,)), LowerQuantizedGather(), caplog, "along axis 1")
+    assert_refused(lookup(whole_table_output=True), LowerQuantizedGather(), caplog,
+                   "the dequantized table is a graph output")
+
+
+def test_a_table_also_read_whole_is_left_alone(caplog):
+    model = lookup()
+    graph = model.graph
+    graph.node.append(helper.make_node("ReduceMax", ["table"], ["largest"], name="whole", keepdims=0))
+    graph.output.append(helper.make_tensor_value_info("largest", TensorProto.FLOAT, []))
+    assert_refused(model, LowerQuantizedGather(), caplog, "ReduceMax whole reads the whole dequantized table")
