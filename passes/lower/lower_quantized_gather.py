@@ -15,6 +15,12 @@ QDQ fusions), so ``Gather(DQ(q), ids)`` dequantizes the whole table on every run
 embedding (30522 × 768) at batch 1, sequence 128, against 0.09 ms for ``DQ(Gather(q, ids))`` (onnxruntime 1.19.2,
 2 threads). The lowered form is explicit QDQ as well, so both ort-cpu formats run it.
 
+Per column, the rows are dequantized as ``Mul(Cast(rows), s)`` (with ``Sub(·, z)`` between them where the zero point
+is not 0) rather than one DequantizeLinear on the last axis: onnxruntime 1.19.2's per-axis DequantizeLinear takes
+one element at a time when the axis is the innermost one, 1.38 ms for 8 × 128 × 768 values against 0.17 ms for
+Cast + Mul and 0.12 ms for a per-tensor DequantizeLinear (2 threads). ``float(q − z) = float(q) − float(z)`` for
+8-bit codes, and the one multiplication by ``s_j`` is the same, so the values stay bit for bit those of the QDQ graph.
+
 Refused (logged): a Gather on another axis, a table whose DequantizeLinear is per row (axis 0: its scales would have
 to be looked up too) or blocked, codes that are not a constant 2-D tensor, and a DequantizeLinear read by anything
 but such Gathers (the table is then needed whole).
@@ -25,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import numpy as np
 import onnx_ir as ir
 
 from qgraph.passes.infrastructure import Phase, Refusal, RewriteContext, RewritePass, register
@@ -42,7 +49,8 @@ class _Plan:
 
 @register
 class LowerQuantizedGather(RewritePass):
-    """Gather(DQ(q), ids) on axis 0 → DQ(Gather(q, ids)): only the looked-up rows are dequantized."""
+    """Gather(DQ(q), ids) on axis 0 → DQ(Gather(q, ids)) (Mul(Cast(·), s) per column): only the looked-up rows
+    are dequantized."""
 
     phase = Phase.LOWER
     summary = "Gather(DequantizeLinear(table), ids) → DequantizeLinear(Gather(table, ids)) (embedding lookups)"
@@ -83,17 +91,21 @@ class LowerQuantizedGather(RewritePass):
         rows.outputs[0].name = names.fresh(f"{output.name}_quantized")
         rows.outputs[0].type = ir.TensorType(params.integer_type)
         rows.outputs[0].shape = output.shape
-        attributes = {}
-        if not params.per_tensor:
-            indices = gather.inputs[1]
-            rank = len(indices.shape) if indices.shape is not None else None
-            attributes["axis"] = rank if rank is not None else -1
-        inputs = [rows.outputs[0], params.scale] + ([params.zero_point] if params.zero_point is not None else [])
-        lowered = ir.node("DequantizeLinear", inputs, attributes=attributes,
-                          name=names.fresh(f"{gather.name}_DequantizeLinear"))
-        lowered.outputs[0].type = output.type
-        lowered.outputs[0].shape = output.shape
-        gather.graph.insert_before(gather, [rows, lowered])
+        if params.per_tensor:
+            inputs = [rows.outputs[0], params.scale] + ([params.zero_point] if params.zero_point is not None else [])
+            steps = [ir.node("DequantizeLinear", inputs, name=names.fresh(f"{gather.name}_DequantizeLinear"))]
+        else:
+            steps = [ir.node("Cast", [rows.outputs[0]], attributes={"to": ir.DataType.FLOAT},
+                             name=names.fresh(f"{gather.name}_Cast"))]
+            if np.any(params.zero_point_array):
+                zero_point = qdq.add_constant(gather.graph, names, f"{gather.name}_zero_point",
+                                              params.zero_point_array.astype(np.float32), before=gather)
+                steps.append(ir.node("Sub", [steps[-1].outputs[0], zero_point], name=names.fresh(f"{gather.name}_Sub")))
+            steps.append(ir.node("Mul", [steps[-1].outputs[0], params.scale], name=names.fresh(f"{gather.name}_Mul")))
+        for step in steps:
+            step.outputs[0].type, step.outputs[0].shape = output.type, output.shape
+        lowered = steps[-1]
+        gather.graph.insert_before(gather, [rows, *steps])
         qdq.take_over(output, lowered.outputs[0])
         gather.graph.remove(gather, safe=True)
         qdq.remove_if_unused([dequantize])

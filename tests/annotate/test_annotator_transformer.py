@@ -29,22 +29,23 @@ def test_shape_arithmetic_is_left_out_of_the_coverage():
 
 
 def test_embedding_tables_are_planned_as_int8_weights_per_hidden_channel():
-    """The word and position tables (256×64, 64×64) are looked up in int8 on ort-cpu; the 2-row token-type table
-    is too small to gain from it, and TensorRT keeps every table float."""
-    from qgraph.annotate.annotator import EMBEDDING_AXIS, EMBEDDING_MINIMUM_ELEMENTS, AnnotationOverrides
+    """The 2048-row vocabulary is looked up in int8 on ort-cpu; the 256-row position and 2-row token-type tables
+    stay float (a dequantization of nearly every row per run, for little memory), and TensorRT keeps every table
+    float."""
+    from qgraph.annotate.annotator import EMBEDDING_AXIS, EMBEDDING_MINIMUM_ROWS, AnnotationOverrides
 
-    layout = BertLayout(layers=1, hidden=64, heads=4, intermediate=128, vocabulary=256, max_positions=256)
+    layout = BertLayout(layers=1, hidden=64, heads=4, intermediate=128, vocabulary=2048, max_positions=256)
     model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(build_bert(layout, options=BertOptions())))
     gathers = {node.name: node for node in model.graph if node.op_type == "Gather" and node.inputs[0].is_initializer()}
-    sizes = {name: node.inputs[0].const_value.size for name, node in gathers.items()}
+    rows = {name: node.inputs[0].shape[0] for name, node in gathers.items()}
     plan = annotate(model, get_target("ort-cpu").rules())
     planned = {weight.consumer: weight for weight in plan.weights if weight.consumer in gathers}
-    expected = {name for name, size in sizes.items() if size >= EMBEDDING_MINIMUM_ELEMENTS}
-    assert len(expected) == 2 and set(planned) == expected and len(gathers) == 3
+    assert sorted(rows.values()) == [2, 256, 2048] and EMBEDDING_MINIMUM_ROWS > 256
+    assert set(planned) == {name for name, count in rows.items() if count == 2048}
     assert all(weight.axis == EMBEDDING_AXIS and weight.name == gathers[name].inputs[0].name
                for name, weight in planned.items())
-    assert expected <= set(plan.quantized_nodes)
-    assert not {gathers[name].outputs[0].name for name in expected} & set(plan.activations)  # the rows stay float
+    assert set(planned) <= set(plan.quantized_nodes)
+    assert not {gathers[name].outputs[0].name for name in planned} & set(plan.activations)  # the rows stay float
     excluded = annotate(model, get_target("ort-cpu").rules(), AnnotationOverrides(exclude=frozenset({"Gather"})))
     assert not {weight.consumer for weight in excluded.weights} & set(gathers)
     tensorrt = annotate(model, get_target("tensorrt").rules())

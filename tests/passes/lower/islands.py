@@ -79,7 +79,7 @@ ROWS, COLUMNS = 50, 8
 
 def embedding_lookup(*, per_tensor: bool = False, dequantize_axis: int = 1, gather_axis: int = 0, ids_shape=(2, 3),
            whole_table_output: bool = False, zero_point: bool = True, second_lookup: bool = False,
-           seed: int = 0) -> onnx.ModelProto:
+           zero_point_value: int = 0, seed: int = 0) -> onnx.ModelProto:
     """``Gather(DequantizeLinear(codes), ids)``: a quantized embedding table, as InsertQuantizeDequantize writes it."""
     rng = np.random.default_rng(seed)
     codes = rng.integers(-127, 128, (ROWS, COLUMNS)).astype(np.int8)
@@ -89,7 +89,7 @@ def embedding_lookup(*, per_tensor: bool = False, dequantize_axis: int = 1, gath
     initializers = [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(scale.reshape(shape), "scale")]
     dequantize_inputs = ["codes", "scale"]
     if zero_point:
-        initializers.append(numpy_helper.from_array(np.zeros(shape, np.int8), "zero_point"))
+        initializers.append(numpy_helper.from_array(np.full(shape, zero_point_value, np.int8), "zero_point"))
         dequantize_inputs.append("zero_point")
     attributes = {} if per_tensor else {"axis": dequantize_axis}
     nodes = [helper.make_node("DequantizeLinear", dequantize_inputs, ["table"], name="table_dequantize", **attributes),

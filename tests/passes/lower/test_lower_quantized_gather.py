@@ -24,31 +24,39 @@ def _every_row(model: onnx.ModelProto, lowered: onnx.ModelProto, ids_shape=(2, 3
             np.testing.assert_array_equal(before[name], after[name], err_msg=name)
 
 
-def test_per_column_table_is_looked_up_in_integers_then_dequantized_on_the_rows_axis():
+def test_per_column_table_is_looked_up_in_integers_then_scaled_on_the_rows_last_axis():
     model = lookup()
     lowered_ir, lowered, _, _ = lower_and_check(model, LowerQuantizedGather(), float_atol=0.0)
     _every_row(model, lowered)
-    assert count_ops(lowered) == {"Gather": 1, "DequantizeLinear": 1, "Tanh": 1}
+    assert count_ops(lowered) == {"Gather": 1, "Cast": 1, "Mul": 1, "Tanh": 1}
     gather = next(node for node in lowered_ir.graph if node.op_type == "Gather")
     assert gather.inputs[0].name == "codes"  # the int8 codes, not a dequantized table
-    dequantize = next(node for node in lowered_ir.graph if node.op_type == "DequantizeLinear")
-    assert dequantize.inputs[0] is gather.outputs[0] and dequantize.attributes.get_int("axis") == 2
-    assert dequantize.outputs[0].name == "rows"  # readers and names unchanged
+    (cast,) = gather.outputs[0].consumers()
+    (multiply,) = cast.outputs[0].consumers()
+    assert cast.op_type == "Cast" and multiply.op_type == "Mul" and multiply.inputs[1].name == "scale"
+    assert multiply.outputs[0].name == "rows"  # readers and names unchanged
+
+
+def test_a_zero_point_is_subtracted_before_the_scale():
+    model = lookup(zero_point_value=3)
+    _, lowered, _, _ = lower_and_check(model, LowerQuantizedGather(), float_atol=0.0)
+    _every_row(model, lowered)
+    assert count_ops(lowered) == {"Gather": 1, "Cast": 1, "Sub": 1, "Mul": 1, "Tanh": 1}
 
 
 def test_per_tensor_table_and_a_missing_zero_point():
-    for options in ({"per_tensor": True}, {"zero_point": False}, {"ids_shape": (7,)}):
+    for options, dequantize in (({"per_tensor": True}, 1), ({"zero_point": False}, 0), ({"ids_shape": (7,)}, 0)):
         model = lookup(**options)
         _, lowered, _, _ = lower_and_check(model, LowerQuantizedGather(), float_atol=0.0)
         _every_row(model, lowered, options.get("ids_shape", (2, 3)))
-        assert count_ops(lowered)["DequantizeLinear"] == 1
+        assert count_ops(lowered).get("DequantizeLinear", 0) == dequantize
 
 
 def test_two_lookups_of_one_table_each_read_the_codes():
     model = lookup(second_lookup=True)
     _, lowered, _, _ = lower_and_check(model, LowerQuantizedGather(), float_atol=0.0)
     _every_row(model, lowered)
-    assert count_ops(lowered) == {"Gather": 2, "DequantizeLinear": 2, "Tanh": 1}
+    assert count_ops(lowered) == {"Gather": 2, "Cast": 2, "Mul": 2, "Tanh": 1}
 
 
 def test_refusals(caplog):
