@@ -414,7 +414,8 @@ def choose_output_speed(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto
     started = time.perf_counter()
     logger.info("speed choice: timing %s against FP32 at batch %s", " and ".join(formats),
                 "/".join(str(size) for size in batch_sizes))
-    choice = choose_speed(float_model, qdq_model, target_lowering(target), choice_options, feeds=feeds)
+    choice = choose_speed(float_model, qdq_model, target_lowering(target), choice_options, feeds=feeds,
+                          lower_explicit=target_lowering(target, QDQ))
     logger.info("speed choice in %.1f s: %s", time.perf_counter() - started, choice.describe())
     return choice
 

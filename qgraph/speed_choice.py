@@ -188,9 +188,10 @@ Measure = Callable[..., LatencyTable]
 
 
 def build_candidate(qdq_model: onnx.ModelProto, output_format: str, float_nodes: frozenset[str],
-                    lower: Lowering | None) -> onnx.ModelProto:
-    """The QDQ model with ``float_nodes`` kept FP32, lowered by ``lower`` when the format is QOperator (as
-    :func:`qgraph.ptq.quantize` lowers: the target's passes, then dead-code elimination)."""
+                    lower: Lowering | None, lower_explicit: Lowering | None = None) -> onnx.ModelProto:
+    """The QDQ model with ``float_nodes`` kept FP32, lowered as :func:`qgraph.ptq.quantize` lowers (the target's
+    passes, then dead-code elimination): by ``lower`` when the format is QOperator, by ``lower_explicit`` (the
+    rewrites that explicit QDQ keeps, such as embedding lookups; None: none) when it is QDQ."""
     from qgraph.passes.infrastructure import PassManager, get_pass
 
     model = ir.serde.deserialize_model(qdq_model)
@@ -200,13 +201,20 @@ def build_candidate(qdq_model: onnx.ModelProto, output_format: str, float_nodes:
         if lower is None:
             raise QGraphError("a QOperator candidate needs the target's lowering")
         lower(model)
+    elif lower_explicit is not None:
+        lower_explicit(model)
     PassManager([get_pass("EliminateDeadCode")()]).run(model)
     return ir.serde.serialize_model(model)
 
 
-def target_lowering(target) -> Lowering:
-    """The lowering that :func:`qgraph.ptq.quantize` runs for ``target`` (a :class:`qgraph.targets.Target`)."""
+def target_lowering(target, output_format: str | None = None) -> Lowering:
+    """The lowering that :func:`qgraph.ptq.quantize` runs for ``target`` (a :class:`qgraph.targets.Target`), or for
+    the same target writing ``output_format`` (QOperator or explicit QDQ)."""
     from qgraph.passes.infrastructure import PassManager
+    from qgraph.targets import get_target
+
+    if output_format is not None and output_format != target.options.format:
+        target = get_target(target.name, dataclasses.replace(target.options, format=output_format))
 
     def lower(model: ir.Model) -> None:
         PassManager(target.lowering_pipeline(), fixed_point=True).run(model)
@@ -337,11 +345,13 @@ def choose_speed(
     *,
     measure: Measure | None = None,
     feeds: Mapping[int, Mapping[str, np.ndarray]] | None = None,
+    lower_explicit: Lowering | None = None,
 ) -> SpeedChoice:
     """Measure the candidates built from ``qdq_model`` against ``float_model`` and return the fastest one that is
     not slower than FP32 (the FP32 model itself when none is, with a warning), with the measurements and the reason.
 
-    ``lower`` is the target's lowering (:func:`target_lowering`; None when only QDQ is tried). ``measure`` times a
+    ``lower`` is the target's lowering (:func:`target_lowering`; None when only QDQ is tried), ``lower_explicit``
+    what the target rewrites in explicit QDQ (``target_lowering(target, QDQ)``; None: nothing). ``measure`` times a
     set of named models (by default :func:`qgraph.latency.measure_latency`, with one session pool for all tables and
     each table's :func:`stopping_rule`; a given ``measure`` runs without either); ``feeds`` (batch size -> inputs,
     for every batch size of the latency options) replaces its seeded random inputs: real data where random shapes
@@ -359,7 +369,7 @@ def choose_speed(
     def add(candidate: Candidate) -> str:
         float_nodes = frozenset().union(*(regions[name] for name in candidate.float_classes))
         if candidate.name not in built:
-            built[candidate.name] = build_candidate(qdq_model, candidate.format, float_nodes, lower)
+            built[candidate.name] = build_candidate(qdq_model, candidate.format, float_nodes, lower, lower_explicit)
             nodes_of[candidate.name] = float_nodes
             candidates[candidate.name] = candidate
         return candidate.name

@@ -231,3 +231,31 @@ def test_the_default_run_on_the_stream_vad_is_never_slower_than_fp32():
     written = ir.serde.serialize_model(result.model)
     outputs = runtime.run(runtime.create_session(written), feeds_of())
     assert outputs["output"].shape == (3, 1) and outputs["stateN"].shape == (2, 3, 64)
+
+
+def test_an_embedding_lookup_is_in_no_region_and_the_qdq_candidate_looks_up_integers():
+    """The speed choice never keeps an int8 vocabulary float (its rows' dequantization against a table four times
+    the size), and its QDQ candidate is the explicit QDQ that --format qdq writes: the lookup reads the codes."""
+    from qgraph.models.bert import BertLayout, BertOptions, build_bert, example_inputs
+    from qgraph.speed_choice import target_lowering
+    from qgraph.targets import get_target
+
+    layout = BertLayout(layers=1, hidden=64, heads=4, intermediate=128, vocabulary=2048, max_positions=64)
+    options = OptimizeOptions(quantization=QuantizeOptions(min_sqnr=None, speed_choice=False))
+    result = optimize(ir.serde.deserialize_model(build_bert(layout, options=BertOptions())), None, options,
+                      calibration_data=[example_inputs(layout, 4, 16, seed=seed) for seed in (1, 2)])
+    qdq_model = result.quantization.qdq_model
+    graph = ir.serde.deserialize_model(qdq_model).graph
+    lookup = next(node for node in graph if node.op_type == "Gather" and node.inputs[1].name == "input_ids")
+    assert lookup.inputs[0].producer().op_type == "DequantizeLinear"  # the simulation: Gather(DQ(codes))
+    regions = speed_regions.find_integer_regions(ir.serde.deserialize_model(qdq_model))
+    assert regions and not any(lookup.name in nodes for nodes in regions.values())
+    target = get_target("ort-cpu")
+    explicit = build_candidate(qdq_model, QDQ, frozenset(), target_lowering(target), target_lowering(target, QDQ))
+    lowered = next(node for node in explicit.graph.node if node.op_type == "Gather" and node.input[1] == "input_ids")
+    codes = {tensor.name: tensor for tensor in explicit.graph.initializer}[lowered.input[0]]
+    assert codes.data_type == onnx.TensorProto.INT8
+    assert "QuantizeLinear" in ops(explicit)  # the rest stays explicit QDQ
+    feeds = example_inputs(layout, 2, 16, seed=5)
+    np.testing.assert_array_equal(runtime.run(runtime.create_session(explicit), feeds)["last_hidden_state"],
+                                  runtime.run(runtime.create_session(qdq_model), feeds)["last_hidden_state"])

@@ -15,9 +15,9 @@ One walk over the main graph in topological order classifies every node:
 - *own-range* ops (AveragePool, GlobalAveragePool, Sigmoid, HardSigmoid, LeakyRelu, Resize) quantize input and output;
   a Resize in nearest mode copies elements and is a pass-through instead.
 - *embedding lookups* (a Gather on axis 0 of a constant float table of at least EMBEDDING_MINIMUM_ROWS rows, a
-  vocabulary, where the target quantizes them: ort-cpu) store the table as int8 per column (the hidden axis, the weight's
-  channel axis) behind a DequantizeLinear; the looked-up rows stay float (position and token-type embeddings are
-  added to them, and a LayerNorm follows). Lowering moves the DequantizeLinear after the Gather
+  vocabulary, where the target quantizes them: ort-cpu) store the table as int8 per column (the hidden axis, the
+  weight's channel axis) behind a DequantizeLinear; the looked-up rows stay float (position and token-type
+  embeddings are added to them, and a LayerNorm follows). Lowering dequantizes only the rows looked up
   (:mod:`qgraph.passes.lower.lower_quantized_gather`): a quarter of the table's bytes, the same values.
 - LayerNormalization and Softmax stay float by default, as do operators without an integer kernel on the target;
   each such node is recorded with the reason.
