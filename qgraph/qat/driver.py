@@ -7,6 +7,9 @@ graph (:mod:`qgraph.qat.fake_quant_graph`), and trains it with :class:`qgraph.tr
 - AdamW, a small learning rate (``1e-4`` by default), no weight decay (it would pull the log-scales towards
   ``scale = 1``), cosine decay to zero over the run with optional linear warm-up, global gradient-norm clipping
   (5.0 by default);
+- the loss on the model's first output; with several outputs (an encoder's hidden states and its pooler), the
+  parameters that only the others read keep their calibrated values, with a warning (onnxruntime-training refuses
+  a trainable parameter its loss cannot reach);
 - validation after every epoch — top-1 accuracy with labels, MSE against the FP32 outputs when distilling (or the
   epoch's training loss without validation data) — and the best checkpoint kept; early stopping after ``patience``
   epochs without improvement;

@@ -120,6 +120,38 @@ def split_parameters(model: onnx.ModelProto, trainable: tuple[str, ...] | None) 
     return chosen, frozen
 
 
+def values_behind(model: onnx.ModelProto, output_name: str) -> set[str]:
+    """The names of every value ``output_name`` is computed from (itself included), through If/Loop bodies too: a
+    node's body may read outer values by name."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    behind, pending = set(), [output_name]
+    while pending:
+        name = pending.pop()
+        if name in behind:
+            continue
+        behind.add(name)
+        node = producers.get(name)
+        if node is None:
+            continue
+        pending += [value for value in node.input if value]
+        pending += [value for attribute in node.attribute for graph in _attribute_graphs(attribute)
+                    for body_node in _all_nodes(graph) for value in body_node.input if value]
+    return behind
+
+
+def _attribute_graphs(attribute: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    return ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else []) + list(attribute.graphs)
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    nodes = list(graph.node)
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in _attribute_graphs(attribute):
+                nodes += _all_nodes(body)
+    return nodes
+
+
 def _expose_layer_norm_statistics(model: onnx.ModelProto) -> None:
     """Give every LayerNormalization its optional ``Mean`` and ``InvStdDev`` outputs, in place.
 
@@ -213,6 +245,16 @@ def build_training_artifacts(
         raise QGraphError("the model has no outputs to train")
     output_shape = _check_output(prepared, output_name, config.loss)
     trainable, frozen = split_parameters(prepared, config.trainable)
+    behind = values_behind(prepared, output_name)
+    elsewhere = [name for name in trainable if name not in behind]
+    if elsewhere:  # onnxruntime-training refuses a trainable parameter the loss cannot reach
+        others = [value.name for value in prepared.graph.output if value.name != output_name]
+        logger.warning("training on output %r only: %d parameter(s) that only other outputs (%s) read keep their "
+                       "values", output_name, len(elsewhere), ", ".join(others))
+        trainable = [name for name in trainable if name in behind]
+        frozen += elsewhere
+        if not trainable:
+            raise QGraphError(f"no trainable float initializer reaches output {output_name!r}")
     target_name = NameScope.of_proto(prepared).fresh("labels" if config.loss == "cross_entropy" else "target")
     input_names = tuple(value.name for value in prepared.graph.input)
 

@@ -147,3 +147,27 @@ def test_probabilities_get_the_fixed_scale_and_are_not_calibrated():
     context = [node for node in result.model.graph if node.op_type == "QLinearMatMul" and "MatMul_1" in node.name]
     assert len(context) == LAYOUT.layers
     assert all(float(node.inputs[1].const_value.numpy()) == pytest.approx(1 / 255) for node in context)
+
+
+@pytest.mark.qat  # trains through onnxruntime-training
+def test_qat_distils_an_encoder_with_a_pooler_and_an_int8_vocabulary():
+    """QAT trains on the first output (the hidden states); the pooler, which only the second output reads, keeps its
+    calibrated values instead of making onnxruntime-training refuse the graph; the vocabulary stays int8."""
+    from qgraph.data import dataset_from_arrays
+    from qgraph.qat.options import QATOptions
+
+    layout = dataclasses.replace(LAYOUT, layers=1, vocabulary=1024)
+    proto = build_bert(layout, options=BertOptions())
+    batches = [example_inputs(layout, 8, 16, seed=seed) for seed in range(3)]
+    train = dataset_from_arrays({key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]})
+    options = OptimizeOptions(quantization=QuantizeOptions(min_sqnr=None, speed_choice=False),
+                              qat=QATOptions(loss="distill", epochs=1, batch_size=8, patience=None, threads=1))
+    result = optimize(ir.serde.deserialize_model(proto), None, options, calibration_data=batches, train_data=train)
+    model = ir.serde.serialize_model(result.model)
+    assert [output.name for output in model.graph.output] == ["last_hidden_state", "pooler_output"]
+    lookup = next(node for node in model.graph.node if node.op_type == "Gather" and node.input[1] == "input_ids")
+    codes = {tensor.name: tensor for tensor in model.graph.initializer}[lookup.input[0]]
+    assert codes.data_type == onnx.TensorProto.INT8
+    feeds = example_inputs(layout, 4, 16, seed=9)
+    for name in ("last_hidden_state", "pooler_output"):
+        assert _cosine(_outputs(proto, feeds)[name], _outputs(model, feeds)[name]) >= 0.99, name

@@ -117,3 +117,30 @@ def test_schedules():
     step = StepSchedule(step_epochs=2, gamma=0.5)
     assert [step.learning_rate(1.0, s, 100, 10) for s in (0, 19, 20, 45)] == [1.0, 1.0, 0.5, 0.25]
     assert ConstantSchedule().learning_rate(0.3, 1000, 10, 1) == 0.3
+
+
+def test_a_parameter_only_another_output_reads_is_frozen_not_refused(tmp_path, caplog):
+    """onnxruntime-training refuses a trainable parameter its loss cannot reach (a BERT's pooler beside the hidden
+    states it distils): such parameters keep their values, with a warning naming the other outputs."""
+    from onnx import TensorProto, helper
+
+    from qgraph.train.artifacts import values_behind
+
+    model = tiny_regressor()
+    model.graph.initializer.append(numpy_helper.from_array(np.full((3, 3), 0.5, np.float32), "head"))
+    model.graph.node.append(helper.make_node("MatMul", ["output", "head"], ["pooled"]))
+    model.graph.output.append(helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", 3]))
+    assert {"w", "b", "input"} <= values_behind(model, "output") and "head" not in values_behind(model, "output")
+    assert "head" in values_behind(model, "pooled")
+    config = TrainingConfig(epochs=1, batch_size=16, learning_rate=0.05, optimizer="sgd", max_grad_norm=None,
+                            loss="mse", shuffle=False, threads=1, output_name="output")
+    with caplog.at_level("WARNING"):
+        trainer = Trainer(model, config, tmp_path)
+    assert "1 parameter(s) that only other outputs (pooled) read keep their values" in caplog.text
+    state = trainer._session().state.parameters
+    assert not state["head"].requires_grad and state["w"].requires_grad
+    before = parameters(trainer)
+    trainer.fit(regression_batches())
+    after = parameters(trainer)
+    assert not np.allclose(after["w"], before["w"])  # the loss's own parameters trained
+    np.testing.assert_array_equal(np.array(trainer._session().state.parameters["head"].data), np.full((3, 3), 0.5))
