@@ -153,11 +153,19 @@ def _copies_elements(node: ir.Node) -> bool:
     return mode is None or mode.as_string() == "nearest"
 
 
+def _is_lookup(node: ir.Node) -> bool:
+    return node.op_type == "Gather" and len(node.inputs) >= 2 and node.attributes.get_int("axis", 0) in (0, -2)
+
+
 def embedding_table(node: ir.Node) -> ir.Value | None:
-    """The constant float table that a Gather on axis 0 looks rows up in (None: not an embedding lookup)."""
-    if node.op_type != "Gather" or len(node.inputs) < 2 or node.attributes.get_int("axis", 0) not in (0, -2):
+    """The constant float table that a Gather on axis 0 looks rows up in (None: not an embedding lookup). A table
+    that another node reads too (an output projection tied to it, Gemm with transB=1) is not one here: that reader
+    quantizes it per row, the lookup per column, and each plan holds one axis per weight."""
+    if not _is_lookup(node):
         return None
     table = node.inputs[0]
+    if any(not _is_lookup(reader) or reader.inputs[0] is not table for reader, _ in table.uses()):
+        return None
     if not is_constant(table) or table.dtype not in _FLOAT_TYPES or table.shape is None or len(table.shape) != 2:
         return None
     if table.shape[0] is None or not isinstance(table.shape[0], int) or table.shape[0] < EMBEDDING_MINIMUM_ROWS:

@@ -50,3 +50,44 @@ def test_embedding_tables_are_planned_as_int8_weights_per_hidden_channel():
     assert not {weight.consumer for weight in excluded.weights} & set(gathers)
     tensorrt = annotate(model, get_target("tensorrt").rules())
     assert not {weight.consumer for weight in tensorrt.weights} & set(gathers)
+
+
+def _tied_lookup_and_head(vocabulary: int = 2048, hidden: int = 64) -> onnx.ModelProto:
+    """Gather(E, ids) → Tanh → Gemm(·, E, transB=1): the output projection tied to the embedding table itself."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = (np.random.default_rng(0).standard_normal((vocabulary, hidden)) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["x"], name="embed"),
+             helper.make_node("Tanh", ["x"], ["t"], name="tanh"),
+             helper.make_node("Reshape", ["t", "shape"], ["rows"], name="flat"),
+             helper.make_node("Gemm", ["rows", "E"], ["logits"], transB=1, name="head")]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", vocabulary])],
+                              [numpy_helper.from_array(table, "E"),
+                               numpy_helper.from_array(np.array([-1, hidden], np.int64), "shape")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_table_tied_to_an_output_projection_is_quantized_once_for_the_projection():
+    """Each plan holds one axis per weight: the tied Gemm quantizes the table per row (its output channels), so the
+    lookup leaves it float instead of asking for per-column codes of the same name (an invalid QGemm before)."""
+    import numpy as np
+
+    from qgraph import runtime
+    from qgraph.pipeline import OptimizeOptions, optimize
+    from qgraph.ptq import QuantizeOptions
+
+    model = _tied_lookup_and_head()
+    plan = annotate(ir.serde.deserialize_model(model), get_target("ort-cpu").rules())
+    assert [(weight.name, weight.consumer, weight.axis) for weight in plan.weights] == [("E", "head", 0)]
+    rng = np.random.default_rng(1)
+    batches = [{"ids": rng.integers(0, 2048, (4, 8)).astype(np.int64)} for _ in range(3)]
+    options = OptimizeOptions(quantization=QuantizeOptions(min_sqnr=None, speed_choice=False))
+    quantized = ir.serde.serialize_model(optimize(ir.serde.deserialize_model(model), None, options,
+                                                  calibration_data=batches).model)
+    assert [node.op_type for node in quantized.graph.node].count("QGemm") == 1
+    feeds = {"ids": rng.integers(0, 2048, (2, 8)).astype(np.int64)}
+    reference = runtime.run(runtime.create_session(model), feeds)["logits"]
+    result = runtime.run(runtime.create_session(quantized), feeds)["logits"]
+    assert np.sum(reference * result) / (np.linalg.norm(reference) * np.linalg.norm(result)) > 0.999
