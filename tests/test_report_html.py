@@ -94,6 +94,32 @@ def test_histograms_count_every_value_and_cover_the_chosen_range():
         assert item.edges[0] <= item.low and item.edges[-1] >= item.high
 
 
+def test_histograms_bin_every_batch_as_one_array_would():
+    """The histograms stream over the batches (span first, then counts); they equal numpy's histogram of all the
+    values at once over the same span."""
+    from qgraph import runtime
+    from qgraph.calibrate.driver import build_probe
+    from qgraph.report import HISTOGRAM_BINS, tensor_histograms
+
+    batches = calibration_batches(count=3)
+    model = residual_cnn()
+    result = optimize(ir.serde.deserialize_model(model), None, OptimizeOptions(quantization=QuantizeOptions()),
+                      calibration_data=batches)
+    ranges = result.quantization.calibration.ranges
+    histograms = tensor_histograms(result.float_model, result.quantization.plan, ranges, batches)
+    names = [item.tensor for item in histograms]
+    session = runtime.create_session(build_probe(ir.serde.deserialize_model(result.float_model), names), optimize=True)
+    runs = [session.run(names, {"input": batch["input"]}) for batch in batches]
+    assert len(histograms) > 5
+    for index, item in enumerate(histograms):
+        data = np.concatenate([np.asarray(run[index], np.float64).ravel() for run in runs])
+        low, high = ranges[item.tensor]
+        span = (min(low, data.min()), max(high, data.max()))
+        counts, edges = np.histogram(data, bins=HISTOGRAM_BINS, range=span)
+        assert item.counts == tuple(int(count) for count in counts), item.tensor
+        np.testing.assert_allclose(item.edges, edges, rtol=1e-12)
+
+
 def _elements(tensor: str, report) -> int:
     sizes = {"input": 3 * 16 * 16, "c1": 8 * 16 * 16, "r1": 8 * 16 * 16, "p1": 8 * 8 * 8, "c2": 8 * 8 * 8,
              "r2": 8 * 8 * 8, "c3": 8 * 8 * 8, "sum": 8 * 8 * 8, "r3": 8 * 8 * 8, "gap": 8, "flat": 8, "logits": 5}

@@ -362,7 +362,8 @@ def _optimize_options(values: Mapping[str, Any]) -> OptimizeOptions:
                    "simulation (docs/runtime-facts.md). auto: fast after calibration where the fast model's output "
                    "SQNR against FP32 is within 0.5 dB of the simulation's (checked on the search's batches), exact "
                    "otherwise and after QAT.")
-@click.option("--exclude", metavar="NAMES", help="Comma-separated node names or operator types to keep in FP32.")
+@click.option("--exclude", metavar="NAMES", help="Comma-separated node names or operator types to keep in FP32 "
+              "(--exclude Gather keeps embedding tables float).")
 @click.option("--keep-fp32", metavar="first,last", help="Keep the first and/or last compute layer in FP32.")
 @click.option("--requantize", is_flag=True, help="Allow quantizing a model that is already quantized.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path),
