@@ -10,9 +10,11 @@ scorer is tools/score_fmnist.py: top-1 % on the bundled 2000-image Fashion-MNIST
 ``--full-test-set`` on all 10 000 test images (Debian's dataset-fashion-mnist, what models/trained/README.md
 reports), which makes each trial's evaluation the several seconds a real one takes.
 
-The last line bounds what 2 workers can give on this machine: one trial (minmax) run ``--repeats`` times in one
-process with all the cores, against the same trial run the same number of times in each of 2 processes at once with
-cores / 2 threads (the trials' throughput ratio; Ray's start, rounds and cancellations come on top).
+Two lines bound what 2 workers can give on this machine. The first sums the searches' own trial times (each trial's
+seconds as its worker measured them): half of Ray's sum, against one process's, is what perfectly packed rounds of
+two would reach with those trials. The last runs one trial (minmax) ``--repeats`` times in one process with all the
+cores, against the same trial run the same number of times in each of 2 processes at once with cores / 2 threads
+(the trials' throughput ratio; Ray's start, rounds and cancellations come on top).
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ def main() -> None:
     times: dict[int, list[float]] = {1: [], 2: []}
     chosen: dict[int, set[str]] = {1: set(), 2: set()}
     trials: dict[int, list[int]] = {1: [], 2: []}
+    trial_seconds: dict[int, list[float]] = {1: [], 2: []}  # the summed seconds of each search's own trials
     with folder_context:
         for repeat in range(arguments.repeats):
             for workers in (1, 2):
@@ -113,6 +116,7 @@ def main() -> None:
                 times[workers].append(seconds)
                 chosen[workers].add(result.trials[result.chosen].configuration.describe())
                 trials[workers].append(len(result.trials))
+                trial_seconds[workers].append(sum(trial.seconds for trial in result.trials))
                 print(f"repeat {repeat}: {result.executor} ({workers} worker(s)): {seconds:.1f} s, "
                       f"{len(result.trials)} trials, chose #{result.chosen} "
                       f"({result.trials[result.chosen].configuration.describe()}), bound met: {result.bound_met}",
@@ -124,6 +128,11 @@ def main() -> None:
               f"{[round(b / a, 3) for a, b in zip(times[1], times[2])]})")
         print(f"chosen configurations identical: {chosen[1] == chosen[2] and len(chosen[1]) == 1} ({chosen[1]})",
               flush=True)
+        one_trials, ray_trials = statistics.median(trial_seconds[1]), statistics.median(trial_seconds[2])
+        print(f"the trials themselves: {one_trials:.1f} s in one process (all the cores each), {ray_trials:.1f} s on "
+              f"Ray (each with its share of the cores); two at a time, perfectly packed, would take "
+              f"{ray_trials / 2:.1f} s: {ray_trials / 2 / one_trials:.3f} of one process (the bound these trials "
+              f"leave, before Ray's start and the rounds of one trial)", flush=True)
         alone, together = trial_throughput(arguments.model, evaluation, arguments.calib, arguments.repeats)
     print(f"trial throughput: {alone:.2f} s per trial alone at all cores, {together:.2f} s per trial two at once "
           f"at half the cores each: ratio {together / alone:.3f} (what 2 workers can give at best)")
