@@ -1,29 +1,29 @@
 """LowerQuantizedGather: an embedding lookup in a quantized table reads the integer rows and dequantizes only them.
 
 The QDQ graph stores an embedding table ``E`` (``[rows, columns]``) as integer codes ``q`` behind a
-DequantizeLinear, per column ``j`` (axis 1) or per tensor, and a Gather on axis 0 looks up the rows of the
-dequantized table::
+DequantizeLinear, per row ``v`` (axis 0, what qgraph writes), per column ``j`` (axis 1) or per tensor, and a Gather
+on axis 0 looks up the rows of the dequantized table. Selecting rows commutes with the dequantization once the
+parameters are selected with them::
 
-    Gather(DQ(q; s, z, axis=1), ids)[i…, j] = (q[ids[i…], j] − z_j) · s_j = DQ(Gather(q, ids); s, z, axis=r)[i…, j]
+    per row:     Gather(DQ(q; s, z, axis=0), ids)[i…, j] = (q[ids[i…], j] − z[ids[i…]]) · s[ids[i…]]
+    per column:  Gather(DQ(q; s, z, axis=1), ids)[i…, j] = (q[ids[i…], j] − z_j) · s_j
 
-where ``r = rank(ids)`` is the column axis of the looked-up rows (``rank(ids) + 1`` dimensions, the columns last);
-per tensor there is one ``(s, z)`` and no axis. Selecting rows commutes with a dequantization that does not depend
-on the row, so the two graphs compute the same values, bit for bit.
+so the lowering looks up the codes, ``rows = Gather(q, ids)``, and scales them: per row by the looked-up scales,
+``Mul(Cast(rows), Unsqueeze(Gather(s, ids), −1))``; per column by ``s`` on the last axis, ``Mul(Cast(rows), s)``;
+per tensor one ``DequantizeLinear(rows, s, z)``. A zero point that is not 0 is subtracted before the scale (looked
+up too, per row). ``float(q − z) = float(q) − float(z)`` for 8-bit codes and the one multiplication is the same, so
+the values are bit for bit those of the QDQ graph.
 
 Why: onnxruntime does not fold a DequantizeLinear of a constant when it optimises a graph (it keeps them for its
 QDQ fusions), so ``Gather(DQ(q), ids)`` dequantizes the whole table on every run: 46 ms for a BERT-base word
 embedding (30522 × 768) at batch 1, sequence 128, against 0.09 ms for ``DQ(Gather(q, ids))`` (onnxruntime 1.19.2,
-2 threads). The lowered form is explicit QDQ as well, so both ort-cpu formats run it.
+2 threads). The lowered form is explicit QDQ as well, so both ort-cpu formats run it. Cast + Mul rather than one
+DequantizeLinear on an axis: onnxruntime 1.19.2's per-axis DequantizeLinear takes one element at a time when the
+axis is the innermost one, 1.38 ms for 8 × 128 × 768 values against 0.17 ms for Cast + Mul and 0.12 ms for a
+per-tensor DequantizeLinear (2 threads).
 
-Per column, the rows are dequantized as ``Mul(Cast(rows), s)`` (with ``Sub(·, z)`` between them where the zero point
-is not 0) rather than one DequantizeLinear on the last axis: onnxruntime 1.19.2's per-axis DequantizeLinear takes
-one element at a time when the axis is the innermost one, 1.38 ms for 8 × 128 × 768 values against 0.17 ms for
-Cast + Mul and 0.12 ms for a per-tensor DequantizeLinear (2 threads). ``float(q − z) = float(q) − float(z)`` for
-8-bit codes, and the one multiplication by ``s_j`` is the same, so the values stay bit for bit those of the QDQ graph.
-
-Refused (logged): a Gather on another axis, a table whose DequantizeLinear is per row (axis 0: its scales would have
-to be looked up too) or blocked, codes that are not a constant 2-D tensor, and a DequantizeLinear read by anything
-but such Gathers (the table is then needed whole).
+Refused (logged): a Gather on another axis, a blocked DequantizeLinear, codes that are not a constant 2-D tensor,
+and a DequantizeLinear read by anything but such Gathers (the table is then needed whole).
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ class _Plan:
 
 @register
 class LowerQuantizedGather(RewritePass):
-    """Gather(DQ(q), ids) on axis 0 → DQ(Gather(q, ids)) (Mul(Cast(·), s) per column): only the looked-up rows
-    are dequantized."""
+    """Gather(DQ(q), ids) on axis 0 → the looked-up codes scaled (per row by their looked-up scales, per column by
+    the scales on the last axis, per tensor by one DequantizeLinear): only the looked-up rows are dequantized."""
 
     phase = Phase.LOWER
     summary = "Gather(DequantizeLinear(table), ids) → DequantizeLinear(Gather(table, ids)) (embedding lookups)"
@@ -72,8 +72,6 @@ class LowerQuantizedGather(RewritePass):
         params = qdq.read_params(plan.dequantize)
         if isinstance(params, str):
             return Refusal(params)
-        if not params.per_tensor and params.axis not in (1, -1):
-            return Refusal("the table is quantized per row (axis 0): the scales would have to be looked up too")
         table = plan.dequantize.outputs[0]
         if table.is_graph_output():
             return Refusal("the dequantized table is a graph output")
@@ -91,21 +89,43 @@ class LowerQuantizedGather(RewritePass):
         rows.outputs[0].name = names.fresh(f"{output.name}_quantized")
         rows.outputs[0].type = ir.TensorType(params.integer_type)
         rows.outputs[0].shape = output.shape
+        graph = gather.graph
         if params.per_tensor:
             inputs = [rows.outputs[0], params.scale] + ([params.zero_point] if params.zero_point is not None else [])
             steps = [ir.node("DequantizeLinear", inputs, name=names.fresh(f"{gather.name}_DequantizeLinear"))]
         else:
-            steps = [ir.node("Cast", [rows.outputs[0]], attributes={"to": ir.DataType.FLOAT},
-                             name=names.fresh(f"{gather.name}_Cast"))]
-            if np.any(params.zero_point_array):
-                zero_point = qdq.add_constant(gather.graph, names, f"{gather.name}_zero_point",
-                                              params.zero_point_array.astype(np.float32), before=gather)
-                steps.append(ir.node("Sub", [steps[-1].outputs[0], zero_point], name=names.fresh(f"{gather.name}_Sub")))
-            steps.append(ir.node("Mul", [steps[-1].outputs[0], params.scale], name=names.fresh(f"{gather.name}_Mul")))
+            per_row = params.axis in (0, -2)  # the rows' parameters are looked up with them
+            cast = ir.node("Cast", [rows.outputs[0]], attributes={"to": ir.DataType.FLOAT},
+                           name=names.fresh(f"{gather.name}_Cast"))
+            steps, codes, scale = [cast], cast.outputs[0], params.scale
+            if per_row:
+                steps += _looked_up(graph, names, gather, scale, "scale")
+                scale = steps[-1].outputs[0]
+            zero_point = params.zero_point_array.astype(np.float32)
+            if np.any(zero_point):
+                offset = qdq.add_constant(graph, names, f"{gather.name}_zero_point", zero_point, before=gather)
+                if per_row:
+                    steps += _looked_up(graph, names, gather, offset, "zero_point")
+                    offset = steps[-1].outputs[0]
+                steps.append(ir.node("Sub", [codes, offset], name=names.fresh(f"{gather.name}_Sub")))
+                codes = steps[-1].outputs[0]
+            steps.append(ir.node("Mul", [codes, scale], name=names.fresh(f"{gather.name}_Mul")))
         for step in steps:
-            step.outputs[0].type, step.outputs[0].shape = output.type, output.shape
+            if step.outputs[0].type is None:
+                step.outputs[0].type, step.outputs[0].shape = output.type, output.shape
         lowered = steps[-1]
         gather.graph.insert_before(gather, [rows, *steps])
         qdq.take_over(output, lowered.outputs[0])
         gather.graph.remove(gather, safe=True)
         qdq.remove_if_unused([dequantize])
+
+
+def _looked_up(graph: ir.Graph, names, gather: ir.Node, parameters: ir.Value, what: str) -> list[ir.Node]:
+    """``Unsqueeze(Gather(parameters, ids), −1)``: one row parameter per looked-up row, broadcast over its columns."""
+    axes = qdq.add_constant(graph, names, f"{gather.name}_{what}_axes", np.array([-1], np.int64), before=gather)
+    rows = ir.node("Gather", [parameters, gather.inputs[1]], attributes={"axis": 0},
+                   name=names.fresh(f"{gather.name}_{what}"))
+    expanded = ir.node("Unsqueeze", [rows.outputs[0], axes], name=names.fresh(f"{gather.name}_{what}_unsqueeze"))
+    for node in (rows, expanded):
+        node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    return [rows, expanded]

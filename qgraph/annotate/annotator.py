@@ -15,10 +15,11 @@ One walk over the main graph in topological order classifies every node:
 - *own-range* ops (AveragePool, GlobalAveragePool, Sigmoid, HardSigmoid, LeakyRelu, Resize) quantize input and output;
   a Resize in nearest mode copies elements and is a pass-through instead.
 - *embedding lookups* (a Gather on axis 0 of a constant float table of at least EMBEDDING_MINIMUM_ROWS rows, a
-  vocabulary, where the target quantizes them: ort-cpu) store the table as int8 per column (the hidden axis, the
-  weight's channel axis) behind a DequantizeLinear; the looked-up rows stay float (position and token-type
-  embeddings are added to them, and a LayerNorm follows). Lowering dequantizes only the rows looked up
-  (:mod:`qgraph.passes.lower.lower_quantized_gather`): a quarter of the table's bytes, the same values.
+  vocabulary, where the target quantizes them: ort-cpu) store the table as int8 per row (one scale per token,
+  the axis a tied output projection quantizes it on too) behind a DequantizeLinear; the looked-up rows stay float
+  (position and token-type embeddings are added to them, and a LayerNorm follows). Lowering dequantizes only the
+  rows looked up (:mod:`qgraph.passes.lower.lower_quantized_gather`): a quarter of the table's bytes, the same
+  values.
 - LayerNormalization and Softmax stay float by default, as do operators without an integer kernel on the target;
   each such node is recorded with the reason.
 - An additive attention mask stays float: an Add with a constant operand holding non-finite or huge (|x| >= 1e4)
@@ -77,8 +78,9 @@ ACTIVATION_MODES = ("static", "dynamic", "auto")
 #: whose rows are read on every run, so int8 would save little and cost a dequantization of each row read (the
 #: trained text encoder's 103- and 64-row tables in int8: 1.5-2% slower at batch 1 and 8, for 0.2 of its 3.6 MB).
 EMBEDDING_MINIMUM_ROWS = 1024
-#: The axis of an embedding table's per-channel scales: its columns (the hidden axis of the looked-up rows).
-EMBEDDING_AXIS = 1
+#: The axis of an embedding table's per-channel scales: its rows, one scale per token looked up with the row; the
+#: axis an output projection tied to the table (Gemm with transB=1) quantizes it on too, so both use one set of codes.
+EMBEDDING_AXIS = 0
 #: Outputs whose range is known without calibration: Softmax's probabilities lie in [0, 1], so with uint8 they get
 #: scale 1/255 and zero point 0 (attention's probabilities · V reads them); the calibrator skips them.
 FIXED_RANGE_OPS = {"Softmax": (0.0, 1.0)}
@@ -157,14 +159,22 @@ def _is_lookup(node: ir.Node) -> bool:
     return node.op_type == "Gather" and len(node.inputs) >= 2 and node.attributes.get_int("axis", 0) in (0, -2)
 
 
+def _tied_projection(node: ir.Node, table: ir.Value) -> bool:
+    """``node`` is an output projection reading ``table`` as its weight per row (Gemm with transB=1), the axis
+    the lookups quantize it on."""
+    return (node.op_type == "Gemm" and len(node.inputs) > 1 and node.inputs[1] is table
+            and node.inputs[0] is not table and weight_axis(node) == EMBEDDING_AXIS)
+
+
 def embedding_table(node: ir.Node) -> ir.Value | None:
-    """The constant float table that a Gather on axis 0 looks rows up in (None: not an embedding lookup). A table
-    that another node reads too (an output projection tied to it, Gemm with transB=1) is not one here: that reader
-    quantizes it per row, the lookup per column, and each plan holds one axis per weight."""
+    """The constant float table that a Gather on axis 0 looks rows up in (None: not an embedding lookup). Its other
+    readers must be lookups too, or an output projection tied to it that quantizes it per row as well (a plan holds
+    one axis per weight)."""
     if not _is_lookup(node):
         return None
     table = node.inputs[0]
-    if any(not _is_lookup(reader) or reader.inputs[0] is not table for reader, _ in table.uses()):
+    if any(not (_is_lookup(reader) and reader.inputs[0] is table) and not _tied_projection(reader, table)
+           for reader, _ in table.uses()):
         return None
     if not is_constant(table) or table.dtype not in _FLOAT_TYPES or table.shape is None or len(table.shape) != 2:
         return None

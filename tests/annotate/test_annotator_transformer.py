@@ -28,7 +28,7 @@ def test_shape_arithmetic_is_left_out_of_the_coverage():
     assert plan.coverage > len(plan.quantized_nodes) / (len(plan.quantized_nodes) + len(plan.fp32_nodes))
 
 
-def test_embedding_tables_are_planned_as_int8_weights_per_hidden_channel():
+def test_embedding_tables_are_planned_as_int8_weights_per_row():
     """The 2048-row vocabulary is looked up in int8 on ort-cpu; the 256-row position and 2-row token-type tables
     stay float (a dequantization of nearly every row per run, for little memory), and TensorRT keeps every table
     float."""
@@ -42,7 +42,7 @@ def test_embedding_tables_are_planned_as_int8_weights_per_hidden_channel():
     planned = {weight.consumer: weight for weight in plan.weights if weight.consumer in gathers}
     assert sorted(rows.values()) == [2, 256, 2048] and EMBEDDING_MINIMUM_ROWS > 256
     assert set(planned) == {name for name, count in rows.items() if count == 2048}
-    assert all(weight.axis == EMBEDDING_AXIS and weight.name == gathers[name].inputs[0].name
+    assert EMBEDDING_AXIS == 0 and all(weight.axis == 0 and weight.name == gathers[name].inputs[0].name
                for name, weight in planned.items())
     assert set(planned) <= set(plan.quantized_nodes)
     assert not {gathers[name].outputs[0].name for name in planned} & set(plan.activations)  # the rows stay float
@@ -69,9 +69,10 @@ def _tied_lookup_and_head(vocabulary: int = 2048, hidden: int = 64) -> onnx.Mode
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def test_a_table_tied_to_an_output_projection_is_quantized_once_for_the_projection():
-    """Each plan holds one axis per weight: the tied Gemm quantizes the table per row (its output channels), so the
-    lookup leaves it float instead of asking for per-column codes of the same name (an invalid QGemm before)."""
+def test_a_table_tied_to_an_output_projection_is_quantized_per_row_for_both():
+    """The tied Gemm (transB=1) quantizes the table per row, its output channels, and so does the lookup: one
+    axis, one set of scales, both readers int8 (per column for the lookup gave the tied QGemm a zero point of the
+    wrong size); a table that another kind of node reads stays float for the lookup."""
     import numpy as np
 
     from qgraph import runtime
@@ -80,14 +81,23 @@ def test_a_table_tied_to_an_output_projection_is_quantized_once_for_the_projecti
 
     model = _tied_lookup_and_head()
     plan = annotate(ir.serde.deserialize_model(model), get_target("ort-cpu").rules())
-    assert [(weight.name, weight.consumer, weight.axis) for weight in plan.weights] == [("E", "head", 0)]
+    assert sorted((weight.name, weight.consumer, weight.axis) for weight in plan.weights) == [
+        ("E", "embed", 0), ("E", "head", 0)]
     rng = np.random.default_rng(1)
     batches = [{"ids": rng.integers(0, 2048, (4, 8)).astype(np.int64)} for _ in range(3)]
     options = OptimizeOptions(quantization=QuantizeOptions(min_sqnr=None, speed_choice=False))
     quantized = ir.serde.serialize_model(optimize(ir.serde.deserialize_model(model), None, options,
                                                   calibration_data=batches).model)
-    assert [node.op_type for node in quantized.graph.node].count("QGemm") == 1
+    op_types = [node.op_type for node in quantized.graph.node]
+    assert op_types.count("QGemm") == 1 and "DequantizeLinear" not in op_types
+    floats = [tensor.name for tensor in quantized.graph.initializer
+              if tensor.data_type == onnx.TensorProto.FLOAT and len(tensor.dims) == 2]
+    assert not floats  # no float copy of the table left
     feeds = {"ids": rng.integers(0, 2048, (2, 8)).astype(np.int64)}
     reference = runtime.run(runtime.create_session(model), feeds)["logits"]
     result = runtime.run(runtime.create_session(quantized), feeds)["logits"]
     assert np.sum(reference * result) / (np.linalg.norm(reference) * np.linalg.norm(result)) > 0.999
+    model.graph.node.append(onnx.helper.make_node("ReduceMax", ["E"], ["largest"], name="whole", keepdims=0))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("largest", onnx.TensorProto.FLOAT, []))
+    read_whole = annotate(ir.serde.deserialize_model(model), get_target("ort-cpu").rules())
+    assert [(weight.consumer, weight.axis) for weight in read_whole.weights] == [("head", 0)]

@@ -44,6 +44,18 @@ def test_a_zero_point_is_subtracted_before_the_scale():
     assert count_ops(lowered) == {"Gather": 1, "Cast": 1, "Sub": 1, "Mul": 1, "Tanh": 1}
 
 
+def test_per_row_table_looks_up_its_scales_and_zero_points_with_the_rows():
+    for zero_point_value, expected in ((0, {"Gather": 2, "Unsqueeze": 1, "Cast": 1, "Mul": 1, "Tanh": 1}),
+                                       (3, {"Gather": 3, "Unsqueeze": 2, "Cast": 1, "Sub": 1, "Mul": 1, "Tanh": 1})):
+        model = lookup(dequantize_axis=0, zero_point_value=zero_point_value)
+        lowered_ir, lowered, _, _ = lower_and_check(model, LowerQuantizedGather(), float_atol=0.0)
+        _every_row(model, lowered)
+        assert count_ops(lowered) == expected
+        scale_lookup = next(node for node in lowered_ir.graph if node.op_type == "Gather"
+                            and node.inputs[0].name == "scale")
+        assert scale_lookup.inputs[1].name == "ids"
+
+
 def test_per_tensor_table_and_a_missing_zero_point():
     for options, dequantize in (({"per_tensor": True}, 1), ({"zero_point": False}, 0), ({"ids_shape": (7,)}, 0)):
         model = lookup(**options)
@@ -60,7 +72,6 @@ def test_two_lookups_of_one_table_each_read_the_codes():
 
 
 def test_refusals(caplog):
-    assert_refused(lookup(dequantize_axis=0), LowerQuantizedGather(), caplog, "quantized per row")
     assert_refused(lookup(gather_axis=1, ids_shape=(3,)), LowerQuantizedGather(), caplog, "along axis 1")
     assert_refused(lookup(whole_table_output=True), LowerQuantizedGather(), caplog,
                    "the dequantized table is a graph output")
