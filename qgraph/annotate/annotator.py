@@ -463,7 +463,7 @@ class _Annotator:
         self.quantized.append(node.name)
 
     def embedding(self, node: ir.Node) -> None:
-        """An embedding lookup: the table stored int8 per column; the rows it returns stay float."""
+        """An embedding lookup: the table stored int8 per row; the rows it returns stay float."""
         self.weights.append(WeightPlan(node.inputs[0].name, node.name, EMBEDDING_AXIS))
         self.quantized.append(node.name)
 
