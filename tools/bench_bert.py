@@ -4,9 +4,10 @@ The model is :func:`qgraph.models.bert.build_bert` at BERT-base shape (12 layers
 3072) with random weights (speed does not depend on them), written as the TorchScript exporter writes it. Every
 variant runs in onnxruntime with full graph optimisation and ``--threads`` intra-op threads; the variants are timed
 side by side (one run of each per round, rounds repeated), so that a machine shared with other work slows them
-alike. The table gives the best and the median time of each and the speed-up over FP32 and over the faster of
-onnxruntime's ``quantize_dynamic`` (int8 weights per tensor, the tool's default) and ``quantize_static`` (QDQ,
-per-channel int8 weights, uint8 activations, min-max calibration), both applied to the same FP32 file.
+alike. The table gives the best and the median time of each, its file's size, and the speed-up over FP32 and over
+the faster of onnxruntime's ``quantize_dynamic`` (int8 weights per tensor, the tool's default) and
+``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, min-max calibration), both applied to the same
+FP32 file.
 
     python tools/bench_bert.py [--batch 1 8] [--sequence 128] [--threads 2] [--rounds 30] [--reduce-range on]
                                [--clock cpu] [--spinning off] [--save FOLDER [--reuse]] [--layers 12]
@@ -268,13 +269,14 @@ def main() -> None:
             ort_median = min((median[name] for name in _ORT_VARIANTS if name in median), default=None)
             print(f"\nbatch {batch}")
             print(f"{'variant':<20} {'best ms':>9} {'median ms':>10} {'× FP32':>7} {'× best ORT':>10} "
-                  f"{'(medians)':>9} {'cosine':>8}")
+                  f"{'(medians)':>9} {'cosine':>8} {'file MB':>8}")
             for name in times:
                 output = sessions[name].run(["last_hidden_state"], feeds)[0]
                 versus_ort = (f"{ort_best / best[name]:>10.2f} {ort_median / median[name]:>9.2f}" if ort_best
                               else f"{'':>10} {'':>9}")
                 print(f"{name:<20} {best[name] * 1e3:>9.1f} {median[name] * 1e3:>10.1f} "
-                      f"{best['fp32'] / best[name]:>7.2f} {versus_ort} {cosine(reference, output):>8.4f}")
+                      f"{best['fp32'] / best[name]:>7.2f} {versus_ort} {cosine(reference, output):>8.4f} "
+                      f"{os.path.getsize(paths[name]) / 1e6:>8.1f}")
             if arguments.profile:
                 print_profiles(paths, feeds, arguments.threads)
 
