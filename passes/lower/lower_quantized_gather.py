@@ -22,8 +22,16 @@ DequantizeLinear on an axis: onnxruntime 1.19.2's per-axis DequantizeLinear take
 axis is the innermost one, 1.38 ms for 8 × 128 × 768 values against 0.17 ms for Cast + Mul and 0.12 ms for a
 per-tensor DequantizeLinear (2 threads).
 
-Refused (logged): a Gather on another axis, a blocked DequantizeLinear, codes that are not a constant 2-D tensor,
-and a DequantizeLinear read by anything but such Gathers (the table is then needed whole).
+A weight-only table (``--weight-only --quantize-embeddings``: blocks of ``B`` columns along each row, one scale and
+zero point per block, 4- or 8-bit codes) is looked up the same way: the rows' codes, cut into their blocks
+``[ids…, columns / B, B]`` by a Reshape, less their blocks' looked-up zero points, times their looked-up scales, and
+put back to ``[ids…, columns]``. ONNX's Gather takes no 4-bit type, so 4-bit codes are held in 8 bits for the
+lookup: the table is half as small as it could be, and a 32000 × 1024 lookup took 0.12 ms instead of the 70 ms its
+blocked DequantizeLinear of the whole table took on every call (the float lookup: 0.12–0.22 ms).
+
+Refused (logged): a Gather on another axis, blocks down the table's columns or ending in a partial block, codes
+that are not a constant 2-D tensor, and a DequantizeLinear read by anything but such Gathers (the table is then
+needed whole).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -41,10 +50,21 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
+class _Blocks:
+    """A table quantized in blocks of ``size`` columns (weight-only): codes, one scale (and zero point) per block."""
+
+    size: int
+    codes: np.ndarray  # [rows, columns], 8-bit (4-bit codes widened: no Gather reads a 4-bit type)
+    scale: ir.Value  # [rows, columns / size]
+    zero_point: np.ndarray | None  # [rows, columns / size] as float32, None when absent or all 0
+
+
+@dataclasses.dataclass(frozen=True)
 class _Plan:
     gather: ir.Node
     dequantize: ir.Node
-    params: qdq.QuantParams
+    params: qdq.QuantParams | None
+    blocks: _Blocks | None = None
 
 
 @register
@@ -69,28 +89,40 @@ class LowerQuantizedGather(RewritePass):
             return Refusal("the table's codes are not a constant 2-D tensor")
         if qdq.attribute(plan.gather, "axis", 0) not in (0, -2):
             return Refusal("the Gather looks up along axis 1, not the table's rows")
-        params = qdq.read_params(plan.dequantize)
-        if isinstance(params, str):
-            return Refusal(params)
+        if qdq.attribute(plan.dequantize, "block_size", 0):
+            blocks = _blocks(plan.gather, plan.dequantize)
+            if isinstance(blocks, str):
+                return Refusal(blocks)
+            plan = dataclasses.replace(plan, blocks=blocks)
+        else:
+            params = qdq.read_params(plan.dequantize)
+            if isinstance(params, str):
+                return Refusal(params)
+            plan = dataclasses.replace(plan, params=params)
         table = plan.dequantize.outputs[0]
         if table.is_graph_output():
             return Refusal("the dequantized table is a graph output")
         for reader, _ in table.uses():
             if not qdq.is_op(reader, "Gather") or qdq.attribute(reader, "axis", 0) not in (0, -2):
                 return Refusal(f"{reader.op_type} {reader.name} reads the whole dequantized table")
-        return dataclasses.replace(plan, params=params)
+        return plan
 
     def rewrite(self, plan: _Plan, context: RewriteContext) -> None:
         gather, dequantize, params = plan.gather, plan.dequantize, plan.params
         names = context.names
         output = gather.outputs[0]
-        rows = ir.node("Gather", [dequantize.inputs[0], gather.inputs[1]], attributes={"axis": 0},
+        graph = gather.graph
+        codes = dequantize.inputs[0]
+        if plan.blocks is not None and plan.blocks.codes.dtype != qdq.constant_array(codes).dtype:
+            codes = qdq.add_constant(graph, names, f"{codes.name}_8bit", plan.blocks.codes, before=gather)
+        rows = ir.node("Gather", [codes, gather.inputs[1]], attributes={"axis": 0},
                        name=names.fresh(f"{gather.name}_integer"))
         rows.outputs[0].name = names.fresh(f"{output.name}_quantized")
-        rows.outputs[0].type = ir.TensorType(params.integer_type)
+        rows.outputs[0].type = ir.TensorType(codes.dtype)
         rows.outputs[0].shape = output.shape
-        graph = gather.graph
-        if params.per_tensor:
+        if plan.blocks is not None:
+            steps = _blocked_steps(graph, names, gather, rows, plan.blocks)
+        elif params.per_tensor:
             inputs = [rows.outputs[0], params.scale] + ([params.zero_point] if params.zero_point is not None else [])
             steps = [ir.node("DequantizeLinear", inputs, name=names.fresh(f"{gather.name}_DequantizeLinear"))]
         else:
@@ -129,3 +161,55 @@ def _looked_up(graph: ir.Graph, names, gather: ir.Node, parameters: ir.Value, wh
     for node in (rows, expanded):
         node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     return [rows, expanded]
+
+
+def _blocks(gather: ir.Node, dequantize: ir.Node) -> _Blocks | str:
+    """The blocks of a DequantizeLinear quantized in blocks along the table's columns, or why it cannot be lowered."""
+    size = int(qdq.attribute(dequantize, "block_size", 0))
+    codes = qdq.constant_array(dequantize.inputs[0])
+    scale = dequantize.inputs[1] if len(dequantize.inputs) > 1 else None
+    scale_array = qdq.constant_array(scale)
+    zero_point = qdq.constant_array(dequantize.inputs[2]) if len(dequantize.inputs) > 2 else None
+    if qdq.attribute(dequantize, "axis", 1) not in (1, -1):
+        return "the table is quantized in blocks down its columns (axis 0), not along its rows"
+    if scale_array is None or scale_array.dtype != np.float32 or scale_array.shape != (codes.shape[0],
+                                                                                      -(-codes.shape[1] // size)):
+        return "the blocked table's scales are not a constant float32 [rows, blocks] tensor"
+    if codes.shape[1] % size:
+        return f"the table's {codes.shape[1]} columns end in a partial block of {size}"
+    indices = gather.inputs[1]
+    if indices.shape is None:
+        return "the rank of the looked-up indices is not known"
+    signed = codes.dtype in (np.int8, ml_dtypes.int4)
+    if codes.dtype not in (np.int8, np.uint8, ml_dtypes.int4, ml_dtypes.uint4):
+        return f"the table's codes are {codes.dtype}, not 4- or 8-bit integers"
+    widened = codes.astype(np.int8 if signed else np.uint8)
+    offset = None if zero_point is None or not np.any(zero_point) else zero_point.astype(np.float32)
+    return _Blocks(size, widened, scale, offset)
+
+
+def _blocked_steps(graph: ir.Graph, names, gather: ir.Node, rows: ir.Node, blocks: _Blocks) -> list[ir.Node]:
+    """The looked-up codes ``[ids…, columns]`` as blocks ``[ids…, blocks, size]``, less their looked-up zero
+    points, times their looked-up scales, back to ``[ids…, columns]``."""
+    rank = len(gather.inputs[1].shape)
+    columns = blocks.codes.shape[1]
+    shape = qdq.add_constant(graph, names, f"{gather.name}_blocks", np.array([0] * rank + [columns // blocks.size,
+                                                                                         blocks.size], np.int64),
+                             before=gather)
+    flat = qdq.add_constant(graph, names, f"{gather.name}_columns", np.array([0] * rank + [columns], np.int64),
+                            before=gather)
+    cast = ir.node("Cast", [rows.outputs[0]], attributes={"to": ir.DataType.FLOAT},
+                   name=names.fresh(f"{gather.name}_Cast"))
+    split = ir.node("Reshape", [cast.outputs[0], shape], name=names.fresh(f"{gather.name}_blocks"))
+    steps, codes = [cast, split], split.outputs[0]
+    if blocks.zero_point is not None:
+        offset = qdq.add_constant(graph, names, f"{gather.name}_zero_point", blocks.zero_point, before=gather)
+        steps += _looked_up(graph, names, gather, offset, "zero_point")
+        steps.append(ir.node("Sub", [codes, steps[-1].outputs[0]], name=names.fresh(f"{gather.name}_Sub")))
+        codes = steps[-1].outputs[0]
+    steps += _looked_up(graph, names, gather, blocks.scale, "scale")
+    steps.append(ir.node("Mul", [codes, steps[-1].outputs[0]], name=names.fresh(f"{gather.name}_Mul")))
+    steps.append(ir.node("Reshape", [steps[-1].outputs[0], flat], name=names.fresh(f"{gather.name}_columns")))
+    for step in steps:
+        step.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    return steps

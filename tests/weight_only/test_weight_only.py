@@ -370,6 +370,11 @@ def test_four_bit_file_is_at_most_030_of_fp32(tmp_path):
     optimize(source, output, OptimizeOptions(
         weight_only=WeightOnlyOptions(quantize_embeddings=True, block_size=32)))
     assert output.stat().st_size <= 0.30 * source.stat().st_size
+    # the lookup reads the table's codes, not a DequantizeLinear of the whole table on every call
+    written = onnx.load(output)
+    producers = {name: node.op_type for node in written.graph.node for name in node.output}
+    lookups = [node for node in written.graph.node if node.op_type == "Gather" and node.input[1] == "input_ids"]
+    assert lookups and all(producers.get(node.input[0]) != "DequantizeLinear" for node in lookups)
 
 
 def test_cli_refusals(tmp_path, decoder):

@@ -105,3 +105,30 @@ def embedding_lookup(*, per_tensor: bool = False, dequantize_axis: int = 1, gath
     graph = helper.make_graph(nodes, "lookup", [helper.make_tensor_value_info("ids", TensorProto.INT64, ids_shape)],
                               outputs, initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def blocked_embedding_lookup(*, signed: bool = True, bits: int = 4, block: int = 4, columns: int = COLUMNS,
+                             axis: int = 1, ids_shape=(2, 3), seed: int = 0) -> onnx.ModelProto:
+    """``Gather(DequantizeLinear(codes; axis=1, block_size), ids)``: a weight-only table as QuantizeWeightsBlockwise
+    writes it (opset 21, 4-bit codes by default, one scale and zero point per block of a row)."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(seed)
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1)) if signed else (0, 2**bits)
+    dtype = {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4, (8, True): np.int8, (8, False): np.uint8}
+    codes = rng.integers(low, high, (ROWS, columns))
+    blocks_shape = (ROWS, -(-columns // block)) if axis == 1 else (-(-ROWS // block), columns)
+    scale = ((rng.random(blocks_shape) + 0.5) / 64).astype(np.float32)
+    zero_point = rng.integers(low, high, blocks_shape) if not signed else np.zeros(blocks_shape, np.int64)
+    tensors = [ir.serde.serialize_tensor(ir.tensor(codes.astype(dtype[bits, signed]), name="codes")),
+               numpy_helper.from_array(scale, "scale"),
+               ir.serde.serialize_tensor(ir.tensor(zero_point.astype(dtype[bits, signed]), name="zero_point"))]
+    nodes = [helper.make_node("DequantizeLinear", ["codes", "scale", "zero_point"], ["table"], name="table_dequantize",
+                              axis=axis, block_size=block),
+             helper.make_node("Gather", ["table", "ids"], ["rows"], name="lookup"),
+             helper.make_node("Tanh", ["rows"], ["y"], name="after")]
+    graph = helper.make_graph(nodes, "blocked_lookup",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ids_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*ids_shape, columns])], tensors)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper
 
 from qgraph import runtime
 from qgraph.passes.lower.lower_quantized_gather import LowerQuantizedGather
-from tests.passes.lower.islands import ROWS, assert_refused
+from tests.passes.lower.islands import ROWS, assert_refused, blocked_embedding_lookup
 from tests.passes.lower.islands import embedding_lookup as lookup
 from tests.passes.qdq_builders import count_ops, lower_and_check
 
@@ -83,3 +84,23 @@ def test_a_table_also_read_whole_is_left_alone(caplog):
     graph.node.append(helper.make_node("ReduceMax", ["table"], ["largest"], name="whole", keepdims=0))
     graph.output.append(helper.make_tensor_value_info("largest", TensorProto.FLOAT, []))
     assert_refused(model, LowerQuantizedGather(), caplog, "ReduceMax whole reads the whole dequantized table")
+
+
+def test_a_weight_only_table_in_blocks_looks_up_8_bit_codes_and_their_blocks_parameters():
+    """4-bit codes are held in 8 bits for the lookup (ONNX's Gather takes no 4-bit type); each looked-up row is cut
+    into its blocks, less its blocks' zero points, times their scales: the blocked DequantizeLinear's values."""
+    for signed, bits in ((True, 4), (False, 4), (False, 8)):
+        model = blocked_embedding_lookup(signed=signed, bits=bits)
+        lowered_ir, lowered, _, _ = lower_and_check(model, LowerQuantizedGather(), float_atol=0.0)
+        _every_row(model, lowered)
+        ops = count_ops(lowered)
+        assert "DequantizeLinear" not in ops and ops["Reshape"] == 2 and ops["Mul"] == 1
+        assert ops.get("Sub", 0) == (0 if signed else 1)  # signed codes here are symmetric: no zero point
+        lookup = next(node for node in lowered_ir.graph if node.op_type == "Gather" and node.inputs[1].name == "ids"
+                      and node.inputs[0].dtype in (ir.DataType.INT8, ir.DataType.UINT8))
+        assert lookup.inputs[0].const_value is not None
+
+
+def test_blocked_refusals(caplog):
+    assert_refused(blocked_embedding_lookup(columns=10), LowerQuantizedGather(), caplog, "partial block of 4")
+    assert_refused(blocked_embedding_lookup(axis=0), LowerQuantizedGather(), caplog, "down its columns")
