@@ -242,6 +242,23 @@ def compute_parameters(
     return parameters
 
 
+def _check_float32(model: ir.Model, plan: QuantPlan) -> None:
+    """Refuse, before calibrating, a plan whose tensors are not float32 (a float16 or float64 model): the
+    QuantizeLinear/DequantizeLinear pairs carry float32 scales and would not type-check against them."""
+    values = {value.name: value for graph in model.graphs() for value in graph.initializers.values()}
+    values.update({value.name: value for graph in model.graphs() for value in graph.inputs})
+    values.update({value.name: value for node in model.graph.all_nodes() for value in node.outputs})
+    planned = [*(weight.name for weight in plan.weights), *plan.activations]
+    other = [(name, values[name].dtype) for name in planned
+             if name in values and values[name].dtype not in (None, ir.DataType.FLOAT)]
+    if other:
+        name, dtype = other[0]
+        raise UnsupportedModelError(
+            f"the model computes in {dtype.name.lower()} ({name!r} and {len(other) - 1} more of the tensors to "
+            f"quantize): qgraph quantizes float32 models; export the model in float32 (or convert it to float32) "
+            f"and quantize that")
+
+
 def quantize(
     model: ir.Model,
     batches: Iterable[Mapping[str, np.ndarray]],
@@ -284,6 +301,7 @@ def quantize(
     plan = annotate(model, rules, options.overrides, recurrent=options.recurrent,
                     activation_mode=options.activations)
     check_override_names(plan)
+    _check_float32(model, plan)
     if not plan.activations and not plan.weights and not plan.dynamic_nodes:
         raise UnsupportedModelError(
             "nothing in the model can be quantized for target "

@@ -212,6 +212,27 @@ def test_missing_calibration_file_is_a_user_error(runner, model_path, tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_a_float16_model_is_refused_before_calibration_with_what_to_do(runner, tmp_path):
+    """The Q/DQ pairs carry float32 scales: a float16 model was an 'internal error' from onnxruntime after the
+    whole calibration; it is refused first, naming the type and a tensor, and nothing is written."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    weight = numpy_helper.from_array(np.full((4, 3), 0.5, np.float16), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="project")], "half",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT16, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, ["batch", 3])], [weight])
+    path = tmp_path / "half.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    np.savez(tmp_path / "calib.npz", x=np.ones((8, 4), np.float16))
+    result = runner.invoke(cli, ["optimize", str(path), "-o", str(tmp_path / "out.onnx"),
+                                 "--calib", str(tmp_path / "calib.npz")])
+    assert result.exit_code == 2, result.output
+    assert "computes in float16" in result.output and "float32" in result.output
+    assert "internal error" not in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_a_closed_pipe_ends_quietly():
     import subprocess
     import sys
