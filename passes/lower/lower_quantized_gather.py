@@ -120,31 +120,23 @@ class LowerQuantizedGather(RewritePass):
         rows.outputs[0].name = names.fresh(f"{output.name}_quantized")
         rows.outputs[0].type = ir.TensorType(codes.dtype)
         rows.outputs[0].shape = output.shape
-        if plan.blocks is not None:
-            steps = _blocked_steps(graph, names, gather, rows, plan.blocks)
-        elif params.per_tensor:
+        if params is not None and params.per_tensor:
             inputs = [rows.outputs[0], params.scale] + ([params.zero_point] if params.zero_point is not None else [])
-            steps = [ir.node("DequantizeLinear", inputs, name=names.fresh(f"{gather.name}_DequantizeLinear"))]
+            steps = [_float(ir.node("DequantizeLinear", inputs, name=names.fresh(f"{gather.name}_DequantizeLinear")))]
         else:
-            per_row = params.axis in (0, -2)  # the rows' parameters are looked up with them
-            cast = ir.node("Cast", [rows.outputs[0]], attributes={"to": ir.DataType.FLOAT},
-                           name=names.fresh(f"{gather.name}_Cast"))
-            steps, codes, scale = [cast], cast.outputs[0], params.scale
-            if per_row:
-                steps += _looked_up(graph, names, gather, scale, "scale")
-                scale = steps[-1].outputs[0]
-            zero_point = params.zero_point_array.astype(np.float32)
-            if np.any(zero_point):
-                offset = qdq.add_constant(graph, names, f"{gather.name}_zero_point", zero_point, before=gather)
-                if per_row:
-                    steps += _looked_up(graph, names, gather, offset, "zero_point")
-                    offset = steps[-1].outputs[0]
-                steps.append(ir.node("Sub", [codes, offset], name=names.fresh(f"{gather.name}_Sub")))
-                codes = steps[-1].outputs[0]
-            steps.append(ir.node("Mul", [codes, scale], name=names.fresh(f"{gather.name}_Mul")))
-        for step in steps:
-            if step.outputs[0].type is None:
-                step.outputs[0].type, step.outputs[0].shape = output.type, output.shape
+            steps = [_float(ir.node("Cast", [rows.outputs[0]], attributes={"to": ir.DataType.FLOAT},
+                                    name=names.fresh(f"{gather.name}_Cast")))]
+            if plan.blocks is not None:  # [ids…, columns] as [ids…, blocks, size]: one parameter per block
+                steps.append(_reshape(graph, names, gather, steps[-1], plan.blocks.codes.shape[1] // plan.blocks.size,
+                                      plan.blocks.size))
+                scale, zero_point, per_row = plan.blocks.scale, plan.blocks.zero_point, True
+            else:  # per row the rows' parameters are looked up with them, per column they apply on the last axis
+                zero_point = params.zero_point_array.astype(np.float32)
+                scale, zero_point = params.scale, zero_point if np.any(zero_point) else None
+                per_row = params.axis in (0, -2)
+            steps += _scaled(graph, names, gather, steps[-1].outputs[0], scale, zero_point, per_row)
+            if plan.blocks is not None:
+                steps.append(_reshape(graph, names, gather, steps[-1], plan.blocks.codes.shape[1]))
         lowered = steps[-1]
         gather.graph.insert_before(gather, [rows, *steps])
         qdq.take_over(output, lowered.outputs[0])
@@ -158,9 +150,7 @@ def _looked_up(graph: ir.Graph, names, gather: ir.Node, parameters: ir.Value, wh
     rows = ir.node("Gather", [parameters, gather.inputs[1]], attributes={"axis": 0},
                    name=names.fresh(f"{gather.name}_{what}"))
     expanded = ir.node("Unsqueeze", [rows.outputs[0], axes], name=names.fresh(f"{gather.name}_{what}_unsqueeze"))
-    for node in (rows, expanded):
-        node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-    return [rows, expanded]
+    return [_float(rows), _float(expanded)]
 
 
 def _blocks(gather: ir.Node, dequantize: ir.Node) -> _Blocks | str:
@@ -188,28 +178,32 @@ def _blocks(gather: ir.Node, dequantize: ir.Node) -> _Blocks | str:
     return _Blocks(size, widened, scale, offset)
 
 
-def _blocked_steps(graph: ir.Graph, names, gather: ir.Node, rows: ir.Node, blocks: _Blocks) -> list[ir.Node]:
-    """The looked-up codes ``[ids…, columns]`` as blocks ``[ids…, blocks, size]``, less their looked-up zero
-    points, times their looked-up scales, back to ``[ids…, columns]``."""
-    rank = len(gather.inputs[1].shape)
-    columns = blocks.codes.shape[1]
-    shape = qdq.add_constant(graph, names, f"{gather.name}_blocks", np.array([0] * rank + [columns // blocks.size,
-                                                                                         blocks.size], np.int64),
-                             before=gather)
-    flat = qdq.add_constant(graph, names, f"{gather.name}_columns", np.array([0] * rank + [columns], np.int64),
-                            before=gather)
-    cast = ir.node("Cast", [rows.outputs[0]], attributes={"to": ir.DataType.FLOAT},
-                   name=names.fresh(f"{gather.name}_Cast"))
-    split = ir.node("Reshape", [cast.outputs[0], shape], name=names.fresh(f"{gather.name}_blocks"))
-    steps, codes = [cast, split], split.outputs[0]
-    if blocks.zero_point is not None:
-        offset = qdq.add_constant(graph, names, f"{gather.name}_zero_point", blocks.zero_point, before=gather)
-        steps += _looked_up(graph, names, gather, offset, "zero_point")
-        steps.append(ir.node("Sub", [codes, steps[-1].outputs[0]], name=names.fresh(f"{gather.name}_Sub")))
+def _float(node: ir.Node) -> ir.Node:
+    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    return node
+
+
+def _scaled(graph: ir.Graph, names, gather: ir.Node, codes: ir.Value, scale: ir.Value,
+            zero_point: np.ndarray | None, per_row: bool) -> list[ir.Node]:
+    """``(codes − z) · s``: the parameters looked up with the rows (``per_row``, a trailing axis of 1 added) or
+    applied on the last axis; no Sub without a zero point."""
+    steps: list[ir.Node] = []
+    if zero_point is not None:
+        offset = qdq.add_constant(graph, names, f"{gather.name}_zero_point", zero_point, before=gather)
+        if per_row:
+            steps += _looked_up(graph, names, gather, offset, "zero_point")
+            offset = steps[-1].outputs[0]
+        steps.append(_float(ir.node("Sub", [codes, offset], name=names.fresh(f"{gather.name}_Sub"))))
         codes = steps[-1].outputs[0]
-    steps += _looked_up(graph, names, gather, blocks.scale, "scale")
-    steps.append(ir.node("Mul", [codes, steps[-1].outputs[0]], name=names.fresh(f"{gather.name}_Mul")))
-    steps.append(ir.node("Reshape", [steps[-1].outputs[0], flat], name=names.fresh(f"{gather.name}_columns")))
-    for step in steps:
-        step.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    if per_row:
+        steps += _looked_up(graph, names, gather, scale, "scale")
+        scale = steps[-1].outputs[0]
+    steps.append(_float(ir.node("Mul", [codes, scale], name=names.fresh(f"{gather.name}_Mul"))))
     return steps
+
+
+def _reshape(graph: ir.Graph, names, gather: ir.Node, step: ir.Node, *trailing: int) -> ir.Node:
+    """``step``'s output with its dimensions after the looked-up indices' replaced by ``trailing``."""
+    shape = np.array([0] * len(gather.inputs[1].shape) + list(trailing), np.int64)
+    target = qdq.add_constant(graph, names, f"{gather.name}_shape", shape, before=gather)
+    return _float(ir.node("Reshape", [step.outputs[0], target], name=names.fresh(f"{gather.name}_Reshape")))
